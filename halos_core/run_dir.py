@@ -1,0 +1,225 @@
+"""The file contract between the worker and the trainer (torch-free).
+
+    runs/<job_id>/
+      run.json          RunConfig written by the worker
+      accelerate.yaml   accelerate launch config written by the worker
+      stdout.log        the training subprocess's output
+      metrics.jsonl     rank 0: one JSON object per optimizer step
+      checkpoints/step-000512/   intermediate checkpoints; meta.json written LAST marks one complete
+      final/            the round's exported checkpoint (same layout, meta.json last)
+      result.json       rank 0 on clean exit
+
+A checkpoint directory is complete only when its `meta.json` exists and every file it lists has
+the recorded sha256. Directories are written under a temporary name and renamed into place, so a
+reader never sees a half-written `step-…` directory; `meta.json` is still verified because a
+rename is not a promise about the files' contents after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from halos_core.config import RunConfig
+
+META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory is missing, incomplete, or does not match its manifest."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temp file, fsync, rename over `path` (readers see old or new, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    step: int
+    examples: int
+    files: dict[str, str]  # relative path -> sha256
+    extra: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        """One hash for the whole checkpoint: the hash of its sorted file hashes."""
+        blob = "\n".join(f"{k} {v}" for k, v in sorted(self.files.items()))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_manifest(directory: str | Path, step: int, examples: int, **extra: Any) -> Manifest:
+    """Hash every file in `directory` and write meta.json LAST (call after all files are written)."""
+    directory = Path(directory)
+    files: dict[str, str] = {}
+    for file in sorted(directory.rglob("*")):
+        if file.is_file() and file.name != META_FILE:
+            files[file.relative_to(directory).as_posix()] = sha256_file(file)
+    meta = {"complete": True, "step": step, "examples": examples, "files": files, **extra}
+    write_json_atomic(directory / META_FILE, meta)
+    return Manifest(directory, step, examples, files, extra)
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
+    """The manifest of a complete checkpoint; raises CheckpointError if it is not one."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = dict(meta["files"])
+        step, examples = int(meta["step"]), int(meta["examples"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: unreadable {META_FILE}: {exc}") from exc
+    if verify:
+        for rel, expected in files.items():
+            file = directory / rel
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {directory}: {rel} listed in the manifest is missing")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise CheckpointError(
+                    f"checkpoint {directory}: {rel} has sha256 {actual[:12]}…, manifest says {expected[:12]}…"
+                )
+    extra = {k: v for k, v in meta.items() if k not in {"complete", "step", "examples", "files"}}
+    return Manifest(directory, step, examples, files, extra)
+
+
+def tree_sha256(directory: str | Path) -> str:
+    """Content hash of a model directory (sorted relative paths + file hashes)."""
+    directory = Path(directory)
+    lines = []
+    for file in sorted(directory.rglob("*")):
+        if file.is_file() and file.name != META_FILE and not file.name.startswith(TMP_PREFIX):
+            lines.append(f"{file.relative_to(directory).as_posix()} {sha256_file(file)}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    run_json = property(lambda self: self.path / "run.json")
+    accelerate_yaml = property(lambda self: self.path / "accelerate.yaml")
+    stdout_log = property(lambda self: self.path / "stdout.log")
+    metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    final = property(lambda self: self.path / "final")
+    result_json = property(lambda self: self.path / "result.json")
+
+    def create(self) -> "RunDir":
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        return self
+
+    # ---- config
+    def write_config(self, config: RunConfig) -> None:
+        write_json_atomic(self.run_json, config.model_dump(mode="json"))
+
+    def read_config(self) -> RunConfig:
+        return RunConfig.model_validate_json(self.run_json.read_text())
+
+    # ---- checkpoints
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+    def complete_checkpoints(self, verify: bool = True) -> list[Manifest]:
+        """Complete checkpoints, oldest first. Partial or corrupt ones are skipped."""
+        found = []
+        if not self.checkpoints.is_dir():
+            return found
+        for d in sorted(self.checkpoints.iterdir()):
+            if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX):
+                try:
+                    found.append(read_manifest(d, verify=verify))
+                except CheckpointError:
+                    continue
+        return sorted(found, key=lambda m: m.step)
+
+    def latest_checkpoint(self) -> Manifest | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    def clean_partial_checkpoints(self) -> list[Path]:
+        """Delete temp and incomplete checkpoint directories (never a complete one)."""
+        removed = []
+        if not self.checkpoints.is_dir():
+            return removed
+        for d in self.checkpoints.iterdir():
+            if not d.is_dir():
+                continue
+            partial = d.name.startswith(TMP_PREFIX) or not (d / META_FILE).is_file()
+            if not partial:
+                try:
+                    read_manifest(d)
+                except CheckpointError:
+                    partial = True
+            if partial:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        return removed
+
+    # ---- metrics and result
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_jsonl, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+
+    def read_metrics(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Complete metric lines from byte `offset`; returns (records, new offset)."""
+        if not self.metrics_jsonl.is_file():
+            return [], offset
+        with open(self.metrics_jsonl, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a line still being written is left for the next read
+        records = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        return records, offset + end
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        write_json_atomic(self.result_json, result)
+
+    def read_result(self) -> dict[str, Any] | None:
+        if not self.result_json.is_file():
+            return None
+        return json.loads(self.result_json.read_text())
