@@ -1,0 +1,208 @@
+"""Database tables (SQLModel). The database is the system of record for every job.
+
+Times are timezone-aware UTC (`utcnow()`); SQLModel stores and returns them with their zone
+on SQLite and Postgres alike. Ids are prefixed random
+strings (`job_…`, `fb_…`) so a user can tell from an id what it names.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _json_column() -> Any:
+    return Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class JobStatus(str, Enum):
+    waiting = "waiting"  # its parent round has not finished yet
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    crashed = "crashed"  # transient: the sweeper turns it into queued (retry) or failed
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class Project(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("prj"), primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("key"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    prefix: str = Field(index=True, max_length=32)  # shown to humans to tell keys apart
+    key_hash: str = Field(unique=True, max_length=128)  # sha256 of the secret; the secret is never stored
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: Optional[datetime] = None
+
+
+class Model(SQLModel, table=True):
+    """A registered SFT checkpoint directory (immutable; its content hash is recorded)."""
+
+    id: str = Field(default_factory=lambda: new_id("mdl"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    name: str = Field(max_length=200)
+    path: str
+    sha256: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class FeedbackFile(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("fb"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    kind: str = Field(max_length=20)  # binary | pairwise | scalar | sampled
+    format: str = Field(max_length=40)
+    sha256: str = Field(max_length=64, index=True)
+    size_bytes: int
+    n_records: int
+    n_prompts: int
+    n_train: int
+    n_test: int
+    storage_path: str  # under the data dir, named by server id / content hash, never by client name
+    original_filename: Optional[str] = Field(default=None, max_length=1024)  # metadata only
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Run(SQLModel, table=True):
+    """An online training run: rounds sharing one pinned reference (the SFT model)."""
+
+    id: str = Field(default_factory=lambda: new_id("run"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    name: Optional[str] = Field(default=None, max_length=200)
+    model_id: str = Field(foreign_key="model.id")
+    loss: dict = _json_column()  # default LossConfig
+    hyperparams: dict = _json_column()  # default Hyperparams
+    conversion: Optional[dict] = _json_column()
+    lora: Optional[dict] = _json_column()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Round(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("run_id", "index", name="uq_round_run_index"),)
+
+    id: str = Field(default_factory=lambda: new_id("rnd"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    index: int  # 1, 2, … within the run
+    job_id: str = Field(foreign_key="job.id", unique=True)
+    parent_round_id: Optional[str] = Field(default=None, foreign_key="round.id")
+    # Round <-> Checkpoint would be a foreign-key cycle; Checkpoint.round_id is the enforced direction.
+    parent_checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # None: the SFT model
+    feedback_ids: list = _json_column()
+    loss: dict = _json_column()
+    hyperparams: dict = _json_column()
+    conversion: Optional[dict] = _json_column()
+    checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # the round's output
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Job(SQLModel, table=True):
+    """The unit a worker executes. Only server/jobs.py writes `status`."""
+
+    __table_args__ = (Index("ix_job_status_not_before", "status", "not_before"),)
+
+    id: str = Field(default_factory=lambda: new_id("job"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    kind: str = Field(default="round", max_length=20)
+    status: JobStatus = Field(default=JobStatus.queued)
+    attempt: int = 0  # number of attempts started
+    max_attempts: int = 3
+    lease_token: Optional[str] = Field(default=None, max_length=64)
+    lease_expires_at: Optional[datetime] = None
+    not_before: Optional[datetime] = None  # retry backoff
+    cancel_requested: bool = False
+    parent_job_id: Optional[str] = Field(default=None, foreign_key="job.id", index=True)  # waits for it
+    spec: dict = _json_column()  # what the runner turns into a halos_core RunConfig
+    run_dir: Optional[str] = None
+    step: int = 0
+    round_step: int = 0
+    total_steps: Optional[int] = None
+    examples: int = 0
+    latest_metrics: Optional[dict] = _json_column()
+    error: Optional[str] = None
+    created_at: datetime = Field(default_factory=utcnow)
+    queued_at: Optional[datetime] = None
+    published_at: Optional[datetime] = None
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Attempt(SQLModel, table=True):
+    """Append-only: one row per attempt; attempts of a job never overlap in time (I2)."""
+
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_attempt_job_attempt"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="job.id", index=True)
+    attempt: int
+    lease_token: str = Field(max_length=64)
+    host: str = Field(max_length=255)
+    pid: Optional[int] = None
+    started_at: datetime = Field(default_factory=utcnow)
+    ended_at: Optional[datetime] = None
+    outcome: Optional[str] = Field(default=None, max_length=20)
+    error: Optional[str] = None
+    resumed_from_step: Optional[int] = None
+
+
+class Checkpoint(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("ckpt"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    round_id: str = Field(foreign_key="round.id")
+    job_id: str = Field(foreign_key="job.id")
+    model_id: str = Field(foreign_key="model.id")  # the SFT root of the lineage
+    parent_id: Optional[str] = Field(default=None, foreign_key="checkpoint.id")  # None: parent is the SFT model
+    path: str
+    manifest_sha256: str = Field(max_length=64)
+    step: int
+    examples: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class MetricPoint(SQLModel, table=True):
+    __table_args__ = (Index("ix_metricpoint_job_step", "job_id", "step"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="job.id")
+    attempt: int
+    step: int
+    split: str = Field(default="train", max_length=10)
+    data: dict = _json_column()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("project_id", "endpoint", "key", name="uq_idempotency"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: str = Field(foreign_key="project.id")
+    endpoint: str = Field(max_length=200)
+    key: str = Field(max_length=255)
+    request_hash: str = Field(max_length=64)
+    resource_id: Optional[str] = Field(default=None, max_length=64)
+    status_code: Optional[int] = None
+    response: Optional[dict] = _json_column()
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,88 @@
+"""All configuration, from HALOS_* environment variables (pydantic-settings).
+
+With nothing set, everything lives under `HALOS_DATA_DIR` (default `./halos-data`): a SQLite
+database and an embedded SQLite-backed Celery broker, so `halos serve` needs no Postgres and no
+Redis. Set `HALOS_DATABASE_URL=postgresql://…` and `HALOS_BROKER_URL=redis://…` to run the API
+and any number of `halos worker` processes separately.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HALOS_", extra="ignore")
+
+    data_dir: Path = Field(Path("halos-data"), description="feedback files, run directories, SQLite files")
+    database_url: str | None = Field(None, description="default: sqlite:///<data_dir>/halos.db")
+    broker_url: str | None = Field(None, description="default: sqla+sqlite:///<data_dir>/broker.db (embedded)")
+    redis_visibility_timeout_s: int = 3600  # redelivery of unacked tasks; harmless thanks to the DB claim
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth_enabled: bool = True
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_json_depth: int = 32
+    max_record_bytes: int = 1024 * 1024
+    max_records_per_file: int = 1_000_000
+    max_validation_errors: int = 100
+    rate_limit_per_minute: int = 600  # requests per API key per minute; 0 disables
+    idempotency_ttl_hours: int = 48
+    log_tail_bytes: int = 64 * 1024
+
+    # training workers
+    num_processes: int = 1  # accelerate processes per job (GPUs per job)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    use_cpu: bool = False  # force accelerate onto the CPU even when CUDA is present
+    fsdp: bool = False
+    worker_concurrency: int = 1  # jobs one worker runs at once
+    python_executable: str | None = None  # interpreter for `-m accelerate.commands.launch`; default: this one
+
+    # leases and recovery
+    lease_ttl_s: float = 60.0
+    heartbeat_interval_s: float = 5.0
+    sweep_interval_s: float = 10.0
+    republish_after_s: float = 30.0  # a queued job not claimed for this long is published again
+    max_attempts: int = 3
+    retry_backoff_s: float = 5.0  # doubled per attempt
+    kill_grace_s: float = 30.0  # SIGTERM → SIGKILL of a training process group
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'halos.db').resolve()}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def feedback_dir(self) -> Path:
+        return self.data_dir / "feedback"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def uploads_tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def reference_cache_dir(self) -> Path:
+        return self.data_dir / "reference-cache"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.feedback_dir, self.runs_dir, self.uploads_tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
