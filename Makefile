@@ -1,0 +1,37 @@
+# Two commands a newcomer needs:  `make demo`  and  `make test`.
+# Both create ./.venv on first use and install the project into it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch: 2.13.0 is the floor of the project's range. On the development/CI machines a CPU wheel
+# of exactly this version lies on disk (pip's find-links), so no multi-GB CUDA download happens.
+# GPU users: `make setup TORCH_SPEC="torch>=2.13"` (or any CUDA build) works too.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py
+
+lint: setup
+	$(VENV)/bin/lint-imports
+
+test: setup lint
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) demo-data halos-data .pytest_cache
