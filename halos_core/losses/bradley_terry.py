@@ -1,0 +1,42 @@
+"""Bradley-Terry reward model (Bradley & Terry, 1952; as used for RLHF reward models by
+Ouyang et al., 2022, https://arxiv.org/abs/2203.02155).
+
+    P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l))
+    L = -log sigmoid(r_w - r_l)               (= BCE-with-logits with label 1, as HALOs)
+
+compute(chosen_scores, rejected_scores)   [B] outputs of the scalar head (a [B, 1] head output is
+flattened). out.loss = losses.mean(); values: losses, chosen_rewards, rejected_rewards (the
+scores), margins, accuracy (1.0 where r_w > r_l).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from halos_core.config import BradleyTerryLoss
+
+from .base import Loss, LossOutput, as_float, detached, safe_mean
+
+
+class BradleyTerry(Loss):
+    name = "bradley_terry"
+    data_kind = "paired"
+    needs_reference = False
+    config_class = BradleyTerryLoss
+
+    def compute(self, chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> LossOutput:
+        chosen = as_float(chosen_scores).reshape(-1)
+        rejected = as_float(rejected_scores).reshape(-1).to(chosen.dtype)
+        if chosen.shape != rejected.shape:
+            raise ValueError(f"chosen ({chosen.shape[0]}) and rejected ({rejected.shape[0]}) scores differ in length")
+        margins = chosen - rejected
+        losses = -F.logsigmoid(margins)
+        values = {
+            "losses": losses,
+            "chosen_rewards": chosen,
+            "rejected_rewards": rejected,
+            "margins": margins,
+            "accuracy": (margins > 0).to(chosen.dtype),
+        }
+        return LossOutput(loss=safe_mean(losses), values=detached(values))
