@@ -123,7 +123,7 @@ DATA_KIND_ACCEPTS: dict[str, frozenset[str]] = {
 }
 
 # Losses that need a frozen reference model (the others never load one).
-LOSSES_WITH_REFERENCE = frozenset({"dpo", "cdpo", "ipo", "slic", "kto", "grpo", "ppo"})
+LOSSES_WITH_REFERENCE = frozenset({"dpo", "cdpo", "ipo", "kto", "grpo", "ppo"})  # SLiC, SimPO, SFT never use one
 
 
 # --------------------------------------------------------------------------- conversions
