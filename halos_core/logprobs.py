@@ -1,0 +1,106 @@
+"""Per-token log-probabilities of the labels without a float32 [batch, tokens, vocab] tensor.
+
+`token_logps(model, input_ids, attention_mask, labels)` runs the model's *base* (decoder) to get
+the final hidden states, then applies the LM head chunk by chunk over token positions and keeps,
+per chunk, only `logit[label] - logsumexp(logits)`. With gradients enabled each chunk runs under
+non-reentrant activation checkpointing, so the backward pass recomputes one chunk's logits at a
+time instead of keeping all of them: peak extra memory is one chunk's [B, c, V] logits.
+
+Alignment: position t predicts token t+1, so the result is [B, L-1] with
+`logps[b, t] = log p(labels[b, t+1] | input_ids[b, :t+1])`, and 0.0 where `labels[b, t+1]` is
+-100 (prompt or padding). The matching mask is `labels[:, 1:] != -100`.
+
+Not covered: models whose logits are post-processed after the LM head (Gemma-2 soft-capping,
+logit scaling); for those use `naive_token_logps`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 4096  # token positions (batch x time) per LM-head chunk
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(base model that returns hidden states, LM head) of a causal LM."""
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    if head is None or decoder is model:
+        raise TypeError(f"{type(model).__name__} does not expose a decoder and an LM head")
+    return decoder, head
+
+
+def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets [B, L-1] with -100 replaced by 0, mask [B, L-1] bool)."""
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE_INDEX
+    return tgt.masked_fill(~mask, 0), mask
+
+
+def token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L-1] float32 token log-probs, 0 where masked; [B, L-1] bool mask)."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return logps_from_hidden(head, hidden, labels, chunk_tokens)
+
+
+def logps_from_hidden(
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    targets, mask = shifted_targets(labels)
+    hidden = hidden[:, :-1]
+    batch, steps = targets.shape
+    if steps == 0:
+        return hidden.new_zeros((batch, 0), dtype=torch.float32), mask
+    width = max(1, chunk_tokens // max(batch, 1))
+    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []
+    for start in range(0, steps, width):
+        h, t = hidden[:, start : start + width], targets[:, start : start + width]
+        if use_ckpt:
+            pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head, h, t))
+    logps = torch.cat(pieces, dim=1)
+    return logps.masked_fill(~mask, 0.0), mask
+
+
+def naive_token_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path: full logits, log_softmax, gather (materialises [B, L, V])."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    targets, mask = shifted_targets(labels)
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logps.masked_fill(~mask, 0.0), mask
+
+
+class TokenLogprobModel(nn.Module):
+    """Wraps a causal LM so that `forward` returns token log-probs (what DDP/FSDP wrap).
+
+    Going through this module's forward (rather than calling the inner model's pieces) keeps
+    the distributed wrapper's gradient hooks and autocast in the path.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, attention_mask, labels):  # noqa: D401
+        return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens)
