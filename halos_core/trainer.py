@@ -1,0 +1,562 @@
+"""The training loop of one round: composition of models, a loss object and loaders.
+
+`Trainer` is given the policy (wrapped so that forward returns token log-probs), the frozen
+reference (or None), the loss unit (`halos_core.losses`), the train/eval loaders, the optimizer
+and scheduler; it knows nothing of particular losses beyond the tensors each data kind feeds
+them. `Trainer.from_config(config)` builds all of that from a `RunConfig`:
+
+- round 1 (`init_from` None): policy = the SFT weights at `reference_path`, fresh AdamW;
+- round k (`init_from` = parent round's `final/`): policy weights AND optimizer AND scheduler
+  state from it, counters from `config.counters`;
+- retry (`resume_from` = an intermediate checkpoint of this round): everything including the
+  data position and the RNG states, so the resumed run equals an uninterrupted one;
+- the reference is always the SFT model at `reference_path` (frozen, eval, no grad); its tree
+  hash is checked against `config.reference_sha256` and reported in result.json.
+
+LR schedule: linear warmup over `warmup_steps` then constant, a LambdaLR keyed on the GLOBAL
+optimizer step (carried across rounds), so later rounds do not warm up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from halos_core.checkpoint import (
+    DEFAULT_KEEP_LAST,
+    LoadedCheckpoint,
+    SaveRequest,
+    checkpoint_name,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from halos_core.config import RunConfig
+from halos_core.data.collate import Microbatch, concat_streams
+from halos_core.data.examples import DataError, ExampleSets, build_examples
+from halos_core.data.loaders import Batcher, EvalLoader, TrainLoader
+from halos_core.data.tokenize import ChatEncoder
+from halos_core.logprobs import DEFAULT_CHUNK_TOKENS, TokenLogprobModel, token_logps
+from halos_core.metrics import MetricAccumulator
+from halos_core.run_dir import CheckpointError, RunDir, tree_sha256
+
+log = logging.getLogger("halos_core.trainer")
+
+UNSUPPORTED_LOSSES = {
+    "bradley_terry": "needs a scalar reward head on the policy (not implemented in the trainer yet)",
+    "ppo": "needs a value head and GAE rollouts (not implemented in the trainer yet)",
+}
+
+
+def warmup_lambda(warmup_steps: int):
+    """LR multiplier for global step s (0-based): linear warmup over `warmup_steps`, then 1."""
+
+    def factor(step: int) -> float:
+        if warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+class Stopped(Exception):
+    """Raised by `Trainer.train(stop_after=...)` (tests: simulate a kill after a step)."""
+
+
+@dataclass
+class RoundPosition:
+    """Where the round starts: global counters at round start and the round-local position."""
+
+    step_offset: int  # global step before this round's first step
+    examples_offset: int  # cumulative examples before this round
+    round_step: int  # optimizer steps already done in this round (resume)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        config: RunConfig,
+        accelerator: Any,
+        model: torch.nn.Module,  # prepared TokenLogprobModel
+        reference: torch.nn.Module | None,  # HF causal LM, frozen
+        tokenizer: Any,
+        loss: Any,
+        train_loader: TrainLoader,
+        eval_loader: EvalLoader | None,
+        optimizer: Any,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        position: RoundPosition,
+        reference_sha256: str,
+        rng_state: dict | None = None,
+        keep_last: int = DEFAULT_KEEP_LAST,
+    ):
+        self.config = config
+        self.hp = config.hyperparams
+        self.accelerator = accelerator
+        self.model = model
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.loss = loss
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.position = position
+        self.reference_sha256 = reference_sha256
+        self.rng_state = rng_state
+        self.keep_last = keep_last
+        self.run_dir = RunDir(config.run_dir)
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.round_step = position.round_step
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: RunConfig, *, accelerator: Any = None, keep_last: int = DEFAULT_KEEP_LAST) -> "Trainer":
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import DistributedType, set_seed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from halos_core.losses import build_loss
+
+        hp = config.hyperparams
+        run_dir = RunDir(config.run_dir)
+        loss = build_loss(config.loss, hp)
+        if loss.name in UNSUPPORTED_LOSSES:
+            raise NotImplementedError(f"loss '{loss.name}' {UNSUPPORTED_LOSSES[loss.name]}")
+        if accelerator is None:
+            state = PartialState()
+            accelerator = Accelerator(
+                gradient_accumulation_steps=hp.gradient_accumulation_steps(state.num_processes),
+                mixed_precision=config.mixed_precision,
+                step_scheduler_with_optimizer=False,
+            )
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise NotImplementedError(
+                f"{accelerator.distributed_type} checkpointing (sharded optimizer state) is not implemented yet; use DDP"
+            )
+        main = accelerator.is_main_process
+        if main:
+            run_dir.create()
+            run_dir.clean_partial_checkpoints()
+        accelerator.wait_for_everyone()
+        set_seed(hp.seed)
+
+        # ---- the pinned reference (hash it before anything else reads it)
+        reference_sha256 = tree_sha256(config.reference_path) if main else config.reference_sha256
+        if main and config.reference_sha256 and reference_sha256 != config.reference_sha256:
+            raise ValueError(
+                f"reference model {config.reference_path} has tree sha256 {reference_sha256}, "
+                f"the run pins {config.reference_sha256}: the SFT checkpoint changed"
+            )
+
+        # ---- checkpoint to start from (verified before any weights are read)
+        ckpt: LoadedCheckpoint | None = None
+        if config.resume_from:
+            ckpt = load_checkpoint(config.resume_from, process_index=accelerator.process_index)
+            if ckpt.trainer_state.get("job_id") not in (None, config.job_id):
+                raise CheckpointError(
+                    f"resume_from {config.resume_from} belongs to job {ckpt.trainer_state.get('job_id')}, not {config.job_id}"
+                )
+        elif config.init_from:
+            ckpt = load_checkpoint(config.init_from, process_index=accelerator.process_index)
+        weights_from = str(ckpt.path) if ckpt else config.reference_path
+
+        tokenizer = AutoTokenizer.from_pretrained(weights_from)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+        # ---- data
+        examples = load_examples(config, loss.data_kind)
+        if not examples.train:
+            raise DataError(
+                f"no training examples for loss '{loss.name}' ({loss.data_kind} data) in "
+                f"{len(config.feedback)} feedback file(s) ({len(examples.eval)} eval examples)"
+            )
+        encoder = ChatEncoder(tokenizer, hp.max_length, hp.max_prompt_length)
+        batcher = Batcher(
+            encoder,
+            loss.data_kind,
+            kl_pairs=loss.name == "kto",
+            control_tokens=getattr(loss, "control_tokens", None),
+        )
+        train_loader = TrainLoader(
+            examples.train,
+            batcher,
+            batch_size=hp.batch_size,
+            microbatch_size=hp.microbatch_size,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            n_epochs=hp.n_epochs,
+            seed=hp.seed,
+        )
+        if train_loader.total_steps == 0:
+            raise DataError(
+                f"{len(examples.train)} training examples for loss '{loss.name}' are fewer than batch_size "
+                f"{hp.batch_size}: the round would run 0 steps"
+            )
+        eval_loader = (
+            EvalLoader(
+                examples.eval,
+                batcher,
+                microbatch_size=hp.microbatch_size,
+                num_processes=accelerator.num_processes,
+                process_index=accelerator.process_index,
+            )
+            if examples.eval
+            else None
+        )
+
+        # ---- models
+        dtype = torch.float32  # master weights; mixed precision autocasts the forward
+        policy = AutoModelForCausalLM.from_pretrained(weights_from, dtype=dtype)
+        policy.config.use_cache = False
+        reference = None
+        if loss.needs_reference:
+            ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+            reference = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype=ref_dtype)
+            reference.eval().requires_grad_(False).to(accelerator.device)
+
+        model = TokenLogprobModel(policy, DEFAULT_CHUNK_TOKENS)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw_optimizer = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, warmup_lambda(hp.warmup_steps))
+
+        # ---- counters and state
+        if config.resume_from:
+            ts = ckpt.trainer_state
+            if int(ts.get("total_steps", train_loader.total_steps)) != train_loader.total_steps or int(
+                ts.get("batch_size", hp.batch_size)
+            ) != hp.batch_size:
+                raise CheckpointError(
+                    f"resume_from {config.resume_from} was written for {ts.get('total_steps')} steps of batch "
+                    f"{ts.get('batch_size')}; this round has {train_loader.total_steps} of {hp.batch_size}"
+                )
+            round_step = int(ts["round_step"])
+            position = RoundPosition(
+                step_offset=int(ts["step"]) - round_step,
+                examples_offset=int(ts["examples"]) - int(ts["data_position"]),
+                round_step=round_step,
+            )
+        else:
+            position = RoundPosition(config.counters.step, config.counters.examples, 0)
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+            scheduler.load_state_dict(ckpt.scheduler_state)
+        align_schedule(scheduler, hp.lr, hp.weight_decay, position.step_offset + position.round_step)
+
+        return cls(
+            config=config,
+            accelerator=accelerator,
+            model=model,
+            reference=reference,
+            tokenizer=tokenizer,
+            loss=loss,
+            train_loader=train_loader,
+            eval_loader=eval_loader,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=position,
+            reference_sha256=reference_sha256,
+            rng_state=ckpt.rng_state if (ckpt is not None and config.resume_from) else None,
+            keep_last=keep_last,
+        )
+
+    # ------------------------------------------------------------------ forward + loss
+    def _policy_logps(self, stream: dict[str, torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if grad:
+            return self.model(stream["input_ids"], stream["attention_mask"], stream["labels"])
+        inner = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), self.accelerator.autocast():
+            return inner(stream["input_ids"], stream["attention_mask"], stream["labels"])
+
+    def _reference_logps(self, stream: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), self.accelerator.autocast():
+            logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"], stream["labels"])
+        return logps
+
+    def _gather_rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """All processes' rows (padded on the token dim) so every process sees the same KL estimate."""
+        if self.accelerator.num_processes == 1:
+            return list(tensors)
+        out = []
+        for t in tensors:
+            t = self.accelerator.pad_across_processes(t.contiguous(), dim=1, pad_index=0)
+            out.append(self.accelerator.gather(t))
+        return out
+
+    def compute_loss(self, mb: Microbatch, train: bool = True):
+        kind = self.loss.data_kind
+        need_ref = self.loss.needs_reference
+        if kind == "paired":
+            both = concat_streams([mb.streams["chosen"], mb.streams["rejected"]], self.pad_token_id)
+            logps, mask = self._policy_logps(both, grad=train)
+            ref = self._reference_logps(both) if need_ref else None
+            n = mb.size
+            return self.loss.compute(
+                policy_chosen_logps=logps[:n],
+                policy_rejected_logps=logps[n:],
+                reference_chosen_logps=None if ref is None else ref[:n],
+                reference_rejected_logps=None if ref is None else ref[n:],
+                chosen_mask=mask[:n],
+                rejected_mask=mask[n:],
+            )
+        if kind == "unpaired" and self.loss.name == "kto":
+            target = mb.streams["target"]
+            logps, mask = self._policy_logps(target, grad=train)
+            ref = self._reference_logps(target)
+            kl_stream = mb.streams["kl"]
+            kl_logps, kl_mask = self._policy_logps(kl_stream, grad=False)
+            kl_ref = self._reference_logps(kl_stream)
+            if train:
+                kl_logps, kl_ref, kl_mask = self._gather_rows(kl_logps, kl_ref, kl_mask.long())
+                kl_mask = kl_mask.bool()
+            d = mb.desirable
+            return self.loss.compute(
+                policy_chosen_logps=logps[d],
+                policy_rejected_logps=logps[~d],
+                policy_kl_logps=kl_logps,
+                reference_chosen_logps=ref[d],
+                reference_rejected_logps=ref[~d],
+                reference_kl_logps=kl_ref,
+                chosen_mask=mask[d],
+                rejected_mask=mask[~d],
+                kl_mask=kl_mask,
+            )
+        if kind in ("sft", "unpaired"):  # sft, csft
+            logps, mask = self._policy_logps(mb.streams["target"], grad=train)
+            return self.loss.compute(policy_logps=logps, mask=mask)
+        if kind == "grouped":
+            target = mb.streams["target"]
+            logps, mask = self._policy_logps(target, grad=train)
+            ref = self._reference_logps(target)
+            return self.loss.compute(
+                policy_logps=logps,
+                reference_logps=ref,
+                mask=mask,
+                prompt_ids=mb.group,
+                scores=mb.scores,
+                advantages=mb.advantages,
+            )
+        raise ValueError(f"no forward for data kind {kind!r} and loss {self.loss.name!r}")
+
+    # ------------------------------------------------------------------ state
+    def global_step(self) -> int:
+        return self.position.step_offset + self.round_step
+
+    def round_examples(self) -> int:
+        return self.round_step * self.hp.batch_size
+
+    def global_examples(self) -> int:
+        return self.position.examples_offset + self.round_examples()
+
+    def trainer_state(self, kind: str) -> dict[str, Any]:
+        loader = self.train_loader
+        return {
+            "kind": kind,
+            "job_id": self.config.job_id,
+            "step": self.global_step(),
+            "examples": self.global_examples(),
+            "round_step": self.round_step,
+            "data_position": self.round_examples(),
+            "epoch": self.round_step / loader.steps_per_epoch,
+            "total_steps": loader.total_steps,
+            "batch_size": self.hp.batch_size,
+            "seed": self.hp.seed,
+            "loss": self.loss.name,
+            "reference_sha256": self.reference_sha256,
+            "init_from": self.config.init_from,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def save(self, target: Path, kind: str):
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model)
+        state_dict = {k[len("lm.") :]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        inner = acc.unwrap_model(self.model)
+        request = SaveRequest(
+            model=inner.lm,
+            tokenizer=self.tokenizer,
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            trainer_state=self.trainer_state(kind),
+            state_dict=state_dict,
+        )
+        extra = {
+            "kind": kind,
+            "job_id": self.config.job_id,
+            "round_step": self.round_step,
+            "total_steps": self.train_loader.total_steps,
+            "reference_sha256": self.reference_sha256,
+            "parent": self.config.init_from,
+        }
+        return save_checkpoint(
+            target,
+            request,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+            barrier=acc.wait_for_everyone,
+            manifest_extra=extra,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").cpu()
+
+    def train(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Run the round to the end (or raise `Stopped` after round step `stop_after`)."""
+        acc, hp, loader = self.accelerator, self.hp, self.train_loader
+        if self.rng_state is not None:
+            restore_rng(self.rng_state)
+        total = loader.total_steps
+        every = hp.checkpoint_every
+        self.model.train()
+        for step in range(self.round_step, total):
+            t0 = time.perf_counter()
+            metrics = MetricAccumulator()
+            lr = self.scheduler.get_last_lr()[0]
+            tokens = 0
+            grad_norm = None
+            microbatches = loader.microbatches(step)
+            for k, mb in enumerate(microbatches):
+                mb = mb.to(acc.device)
+                tokens += mb.n_tokens
+                with acc.accumulate(self.model):
+                    out = self.compute_loss(mb, train=True)
+                    acc.backward(out.loss)
+                    if k == len(microbatches) - 1:
+                        if not acc.sync_gradients:
+                            raise RuntimeError("gradient accumulation is out of step with the loader")
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), hp.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                metrics.add("loss", out.loss.detach().float().item(), 1)
+                metrics.add_values(out.values, mb.size)
+            self.scheduler.step()
+            self.round_step = step + 1
+            reduced = metrics.reduce(self._reduce_sum)
+            tok_total = self._reduce_sum(torch.tensor([float(tokens)], dtype=torch.float64)).item()
+            elapsed = time.perf_counter() - t0
+            if acc.is_main_process:
+                record = {
+                    "step": self.global_step(),
+                    "round_step": self.round_step,
+                    "total_steps": total,
+                    "examples": self.global_examples(),
+                    "epoch": self.round_step / loader.steps_per_epoch,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens": int(tok_total),
+                    "tokens_per_s": tok_total / elapsed if elapsed > 0 else None,
+                    "time": time.time(),
+                    **reduced,
+                }
+                if not math.isfinite(record["loss"]):
+                    log.warning("non-finite loss at step %s", record["step"])
+                self.run_dir.append_metrics(record)
+            if every and self.round_step % every == 0 and self.round_step < total:
+                self.save(self.run_dir.checkpoint_path(self.global_step()), "intermediate")
+                if acc.is_main_process:
+                    prune_checkpoints(self.run_dir, self.keep_last)
+                acc.wait_for_everyone()
+            if stop_after is not None and self.round_step >= stop_after and self.round_step < total:
+                raise Stopped(f"stopped after round step {self.round_step}")
+
+        eval_metrics = self.evaluate() if self.eval_loader is not None else {}
+        if eval_metrics and acc.is_main_process:
+            self.run_dir.append_metrics(
+                {
+                    "split": "eval",
+                    "step": self.global_step(),
+                    "round_step": self.round_step,
+                    "total_steps": total,
+                    "examples": self.global_examples(),
+                    "time": time.time(),
+                    **eval_metrics,
+                }
+            )
+        manifest = self.save(self.run_dir.final, "final")
+        result = None
+        if acc.is_main_process:
+            result = {
+                "status": "ok",
+                "job_id": self.config.job_id,
+                "final_dir": str(self.run_dir.final.resolve()),
+                "manifest_sha256": manifest.sha256,
+                "step": self.global_step(),
+                "examples": self.global_examples(),
+                "round_steps": self.round_step,
+                "total_steps": total,
+                "eval": eval_metrics,
+                "reference_sha256": self.reference_sha256,
+                "loss": self.loss.name,
+            }
+            self.run_dir.write_result(result)
+        acc.wait_for_everyone()
+        return result or {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        inner = self.accelerator.unwrap_model(self.model)
+        was_training = inner.training
+        inner.eval()
+        metrics = MetricAccumulator()
+        try:
+            for mb in self.eval_loader:
+                mb = mb.to(self.accelerator.device)
+                out = self.compute_loss(mb, train=False)
+                metrics.add("loss", out.loss.float().item() * mb.size, mb.size)
+                metrics.add_values(out.values, mb.size)
+        finally:
+            inner.train(was_training)
+        reduced = metrics.reduce(self._reduce_sum)
+        reduced["n"] = float(len(self.eval_loader))
+        return reduced
+
+
+def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, weight_decay: float, global_step: int) -> None:
+    """Key the schedule on the global step and apply this round's lr / weight decay.
+
+    After a restore, `last_epoch` is the parent's global step already; it is set explicitly so a
+    round that starts from the SFT weights with carried counters is keyed the same way, and so
+    a round that overrides `lr` uses its own base lr (not the one saved in the parent's state).
+    """
+    scheduler.base_lrs = [lr for _ in scheduler.optimizer.param_groups]
+    scheduler.last_epoch = global_step
+    factors = [fn(global_step) for fn in scheduler.lr_lambdas]
+    for group, factor in zip(scheduler.optimizer.param_groups, factors):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+        group["weight_decay"] = weight_decay
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def load_examples(config: RunConfig, data_kind: str) -> ExampleSets:
+    """Read every feedback file (file-scoped prompt ids), apply the round's conversion, build examples."""
+    from halos_core.feedback import apply_conversion, read_records
+
+    hp = config.hyperparams
+    files = []
+    for item in config.feedback:
+        records = list(read_records(item.path))
+        if config.conversion is not None:
+            records = list(apply_conversion(records, config.conversion, hp.seed))
+        files.append((item.file_id, records))
+    return build_examples(
+        files,
+        data_kind,
+        seed=hp.seed,
+        max_pairs_per_prompt=hp.max_pairs_per_prompt,
+        eval_fraction=hp.eval_fraction,
+    )
