@@ -1,0 +1,1 @@
+"""The HTTP API: routers only (use cases live in server.services)."""

@@ -1,0 +1,106 @@
+"""POST /v1/feedback (streamed upload), GET /v1/feedback/{id}, GET /v1/feedback."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from server import storage
+from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.errors import BadRequest
+from server.schemas import FeedbackList, FeedbackOut
+from server.services import feedback as service
+from server.services.idempotency import REPLAY_HEADER
+
+router = APIRouter(prefix="/v1/feedback", tags=["feedback"], responses=error_responses(401, 429))
+
+_UPLOAD_BODY = {
+    "required": True,
+    "description": "A feedback file: HALOs JSON (array) or JSONL, TRL preference / unpaired, OpenAI "
+    "preference JSONL. Either multipart/form-data with a `file` part (and an optional `filename` "
+    "field, kept as metadata only) or the raw file as the body.",
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "filename": {"type": "string", "maxLength": 4096},
+                },
+            }
+        },
+        "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+        "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+        "application/jsonl": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FeedbackOut,
+    summary="Upload a feedback file",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses={
+        **error_responses(400, 413, 415, 422),
+        201: {"description": "Stored (also returned, with `Idempotent-Replayed: true`, for a replay)"},
+    },
+)
+async def upload_feedback(
+    request: Request,
+    response: Response,
+    principal: ProjectDep,
+    settings: SettingsDep,
+    session: SessionDep,
+    idempotency_key: IdempotencyKeyDep = None,
+    filename: Annotated[
+        str | None, Query(max_length=4096, description="client file name for a raw body (metadata only)")
+    ] = None,
+) -> FeedbackOut:
+    """Streamed to disk with the size cap enforced while reading (413, with or without a
+    Content-Length), hashed, validated record by record. An invalid file gets one 422
+    `invalid_feedback` listing every bad record (line, field, code, hint) and nothing is stored.
+    Stored content-addressed under the server's own name; the client's file name is metadata."""
+    declared: int | None = None
+    if (raw_length := request.headers.get("content-length")) is not None:
+        try:
+            declared = int(raw_length)
+        except ValueError:
+            raise BadRequest("invalid Content-Length header", code="invalid_content_length") from None
+    try:
+        staged = await storage.receive_upload(
+            request.stream(), request.headers.get("content-type"), tmp_dir=settings.uploads_tmp_dir,
+            max_bytes=settings.max_upload_bytes, content_length=declared, filename=filename,
+        )
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
+    try:
+        result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key)
+    finally:
+        staged.discard()  # no-op when ingest published it
+    if result.replayed:
+        response.headers[REPLAY_HEADER] = "true"
+    return service.to_out(result.feedback)
+
+
+@router.get("/{feedback_id}", response_model=FeedbackOut, responses=error_responses(404))
+def get_feedback(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
+                 session: SessionDep) -> FeedbackOut:
+    return service.to_out(service.get_feedback(session, principal, feedback_id))
+
+
+@router.get("", response_model=FeedbackList, responses=error_responses(422))
+def list_feedback(
+    principal: ProjectDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> FeedbackList:
+    """Newest first; pass `next_cursor` as `cursor` for the next page."""
+    rows, next_cursor = service.list_feedback(session, principal, limit, cursor)
+    return FeedbackList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)

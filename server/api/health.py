@@ -1,0 +1,56 @@
+"""GET /healthz (the process answers) and GET /readyz (database and broker reachable)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+from server.api.deps import SettingsDep, error_responses
+from server.db import get_engine
+from server.errors import ServiceUnavailable
+from server.schemas import HealthOut, ReadyOut
+from server.settings import Settings
+
+log = logging.getLogger("halos.api")
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthOut)
+def healthz() -> HealthOut:
+    return HealthOut()
+
+
+def check_database(settings: Settings) -> str:
+    try:
+        with get_engine(settings).connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        log.warning("readyz: database check failed: %s", exc)
+        return f"error: {type(exc).__name__}"
+
+
+def check_broker(settings: Settings) -> str:
+    from kombu import Connection
+
+    try:
+        with Connection(settings.broker, connect_timeout=2, transport_options={"max_retries": 0}) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2, timeout=3)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001
+        log.warning("readyz: broker check failed: %s", exc)
+        return f"error: {type(exc).__name__}"
+
+
+@router.get("/readyz", response_model=ReadyOut, responses=error_responses(503))
+def readyz(settings: SettingsDep) -> ReadyOut:
+    """200 when a database query and a broker connection succeed; else 503 `not_ready` with the
+    failing checks in `details.checks`."""
+    checks = {"database": check_database(settings), "broker": check_broker(settings)}
+    if any(v != "ok" for v in checks.values()):
+        raise ServiceUnavailable("not ready", details={"checks": checks})
+    return ReadyOut(status="ready", checks=checks)
+
+

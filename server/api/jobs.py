@@ -1,0 +1,74 @@
+"""Jobs: status and progress, the metric series, the log tail, cancellation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import PlainTextResponse
+
+from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.schemas import JobList, JobOut, MetricSeries
+from server.services import jobs_view as service
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyLimitRoute,
+                   responses=error_responses(401, 429))
+
+JobId = Annotated[str, Path(max_length=200)]
+StatusFilter = Literal["waiting", "queued", "running", "cancelling", "crashed", "succeeded", "failed", "cancelled"]
+
+
+@router.get("", response_model=JobList, responses=error_responses(422))
+def list_jobs(
+    principal: ProjectDep,
+    session: SessionDep,
+    status: Annotated[StatusFilter | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> JobList:
+    rows, next_cursor = service.list_jobs(session, principal, limit, cursor, status)
+    return JobList(items=service.job_views(session, rows), next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
+def get_job(job_id: JobId, principal: ProjectDep, session: SessionDep) -> JobOut:
+    return service.job_view(session, service.get_job(session, principal, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricSeries, responses=error_responses(404, 422))
+def get_metrics(
+    job_id: JobId,
+    principal: ProjectDep,
+    session: SessionDep,
+    split: Annotated[str | None, Query(max_length=10, pattern=r"^[A-Za-z0-9_]+$", description="train | eval")] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=2**62, description="only steps after this one")] = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_METRIC_POINTS, description="steps per page")] = 1000,
+) -> MetricSeries:
+    """One point per (step, split), ascending; after a retry the latest attempt's point wins."""
+    return service.metrics(session, principal, job_id, split, after_step, limit)
+
+
+@router.get(
+    "/{job_id}/logs",
+    response_class=PlainTextResponse,
+    responses={**error_responses(404, 422), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                 "description": "the tail of the training log"}},
+)
+def get_logs(
+    job_id: JobId,
+    principal: ProjectDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    tail_bytes: Annotated[int | None, Query(ge=1, le=16 * 1024 * 1024)] = None,
+) -> PlainTextResponse:
+    """The last `tail_bytes` (default `log_tail_bytes`) of the job's `stdout.log`; empty before it starts."""
+    job = service.get_job(session, principal, job_id)
+    text = service.log_tail(settings, job, tail_bytes or settings.log_tail_bytes)
+    return PlainTextResponse(text)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=error_responses(404, 409))
+def cancel_job(job_id: JobId, principal: ProjectDep, session: SessionDep) -> JobOut:
+    """waiting/queued ⇒ cancelled at once; running ⇒ cancelling (the worker stops the training
+    process group, then cancelled). A finished job ⇒ 409 `job_finished`."""
+    return service.job_view(session, service.cancel(session, principal, job_id))

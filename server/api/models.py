@@ -1,0 +1,40 @@
+"""POST /v1/models (register an SFT checkpoint directory), GET /v1/models/{id}, GET /v1/models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, error_responses
+from server.schemas import ModelCreate, ModelList, ModelOut
+from server.services import models_registry as service
+
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLimitRoute,
+                   responses=error_responses(401, 429))
+
+
+@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 422))
+def register_model(body: ModelCreate, principal: ProjectDep, session: SessionDep) -> ModelOut:
+    """The directory must hold `config.json`, weights (`*.safetensors` or `pytorch_model*.bin`)
+    and a tokenizer; otherwise 422 naming what is missing. Its content hash is recorded (this
+    reads the whole directory)."""
+    return service.to_out(service.register_model(session, principal, body))
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
+def get_model(model_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: SessionDep) -> ModelOut:
+    return service.to_out(service.get_model(session, principal, model_id))
+
+
+@router.get("", response_model=ModelList, responses=error_responses(422))
+def list_models(
+    principal: ProjectDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> ModelList:
+    rows, next_cursor = service.list_models(session, principal, limit, cursor)
+    return ModelList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
+
+

@@ -1,0 +1,62 @@
+"""Runs and their rounds: POST/GET /v1/runs, GET /v1/runs/{id}, POST /v1/runs/{id}/rounds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+
+from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.schemas import RoundCreate, RoundOut, RunCreate, RunList, RunOut
+from server.services import runs as service
+from server.services.idempotency import REPLAY_HEADER
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRoute,
+                   responses=error_responses(401, 429))
+
+RunId = Annotated[str, Path(max_length=200)]
+
+
+@router.post("", status_code=201, response_model=RunOut, responses=error_responses(400, 404, 409, 413, 422))
+def create_run(body: RunCreate, response: Response, principal: ProjectDep, settings: SettingsDep,
+               session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> RunOut:
+    """An online run on a registered model: the model is the pinned reference for every round;
+    `loss`, `hyperparams`, `conversion`, `lora` are the defaults rounds may override.
+    Unknown `model_id` ⇒ 404 `model_not_found`."""
+    run, replayed = service.create_run(session, settings, principal, body, idempotency_key)
+    if replayed:
+        response.headers[REPLAY_HEADER] = "true"
+    return service.run_view(session, run)
+
+
+@router.get("", response_model=RunList, responses=error_responses(422))
+def list_runs(
+    principal: ProjectDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> RunList:
+    rows, next_cursor = service.list_runs(session, principal, limit, cursor)
+    return RunList(items=[service.run_summary(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{run_id}", response_model=RunOut, responses=error_responses(404))
+def get_run(run_id: RunId, principal: ProjectDep, session: SessionDep) -> RunOut:
+    """The run with its rounds in order (each with its job's status and checkpoints)."""
+    return service.run_view(session, service.get_run(session, principal, run_id))
+
+
+@router.post("/{run_id}/rounds", status_code=201, response_model=RoundOut,
+             responses=error_responses(400, 404, 409, 413, 422))
+def create_round(run_id: RunId, body: RoundCreate, response: Response, principal: ProjectDep,
+                 settings: SettingsDep, session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> RoundOut:
+    """Queue a training round on feedback files. Validated now, not on the worker: unknown
+    feedback ids or an explicit parent checkpoint not of this run ⇒ 404; unknown loss, a loss
+    that cannot use the feedback kinds, hyperparameters that do not fit, a parent checkpoint
+    whose manifest does not verify ⇒ 422. Default parent: the latest round's checkpoint (if it is
+    still running the new round waits for it; if it failed or was cancelled ⇒ 409
+    `parent_round_failed`)."""
+    rnd, _job, replayed = service.create_round(session, settings, principal, run_id, body, idempotency_key)
+    if replayed:
+        response.headers[REPLAY_HEADER] = "true"
+    return service.round_view(session, rnd)

@@ -1,0 +1,334 @@
+"""Request and response models of the HTTP API (pydantic; the OpenAPI spec is generated from these).
+
+Request models forbid unknown fields and reject, before field validation, anything the database
+or the JSON encoder would choke on later: non-finite numbers (`NaN`, `Infinity` — Python's JSON
+parser accepts them), NUL characters in strings, and nesting deeper than `MAX_REQUEST_DEPTH`.
+Stored configurations (loss, hyperparameters, …) are returned as plain objects so that a row
+written by an older version never turns a read into a 500.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import copy
+from datetime import datetime
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from halos_core.config import Conversion, Hyperparams, LoraSettings, LossConfig
+
+MAX_REQUEST_DEPTH = 32
+ID_FIELD = Field(min_length=1, max_length=64)
+
+
+def check_json_value(value: Any, max_depth: int = MAX_REQUEST_DEPTH) -> None:
+    """Raise ValueError for NaN/±Infinity, NUL characters, or nesting deeper than `max_depth`.
+
+    Iterative, so a hostile document cannot exhaust the interpreter's recursion limit here.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels")
+            for key, sub in item.items():
+                if isinstance(key, str) and "\x00" in key:
+                    raise ValueError("NUL characters are not allowed")
+                stack.append((sub, depth + 1))
+        elif isinstance(item, list):
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels")
+            stack.extend((sub, depth + 1) for sub in item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("non-finite numbers (NaN, Infinity) are not allowed")
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError("NUL characters are not allowed")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sane_json(cls, data: Any) -> Any:
+        check_json_value(data)
+        return data
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. `invalid_feedback`, `run_not_found`")
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+class FeedbackRecordError(BaseModel):
+    index: int
+    line: Optional[int] = None
+    field: str
+    code: str
+    message: str
+    hint: Optional[str] = None
+
+
+class FeedbackOut(_Response):
+    id: str
+    kind: str = Field(description="binary | pairwise | scalar | sampled")
+    format: str
+    n_records: int
+    n_prompts: int
+    n_train: int
+    n_test: int
+    sha256: str
+    size_bytes: int
+    filename: Optional[str] = Field(None, description="the client's file name, metadata only (escaped, truncated)")
+    created_at: datetime
+
+
+class FeedbackList(BaseModel):
+    items: list[FeedbackOut]
+    next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelCreate(_Request):
+    name: str = Field(min_length=1, max_length=200)
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="absolute path of a directory loadable by `from_pretrained` (config.json, weights, tokenizer)",
+    )
+
+
+class ModelOut(_Response):
+    id: str
+    name: str
+    path: str
+    sha256: str
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+    next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- runs and rounds
+
+
+def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional (same types and bounds); use `model_dump(exclude_unset=True)`."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        f = copy(info)
+        f.default = None
+        f.default_factory = None
+        fields[field_name] = (info.annotation, f)
+
+    def _no_defaults(schema: dict[str, Any]) -> None:
+        for prop in schema.get("properties", {}).values():
+            prop.pop("default", None)
+
+    # No NaN/NUL/depth walk needed here: the enclosing request model has already walked the body.
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_no_defaults),
+        __doc__=f"Partial {model.__name__}: only the fields given override the run's values.",
+        **fields,
+    )
+
+
+HyperparamsPatch = _partial(Hyperparams, "HyperparamsPatch")
+
+
+class RunCreate(_Request):
+    name: Optional[str] = Field(None, max_length=200)
+    model_id: str = ID_FIELD
+    loss: LossConfig
+    hyperparams: Hyperparams = Field(default_factory=Hyperparams)
+    conversion: Optional[Conversion] = None
+    lora: Optional[LoraSettings] = None
+
+
+class RoundCreate(_Request):
+    feedback_ids: list[str] = Field(min_length=1, max_length=64)
+    loss: Optional[LossConfig] = Field(None, description="override of the run's loss for this round")
+    hyperparams: Optional[HyperparamsPatch] = Field(  # type: ignore[valid-type]
+        None, description="partial override merged over the run's hyperparameters"
+    )
+    conversion: Optional[Conversion] = Field(
+        None, description="absent: the run's conversion; null: no conversion for this round"
+    )
+    parent_checkpoint_id: Optional[str] = Field(
+        None, max_length=64, description="default: the run's latest round's final checkpoint"
+    )
+
+
+class RoundOut(BaseModel):
+    index: int
+    round_id: str
+    run_id: str
+    job_id: str
+    status: str
+    parent_checkpoint_id: Optional[str] = None
+    parent_job_id: Optional[str] = None
+    checkpoint_id: Optional[str] = None
+    feedback_ids: list[str]
+    loss: dict[str, Any]
+    hyperparams: dict[str, Any]
+    conversion: Optional[dict[str, Any]] = None
+    created_at: datetime
+
+
+class RunOut(BaseModel):
+    id: str
+    name: Optional[str] = None
+    model_id: str
+    loss: dict[str, Any]
+    hyperparams: dict[str, Any]
+    conversion: Optional[dict[str, Any]] = None
+    lora: Optional[dict[str, Any]] = None
+    created_at: datetime
+    rounds: list[RoundOut] = Field(default_factory=list)
+
+
+class RunSummary(BaseModel):
+    id: str
+    name: Optional[str] = None
+    model_id: str
+    loss: dict[str, Any]
+    created_at: datetime
+
+
+class RunList(BaseModel):
+    items: list[RunSummary]
+    next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="optimizer steps, cumulative across rounds")
+    round_step: int = Field(description="optimizer steps within this round")
+    total_steps: Optional[int] = None
+    examples: int
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: str
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: JobProgress
+    latest_metrics: Optional[dict[str, Any]] = None
+    error: Optional[str] = None
+    created_at: datetime
+    queued_at: Optional[datetime] = None
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+    updated_at: Optional[datetime] = None
+    parent_job_id: Optional[str] = None
+    run_id: Optional[str] = None
+    round_id: Optional[str] = None
+    round_index: Optional[int] = None
+    checkpoint_id: Optional[str] = None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: Optional[str] = None
+
+
+class MetricPointOut(BaseModel):
+    step: int
+    split: str
+    attempt: int
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class MetricSeries(BaseModel):
+    job_id: str
+    items: list[MetricPointOut]
+    next_after_step: Optional[int] = Field(
+        None, description="pass as `after_step` to get the next page; null when this page is the last"
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    run_id: str
+    round_id: str
+    round_index: Optional[int] = None
+    job_id: str
+    model_id: str
+    parent_id: Optional[str] = None
+    path: str
+    manifest_sha256: str
+    step: int
+    examples: int
+    created_at: datetime
+
+
+class LineageItem(BaseModel):
+    checkpoint_id: str
+    round_id: str
+    round_index: Optional[int] = None
+    job_id: str
+    step: int
+    examples: int
+    manifest_sha256: str
+    feedback_ids: list[str]
+    loss: Optional[dict[str, Any]] = None
+    hyperparams: Optional[dict[str, Any]] = None
+    conversion: Optional[dict[str, Any]] = None
+
+
+class ModelRef(BaseModel):
+    id: str
+    name: str
+    path: str
+    sha256: str
+
+
+class LineageOut(BaseModel):
+    checkpoint_id: str
+    items: list[LineageItem] = Field(description="this checkpoint first, then its parents, back to round 1")
+    model: ModelRef = Field(description="the SFT model at the root of the lineage (the pinned reference)")
+
+
+# --------------------------------------------------------------------------- health
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]

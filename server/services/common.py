@@ -1,0 +1,75 @@
+"""Helpers shared by the services: project-scoped lookups, cursors, id sanity."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, or_
+from sqlmodel import Session, select
+
+from server.errors import Unprocessable, not_found
+
+T = TypeVar("T")
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+MAX_PAGE = 200
+
+
+def plausible_id(value: str) -> bool:
+    """Ids are short ASCII tokens; anything else cannot exist (and must not reach the database:
+    Postgres rejects NUL characters with an error, which would be a 500)."""
+    return isinstance(value, str) and bool(_ID_RE.match(value))
+
+
+def get_owned(session: Session, model: type[T], object_id: str, project_id: str, kind: str,
+              field: str | None = None) -> T:
+    """The row of `model` with this id in this project, else 404 (another project's ids look
+    exactly like ids that do not exist)."""
+    if not plausible_id(object_id):
+        raise not_found(kind, object_id, field)
+    row = session.get(model, object_id)
+    if row is None or getattr(row, "project_id", None) != project_id:
+        raise not_found(kind, object_id, field)
+    return row
+
+
+# --------------------------------------------------------------------------- cursor pagination
+# Newest first, keyed on (created_at, id): stable under concurrent inserts, no offsets.
+
+
+def encode_cursor(created_at: datetime, object_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), object_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, object_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None or not plausible_id(object_id):
+            raise ValueError("bad cursor")
+        return when, object_id
+    except Exception as exc:  # any garbage is the client's mistake, never a 500
+        raise Unprocessable("invalid cursor", code="invalid_cursor", details={"field": "cursor"}) from exc
+
+
+def paginate(session: Session, model: Any, project_id: str, limit: int, cursor: str | None,
+             *filters: Any) -> tuple[list[Any], str | None]:
+    limit = max(1, min(limit, MAX_PAGE))
+    query = select(model).where(model.project_id == project_id, *filters)
+    if cursor:
+        when, last_id = decode_cursor(cursor)
+        query = query.where(
+            or_(model.created_at < when, and_(model.created_at == when, model.id < last_id))
+        )
+    rows = list(session.exec(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+    return rows, next_cursor

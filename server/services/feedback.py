@@ -1,0 +1,167 @@
+"""Feedback files: validate a staged upload, store it content-addressed, record it (all or nothing).
+
+`ingest` is called with an upload already streamed to a temp file (`server.storage`). Either the
+file is valid and ends up as a blob under `feedback/<sha256>.<ext>` plus one `FeedbackFile` row
+(and the idempotency record, in the same transaction), or nothing at all remains: the temp
+file is removed on every failure path and no row is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from server import storage
+from server.errors import Unprocessable
+from server.models import FeedbackFile
+from server.schemas import FeedbackOut
+from server.services import idempotency
+from server.services.common import get_owned, paginate
+from server.services.keys import Principal
+from server.settings import Settings
+from server.storage import StagedFile
+
+log = logging.getLogger("halos.feedback")
+
+ENDPOINT = "POST /v1/feedback"
+
+
+@dataclass
+class Ingested:
+    feedback: FeedbackFile
+    replayed: bool  # True: an Idempotency-Key replay, nothing new was stored
+
+
+def to_out(fb: FeedbackFile) -> FeedbackOut:
+    return FeedbackOut(
+        id=fb.id, kind=fb.kind, format=fb.format, n_records=fb.n_records, n_prompts=fb.n_prompts,
+        n_train=fb.n_train, n_test=fb.n_test, sha256=fb.sha256, size_bytes=fb.size_bytes,
+        filename=fb.original_filename, created_at=fb.created_at,
+    )
+
+
+def _record_error(err: Any) -> dict[str, Any]:
+    return {
+        "index": getattr(err, "index", None),
+        "line": getattr(err, "line", None),
+        "field": getattr(err, "field", ""),
+        "code": getattr(err, "code", "invalid"),
+        "message": str(getattr(err, "message", err)),
+        "hint": getattr(err, "hint", None),
+    }
+
+
+def validate_staged(staged: StagedFile, settings: Settings) -> Any:
+    """Run halos_core's streaming validator on the temp file; 422 `invalid_feedback` listing every
+    bad record (capped at `max_validation_errors`) when it is not a valid feedback file."""
+    from halos_core.feedback import FeedbackLimits, FeedbackValidationError, validate_file
+
+    if staged.size_bytes == 0:
+        raise Unprocessable(
+            "the feedback file is empty; nothing was stored",
+            code="invalid_feedback",
+            details={
+                "errors": [{"index": 0, "line": None, "field": "", "code": "empty_file",
+                            "message": "the file is empty", "hint": "upload a JSON array or JSONL records"}],
+                "truncated": False, "records_checked": 0,
+            },
+        )
+    limits = FeedbackLimits(
+        max_errors=settings.max_validation_errors,
+        max_depth=settings.max_json_depth,
+        max_record_bytes=settings.max_record_bytes,
+        max_records=settings.max_records_per_file,
+    )
+    try:
+        return validate_file(staged.path, limits=limits)
+    except FeedbackValidationError as exc:
+        errors = [_record_error(e) for e in exc.errors]
+        more = " (more not shown)" if exc.truncated else ""
+        raise Unprocessable(
+            f"{len(errors)} problem(s) in the feedback file{more}; nothing was stored",
+            code="invalid_feedback",
+            details={"errors": errors, "truncated": bool(exc.truncated), "records_checked": int(exc.records_checked)},
+        ) from exc
+
+
+def _replay(session: Session, record: Any, project_id: str) -> FeedbackFile:
+    fb = session.get(FeedbackFile, record.resource_id)
+    if fb is None or fb.project_id != project_id:  # cannot happen: written in one transaction
+        raise RuntimeError(f"idempotency record {record.id} points at a missing feedback file")
+    return fb
+
+
+def ingest(session: Session, settings: Settings, principal: Principal, staged: StagedFile,
+           idempotency_key: str | None) -> Ingested:
+    """Validate and store a staged upload. Consumes `staged` (its temp file is gone afterwards)."""
+    data_dir = settings.data_dir
+    try:
+        req_hash = idempotency.request_hash(ENDPOINT, staged.sha256, staged.filename)
+        if idempotency_key is not None:  # cheap early replay: skip validation entirely
+            record = idempotency.lookup(session, principal.project_id, ENDPOINT, idempotency_key, req_hash,
+                                        settings.idempotency_ttl_hours)
+            fb = _replay(session, record, principal.project_id) if record else None
+            session.commit()
+            if fb is not None:
+                return Ingested(fb, replayed=True)
+
+        summary = validate_staged(staged, settings)  # no transaction is open while this runs
+
+        for _ in range(3):
+            if idempotency_key is not None:
+                record = idempotency.lookup(session, principal.project_id, ENDPOINT, idempotency_key, req_hash,
+                                            settings.idempotency_ttl_hours)
+                if record is not None:
+                    fb = _replay(session, record, principal.project_id)
+                    session.commit()
+                    return Ingested(fb, replayed=True)
+            fb = FeedbackFile(
+                project_id=principal.project_id, kind=summary.kind, format=summary.format,
+                sha256=staged.sha256, size_bytes=staged.size_bytes, n_records=summary.n_records,
+                n_prompts=summary.n_prompts, n_train=summary.n_train, n_test=summary.n_test,
+                storage_path=storage.blob_relpath(staged.sha256, staged.ext),
+                original_filename=staged.filename,
+            )
+            session.add(fb)
+            if idempotency_key is not None:
+                idempotency.remember(session, principal.project_id, ENDPOINT, idempotency_key, req_hash, fb.id, 201)
+            try:
+                session.flush()  # a concurrent duplicate key fails here, before the blob is published
+            except IntegrityError:
+                session.rollback()
+                continue  # re-read the winner's record
+            rel, created = storage.publish_blob(staged, data_dir)
+            try:
+                session.commit()
+            except BaseException:
+                session.rollback()
+                if created:
+                    _remove_if_unreferenced(session, data_dir, rel, staged.sha256)
+                raise
+            return Ingested(fb, replayed=False)
+        raise RuntimeError("could not store the feedback file after 3 attempts")
+    finally:
+        staged.discard()  # no-op once published
+
+
+def _remove_if_unreferenced(session: Session, data_dir: Any, rel: str, sha256: str) -> None:
+    try:
+        used = session.exec(select(FeedbackFile.id).where(FeedbackFile.sha256 == sha256).limit(1)).first()
+        session.rollback()
+        if used is None:
+            storage.remove_blob(data_dir, rel)
+    except Exception:  # best effort; an orphan blob is harmless (content-addressed)
+        log.exception("could not clean up blob %s", rel)
+
+
+def get_feedback(session: Session, principal: Principal, feedback_id: str) -> FeedbackFile:
+    return get_owned(session, FeedbackFile, feedback_id, principal.project_id, "feedback")
+
+
+def list_feedback(session: Session, principal: Principal, limit: int, cursor: str | None
+                  ) -> tuple[list[FeedbackFile], str | None]:
+    return paginate(session, FeedbackFile, principal.project_id, limit, cursor)

@@ -1,0 +1,143 @@
+"""Read side of jobs (status, progress, metrics, log tail) and the cancel request.
+
+Job.status is written only by `server.jobs`; this module reads it and calls
+`jobs.request_cancel` for cancellation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlmodel import Session, col, select
+
+from server.errors import Conflict
+from server.models import TERMINAL_STATUSES, Checkpoint, Job, JobStatus, MetricPoint, Round
+from server.schemas import JobOut, JobProgress, MetricPointOut, MetricSeries
+from server.services.common import get_owned, paginate
+from server.services.keys import Principal
+from server.settings import Settings
+
+MAX_METRIC_POINTS = 10_000
+
+
+def _request_cancel(session: Session, job_id: str) -> Job:
+    from server import jobs
+
+    return jobs.request_cancel(session, job_id)
+
+
+def get_job(session: Session, principal: Principal, job_id: str) -> Job:
+    return get_owned(session, Job, job_id, principal.project_id, "job")
+
+
+def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
+    if not jobs:
+        return []
+    ids = [j.id for j in jobs]
+    rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
+    ckpts: dict[str, Checkpoint] = {}
+    for c in session.exec(select(Checkpoint).where(col(Checkpoint.job_id).in_(ids))).all():
+        best = ckpts.get(c.job_id)
+        if best is None or (c.step, c.created_at) > (best.step, best.created_at):
+            ckpts[c.job_id] = c
+    out = []
+    for j in jobs:
+        rnd = rounds.get(j.id)
+        checkpoint_id = (rnd.checkpoint_id if rnd and rnd.checkpoint_id else None) or (
+            ckpts[j.id].id if j.id in ckpts else None
+        )
+        status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
+        out.append(
+            JobOut(
+                id=j.id, kind=j.kind, status=status, attempt=j.attempt, max_attempts=j.max_attempts,
+                cancel_requested=bool(j.cancel_requested),
+                progress=JobProgress(step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps,
+                                     examples=j.examples or 0),
+                latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
+                started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
+                parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
+                round_index=rnd.index if rnd else None, checkpoint_id=checkpoint_id,
+            )
+        )
+    return out
+
+
+def job_view(session: Session, job: Job) -> JobOut:
+    return job_views(session, [job])[0]
+
+
+def list_jobs(session: Session, principal: Principal, limit: int, cursor: str | None,
+              status: str | None = None) -> tuple[list[Job], str | None]:
+    filters = [Job.status == JobStatus(status)] if status else []
+    return paginate(session, Job, principal.project_id, limit, cursor, *filters)
+
+
+def metrics(session: Session, principal: Principal, job_id: str, split: str | None, after_step: int | None,
+            limit: int) -> MetricSeries:
+    """The per-step series, ascending by step, at most `limit` steps per page.
+
+    After a crash and retry the same step can have been logged by two attempts: the latest
+    attempt's point wins, so each (step, split) appears once."""
+    job = get_job(session, principal, job_id)
+    limit = max(1, min(limit, MAX_METRIC_POINTS))
+    filters = [MetricPoint.job_id == job.id]
+    if split:
+        filters.append(MetricPoint.split == split)
+    if after_step is not None:
+        filters.append(MetricPoint.step > after_step)
+    steps = list(session.exec(
+        select(MetricPoint.step).where(*filters).distinct().order_by(col(MetricPoint.step)).limit(limit + 1)
+    ).all())
+    if not steps:
+        return MetricSeries(job_id=job.id, items=[], next_after_step=None)
+    more = len(steps) > limit
+    upper = steps[min(limit, len(steps)) - 1]
+    rows = session.exec(
+        select(MetricPoint).where(*filters, MetricPoint.step <= upper)
+        .order_by(col(MetricPoint.step), col(MetricPoint.split), col(MetricPoint.attempt), col(MetricPoint.id))
+    ).all()
+    latest: dict[tuple[int, str], MetricPoint] = {}
+    for row in rows:
+        latest[(row.step, row.split)] = row  # ascending attempt: the last one wins
+    points = sorted(latest.values(), key=lambda r: (r.step, r.split))
+    return MetricSeries(
+        job_id=job.id,
+        items=[MetricPointOut(step=p.step, split=p.split, attempt=p.attempt, data=dict(p.data or {}),
+                              created_at=p.created_at) for p in points],
+        next_after_step=upper if more else None,
+    )
+
+
+def log_path(settings: Settings, job: Job) -> Path:
+    run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
+    return run_dir / "stdout.log"
+
+
+def log_tail(settings: Settings, job: Job, tail_bytes: int) -> str:
+    """The last `tail_bytes` of the job's stdout.log ("" before the job has started)."""
+    path = log_path(settings, job)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - tail_bytes))
+            data = fh.read(tail_bytes)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return ""
+    if len(data) == tail_bytes and size > tail_bytes:  # cut mid-line: start at the next full line
+        nl = data.find(b"\n")
+        if 0 <= nl < len(data) - 1:
+            data = data[nl + 1:]
+    return data.decode("utf-8", errors="replace")
+
+
+def cancel(session: Session, principal: Principal, job_id: str) -> Job:
+    job = get_job(session, principal, job_id)
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job.id} already {job.status.value}; nothing to cancel", code="job_finished",
+                       details={"status": job.status.value})
+    try:
+        return _request_cancel(session, job.id)
+    except ValueError as exc:  # finished between our read and its update
+        session.rollback()
+        raise Conflict(str(exc)[:500], code="job_finished") from exc

@@ -1,0 +1,103 @@
+"""API keys: created for a project, shown once, stored only as a sha256 hash (S3).
+
+A key looks like `hk_<43 url-safe chars>` (256 random bits). Its first 11 characters (`prefix`)
+are stored in clear so humans can tell keys apart (`halos keys list`) and revoke one by prefix;
+the rest is never stored. 256 random bits make a plain (unsalted) sha256 safe: there is nothing
+to brute-force or look up in a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from server.errors import Conflict, NotFound
+from server.models import ApiKey, Project, utcnow
+
+KEY_PREFIX = "hk_"
+PREFIX_CHARS = 11  # "hk_" + 8 characters
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's project (every query is scoped to it) and the key itself."""
+
+    project_id: str
+    key_id: str | None  # None when auth is disabled
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", errors="surrogateescape")).hexdigest()
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    project = session.exec(select(Project).where(Project.name == name)).first()
+    if project is not None:
+        return project
+    project = Project(name=name)
+    session.add(project)
+    try:
+        session.commit()
+    except IntegrityError:  # created concurrently: use theirs
+        session.rollback()
+        project = session.exec(select(Project).where(Project.name == name)).one()
+    return project
+
+
+def create_api_key(session: Session, project_name: str) -> tuple[ApiKey, str]:
+    """Create a key for `project_name` (the project is created if missing). Returns the row and
+    the secret; the secret is not stored anywhere and cannot be shown again. Commits."""
+    name = project_name.strip()
+    if not name or len(name) > 200 or "\x00" in name:
+        raise ValueError("project name must be 1-200 characters without NUL")
+    project = get_or_create_project(session, name)
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(project_id=project.id, prefix=secret[:PREFIX_CHARS], key_hash=hash_key(secret))
+    session.add(key)
+    session.commit()
+    session.refresh(key)
+    return key, secret
+
+
+def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey:
+    """Revoke a key by its id (`key_…`) or its displayed prefix (`hk_…`, must be unambiguous).
+    Takes effect at once: the next request with it gets 401. Revoking twice is a no-op. Commits.
+    Raises NotFound / Conflict (both `server.errors.ApiError`, with a `.message`)."""
+    ref = key_id_or_prefix.strip()
+    key = session.get(ApiKey, ref) if ref else None
+    if key is None and ref:
+        matches = list(session.exec(select(ApiKey).where(ApiKey.prefix == ref[:PREFIX_CHARS])).all())
+        if ref.startswith(KEY_PREFIX) and len(ref) > PREFIX_CHARS:  # the whole secret was given
+            matches = [k for k in matches if k.key_hash == hash_key(ref)]
+        if len(matches) > 1:
+            raise Conflict(f"prefix {ref!r} matches {len(matches)} keys; use the key id", code="ambiguous_key")
+        key = matches[0] if matches else None
+    if key is None:
+        raise NotFound(f"no API key {ref!r}", code="key_not_found")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        session.commit()
+        session.refresh(key)
+    return key
+
+
+def list_api_keys(session: Session, project_name: str | None = None) -> list[tuple[ApiKey, Project]]:
+    query = select(ApiKey, Project).where(ApiKey.project_id == Project.id)
+    if project_name is not None:
+        query = query.where(Project.name == project_name)
+    return [(k, p) for k, p in session.exec(query.order_by(ApiKey.created_at)).all()]
+
+
+def authenticate(session: Session, secret: str) -> Principal | None:
+    """The principal for a presented secret, or None (unknown or revoked)."""
+    if not secret or len(secret) > 512:
+        return None
+    key = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(secret))).first()
+    if key is None or key.revoked_at is not None:
+        return None
+    return Principal(project_id=key.project_id, key_id=key.id)

@@ -1,0 +1,374 @@
+"""Runs and rounds: everything a round needs is validated here, at submit time, never on a GPU.
+
+A round request is checked against the run's defaults merged with its overrides:
+- every feedback id exists in the project (404 `feedback_not_found`, naming `feedback_ids[i]`);
+- the loss is a known one (the pydantic discriminated union answers 422 for an unknown `name`);
+- the loss can use the feedback kinds after the conversion (422 `loss_feedback_mismatch`);
+- the hyperparameters are valid and fit the workers (batch divisible by microbatch x
+  num_processes, KTO microbatch >= 2, …: 422 `invalid_hyperparams`);
+- an explicit parent checkpoint belongs to this run (else 404) and its manifest verifies
+  (422 `invalid_parent_checkpoint` with the CheckpointError text);
+- the default parent is the run's latest round: succeeded ⇒ its final checkpoint; still
+  waiting/queued/running ⇒ the new job waits for it (`parent_job_id`; jobs.submit makes it
+  `waiting`); failed/cancelled ⇒ 409 `parent_round_failed` (submit with an explicit
+  `parent_checkpoint_id` to branch from an earlier checkpoint instead);
+- finally a `halos_core.config.RunConfig` is built from the job spec once, so what the worker
+  will build cannot fail validation.
+Then Round + Job (+ idempotency record) are committed in one transaction by `jobs.submit`, and
+the job id is published to the queue after the commit (only when it is `queued`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from halos_core.config import (
+    Conversion,
+    Hyperparams,
+    LoraSettings,
+    LossConfig,
+    RunConfig,
+    hyperparams_problem,
+    loss_feedback_problem,
+)
+from halos_core.run_dir import CheckpointError, read_manifest
+from server.errors import Conflict, Unprocessable, not_found, validation_details
+from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, Round, Run
+from server.schemas import RoundCreate, RoundOut, RunCreate, RunOut, RunSummary
+from server.services import idempotency
+from server.services.common import get_owned, paginate, plausible_id
+from server.services.keys import Principal
+from server.settings import Settings
+
+log = logging.getLogger("halos.runs")
+
+RUN_ENDPOINT = "POST /v1/runs"
+ROUND_ENDPOINT = "POST /v1/runs/{run_id}/rounds"
+
+_LOSS = TypeAdapter(LossConfig)
+_CONVERSION = TypeAdapter(Conversion)
+_UNFINISHED = {JobStatus.waiting, JobStatus.queued, JobStatus.running, JobStatus.cancelling, JobStatus.crashed}
+
+
+# --------------------------------------------------------------------------- seams to jobs/queue
+
+
+def _submit(session: Session, job: Job) -> Job:
+    from server import jobs
+
+    return jobs.submit(session, job)
+
+
+def _publish(job_id: str) -> None:
+    from server import queue
+
+    queue.publish(job_id)
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _status(job: Job | None) -> str:
+    if job is None:
+        return "unknown"
+    return job.status.value if isinstance(job.status, JobStatus) else str(job.status)
+
+
+def round_views(session: Session, rounds: list[Round]) -> list[RoundOut]:
+    if not rounds:
+        return []
+    job_ids = [r.job_id for r in rounds]
+    jobs = {j.id: j for j in session.exec(select(Job).where(col(Job.id).in_(job_ids))).all()}
+    round_ids = [r.id for r in rounds]
+    ckpt_by_round: dict[str, Checkpoint] = {}
+    for c in session.exec(select(Checkpoint).where(col(Checkpoint.round_id).in_(round_ids))).all():
+        best = ckpt_by_round.get(c.round_id)
+        if best is None or (c.step, c.created_at) > (best.step, best.created_at):
+            ckpt_by_round[c.round_id] = c
+    by_id = {r.id: r for r in rounds}
+    out = []
+    for r in rounds:
+        job = jobs.get(r.job_id)
+        checkpoint_id = r.checkpoint_id or (ckpt_by_round[r.id].id if r.id in ckpt_by_round else None)
+        parent_ckpt = r.parent_checkpoint_id
+        if parent_ckpt is None and job is not None and isinstance(job.spec, dict):
+            parent_ckpt = job.spec.get("init_from_checkpoint_id")
+        if parent_ckpt is None and r.parent_round_id:
+            parent = by_id.get(r.parent_round_id)
+            if parent is not None:
+                parent_ckpt = parent.checkpoint_id or (
+                    ckpt_by_round[parent.id].id if parent.id in ckpt_by_round else None
+                )
+        out.append(
+            RoundOut(
+                index=r.index, round_id=r.id, run_id=r.run_id, job_id=r.job_id, status=_status(job),
+                parent_checkpoint_id=parent_ckpt, parent_job_id=job.parent_job_id if job else None,
+                checkpoint_id=checkpoint_id, feedback_ids=list(r.feedback_ids or []), loss=dict(r.loss or {}),
+                hyperparams=dict(r.hyperparams or {}), conversion=r.conversion, created_at=r.created_at,
+            )
+        )
+    return out
+
+
+def round_view(session: Session, rnd: Round) -> RoundOut:
+    # Include the siblings so the parent's checkpoint can be resolved for a waiting round.
+    rounds = [rnd]
+    if rnd.parent_round_id:
+        parent = session.get(Round, rnd.parent_round_id)
+        if parent is not None:
+            rounds.insert(0, parent)
+    return round_views(session, rounds)[-1]
+
+
+def run_view(session: Session, run: Run) -> RunOut:
+    rounds = list(session.exec(select(Round).where(Round.run_id == run.id).order_by(Round.index)).all())
+    return RunOut(
+        id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}),
+        hyperparams=dict(run.hyperparams or {}), conversion=run.conversion, lora=run.lora,
+        created_at=run.created_at, rounds=round_views(session, rounds),
+    )
+
+
+def run_summary(run: Run) -> RunSummary:
+    return RunSummary(id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}), created_at=run.created_at)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def get_run(session: Session, principal: Principal, run_id: str) -> Run:
+    return get_owned(session, Run, run_id, principal.project_id, "run")
+
+
+def list_runs(session: Session, principal: Principal, limit: int, cursor: str | None) -> tuple[list[Run], str | None]:
+    return paginate(session, Run, principal.project_id, limit, cursor)
+
+
+def _hyperparams_check(loss_name: str, hp: Hyperparams, settings: Settings, field: str = "hyperparams") -> None:
+    problem = hyperparams_problem(loss_name, hp, settings.num_processes)
+    if problem:
+        raise Unprocessable(problem, code="invalid_hyperparams",
+                            details={"field": field, "reason": problem, "num_processes": settings.num_processes})
+
+
+def create_run(session: Session, settings: Settings, principal: Principal, body: RunCreate,
+               idempotency_key: str | None) -> tuple[Run, bool]:
+    """Create a run. Returns (run, replayed)."""
+    req_hash = idempotency.request_hash(RUN_ENDPOINT, body.model_dump(mode="json", exclude_unset=True))
+    for _ in range(3):
+        if idempotency_key is not None:
+            record = idempotency.lookup(session, principal.project_id, RUN_ENDPOINT, idempotency_key, req_hash,
+                                        settings.idempotency_ttl_hours)
+            if record is not None:
+                run = get_run(session, principal, record.resource_id or "")
+                session.commit()
+                return run, True
+        get_owned(session, Model, body.model_id, principal.project_id, "model", field="model_id")
+        _hyperparams_check(body.loss.name, body.hyperparams, settings)
+        run = Run(
+            project_id=principal.project_id, name=body.name, model_id=body.model_id,
+            loss=body.loss.model_dump(mode="json"), hyperparams=body.hyperparams.model_dump(mode="json"),
+            conversion=body.conversion.model_dump(mode="json") if body.conversion else None,
+            lora=body.lora.model_dump(mode="json") if body.lora else None,
+        )
+        session.add(run)
+        if idempotency_key is not None:
+            idempotency.remember(session, principal.project_id, RUN_ENDPOINT, idempotency_key, req_hash, run.id, 201)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            continue
+        return run, False
+    raise Conflict("could not create the run because of concurrent requests; retry", code="concurrent_update")
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def _effective_config(run: Run, body: RoundCreate, settings: Settings) -> tuple[Any, Hyperparams, Any, Any]:
+    """(loss, hyperparams, conversion, lora) for a round: the run's defaults + the round's overrides."""
+    try:
+        loss = body.loss if body.loss is not None else _LOSS.validate_python(run.loss)
+    except ValidationError as exc:  # a run stored by an older version
+        raise Unprocessable("the run's stored loss is no longer valid; pass `loss`", code="invalid_loss",
+                            details={"field": "loss", **validation_details(exc.errors())}) from exc
+    patch = body.hyperparams.model_dump(exclude_unset=True) if body.hyperparams is not None else {}
+    try:
+        hp = Hyperparams.model_validate({**(run.hyperparams or {}), **patch})
+    except ValidationError as exc:
+        raise Unprocessable("the merged hyperparameters are invalid", code="invalid_hyperparams",
+                            details={"field": "hyperparams", **validation_details(exc.errors())}) from exc
+    if "conversion" in body.model_fields_set:
+        conversion = body.conversion
+    else:
+        conversion = _CONVERSION.validate_python(run.conversion) if run.conversion else None
+    lora = LoraSettings.model_validate(run.lora) if run.lora else None
+    _hyperparams_check(loss.name, hp, settings)
+    return loss, hp, conversion, lora
+
+
+def _feedback_files(session: Session, principal: Principal, ids: list[str]) -> list[FeedbackFile]:
+    seen: dict[str, int] = {}
+    for i, fid in enumerate(ids):
+        if fid in seen:
+            raise Unprocessable(f"feedback id {fid!r} is listed twice", code="duplicate_feedback_id",
+                                details={"field": f"feedback_ids[{i}]", "id": fid})
+        seen[fid] = i
+    return [get_owned(session, FeedbackFile, fid, principal.project_id, "feedback", field=f"feedback_ids[{i}]")
+            for i, fid in enumerate(ids)]
+
+
+def _verify_checkpoint(path: str, verify: bool, field: str) -> Any:
+    try:
+        return read_manifest(path, verify=verify)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise Unprocessable(str(exc)[:2000], code="invalid_parent_checkpoint", details={"field": field}) from exc
+
+
+def _latest_checkpoint_of_round(session: Session, rnd: Round) -> Checkpoint | None:
+    if rnd.checkpoint_id:
+        ckpt = session.get(Checkpoint, rnd.checkpoint_id)
+        if ckpt is not None:
+            return ckpt
+    return session.exec(
+        select(Checkpoint).where(Checkpoint.round_id == rnd.id).order_by(col(Checkpoint.step).desc(),
+                                                                           col(Checkpoint.created_at).desc())
+    ).first()
+
+
+def create_round(session: Session, settings: Settings, principal: Principal, run_id: str, body: RoundCreate,
+                 idempotency_key: str | None) -> tuple[Round, Job, bool]:
+    """Validate and submit a round. Returns (round, job, replayed)."""
+    req_hash = idempotency.request_hash(ROUND_ENDPOINT, run_id, body.model_dump(mode="json", exclude_unset=True))
+    run = get_run(session, principal, run_id)
+
+    def replay() -> tuple[Round, Job, bool] | None:
+        if idempotency_key is None:
+            return None
+        record = idempotency.lookup(session, principal.project_id, ROUND_ENDPOINT, idempotency_key, req_hash,
+                                    settings.idempotency_ttl_hours)
+        if record is None:
+            return None
+        rnd = session.get(Round, record.resource_id)
+        job = session.get(Job, rnd.job_id) if rnd is not None else None
+        if rnd is None or job is None:
+            raise RuntimeError(f"idempotency record {record.id} points at a missing round")
+        session.commit()
+        return rnd, job, True
+
+    if (done := replay()) is not None:
+        return done
+
+    # Explicit parent: check ownership, end the transaction, then hash the checkpoint (slow) with
+    # no database lock held (SQLite transactions are BEGIN IMMEDIATE, i.e. they lock writers out).
+    explicit: Checkpoint | None = None
+    if body.parent_checkpoint_id is not None:
+        field = "parent_checkpoint_id"
+        explicit = get_owned(session, Checkpoint, body.parent_checkpoint_id, principal.project_id, "checkpoint", field)
+        if explicit.run_id != run.id:
+            raise not_found("checkpoint", body.parent_checkpoint_id, field)
+        session.commit()
+        _verify_checkpoint(explicit.path, verify=True, field=field)
+
+    loss, hp, conversion, lora = _effective_config(run, body, settings)
+    files = _feedback_files(session, principal, body.feedback_ids)
+    problem = loss_feedback_problem(loss.name, [f.kind for f in files], conversion)
+    if problem:
+        raise Unprocessable(problem, code="loss_feedback_mismatch",
+                            details={"field": "loss", "reason": problem, "feedback_kinds": [f.kind for f in files]})
+    model = session.get(Model, run.model_id)
+    if model is None:  # FK-enforced; only a hand-edited database gets here
+        raise Conflict(f"the run's model {run.model_id} is gone", code="model_missing")
+    data_dir = settings.data_dir.resolve()
+    feedback_inputs = [{"path": str(data_dir / f.storage_path), "kind": f.kind, "file_id": f.id} for f in files]
+
+    for _ in range(3):
+        if (done := replay()) is not None:
+            return done
+        latest = session.exec(select(Round).where(Round.run_id == run.id).order_by(col(Round.index).desc())).first()
+        index = latest.index + 1 if latest else 1
+        parent_round_id: str | None = None
+        parent_job_id: str | None = None
+        parent_ckpt: Checkpoint | None = None
+        if explicit is not None:
+            parent_ckpt, parent_round_id = explicit, explicit.round_id
+        elif latest is not None:
+            parent_round_id = latest.id
+            parent_job = session.get(Job, latest.job_id)
+            status = parent_job.status if parent_job is not None else None
+            if status == JobStatus.succeeded:
+                parent_ckpt = _latest_checkpoint_of_round(session, latest)
+                if parent_ckpt is None:
+                    raise Conflict(
+                        f"round {latest.index} succeeded but has no registered checkpoint",
+                        code="parent_checkpoint_missing", details={"round_index": latest.index, "job_id": latest.job_id},
+                    )
+                _verify_checkpoint(parent_ckpt.path, verify=False, field="parent_checkpoint_id")
+            elif status in _UNFINISHED:
+                parent_job_id = latest.job_id
+            else:
+                raise Conflict(
+                    f"the run's latest round ({latest.index}) ended {_status(parent_job)}; a new round cannot start"
+                    " from it. Pass `parent_checkpoint_id` to continue from an earlier checkpoint.",
+                    code="parent_round_failed",
+                    details={"round_index": latest.index, "job_id": latest.job_id, "status": _status(parent_job)},
+                )
+
+        job = Job(project_id=principal.project_id, kind="round", max_attempts=settings.max_attempts,
+                  parent_job_id=parent_job_id)
+        job.run_dir = str(settings.runs_dir.resolve() / job.id)
+        spec: dict[str, Any] = {
+            "reference_path": model.path,
+            "reference_sha256": model.sha256,
+            "init_from": parent_ckpt.path if parent_ckpt else None,
+            "init_from_checkpoint_id": parent_ckpt.id if parent_ckpt else None,
+            "counters": {"step": parent_ckpt.step, "examples": parent_ckpt.examples} if parent_ckpt
+            else {"step": 0, "examples": 0},
+            "feedback": feedback_inputs,
+            "loss": loss.model_dump(mode="json"),
+            "conversion": conversion.model_dump(mode="json") if conversion is not None else None,
+            "hyperparams": hp.model_dump(mode="json"),
+            "lora": lora.model_dump(mode="json") if lora is not None else None,
+        }
+        try:
+            RunConfig.model_validate(
+                {"job_id": job.id, "run_dir": job.run_dir, **{k: v for k, v in spec.items() if k != "init_from_checkpoint_id"}}
+            )
+        except ValidationError as exc:
+            raise Unprocessable("the round's configuration is invalid", code="invalid_round_config",
+                                details=validation_details(exc.errors())) from exc
+        job.spec = spec
+        rnd = Round(
+            project_id=principal.project_id, run_id=run.id, index=index, job_id=job.id,
+            parent_round_id=parent_round_id, parent_checkpoint_id=parent_ckpt.id if parent_ckpt else None,
+            feedback_ids=[f.id for f in files], loss=spec["loss"], hyperparams=spec["hyperparams"],
+            conversion=spec["conversion"],
+        )
+        session.add(rnd)
+        if idempotency_key is not None:
+            idempotency.remember(session, principal.project_id, ROUND_ENDPOINT, idempotency_key, req_hash, rnd.id, 201)
+        try:
+            job = _submit(session, job)  # inserts the job and commits the round with it
+        except IntegrityError:
+            session.rollback()  # a concurrent round took this index, or the same key won: look again
+            continue
+        if job.status == JobStatus.queued:
+            try:
+                _publish(job.id)
+            except Exception:  # the sweeper republishes queued jobs nobody holds
+                log.exception("publishing job %s failed; the sweeper will retry", job.id)
+        return rnd, job, False
+    raise Conflict("could not create the round because of concurrent requests; retry", code="concurrent_update")
+
+
+def get_round(session: Session, principal: Principal, round_id: str) -> Round:
+    if not plausible_id(round_id):
+        raise not_found("round", round_id)
+    return get_owned(session, Round, round_id, principal.project_id, "round")
+
