@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     fsdp: bool = False
     worker_concurrency: int = 1  # jobs one worker runs at once
     python_executable: str | None = None  # interpreter for `-m accelerate.commands.launch`; default: this one
+    trainer_module: str = "halos_core.train"  # `accelerate launch -m <this> --config run.json` (tests: a fake trainer)
+    main_process_port: int | None = None  # multi-process rendezvous port; default: a free port per job
 
     # leases and recovery
     lease_ttl_s: float = 60.0

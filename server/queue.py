@@ -1,0 +1,119 @@
+"""Publishing job ids to Celery (the broker only wakes workers; the database holds the state).
+
+`publish(job_id)` is called AFTER the transaction that created/queued the job has committed. It
+sends the task by name (`halos.run_job`), so the server never imports the worker. A broker
+error is logged and swallowed: the job stays `queued` with `published_at` unset and the sweeper
+publishes it again (RELIABILITY.md Q4).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterable, Optional
+
+from celery import Celery
+
+from server.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "halos.run_job"
+QUEUE_NAME = "halos"
+
+_apps: dict[str, Celery] = {}
+_lock = threading.Lock()
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Transport options for the configured broker (shared by the producer and the worker)."""
+    url = settings.broker
+    if url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return {
+            "visibility_timeout": settings.redis_visibility_timeout_s,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "retry_on_timeout": True,
+        }
+    if url.startswith(("sqla+sqlite", "sqlalchemy+sqlite")):
+        # kombu hands these to sqlalchemy.create_engine: wait on the SQLite write lock instead of
+        # failing with "database is locked" when the API and the worker publish/poll at once.
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Configuration common to the producer (server) and the consumer (worker)."""
+    return {
+        "broker_url": settings.broker,
+        "broker_transport_options": broker_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": QUEUE_NAME,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_routes": {TASK_NAME: {"queue": QUEUE_NAME}},
+    }
+
+
+def producer_app(settings: Optional[Settings] = None) -> Celery:
+    settings = settings or get_settings()
+    key = settings.broker
+    with _lock:
+        app = _apps.get(key)
+        if app is None:
+            if settings.broker.startswith("sqla+sqlite"):
+                settings.data_dir.mkdir(parents=True, exist_ok=True)
+            app = Celery("halos-producer", set_as_current=False)
+            app.conf.update(celery_config(settings))
+            _apps[key] = app
+        return app
+
+
+def send(job_id: str, settings: Optional[Settings] = None) -> None:
+    """Send the task; raises on a broker error."""
+    producer_app(settings).send_task(
+        TASK_NAME,
+        args=[job_id],
+        queue=QUEUE_NAME,
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
+    )
+
+
+def publish(job_id: str, settings: Optional[Settings] = None) -> bool:
+    """Publish one job id; record `published_at`. False (logged) on a broker error."""
+    return publish_many([job_id], settings) == 1
+
+
+def publish_many(job_ids: Iterable[str], settings: Optional[Settings] = None) -> int:
+    from server import jobs
+    from server.db import session_scope
+
+    settings = settings or get_settings()
+    sent: list[str] = []
+    for job_id in job_ids:
+        try:
+            send(job_id, settings)
+            sent.append(job_id)
+        except Exception as exc:  # noqa: BLE001 - the sweeper republishes
+            log.warning("publishing job %s failed (the sweeper will retry): %s", job_id, exc)
+    if sent:
+        try:
+            with session_scope(settings) as session:
+                jobs.mark_published(session, sent)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("recording published_at for %s failed: %s", sent, exc)
+    return len(sent)
+
+
+def reset() -> None:
+    """Close the cached producer connections (tests, fork)."""
+    with _lock:
+        for app in _apps.values():
+            try:
+                app.close()
+            except Exception:  # noqa: BLE001
+                pass
+        _apps.clear()

@@ -1,0 +1,74 @@
+"""The sweeper: what makes I1 (accepted ⇒ terminal) hold when workers die and brokers forget.
+
+Every `sweep_interval_s`:
+1. `jobs.expire_leases`: running/cancelling jobs whose lease expired become crashed → a new
+   queued attempt after backoff, or failed after `max_attempts` crashes; waiting children of
+   jobs that already finished are promoted or failed.
+2. re-publish `jobs.claimable_unheld`: queued jobs past their backoff that were never published
+   (a crash between commit and publish) or not claimed `republish_after_s` after their last
+   publish (a broker that lost the message). Duplicate messages are harmless: the claim is a
+   conditional UPDATE.
+
+Several sweepers (one per `halos worker`, one in `halos serve`) may run at once: every step is
+a conditional update, so they only duplicate messages, never transitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Optional
+
+from sqlmodel import Session
+
+from server import jobs, queue
+from server.db import get_engine
+from server.models import utcnow
+from server.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    expired: list[str] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)
+
+
+def sweep_once(session: Session, settings: Optional[Settings] = None, now: Optional[datetime] = None,
+               *, publish: bool = True) -> SweepReport:
+    settings = settings or get_settings()
+    now = now or utcnow()
+    report = SweepReport()
+    report.expired = jobs.expire_leases(session, now, retry_backoff_s=settings.retry_backoff_s)
+    if report.expired:
+        log.warning("sweeper: lease expired / resolved: %s", report.expired)
+    candidates = jobs.claimable_unheld(session, now, older_than=settings.republish_after_s)
+    if candidates and publish:
+        sent = queue.publish_many(candidates, settings)
+        report.republished = candidates
+        log.info("sweeper: published %d/%d queued job(s)", sent, len(candidates))
+    return report
+
+
+def run_forever(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None) -> None:
+    settings = settings or get_settings()
+    stop_event = stop_event or threading.Event()
+    engine = get_engine(settings)
+    while not stop_event.is_set():
+        try:
+            with Session(engine, expire_on_commit=False) as session:
+                sweep_once(session, settings)
+        except Exception:  # noqa: BLE001 - a DB/broker outage must not kill the loop
+            log.exception("sweeper pass failed")
+        stop_event.wait(settings.sweep_interval_s)
+
+
+def start_thread(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None
+                 ) -> tuple[threading.Thread, threading.Event]:
+    stop_event = stop_event or threading.Event()
+    thread = threading.Thread(target=run_forever, args=(settings, stop_event), name="halos-sweeper", daemon=True)
+    thread.start()
+    return thread, stop_event

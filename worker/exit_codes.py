@@ -1,0 +1,126 @@
+"""How the training subprocess's exit turns into a job outcome (DESIGN.md §4).
+
+| exit                                              | outcome                                   |
+|---------------------------------------------------|-------------------------------------------|
+| we killed it for a cancel request                 | cancelled                                 |
+| 0 and result.json `status: ok` and final/ verifies | succeeded (result = result.json)          |
+| 0 without a usable result.json / final/           | crashed (retried from the last checkpoint)|
+| killed by a signal (negative returncode), or a    | crashed                                   |
+|   rank killed by a signal as reported by the      |                                           |
+|   launcher ("died with <Signals.SIGKILL: 9>",     |                                           |
+|   torchrun "exitcode: -9")                        |                                           |
+| > 0 otherwise                                     | failed, error = the traceback tail        |
+
+`accelerate launch` itself exits 1 when a rank dies from a signal (it raises CalledProcessError),
+so signal deaths of ranks are recognised from the launcher's report in stdout.log.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+from typing import Optional
+
+from halos_core.run_dir import CheckpointError, RunDir, read_manifest
+from server.jobs import Outcome
+
+TAIL_BYTES = 64 * 1024
+ERROR_TAIL_CHARS = 4000
+
+_SIGNAL_PATTERNS = [
+    re.compile(r"died with <Signals\.(SIG[A-Z0-9]+): (\d+)>"),
+    re.compile(r"returned non-zero exit status -(\d+)"),
+    re.compile(r"exitcode\s*:\s*-(\d+)"),
+    re.compile(r"Signal (\d+) \((SIG[A-Z0-9]+)\) received by PID"),
+]
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|AssertionError|KeyboardInterrupt)\b(:.*)?$")
+
+
+def signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def read_tail(path: Path, limit: int = TAIL_BYTES, start: int = 0) -> str:
+    """The last `limit` bytes of `path` written at or after byte `start` (this attempt's output)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(start, size - limit, 0))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def rank_signal(log_tail: str) -> Optional[str]:
+    """The signal that killed a rank, as reported by accelerate/torchrun, if any."""
+    for pattern in _SIGNAL_PATTERNS:
+        for match in pattern.finditer(log_tail):
+            groups = match.groups()
+            names = [g for g in groups if g and g.startswith("SIG")]
+            if names:
+                return names[0]
+            nums = [g for g in groups if g and g.isdigit()]
+            if nums:
+                return signal_name(int(nums[0]))
+    return None
+
+
+def error_summary(log_tail: str) -> str:
+    """The trainer's last exception line followed by the tail of the log."""
+    lines = log_tail.splitlines()
+    headline = None
+    for line in reversed(lines):
+        stripped = line.strip()
+        match = _EXC_LINE.match(stripped)
+        if match and "CalledProcessError" not in stripped and "ChildFailedError" not in stripped:
+            headline = stripped
+            break
+    tail = log_tail[-ERROR_TAIL_CHARS:]
+    return f"{headline}\n--- stdout.log tail ---\n{tail}" if headline else f"--- stdout.log tail ---\n{tail}"
+
+
+def verify_result(run_dir: RunDir) -> tuple[Optional[dict], Optional[str]]:
+    """(result, None) when result.json says ok and its final checkpoint verifies; else (None, why)."""
+    try:
+        result = run_dir.read_result()
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable result.json: {exc}"
+    if result is None:
+        return None, "exited 0 without writing result.json"
+    if result.get("status") != "ok":
+        return None, f"result.json status is {result.get('status')!r}"
+    final_dir = result.get("final_dir") or str(run_dir.final)
+    try:
+        manifest = read_manifest(final_dir, verify=True)
+    except CheckpointError as exc:
+        return None, f"final checkpoint does not verify: {exc}"
+    expected = result.get("manifest_sha256")
+    if expected and expected != manifest.sha256:
+        return None, f"final checkpoint manifest sha256 {manifest.sha256[:12]}… != result.json {str(expected)[:12]}…"
+    result = {**result, "final_dir": str(Path(final_dir).resolve()), "manifest_sha256": manifest.sha256}
+    result.setdefault("step", manifest.step)
+    result.setdefault("examples", manifest.examples)
+    return result, None
+
+
+def classify(returncode: int, run_dir: RunDir, *, cancelled: bool = False, log_offset: int = 0) -> Outcome:
+    if cancelled:
+        return Outcome("cancelled", error="cancelled by request")
+    if returncode == 0:
+        result, why = verify_result(run_dir)
+        if result is not None:
+            return Outcome("succeeded", result=result)
+        return Outcome("crashed", error=why)
+    if returncode < 0:
+        return Outcome("crashed", error=f"training process killed by {signal_name(-returncode)}")
+    tail = read_tail(run_dir.stdout_log, start=log_offset)
+    sig = rank_signal(tail)
+    if sig is not None:
+        hint = " (out of memory?)" if sig == "SIGKILL" else ""
+        return Outcome("crashed", error=f"a training process was killed by {sig}{hint}")
+    return Outcome("failed", error=f"training exited with code {returncode}: {error_summary(tail)}")

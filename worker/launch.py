@@ -1,0 +1,85 @@
+"""The `accelerate launch` command line and its config file, from the worker's settings.
+
+    python -m accelerate.commands.launch --config_file accelerate.yaml \
+        -m <settings.trainer_module> --config run.json
+
+The worker never imports accelerate (or torch): it only writes the YAML accelerate reads.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from halos_core.run_dir import RunDir
+from server.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = None) -> dict[str, Any]:
+    n = max(1, int(settings.num_processes))
+    if settings.fsdp and not settings.use_cpu:
+        distributed_type = "FSDP"
+    elif n > 1:
+        distributed_type = "MULTI_CPU" if settings.use_cpu else "MULTI_GPU"
+    else:
+        distributed_type = "NO"
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": distributed_type,
+        "num_processes": n,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "mixed_precision": settings.mixed_precision,
+        "use_cpu": bool(settings.use_cpu),
+        "debug": False,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
+        "enable_cpu_affinity": False,
+        "downcast_bf16": "no",
+    }
+    if not settings.use_cpu:
+        config["gpu_ids"] = "all"
+    if n > 1:
+        config["main_process_ip"] = "127.0.0.1"
+        config["main_process_port"] = main_process_port or settings.main_process_port or free_port()
+    if distributed_type == "FSDP":
+        config["fsdp_config"] = {
+            "fsdp_version": 1,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_sharding_strategy": "FULL_SHARD",
+            # sharded optimizer state is saved/restored by every rank (not rank 0's shard only)
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_offload_params": False,
+            "fsdp_sync_module_states": True,
+            "fsdp_use_orig_params": True,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_forward_prefetch": False,
+        }
+    return config
+
+
+def write_accelerate_config(run_dir: RunDir, settings: Settings) -> Path:
+    path = run_dir.accelerate_yaml
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(yaml.safe_dump(accelerate_config(settings), sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def command(settings: Settings, run_dir: RunDir) -> list[str]:
+    python = settings.python_executable or sys.executable
+    args = [python, "-m", "accelerate.commands.launch", "--config_file", str(run_dir.accelerate_yaml)]
+    args += ["-m", settings.trainer_module, "--config", str(run_dir.run_json)]
+    return args

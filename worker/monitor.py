@@ -1,0 +1,280 @@
+"""Supervising one training process group: heartbeats, metrics, cancel, self-fencing, shutdown.
+
+Every `heartbeat_interval_s` the monitor renews the job's lease (`jobs.heartbeat`) and streams new
+`metrics.jsonl` lines into the database (`jobs.record_progress`):
+
+- `OK`: keep going.
+- `CANCEL`: SIGTERM the process group, wait `kill_grace_s` (renewing the lease), SIGKILL; the
+  outcome is `cancelled`.
+- `LOST` (another attempt owns the job now), or no successful heartbeat for 3/4 of the lease TTL
+  (database unreachable): self-fence — SIGKILL the group at once and report nothing.
+- warm shutdown of the worker (`shutdown` event): stop the group (SIGTERM, grace, SIGKILL) and
+  `jobs.release` the job: it goes back to `queued` without consuming a retry and the next worker
+  resumes from the last complete checkpoint.
+
+When the launcher exits by itself, any process left in its group is stopped too, then the exit is
+mapped to an outcome by `worker.exit_codes.classify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from halos_core.run_dir import RunDir
+from server import jobs
+from server.db import session_scope
+from server.jobs import Claim, Heartbeat, Outcome
+from server.settings import Settings
+from worker import exit_codes
+from worker.watchdog import group_alive, kill_group, pid_alive, proc_stat
+
+log = logging.getLogger(__name__)
+
+MAX_RECORDS_PER_CALL = 1000
+
+# Environment markers put on every training process (used to find orphans of dead runners)
+ENV_JOB = "HALOS_SUPERVISED_JOB_ID"
+ENV_ATTEMPT = "HALOS_SUPERVISED_ATTEMPT"
+ENV_DB = "HALOS_SUPERVISED_DB"
+ENV_RUNNER = "HALOS_SUPERVISED_RUNNER"  # "<pid>:<starttime>"
+
+
+@dataclass
+class RunReport:
+    """What the runner did. `outcome` is None when there is nothing to `finish` (lost / released)."""
+
+    action: str  # finish | lost | released
+    outcome: Optional[Outcome] = None
+    detail: str = ""
+    group_gone: bool = True
+
+
+def db_identity(settings: Settings) -> str:
+    return hashlib.sha256(settings.db_url.encode()).hexdigest()[:16]
+
+
+def runner_identity() -> str:
+    st = proc_stat(os.getpid())
+    return f"{os.getpid()}:{st[3] if st else 0}"
+
+
+def supervised_env(claim: Claim, settings: Settings) -> dict[str, str]:
+    return {
+        ENV_JOB: claim.job_id,
+        ENV_ATTEMPT: str(claim.attempt),
+        ENV_DB: db_identity(settings),
+        ENV_RUNNER: runner_identity(),
+    }
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        if b"=" in item:
+            k, _, v = item.partition(b"=")
+            if k.startswith(b"HALOS_SUPERVISED_"):
+                env[k.decode(errors="replace")] = v.decode(errors="replace")
+    return env
+
+
+def find_orphans(settings: Settings, job_id: Optional[str] = None) -> dict[int, str]:
+    """Process groups of training runs of THIS database whose runner process is dead: {pgid: job_id}."""
+    if not os.path.isdir("/proc"):
+        return {}
+    me = db_identity(settings)
+    orphans: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        env = _environ(pid)
+        if env.get(ENV_DB) != me or (job_id is not None and env.get(ENV_JOB) != job_id):
+            continue
+        try:
+            rpid, rstart = (int(x) for x in env.get(ENV_RUNNER, "0:0").split(":"))
+        except ValueError:
+            continue
+        if rpid and pid_alive(rpid, rstart):
+            continue
+        st = proc_stat(pid)
+        if st is None or st[0] in ("Z", "X"):
+            continue
+        orphans[st[2]] = env.get(ENV_JOB, "?")
+    return orphans
+
+
+def reap_orphans(settings: Settings, job_id: Optional[str] = None, grace_s: Optional[float] = None) -> list[int]:
+    """Stop training process groups left behind by dead runners on this host (I6 backstop)."""
+    killed = []
+    for pgid, orphan_job in find_orphans(settings, job_id).items():
+        log.warning("stopping orphaned training process group %d of job %s", pgid, orphan_job)
+        kill_group(pgid, settings.kill_grace_s if grace_s is None else grace_s)
+        killed.append(pgid)
+    return killed
+
+
+class MetricsTail:
+    """Tolerant tail of metrics.jsonl: complete lines only; a malformed line is skipped, not fatal."""
+
+    def __init__(self, run_dir: RunDir, offset: int = 0):
+        self.run_dir = run_dir
+        self.offset = offset
+
+    def read(self) -> list[dict[str, Any]]:
+        path = self.run_dir.metrics_jsonl
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        records = []
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                log.warning("skipping malformed metrics line in %s: %r", path, line[:200])
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+        self.offset += end
+        return records
+
+
+class Supervisor:
+    def __init__(self, claim: Claim, settings: Settings, run_dir: RunDir, proc: subprocess.Popen,
+                 shutdown: threading.Event, metrics_offset: int = 0, log_offset: int = 0):
+        self.claim = claim
+        self.settings = settings
+        self.run_dir = run_dir
+        self.proc = proc
+        self.pgid = proc.pid  # start_new_session=True: the launcher leads its own group
+        self.shutdown = shutdown
+        self.metrics = MetricsTail(run_dir, metrics_offset)
+        self.log_offset = log_offset
+        self.last_ok = time.monotonic()
+
+    # ---- database calls (each in its own short transaction)
+    def _beat(self) -> Optional[Heartbeat]:
+        started = time.monotonic()
+        try:
+            with session_scope(self.settings) as session:
+                state = jobs.heartbeat(session, self.claim.job_id, self.claim.lease_token, self.settings.lease_ttl_s)
+        except Exception as exc:  # noqa: BLE001 - the DB may be briefly unreachable
+            log.warning("heartbeat of %s failed: %s", self.claim.job_id, exc)
+            return None
+        if state != Heartbeat.LOST:
+            self.last_ok = started
+        return state
+
+    def _ingest(self) -> None:
+        records = self.metrics.read()
+        for i in range(0, len(records), MAX_RECORDS_PER_CALL):
+            try:
+                with session_scope(self.settings) as session:
+                    jobs.record_progress(session, self.claim.job_id, self.claim.lease_token,
+                                         records[i:i + MAX_RECORDS_PER_CALL])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("recording metrics of %s failed: %s", self.claim.job_id, exc)
+
+    def _reap_child(self) -> None:
+        self.proc.poll()
+
+    def _stop_group(self, grace: float) -> bool:
+        gone = kill_group(self.pgid, grace, tick=self._beat, tick_every=self.settings.heartbeat_interval_s,
+                          reap=self._reap_child)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if not gone:
+            log.error("process group %d of job %s survived SIGKILL", self.pgid, self.claim.job_id)
+        return gone
+
+    # ---- the loop
+    def run(self) -> RunReport:
+        interval = self.settings.heartbeat_interval_s
+        fence_after = self.settings.lease_ttl_s * 0.75
+        poll = max(0.05, min(0.2, interval / 2))
+        next_beat = time.monotonic() + interval
+        while True:
+            try:
+                rc = self.proc.wait(timeout=poll)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if self.shutdown.is_set():
+                return self._on_shutdown()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + interval
+                state = self._beat()
+                if state == Heartbeat.LOST:
+                    return self._fence("lease lost: another attempt owns the job")
+                if state is None and time.monotonic() - self.last_ok > fence_after:
+                    return self._fence(f"no successful heartbeat for {time.monotonic() - self.last_ok:.1f}s")
+                if state == Heartbeat.CANCEL:
+                    return self._on_cancel()
+                self._ingest()
+        # the launcher exited by itself: nothing of its group may outlive it
+        gone = True
+        if group_alive(self.pgid):
+            log.warning("job %s: processes left in group %d after the launcher exited; stopping them",
+                        self.claim.job_id, self.pgid)
+            gone = self._stop_group(min(self.settings.kill_grace_s, 5.0))
+        self._ingest()
+        outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset)
+        return RunReport("finish", outcome, group_gone=gone)
+
+    def _fence(self, why: str) -> RunReport:
+        log.error("job %s attempt %d: self-fencing (%s): killing group %d", self.claim.job_id,
+                  self.claim.attempt, why, self.pgid)
+        gone = kill_group(self.pgid, 0, reap=self._reap_child)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        return RunReport("lost", None, detail=why, group_gone=gone)
+
+    def _on_cancel(self) -> RunReport:
+        rc = self.proc.poll()
+        if rc is not None:  # it finished just as the cancel arrived: report what really happened
+            self._stop_group(0) if group_alive(self.pgid) else None
+            self._ingest()
+            return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset))
+        log.info("job %s: cancel requested; stopping group %d", self.claim.job_id, self.pgid)
+        gone = self._stop_group(self.settings.kill_grace_s)
+        self._ingest()
+        return RunReport("finish", Outcome("cancelled", error="cancelled by request"), group_gone=gone)
+
+    def _on_shutdown(self) -> RunReport:
+        log.warning("job %s: worker shutting down; stopping group %d and releasing the job",
+                    self.claim.job_id, self.pgid)
+        gone = self._stop_group(self.settings.kill_grace_s)
+        self._ingest()
+        if not gone:
+            # the group could not be stopped: do not hand the job to another worker (I2); the
+            # lease will expire and the sweeper decides
+            return RunReport("lost", None, detail="process group survived SIGKILL", group_gone=False)
+        try:
+            with session_scope(self.settings) as session:
+                ok = jobs.release(session, self.claim.job_id, self.claim.lease_token, "worker shutting down")
+        except Exception as exc:  # noqa: BLE001 - the lease expires and the sweeper retries it
+            log.warning("releasing %s failed: %s", self.claim.job_id, exc)
+            ok = False
+        return RunReport("released" if ok else "lost", None, detail="worker shutting down")

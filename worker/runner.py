@@ -1,0 +1,141 @@
+"""Run one claimed attempt of a job: prepare runs/<job_id>/, launch the trainer, supervise it.
+
+1. `runs/<job_id>/` (RunDir); stop leftovers of earlier attempts of this job on this host;
+   delete partial checkpoints (I4).
+2. A previous attempt that wrote a valid result.json + final/ but died before `finish` was
+   recorded is not trained again: its result is reported.
+3. Attempt > 1: `resume_from` = the latest COMPLETE checkpoint of this round (I3).
+4. `run.json` (RunConfig from the job spec + worker settings) and `accelerate.yaml`.
+5. `python -m accelerate.commands.launch --config_file accelerate.yaml -m <trainer> --config run.json`
+   in its own session (process group), output appended to stdout.log, plus a watchdog that
+   stops the group if this process dies.
+6. `worker.monitor.Supervisor` until it exits / is cancelled / loses its lease / we shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from halos_core.config import RunConfig
+from halos_core.run_dir import RunDir
+from server import jobs
+from server.db import session_scope
+from server.jobs import Claim, Outcome
+from server.models import utcnow
+from server.settings import Settings
+from worker import exit_codes, launch
+from worker.monitor import RunReport, Supervisor, reap_orphans, supervised_env
+
+log = logging.getLogger(__name__)
+
+# Set by the worker's shutdown hook (worker/app.py); runners notice it within a poll interval.
+SHUTDOWN = threading.Event()
+
+_SPEC_KEYS = ("reference_path", "reference_sha256", "init_from", "feedback", "loss", "conversion",
+              "hyperparams", "lora", "counters")
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def build_config(claim: Claim, settings: Settings, run_dir: RunDir, resume_from: Optional[str]) -> RunConfig:
+    spec = claim.spec or {}
+    data: dict[str, Any] = {k: spec[k] for k in _SPEC_KEYS if spec.get(k) is not None}
+    data.update(
+        job_id=claim.job_id,
+        run_dir=str(run_dir.path.resolve()),
+        resume_from=resume_from,
+        mixed_precision=settings.mixed_precision,
+        reference_cache_dir=str(settings.reference_cache_dir.resolve()),
+    )
+    return RunConfig.model_validate(data)
+
+
+def _finish_now(outcome: Outcome) -> RunReport:
+    return RunReport("finish", outcome)
+
+
+def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event] = None) -> RunReport:
+    shutdown = shutdown or SHUTDOWN
+    run_dir = RunDir(claim.run_dir or (settings.runs_dir / claim.job_id)).create()
+
+    # earlier attempts of this job on this host must be gone before this one starts (I2, I6)
+    reap_orphans(settings, job_id=claim.job_id)
+    removed = run_dir.clean_partial_checkpoints()
+    if removed:
+        log.warning("job %s: removed partial checkpoints %s", claim.job_id, [p.name for p in removed])
+
+    if run_dir.result_json.exists():
+        result, why = exit_codes.verify_result(run_dir)
+        if result is not None and claim.attempt > 1:
+            log.warning("job %s: attempt %d found the previous attempt's complete result", claim.job_id, claim.attempt)
+            return _finish_now(Outcome("succeeded", result=result))
+        run_dir.result_json.unlink(missing_ok=True)
+
+    resume = run_dir.latest_checkpoint() if claim.attempt > 1 else None
+    try:
+        config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
+    except (ValidationError, ValueError, TypeError) as exc:
+        return _finish_now(Outcome("failed", error=f"invalid job spec: {exc}"))
+    run_dir.write_config(config)
+    launch.write_accelerate_config(run_dir, settings)
+    cmd = launch.command(settings, run_dir)
+
+    env = {**os.environ, **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
+    metrics_offset = run_dir.metrics_jsonl.stat().st_size if run_dir.metrics_jsonl.exists() else 0
+    with open(run_dir.stdout_log, "ab") as out:
+        out.write(
+            f"\n===== halos: job {claim.job_id} attempt {claim.attempt} on {hostname()} at {utcnow().isoformat()}"
+            f"{f' resuming from step {resume.step}' if resume else ''} =====\n".encode()
+        )
+        out.flush()
+        log_offset = out.tell()
+        proc = subprocess.Popen(cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    watchdog = _start_watchdog(proc.pid, settings)
+    log.info("job %s attempt %d: started %s (pgid %d)%s", claim.job_id, claim.attempt, " ".join(cmd), proc.pid,
+             f", resuming from step {resume.step}" if resume else "")
+    try:
+        try:
+            with session_scope(settings) as session:
+                jobs.mark_attempt_started(session, claim.job_id, claim.lease_token,
+                                          resumed_from_step=resume.step if resume else None)
+        except Exception as exc:  # noqa: BLE001 - informational only
+            log.warning("recording the resume point of %s failed: %s", claim.job_id, exc)
+        return Supervisor(claim, settings, run_dir, proc, shutdown, metrics_offset, log_offset).run()
+    except BaseException:
+        # a bug or an interrupt in the supervisor must not leave the training running
+        from worker.watchdog import kill_group
+
+        kill_group(proc.pid, 0, reap=proc.poll)
+        raise
+    finally:
+        if watchdog is not None and watchdog.poll() is None:
+            watchdog.terminate()
+            try:
+                watchdog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+
+
+def _start_watchdog(pgid: int, settings: Settings) -> Optional[subprocess.Popen]:
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.watchdog", str(os.getpid()), str(pgid), str(settings.kill_grace_s)],
+            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+    except OSError as exc:
+        log.warning("could not start the watchdog for group %d: %s", pgid, exc)
+        return None

@@ -1,0 +1,48 @@
+"""The only task: `halos.run_job(job_id)` — claim, run, finish, publish promoted children.
+
+It is thin on purpose: the claim is one conditional UPDATE (a duplicate delivery — a Redis
+redelivery after `visibility_timeout`, a sweeper republish — finds the job not `queued` and
+returns at once), and all state lives in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from server import jobs, queue
+from server.db import session_scope
+from server.settings import get_settings
+from worker.app import app
+from worker import runner
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=queue.TASK_NAME, ignore_result=True, acks_late=True)
+def run_job(job_id: str) -> str:
+    settings = get_settings()
+    if runner.SHUTDOWN.is_set():
+        return "shutting-down"  # the job stays queued; the sweeper republishes it
+    with session_scope(settings) as session:
+        claim = jobs.claim(session, job_id, runner.hostname(), os.getpid(), settings.lease_ttl_s,
+                           run_dir=str((settings.runs_dir / job_id).resolve()))
+    if claim is None:
+        log.info("job %s not claimable (duplicate delivery, running elsewhere, finished or in backoff)", job_id)
+        return "not-claimed"
+    log.info("job %s: attempt %d claimed", job_id, claim.attempt)
+    report = runner.run_job(claim, settings)
+    if report.action == "finish" and report.outcome is not None:
+        with session_scope(settings) as session:
+            job = jobs.finish(session, job_id, claim.lease_token, report.outcome,
+                              retry_backoff_s=settings.retry_backoff_s)
+            children = jobs.unpublished_children(session, job_id)
+        log.info("job %s attempt %d: %s -> %s", job_id, claim.attempt, report.outcome.status, job.status.value)
+        if children:
+            queue.publish_many(children, settings)
+        return job.status.value
+    if report.action == "released":
+        # another worker may take it now (this one is shutting down and will not)
+        queue.publish(job_id, settings)
+    log.warning("job %s attempt %d: %s (%s)", job_id, claim.attempt, report.action, report.detail)
+    return report.action

@@ -1,0 +1,148 @@
+"""Process-group helpers and the per-job watchdog (standard library only: it starts in ~50 ms).
+
+The runner starts the training launcher in its own session (pgid = the launcher's pid). If the
+runner dies without cleaning up (SIGKILL, OOM killer), nobody would stop that group, so the runner
+also starts this watchdog, in a session of its own:
+
+    python -m worker.watchdog RUNNER_PID PGID GRACE_S
+
+It polls every 0.2 s; when its parent (the runner) is gone it sends SIGTERM to the group, waits
+GRACE_S, sends SIGKILL, and exits when no member of the group is left (RELIABILITY.md I6). It
+exits quietly when the group is gone or when the runner stops it with SIGTERM.
+
+Group membership is read from /proc (zombies do not count: an orphan's zombie is reaped by
+init, and `kill(pid, 0)` would report it alive until then).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+
+def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
+    """(state, ppid, pgrp, starttime) of a process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("ascii", errors="replace")
+    except OSError:
+        return None
+    rest = raw[raw.rfind(")") + 2:].split()
+    try:
+        return rest[0], int(rest[1]), int(rest[2]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _have_proc() -> bool:
+    return os.path.isdir("/proc/self")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`."""
+    if not _have_proc():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            return [pgid]
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = proc_stat(int(name))
+        if st is not None and st[2] == pgid and st[0] not in ("Z", "X"):
+            members.append(int(name))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return bool(group_members(pgid))
+
+
+def pid_alive(pid: int, starttime: Optional[int] = None) -> bool:
+    st = proc_stat(pid) if _have_proc() else None
+    if st is None:
+        if _have_proc():
+            return False
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    if st[0] in ("Z", "X"):
+        return False
+    return starttime is None or st[3] == starttime
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_group(pgid: int, grace_s: float, *, tick: Optional[Callable[[], None]] = None,
+               tick_every: float = 1.0, poll: float = 0.05, reap: Optional[Callable[[], None]] = None) -> bool:
+    """SIGTERM the group, wait up to `grace_s`, SIGKILL what is left; True when nothing is left.
+
+    `tick` is called every `tick_every` seconds while waiting (the runner keeps its lease alive);
+    `reap` is called while polling (the runner waits on its direct child so it is not a zombie).
+    """
+    if grace_s > 0:
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        next_tick = time.monotonic() + tick_every
+        while time.monotonic() < deadline:
+            if reap:
+                reap()
+            if not group_alive(pgid):
+                return True
+            if tick and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + tick_every
+                try:
+                    tick()
+                except Exception:  # noqa: BLE001
+                    pass
+            time.sleep(poll)
+    _signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if reap:
+            reap()
+        if not group_alive(pgid):
+            return True
+        time.sleep(poll)
+    return not group_alive(pgid)
+
+
+def main(argv: list[str]) -> int:
+    runner_pid, pgid, grace = int(argv[0]), int(argv[1]), float(argv[2])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    n = 0
+    while True:
+        if os.getppid() != runner_pid:
+            kill_group(pgid, grace)
+            return 0
+        if n % 10 == 0 and not group_alive(pgid):
+            return 0
+        n += 1
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
