@@ -1,0 +1,151 @@
+"""The trainer: learning, round chaining (T2), resume equivalence (T1), data errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from halos_core.checkpoint import load_checkpoint
+from halos_core.data.examples import DataError
+from halos_core.run_dir import RunDir, read_manifest, tree_sha256
+from halos_core.synthetic import binary_records, pairwise_records, write_jsonl
+from halos_core.train import _release, run
+from halos_core.trainer import Stopped, Trainer
+
+from .conftest import make_config, read_jsonl
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def train_steps(run_dir: Path) -> list[dict]:
+    return [m for m in read_jsonl(RunDir(run_dir).metrics_jsonl) if m.get("split") != "eval"]
+
+
+def test_dpo_learns_the_rule(tmp_path, tiny_model_dir, tiny_sha):
+    fb = write_jsonl(pairwise_records(64, seed=2, test_fraction=0.25), tmp_path / "pairs.jsonl")
+    cfg = make_config(tmp_path / "run", tiny_model_dir, tiny_sha, fb, lr=2e-3, n_epochs=3)
+    res = run(cfg)
+    steps = train_steps(tmp_path / "run")
+    assert res.status == "ok" and res.round_steps == res.total_steps == len(steps) > 10
+    first = sum(m["loss"] for m in steps[:3]) / 3
+    last = sum(m["loss"] for m in steps[-3:]) / 3
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    assert last < first - 0.2
+    assert res.eval["rewards/accuracy"] > 0.8 and res.eval["rewards/margin"] > 0
+    for key in ("step", "round_step", "total_steps", "examples", "loss", "lr", "grad_norm", "tokens_per_s",
+                "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"):
+        assert key in steps[-1]
+    assert [m["step"] for m in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1]["examples"] == 8 * len(steps)
+    result = RunDir(tmp_path / "run").read_result()
+    assert result["manifest_sha256"] == read_manifest(result["final_dir"]).sha256
+    assert result["reference_sha256"] == tiny_sha
+
+
+def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+    common = dict(warmup_steps=4, lr=1e-3)
+    r1 = run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, pairwise_file, job_id="r1", **common))
+    lr1 = [m["lr"] for m in train_steps(tmp_path / "r1")]
+    assert r1.step == 6 and lr1 == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3, 4, 4, 4)])
+
+    cfg2 = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, pairwise_file, job_id="r2", init_from=str(r1.final_dir),
+                       counters={"step": r1.step, "examples": r1.examples}, **common)
+    trainer = Trainer.from_config(cfg2)
+    try:
+        saved = load_checkpoint(r1.final_dir).optimizer_state
+        now = trainer.optimizer.state_dict()
+        assert len(now["state"]) == len(saved["state"]) > 0
+        for idx, st in saved["state"].items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(now["state"][idx][key].cpu(), st[key]), (idx, key)
+        assert trainer.scheduler.last_epoch == r1.step
+        trainer.train()
+    finally:
+        _release(trainer)
+    steps2 = train_steps(tmp_path / "r2")
+    assert steps2[0]["step"] == r1.step + 1 and steps2[0]["round_step"] == 1
+    assert steps2[0]["lr"] == pytest.approx(1e-3)  # post-warmup lr: warmup not repeated
+    assert steps2[0]["examples"] == r1.examples + 8
+    result2 = RunDir(tmp_path / "r2").read_result()
+    assert result2["reference_sha256"] == tiny_sha == tree_sha256(tiny_model_dir)
+    # the round-2 policy moved away from round 1's; the reference (SFT) did not change
+    w1, w2, w0 = weights(r1.final_dir), weights(result2["final_dir"]), weights(tiny_model_dir)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    # round 2 starts from round 1's policy: its first loss is not the fresh-policy log 2
+    assert steps2[0]["loss"] < 0.69
+
+
+def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+    """T1: 2N steps straight vs N -> checkpoint -> stop -> resume: same losses, lr, step, weights."""
+    kw = dict(checkpoint_every=3, warmup_steps=5, lr=1e-3, n_epochs=1, batch_size=8, microbatch_size=4)
+    straight = run(make_config(tmp_path / "a", tiny_model_dir, tiny_sha, pairwise_file, job_id="a", **kw))
+    assert straight.total_steps == 6
+
+    cfg_b = make_config(tmp_path / "b", tiny_model_dir, tiny_sha, pairwise_file, job_id="b", **kw)
+    with pytest.raises(Stopped):
+        run(cfg_b, stop_after=4)  # killed after step 4; the last complete checkpoint is step 3
+    _release_all()
+    latest = RunDir(tmp_path / "b").latest_checkpoint()
+    assert latest.step == 3
+    resumed = run(cfg_b.model_copy(update={"resume_from": str(latest.path)}))
+
+    a, b = train_steps(tmp_path / "a"), train_steps(tmp_path / "b")
+    b_after = {m["step"]: m for m in b[4:]}  # the lines written after the resume (steps 4..6)
+    assert sorted(b_after) == [4, 5, 6]
+    for m in a[3:]:
+        other = b_after[m["step"]]
+        for key in ("loss", "lr", "grad_norm", "rewards/chosen", "rewards/rejected", "examples"):
+            assert other[key] == m[key], (m["step"], key)
+    assert resumed.step == straight.step == 6 and resumed.examples == straight.examples
+    wa, wb = weights(straight.final_dir), weights(resumed.final_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = load_checkpoint(straight.final_dir).optimizer_state, load_checkpoint(resumed.final_dir).optimizer_state
+    for idx in oa["state"]:
+        assert torch.equal(oa["state"][idx]["step"], ob["state"][idx]["step"])
+        assert torch.equal(oa["state"][idx]["exp_avg_sq"], ob["state"][idx]["exp_avg_sq"])
+
+
+def _release_all():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def test_kto_and_sft_run(tmp_path, tiny_model_dir, tiny_sha):
+    fb = write_jsonl(binary_records(32, seed=3), tmp_path / "bin.jsonl")
+    res = run(make_config(tmp_path / "kto", tiny_model_dir, tiny_sha, [(fb, "binary")], loss={"name": "kto"}))
+    steps = train_steps(tmp_path / "kto")
+    assert res.round_steps == 4 and "kl" in steps[-1] and "rewards/chosen" in steps[-1]
+    res = run(make_config(tmp_path / "sft", tiny_model_dir, tiny_sha, [(fb, "binary")], loss={"name": "sft"}))
+    steps = train_steps(tmp_path / "sft")
+    # sft: one target per prompt (HALOs: the desirable output, else the best-rewarded one) -> 32 -> 4 steps
+    assert res.round_steps == 4 and steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_two_files_with_the_same_prompt_ids_both_train(tmp_path, tiny_model_dir, tiny_sha):
+    f1 = write_jsonl(pairwise_records(8, seed=4), tmp_path / "one.jsonl")
+    f2 = write_jsonl(pairwise_records(8, seed=5), tmp_path / "two.jsonl")  # same ids p0..p7
+    res = run(make_config(tmp_path / "run", tiny_model_dir, tiny_sha, [(f1, "pairwise"), (f2, "pairwise")]))
+    assert res.total_steps == 2 and res.examples == 16
+
+
+def test_empty_or_too_small_data_fails_fast(tmp_path, tiny_model_dir, tiny_sha):
+    only_test = write_jsonl(pairwise_records(8, seed=6, test_fraction=1.0), tmp_path / "test.jsonl")
+    with pytest.raises(DataError, match="no training examples"):
+        run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, only_test))
+    _release_all()
+    few = write_jsonl(pairwise_records(3, seed=6), tmp_path / "few.jsonl")
+    with pytest.raises(DataError, match="fewer than batch_size"):
+        run(make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, few))
+    _release_all()
+    with pytest.raises(ValueError, match="SFT checkpoint changed"):
+        run(make_config(tmp_path / "r3", tiny_model_dir, "0" * 64, few))
+    _release_all()
+    assert not RunDir(tmp_path / "r1").result_json.exists()
