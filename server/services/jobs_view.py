@@ -136,8 +136,8 @@ def cancel(session: Session, principal: Principal, job_id: str) -> Job:
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job.id} already {job.status.value}; nothing to cancel", code="job_finished",
                        details={"status": job.status.value})
-    try:
-        return _request_cancel(session, job.id)
-    except ValueError as exc:  # finished between our read and its update
-        session.rollback()
-        raise Conflict(str(exc)[:500], code="job_finished") from exc
+    job = _request_cancel(session, job.id)
+    if job.status in TERMINAL_STATUSES and job.status != JobStatus.cancelled:  # finished meanwhile
+        raise Conflict(f"job {job.id} already {job.status.value}; nothing to cancel", code="job_finished",
+                       details={"status": job.status.value})
+    return job

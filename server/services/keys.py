@@ -50,7 +50,8 @@ def get_or_create_project(session: Session, name: str) -> Project:
 
 def create_api_key(session: Session, project_name: str) -> tuple[ApiKey, str]:
     """Create a key for `project_name` (the project is created if missing). Returns the row and
-    the secret; the secret is not stored anywhere and cannot be shown again. Commits."""
+    the secret; the secret is not stored anywhere and cannot be shown again. Commits.
+    Use a session with `expire_on_commit=False` (`server.db.session_scope`) to read the row after."""
     name = project_name.strip()
     if not name or len(name) > 200 or "\x00" in name:
         raise ValueError("project name must be 1-200 characters without NUL")
@@ -58,8 +59,7 @@ def create_api_key(session: Session, project_name: str) -> tuple[ApiKey, str]:
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(project_id=project.id, prefix=secret[:PREFIX_CHARS], key_hash=hash_key(secret))
     session.add(key)
-    session.commit()
-    session.refresh(key)
+    session.commit()  # no refresh: on SQLite it would reopen a BEGIN IMMEDIATE transaction and hold it
     return key, secret
 
 
@@ -82,7 +82,6 @@ def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey:
         key.revoked_at = utcnow()
         session.add(key)
         session.commit()
-        session.refresh(key)
     return key
 
 

@@ -58,16 +58,16 @@ _UNFINISHED = {JobStatus.waiting, JobStatus.queued, JobStatus.running, JobStatus
 # --------------------------------------------------------------------------- seams to jobs/queue
 
 
-def _submit(session: Session, job: Job) -> Job:
+def _submit(session: Session, job: Job, settings: Settings) -> Job:
     from server import jobs
 
-    return jobs.submit(session, job)
+    return jobs.submit(session, job, max_attempts=settings.max_attempts)
 
 
-def _publish(job_id: str) -> None:
+def _publish(job_id: str, settings: Settings) -> None:
     from server import queue
 
-    queue.publish(job_id)
+    queue.publish(job_id, settings)  # logs and swallows broker errors (the sweeper republishes)
 
 
 # --------------------------------------------------------------------------- views
@@ -354,13 +354,14 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
         if idempotency_key is not None:
             idempotency.remember(session, principal.project_id, ROUND_ENDPOINT, idempotency_key, req_hash, rnd.id, 201)
         try:
-            job = _submit(session, job)  # inserts the job and commits the round with it
+            job = _submit(session, job, settings)  # inserts the job and commits the round with it
         except IntegrityError:
             session.rollback()  # a concurrent round took this index, or the same key won: look again
             continue
+        session.commit()  # end the read transaction submit's refresh opened (SQLite: it holds the write lock)
         if job.status == JobStatus.queued:
             try:
-                _publish(job.id)
+                _publish(job.id, settings)
             except Exception:  # the sweeper republishes queued jobs nobody holds
                 log.exception("publishing job %s failed; the sweeper will retry", job.id)
         return rnd, job, False
