@@ -104,6 +104,14 @@ def _load(session: Session, job_id: str) -> Optional[Job]:
     ).one_or_none()
 
 
+def _reload_and_end(session: Session, job_id: str) -> Optional[Job]:
+    """Load the job, then end the transaction the read opened (on SQLite every transaction starts
+    with BEGIN IMMEDIATE and would hold the write lock until the caller's next commit)."""
+    job = _load(session, job_id)
+    session.commit()
+    return job
+
+
 def _round_of(session: Session, job_id: str) -> Optional[Round]:
     return session.exec(
         select(Round).where(Round.job_id == job_id).execution_options(populate_existing=True)
@@ -287,28 +295,36 @@ def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None) ->
     job.cancel_requested = False
     job.status = JobStatus.queued
     job.updated_at = now
-    session.add(job)
-    if job.parent_job_id:
-        parent = session.exec(
-            select(Job).where(Job.id == job.parent_job_id).with_for_update()
-            .execution_options(populate_existing=True)
-        ).one_or_none()
-        if parent is None:
-            raise JobNotFound(f"parent job {job.parent_job_id} does not exist")
-        if parent.status == JobStatus.succeeded:
-            session.flush()
+    parent: Optional[Job] = None
+    try:
+        # no autoflush: the caller's pending Round references this job, which must be inserted first
+        with session.no_autoflush:
+            if job.parent_job_id:
+                parent = session.exec(
+                    select(Job).where(Job.id == job.parent_job_id).with_for_update()
+                    .execution_options(populate_existing=True)
+                ).one_or_none()
+                if parent is None:
+                    raise JobNotFound(f"parent job {job.parent_job_id} does not exist")
+                if parent.status in (JobStatus.failed, JobStatus.cancelled):
+                    job.status = JobStatus.failed
+                    job.error = _trim(f"{_parent_label(session, parent)} failed: {parent.error or parent.status.value}")
+                    job.finished_at = now
+                elif parent.status != JobStatus.succeeded:
+                    job.status = JobStatus.waiting
+        if job.status == JobStatus.queued:
+            job.queued_at = now
+        session.add(job)
+        session.flush([job])
+        if parent is not None and parent.status == JobStatus.succeeded:
             _inherit(session, job, parent)
-        elif parent.status in (JobStatus.failed, JobStatus.cancelled):
-            job.status = JobStatus.failed
-            job.error = _trim(f"{_parent_label(session, parent)} failed: {parent.error or parent.status.value}")
-            job.finished_at = now
-        else:
-            job.status = JobStatus.waiting
-    if job.status == JobStatus.queued:
-        job.queued_at = now
-    session.add(job)
-    session.commit()
-    session.refresh(job)
+            session.add(job)
+        session.commit()
+        session.refresh(job)
+        session.commit()  # end the read transaction (SQLite: BEGIN IMMEDIATE holds the write lock)
+    except Exception:
+        session.rollback()
+        raise
     return job
 
 
@@ -338,14 +354,15 @@ def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_tt
             session.rollback()
             return None
         job = _load(session, job_id)
+        claimed = Claim(job_id=job.id, attempt=job.attempt, lease_token=token, run_dir=job.run_dir,
+                        spec=dict(job.spec or {}), project_id=job.project_id, kind=job.kind)
         session.add(Attempt(job_id=job_id, attempt=job.attempt, lease_token=token, host=host[:255], pid=pid,
                             started_at=now))
         session.commit()
     except Exception:
         session.rollback()
         raise
-    return Claim(job_id=job.id, attempt=job.attempt, lease_token=token, run_dir=job.run_dir,
-                 spec=dict(job.spec or {}), project_id=job.project_id, kind=job.kind)
+    return claimed
 
 
 def mark_attempt_started(session: Session, job_id: str, lease_token: str, *,
@@ -441,7 +458,7 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
             raise JobNotFound(job_id)
         if job.lease_token != lease_token or job.status not in LIVE_STATUSES:
             log.warning("finish(%s, %s) ignored: lease not held (status %s)", job_id, outcome.status, job.status)
-            session.rollback()
+            session.commit()
             return job
         attempt = job.attempt
         if outcome.status == "succeeded":
@@ -470,7 +487,7 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
     except Exception:
         session.rollback()
         raise
-    return _load(session, job_id)
+    return _reload_and_end(session, job_id)
 
 
 def release(session: Session, job_id: str, lease_token: str, reason: str, *, now: Optional[datetime] = None) -> bool:
@@ -520,7 +537,7 @@ def request_cancel(session: Session, job_id: str, *, now: Optional[datetime] = N
     except Exception:
         session.rollback()
         raise
-    return _load(session, job_id)
+    return _reload_and_end(session, job_id)
 
 
 def expire_leases(session: Session, now: Optional[datetime] = None, *,
@@ -616,7 +633,7 @@ def unpublished_children(session: Session, parent_job_id: str) -> list[str]:
 
 
 def get(session: Session, job_id: str) -> Job:
-    job = _load(session, job_id)
+    job = _reload_and_end(session, job_id)
     if job is None:
         raise JobNotFound(job_id)
     return job

@@ -1,0 +1,125 @@
+"""A stand-in for `python -m halos_core.train --config run.json`, for the queue tests.
+
+Launched through the real `accelerate launch` by the real runner (settings.trainer_module). It
+honours the run-directory contract (halos_core/run_dir.py): metrics.jsonl lines, complete
+checkpoints (files, then meta.json via write_manifest, under a temp name renamed into place),
+resume from `resume_from`, final/ and result.json last.
+
+What it does is read from the first feedback file, a JSON object:
+    {"fake": {"steps": 6, "sleep": 0.2, "checkpoint_every": 2,
+              "mode": "ok" | "fail" | "sigkill" | "exit0" | "grandchildren",
+              "at": 3}}
+- fail: raise ValueError at step `at` (exit code > 0 ⇒ failed)
+- sigkill: SIGKILL itself at step `at` (OOM-like ⇒ crashed)
+- exit0: exit 0 at step `at` without result.json (⇒ crashed)
+- grandchildren: spawn two grandchildren at start (one ignores SIGTERM), pids in grandchildren.json
+
+Every start appends to starts.jsonl: pid, attempt, resume step, and whether a process of an
+earlier start of this job was still alive (physical overlap of attempts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from halos_core.config import RunConfig
+from halos_core.run_dir import TMP_PREFIX, RunDir, read_manifest, write_manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _write_checkpoint(target: Path, step: int, examples: int, round_step: int) -> None:
+    tmp = target.with_name(TMP_PREFIX + target.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(os.urandom(2048))
+    (tmp / "optimizer.pt").write_bytes(json.dumps({"step": step}).encode())
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "round_step": round_step}))
+    write_manifest(tmp, step, examples, round_step=round_step)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    config = RunConfig.model_validate_json(Path(args.config).read_text())
+    rd = RunDir(config.run_dir)
+    directives = json.loads(Path(config.feedback[0].path).read_text()).get("fake", {})
+    steps = int(directives.get("steps", 6))
+    pause = float(directives.get("sleep", 0.2))
+    every = int(directives.get("checkpoint_every") or config.hyperparams.checkpoint_every or 2)
+    mode = directives.get("mode", "ok")
+    at = int(directives.get("at", 3))
+    per_step = config.hyperparams.batch_size
+
+    base_step, base_examples = config.counters.step, config.counters.examples
+    start = 0
+    if config.resume_from:
+        manifest = read_manifest(config.resume_from)
+        start = int(manifest.extra.get("round_step", manifest.step - base_step))
+
+    starts = rd.path / "starts.jsonl"
+    previous = []
+    if starts.exists():
+        previous = [json.loads(line) for line in starts.read_text().splitlines() if line.strip()]
+    overlap = [p["pid"] for p in previous if _alive(p["pid"])]
+    with open(starts, "a") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "attempt": os.environ.get("HALOS_SUPERVISED_ATTEMPT"),
+                             "resume_round_step": start, "resume_from": config.resume_from,
+                             "init_from": config.init_from, "overlap": overlap, "t": time.time()}) + "\n")
+
+    if mode == "grandchildren":
+        ignore = subprocess.Popen([sys.executable, "-c",
+                                   "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        (rd.path / "grandchildren.json").write_text(json.dumps([ignore.pid, plain.pid]))
+
+    for rs in range(start + 1, steps + 1):
+        time.sleep(pause)
+        if rs == at and mode == "fail":
+            raise ValueError(f"fake trainer failure at step {rs}")
+        if rs == at and mode == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rs == at and mode == "exit0":
+            return 0
+        step, examples = base_step + rs, base_examples + rs * per_step
+        rd.append_metrics({"step": step, "round_step": rs, "total_steps": base_step + steps, "examples": examples,
+                           "epoch": 0, "loss": 1.0 / rs, "lr": 1e-5, "grad_norm": 0.5})
+        if rs % every == 0 and rs < steps:
+            _write_checkpoint(rd.checkpoint_path(step), step, examples, rs)
+
+    step, examples = base_step + steps, base_examples + steps * per_step
+    final = rd.final
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(os.urandom(2048))
+    (tmp / "optimizer.pt").write_bytes(b"final")
+    write_manifest(tmp, step, examples, round_step=steps)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    manifest = read_manifest(final)
+    rd.write_result({"status": "ok", "final_dir": str(final.resolve()), "manifest_sha256": manifest.sha256,
+                     "step": step, "examples": examples, "round_steps": steps, "total_steps": step})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
