@@ -121,7 +121,7 @@ class Trainer:
     @classmethod
     def from_config(cls, config: RunConfig, *, accelerator: Any = None, keep_last: int = DEFAULT_KEEP_LAST) -> "Trainer":
         from accelerate import Accelerator, PartialState
-        from accelerate.utils import DistributedType, set_seed
+        from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from halos_core.losses import build_loss
@@ -132,8 +132,12 @@ class Trainer:
         if loss.name in UNSUPPORTED_LOSSES:
             raise NotImplementedError(f"loss '{loss.name}' {UNSUPPORTED_LOSSES[loss.name]}")
         if accelerator is None:
-            state = PartialState()
+            # CPU when asked by the launcher (ACCELERATE_USE_CPU) or when there is no GPU: accelerate
+            # only forms a multi-process CPU (gloo) group when told `cpu=True`.
+            cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+            state = PartialState(cpu=cpu)
             accelerator = Accelerator(
+                cpu=cpu,
                 gradient_accumulation_steps=hp.gradient_accumulation_steps(state.num_processes),
                 mixed_precision=config.mixed_precision,
                 step_scheduler_with_optimizer=False,
