@@ -149,3 +149,30 @@ def test_empty_or_too_small_data_fails_fast(tmp_path, tiny_model_dir, tiny_sha):
         run(make_config(tmp_path / "r3", tiny_model_dir, "0" * 64, few))
     _release_all()
     assert not RunDir(tmp_path / "r1").result_json.exists()
+
+
+@pytest.mark.parametrize("loss", [{"name": "ipo"}, {"name": "cdpo"}, {"name": "simpo"}, {"name": "slic"}])
+def test_other_paired_losses_share_the_path(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, loss):
+    res = run(make_config(tmp_path / "run", tiny_model_dir, tiny_sha, pairwise_file, loss=loss, n_epochs=1))
+    steps = train_steps(tmp_path / "run")
+    assert res.round_steps == 6 and all(m["loss"] == m["loss"] for m in steps)  # finite, not NaN
+    assert "rewards/accuracy" in steps[-1]
+
+
+def test_grpo_and_csft_run(tmp_path, tiny_model_dir, tiny_sha):
+    from halos_core.synthetic import scalar_records
+
+    scal = write_jsonl(scalar_records(8, outputs_per_prompt=4, seed=5), tmp_path / "scal.jsonl")
+    res = run(make_config(tmp_path / "grpo", tiny_model_dir, tiny_sha, [(scal, "scalar")], loss={"name": "grpo"}))
+    steps = train_steps(tmp_path / "grpo")
+    assert res.round_steps == 4 and "kl" in steps[-1] and "advantages" in steps[-1]
+    fb = write_jsonl(binary_records(16, seed=3), tmp_path / "bin.jsonl")
+    res = run(make_config(tmp_path / "csft", tiny_model_dir, tiny_sha, [(fb, "binary")], loss={"name": "csft"}))
+    assert res.round_steps == 2
+
+
+def test_kto_from_pairwise_with_conversion_and_eval(tmp_path, tiny_model_dir, tiny_sha):
+    fb = write_jsonl(pairwise_records(24, seed=8, test_fraction=0.3), tmp_path / "pairs.jsonl")
+    res = run(make_config(tmp_path / "run", tiny_model_dir, tiny_sha, fb, loss={"name": "kto"},
+                          conversion={"type": "pairwise_to_unpaired"}))
+    assert res.round_steps >= 2 and "kl" in res.eval and res.eval["n"] > 0
