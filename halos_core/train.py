@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _load_config(args.config)
         result = run(cfg)
-        print(
-            f"halos_core.train: ok step={result.step} examples={result.examples} "
-            f"round_steps={result.round_steps} final={result.final_dir}",
-            flush=True,
-        )
+        if result.result:  # rank 0
+            print(
+                f"halos_core.train: ok step={result.step} examples={result.examples} "
+                f"round_steps={result.round_steps} final={result.final_dir}",
+                flush=True,
+            )
         if result.result and not RunDir(cfg.run_dir).result_json.is_file():
             raise RuntimeError("result.json was not written")
         return 0

@@ -32,7 +32,6 @@ from halos_core.checkpoint import (
     DEFAULT_KEEP_LAST,
     LoadedCheckpoint,
     SaveRequest,
-    checkpoint_name,
     load_checkpoint,
     prune_checkpoints,
     restore_rng,
@@ -131,6 +130,14 @@ class Trainer:
         loss = build_loss(config.loss, hp)
         if loss.name in UNSUPPORTED_LOSSES:
             raise NotImplementedError(f"loss '{loss.name}' {UNSUPPORTED_LOSSES[loss.name]}")
+        if config.lora is not None:
+            raise NotImplementedError("LoRA rounds are not implemented in the trainer yet (refusing to train full weights instead)")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except Exception:  # noqa: BLE001 - cosmetic
+            pass
         if accelerator is None:
             # CPU when asked by the launcher (ACCELERATE_USE_CPU) or when there is no GPU: accelerate
             # only forms a multi-process CPU (gloo) group when told `cpu=True`.

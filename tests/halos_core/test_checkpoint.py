@@ -111,7 +111,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, trained):
     _save(target, *trained)
     marker = tmp_path / "pwned"
     with open(target / OPTIMIZER_FILE, "wb") as fh:
-        pickle.dump({"state": _Payload(marker)}, fh)
+        pickle.dump({"state": _Payload(marker)}, fh, protocol=2)
     # 1) the manifest no longer matches
     with pytest.raises(CheckpointError):
         load_checkpoint(target)
