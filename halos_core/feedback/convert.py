@@ -42,11 +42,14 @@ def pairwise_to_unpaired(records: Iterable[PairwiseRecord], frac_unique_desirabl
 
     `frac_unique_desirable` / `frac_unique_undesirable` (0 < frac <= 1) keep only
     ceil(frac x number of pairs) of the desirable / undesirable examples, to study an imbalanced
-    dataset while starting from paired data (the KTO paper's setting). This is HALOs' definition
-    (allowed = frac x number of pairs; its later versions count unique generations instead, which
-    makes any frac >= 0.5 a no-op on disjoint pairs). HALOs keeps the first ones in its iteration
-    order and documents "a random share is thrown away"; here the kept ones are a uniform random
-    subset drawn with `random.Random(seed)` (desirable subset first, then undesirable).
+    dataset while starting from paired data (the KTO paper's setting). HALOs caps each side at
+    `frac x N` examples, counting them in its loop (`seen < allowed`, i.e. ceil); N is the number
+    of pairs in the KTO-era dataloader, and the number of unique generations per prompt in the
+    current one (where any frac >= 0.5 keeps everything on disjoint pairs). We use the number of
+    pairs, so frac means "share of the pairs' desirable (undesirable) examples kept". HALOs keeps
+    the first ones in its iteration order while its config documents "a random share is thrown
+    away"; here the kept ones are a uniform random subset drawn with `random.Random(seed)`
+    (desirable subset first, then undesirable).
     Output order: pairs in input order, each giving its desirable example (if kept) and then its
     undesirable one (if kept).
     """

@@ -80,13 +80,17 @@ def detect(obj: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _short(value: Any, n: int = 40) -> str:
+    text = value if isinstance(value, str) else _type_name(value)
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def unknown_format_error(obj: dict[str, Any], index: int, line: int | None) -> RecordError:
     """The error for a record whose format cannot be recognised, with the most useful hint."""
     if "type" in obj:
-        t = obj["type"]
         return RecordError(
             index=index, line=line, field="type", code="unknown_format",
-            message=f"unknown record type {t!r}",
+            message=f"unknown record type {_short(obj['type'])}",
             hint="HALOs \"type\" must be binary_feedback, pairwise_feedback, scalar_feedback or sample")
     guess = None
     if "output_A" in obj or "output_B" in obj:
@@ -101,7 +105,7 @@ def unknown_format_error(obj: dict[str, Any], index: int, line: int | None) -> R
         hint = "chat transcripts are not feedback; " + FORMATS_HINT
     else:
         hint = FORMATS_HINT
-    keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
+    keys = ", ".join(_short(k, 30) for k in sorted(obj)[:8]) + (", ..." if len(obj) > 8 else "") or "none"
     return RecordError(index=index, line=line, field="", code="unknown_format",
                        message=f"record matches no feedback format (its keys: {keys})", hint=hint)
 
@@ -205,7 +209,7 @@ def _turns(ctx: _Ctx, value: Any, path: str, default_role: str) -> list[Turn] | 
                     "use a string role such as \"user\" or \"assistant\"")
             ok = False
         elif role not in ROLES:
-            ctx.err(tpath + ".role", "invalid_role", f"unknown role {role[:40]!r}",
+            ctx.err(tpath + ".role", "invalid_role", f"unknown role {_short(role)}",
                     "roles: " + ", ".join(sorted(ROLES)))
             ok = False
         if "content" not in turn:
@@ -292,7 +296,7 @@ def _halos(ctx: _Ctx, obj: dict[str, Any], kind: str) -> FeedbackRecord | None:
         ctx.err("type", "missing_field", "missing required field 'type'",
                 f"every record of this file needs \"type\": \"{type_name}\"")
     elif t != type_name:  # another HALOs type is reported as mixed_kinds before we get here
-        ctx.err("type", "unknown_format", f"unknown record type {str(t)[:40]!r}", f"use \"type\": \"{type_name}\"")
+        ctx.err("type", "unknown_format", f"unknown record type {_short(t)}", f"use \"type\": \"{type_name}\"")
     prompt_id = _id(ctx, obj, "prompt_id", required=False)
     prompt = _req_turns(ctx, obj, "prompt", "user")
     split = _split(ctx, obj)
@@ -342,7 +346,7 @@ def _req_label(ctx: _Ctx, obj: dict[str, Any], key: str, allow_bool: bool, hint:
 
 def _sampled(ctx: _Ctx, obj: dict[str, Any]) -> SampledRecord | None:
     if "type" in obj and obj["type"] != SAMPLE_TYPE:
-        ctx.err("type", "unknown_format", f"unknown record type {str(obj['type'])[:40]!r}",
+        ctx.err("type", "unknown_format", f"unknown record type {_short(obj['type'])}",
                 "sampled outputs have \"type\": \"sample\" or no type")
     prompt_id = _id(ctx, obj, "prompt_id", required=True, hint="sampled outputs need the prompt_id they came from")
     sample_id = _id(ctx, obj, "sample_id", required=True, hint="sampled outputs need a sample_id (0..k-1 per prompt)")

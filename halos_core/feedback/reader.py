@@ -23,6 +23,9 @@ from .records import FeedbackLimits, FeedbackRecord, FeedbackSummary, FeedbackVa
 from .scan import RawReader
 
 _DEFAULT_LIMITS = FeedbackLimits()
+# read_records trusts that the file was validated (possibly with limits raised above the defaults):
+# it keeps only the limits that protect the reader itself.
+READ_LIMITS = FeedbackLimits(max_errors=1, max_depth=256, max_record_bytes=1 << 31, max_records=1 << 62)
 
 
 def _format_name(family: str, container: str | None) -> str:
@@ -163,12 +166,13 @@ def validate_file(path: str | Path, limits: FeedbackLimits = _DEFAULT_LIMITS) ->
     )
 
 
-def read_records(path: str | Path, limits: FeedbackLimits = _DEFAULT_LIMITS) -> Iterator[FeedbackRecord]:
+def read_records(path: str | Path, limits: FeedbackLimits | None = None) -> Iterator[FeedbackRecord]:
     """The normal-form records of a (validated) file, streamed in file order.
 
-    Raises FeedbackValidationError at the first problem (a file that passed `validate_file` with
-    the same limits has none)."""
-    walk = _Walk(path, limits)
+    `limits` defaults to `READ_LIMITS` (generous: the file was validated with the server's limits,
+    which may be above `FeedbackLimits()`'s). Raises FeedbackValidationError at the first problem;
+    a file that passed `validate_file` has none."""
+    walk = _Walk(path, limits or READ_LIMITS)
     for record, errors, _fatal in walk:
         if errors:  # stop at the first problem: the list is not complete
             raise FeedbackValidationError(errors[:1], truncated=True, records_checked=walk.records_checked)

@@ -132,6 +132,9 @@ class FeedbackValidationError(Exception):
         first = f"; first: {self.errors[0]}" if self.errors else ""
         super().__init__(f"{len(self.errors)} error(s) in feedback file{more}{first}")
 
+    def __reduce__(self):  # picklable (e.g. across a process pool)
+        return (type(self), (self.errors, self.truncated, self.records_checked))
+
 
 @dataclass(frozen=True)
 class FeedbackLimits:

@@ -34,6 +34,8 @@ _BACKSLASH = 0x5C
 _OPEN = {0x5B: 0x5D, 0x7B: 0x7D}  # [ -> ], { -> }
 _CLOSERS = (0x5D, 0x7D)
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
 _JSONL_HINT = ("JSON Lines needs one complete record per line; a pretty-printed file must be a JSON array "
                "of records")
 
@@ -127,8 +129,8 @@ def parse_value(raw: bytes, index: int, line: int | None, limits: FeedbackLimits
         value = json.loads(text, object_pairs_hook=_object_pairs)
     except _DuplicateKey as exc:
         return RawItem(index, line, error=_err(
-            index, line, "duplicate_key", f"key {exc.key!r} appears twice in one object",
-            "keep one value per key (JSON parsers disagree on which duplicate wins)", field=exc.key))
+            index, line, "duplicate_key", f"key {exc.key[:100]!r} appears twice in one object",
+            "keep one value per key (JSON parsers disagree on which duplicate wins)", field=exc.key[:100]))
     except json.JSONDecodeError as exc:
         where = f"column {exc.colno}" if line is not None else f"character {exc.pos} of the record"
         hint = _JSONL_HINT if line is not None else "check for a missing comma, quote or bracket"
@@ -137,7 +139,38 @@ def parse_value(raw: bytes, index: int, line: int | None, limits: FeedbackLimits
         return RawItem(index, line, error=_too_deep(index, line, limits))
     except ValueError as exc:  # e.g. an integer with more than 4300 digits
         return RawItem(index, line, error=_err(index, line, "invalid_json", str(exc)))
+    if _SURROGATE_ESCAPE.search(raw):  # "\ud83d\ude00" pairs are fine, a lone "\ud800" is not Unicode
+        path = _lone_surrogate(value, "")
+        if path is not None:
+            return RawItem(index, line, error=_err(
+                index, line, "invalid_utf8", "string has an unpaired surrogate escape (\\ud800-\\udfff), which is "
+                "not valid Unicode", "fix the encoder that wrote the file (emoji must be escaped as surrogate pairs)",
+                field=path))
     return RawItem(index, line, value=value)
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Path of the first string (or key) that cannot be encoded as UTF-8, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key[:100]}" if path else key[:100]
+            found = _lone_surrogate(key, sub)
+            if found is None:
+                found = _lone_surrogate(item, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for j, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{j}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _too_deep(index: int, line: int | None, limits: FeedbackLimits) -> RecordError:
@@ -145,10 +178,9 @@ def _too_deep(index: int, line: int | None, limits: FeedbackLimits) -> RecordErr
                 "a feedback record needs only a few levels (record > list of turns > turn)")
 
 
-def _too_large(index: int, line: int | None, size: int, limits: FeedbackLimits, at_least: bool = False) -> RecordError:
-    size_txt = f"{'more than ' if at_least else ''}{size:,} bytes"
+def _too_large(index: int, line: int | None, size: int, limits: FeedbackLimits) -> RecordError:
     return _err(index, line, "record_too_large",
-                f"record is {size_txt}, over the limit of {limits.max_record_bytes:,} bytes",
+                f"record is {size:,} bytes, over the limit of {limits.max_record_bytes:,} bytes",
                 "split very long conversations or outputs, or check that records are separated by newlines")
 
 
@@ -165,7 +197,7 @@ class RawReader:
 
     def __iter__(self) -> Iterator[RawItem]:
         with open(self.path, "rb") as fh:
-            head = fh.read(CHUNK)
+            head = fh.read(max(CHUNK, 4))
             if head.startswith((b"\xff\xfe", b"\xfe\xff")):
                 yield RawItem(0, 1, fatal=True, error=_err(
                     0, 1, "invalid_utf8", "file is UTF-16 encoded", "save the file as UTF-8"))

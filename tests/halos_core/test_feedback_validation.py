@@ -126,6 +126,10 @@ SINGLE = {
                      [(1, 2, "", "invalid_utf8")]),
     "invalid_utf8_in_array": (arr(pair(0), json.dumps(pair(1)).encode().replace(b'"b"', b'"\xc3("')), "f.json", {},
                               [(1, None, "", "invalid_utf8")]),
+    "invalid_utf8_lone_surrogate": (
+        jl(pair(0), json.dumps(pair(1, output_B=[{"role": "assistant", "content": "x"}])).encode()
+           .replace(b'"x"', b'"ok \\ud83d\\ude00 bad \\udc80"')),
+        "f.jsonl", {}, [(1, 2, "output_B[0].content", "invalid_utf8")]),
     "invalid_utf8_utf16_file": (json.dumps([pair(0)]).encode("utf-16"), "f.json", {}, [(0, 1, "", "invalid_utf8")]),
     "too_deep": (jl(pair(0), pair(1, extra=json.loads("[" * 40 + "]" * 40))), "f.jsonl", {},
                  [(1, 2, "", "too_deep")]),
@@ -344,3 +348,61 @@ def test_limits_are_checked():
         FeedbackLimits(max_errors=0)
     with pytest.raises(ValueError):
         FeedbackLimits(max_depth=-1)
+
+
+def test_surrogate_pairs_are_fine_and_messages_stay_short(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(jl(pair(0, output_A="emoji \U0001f600")))  # json.dumps writes a \ud83d\ude00 pair
+    assert b"\\ud83d\\ude00" in path.read_bytes()
+    assert next(iter(read_records(path))).output_A[0].content == "emoji \U0001f600"
+    e = errors_of(tmp_path, jl({"k" * 100_000: 1}, pair(1, prompt=[{"role": "r" * 100_000, "content": "x"}])))
+    assert [x.code for x in e.errors] == ["unknown_format", "invalid_role"]
+    assert all(len(x.message) < 400 and len(x.field) < 200 for x in e.errors)
+
+
+@pytest.mark.parametrize("name", ["f.json", "f.jsonl"])
+def test_mutated_files_never_crash(tmp_path, monkeypatch, name):
+    """Random byte damage gives a summary or a FeedbackValidationError, never another exception."""
+    monkeypatch.setattr(scan, "CHUNK", 16)
+    good = (arr if name == "f.json" else jl)(*[pair(i, output_B='q\\"[{' + str(i)) for i in range(6)])
+    rng = random.Random(name)
+    path = tmp_path / name
+    junk = [b"[", b"]", b"{", b"}", b'"', b"\\", b",", b"\n", b"\xff", b"\xc3", b" ", b"0", b"\x00"]
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 4)):
+            k = rng.randrange(len(data))
+            op = rng.randrange(3)
+            if op == 0:
+                data[k:k + 1] = rng.choice(junk)
+            elif op == 1:
+                del data[k:k + rng.randrange(1, 20)]
+            else:
+                data[k:k] = rng.choice(junk)
+        path.write_bytes(bytes(data))
+        try:
+            summary = validate_file(path, FeedbackLimits(max_depth=4))
+        except FeedbackValidationError as exc:
+            assert exc.errors and all(e.code in ERROR_CODES for e in exc.errors)
+        else:
+            assert summary.n_records == len(list(read_records(path, FeedbackLimits(max_depth=4))))
+
+
+def test_read_records_accepts_what_validation_with_raised_limits_accepted(tmp_path):
+    path = tmp_path / "f.jsonl"
+    big = pair(0, output_A="x" * 1_020_000)  # under the server's 1 MiB, over FeedbackLimits()'s 1,000,000
+    path.write_bytes(jl(big, pair(1)))
+    with pytest.raises(FeedbackValidationError):
+        validate_file(path)
+    validate_file(path, FeedbackLimits(max_record_bytes=1 << 20))
+    assert len(list(read_records(path))) == 2
+    with pytest.raises(FeedbackValidationError):
+        list(read_records(path, FeedbackLimits()))
+
+
+def test_validation_error_pickles(tmp_path):
+    import pickle
+
+    e = errors_of(tmp_path, jl(pair(0, label=2), pair(1, label=3)), max_errors=1)
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.errors, e2.truncated, e2.records_checked, str(e2)) == (e.errors, True, 2, str(e))
