@@ -16,6 +16,10 @@ logit scaling); for those use `naive_token_logps`.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -104,3 +108,87 @@ class TokenLogprobModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):  # noqa: D401
         return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens)
+
+
+# --------------------------------------------------------------------------- reference cache
+
+
+class ReferenceLogpCache:
+    """Reference token log-probs per sequence, keyed by its token ids and label mask.
+
+    The reference (the SFT model) is fixed for a whole run, so its log-probs of a sequence never
+    change: they are computed once (the trainer fills the cache for the round up front and then
+    moves the reference off the accelerator) and, when `directory` is given, persisted under
+    `directory/<reference sha256>-<precision>/` as safetensors shards so later rounds reuse them.
+    Rows are stored unpadded ([n_tokens - 1] float32).
+    """
+
+    def __init__(self, directory: str | None = None, reference_sha256: str = "", precision: str = "no"):
+        self.rows: dict[str, torch.Tensor] = {}
+        self.new: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+        self.directory = None
+        if directory:
+            self.directory = Path(directory) / f"{reference_sha256 or 'unknown'}-{precision}"
+            self._load()
+
+    def _load(self) -> None:
+        from safetensors.torch import load_file
+
+        if not self.directory.is_dir():
+            return
+        for shard in sorted(self.directory.glob("*.safetensors")):
+            try:
+                self.rows.update(load_file(str(shard)))
+            except Exception:  # noqa: BLE001 - a broken shard is only a cache miss
+                continue
+
+    @staticmethod
+    def keys(stream: dict[str, torch.Tensor]) -> list[str]:
+        ids = stream["input_ids"].detach().cpu()
+        labels = stream["labels"].detach().cpu()
+        lengths = stream["attention_mask"].sum(1).tolist()
+        out = []
+        for i, n in enumerate(lengths):
+            h = hashlib.sha256(ids[i, :n].to(torch.int64).numpy().tobytes())
+            h.update((labels[i, :n] != IGNORE_INDEX).numpy().tobytes())
+            out.append(h.hexdigest()[:40])
+        return out
+
+    def get(self, stream: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """[B, L-1] log-probs if every row is cached, else None."""
+        keys = self.keys(stream)
+        if not all(k in self.rows for k in keys):
+            self.misses += 1
+            return None
+        self.hits += 1
+        batch, length = stream["input_ids"].shape
+        out = torch.zeros((batch, max(length - 1, 0)), dtype=torch.float32)
+        for i, k in enumerate(keys):
+            row = self.rows[k]
+            out[i, : row.shape[0]] = row
+        return out.to(stream["input_ids"].device)
+
+    def put(self, stream: dict[str, torch.Tensor], logps: torch.Tensor) -> None:
+        keys = self.keys(stream)
+        lengths = stream["attention_mask"].sum(1).tolist()
+        cpu = logps.detach().float().cpu()
+        for i, (k, n) in enumerate(zip(keys, lengths)):
+            if k not in self.rows:
+                row = cpu[i, : max(n - 1, 0)].clone()
+                self.rows[k] = row
+                self.new[k] = row
+
+    def flush(self, name: str) -> None:
+        """Persist the rows computed in this process as one shard (atomic rename)."""
+        if self.directory is None or not self.new:
+            return
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"{name}.safetensors"
+        tmp = self.directory / f".tmp-{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in self.new.items()}, str(tmp))
+        os.replace(tmp, target)
+        self.new = {}

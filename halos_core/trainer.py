@@ -42,7 +42,7 @@ from halos_core.data.collate import Microbatch, concat_streams
 from halos_core.data.examples import DataError, ExampleSets, build_examples
 from halos_core.data.loaders import Batcher, EvalLoader, TrainLoader
 from halos_core.data.tokenize import ChatEncoder
-from halos_core.logprobs import DEFAULT_CHUNK_TOKENS, TokenLogprobModel, token_logps
+from halos_core.logprobs import DEFAULT_CHUNK_TOKENS, ReferenceLogpCache, TokenLogprobModel, token_logps
 from halos_core.metrics import MetricAccumulator
 from halos_core.run_dir import CheckpointError, RunDir, tree_sha256
 
@@ -96,6 +96,7 @@ class Trainer:
         reference_sha256: str,
         rng_state: dict | None = None,
         keep_last: int = DEFAULT_KEEP_LAST,
+        reference_cache: ReferenceLogpCache | None = None,
     ):
         self.config = config
         self.hp = config.hyperparams
@@ -115,6 +116,8 @@ class Trainer:
         self.run_dir = RunDir(config.run_dir)
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.round_step = position.round_step
+        self.reference_cache = reference_cache
+        self.reference_device = accelerator.device
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -280,6 +283,13 @@ class Trainer:
             reference_sha256=reference_sha256,
             rng_state=ckpt.rng_state if (ckpt is not None and config.resume_from) else None,
             keep_last=keep_last,
+            reference_cache=(
+                ReferenceLogpCache(
+                    config.reference_cache_dir, config.reference_sha256 or reference_sha256, config.mixed_precision
+                )
+                if reference is not None
+                else None
+            ),
         )
 
     # ------------------------------------------------------------------ forward + loss
@@ -291,9 +301,47 @@ class Trainer:
             return inner(stream["input_ids"], stream["attention_mask"], stream["labels"])
 
     def _reference_logps(self, stream: dict[str, torch.Tensor]) -> torch.Tensor:
+        cache = self.reference_cache
+        if cache is not None:
+            cached = cache.get(stream)
+            if cached is not None:
+                return cached
+        if next(self.reference.parameters()).device != self.reference_device:
+            self.reference.to(self.reference_device)
         with torch.no_grad(), self.accelerator.autocast():
             logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"], stream["labels"])
+        if cache is not None:
+            cache.put(stream, logps)
         return logps
+
+    def _reference_streams(self, mb: Microbatch) -> list[dict[str, torch.Tensor]]:
+        """The batches `compute_loss` runs through the reference for this microbatch (same padding)."""
+        if self.loss.data_kind == "paired":
+            return [concat_streams([mb.streams["chosen"], mb.streams["rejected"]], self.pad_token_id)]
+        return [mb.streams[k] for k in ("target", "kl") if k in mb.streams]
+
+    def precompute_reference(self) -> None:
+        """Fill the reference cache for the rest of the round (and the eval set), then move the
+        reference off the accelerator: the policy trains without the reference in device memory."""
+        if self.reference is None or self.reference_cache is None:
+            return
+        t0 = time.perf_counter()
+        batches = (mb for step in range(self.round_step, self.train_loader.total_steps) for mb in self.train_loader.microbatches(step))
+        for mb in batches:
+            for stream in self._reference_streams(mb.to(self.accelerator.device)):
+                self._reference_logps(stream)
+        for mb in self.eval_loader or ():
+            for stream in self._reference_streams(mb.to(self.accelerator.device)):
+                self._reference_logps(stream)
+        if self.accelerator.device.type != "cpu":
+            self.reference.to("cpu")
+            torch.cuda.empty_cache()
+        cache = self.reference_cache
+        cache.flush(f"{self.config.job_id}-rank{self.accelerator.process_index}")
+        log.info(
+            "reference log-probs: %d rows cached (%d microbatches reused, %d computed) in %.1fs",
+            len(cache.rows), cache.hits, cache.misses, time.perf_counter() - t0,
+        )
 
     def _gather_rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """All processes' rows (padded on the token dim) so every process sees the same KL estimate."""
@@ -309,7 +357,7 @@ class Trainer:
         kind = self.loss.data_kind
         need_ref = self.loss.needs_reference
         if kind == "paired":
-            both = concat_streams([mb.streams["chosen"], mb.streams["rejected"]], self.pad_token_id)
+            (both,) = self._reference_streams(mb)
             logps, mask = self._policy_logps(both, grad=train)
             ref = self._reference_logps(both) if need_ref else None
             n = mb.size
@@ -428,6 +476,7 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> dict[str, Any]:
         """Run the round to the end (or raise `Stopped` after round step `stop_after`)."""
         acc, hp, loader = self.accelerator, self.hp, self.train_loader
+        self.precompute_reference()
         if self.rng_state is not None:
             restore_rng(self.rng_state)
         total = loader.total_steps
