@@ -2,7 +2,8 @@
 
 Request models forbid unknown fields and reject, before field validation, anything the database
 or the JSON encoder would choke on later: non-finite numbers (`NaN`, `Infinity` — Python's JSON
-parser accepts them), NUL characters in strings, and nesting deeper than `MAX_REQUEST_DEPTH`.
+parser accepts them), integers beyond 64 bits, NUL characters in strings (Postgres rejects
+them), and nesting deeper than `MAX_REQUEST_DEPTH`.
 Stored configurations (loss, hyperparameters, …) are returned as plain objects so that a row
 written by an older version never turns a read into a 500.
 """
@@ -19,11 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from halos_core.config import Conversion, Hyperparams, LoraSettings, LossConfig
 
 MAX_REQUEST_DEPTH = 32
+MAX_INT = 2**63 - 1
 ID_FIELD = Field(min_length=1, max_length=64)
 
 
 def check_json_value(value: Any, max_depth: int = MAX_REQUEST_DEPTH) -> None:
-    """Raise ValueError for NaN/±Infinity, NUL characters, or nesting deeper than `max_depth`.
+    """Raise ValueError for NaN/±Infinity, integers beyond 64 bits, NUL characters, or nesting
+    deeper than `max_depth`.
 
     Iterative, so a hostile document cannot exhaust the interpreter's recursion limit here.
     """
@@ -41,6 +44,11 @@ def check_json_value(value: Any, max_depth: int = MAX_REQUEST_DEPTH) -> None:
             if depth > max_depth:
                 raise ValueError(f"JSON nested deeper than {max_depth} levels")
             stack.extend((sub, depth + 1) for sub in item)
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not -MAX_INT <= item <= MAX_INT:
+                raise ValueError("integers must fit in 64 bits")
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise ValueError("non-finite numbers (NaN, Infinity) are not allowed")
