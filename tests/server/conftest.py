@@ -7,6 +7,8 @@ The broker is the embedded SQLite one under the temp dir, so `queue.publish` rea
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,11 +25,35 @@ from server.services.keys import create_api_key
 from server.settings import Settings
 
 
+PG_ADMIN_URL = os.environ.get("HALOS_TEST_POSTGRES_URL")  # e.g. postgresql://postgres@127.0.0.1:5432/postgres
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite under the temp dir; with HALOS_TEST_POSTGRES_URL set, a fresh Postgres database per test."""
+    if not PG_ADMIN_URL:
+        yield f"sqlite:///{tmp_path / 'halos.db'}"
+        return
+    import psycopg
+
+    name = f"halos_api_test_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        from server.db import _engine_for
+
+        _engine_for.cache_clear()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'halos.db'}",
+        database_url=database_url,
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         max_upload_bytes=256 * 1024,
         rate_limit_per_minute=0,
