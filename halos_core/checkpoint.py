@@ -21,6 +21,7 @@ code is refused, not executed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -28,7 +29,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -232,6 +233,85 @@ def load_checkpoint(path: str | Path, *, process_index: int = 0, need_optimizer:
     if rng_state is None and process_index != 0:
         rng_state = None  # a different process count than the saving run: leave this rank's RNG as seeded
     return LoadedCheckpoint(path, manifest, trainer_state, optimizer_state, scheduler_state, rng_state)
+
+
+# --------------------------------------------------------------------------- digests (proofs)
+
+
+def _hash_value(digest: "hashlib._Hash", value: Any) -> None:
+    """Feed one state value canonically: a tensor as dtype, shape and raw bytes (from CPU,
+    contiguous), anything else (a Python number, None) as its type and repr."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"tensor:{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)}:".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(f"{type(value).__name__}:{value!r}".encode())
+    digest.update(b";")
+
+
+def optimizer_state_digest(state_dict: Mapping[str, Any]) -> str:
+    """sha256 of the per-parameter state of an optimizer `state_dict()` (Adam moments, step...).
+
+    Only the `state` part is hashed (param_groups carry this round's lr/weight decay, which a
+    round may override): for each parameter index in numeric order, each key in sorted order,
+    the key, then the tensor's dtype, shape and bytes. The same values give the same digest
+    whether the dict comes from `torch.load(optimizer.pt, weights_only=True)` or from a live
+    optimizer's `state_dict()` (on any device).
+    """
+    digest = hashlib.sha256(b"optimizer-state-v1\n")
+    state = state_dict.get("state", {})
+    for idx in sorted(state, key=lambda k: (0, int(k)) if str(k).lstrip("-").isdigit() else (1, str(k))):
+        digest.update(f"param:{idx}\n".encode())
+        entry = state[idx]
+        for key in sorted(entry):
+            digest.update(f"{key}=".encode())
+            _hash_value(digest, entry[key])
+    return digest.hexdigest()
+
+
+def optimizer_step_count(state_dict: Mapping[str, Any]) -> int:
+    """The Adam step count held in an optimizer state (0 for a fresh optimizer).
+
+    Every parameter of one optimizer has the same count; a disagreement is an error."""
+    steps = {int(entry["step"]) for entry in state_dict.get("state", {}).values() if "step" in entry}
+    if len(steps) > 1:
+        raise ValueError(f"optimizer state has parameters at different step counts: {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def named_tensors(source: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor as a safetensors file of this model holds them.
+
+    A module gives its `state_dict()` minus the entries that alias an earlier one (tied weights:
+    `save_pretrained` keeps the first, e.g. `model.embed_tokens.weight`, and drops `lm_head.weight`).
+    """
+    if not isinstance(source, torch.nn.Module):
+        return dict(source)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    for name, tensor in source.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def param_digest(source: Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
+    """sha256 over sorted names, each with its tensor's dtype, shape and bytes.
+
+    Accepts `safetensors.torch.load_file(...)`'s dict, a `state_dict()`, or a module (see
+    `named_tensors`), so the weights in memory can be checked against a file on disk.
+    """
+    digest = hashlib.sha256(b"params-v1\n")
+    tensors = named_tensors(source)
+    for name in sorted(tensors):
+        digest.update(f"{name}=".encode())
+        _hash_value(digest, tensors[name])
+    return digest.hexdigest()
 
 
 def checkpoint_name(step: int) -> str:

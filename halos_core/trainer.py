@@ -33,6 +33,9 @@ from halos_core.checkpoint import (
     LoadedCheckpoint,
     SaveRequest,
     load_checkpoint,
+    optimizer_state_digest,
+    optimizer_step_count,
+    param_digest,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -97,6 +100,9 @@ class Trainer:
         rng_state: dict | None = None,
         keep_last: int = DEFAULT_KEEP_LAST,
         reference_cache: ReferenceLogpCache | None = None,
+        restored: dict[str, Any] | None = None,
+        resumed: dict[str, Any] | None = None,
+        reference_param_digest: str | None = None,
     ):
         self.config = config
         self.hp = config.hyperparams
@@ -118,6 +124,10 @@ class Trainer:
         self.round_step = position.round_step
         self.reference_cache = reference_cache
         self.reference_device = accelerator.device
+        # proofs recorded in result.json (see `restore_record`)
+        self.restored = restored
+        self.resumed = resumed
+        self.reference_param_digest = reference_param_digest
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -233,9 +243,13 @@ class Trainer:
         policy = AutoModelForCausalLM.from_pretrained(weights_from, dtype=dtype)
         policy.config.use_cache = False
         reference = None
+        reference_digest = None
         if loss.needs_reference:
             ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
-            reference = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype=ref_dtype)
+            # loaded in the file's dtype so its digest can be checked against model.safetensors, then cast
+            reference = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype="auto")
+            reference_digest = param_digest(reference)
+            reference.to(ref_dtype)
             reference.eval().requires_grad_(False).to(accelerator.device)
 
         model = TokenLogprobModel(policy, DEFAULT_CHUNK_TOKENS)
@@ -263,10 +277,20 @@ class Trainer:
             )
         else:
             position = RoundPosition(config.counters.step, config.counters.examples, 0)
+        record = None
         if ckpt is not None:
             optimizer.load_state_dict(ckpt.optimizer_state)
             scheduler.load_state_dict(ckpt.scheduler_state)
+            record = restore_record(ckpt.path, optimizer, scheduler)  # from the live objects, right after the restore
         align_schedule(scheduler, hp.lr, hp.weight_decay, position.step_offset + position.round_step)
+        if record is not None:
+            record["lr_at_start"] = scheduler.get_last_lr()[0]
+        if config.resume_from:
+            # a retry: report what the first attempt restored from init_from (kept in the checkpoint's
+            # trainer_state) as `restored`, and this attempt's restore point as `resumed`
+            restored, resumed = ckpt.trainer_state.get("restored"), record
+        else:
+            restored, resumed = record, None
 
         return cls(
             config=config,
@@ -283,6 +307,9 @@ class Trainer:
             reference_sha256=reference_sha256,
             rng_state=ckpt.rng_state if (ckpt is not None and config.resume_from) else None,
             keep_last=keep_last,
+            restored=restored,
+            resumed=resumed,
+            reference_param_digest=reference_digest,
             reference_cache=(
                 ReferenceLogpCache(
                     config.reference_cache_dir, config.reference_sha256 or reference_sha256, config.mixed_precision
@@ -435,6 +462,8 @@ class Trainer:
             "reference_sha256": self.reference_sha256,
             "init_from": self.config.init_from,
             "lr": self.scheduler.get_last_lr()[0],
+            "restored": self.restored,
+            "reference_param_digest": self.reference_param_digest,
         }
 
     def save(self, target: Path, kind: str):
@@ -560,8 +589,12 @@ class Trainer:
                 "total_steps": total,
                 "eval": eval_metrics,
                 "reference_sha256": self.reference_sha256,
+                "reference_param_digest": self.reference_param_digest,
+                "restored": self.restored,
                 "loss": self.loss.name,
             }
+            if self.resumed is not None:
+                result["resumed"] = self.resumed
             self.run_dir.write_result(result)
         acc.wait_for_everyone()
         return result or {}
@@ -583,6 +616,20 @@ class Trainer:
         reduced = metrics.reduce(self._reduce_sum)
         reduced["n"] = float(len(self.eval_loader))
         return reduced
+
+
+def restore_record(source: Path | str, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """What was just restored, read back from the LIVE optimizer and scheduler (not the files):
+    the digest of the optimizer's per-parameter state (`checkpoint.optimizer_state_digest`,
+    comparable with the digest of the parent's optimizer.pt), its Adam step count and the
+    scheduler's position. `lr_at_start` is added once this round's schedule is applied."""
+    state = optimizer.state_dict()
+    return {
+        "from": str(source),
+        "optimizer_state_digest": optimizer_state_digest(state),
+        "optimizer_step": optimizer_step_count(state),
+        "scheduler_last_epoch": int(scheduler.last_epoch),
+    }
 
 
 def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, weight_decay: float, global_step: int) -> None:

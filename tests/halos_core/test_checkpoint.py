@@ -13,6 +13,9 @@ import torch
 
 from halos_core.checkpoint import (
     OPTIMIZER_FILE,
+    optimizer_state_digest,
+    optimizer_step_count,
+    param_digest,
     SaveRequest,
     load_checkpoint,
     prune_checkpoints,
@@ -147,3 +150,49 @@ def test_retention_and_replacing_an_existing_directory(tmp_path, trained):
     _save(rd.final, *trained, step=7)
     assert read_manifest(rd.final).step == 7
     assert not any(p.name.startswith(".tmp-") for p in rd.path.iterdir())
+
+
+def test_digests_are_canonical_between_live_objects_and_files(tmp_path, trained, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model, opt, sched, tok = trained
+    target = tmp_path / "final"
+    _save(target, model, opt, sched, tok)
+    live, saved = opt.state_dict(), torch.load(target / OPTIMIZER_FILE, weights_only=True)
+    assert optimizer_state_digest(live) == optimizer_state_digest(saved)
+    assert optimizer_step_count(live) == optimizer_step_count(saved) == 3
+    # param_groups (this round's lr) are not part of the digest; any state value is
+    saved["param_groups"][0]["lr"] = 123.0
+    assert optimizer_state_digest(saved) == optimizer_state_digest(live)
+    first = min(saved["state"])
+    saved["state"][first]["exp_avg"].view(-1)[0] += 1e-7
+    assert optimizer_state_digest(saved) != optimizer_state_digest(live)
+    saved = torch.load(target / OPTIMIZER_FILE, weights_only=True)
+    saved["state"][first]["step"] = saved["state"][first]["step"].double()  # same value, other dtype
+    assert optimizer_state_digest(saved) != optimizer_state_digest(live)
+    # a fresh optimizer loaded from the file holds the same state
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(torch.load(target / OPTIMIZER_FILE, weights_only=True))
+    assert optimizer_state_digest(opt2.state_dict()) == optimizer_state_digest(live)
+    assert optimizer_state_digest({"state": {}}) == optimizer_state_digest(torch.optim.AdamW(model.parameters()).state_dict())
+
+    # params: module, state_dict and the safetensors file agree; names are the file's
+    assert param_digest(model) == param_digest(model.state_dict()) == param_digest(load_file(str(target / "model.safetensors")))
+    sft = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert param_digest(sft) == param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
+    assert param_digest(sft) != param_digest(model)
+    renamed = {("x." + k): v for k, v in sft.state_dict().items()}
+    assert param_digest(renamed) != param_digest(sft)
+
+
+def test_param_digest_drops_tied_duplicates_like_save_pretrained(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "tied")
+    on_disk = load_file(str(tmp_path / "tied" / "model.safetensors"))
+    assert param_digest(model) == param_digest(on_disk)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from halos_core.checkpoint import load_checkpoint
+from halos_core.checkpoint import load_checkpoint, optimizer_state_digest, param_digest
 from halos_core.data.examples import DataError
 from halos_core.run_dir import RunDir, read_manifest, tree_sha256
 from halos_core.synthetic import binary_records, pairwise_records, write_jsonl
@@ -71,8 +71,21 @@ def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(tmp_pat
     assert steps2[0]["step"] == r1.step + 1 and steps2[0]["round_step"] == 1
     assert steps2[0]["lr"] == pytest.approx(1e-3)  # post-warmup lr: warmup not repeated
     assert steps2[0]["examples"] == r1.examples + 8
-    result2 = RunDir(tmp_path / "r2").read_result()
+    result1, result2 = RunDir(tmp_path / "r1").read_result(), RunDir(tmp_path / "r2").read_result()
     assert result2["reference_sha256"] == tiny_sha == tree_sha256(tiny_model_dir)
+    # proof of chaining, read back from the live optimizer right after the restore
+    saved_file = torch.load(Path(r1.final_dir) / "optimizer.pt", weights_only=True)
+    assert result1["restored"] is None
+    restored = result2["restored"]
+    assert restored["optimizer_state_digest"] == optimizer_state_digest(saved_file)
+    assert restored["optimizer_state_digest"] != optimizer_state_digest(
+        torch.load(Path(result2["final_dir"]) / "optimizer.pt", weights_only=True))
+    assert restored["optimizer_step"] == r1.round_steps == 6
+    assert restored["scheduler_last_epoch"] == r1.step and restored["lr_at_start"] == pytest.approx(1e-3)
+    assert restored["from"] == str(r1.final_dir)
+    # the reference as loaded is the SFT file, tensor for tensor (same names as model.safetensors)
+    sft_digest = param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
+    assert result1["reference_param_digest"] == result2["reference_param_digest"] == sft_digest
     # the round-2 policy moved away from round 1's; the reference (SFT) did not change
     w1, w2, w0 = weights(r1.final_dir), weights(result2["final_dir"]), weights(tiny_model_dir)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
@@ -103,6 +116,10 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir, t
         for key in ("loss", "lr", "grad_norm", "rewards/chosen", "rewards/rejected", "examples"):
             assert other[key] == m[key], (m["step"], key)
     assert resumed.step == straight.step == 6 and resumed.examples == straight.examples
+    assert resumed.result["restored"] is None  # round 1: nothing restored from a parent
+    assert resumed.result["resumed"]["optimizer_step"] == 3 and resumed.result["resumed"]["scheduler_last_epoch"] == 3
+    assert resumed.result["resumed"]["optimizer_state_digest"] == optimizer_state_digest(
+        torch.load(latest.path / "optimizer.pt", weights_only=True))
     wa, wb = weights(straight.final_dir), weights(resumed.final_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     oa, ob = load_checkpoint(straight.final_dir).optimizer_state, load_checkpoint(resumed.final_dir).optimizer_state
