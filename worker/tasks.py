@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from celery.exceptions import Reject
+
 from server import jobs, queue
 from server.db import session_scope
 from server.settings import get_settings
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 def run_job(job_id: str) -> str:
     settings = get_settings()
     if runner.SHUTDOWN.is_set():
-        return "shutting-down"  # the job stays queued; the sweeper republishes it
+        # put the message back for another worker (the sweeper would republish it anyway)
+        raise Reject("worker shutting down", requeue=True)
     with session_scope(settings) as session:
         claim = jobs.claim(session, job_id, runner.hostname(), os.getpid(), settings.lease_ttl_s,
                            run_dir=str((settings.runs_dir / job_id).resolve()))
@@ -36,11 +39,12 @@ def run_job(job_id: str) -> str:
         with session_scope(settings) as session:
             job = jobs.finish(session, job_id, claim.lease_token, report.outcome,
                               retry_backoff_s=settings.retry_backoff_s)
+            status = job.status.value
             children = jobs.unpublished_children(session, job_id)
-        log.info("job %s attempt %d: %s -> %s", job_id, claim.attempt, report.outcome.status, job.status.value)
+        log.info("job %s attempt %d: %s -> %s", job_id, claim.attempt, report.outcome.status, status)
         if children:
             queue.publish_many(children, settings)
-        return job.status.value
+        return status
     if report.action == "released":
         # another worker may take it now (this one is shutting down and will not)
         queue.publish(job_id, settings)

@@ -119,13 +119,17 @@ def add_round(session: Session, run: Run, root: Path, fake: Optional[dict] = Non
 
 
 def reload(session: Session, job_id: str) -> Job:
-    session.expire_all()
-    return session.get(Job, job_id)
+    """Fresh row; the read transaction is ended at once (on SQLite it holds the write lock)."""
+    job = session.get(Job, job_id, populate_existing=True)  # (expire_all would make other objects lazy-load
+    session.commit()                                          #  later, opening a transaction that holds the lock)
+    return job
 
 
 def attempts(session: Session, job_id: str) -> list[Attempt]:
-    session.expire_all()
-    return list(session.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.attempt)).all())
+    rows = list(session.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.attempt)
+                             .execution_options(populate_existing=True)).all())
+    session.commit()
+    return rows
 
 
 def overlapping_attempts(rows: list[Attempt]) -> int:
