@@ -1,0 +1,208 @@
+"""The runner in-process (real `accelerate launch` + fake trainer, no Celery): self-fencing, the
+exit-code table, the accelerate config, resume selection, orphan detection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import update
+
+from halos_core.run_dir import RunDir, write_manifest
+from server import jobs
+from server.models import Job
+from tests.worker.conftest import Env
+from tests.worker.support import REPO, add_round, pid_alive, settings_env, trainer_starts, wait_for
+from worker import exit_codes, launch, runner
+from worker.monitor import ENV_DB, ENV_JOB, ENV_RUNNER, db_identity, find_orphans, reap_orphans
+from worker.watchdog import group_alive
+
+
+def _start(env: Env, fake: dict):
+    job = add_round(env.session, env.run, env.root, fake)
+    claim = jobs.claim(env.session, job.id, "test-host", 1, env.settings.lease_ttl_s,
+                       run_dir=str(env.settings.runs_dir / job.id))
+    box: dict = {}
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: box.setdefault("report", runner.run_job(claim, env.settings, stop)))
+    thread.start()
+    run_dir = env.settings.runs_dir / job.id
+    wait_for(lambda: trainer_starts(run_dir), 60, what="trainer start")
+    return job, claim, thread, box, stop, trainer_starts(run_dir)[0]
+
+
+@pytest.fixture
+def env(make_env, monkeypatch):
+    e = make_env("runner")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the launched fake trainer is under tests/
+    return e
+
+
+def test_self_fencing_when_the_lease_is_stolen(env):
+    job, claim, thread, box, _, start = _start(env, {"steps": 400, "sleep": 0.1})
+    t0 = time.monotonic()
+    env.session.exec(update(Job).where(Job.id == job.id).values(lease_token="someone-else"))
+    env.session.commit()
+    wait_for(lambda: not group_alive(start["pgid"]), 10, interval=0.05, what="trainer group killed")
+    fenced = time.monotonic() - t0
+    thread.join(10)
+    assert box["report"].action == "lost" and "lease lost" in box["report"].detail
+    assert fenced <= env.settings.heartbeat_interval_s + 1.5
+    print(f"\n[self-fencing] lease stolen -> trainer group gone in {fenced:.2f}s")
+
+
+def test_self_fencing_when_the_database_is_unreachable(env, monkeypatch):
+    job, claim, thread, box, _, start = _start(env, {"steps": 400, "sleep": 0.1})
+    t0 = time.monotonic()
+
+    def broken(*a, **kw):
+        raise RuntimeError("database unreachable")
+
+    monkeypatch.setattr("worker.monitor.jobs.heartbeat", broken)
+    wait_for(lambda: not group_alive(start["pgid"]), 15, interval=0.05, what="trainer group killed")
+    fenced = time.monotonic() - t0
+    thread.join(10)
+    assert box["report"].action == "lost" and "no successful heartbeat" in box["report"].detail
+    assert fenced < env.settings.lease_ttl_s  # before the sweeper may hand the job to someone else
+    print(f"\n[self-fencing] DB unreachable -> trainer group gone in {fenced:.2f}s (lease {env.settings.lease_ttl_s}s)")
+
+
+def test_warm_shutdown_event_releases(env):
+    job, claim, thread, box, stop, start = _start(env, {"steps": 400, "sleep": 0.1})
+    stop.set()
+    thread.join(env.settings.kill_grace_s + 10)
+    assert box["report"].action == "released"
+    assert not group_alive(start["pgid"])
+    j = jobs.get(env.session, job.id)
+    assert j.status.value == "queued" and j.attempt == 1
+
+
+def test_resume_picks_the_latest_complete_checkpoint_and_cleans_partials(env):
+    job = add_round(env.session, env.run, env.root, {"steps": 8, "sleep": 0.01})
+    rd = RunDir(env.settings.runs_dir / job.id).create()
+    for step in (2, 4):
+        d = rd.checkpoint_path(step)
+        d.mkdir()
+        (d / "w").write_text(str(step))
+        write_manifest(d, step, step, round_step=step)
+    partial = rd.checkpoint_path(6)
+    partial.mkdir()
+    (partial / "w").write_text("half")  # no meta.json: never selected, removed
+    corrupt = rd.checkpoint_path(7)
+    corrupt.mkdir()
+    (corrupt / "w").write_text("x")
+    write_manifest(corrupt, 7, 7)
+    (corrupt / "w").write_text("tampered")
+    jobs.claim(env.session, job.id, "h", 1, 30)
+    jobs.finish(env.session, job.id, jobs.get(env.session, job.id).lease_token,
+                jobs.Outcome("crashed", error="test"), retry_backoff_s=0)
+    claim = jobs.claim(env.session, job.id, "h", 1, 30, run_dir=str(rd.path))
+    assert claim.attempt == 2
+    report = runner.run_job(claim, env.settings, threading.Event())
+    assert report.outcome.status == "succeeded", report.outcome.error
+    assert not (partial / "w").exists() and not corrupt.exists()  # (step 6 was then rewritten by the trainer)
+    starts = trainer_starts(rd.path)
+    assert starts[0]["resume_round_step"] == 4 and starts[0]["resume_from"].endswith("step-000004")
+    assert json.loads(rd.run_json.read_text())["resume_from"].endswith("step-000004")
+
+
+def test_invalid_spec_fails_without_launching(env):
+    job = add_round(env.session, env.run, env.root, {})
+    spec = dict(job.spec)
+    spec["loss"] = {"name": "nope"}
+    env.session.exec(update(Job).where(Job.id == job.id).values(spec=spec))
+    env.session.commit()
+    claim = jobs.claim(env.session, job.id, "h", 1, 30)
+    report = runner.run_job(claim, env.settings, threading.Event())
+    assert report.outcome.status == "failed" and report.outcome.error.startswith("invalid job spec")
+
+
+def test_previous_attempts_complete_result_is_reported_not_retrained(env):
+    job = add_round(env.session, env.run, env.root, {"steps": 2, "sleep": 0.01})
+    claim = jobs.claim(env.session, job.id, "h", 1, 30, run_dir=str(env.settings.runs_dir / job.id))
+    report = runner.run_job(claim, env.settings, threading.Event())
+    assert report.outcome.status == "succeeded"
+    # the worker died before `finish`: the lease expires and attempt 2 finds the result
+    jobs.finish(env.session, job.id, claim.lease_token, jobs.Outcome("crashed", error="lost"), retry_backoff_s=0)
+    claim2 = jobs.claim(env.session, job.id, "h", 1, 30, run_dir=claim.run_dir)
+    report2 = runner.run_job(claim2, env.settings, threading.Event())
+    assert report2.outcome.status == "succeeded" and len(trainer_starts(Path(claim.run_dir))) == 1
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_exit_code_table(tmp_path: Path):
+    rd = RunDir(tmp_path / "r").create()
+    assert exit_codes.classify(0, rd).status == "crashed"  # no result.json
+    assert exit_codes.classify(-9, rd).error == "training process killed by SIGKILL"
+    assert exit_codes.classify(3, rd, cancelled=True).status == "cancelled"
+    rd.stdout_log.write_text("old attempt: died with <Signals.SIGKILL: 9>.\n")
+    offset = rd.stdout_log.stat().st_size
+    with open(rd.stdout_log, "a") as fh:
+        fh.write("Traceback (most recent call last):\n  File x\nKeyError: 'input_ids'\n"
+                 "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.\n")
+    failed = exit_codes.classify(1, rd, log_offset=offset)
+    assert failed.status == "failed" and failed.error.startswith("training exited with code 1: KeyError: 'input_ids'")
+    with open(rd.stdout_log, "a") as fh:
+        fh.write("subprocess.CalledProcessError: Command '[...]' died with <Signals.SIGKILL: 9>.\n")
+    assert exit_codes.classify(1, rd, log_offset=offset).error == "a training process was killed by SIGKILL (out of memory?)"
+    assert exit_codes.rank_signal("  exitcode  : -6 (pid: 1234)") == "SIGABRT"
+    # a complete final checkpoint + result.json
+    final = rd.final
+    final.mkdir()
+    (final / "model.safetensors").write_bytes(b"w")
+    m = write_manifest(final, 5, 20)
+    rd.write_result({"status": "ok", "final_dir": str(final), "manifest_sha256": m.sha256, "step": 5, "examples": 20})
+    ok = exit_codes.classify(0, rd)
+    assert ok.status == "succeeded" and ok.result["manifest_sha256"] == m.sha256
+    (final / "model.safetensors").write_bytes(b"tampered")
+    bad = exit_codes.classify(0, rd)
+    assert bad.status == "crashed" and "does not verify" in bad.error
+
+
+def test_accelerate_config_and_command(tmp_path: Path):
+    from server.settings import Settings
+
+    rd = RunDir(tmp_path / "r").create()
+    cpu = Settings(data_dir=tmp_path, use_cpu=True)
+    assert launch.accelerate_config(cpu)["distributed_type"] == "NO"
+    gpu4 = Settings(data_dir=tmp_path, num_processes=4, mixed_precision="bf16")
+    cfg = launch.accelerate_config(gpu4, main_process_port=29555)
+    assert (cfg["distributed_type"], cfg["num_processes"], cfg["mixed_precision"], cfg["main_process_port"]) == (
+        "MULTI_GPU", 4, "bf16", 29555)
+    fsdp = launch.accelerate_config(Settings(data_dir=tmp_path, num_processes=2, fsdp=True))
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    launch.write_accelerate_config(rd, cpu)
+    assert yaml.safe_load(rd.accelerate_yaml.read_text())["use_cpu"] is True
+    assert launch.command(cpu, rd)[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(rd.accelerate_yaml),
+                                           "-m", "halos_core.train", "--config", str(rd.run_json)]
+
+
+def test_orphans_are_found_only_for_this_database_and_dead_runners(env):
+    """A training process whose runner is dead is an orphan of THIS database only."""
+    code = "import time; time.sleep(60)"
+    dead_runner = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_runner.wait()
+    base = settings_env(env.settings)
+    mine = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            env={**base, ENV_DB: db_identity(env.settings), ENV_JOB: "job_x", ENV_RUNNER: f"{dead_runner.pid}:1"})
+    other_db = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                env={**base, ENV_DB: "someone-elses", ENV_JOB: "job_y", ENV_RUNNER: f"{dead_runner.pid}:1"})
+    try:
+        time.sleep(0.3)
+        assert find_orphans(env.settings) == {mine.pid: "job_x"}
+        assert reap_orphans(env.settings, grace_s=1) == [mine.pid]
+        mine.wait(5)
+        assert pid_alive(other_db.pid)
+    finally:
+        for p in (mine, other_db):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
