@@ -168,6 +168,12 @@ class Trainer:
             )
         main = accelerator.is_main_process
         if main:
+            log.info(
+                "accelerate: %s, %d process(es), backend %s, device %s, gradient accumulation %d",
+                accelerator.distributed_type, accelerator.num_processes, accelerator.state.backend,
+                accelerator.device, accelerator.gradient_accumulation_steps,
+            )
+        if main:
             run_dir.create()
             run_dir.clean_partial_checkpoints()
         accelerator.wait_for_everyone()
