@@ -599,18 +599,32 @@ def expire_leases(session: Session, now: Optional[datetime] = None, *,
 def claimable_unheld(session: Session, now: Optional[datetime] = None,
                      older_than: float | timedelta = 30.0) -> list[str]:
     """Queued jobs past their backoff that were never published, or published more than
-    `older_than` ago and still not claimed (the broker lost or dropped the message)."""
+    `older_than` ago and still not claimed (the broker lost or dropped the message).
+
+    A job that has been queued for long (behind long-running jobs) is republished less often:
+    every max(older_than, min(age/4, 10 x older_than)), so the duplicates a busy queue collects
+    stay bounded while a lost message is still replaced within minutes.
+    """
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=_seconds(older_than))
-    ids = session.exec(
-        select(Job.id).where(
+    older = _seconds(older_than)
+    cutoff = now - timedelta(seconds=older)
+    rows = session.exec(
+        select(Job.id, Job.published_at, Job.queued_at).where(
             Job.status == JobStatus.queued,
             or_(Job.not_before.is_(None), Job.not_before <= now),
             or_(Job.published_at.is_(None), Job.published_at <= cutoff),
         ).order_by(Job.queued_at)
     ).all()
-    session.rollback()
-    return list(ids)
+    session.commit()  # end the read transaction without expiring the caller's objects
+    due = []
+    for job_id, published_at, queued_at in rows:
+        if published_at is not None and queued_at is not None:
+            age = (now - queued_at).total_seconds()
+            interval = max(older, min(age / 4, older * 10))
+            if (now - published_at).total_seconds() < interval:
+                continue
+        due.append(job_id)
+    return due
 
 
 def mark_published(session: Session, job_ids: str | Iterable[str], now: Optional[datetime] = None) -> None:
@@ -628,7 +642,7 @@ def unpublished_children(session: Session, parent_job_id: str) -> list[str]:
         select(Job.id).where(Job.parent_job_id == parent_job_id, Job.status == JobStatus.queued,
                              Job.published_at.is_(None))
     ).all()
-    session.rollback()
+    session.commit()
     return list(ids)
 
 

@@ -9,7 +9,11 @@ publishes it again (RELIABILITY.md Q4).
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
+from contextlib import closing
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Optional
 
 from celery import Celery
@@ -29,8 +33,13 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     """Transport options for the configured broker (shared by the producer and the worker)."""
     url = settings.broker
     if url.startswith(("redis://", "rediss://", "redis+socket://")):
+        vis = max(1, int(settings.redis_visibility_timeout_s))
         return {
-            "visibility_timeout": settings.redis_visibility_timeout_s,
+            "visibility_timeout": vis,
+            # how often idle consumers look for unacked messages older than visibility_timeout
+            # (kombu's default sweep is every ~100 s); a redelivery is a no-op thanks to the claim
+            "unacked_restore_interval": max(1, min(10, vis // 10)),
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "retry_on_timeout": True,
@@ -106,6 +115,34 @@ def publish_many(job_ids: Iterable[str], settings: Optional[Settings] = None) ->
         except Exception as exc:  # noqa: BLE001
             log.warning("recording published_at for %s failed: %s", sent, exc)
     return len(sent)
+
+
+def prune_embedded_broker(settings: Optional[Settings] = None, older_than_s: float = 3600.0) -> int:
+    """Delete long-delivered messages from the embedded SQLite broker.
+
+    kombu's SQLAlchemy transport never deletes a message: delivery only marks it invisible (acks
+    are kept in memory), so broker.db would grow by one row per publish forever. A message
+    delivered more than `older_than_s` ago is of no further use (an unacked one that a worker
+    gives back on shutdown is re-inserted as a new row). Returns the number of rows removed.
+    """
+    settings = settings or get_settings()
+    prefix = "sqla+sqlite:///"
+    if not settings.broker.startswith(prefix):
+        return 0
+    path = settings.broker[len(prefix):]
+    if not path or not os.path.exists(path):
+        return 0
+    cutoff = (datetime.now() - timedelta(seconds=older_than_s)).strftime("%Y-%m-%d %H:%M:%S.%f")  # kombu: local time
+    try:
+        with closing(sqlite3.connect(path, timeout=30)) as conn:
+            cur = conn.execute(
+                "DELETE FROM kombu_message WHERE visible = 0 AND timestamp IS NOT NULL AND timestamp < ?", (cutoff,)
+            )
+            conn.commit()
+            return cur.rowcount
+    except sqlite3.Error as exc:
+        log.warning("pruning the embedded broker failed: %s", exc)
+        return 0
 
 
 def reset() -> None:

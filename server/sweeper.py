@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Optional
@@ -29,6 +30,8 @@ from server.models import utcnow
 from server.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 600.0  # delivered messages in the embedded broker are deleted after an hour
 
 
 @dataclass
@@ -57,12 +60,16 @@ def run_forever(settings: Optional[Settings] = None, stop_event: Optional[thread
     settings = settings or get_settings()
     stop_event = stop_event or threading.Event()
     engine = get_engine(settings)
+    last_prune = 0.0
     while not stop_event.is_set():
         try:
             with Session(engine, expire_on_commit=False) as session:
                 sweep_once(session, settings)
         except Exception:  # noqa: BLE001 - a DB/broker outage must not kill the loop
             log.exception("sweeper pass failed")
+        if time.monotonic() - last_prune > PRUNE_EVERY_S:
+            last_prune = time.monotonic()
+            queue.prune_embedded_broker(settings)
         stop_event.wait(settings.sweep_interval_s)
 
 

@@ -418,3 +418,47 @@ def test_q7_concurrent_claims_postgres_threads_and_processes(tmp_path: Path):
         print(f"Postgres: {time.monotonic() - t0:.1f}s", end="")
         _check_claims(engine, ids, results)
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- the sweeper
+
+
+def test_sweep_once_expires_leases_and_republishes(env):
+    import sqlite3
+
+    from server import queue, sweeper
+    from tests.worker.support import make_settings as _ms
+
+    session, run, tmp = env
+    settings = _ms(tmp / "data", retry_backoff_s=0.0, republish_after_s=30.0)
+    lost = add_round(session, run, tmp)
+    c = _claim(session, lost.id)
+    never_published = add_round(session, run, tmp)
+    report = sweeper.sweep_once(session, settings, utcnow() + timedelta(seconds=TTL + 1))
+    assert report.expired == [lost.id]
+    assert set(report.republished) == {lost.id, never_published.id}
+    assert reload(session, never_published.id).published_at is not None
+    broker = sqlite3.connect(settings.data_dir / "broker.db")
+    payloads = [row[0] for row in broker.execute("SELECT payload FROM kombu_message")]
+    assert sum(lost.id in p for p in payloads) == 1 and sum(never_published.id in p for p in payloads) == 1
+    # published just now: not again on the next pass
+    assert sweeper.sweep_once(session, settings).republished == []
+    assert jobs.heartbeat(session, lost.id, c.lease_token, TTL) == Heartbeat.LOST
+    # delivered messages are pruned from the embedded broker after an hour
+    broker.execute("UPDATE kombu_message SET visible = 0, timestamp = '2000-01-01 00:00:00.000000'")
+    broker.commit()
+    assert queue.prune_embedded_broker(settings) == 2
+    queue.reset()
+
+
+def test_long_queued_jobs_are_republished_less_often(env):
+    session, run, tmp = env
+    now = utcnow()
+    job = add_round(session, run, tmp)
+    session.exec(update(Job).where(Job.id == job.id).values(queued_at=now - timedelta(hours=2),
+                                                           published_at=now - timedelta(seconds=60)))
+    session.commit()
+    assert jobs.claimable_unheld(session, now, 30) == []  # next publish after 10 x 30 s
+    session.exec(update(Job).where(Job.id == job.id).values(published_at=now - timedelta(seconds=301)))
+    session.commit()
+    assert jobs.claimable_unheld(session, now, 30) == [job.id]
