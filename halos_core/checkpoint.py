@@ -2,7 +2,10 @@
 
 Layout of a checkpoint directory (see `halos_core.run_dir`):
 
-    config.json, model.safetensors, generation_config.json   policy (HF save_pretrained, safetensors)
+    config.json, model.safetensors, generation_config.json   policy (HF save_pretrained, safetensors);
+                      LoRA: only in final/ and only merged (`merge_on_export`)
+    adapter/          LoRA runs: adapter_config.json + adapter_model.safetensors (`halos_core.lora`)
+    head.safetensors  bradley_terry / ppo: the reward or value head (`halos_core.heads`)
     tokenizer files                                           (HF save_pretrained)
     optimizer.pt      optimizer.state_dict() (complete: DDP keeps the full state on every rank)
     scheduler.pt      LR scheduler state_dict()
@@ -27,7 +30,7 @@ import os
 import pickle
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -104,14 +107,22 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 @dataclass
 class SaveRequest:
-    """What goes into a checkpoint. `state_dict` is the full model state (gathered if sharded)."""
+    """What goes into a checkpoint. `state_dict` is the full model state (gathered if sharded).
 
-    model: Any  # unwrapped HF PreTrainedModel
+    `model` None writes no full weights (a LoRA intermediate checkpoint: adapters only).
+    `tensor_files` maps a relative path to tensors written with safetensors (a head, adapters);
+    `writers` are called with the temporary directory to add other files (adapter config). All
+    of them are written before the manifest, so they are covered by it.
+    """
+
+    model: Any  # unwrapped HF PreTrainedModel, or None
     tokenizer: Any
     optimizer_state: dict | None
     scheduler_state: dict | None
     trainer_state: dict[str, Any]
     state_dict: dict[str, torch.Tensor] | None = None
+    tensor_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    writers: list[Callable[[Path], None]] = field(default_factory=list)
 
 
 def save_checkpoint(
@@ -142,7 +153,17 @@ def save_checkpoint(
     manifest = None
     if main:
         state = request.trainer_state
-        request.model.save_pretrained(tmp, state_dict=request.state_dict, safe_serialization=True)
+        if request.model is not None:
+            request.model.save_pretrained(tmp, state_dict=request.state_dict, safe_serialization=True)
+        if request.tensor_files:
+            from safetensors.torch import save_file
+
+            for rel, tensors in request.tensor_files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+                save_file(cpu, str(tmp / rel), metadata={"format": "pt"})
+        for write in request.writers:
+            write(tmp)
         if request.tokenizer is not None:
             request.tokenizer.save_pretrained(tmp)
         if request.optimizer_state is not None:

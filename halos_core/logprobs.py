@@ -95,19 +95,37 @@ def naive_token_logps(
 
 
 class TokenLogprobModel(nn.Module):
-    """Wraps a causal LM so that `forward` returns token log-probs (what DDP/FSDP wrap).
+    """Wraps a causal LM (and an optional head) so that `forward` returns what the loss needs
+    (what DDP/FSDP wrap).
 
     Going through this module's forward (rather than calling the inner model's pieces) keeps
     the distributed wrapper's gradient hooks and autocast in the path.
+
+        forward(ids, mask, labels)                    -> (logps [B, L-1], mask [B, L-1])
+        forward(ids, mask, labels, mode="values")     -> (logps, mask, values [B, L-1])  (value head)
+        forward(ids, mask, mode="reward")             -> rewards [B]                      (reward head;
+                                                          the LM head is not run at all)
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, head: nn.Module | None = None):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.head = head
 
-    def forward(self, input_ids, attention_mask, labels):  # noqa: D401
-        return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens)
+    def forward(self, input_ids, attention_mask, labels=None, mode: str = "logps"):  # noqa: D401
+        if mode == "logps":
+            return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens)
+        if self.head is None:
+            raise ValueError(f"mode {mode!r} needs a head")
+        decoder, lm_head = decoder_and_head(self.lm)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if mode == "reward":
+            return self.head(hidden, attention_mask)
+        if mode == "values":
+            logps, mask = logps_from_hidden(lm_head, hidden, labels, self.chunk_tokens)
+            return logps, mask, self.head(hidden)
+        raise ValueError(f"unknown mode {mode!r}")
 
 
 # --------------------------------------------------------------------------- reference cache

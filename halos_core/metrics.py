@@ -8,7 +8,7 @@ microbatches). `reduce` sums the pairs over processes with one collective and re
 Names in the metrics lines follow the run-directory contract:
     chosen_rewards -> rewards/chosen, rejected_rewards -> rewards/rejected,
     margins -> rewards/margin, accuracies/accuracy -> rewards/accuracy; other names unchanged.
-`rewards/margin` is derived as mean(chosen) - mean(rejected) when the loss reports no margins
+Token-level values ([B, T] tensors) are skipped. `rewards/margin` is derived as mean(chosen) - mean(rejected) when the loss reports no margins
 (KTO: desirable and undesirable rows are different examples).
 """
 
@@ -41,6 +41,8 @@ class MetricAccumulator:
         """Add a loss's values; `per_example` is the microbatch size (vectors of that length are per example)."""
         for key, value in values.items():
             if key in SKIP:
+                continue
+            if value.ndim >= 2:  # token-level diagnostics ([B, T]: PPO's advantages) are not step metrics
                 continue
             name = RENAME.get(key, key)
             v = value.detach().float().reshape(-1)

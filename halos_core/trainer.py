@@ -45,17 +45,23 @@ from halos_core.data.collate import Microbatch, concat_streams
 from halos_core.data.examples import DataError, ExampleSets, build_examples
 from halos_core.data.loaders import Batcher, EvalLoader, TrainLoader
 from halos_core.data.tokenize import ChatEncoder
+from halos_core.heads import HEAD_FILE, build_head
 from halos_core.logprobs import DEFAULT_CHUNK_TOKENS, ReferenceLogpCache, TokenLogprobModel, token_logps
+from halos_core.lora import (
+    ADAPTER_DIR,
+    ADAPTER_NAME,
+    ADAPTER_WEIGHTS,
+    adapter_state_dict,
+    adapters_disabled,
+    apply_lora,
+    load_adapter,
+    merged_state_dict,
+)
+from halos_core.lora import structure as lora_structure
 from halos_core.metrics import MetricAccumulator
 from halos_core.run_dir import CheckpointError, RunDir, tree_sha256
 
 log = logging.getLogger("halos_core.trainer")
-
-UNSUPPORTED_LOSSES = {
-    "bradley_terry": "needs a scalar reward head on the policy (not implemented in the trainer yet)",
-    "ppo": "needs a value head and GAE rollouts (not implemented in the trainer yet)",
-}
-
 
 def warmup_lambda(warmup_steps: int):
     """LR multiplier for global step s (0-based): linear warmup over `warmup_steps`, then 1."""
@@ -103,6 +109,7 @@ class Trainer:
         restored: dict[str, Any] | None = None,
         resumed: dict[str, Any] | None = None,
         reference_param_digest: str | None = None,
+        optimizer_params: list[str] | None = None,
     ):
         self.config = config
         self.hp = config.hyperparams
@@ -128,6 +135,8 @@ class Trainer:
         self.restored = restored
         self.resumed = resumed
         self.reference_param_digest = reference_param_digest
+        self.optimizer_params = optimizer_params
+        self.lora = config.lora
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -141,10 +150,6 @@ class Trainer:
         hp = config.hyperparams
         run_dir = RunDir(config.run_dir)
         loss = build_loss(config.loss, hp)
-        if loss.name in UNSUPPORTED_LOSSES:
-            raise NotImplementedError(f"loss '{loss.name}' {UNSUPPORTED_LOSSES[loss.name]}")
-        if config.lora is not None:
-            raise NotImplementedError("LoRA rounds are not implemented in the trainer yet (refusing to train full weights instead)")
         try:
             from transformers.utils import logging as hf_logging
 
@@ -197,6 +202,8 @@ class Trainer:
                 )
         elif config.init_from:
             ckpt = load_checkpoint(config.init_from, process_index=accelerator.process_index)
+        if ckpt is not None:
+            check_compatible(ckpt, config, loss.name)
         weights_from = str(ckpt.path) if ckpt else config.reference_path
 
         tokenizer = AutoTokenizer.from_pretrained(weights_from)
@@ -245,22 +252,46 @@ class Trainer:
         )
 
         # ---- models
-        dtype = torch.float32  # master weights; mixed precision autocasts the forward
-        policy = AutoModelForCausalLM.from_pretrained(weights_from, dtype=dtype)
-        policy.config.use_cache = False
+        ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
         reference = None
         reference_digest = None
-        if loss.needs_reference:
-            ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
-            # loaded in the file's dtype so its digest can be checked against model.safetensors, then cast
-            reference = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype="auto")
-            reference_digest = param_digest(reference)
-            reference.to(ref_dtype)
-            reference.eval().requires_grad_(False).to(accelerator.device)
+        if config.lora is not None:
+            # the SFT model, frozen, with adapters; with adapters disabled it IS the reference
+            base = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype="auto")
+            if loss.needs_reference:
+                reference_digest = param_digest(base)
+            base.to(ref_dtype)
+            base.config.use_cache = False
+            policy = apply_lora(base, config.lora)
+            if ckpt is not None:
+                load_adapter(policy, ckpt.path)
+        else:
+            policy = AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32)  # master weights
+            policy.config.use_cache = False
+            if loss.needs_reference:
+                # loaded in the file's dtype so its digest can be checked against model.safetensors, then cast
+                reference = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype="auto")
+                reference_digest = param_digest(reference)
+                reference.to(ref_dtype)
+                reference.eval().requires_grad_(False).to(accelerator.device)
 
-        model = TokenLogprobModel(policy, DEFAULT_CHUNK_TOKENS)
+        head = build_head(loss.name, hidden_size(policy.config))
+        if head is not None:
+            if ckpt is not None:
+                load_head(head, ckpt.path)
+            if loss.name == "bradley_terry" and config.lora is None:
+                freeze_unused_lm_head(policy)  # the reward model never runs the LM head (DDP needs every trained param used)
+
+        model = TokenLogprobModel(policy, DEFAULT_CHUNK_TOKENS, head=head)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        param_names = [n for n, _ in trained]
+        if ckpt is not None and ckpt.trainer_state.get("optimizer_params") not in (None, param_names):
+            raise CheckpointError(
+                f"checkpoint {ckpt.path}: its optimizer holds other parameters than this round trains "
+                f"({len(ckpt.trainer_state['optimizer_params'])} vs {len(param_names)})"
+            )
+        optimizer = torch.optim.AdamW([p for _, p in trained], lr=hp.lr, weight_decay=hp.weight_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         raw_optimizer = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, warmup_lambda(hp.warmup_steps))
@@ -316,22 +347,28 @@ class Trainer:
             restored=restored,
             resumed=resumed,
             reference_param_digest=reference_digest,
+            optimizer_params=param_names,
             reference_cache=(
                 ReferenceLogpCache(
                     config.reference_cache_dir, config.reference_sha256 or reference_sha256, config.mixed_precision
                 )
-                if reference is not None
+                if loss.needs_reference
                 else None
             ),
         )
 
     # ------------------------------------------------------------------ forward + loss
-    def _policy_logps(self, stream: dict[str, torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _policy(self, stream: dict[str, torch.Tensor], grad: bool, mode: str = "logps"):
+        """The policy's forward (`TokenLogprobModel` modes): through the distributed wrapper when
+        training, on the unwrapped module without gradients otherwise."""
         if grad:
-            return self.model(stream["input_ids"], stream["attention_mask"], stream["labels"])
+            return self.model(stream["input_ids"], stream["attention_mask"], stream["labels"], mode=mode)
         inner = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), self.accelerator.autocast():
-            return inner(stream["input_ids"], stream["attention_mask"], stream["labels"])
+            return inner(stream["input_ids"], stream["attention_mask"], stream["labels"], mode=mode)
+
+    def _policy_logps(self, stream: dict[str, torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._policy(stream, grad)
 
     def _reference_logps(self, stream: dict[str, torch.Tensor]) -> torch.Tensor:
         cache = self.reference_cache
@@ -339,10 +376,18 @@ class Trainer:
             cached = cache.get(stream)
             if cached is not None:
                 return cached
-        if next(self.reference.parameters()).device != self.reference_device:
-            self.reference.to(self.reference_device)
-        with torch.no_grad(), self.accelerator.autocast():
-            logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"], stream["labels"])
+        if self.reference is not None:
+            if next(self.reference.parameters()).device != self.reference_device:
+                self.reference.to(self.reference_device)
+            with torch.no_grad(), self.accelerator.autocast():
+                logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"], stream["labels"])
+        elif self.lora is not None:
+            # LoRA: the reference is the policy's own frozen base with the adapters switched off
+            lm = self.accelerator.unwrap_model(self.model).lm
+            with torch.no_grad(), self.accelerator.autocast(), adapters_disabled(lm):
+                logps, _ = token_logps(lm, stream["input_ids"], stream["attention_mask"], stream["labels"])
+        else:
+            raise RuntimeError(f"loss '{self.loss.name}' needs reference log-probs but no reference was loaded")
         if cache is not None:
             cache.put(stream, logps)
         return logps
@@ -356,7 +401,7 @@ class Trainer:
     def precompute_reference(self) -> None:
         """Fill the reference cache for the rest of the round (and the eval set), then move the
         reference off the accelerator: the policy trains without the reference in device memory."""
-        if self.reference is None or self.reference_cache is None:
+        if not self.loss.needs_reference or self.reference_cache is None:
             return
         t0 = time.perf_counter()
         batches = (mb for step in range(self.round_step, self.train_loader.total_steps) for mb in self.train_loader.microbatches(step))
@@ -366,7 +411,7 @@ class Trainer:
         for mb in self.eval_loader or ():
             for stream in self._reference_streams(mb.to(self.accelerator.device)):
                 self._reference_logps(stream)
-        if self.accelerator.device.type != "cpu":
+        if self.reference is not None and self.accelerator.device.type != "cpu":
             self.reference.to("cpu")
             torch.cuda.empty_cache()
         cache = self.reference_cache
@@ -389,6 +434,21 @@ class Trainer:
     def compute_loss(self, mb: Microbatch, train: bool = True):
         kind = self.loss.data_kind
         need_ref = self.loss.needs_reference
+        if self.loss.name == "bradley_terry":
+            (both,) = self._reference_streams(mb)
+            scores = self._policy(both, grad=train, mode="reward")
+            n = mb.size
+            return self.loss.compute(chosen_scores=scores[:n], rejected_scores=scores[n:])
+        if self.loss.name == "ppo":
+            target = mb.streams["target"]
+            logps, mask, values = self._policy(target, grad=train, mode="values")
+            ref = self._reference_logps(target)
+            # HALOs: +1 for a desirable output, -1 for an undesirable one, on its last token;
+            # the reference's log-probs are the behaviour policy's (offline, one step)
+            rewards = torch.where(mb.desirable, 1.0, -1.0).to(device=logps.device, dtype=torch.float32)
+            return self.loss.compute(
+                policy_logps=logps, old_policy_logps=ref, values=values, rewards=rewards, mask=mask,
+            )
         if kind == "paired":
             (both,) = self._reference_streams(mb)
             logps, mask = self._policy_logps(both, grad=train)
@@ -470,20 +530,43 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "restored": self.restored,
             "reference_param_digest": self.reference_param_digest,
+            "lora": lora_structure(self.lora) if self.lora is not None else None,
+            "head": self._head().describe() if self._head() is not None else None,
+            "optimizer_params": self.optimizer_params,
         }
+
+    def _head(self) -> torch.nn.Module | None:
+        return self.accelerator.unwrap_model(self.model).head
 
     def save(self, target: Path, kind: str):
         acc = self.accelerator
-        state_dict = acc.get_state_dict(self.model)
-        state_dict = {k[len("lm.") :]: v for k, v in state_dict.items() if k.startswith("lm.")}
         inner = acc.unwrap_model(self.model)
+        main = acc.is_main_process
+        tensor_files: dict[str, dict[str, torch.Tensor]] = {}
+        writers = []
+        model = state_dict = None
+        if self.lora is not None:
+            lm = inner.lm
+            if main:
+                tensor_files[f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"] = adapter_state_dict(lm)
+                writers.append(lambda d: lm.peft_config[ADAPTER_NAME].save_pretrained(str(d / ADAPTER_DIR)))
+                if kind == "final" and self.lora.merge_on_export:
+                    model, state_dict = lm.get_base_model(), merged_state_dict(lm)
+        else:
+            full = acc.get_state_dict(self.model)  # every rank (a sharded model gathers here)
+            state_dict = {k[len("lm.") :]: v for k, v in full.items() if k.startswith("lm.")}
+            model = inner.lm
+        if inner.head is not None:
+            tensor_files[HEAD_FILE] = dict(inner.head.state_dict())
         request = SaveRequest(
-            model=inner.lm,
+            model=model,
             tokenizer=self.tokenizer,
             optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(),
             trainer_state=self.trainer_state(kind),
             state_dict=state_dict,
+            tensor_files=tensor_files,
+            writers=writers,
         )
         extra = {
             "kind": kind,
@@ -492,6 +575,9 @@ class Trainer:
             "total_steps": self.train_loader.total_steps,
             "reference_sha256": self.reference_sha256,
             "parent": self.config.init_from,
+            "lora": self.lora is not None,
+            "merged": model is not None and self.lora is not None,
+            "head": inner.head.kind if inner.head is not None else None,
         }
         return save_checkpoint(
             target,
@@ -598,6 +684,8 @@ class Trainer:
                 "reference_param_digest": self.reference_param_digest,
                 "restored": self.restored,
                 "loss": self.loss.name,
+                "lora": lora_structure(self.lora) | {"merged": self.lora.merge_on_export} if self.lora is not None else None,
+                "head": self._head().kind if self._head() is not None else None,
             }
             if self.resumed is not None:
                 result["resumed"] = self.resumed
@@ -622,6 +710,58 @@ class Trainer:
         reduced = metrics.reduce(self._reduce_sum)
         reduced["n"] = float(len(self.eval_loader))
         return reduced
+
+
+def hidden_size(config: Any) -> int:
+    size = getattr(config, "hidden_size", None)
+    if size is None and hasattr(config, "get_text_config"):
+        size = getattr(config.get_text_config(), "hidden_size", None)
+    if size is None:
+        raise TypeError(f"cannot tell the hidden size of {type(config).__name__}")
+    return int(size)
+
+
+def freeze_unused_lm_head(model: torch.nn.Module) -> None:
+    """Freeze the LM head of a reward model (it never runs), unless it is tied to the input embeddings."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and (emb is None or head.weight is not emb.weight):
+        head.requires_grad_(False)
+
+
+def load_head(head: torch.nn.Module, checkpoint: Path | str) -> None:
+    from safetensors.torch import load_file
+
+    file = Path(checkpoint) / HEAD_FILE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} holds no {head.kind} head ({HEAD_FILE})")
+    try:
+        head.load_state_dict(load_file(str(file)), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: {HEAD_FILE} does not fit this head: {str(exc)[:300]}") from exc
+
+
+def check_compatible(ckpt: LoadedCheckpoint, config: RunConfig, loss_name: str) -> None:
+    """Refuse (before any weights are read) a checkpoint whose trainable state this round cannot
+    continue: LoRA vs full weights, other LoRA shapes, another head. Optimizer state only carries
+    over between rounds that train the same parameters."""
+    from halos_core.heads import HEAD_KINDS
+
+    state = ckpt.trainer_state
+    have_lora, want_lora = state.get("lora"), (lora_structure(config.lora) if config.lora is not None else None)
+    if have_lora != want_lora:
+        what = lambda x: "full weights" if x is None else f"LoRA {x}"  # noqa: E731
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was trained with {what(have_lora)}; this round trains {what(want_lora)}: "
+            "its weights and optimizer state cannot be continued (start from the SFT model, or keep the run's settings)"
+        )
+    have_head = (state.get("head") or {}).get("kind")
+    want_head = HEAD_KINDS.get(loss_name)
+    if have_head != want_head:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has {'a ' + have_head + ' head' if have_head else 'no head'} (loss "
+            f"{state.get('loss')!r}); loss {loss_name!r} trains {'a ' + want_head + ' head' if want_head else 'no head'}: "
+            "its optimizer state cannot be continued"
+        )
 
 
 def restore_record(source: Path | str, optimizer: Any, scheduler: Any) -> dict[str, Any]:
