@@ -30,7 +30,10 @@ def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = 
     if settings.fsdp and not settings.use_cpu:
         distributed_type = "FSDP"
     elif n > 1:
-        distributed_type = "MULTI_CPU" if settings.use_cpu else "MULTI_GPU"
+        # also on CPU: accelerate 1.x hands MULTI_CPU to its simple launcher, which starts ONE
+        # process; MULTI_GPU goes through torch.distributed.run (N local ranks) and the trainer
+        # forms a gloo group because ACCELERATE_USE_CPU=true is in its environment (launch_env)
+        distributed_type = "MULTI_GPU"
     else:
         distributed_type = "NO"
     config: dict[str, Any] = {
@@ -48,8 +51,7 @@ def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = 
         "enable_cpu_affinity": False,
         "downcast_bf16": "no",
     }
-    if not settings.use_cpu:
-        config["gpu_ids"] = "all"
+    config["gpu_ids"] = "all"
     if n > 1:
         config["main_process_ip"] = "127.0.0.1"
         config["main_process_port"] = main_process_port or settings.main_process_port or free_port()
@@ -76,6 +78,11 @@ def write_accelerate_config(run_dir: RunDir, settings: Settings) -> Path:
     tmp.write_text(yaml.safe_dump(accelerate_config(settings), sort_keys=True))
     tmp.replace(path)
     return path
+
+
+def launch_env(settings: Settings) -> dict[str, str]:
+    """Environment for the launcher: the multi-process launcher does not export `use_cpu` itself."""
+    return {"ACCELERATE_USE_CPU": "true"} if settings.use_cpu else {}
 
 
 def command(settings: Settings, run_dir: RunDir) -> list[str]:

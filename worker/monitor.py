@@ -34,7 +34,7 @@ from server.db import session_scope
 from server.jobs import Claim, Heartbeat, Outcome
 from server.settings import Settings
 from worker import exit_codes
-from worker.watchdog import group_alive, kill_group, pid_alive, proc_stat
+from worker.watchdog import job_processes, kill_group, pid_alive, proc_stat, read_environ
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,9 @@ def supervised_env(claim: Claim, settings: Settings) -> dict[str, str]:
     }
 
 
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return {}
-    env = {}
-    for item in raw.split(b"\0"):
-        if b"=" in item:
-            k, _, v = item.partition(b"=")
-            if k.startswith(b"HALOS_SUPERVISED_"):
-                env[k.decode(errors="replace")] = v.decode(errors="replace")
-    return env
+def attempt_marker(claim: Claim, settings: Settings) -> dict[str, str]:
+    """The environment items that identify this attempt's processes (ranks live in other sessions)."""
+    return {ENV_JOB: claim.job_id, ENV_ATTEMPT: str(claim.attempt), ENV_DB: db_identity(settings)}
 
 
 def find_orphans(settings: Settings, job_id: Optional[str] = None) -> dict[int, str]:
@@ -100,7 +90,7 @@ def find_orphans(settings: Settings, job_id: Optional[str] = None) -> dict[int, 
         if not name.isdigit():
             continue
         pid = int(name)
-        env = _environ(pid)
+        env = read_environ(pid)
         if env.get(ENV_DB) != me or (job_id is not None and env.get(ENV_JOB) != job_id):
             continue
         try:
@@ -112,7 +102,7 @@ def find_orphans(settings: Settings, job_id: Optional[str] = None) -> dict[int, 
         st = proc_stat(pid)
         if st is None or st[0] in ("Z", "X"):
             continue
-        orphans[st[2]] = env.get(ENV_JOB, "?")
+        orphans.setdefault(st[2], env.get(ENV_JOB, "?"))  # keyed by process group
     return orphans
 
 
@@ -165,6 +155,7 @@ class Supervisor:
         self.run_dir = run_dir
         self.proc = proc
         self.pgid = proc.pid  # start_new_session=True: the launcher leads its own group
+        self.marker = attempt_marker(claim, settings)
         self.shutdown = shutdown
         self.metrics = MetricsTail(run_dir, metrics_offset)
         self.log_offset = log_offset
@@ -197,8 +188,8 @@ class Supervisor:
         self.proc.poll()
 
     def _stop_group(self, grace: float) -> bool:
-        gone = kill_group(self.pgid, grace, tick=self._beat, tick_every=self.settings.heartbeat_interval_s,
-                          reap=self._reap_child)
+        gone = kill_group(self.pgid, grace, marker=self.marker, tick=self._beat,
+                          tick_every=self.settings.heartbeat_interval_s, reap=self._reap_child)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -233,8 +224,8 @@ class Supervisor:
                 self._ingest()
         # the launcher exited by itself: nothing of its group may outlive it
         gone = True
-        if group_alive(self.pgid):
-            log.warning("job %s: processes left in group %d after the launcher exited; stopping them",
+        if job_processes(self.pgid, self.marker):
+            log.warning("job %s: processes left behind by launcher %d after it exited; stopping them",
                         self.claim.job_id, self.pgid)
             gone = self._stop_group(min(self.settings.kill_grace_s, 5.0))
         self._ingest()
@@ -244,7 +235,7 @@ class Supervisor:
     def _fence(self, why: str) -> RunReport:
         log.error("job %s attempt %d: self-fencing (%s): killing group %d", self.claim.job_id,
                   self.claim.attempt, why, self.pgid)
-        gone = kill_group(self.pgid, 0, reap=self._reap_child)
+        gone = kill_group(self.pgid, 0, marker=self.marker, reap=self._reap_child)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -254,7 +245,8 @@ class Supervisor:
     def _on_cancel(self) -> RunReport:
         rc = self.proc.poll()
         if rc is not None:  # it finished just as the cancel arrived: report what really happened
-            self._stop_group(0) if group_alive(self.pgid) else None
+            if job_processes(self.pgid, self.marker):
+                self._stop_group(0)
             self._ingest()
             return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset))
         log.info("job %s: cancel requested; stopping group %d", self.claim.job_id, self.pgid)

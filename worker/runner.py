@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -33,7 +34,7 @@ from server.jobs import Claim, Outcome
 from server.models import utcnow
 from server.settings import Settings
 from worker import exit_codes, launch
-from worker.monitor import RunReport, Supervisor, reap_orphans, supervised_env
+from worker.monitor import RunReport, Supervisor, attempt_marker, reap_orphans, supervised_env
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
     launch.write_accelerate_config(run_dir, settings)
     cmd = launch.command(settings, run_dir)
 
-    env = {**os.environ, **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **launch.launch_env(settings), **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
     metrics_offset = run_dir.metrics_jsonl.stat().st_size if run_dir.metrics_jsonl.exists() else 0
     with open(run_dir.stdout_log, "ab") as out:
         out.write(
@@ -102,7 +103,7 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         log_offset = out.tell()
         proc = subprocess.Popen(cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    watchdog = _start_watchdog(proc.pid, settings)
+    watchdog = _start_watchdog(proc.pid, settings, attempt_marker(claim, settings))
     log.info("job %s attempt %d: started %s (pgid %d)%s", claim.job_id, claim.attempt, " ".join(cmd), proc.pid,
              f", resuming from step {resume.step}" if resume else "")
     try:
@@ -117,7 +118,7 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         # a bug or an interrupt in the supervisor must not leave the training running
         from worker.watchdog import kill_group
 
-        kill_group(proc.pid, 0, reap=proc.poll)
+        kill_group(proc.pid, 0, marker=attempt_marker(claim, settings), reap=proc.poll)
         raise
     finally:
         if watchdog is not None and watchdog.poll() is None:
@@ -128,12 +129,13 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
                 watchdog.kill()
 
 
-def _start_watchdog(pgid: int, settings: Settings) -> Optional[subprocess.Popen]:
+def _start_watchdog(pgid: int, settings: Settings, marker: dict[str, str]) -> Optional[subprocess.Popen]:
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker.watchdog", str(os.getpid()), str(pgid), str(settings.kill_grace_s)],
+            [sys.executable, "-m", "worker.watchdog", str(os.getpid()), str(pgid), str(settings.kill_grace_s),
+             json.dumps(marker)],
             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
     except OSError as exc:

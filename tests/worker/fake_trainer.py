@@ -12,7 +12,10 @@ What it does is read from the first feedback file, a JSON object:
 - fail: raise ValueError at step `at` (exit code > 0 ⇒ failed)
 - sigkill: SIGKILL itself at step `at` (OOM-like ⇒ crashed)
 - exit0: exit 0 at step `at` without result.json (⇒ crashed)
-- grandchildren: spawn two grandchildren at start (one ignores SIGTERM), pids in grandchildren.json
+- grandchildren: spawn three grandchildren at start (two ignore SIGTERM, one of them in a session of
+  its own, like torchrun's ranks), pids appended to grandchildren.json; they outlive the trainer
+  unless the worker stops them
+Under torch.distributed.run only RANK 0 trains; the other ranks just live as long as the run.
 
 Every start appends to starts.jsonl: pid, attempt, resume step, and whether a process of an
 earlier start of this job was still alive (physical overlap of attempts).
@@ -80,16 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     if starts.exists():
         previous = [json.loads(line) for line in starts.read_text().splitlines() if line.strip()]
     overlap = [p["pid"] for p in previous if _alive(p["pid"])]
+    rank = int(os.environ.get("RANK", "0"))
     with open(starts, "a") as fh:
-        fh.write(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "attempt": os.environ.get("HALOS_SUPERVISED_ATTEMPT"),
+        fh.write(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "rank": rank,
+                             "attempt": os.environ.get("HALOS_SUPERVISED_ATTEMPT"),
                              "resume_round_step": start, "resume_from": config.resume_from,
-                             "init_from": config.init_from, "overlap": overlap, "t": time.time()}) + "\n")
+                             "init_from": config.init_from, "overlap": overlap if rank == 0 else [],
+                             "t": time.time()}) + "\n")
+    if rank != 0:  # other ranks (torchrun): take part in nothing, live as long as the run
+        time.sleep((steps - start) * pause + 2)
+        return 0
 
     if mode == "grandchildren":
-        ignore = subprocess.Popen([sys.executable, "-c",
-                                   "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        ignore_term = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        same_group = subprocess.Popen([sys.executable, "-c", ignore_term])
         plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        (rd.path / "grandchildren.json").write_text(json.dumps([ignore.pid, plain.pid]))
+        # like torch.distributed.run's ranks: in a session of its own, out of the launcher's group
+        own_session = subprocess.Popen([sys.executable, "-c", ignore_term], start_new_session=True)
+        gc = rd.path / "grandchildren.json"
+        known = json.loads(gc.read_text()) if gc.exists() else []
+        gc.write_text(json.dumps(known + [same_group.pid, plain.pid, own_session.pid]))
 
     for rs in range(start + 1, steps + 1):
         time.sleep(pause)

@@ -4,6 +4,7 @@ exit-code table, the accelerate config, resume selection, orphan detection."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -71,6 +72,28 @@ def test_self_fencing_when_the_database_is_unreachable(env, monkeypatch):
     assert box["report"].action == "lost" and "no successful heartbeat" in box["report"].detail
     assert fenced < env.settings.lease_ttl_s  # before the sweeper may hand the job to someone else
     print(f"\n[self-fencing] DB unreachable -> trainer group gone in {fenced:.2f}s (lease {env.settings.lease_ttl_s}s)")
+
+
+def test_multi_process_launch_ranks_in_their_own_sessions_are_fenced(make_env, monkeypatch):
+    """Trap 3, worse: torch.distributed.run starts every rank with start_new_session=True, so a
+    SIGKILL to the launcher's process group would leave the ranks running. The monitor kills by
+    the attempt's environment markers as well."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    env = make_env("ranks", num_processes=2, use_cpu=True)
+    job, claim, thread, box, _, _ = _start(env, {"steps": 400, "sleep": 0.1})
+    run_dir = env.settings.runs_dir / job.id
+    ranks = wait_for(lambda: (st := trainer_starts(run_dir)) and len(st) >= 2 and st, 60, what="two ranks")
+    assert {r["rank"] for r in ranks} == {0, 1}
+    assert all(r["sid"] == r["pid"] for r in ranks)  # each rank leads its own session
+    t0 = time.monotonic()
+    env.session.exec(update(Job).where(Job.id == job.id).values(lease_token="someone-else"))
+    env.session.commit()
+    wait_for(lambda: not any(pid_alive(r["pid"]) for r in ranks), 10, interval=0.05, what="all ranks killed")
+    fenced = time.monotonic() - t0
+    thread.join(10)
+    assert box["report"].action == "lost"
+    assert find_orphans(env.settings) == {}
+    print(f"\n[self-fencing, 2 ranks via torchrun] all ranks gone in {fenced:.2f}s")
 
 
 def test_warm_shutdown_event_releases(env):
@@ -177,6 +200,9 @@ def test_accelerate_config_and_command(tmp_path: Path):
     cfg = launch.accelerate_config(gpu4, main_process_port=29555)
     assert (cfg["distributed_type"], cfg["num_processes"], cfg["mixed_precision"], cfg["main_process_port"]) == (
         "MULTI_GPU", 4, "bf16", 29555)
+    cpu2 = launch.accelerate_config(Settings(data_dir=tmp_path, num_processes=2, use_cpu=True))
+    assert cpu2["distributed_type"] == "MULTI_GPU" and cpu2["use_cpu"] is True  # torchrun ranks + gloo
+    assert launch.launch_env(Settings(data_dir=tmp_path, use_cpu=True)) == {"ACCELERATE_USE_CPU": "true"}
     fsdp = launch.accelerate_config(Settings(data_dir=tmp_path, num_processes=2, fsdp=True))
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     launch.write_accelerate_config(rd, cpu)

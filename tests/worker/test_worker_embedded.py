@@ -211,15 +211,19 @@ def test_q1_sigkill_worker_mid_job_resumes_on_restarted_worker(make_env):
         env = make_env(f"q1-{trial}")
         s = env.session
         w1 = WorkerProc(env.settings, env.root / "w1.log").wait_ready()
-        job = add_round(s, env.run, env.root, {"steps": 14, "sleep": 0.25, "checkpoint_every": 2})
+        # trial 1: the trainer also has grandchildren, one in a session of its own (like torchrun ranks)
+        fake = {"steps": 14, "sleep": 0.25, "checkpoint_every": 2, "mode": "grandchildren" if trial else "ok"}
+        job = add_round(s, env.run, env.root, fake)
         queue.publish(job.id, env.settings)
         ckpt_step = _first_checkpoint(env, job.id, min_step=2 + 2 * trial)
         first = trainer_starts(_run_dir(env, job.id))[0]
+        gc_file = _run_dir(env, job.id) / "grandchildren.json"
+        doomed = [first["pid"], first["pgid"], *(json.loads(gc_file.read_text()) if trial else [])]
         t_kill = time.monotonic()
         w1.kill(signal.SIGKILL)  # the worker process and its runner (solo pool: one process)
         w1.stop()
-        # its watchdog stops the orphaned training group within the grace period (I6)
-        wait_for(lambda: not pid_alive(first["pid"]) and not any(pid_alive(p) for p in [first["pgid"]]),
+        # its watchdog stops every process of the orphaned attempt within the grace period (I6)
+        wait_for(lambda: not any(pid_alive(p) for p in doomed),
                  env.settings.kill_grace_s + 3, interval=0.05, what="orphaned trainer gone")
         orphan_gone = time.monotonic() - t_kill
         assert find_orphans(env.settings) == {}
@@ -244,7 +248,8 @@ def test_q1_sigkill_worker_mid_job_resumes_on_restarted_worker(make_env):
         _no_orphans(env, job.id)
         recoveries.append(recovery)
         dups += overlapping_attempts(rows)
-        report(f"Q1 trial {trial}", killed_after_ckpt_step=ckpt_step, resumed_from=rows[1].resumed_from_step,
+        report(f"Q1 trial {trial}", processes_killed=len(doomed) - 1, killed_after_ckpt_step=ckpt_step,
+               resumed_from=rows[1].resumed_from_step,
                orphan_gone_s=f"{orphan_gone:.1f}", recovery_s=f"{recovery:.1f}")
     report("Q1", trials=trials, recovery_s=" / ".join(f"{r:.1f}" for r in recoveries), jobs_lost=lost,
            duplicate_attempts=dups)
