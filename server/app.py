@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -24,6 +25,48 @@ Every error is `{"error": {"code", "message", "details"}}`.
 """
 
 
+def _refine_openapi(app: FastAPI) -> None:
+    """Make the generated spec say exactly what the server accepts and answers (schemathesis-clean):
+
+    - members of a discriminated union (losses by `name`, conversions by `type`) *require* the
+      tag: pydantic needs it to pick the member, although each member gives it a default;
+    - error responses are JSON even on routes whose success is text/plain (the log tail).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generate()
+        components = spec.get("components", {}).get("schemas", {})
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                disc = node.get("discriminator")
+                if isinstance(disc, dict):
+                    for ref in (disc.get("mapping") or {}).values():
+                        target = components.get(str(ref).rsplit("/", 1)[-1])
+                        if target is not None and disc["propertyName"] not in target.setdefault("required", []):
+                            target["required"].append(disc["propertyName"])
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(spec)
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in (operation.get("responses") or {}).items():
+                    content = response.get("content") or {}
+                    if status[:1] in ("4", "5") and "text/plain" in content and "application/json" not in content:
+                        content["application/json"] = content.pop("text/plain")
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
@@ -32,11 +75,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except OSError:  # never stop the API from starting over a temp-file sweep
         log.warning("could not sweep %s", settings.uploads_tmp_dir, exc_info=True)
 
-    app = FastAPI(title="halos-server", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(
+        title="halos-server",
+        version="0.1.0",
+        description=DESCRIPTION,
+        generate_unique_id_function=lambda route: route.name,  # operationIds = endpoint names (links use them)
+    )
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute)
     install_exception_handlers(app)
     app.include_router(health.router)
     for module in (feedback, models, runs, jobs, checkpoints):
         app.include_router(module.router)
+    _refine_openapi(app)
     return app

@@ -142,6 +142,29 @@ def validation_details(errors: Any) -> dict[str, Any]:
     return {"errors": items}
 
 
+def _allowed_methods(request: Any) -> list[str]:
+    """Every method served on this path, from the OpenAPI paths (public, and covers all routers)."""
+    import re
+
+    app = request.app
+    table = getattr(app.state, "allowed_methods", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            regex = re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$")
+            methods = {m.upper() for m in operations}
+            if "GET" in methods:
+                methods.add("HEAD")
+            table.append((regex, methods))
+        app.state.allowed_methods = table
+    path = request.scope.get("path", "")
+    found: set[str] = set()
+    for regex, methods in table:
+        if regex.match(path):
+            found |= methods
+    return sorted(found)
+
+
 def install_exception_handlers(app: Any) -> None:
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -166,8 +189,10 @@ def install_exception_handlers(app: Any) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if status == 413:
             message = "request body too large"
-        headers = dict(exc.headers) if getattr(exc, "headers", None) else None
-        return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+        headers = dict(exc.headers) if getattr(exc, "headers", None) else {}
+        if status == 405:  # Starlette lists only the first matching route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(_request))
+        return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)
 
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -123,6 +123,7 @@ class ModelCreate(_Request):
     path: str = Field(
         min_length=1,
         max_length=4096,
+        pattern=r"^/",
         description="absolute path of a directory loadable by `from_pretrained` (config.json, weights, tokenizer)",
     )
 

@@ -48,7 +48,11 @@ _UPLOAD_BODY = {
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses={
         **error_responses(400, 413, 415, 422),
-        201: {"description": "Stored (also returned, with `Idempotent-Replayed: true`, for a replay)"},
+        201: {
+            "description": "Stored (also returned, with `Idempotent-Replayed: true`, for a replay)",
+            "links": {"GetFeedback": {"operationId": "get_feedback",
+                                      "parameters": {"feedback_id": "$response.body#/id"}}},
+        },
     },
 )
 async def upload_feedback(

@@ -14,7 +14,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLim
                    responses=error_responses(401, 429))
 
 
-@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 422))
+@router.post("", status_code=201, response_model=ModelOut, responses={
+    **error_responses(400, 413, 422),
+    201: {"description": "Registered", "links": {
+        "GetModel": {"operationId": "get_model", "parameters": {"model_id": "$response.body#/id"}}}},
+})
 def register_model(body: ModelCreate, principal: ProjectDep, session: SessionDep) -> ModelOut:
     """The directory must hold `config.json`, weights (`*.safetensors` or `pytorch_model*.bin`)
     and a tokenizer; otherwise 422 naming what is missing. Its content hash is recorded (this

@@ -17,7 +17,12 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRo
 RunId = Annotated[str, Path(max_length=200)]
 
 
-@router.post("", status_code=201, response_model=RunOut, responses=error_responses(400, 404, 409, 413, 422))
+@router.post("", status_code=201, response_model=RunOut, responses={
+    **error_responses(400, 404, 409, 413, 422),
+    201: {"description": "Created", "links": {
+        "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/id"}},
+        "CreateRound": {"operationId": "create_round", "parameters": {"run_id": "$response.body#/id"}}}},
+})
 def create_run(body: RunCreate, response: Response, principal: ProjectDep, settings: SettingsDep,
                session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> RunOut:
     """An online run on a registered model: the model is the pinned reference for every round;
@@ -46,8 +51,15 @@ def get_run(run_id: RunId, principal: ProjectDep, session: SessionDep) -> RunOut
     return service.run_view(session, service.get_run(session, principal, run_id))
 
 
-@router.post("/{run_id}/rounds", status_code=201, response_model=RoundOut,
-             responses=error_responses(400, 404, 409, 413, 422))
+@router.post("/{run_id}/rounds", status_code=201, response_model=RoundOut, responses={
+    **error_responses(400, 404, 409, 413, 422),
+    201: {"description": "Queued (or waiting for its parent round)", "links": {
+        "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/job_id"}},
+        "GetMetrics": {"operationId": "get_metrics", "parameters": {"job_id": "$response.body#/job_id"}},
+        "GetLogs": {"operationId": "get_logs", "parameters": {"job_id": "$response.body#/job_id"}},
+        "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
+        "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/run_id"}}}},
+})
 def create_round(run_id: RunId, body: RoundCreate, response: Response, principal: ProjectDep,
                  settings: SettingsDep, session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> RoundOut:
     """Queue a training round on feedback files. Validated now, not on the worker: unknown

@@ -83,7 +83,9 @@ def test_wrong_content_type_for_json_endpoint(client: TestClient, model: dict) -
 
 def test_routing_errors_are_json(client: TestClient) -> None:
     assert _assert_error(client.get("/v1/nope"), (404,))["code"] == "not_found"
-    assert _assert_error(client.delete("/v1/runs"), (405,))["code"] == "method_not_allowed"
+    resp = client.delete("/v1/runs")
+    assert _assert_error(resp, (405,))["code"] == "method_not_allowed"
+    assert set(resp.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}  # every route on the path
     assert _assert_error(client.get("/v1/runs", params={"limit": "many"}), (422,))["code"] == "validation_error"
 
 
@@ -116,6 +118,11 @@ def test_openapi_documents_errors(client: TestClient) -> None:
                 assert "404" in codes, (method, path)
             if "requestBody" in op or op.get("parameters"):
                 assert "422" in codes, (method, path)
+            for status, response in op["responses"].items():
+                if status[0] in "45":
+                    assert list(response["content"]) == ["application/json"], (method, path, status)
+    schemas = spec["components"]["schemas"]
+    assert "name" in schemas["DPOLoss"]["required"] and "type" in schemas["ScalarToPairs"]["required"]
     upload = spec["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json", "application/x-ndjson", "application/jsonl"} <= set(upload)
     assert client.get("/docs").status_code == 200

@@ -35,7 +35,8 @@ def _err(resp) -> dict:  # noqa: ANN001
 
 
 def test_path_must_be_absolute_and_exist(client: TestClient, tmp_path: Path) -> None:
-    assert _err(client.post("/v1/models", json={"name": "x", "path": "relative/dir"}))["code"] == "invalid_model_path"
+    err = _err(client.post("/v1/models", json={"name": "x", "path": "relative/dir"}))
+    assert err["code"] == "validation_error" and err["details"]["errors"][0]["field"] == "path"
     err = _err(client.post("/v1/models", json={"name": "x", "path": str(tmp_path / "missing")}))
     assert err["code"] == "model_dir_not_found" and err["details"]["field"] == "path"
     (tmp_path / "file").write_text("x")
