@@ -40,6 +40,7 @@ class Deployment:
 
     def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None):
         self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.env = {
             **os.environ,
