@@ -332,3 +332,23 @@ def test_idempotency_key_header_bounds(client: TestClient) -> None:
     body = jsonl(pairwise_records(2))
     resp = upload(client, body, headers={"Idempotency-Key": "k" * 256})
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
+
+
+def test_idempotency_key_expires_after_ttl(client: TestClient, session: Session, settings: Settings) -> None:
+    from datetime import timedelta
+
+    from server.models import utcnow
+
+    first = upload(client, jsonl(pairwise_records(2, seed=1)), headers={"Idempotency-Key": "old"}).json()
+    record = session.exec(select(IdempotencyRecord)).one()
+    record.created_at = utcnow() - timedelta(hours=settings.idempotency_ttl_hours - 1)
+    session.add(record)
+    session.commit()
+    assert upload(client, jsonl(pairwise_records(2, seed=2)), headers={"Idempotency-Key": "old"}).status_code == 422
+    record = session.exec(select(IdempotencyRecord)).one()
+    record.created_at = utcnow() - timedelta(hours=settings.idempotency_ttl_hours + 1)
+    session.add(record)
+    session.commit()
+    again = upload(client, jsonl(pairwise_records(2, seed=2)), headers={"Idempotency-Key": "old"})
+    assert again.status_code == 201 and again.json()["id"] != first["id"] and "Idempotent-Replayed" not in again.headers
+    assert _rows(session) == 2
