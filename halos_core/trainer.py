@@ -13,6 +13,16 @@ them. `Trainer.from_config(config)` builds all of that from a `RunConfig`:
 - the reference is always the SFT model at `reference_path` (frozen, eval, no grad); its tree
   hash is checked against `config.reference_sha256` and reported in result.json.
 
+LoRA (`config.lora`, `halos_core.lora`): the policy is the SFT model with adapters; the reference
+is that same module with its adapters disabled (no second model); checkpoints hold the adapters,
+`final/` also the merged weights. Heads (`halos_core.heads`): `bradley_terry` trains a reward
+head on the last non-pad token, `ppo` a value head; they are saved as `head.safetensors`. A
+round only continues a checkpoint that trains the same parameters (`check_compatible`).
+
+Proofs in result.json: `restored` (init_from: digest of the live optimizer state right after the
+restore, Adam step, scheduler position, lr at start; null for a round from the SFT model),
+`resumed` (the same for a retry's resume point), `reference_param_digest` (the reference as loaded).
+
 LR schedule: linear warmup over `warmup_steps` then constant, a LambdaLR keyed on the GLOBAL
 optimizer step (carried across rounds), so later rounds do not warm up again.
 """

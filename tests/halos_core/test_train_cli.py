@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from halos_core.checkpoint import optimizer_state_digest
 from halos_core.run_dir import RunDir, read_manifest
-from halos_core.synthetic import pairwise_records, write_jsonl
+from halos_core.synthetic import binary_records, pairwise_records, write_jsonl
 
 from .conftest import make_config, read_jsonl
 
@@ -193,3 +193,29 @@ def test_checkpoint_resumes_with_another_process_count(straight_runs, tiny_model
     assert result["step"] == 6 and result["resumed"]["optimizer_step"] == 3
     assert result["resumed"]["optimizer_state_digest"] == optimizer_state_digest(
         torch.load(ckpt / "optimizer.pt", weights_only=True))
+
+
+@pytest.mark.e2e
+def test_heads_under_two_processes(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+    """DDP with a reward head (LM head frozen: every trained parameter gets a gradient) equals one
+    process; PPO's value head trains under DDP too."""
+    bt = {"name": "bradley_terry"}
+    one = _prepare(tmp_path, "bt1", tiny_model_dir, tiny_sha, pairwise_file, loss=bt)
+    two = _prepare(tmp_path, "bt2", tiny_model_dir, tiny_sha, pairwise_file, loss=bt)
+    _ok(launch(one, 1), 1)
+    _ok(launch(two, 2), 2)
+    m1, m2 = _steps(one), _steps(two)
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(m1, m2):
+        for key in ("loss", "grad_norm", "rewards/accuracy", "rewards/margin"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    _assert_same_final(one, two)
+    h1, h2 = load_file(str(one.final / "head.safetensors")), load_file(str(two.final / "head.safetensors"))
+    torch.testing.assert_close(h2["score.weight"], h1["score.weight"], rtol=0, atol=1e-5)
+
+    binary = write_jsonl(binary_records(32, seed=3), tmp_path / "bin.jsonl")
+    ppo = _prepare(tmp_path, "ppo2", tiny_model_dir, tiny_sha, [(binary, "binary")], loss={"name": "ppo"})
+    _ok(launch(ppo, 2), 2)
+    steps = _steps(ppo)
+    assert len(steps) == 4 and all(m["critic_loss"] == m["critic_loss"] for m in steps)
+    assert ppo.read_result()["head"] == "value" and (ppo.final / "head.safetensors").is_file()
