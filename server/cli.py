@@ -146,8 +146,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     server = uvicorn.Server(uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
                                            log_level=args.loglevel.lower(), lifespan="on"))
+    # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them to the previous handlers
+    # once it has shut down; with these no-op handlers it returns instead, so the worker child
+    # and the sweeper are stopped cleanly below and the exit status is 0.
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     try:
-        server.run()  # returns on SIGINT/SIGTERM
+        server.run()
+        if received:
+            log.info("received %s: stopping", signal.Signals(received[-1]).name)
     finally:
         stop.set()
         if worker_proc is not None:
@@ -176,8 +184,12 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from server.services.keys import revoke_api_key
 
     settings = get_settings()
-    with session_scope(settings) as session:
-        result = revoke_api_key(session, args.key)
+    try:
+        with session_scope(settings) as session:
+            result = revoke_api_key(session, args.key)
+    except Exception as exc:  # noqa: BLE001 - NotFound / Conflict (ambiguous prefix) from the service
+        log.error("%s", getattr(exc, "message", None) or exc)
+        return 1
     if result is None or result is False:
         log.error("no API key %r", args.key)
         return 1
