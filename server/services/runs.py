@@ -41,7 +41,7 @@ from server.errors import Conflict, Unprocessable, not_found, validation_details
 from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, Round, Run
 from server.schemas import RoundCreate, RoundOut, RunCreate, RunOut, RunSummary
 from server.services import idempotency
-from server.services.common import get_owned, paginate, plausible_id
+from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings
 
@@ -366,10 +366,4 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
                 log.exception("publishing job %s failed; the sweeper will retry", job.id)
         return rnd, job, False
     raise Conflict("could not create the round because of concurrent requests; retry", code="concurrent_update")
-
-
-def get_round(session: Session, principal: Principal, round_id: str) -> Round:
-    if not plausible_id(round_id):
-        raise not_found("round", round_id)
-    return get_owned(session, Round, round_id, principal.project_id, "round")
 
