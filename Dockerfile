@@ -1,0 +1,54 @@
+# halos-server: one image for the API (`halos serve --no-worker`), the workers (`halos worker`) and
+# the one-shot migration (`alembic upgrade head`). See docker-compose.yml.
+#
+# torch comes from PyPI by default, whose Linux x86_64 wheels are CUDA builds that bundle the CUDA
+# runtime (nvidia-* wheels); the host only needs the NVIDIA driver + container toolkit. To pin a
+# CUDA variant: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+FROM python:3.11-slim-bookworm
+
+ARG TORCH_INDEX_URL=""
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HALOS_DATA_DIR=/data
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini build-essential git curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/venv \
+ && pip install --upgrade pip setuptools wheel
+
+WORKDIR /app
+
+# 1. dependencies only (a cached layer that changes when pyproject.toml does)
+COPY pyproject.toml README.md ./
+RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" "torch>=2.13.0"; fi \
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# 2. the project (editable: alembic.ini and migrations/ stay next to the code, where
+#    `alembic upgrade head` and `halos migrate` find them)
+COPY alembic.ini ./
+COPY migrations ./migrations
+COPY halos_core ./halos_core
+COPY server ./server
+COPY worker ./worker
+RUN pip install --no-deps -e . \
+ && python -c "import server.cli, worker.app, halos_core.config" \
+ && useradd --create-home --uid 1000 halos \
+ && mkdir -p /data \
+ && chown -R halos:halos /data
+
+USER halos
+VOLUME ["/data"]
+EXPOSE 8000
+
+# tini reaps orphans (a killed rank's children) so process-group checks never see zombies linger,
+# and forwards SIGTERM to `halos`, whose worker then shuts down warm (jobs are released).
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["halos", "serve", "--host", "0.0.0.0", "--port", "8000"]
