@@ -293,3 +293,20 @@ def test_q8_sigterm_worker_releases_and_another_worker_resumes(make_env):
     _no_orphans(env, job.id)
     report("Q8", trials=1, released_after_ckpt_step=ckpt_step, resumed_from=rows[1].resumed_from_step,
            recovery_s=f"{recovery:.1f}", jobs_lost=0, duplicate_attempts=overlapping_attempts(rows))
+
+
+def test_worker_concurrency_two_runs_jobs_side_by_side(make_env):
+    env = make_env("conc")
+    s = env.session
+    w = WorkerProc(env.settings, env.root / "w.log", concurrency=2).wait_ready()
+    try:
+        ids = [add_round(s, env.run, env.root, {"steps": 10, "sleep": 0.3}).id for _ in range(2)]
+        for job_id in ids:
+            queue.publish(job_id, env.settings)
+        final = [wait_status(s, job_id, TERMINAL, 90) for job_id in ids]
+    finally:
+        w.stop()
+    assert [j.status for j in final] == [JobStatus.succeeded] * 2
+    a, b = (attempts(s, job_id)[0] for job_id in ids)
+    assert a.started_at < b.ended_at and b.started_at < a.ended_at  # they overlapped: two slots
+    assert a.pid == b.pid == w.pid
