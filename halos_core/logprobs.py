@@ -4,7 +4,11 @@
 the final hidden states, then applies the LM head chunk by chunk over token positions and keeps,
 per chunk, only `logit[label] - logsumexp(logits)`. With gradients enabled each chunk runs under
 non-reentrant activation checkpointing, so the backward pass recomputes one chunk's logits at a
-time instead of keeping all of them: peak extra memory is one chunk's [B, c, V] logits.
+time instead of keeping all of them: peak extra memory is a few chunks' [B, c, V] logits (the
+recomputed logits, their gradient, logsumexp's temporaries), independent of the sequence length.
+A chunk holds at most `DEFAULT_CHUNK_TOKENS` positions and `DEFAULT_CHUNK_BYTES` of float32
+logits (`chunk_tokens_for`). `tests/halos_core/test_logprobs.py` measures the peak of live
+tensor bytes of both paths.
 
 Alignment: position t predicts token t+1, so the result is [B, L-1] with
 `logps[b, t] = log p(labels[b, t+1] | input_ids[b, :t+1])`, and 0.0 where `labels[b, t+1]` is
@@ -25,7 +29,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 4096  # token positions (batch x time) per LM-head chunk
+DEFAULT_CHUNK_TOKENS = 4096  # at most this many token positions (batch x time) per LM-head chunk
+DEFAULT_CHUNK_BYTES = 512 << 20  # ... and at most this many bytes of float32 logits per chunk
+
+
+def chunk_tokens_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Token positions per chunk so that one chunk's float32 logits [c, V] stay within `chunk_bytes`
+    (a 128k vocabulary gets ~1k positions, a 32k one the 4096 cap)."""
+    return max(1, min(max_tokens, chunk_bytes // (4 * max(1, vocab_size))))
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -55,17 +66,26 @@ def token_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, L-1] float32 token log-probs, 0 where masked; [B, L-1] bool mask)."""
+    """([B, L-1] float32 token log-probs, 0 where masked; [B, L-1] bool mask).
+
+    `chunk_tokens` None: sized from the vocabulary (`chunk_tokens_for`)."""
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return logps_from_hidden(head, hidden, labels, chunk_tokens)
 
 
+def _vocab_size(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else int(getattr(head, "out_features", 0) or 0)
+
+
 def logps_from_hidden(
-    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if chunk_tokens is None:
+        chunk_tokens = chunk_tokens_for(_vocab_size(head))
     targets, mask = shifted_targets(labels)
     hidden = hidden[:, :-1]
     batch, steps = targets.shape
@@ -107,9 +127,18 @@ class TokenLogprobModel(nn.Module):
                                                           the LM head is not run at all)
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, head: nn.Module | None = None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        chunk_tokens: int | None = None,
+        head: nn.Module | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         super().__init__()
         self.lm = lm
+        if chunk_tokens is None:
+            out = lm.get_output_embeddings()
+            chunk_tokens = chunk_tokens_for(_vocab_size(out) if out is not None else 0, chunk_bytes)
         self.chunk_tokens = chunk_tokens
         self.head = head
 

@@ -56,7 +56,7 @@ from halos_core.data.examples import DataError, ExampleSets, build_examples
 from halos_core.data.loaders import Batcher, EvalLoader, TrainLoader
 from halos_core.data.tokenize import ChatEncoder
 from halos_core.heads import HEAD_FILE, build_head
-from halos_core.logprobs import DEFAULT_CHUNK_TOKENS, ReferenceLogpCache, TokenLogprobModel, token_logps
+from halos_core.logprobs import ReferenceLogpCache, TokenLogprobModel, token_logps
 from halos_core.lora import (
     ADAPTER_DIR,
     ADAPTER_NAME,
@@ -292,7 +292,7 @@ class Trainer:
             if loss.name == "bradley_terry" and config.lora is None:
                 freeze_unused_lm_head(policy)  # the reward model never runs the LM head (DDP needs every trained param used)
 
-        model = TokenLogprobModel(policy, DEFAULT_CHUNK_TOKENS, head=head)
+        model = TokenLogprobModel(policy, head=head)  # chunk size from the vocabulary (bounded logits memory)
         model.train()
         trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         param_names = [n for n, _ in trained]
