@@ -219,3 +219,19 @@ def test_heads_under_two_processes(tmp_path, tiny_model_dir, tiny_sha, pairwise_
     steps = _steps(ppo)
     assert len(steps) == 4 and all(m["critic_loss"] == m["critic_loss"] for m in steps)
     assert ppo.read_result()["head"] == "value" and (ppo.final / "head.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_lora_under_two_processes_matches_one(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+    """LoRA under DDP (frozen base, adapters all-reduced; reference = adapters disabled) = 1 process."""
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    one = _prepare(tmp_path, "l1", tiny_model_dir, tiny_sha, pairwise_file, lora=lora, lr=2e-3)
+    two = _prepare(tmp_path, "l2", tiny_model_dir, tiny_sha, pairwise_file, lora=lora, lr=2e-3)
+    _ok(launch(one, 1), 1)
+    _ok(launch(two, 2), 2)
+    _assert_same_steps(_steps(one), _steps(two))
+    _assert_same_final(one, two)  # merged export + adapter optimizer state
+    a1 = load_file(str(one.final / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(two.final / "adapter" / "adapter_model.safetensors"))
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=1e-5)
