@@ -180,11 +180,29 @@ class RunDir:
         done = self.complete_checkpoints()
         return done[-1] if done else None
 
+    def _recover_interrupted_replace(self) -> None:
+        """Re-saving an existing step moves the old copy to `.tmp-old-<name>`, then renames
+        `.tmp-<name>` into place. A kill between the two renames leaves no `<name>` but two complete
+        copies under temp names: put the newest complete one back instead of deleting both."""
+        for candidate_prefix in (TMP_PREFIX, f"{TMP_PREFIX}old-"):
+            for d in sorted(self.checkpoints.glob(f"{candidate_prefix}{CHECKPOINT_PREFIX}*")):
+                name = d.name[len(candidate_prefix):]
+                target = self.checkpoints / name
+                if target.exists():
+                    continue
+                try:
+                    read_manifest(d)
+                except CheckpointError:
+                    continue
+                os.replace(d, target)
+                fsync_dir(self.checkpoints)
+
     def clean_partial_checkpoints(self) -> list[Path]:
         """Delete temp and incomplete checkpoint directories (never a complete one)."""
         removed = []
         if not self.checkpoints.is_dir():
             return removed
+        self._recover_interrupted_replace()
         for d in self.checkpoints.iterdir():
             if not d.is_dir():
                 continue
