@@ -14,6 +14,12 @@ Alignment: position t predicts token t+1, so the result is [B, L-1] with
 `logps[b, t] = log p(labels[b, t+1] | input_ids[b, :t+1])`, and 0.0 where `labels[b, t+1]` is
 -100 (prompt or padding). The matching mask is `labels[:, 1:] != -100`.
 
+Packing (`packing=True`, `packed_token_logps`): the real tokens of the batch are re-laid into
+fewer rows (`halos_core.data.packing`), position_ids restarting at 0 per sequence and no 2D
+attention mask, so transformers builds a block-causal mask (no token attends across a sequence
+boundary); the packed log-probs are mapped back to the same [B, L-1] layout. Only the "logps"
+mode packs; the reward and value heads run on the padded layout.
+
 Not covered: models whose logits are post-processed after the LM head (Gemma-2 soft-capping,
 logit scaling); for those use `naive_token_logps`.
 """
@@ -67,13 +73,40 @@ def token_logps(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     chunk_tokens: int | None = None,
+    packing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, L-1] float32 token log-probs, 0 where masked; [B, L-1] bool mask).
 
-    `chunk_tokens` None: sized from the vocabulary (`chunk_tokens_for`)."""
+    `chunk_tokens` None: sized from the vocabulary (`chunk_tokens_for`). `packing`: run the
+    sequences packed (`packed_token_logps`); same result."""
+    if packing:
+        return packed_token_logps(model, input_ids, attention_mask, labels, chunk_tokens)
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return logps_from_hidden(head, hidden, labels, chunk_tokens)
+
+
+def packed_token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` computed on packed rows (`halos_core.data.packing.pack_stream`): same
+    [B, L-1] result; the decoder and the LM head only see real tokens plus each row's pad tail."""
+    from halos_core.data.packing import check_packing_supported, pack_stream
+
+    decoder, head = decoder_and_head(model)
+    impl = check_packing_supported(decoder.config)
+    packed = pack_stream(input_ids, attention_mask, labels, capacity=capacity, attn_impl=impl)
+    hidden = decoder(
+        input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids, use_cache=False
+    ).last_hidden_state
+    logps, _ = logps_from_hidden(head, hidden, packed.labels, chunk_tokens)
+    _, mask = shifted_targets(labels)
+    return packed.unpack_shifted(logps).masked_fill(~mask, 0.0), mask
 
 
 def _vocab_size(head: nn.Module) -> int:
@@ -133,9 +166,11 @@ class TokenLogprobModel(nn.Module):
         chunk_tokens: int | None = None,
         head: nn.Module | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        packing: bool = False,
     ):
         super().__init__()
         self.lm = lm
+        self.packing = packing  # "logps" mode only (see `packed_token_logps`)
         if chunk_tokens is None:
             out = lm.get_output_embeddings()
             chunk_tokens = chunk_tokens_for(_vocab_size(out) if out is not None else 0, chunk_bytes)
@@ -144,7 +179,7 @@ class TokenLogprobModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, mode: str = "logps"):  # noqa: D401
         if mode == "logps":
-            return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens)
+            return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens, packing=self.packing)
         if self.head is None:
             raise ValueError(f"mode {mode!r} needs a head")
         decoder, lm_head = decoder_and_head(self.lm)

@@ -292,7 +292,8 @@ class Trainer:
             if loss.name == "bradley_terry" and config.lora is None:
                 freeze_unused_lm_head(policy)  # the reward model never runs the LM head (DDP needs every trained param used)
 
-        model = TokenLogprobModel(policy, head=head)  # chunk size from the vocabulary (bounded logits memory)
+        # chunk size from the vocabulary (bounded logits memory); packed sequences when hp.packing
+        model = TokenLogprobModel(policy, head=head, packing=hp.packing)
         model.train()
         trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         param_names = [n for n, _ in trained]
@@ -390,12 +391,14 @@ class Trainer:
             if next(self.reference.parameters()).device != self.reference_device:
                 self.reference.to(self.reference_device)
             with torch.no_grad(), self.accelerator.autocast():
-                logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"], stream["labels"])
+                logps, _ = token_logps(
+                    self.reference, stream["input_ids"], stream["attention_mask"], stream["labels"], packing=self.hp.packing
+                )
         elif self.lora is not None:
             # LoRA: the reference is the policy's own frozen base with the adapters switched off
             lm = self.accelerator.unwrap_model(self.model).lm
             with torch.no_grad(), self.accelerator.autocast(), adapters_disabled(lm):
-                logps, _ = token_logps(lm, stream["input_ids"], stream["attention_mask"], stream["labels"])
+                logps, _ = token_logps(lm, stream["input_ids"], stream["attention_mask"], stream["labels"], packing=self.hp.packing)
         else:
             raise RuntimeError(f"loss '{self.loss.name}' needs reference log-probs but no reference was loaded")
         if cache is not None:

@@ -7,6 +7,7 @@ A `Microbatch` holds one or more *streams* of sequences that go through the mode
   grouped:  "target"
 Each stream is `{"input_ids", "attention_mask", "labels"}` [B, L] (right padding, labels -100 on
 prompt and padding). `concat_streams` pads several streams to a common length for one forward.
+With `hyperparams.packing` the log-prob passes re-lay these rows into packed rows (`packing.py`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,18 @@ of examples consumed in this round, always a multiple of `batch_size`.
   microbatch.
 - KTO's KL pairs: within each microbatch, prompt i with the output of example i+1 (cyclically),
   as HALOs' UnpairedPreferenceDataLoader does.
+- `bucket_by_length=True` (off by default): the global batch is sorted by a length estimate
+  (`example_length`: characters of prompt + outputs; ties by index) before it is cut into
+  microbatches, so each accumulation microbatch (and each process's share of it) holds
+  sequences of similar length and pads little. Which examples form each optimizer step is
+  unchanged (the window is the global batch), and it stays a function of (examples, seed,
+  batch_size). Trade-off: the grouping INTO microbatches changes, so losses normalised per
+  microbatch (SFT's and GRPO's token means, PPO's masked means, KTO's KL pairs and its
+  per-microbatch KL estimate) see different groups than without it, so the gradient of a step
+  differs slightly; for per-example-mean losses (DPO family) with a fixed microbatch size it does
+  not (up to float summation order).
+  Padding inside a microbatch is removed without changing any grouping by sequence packing
+  (`halos_core.data.packing`, hp.packing).
 """
 
 from __future__ import annotations
@@ -89,6 +101,16 @@ class Batcher:
         raise ValueError(f"unknown data kind {kind!r}")
 
 
+def example_length(example) -> int:
+    """A tokenisation-free length estimate: characters of the prompt and of every output."""
+    parts = [example.prompt]
+    for name in ("chosen", "rejected", "output", "target"):
+        turns_ = getattr(example, name, None)
+        if turns_ is not None:
+            parts.append(turns_)
+    return sum(len(content) for turns_ in parts for _, content in turns_)
+
+
 class TrainLoader:
     def __init__(
         self,
@@ -101,6 +123,7 @@ class TrainLoader:
         process_index: int = 0,
         n_epochs: int = 1,
         seed: int = 0,
+        bucket_by_length: bool = False,
     ):
         per_pass = microbatch_size * num_processes
         if batch_size % per_pass:
@@ -117,6 +140,7 @@ class TrainLoader:
         self.process_index = process_index
         self.n_epochs = n_epochs
         self.seed = seed
+        self.bucket_by_length = bucket_by_length
         self.gradient_accumulation_steps = batch_size // per_pass
         self.steps_per_epoch = len(self.examples) // batch_size
         self.total_steps = self.steps_per_epoch * n_epochs
@@ -142,6 +166,8 @@ class TrainLoader:
     def local_indices(self, step: int) -> list[list[int]]:
         """This process's microbatches (lists of example indices) for `step`."""
         batch = self.step_indices(step)
+        if self.bucket_by_length:
+            batch = sorted(batch, key=lambda i: (example_length(self.examples[i]), i))
         mb, p, r = self.microbatch_size, self.num_processes, self.process_index
         return [batch[k * mb * p + r * mb : k * mb * p + (r + 1) * mb] for k in range(self.gradient_accumulation_steps)]
 
