@@ -9,16 +9,18 @@ PY     := $(VENV)/bin/python
 # GPU users: `make setup TORCH_SPEC="torch>=2.13"` (or any CUDA build) works too.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Pin everything else to the tested set; `make setup CONSTRAINTS=` installs the newest allowed.
+CONSTRAINTS ?= -c requirements.lock
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench audit clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" $(CONSTRAINTS)
 	touch $@
 
 demo: setup
@@ -32,6 +34,10 @@ test: setup lint
 
 bench: setup
 	$(PY) bench/train_throughput.py
+
+# Known-vulnerability audit of the locked set (needs the PyPI JSON API or OSV reachable).
+audit: setup
+	$(VENV)/bin/pip-audit --disable-pip --no-deps -r requirements.lock
 
 clean:
 	rm -rf $(VENV) demo-data halos-data .pytest_cache
