@@ -1,0 +1,73 @@
+"""Smoke runs of the benchmark scripts (bench/) with their smallest settings, so they cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+
+
+def test_train_throughput_smoke(tmp_path, cpu_only, capsys):
+    tp = load("train_throughput")
+    out = tmp_path / "tp.json"
+    report = tp.main([
+        "--preset", "tiny", "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "300",
+        "--seq-min", "12", "--seq-max", "24", "--batch-size", "4", "--microbatch-size", "2", "--steps", "2",
+        "--losses", "dpo,kto,grpo", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = {r["loss"]: r for r in report["results"]}
+    assert set(rows) == {"dpo", "kto", "grpo"}
+    for loss, r in rows.items():
+        assert r["steps_measured"] == 1, loss  # 2 steps, the first one is warmup
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert "mfu" not in r  # CPU
+        assert loss in printed
+    # the round was stopped before its last step: no final checkpoint was written
+    assert not (tmp_path / "work" / "run-dpo" / "final").exists()
+    # every loss the trainer supports is the default; unknown ones are refused
+    assert "dpo" in tp.supported_losses()
+    with pytest.raises(SystemExit):
+        tp.main(["--losses", "nope", "--device", "cpu"])
+
+
+def test_learning_signal_smoke(tmp_path, cpu_only, capsys):
+    ls = load("learning_signal")
+    out = tmp_path / "ls.json"
+    report = ls.main([
+        "--losses", "dpo,kto", "--rounds", "2", "--records", "24", "--heldout", "8", "--hidden", "32", "--layers", "1",
+        "--lr", "1e-3", "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    rows = report["rows"]
+    assert [(r["loss"], r["round"]) for r in rows] == [("dpo", 0), ("dpo", 1), ("dpo", 2), ("kto", 0), ("kto", 1), ("kto", 2)]
+    for r in rows:
+        if r["round"] == 0:  # the SFT model: policy == reference, every pair a tie
+            assert r["fixed"]["accuracy"] == 0.5 and r["fixed"]["ties"] == 1.0 and r["step"] == 0
+            assert r["eval_loss"] is not None  # the trainer's eval of the untrained model
+        else:
+            assert r["step"] > 0 and r["eval_loss"] is not None
+    dpo = [r for r in rows if r["loss"] == "dpo"]
+    assert dpo[2]["step"] == dpo[1]["step"] + dpo[2]["round_steps"]  # counters carried across rounds
+    assert dpo[1]["eval_accuracy"] is not None
+    assert "PASS" in printed or "FAIL" in printed
