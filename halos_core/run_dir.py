@@ -224,14 +224,25 @@ class RunDir:
             fh.flush()
 
     def read_metrics(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Complete metric lines from byte `offset`; returns (records, new offset)."""
-        if not self.metrics_jsonl.is_file():
+        """Complete metric lines from byte `offset`; returns (records, new offset).
+
+        A line still being written is left for the next read. A malformed line (a killed
+        attempt's half-written tail followed by the retry's first line) is skipped, not fatal."""
+        try:
+            with open(self.metrics_jsonl, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
             return [], offset
-        with open(self.metrics_jsonl, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-        end = data.rfind(b"\n") + 1  # a line still being written is left for the next read
-        records = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        end = data.rfind(b"\n") + 1
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
         return records, offset + end
 
     def write_result(self, result: dict[str, Any]) -> None:

@@ -402,8 +402,19 @@ def heartbeat(session: Session, job_id: str, lease_token: str, lease_ttl: float 
     return Heartbeat.OK
 
 
-def record_progress(session: Session, job_id: str, lease_token: str, metrics: list[dict[str, Any]]) -> None:
-    """Append MetricPoint rows and update the job's progress (ignored unless the lease is ours)."""
+def int_or_zero(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def record_progress(session: Session, job_id: str, lease_token: str, metrics: list[dict[str, Any]], *,
+                    skip_recorded: bool = False) -> None:
+    """Append MetricPoint rows and update the job's progress (ignored unless the lease is ours).
+
+    `skip_recorded`: drop points whose (step, split) the job already has — used by a retry to
+    backfill lines an earlier attempt wrote to metrics.jsonl but died before recording."""
     if not metrics:
         return
     job = session.exec(
@@ -413,16 +424,20 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
     if job is None:
         session.rollback()
         return
+    if skip_recorded:
+        recorded = set(session.exec(select(MetricPoint.step, MetricPoint.split).where(MetricPoint.job_id == job_id)).all())
+        metrics = [r for r in metrics if isinstance(r, dict)
+                   and (int_or_zero(r.get("step")), str(r.get("split") or "train")[:10]) not in recorded]
+        if not metrics:
+            session.rollback()
+            return
     now = utcnow()
     latest_train: Optional[dict[str, Any]] = None
     for rec in metrics:
         if not isinstance(rec, dict):
             continue
         split = str(rec.get("split") or "train")[:10]
-        try:
-            step = int(rec.get("step") or 0)
-        except (TypeError, ValueError):
-            step = 0
+        step = int_or_zero(rec.get("step"))
         session.add(MetricPoint(job_id=job_id, attempt=job.attempt, step=step, split=split, data=rec, created_at=now))
         if split == "train":
             latest_train = rec

@@ -19,7 +19,6 @@ mapped to an outcome by `worker.exit_codes.classify`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -124,26 +123,11 @@ class MetricsTail:
         self.offset = offset
 
     def read(self) -> list[dict[str, Any]]:
-        path = self.run_dir.metrics_jsonl
         try:
-            with open(path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except OSError:
+            records, self.offset = self.run_dir.read_metrics(self.offset)
+        except OSError as exc:
+            log.warning("reading %s failed: %s", self.run_dir.metrics_jsonl, exc)
             return []
-        end = data.rfind(b"\n") + 1
-        records = []
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                log.warning("skipping malformed metrics line in %s: %r", path, line[:200])
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-        self.offset += end
         return records
 
 

@@ -66,6 +66,21 @@ def _finish_now(outcome: Outcome) -> RunReport:
     return RunReport("finish", outcome)
 
 
+def _backfill_metrics(claim: Claim, settings: Settings, run_dir: RunDir, resume_step: int) -> int:
+    """Record the lines an earlier attempt wrote but died before recording, up to the step this
+    attempt resumes from (later ones are redone and logged again); return where tailing starts."""
+    records, _ = run_dir.read_metrics(0)
+    kept = [r for r in records if jobs.int_or_zero(r.get("step")) <= resume_step]
+    if kept:
+        try:
+            with session_scope(settings) as session:
+                jobs.record_progress(session, claim.job_id, claim.lease_token, kept, skip_recorded=True)
+        except Exception as exc:  # noqa: BLE001 - the series is informational; training goes on
+            log.warning("backfilling metrics of %s failed: %s", claim.job_id, exc)
+    # Tail from the end of the file, past any half-written line of the killed attempt.
+    return run_dir.metrics_jsonl.stat().st_size if run_dir.metrics_jsonl.exists() else 0
+
+
 def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event] = None) -> RunReport:
     shutdown = shutdown or SHUTDOWN
     run_dir = RunDir(claim.run_dir or (settings.runs_dir / claim.job_id)).create()
@@ -93,7 +108,7 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
     cmd = launch.command(settings, run_dir)
 
     env = {**os.environ, **launch.launch_env(settings), **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
-    metrics_offset = run_dir.metrics_jsonl.stat().st_size if run_dir.metrics_jsonl.exists() else 0
+    metrics_offset = _backfill_metrics(claim, settings, run_dir, resume.step if resume else 0)
     with open(run_dir.stdout_log, "ab") as out:
         out.write(
             f"\n===== halos: job {claim.job_id} attempt {claim.attempt} on {hostname()} at {utcnow().isoformat()}"
