@@ -70,6 +70,17 @@ from halos_core.lora import (
 from halos_core.lora import structure as lora_structure
 from halos_core.metrics import MetricAccumulator
 from halos_core.run_dir import CheckpointError, RunDir, tree_sha256
+from halos_core.sharded import (
+    build_accelerator,
+    check_supported,
+    configure_wrapping,
+    describe as describe_sharding,
+    gather_full_state,
+    gather_optimizer_state,
+    is_fsdp,
+    load_full_optimizer_state,
+    to_plain,
+)
 
 log = logging.getLogger("halos_core.trainer")
 
@@ -147,12 +158,13 @@ class Trainer:
         self.reference_param_digest = reference_param_digest
         self.optimizer_params = optimizer_params
         self.lora = config.lora
+        self.sharded = is_fsdp(accelerator)  # FSDP2: parameters and optimizer state are sharded
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, config: RunConfig, *, accelerator: Any = None, keep_last: int = DEFAULT_KEEP_LAST) -> "Trainer":
-        from accelerate import Accelerator, PartialState
-        from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env, set_seed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from halos_core.losses import build_loss
@@ -171,16 +183,15 @@ class Trainer:
             # only forms a multi-process CPU (gloo) group when told `cpu=True`.
             cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
             state = PartialState(cpu=cpu)
-            accelerator = Accelerator(
+            # an FSDP launch (accelerate.yaml `distributed_type: FSDP`) gets FSDP2 on CPU too (halos_core.sharded)
+            accelerator = build_accelerator(
                 cpu=cpu,
                 gradient_accumulation_steps=hp.gradient_accumulation_steps(state.num_processes),
                 mixed_precision=config.mixed_precision,
-                step_scheduler_with_optimizer=False,
             )
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise NotImplementedError(
-                f"{accelerator.distributed_type} checkpointing (sharded optimizer state) is not implemented yet; use DDP"
-            )
+        # FSDP: FSDP2 with full weights (and heads); LoRA + FSDP and DeepSpeed are refused here
+        check_supported(accelerator, lora=config.lora is not None)
+        sharded = is_fsdp(accelerator)
         main = accelerator.is_main_process
         if main:
             log.info(
@@ -303,7 +314,15 @@ class Trainer:
                 f"({len(ckpt.trainer_state['optimizer_params'])} vs {len(param_names)})"
             )
         optimizer = torch.optim.AdamW([p for _, p in trained], lr=hp.lr, weight_decay=hp.weight_decay)
+        if sharded:
+            configure_wrapping(accelerator, policy)
         model, optimizer = accelerator.prepare(model, optimizer)
+        if sharded:
+            shards = describe_sharding(model)
+            log.info(
+                "FSDP2 rank %d: %d units, %d of %d parameter elements held locally",
+                accelerator.process_index, shards["units"], shards["local_numel"], shards["numel"],
+            )
         raw_optimizer = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, warmup_lambda(hp.warmup_steps))
 
@@ -327,9 +346,15 @@ class Trainer:
             position = RoundPosition(config.counters.step, config.counters.examples, 0)
         record = None
         if ckpt is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            if sharded:
+                # every rank read the full optimizer.pt; each keeps its shard of every moment (collective)
+                load_full_optimizer_state(model, optimizer, ckpt.optimizer_state, param_names)
+            else:
+                optimizer.load_state_dict(ckpt.optimizer_state)
             scheduler.load_state_dict(ckpt.scheduler_state)
-            record = restore_record(ckpt.path, optimizer, scheduler)  # from the live objects, right after the restore
+            # from the live objects, right after the restore (sharded: gathered back, complete, on rank 0)
+            live = gather_optimizer_state(model, optimizer) if sharded else None
+            record = restore_record(ckpt.path, optimizer, scheduler, optimizer_state=live)
         align_schedule(scheduler, hp.lr, hp.weight_decay, position.step_offset + position.round_step)
         if record is not None:
             record["lr_at_start"] = scheduler.get_last_lr()[0]
@@ -558,7 +583,15 @@ class Trainer:
         tensor_files: dict[str, dict[str, torch.Tensor]] = {}
         writers = []
         model = state_dict = None
-        if self.lora is not None:
+        optimizer_state = None
+        head_state = None
+        if self.sharded:
+            # every rank: all-gather the full weights and the COMPLETE optimizer state (rank 0 gets them)
+            full, optimizer_state = gather_full_state(self.model, self.optimizer)
+            state_dict = {k[len("lm.") :]: v for k, v in full.items() if k.startswith("lm.")}
+            head_state = {k[len("head.") :]: v for k, v in full.items() if k.startswith("head.")}
+            model = inner.lm
+        elif self.lora is not None:
             lm = inner.lm
             if main:
                 tensor_files[f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"] = adapter_state_dict(lm)
@@ -570,11 +603,11 @@ class Trainer:
             state_dict = {k[len("lm.") :]: v for k, v in full.items() if k.startswith("lm.")}
             model = inner.lm
         if inner.head is not None:
-            tensor_files[HEAD_FILE] = dict(inner.head.state_dict())
+            tensor_files[HEAD_FILE] = head_state if self.sharded else dict(inner.head.state_dict())
         request = SaveRequest(
             model=model,
             tokenizer=self.tokenizer,
-            optimizer_state=self.optimizer.state_dict(),
+            optimizer_state=optimizer_state if self.sharded else self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(),
             trainer_state=self.trainer_state(kind),
             state_dict=state_dict,
@@ -632,7 +665,7 @@ class Trainer:
                     if k == len(microbatches) - 1:
                         if not acc.sync_gradients:
                             raise RuntimeError("gradient accumulation is out of step with the loader")
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), hp.max_grad_norm)
+                        grad_norm = to_plain(acc.clip_grad_norm_(self.model.parameters(), hp.max_grad_norm))
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 metrics.add("loss", out.loss.detach().float().item(), 1)
@@ -777,12 +810,13 @@ def check_compatible(ckpt: LoadedCheckpoint, config: RunConfig, loss_name: str) 
         )
 
 
-def restore_record(source: Path | str, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def restore_record(source: Path | str, optimizer: Any, scheduler: Any, optimizer_state: dict | None = None) -> dict[str, Any]:
     """What was just restored, read back from the LIVE optimizer and scheduler (not the files):
     the digest of the optimizer's per-parameter state (`checkpoint.optimizer_state_digest`,
     comparable with the digest of the parent's optimizer.pt), its Adam step count and the
-    scheduler's position. `lr_at_start` is added once this round's schedule is applied."""
-    state = optimizer.state_dict()
+    scheduler's position. `lr_at_start` is added once this round's schedule is applied.
+    `optimizer_state`: the live state gathered from the shards (FSDP; complete on rank 0 only)."""
+    state = optimizer.state_dict() if optimizer_state is None else optimizer_state
     return {
         "from": str(source),
         "optimizer_state_digest": optimizer_state_digest(state),

@@ -27,7 +27,9 @@ def free_port() -> int:
 
 def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = None) -> dict[str, Any]:
     n = max(1, int(settings.num_processes))
-    if settings.fsdp and not settings.use_cpu:
+    if settings.fsdp:
+        # FSDP2; also on CPU (tests/CI): the trainer turns accelerate's MULTI_CPU into FSDP over gloo
+        # when the launcher exports ACCELERATE_USE_FSDP (halos_core.sharded). LoRA + FSDP is refused.
         distributed_type = "FSDP"
     elif n > 1:
         # also on CPU: accelerate 1.x hands MULTI_CPU to its simple launcher, which starts ONE
@@ -57,17 +59,16 @@ def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = 
         config["main_process_port"] = main_process_port or settings.main_process_port or free_port()
     if distributed_type == "FSDP":
         config["fsdp_config"] = {
-            "fsdp_version": 1,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_backward_prefetch": "BACKWARD_PRE",
-            "fsdp_sharding_strategy": "FULL_SHARD",
-            # sharded optimizer state is saved/restored by every rank (not rank 0's shard only)
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_version": 2,  # FSDP2 (fully_shard); the trainer refuses FSDP1
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # decoder layers (the LM's _no_split_modules)
+            "fsdp_reshard_after_forward": True,  # FULL_SHARD
+            # checkpoints hold the FULL state, gathered by every rank and written by rank 0: the
+            # model export and optimizer.pt are complete (not rank 0's shard), in the DDP layout
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
             "fsdp_offload_params": False,
-            "fsdp_sync_module_states": True,
-            "fsdp_use_orig_params": True,
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_forward_prefetch": False,
+            # every rank loads the weights: with this on, transformers leaves ranks > 0 of the
+            # (never prepared) frozen reference model on the meta device
+            "fsdp_cpu_ram_efficient_loading": False,
         }
     return config
 

@@ -204,7 +204,10 @@ def test_accelerate_config_and_command(tmp_path: Path):
     assert cpu2["distributed_type"] == "MULTI_GPU" and cpu2["use_cpu"] is True  # torchrun ranks + gloo
     assert launch.launch_env(Settings(data_dir=tmp_path, use_cpu=True)) == {"ACCELERATE_USE_CPU": "true"}
     fsdp = launch.accelerate_config(Settings(data_dir=tmp_path, num_processes=2, fsdp=True))
-    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
+    fsdp_cpu = launch.accelerate_config(Settings(data_dir=tmp_path, num_processes=2, fsdp=True, use_cpu=True))
+    assert fsdp_cpu["distributed_type"] == "FSDP" and fsdp_cpu["use_cpu"] is True  # FSDP2 over gloo (the trainer)
     launch.write_accelerate_config(rd, cpu)
     assert yaml.safe_load(rd.accelerate_yaml.read_text())["use_cpu"] is True
     assert launch.command(cpu, rd)[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(rd.accelerate_yaml),
