@@ -1,0 +1,86 @@
+"""Seed one project with one real object of every kind the API exposes by id, through the API and
+the job state machine (not by writing rows behind the server's back):
+
+feedback file, registered model, run, round 1 (its job claimed and succeeded, so it has a
+checkpoint, metric points and a log file), round 2 chained on round 1 (queued, so it can still be
+cancelled). Used by the schemathesis test (so generated ids can resolve) and the isolation matrix
+(so project A probes project B's *real* ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from halos_core.synthetic import pairwise_records
+from server.models import Job, MetricPoint
+from server.services.jobs_view import log_path
+from server.settings import Settings
+from tests.server.conftest import SMALL_HP, make_model_dir, round_checkpoint_id, upload_ok, work_job
+
+
+@dataclass
+class Seeded:
+    project: str
+    feedback_id: str
+    model_id: str
+    run_id: str
+    round_ids: list[str]
+    done_job_id: str  # round 1: succeeded, with metrics, a log and a checkpoint
+    queued_job_id: str  # round 2: queued behind round 1's checkpoint (cancellable)
+    checkpoint_id: str
+    model_dir: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def ids(self) -> set[str]:
+        """Every server id of this project's objects."""
+        return {self.feedback_id, self.model_id, self.run_id, self.done_job_id, self.queued_job_id,
+                self.checkpoint_id, *self.round_ids}
+
+    def id_for(self, param: str) -> str | None:
+        """This project's real id for a path/body parameter name (None: no such kind here)."""
+        return {
+            "feedback_id": self.feedback_id,
+            "model_id": self.model_id,
+            "run_id": self.run_id,
+            "job_id": self.queued_job_id,
+            "checkpoint_id": self.checkpoint_id,
+            "parent_checkpoint_id": self.checkpoint_id,
+            "round_id": self.round_ids[0],
+        }.get(param)
+
+
+def _ok(resp, status: int = 201) -> dict:  # noqa: ANN001
+    assert resp.status_code == status, resp.text
+    return resp.json()
+
+
+def seed_project(client: TestClient, session: Session, settings: Settings, root: Path, *, tag: str,
+                 seed: int = 0) -> Seeded:
+    """`client` is authenticated as the project to seed; `root` a fresh directory for its files."""
+    fb = upload_ok(client, pairwise_records(8, seed=seed + 1))
+    model_dir = make_model_dir(root / f"sft-{tag}")
+    model = _ok(client.post("/v1/models", json={"name": f"sft-{tag}", "path": str(model_dir)}))
+    run = _ok(client.post("/v1/runs", json={"name": f"run-{tag}", "model_id": model["id"],
+                                            "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": SMALL_HP}))
+    r1 = _ok(client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
+    work_job(session, r1["job_id"], "succeeded", root / f"ckpt-{tag}-1", step=4, examples=16)
+    for step, split, loss in [(1, "train", 0.69), (2, "train", 0.6), (2, "eval", 0.65), (4, "train", 0.5)]:
+        session.add(MetricPoint(job_id=r1["job_id"], attempt=1, step=step, split=split,
+                                data={"loss": loss, "step": step}))
+    session.commit()
+    job = session.get(Job, r1["job_id"])
+    session.expunge(job)
+    session.rollback()  # never keep a (write-locking, on SQLite) transaction open
+    log = log_path(settings, job)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(f"step {i} loss 0.{69 - i}\n" for i in range(1, 5)))
+    checkpoint_id = round_checkpoint_id(session, r1["round_id"])
+    r2 = _ok(client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
+    assert r2["parent_checkpoint_id"] == checkpoint_id and r2["status"] == "queued", r2
+    return Seeded(project=tag, feedback_id=fb["id"], model_id=model["id"], run_id=run["id"],
+                  round_ids=[r1["round_id"], r2["round_id"]], done_job_id=r1["job_id"],
+                  queued_job_id=r2["job_id"], checkpoint_id=checkpoint_id, model_dir=model_dir)

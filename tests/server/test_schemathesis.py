@@ -1,0 +1,294 @@
+"""S1: schemathesis over the OpenAPI spec, against the real app in process (ASGI), with auth.
+
+Two tests, both on one seeded temp data dir (SQLite + embedded broker) and one API key:
+
+- `test_api[METHOD /path]`: every operation, every phase schemathesis runs from pytest
+  (explicit examples, coverage — boundary values, unexpected methods, wrong content types —
+  and fuzzing, positive and negative), every built-in check, bounded to MAX_EXAMPLES fuzzed
+  cases per operation, deterministic (fixed seed, no example database).
+- `test_stateful_links`: the OpenAPI links (upload → get feedback, register → get model,
+  create run → get run / create round, create round → job, metrics, logs, cancel, run) chained
+  by schemathesis' state machine, with the same checks.
+
+Generated ids almost never exist, so part of the generated cases get *real* ids of the seeded
+project (path parameters, the ids inside create-run/create-round bodies, a real model
+directory, a valid feedback file, a server-issued pagination cursor): that way the 200/201
+answers are schema-checked too, not only the 404/422 ones. Edits are made on the case before it
+is sent; schemathesis re-validates an edited case, so a case stays "positive" or "negative"
+according to what is actually sent.
+
+Pass condition: no server error, no response that violates the spec (schema, status code,
+content type, headers), no schema-valid request refused except where listed in EXCLUSIONS.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import uuid
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import hypothesis
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from schemathesis import Config, GenerationMode
+from sqlmodel import Session, SQLModel
+
+from halos_core.synthetic import pairwise_records, to_jsonl_bytes
+from server.app import create_app
+from server.db import get_engine
+from server.models import ApiKey
+from server.services.keys import PREFIX_CHARS, get_or_create_project, hash_key
+from server.settings import Settings
+from tests.server._seed import Seeded, seed_project
+
+SEED = 20240611
+MAX_EXAMPLES = 25  # fuzzed cases per operation (the coverage phase adds its own, bounded, set)
+STATEFUL_SCENARIOS = 30
+STATEFUL_STEPS = 6
+
+# Checks that cannot hold for some operations because the schema cannot express a semantic rule
+# of the request (these operations still get every other check: server errors, response schema,
+# status codes, content types, headers, auth, negative data rejection, ...). Besides the rules
+# named below, the three idempotent POSTs refuse — by design (I5) — a reused Idempotency-Key with a
+# different body (422 `idempotency_key_reused`), and Hypothesis reuses short keys such as "0".
+EXCLUSIONS: dict[str, dict[str, str]] = {
+    "positive_data_acceptance": {
+        # body must be a valid feedback file (HALOs / TRL / OpenAI records); the schema can only
+        # say "array of objects" / "binary", so almost every schema-valid body is a 422
+        "upload_feedback": "file content must be valid feedback records",
+        # `path` must name an existing directory with config.json, weights and a tokenizer
+        "register_model": "model path must exist and hold a loadable model",
+        # `model_id` must exist; loss/hyperparams/conversion/lora have cross-field rules
+        # (e.g. a `threshold` conversion needs a non-null `threshold`, microbatches must divide
+        # the batch) that pydantic validators enforce but JSON Schema does not carry
+        "create_run": "referenced model must exist; cross-field config rules",
+        # same, plus: feedback ids must exist, the loss must fit the feedback kinds, the parent
+        # checkpoint must belong to the run
+        "create_round": "referenced feedback/checkpoint must exist; cross-field config rules",
+    },
+}
+
+
+def _spec() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        return create_app(Settings(data_dir=Path(d) / "data")).openapi()
+
+
+# The seeded project's API key, known before collection: schemathesis builds the explicit
+# examples (with their headers) while collecting. Stored like `create_api_key` does (hash only).
+SECRET = "hk_" + secrets.token_urlsafe(32)
+
+CONFIG = Config.from_dict({
+    "seed": SEED,
+    # a busy CI box must not turn slowness into failures (no deadline either: schemathesis' default)
+    "suppress-health-check": ["too_slow", "filter_too_much"],
+    "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
+    "checks": {"enabled": True},
+    "operations": [
+        {"include-operation-id": sorted(ops), "checks": {check: {"enabled": False}}}
+        for check, ops in EXCLUSIONS.items()
+    ],
+})
+
+
+class _LiveApp:
+    """The ASGI app schemathesis sends to (also its own probes, e.g. `ignored_auth`); the `live`
+    fixture plugs the real, seeded app in."""
+
+    target: FastAPI | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        assert self.target is not None, "the `live` fixture provides the app"
+        await self.target(scope, receive, send)
+
+
+@dataclass
+class Live:
+    app: FastAPI = field(repr=False)
+    seeded: Seeded
+    cursors: dict[str, str] = field(default_factory=dict, repr=False)  # list path -> a real next_cursor
+    # a valid JSONL feedback file, as text: a `format: binary` string in the spec, and schemathesis
+    # re-validates edited bodies against it (bytes would make the case count as negative)
+    feedback_body: str = field(default="", repr=False)
+
+
+LIVE_APP = _LiveApp()
+
+# The raw-file upload media types: send the generated (or substituted) payload as it is.
+schemathesis.serializer.alias(["application/x-ndjson", "application/jsonl"], "application/octet-stream")
+
+schema = schemathesis.openapi.from_dict(_spec(), config=CONFIG)
+schema.app = LIVE_APP
+
+
+@schema.auth(refresh_interval=None, retry_on=[])
+class _ApiKey:
+    """`Authorization: Bearer <key>` of the seeded project on every request (an auth provider, so
+    schemathesis knows the credentials are explicit: `ignored_auth` then re-sends each operation
+    without them and with a wrong key, and expects 401)."""
+
+    def get(self, case: Any, ctx: Any) -> str:
+        return SECRET
+
+    def set(self, case: Any, data: str, ctx: Any) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("schemathesis")
+    settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root / 'halos.db'}",
+                        broker_url=f"sqla+sqlite:///{root / 'broker.db'}", max_upload_bytes=256 * 1024,
+                        rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True)
+    engine = get_engine(settings)
+    SQLModel.metadata.create_all(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        project = get_or_create_project(session, "alpha")
+        session.add(ApiKey(project_id=project.id, prefix=SECRET[:PREFIX_CHARS], key_hash=hash_key(SECRET)))
+        session.commit()
+        app = create_app(settings)
+        with TestClient(app, headers={"Authorization": f"Bearer {SECRET}"}) as client:
+            seeded = seed_project(client, session, settings, root / "seed", tag="alpha")
+            # a second object of each listed kind, so `limit=1` pages have a next cursor
+            seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
+            cursors = {}
+            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs"):
+                page = client.get(path, params={"limit": 1}).json()
+                assert page["next_cursor"], (path, page)
+                cursors[path] = page["next_cursor"]
+        state = Live(app=app, seeded=seeded, cursors=cursors,
+                     feedback_body=to_jsonl_bytes(pairwise_records(4, seed=11)).decode())
+        LIVE_APP.target = app
+        try:
+            yield state
+        finally:
+            LIVE_APP.target = None
+    from server import queue
+
+    queue.reset()
+    engine.dispose()
+
+
+# --------------------------------------------------------------------------- real ids
+
+
+def _pick(case: Any, salt: str, n: int, *, with_path: bool = True) -> int:
+    """A deterministic choice in range(n) that varies with the generated case (`with_path=False`:
+    not with the path parameters — in stateful steps they are server-made ids, random per run)."""
+    path = case.path_parameters if with_path else None
+    return zlib.crc32(f"{salt}|{path}|{case.query}|{case.body!r}".encode()) % n
+
+
+def _positive(case: Any, location: str) -> bool:
+    meta = case.meta
+    if meta is None:
+        return True  # stateful steps built from links
+    info = meta.components.get(location)
+    return info is None or info.mode == GenerationMode.POSITIVE
+
+
+def realize(case: Any, live: Live, *, stateful: bool = False) -> None:
+    """Swap generated ids for the seeded project's real ones in about half of the cases (only
+    where that part of the case was generated valid; a real id keeps it valid).
+
+    `stateful`: keep the path parameters (the steps get them from links), and give each request
+    its own Idempotency-Key — a scenario's answers must not depend on what earlier scenarios sent
+    (Hypothesis replays scenarios and requires the same steps to lead to the same draws)."""
+    s = live.seeded
+    op = case.operation.definition.raw.get("operationId", "")
+    if case.headers and not _positive(case, "header"):
+        # An HTTP server ignores header fields it does not know (RFC 9110 §5.1), so an undeclared
+        # header name cannot make a request invalid: send only the declared ones (and the key).
+        declared = {p.name.lower() for p in case.operation.headers} | {"authorization"}
+        kept = {k: v for k, v in case.headers.items() if k.lower() in declared}
+        if len(kept) != len(case.headers):
+            case.headers = kept
+    if stateful and case.headers and "Idempotency-Key" in case.headers and _positive(case, "header"):
+        case.headers = {**case.headers, "Idempotency-Key": f"st-{uuid.uuid4().hex}"}
+    if not stateful and case.path_parameters and _positive(case, "path") and _pick(case, "path", 2):
+        params = dict(case.path_parameters)
+        for name in params:
+            if name == "job_id":
+                params[name] = (s.queued_job_id, s.done_job_id)[_pick(case, "job", 2)]
+            elif s.id_for(name) is not None:
+                params[name] = s.id_for(name)
+        case.path_parameters = params
+    if case.query and "cursor" in case.query and _positive(case, "query"):
+        path = case.operation.path
+        if path in live.cursors:  # an opaque cursor is valid only as the server issued it
+            case.query = {**case.query, "cursor": live.cursors[path]}
+    body = case.body
+    if not _positive(case, "body") or not _pick(case, "body", 2, with_path=not stateful):
+        return
+    if op == "register_model" and isinstance(body, dict) and "path" in body:
+        case.body = {**body, "path": str(s.model_dir)}
+    elif op == "create_run" and isinstance(body, dict) and "model_id" in body:
+        case.body = {**body, "model_id": s.model_id}
+    elif op == "create_round" and isinstance(body, dict) and "feedback_ids" in body:
+        new = {**body, "feedback_ids": [s.feedback_id]}
+        if new.get("parent_checkpoint_id") is not None:
+            new["parent_checkpoint_id"] = s.checkpoint_id
+        case.body = new
+    elif op == "upload_feedback":
+        if isinstance(body, dict) and "file" in body:  # multipart
+            case.body = {**body, "file": live.feedback_body}
+        elif isinstance(body, list):  # application/json: a HALOs JSON array
+            case.body = pairwise_records(3, seed=_pick(case, "fb", 1000))
+        elif isinstance(body, (bytes, str)):  # JSONL media types
+            case.body = live.feedback_body
+
+
+# --------------------------------------------------------------------------- tests
+
+
+# (operation label, status) of every response test_api got, to prove the substitution works
+ANSWERS: dict[str, Counter[int]] = defaultdict(Counter)
+
+
+@schema.parametrize()
+def test_api(case: Any, live: Live) -> None:
+    realize(case, live)
+    response = case.call_and_validate()
+    ANSWERS[case.operation.label][response.status_code] += 1
+
+
+def test_every_operation_was_checked_on_a_success() -> None:
+    """Runs after test_api (same module, file order): each operation answered 2xx at least once,
+    so its success schema was checked too — not only 404/422 bodies (guards `realize`)."""
+    labels = {result.ok().label for result in schema.get_all_operations()}
+    if set(ANSWERS) != labels:
+        pytest.skip("needs every test_api case of this module in the same session")
+    no_success = {label: dict(codes) for label, codes in ANSWERS.items()
+                  if not any(200 <= c < 300 for c in codes)
+                  and label != "GET /readyz"}  # its 200 depends on the broker, not on the request
+    assert not no_success, no_success
+
+
+def test_stateful_links(live: Live) -> None:
+    base = schema.as_state_machine()
+
+    answers: list[tuple[str, int]] = []
+
+    class Machine(base):  # type: ignore[valid-type, misc]
+        def before_call(self, case: Any) -> None:
+            realize(case, live, stateful=True)
+
+        def after_call(self, response: Any, case: Any) -> None:
+            super().after_call(response, case)
+            answers.append((case.operation.label, response.status_code))
+
+    Machine.run(settings=hypothesis.settings(
+        max_examples=STATEFUL_SCENARIOS, stateful_step_count=STATEFUL_STEPS, deadline=None, database=None,
+        derandomize=True, suppress_health_check=list(hypothesis.HealthCheck)))
+    # links were followed: something created in a scenario was then used through a link (the
+    # by-id operations only get real ids from links here)
+    created = {label for label, status in answers if status == 201}
+    linked_ok = {label for label, status in answers if 200 <= status < 300 and "{" in label}
+    assert created and linked_ok, str(sorted(Counter(answers).items()))
