@@ -8,7 +8,7 @@ submit time instead of crashing on a GPU hours later.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -121,6 +121,9 @@ DATA_KIND_ACCEPTS: dict[str, frozenset[str]] = {
     "grouped": frozenset({"scalar", "binary"}),
     "sft": frozenset({"binary", "pairwise", "scalar", "sampled"}),
 }
+
+# Losses that train a head on the policy (`halos_core.heads`): loss name -> head kind; the others none.
+LOSS_HEAD_KIND: dict[str, str] = {"bradley_terry": "reward", "ppo": "value"}
 
 # Losses that need a frozen reference model (the others never load one).
 LOSSES_WITH_REFERENCE = frozenset({"dpo", "cdpo", "ipo", "kto", "grpo", "ppo"})  # SLiC, SimPO, SFT never use one
@@ -241,6 +244,12 @@ class LoraSettings(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     merge_on_export: bool = True
+
+
+def lora_structure(settings: LoraSettings) -> dict[str, Any]:
+    """The settings that decide the adapters' shapes and scale (what a restore must match); recorded
+    as `lora` in a checkpoint's trainer_state.json."""
+    return {"r": settings.r, "alpha": settings.alpha, "target_modules": sorted(settings.target_modules)}
 
 
 # --------------------------------------------------------------------------- the run

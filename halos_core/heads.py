@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from halos_core.config import LOSS_HEAD_KIND
+
 HEAD_FILE = "head.safetensors"
-HEAD_KINDS = {"bradley_terry": "reward", "ppo": "value"}  # loss name -> head kind
+HEAD_KINDS = LOSS_HEAD_KIND  # loss name -> head kind (defined torch-free, the server checks it at submit time)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

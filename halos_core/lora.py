@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from halos_core.config import LoraSettings
+from halos_core.config import LoraSettings, lora_structure
 from halos_core.run_dir import CheckpointError
 
 ADAPTER_DIR = "adapter"
@@ -35,7 +35,7 @@ ADAPTER_NAME = "default"
 
 def structure(settings: LoraSettings) -> dict[str, Any]:
     """The settings that decide the adapters' shapes and scale (what a restore must match)."""
-    return {"r": settings.r, "alpha": settings.alpha, "target_modules": sorted(settings.target_modules)}
+    return lora_structure(settings)  # torch-free, so the server checks a round's parent at submit time
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

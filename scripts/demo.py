@@ -92,7 +92,8 @@ def main() -> None:
     data_dir.mkdir(parents=True)
     port = free_port()
     env = {**os.environ, "HALOS_DATA_DIR": str(data_dir), "HALOS_PORT": str(port),
-           "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2"}
+           "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2",
+           "HALOS_MODEL_ROOTS": str(data_dir)}  # the demo's model is built under the data dir
     env.pop("HALOS_DATABASE_URL", None)
     env.pop("HALOS_BROKER_URL", None)
 

@@ -4,16 +4,25 @@ With nothing set, everything lives under `HALOS_DATA_DIR` (default `./halos-data
 database and an embedded SQLite-backed Celery broker, so `halos serve` needs no Postgres and no
 Redis. Set `HALOS_DATABASE_URL=postgresql://…` and `HALOS_BROKER_URL=redis://…` to run the API
 and any number of `halos worker` processes separately.
+
+`HALOS_MODEL_ROOTS` (directories, `:`-separated or a JSON list): `POST /v1/models` registers only
+directories under one of them (after resolving symlinks, of the directory and of every file in
+it; else 422 `model_path_not_allowed`); set but empty, nothing can be registered. Unset, any
+directory the server can read may be registered (the behaviour of earlier versions) and the API
+logs a warning at startup when auth is enabled: set it on any server whose keys you do not all
+trust with the machine's filesystem (docker-compose.yml sets `/models`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -37,6 +46,13 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: int = 48
     log_tail_bytes: int = 64 * 1024
 
+    # model registration (POST /v1/models reads and sha256-hashes a server-side directory)
+    model_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None, description="directories models may be registered from; None: anywhere (see the module docstring)"
+    )
+    max_concurrent_model_hashes: int = Field(2, ge=1)  # more registrations hashing at once ⇒ 503 + Retry-After
+    max_model_files: int = Field(10_000, ge=1)  # a model directory with more files ⇒ 422 model_too_large
+
     # training workers
     num_processes: int = 1  # accelerate processes per job (GPUs per job)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -55,6 +71,22 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     retry_backoff_s: float = 5.0  # doubled per attempt
     kill_grace_s: float = 30.0  # SIGTERM → SIGKILL of a training process group
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_model_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return json.loads(value) if value.startswith("[") else [p for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute_model_roots(cls, value: list[Path] | None) -> list[Path] | None:
+        for root in value or []:
+            if not root.is_absolute():
+                raise ValueError(f"model root {str(root)!r} must be an absolute path")
+        return value
 
     @property
     def db_url(self) -> str:

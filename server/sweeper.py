@@ -9,8 +9,12 @@ Every `sweep_interval_s`:
    publish (a broker that lost the message). Duplicate messages are harmless: the claim is a
    conditional UPDATE.
 
+Besides, at most every `PRUNE_EVERY_S` the embedded broker's delivered messages are pruned, and
+at most every `PURGE_IDEMPOTENCY_EVERY_S` idempotency records older than `idempotency_ttl_hours`
+are deleted (`idempotency.purge_expired`; a lookup already ignores them, this bounds the table).
+
 Several sweepers (one per `halos worker`, one in `halos serve`) may run at once: every step is
-a conditional update, so they only duplicate messages, never transitions.
+a conditional update (or an idempotent delete), so they only duplicate messages, never transitions.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from sqlmodel import Session
 from server import jobs, queue
 from server.db import get_engine
 from server.models import utcnow
+from server.services import idempotency
 from server.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 600.0  # delivered messages in the embedded broker are deleted after an hour
+PURGE_IDEMPOTENCY_EVERY_S = 3600.0
 
 
 @dataclass
@@ -56,11 +62,19 @@ def sweep_once(session: Session, settings: Optional[Settings] = None, now: Optio
     return report
 
 
+def purge_idempotency_records(session: Session, settings: Settings) -> int:
+    """Delete idempotency records past `idempotency_ttl_hours`; returns how many."""
+    purged = idempotency.purge_expired(session, settings.idempotency_ttl_hours)
+    if purged:
+        log.info("sweeper: purged %d expired idempotency record(s)", purged)
+    return purged
+
+
 def run_forever(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None) -> None:
     settings = settings or get_settings()
     stop_event = stop_event or threading.Event()
     engine = get_engine(settings)
-    last_prune = 0.0
+    last_prune = last_purge = float("-inf")  # both run on the first pass (monotonic() may start near 0)
     while not stop_event.is_set():
         try:
             with Session(engine, expire_on_commit=False) as session:
@@ -70,6 +84,13 @@ def run_forever(settings: Optional[Settings] = None, stop_event: Optional[thread
         if time.monotonic() - last_prune > PRUNE_EVERY_S:
             last_prune = time.monotonic()
             queue.prune_embedded_broker(settings)
+        if time.monotonic() - last_purge > PURGE_IDEMPOTENCY_EVERY_S:
+            last_purge = time.monotonic()
+            try:
+                with Session(engine, expire_on_commit=False) as session:
+                    purge_idempotency_records(session, settings)
+            except Exception:  # noqa: BLE001 - retried at the next period
+                log.exception("purging idempotency records failed")
         stop_event.wait(settings.sweep_interval_s)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 
-from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, error_responses
+from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
 from server.schemas import ModelCreate, ModelList, ModelOut
 from server.services import models_registry as service
 
@@ -15,15 +15,20 @@ router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLim
 
 
 @router.post("", status_code=201, response_model=ModelOut, responses={
-    **error_responses(400, 413, 422),
+    **error_responses(400, 413, 422, 503),
     201: {"description": "Registered", "links": {
         "GetModel": {"operationId": "get_model", "parameters": {"model_id": "$response.body#/id"}}}},
 })
-def register_model(body: ModelCreate, principal: ProjectDep, session: SessionDep) -> ModelOut:
+def register_model(body: ModelCreate, request: Request, principal: ProjectDep, settings: SettingsDep,
+                   session: SessionDep) -> ModelOut:
     """The directory must hold `config.json`, weights (`*.safetensors` or `pytorch_model*.bin`)
-    and a tokenizer; otherwise 422 naming what is missing. Its content hash is recorded (this
-    reads the whole directory)."""
-    return service.to_out(service.register_model(session, principal, body))
+    and a tokenizer; otherwise 422 naming what is missing. With `HALOS_MODEL_ROOTS` set it must
+    lie under one of them (422 `model_path_not_allowed`). Its content hash is recorded: this reads
+    the whole directory (seconds per GB; use a long client timeout). Too many registrations
+    hashing at once ⇒ 503 `model_registration_busy` with Retry-After."""
+    # A sync route: FastAPI runs it in its threadpool, so hashing never blocks the event loop.
+    return service.to_out(service.register_model(session, principal, body, settings,
+                                                 request.app.state.model_hash_slots))
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))

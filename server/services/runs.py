@@ -4,10 +4,18 @@ A round request is checked against the run's defaults merged with its overrides:
 - every feedback id exists in the project (404 `feedback_not_found`, naming `feedback_ids[i]`);
 - the loss is a known one (the pydantic discriminated union answers 422 for an unknown `name`);
 - the loss can use the feedback kinds after the conversion (422 `loss_feedback_mismatch`);
+- (runs) LoRA `target_modules` match a module of the model, when its safetensors headers tell
+  (422 `lora_not_applicable`);
 - the hyperparameters are valid and fit the workers (batch divisible by microbatch x
   num_processes, KTO microbatch >= 2, …: 422 `invalid_hyperparams`);
 - an explicit parent checkpoint belongs to this run (else 404) and its manifest verifies
   (422 `invalid_parent_checkpoint` with the CheckpointError text);
+- the parent (explicit, or the default below) trains the same parameters as this round, which is
+  what the trainer's `check_compatible` refuses on the worker: LoRA vs full weights, other LoRA
+  r/alpha/target_modules, another head (`bradley_terry` trains a reward head, `ppo` a value head,
+  the other losses none). Read from the checkpoint's trainer_state.json (else meta.json), or for
+  a parent still unfinished from its job spec (422 `parent_checkpoint_incompatible`, field `loss`
+  for a head, else `parent_checkpoint_id`);
 - the default parent is the run's latest round: succeeded ⇒ its final checkpoint; still
   waiting/queued/running ⇒ the new job waits for it (`parent_job_id`; jobs.submit makes it
   `waiting`); failed/cancelled ⇒ 409 `parent_round_failed` (submit with an explicit
@@ -20,6 +28,7 @@ the job id is published to the queue after the commit (only when it is `queued`)
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -28,20 +37,23 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from halos_core.config import (
+    LOSS_HEAD_KIND,
     Conversion,
     Hyperparams,
     LoraSettings,
     LossConfig,
     RunConfig,
     hyperparams_problem,
+    lora_structure,
     loss_feedback_problem,
 )
-from halos_core.run_dir import CheckpointError, read_manifest
+from halos_core.run_dir import CheckpointError, Manifest, read_manifest
 from server.errors import Conflict, Unprocessable, not_found, validation_details
 from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, Round, Run
 from server.schemas import RoundCreate, RoundOut, RunCreate, RunOut, RunSummary
 from server.services import idempotency
 from server.services.common import get_owned, paginate
+from server.services.models_registry import lora_target_problem
 from server.services.keys import Principal
 from server.settings import Settings
 
@@ -168,8 +180,11 @@ def create_run(session: Session, settings: Settings, principal: Principal, body:
                 run = get_run(session, principal, record.resource_id or "")
                 session.commit()
                 return run, True
-        get_owned(session, Model, body.model_id, principal.project_id, "model", field="model_id")
+        model = get_owned(session, Model, body.model_id, principal.project_id, "model", field="model_id")
         _hyperparams_check(body.loss.name, body.hyperparams, settings)
+        if body.lora is not None and (problem := lora_target_problem(model.path, body.lora.target_modules)):
+            raise Unprocessable(problem, code="lora_not_applicable",
+                                details={"field": "lora.target_modules", "reason": problem})
         run = Run(
             project_id=principal.project_id, name=body.name, model_id=body.model_id,
             loss=body.loss.model_dump(mode="json"), hyperparams=body.hyperparams.model_dump(mode="json"),
@@ -231,6 +246,89 @@ def _verify_checkpoint(path: str, verify: bool, field: str) -> Any:
         raise Unprocessable(str(exc)[:2000], code="invalid_parent_checkpoint", details={"field": field}) from exc
 
 
+TRAINER_STATE_FILE = "trainer_state.json"  # halos_core.checkpoint.STATE_FILE (that module imports torch)
+
+
+def _trained_params(loss_name: str, lora: LoraSettings | None) -> dict[str, Any]:
+    """What a round trains besides the base weights, in the trainer's terms (see check_compatible)."""
+    return {"lora": lora_structure(lora) if lora is not None else None, "head": LOSS_HEAD_KIND.get(loss_name)}
+
+
+def _checkpoint_params(manifest: Manifest) -> dict[str, Any]:
+    """What a checkpoint trained, as its trainer recorded it: trainer_state.json's `lora` (the
+    structure) and `head.kind`, else meta.json's `lora` (a bool) and `head` (the kind). Keys that
+    neither records are left out: not checked here (the worker still checks)."""
+    state: dict[str, Any] = {}
+    try:
+        loaded = json.loads((manifest.path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            state = loaded
+    except (OSError, ValueError):
+        pass
+    found: dict[str, Any] = {}
+    if "lora" in state:
+        found["lora"] = state["lora"]
+    elif isinstance(manifest.extra.get("lora"), bool):
+        found["lora_used"] = manifest.extra["lora"]
+    if "head" in state:
+        head = state["head"]
+        found["head"] = head.get("kind") if isinstance(head, dict) else head
+    elif "head" in manifest.extra:
+        found["head"] = manifest.extra["head"]
+    if "loss" in state:
+        found["loss"] = state["loss"]
+    return found
+
+
+def _job_params(job: Job) -> dict[str, Any]:
+    """What an unfinished parent round will train, from its job spec (its checkpoint does not exist yet)."""
+    spec = job.spec if isinstance(job.spec, dict) else {}
+    try:
+        loss_name = str(spec["loss"]["name"])
+        lora = LoraSettings.model_validate(spec["lora"]) if spec.get("lora") else None
+    except (KeyError, TypeError, ValidationError):
+        return {}
+    return {**_trained_params(loss_name, lora), "loss": loss_name}
+
+
+def _check_parent_params(have: dict[str, Any], loss_name: str, lora: LoraSettings | None,
+                         parent: dict[str, Any]) -> None:
+    """422 `parent_checkpoint_incompatible` when the parent trained other parameters than this round
+    would: the worker would refuse to continue its weights and optimizer state."""
+    want = _trained_params(loss_name, lora)
+    what = lambda x: "full weights" if not x else f"LoRA {x}" if isinstance(x, dict) else "LoRA"  # noqa: E731
+    if "parent_checkpoint_id" in parent:
+        where = f"checkpoint {parent['parent_checkpoint_id']}" + (
+            f" (round {parent['round_index']})" if "round_index" in parent else "")
+    else:
+        where = f"round {parent.get('round_index')} (job {parent.get('parent_job_id')}, not finished yet)"
+    if "lora" in have or "lora_used" in have:
+        differs = have["lora"] != want["lora"] if "lora" in have else have["lora_used"] != (lora is not None)
+        if differs:
+            have_lora = have["lora"] if "lora" in have else have["lora_used"]
+            raise Unprocessable(
+                f"the parent {where} trains {what(have_lora)}; this round trains "
+                f"{what(want['lora'])} (the run's `lora`): its weights and optimizer state cannot be continued."
+                " Pass a `parent_checkpoint_id` trained with the run's settings, or start a new run.",
+                code="parent_checkpoint_incompatible",
+                details={"field": "parent_checkpoint_id", "reason": "lora", "parent": parent,
+                         "parent_lora": have_lora, "round_lora": want["lora"]},
+            )
+    if "head" in have and have["head"] != want["head"]:
+        have_head, want_head = have["head"], want["head"]
+        parent_loss = have.get("loss")
+        raise Unprocessable(
+            f"the parent {where} trains {'a ' + str(have_head) + ' head' if have_head else 'no head'}"
+            + (f" (loss {parent_loss!r})" if parent_loss else "")
+            + f"; loss {loss_name!r} trains {'a ' + want_head + ' head' if want_head else 'no head'}: its weights"
+            " and optimizer state cannot be continued. Use a loss that trains the same head (reward:"
+            " bradley_terry; value: ppo; none: every other loss), or start a new run for this loss.",
+            code="parent_checkpoint_incompatible",
+            details={"field": "loss", "reason": "head", "parent": parent, "parent_head": have_head,
+                     "round_head": want_head, "parent_loss": parent_loss, "loss": loss_name},
+        )
+
+
 def _latest_checkpoint_of_round(session: Session, rnd: Round) -> Checkpoint | None:
     if rnd.checkpoint_id:
         ckpt = session.get(Checkpoint, rnd.checkpoint_id)
@@ -274,9 +372,11 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
         if explicit.run_id != run.id:
             raise not_found("checkpoint", body.parent_checkpoint_id, field)
         session.commit()
-        _verify_checkpoint(explicit.path, verify=True, field=field)
+        explicit_params = _checkpoint_params(_verify_checkpoint(explicit.path, verify=True, field=field))
 
     loss, hp, conversion, lora = _effective_config(run, body, settings)
+    if explicit is not None:
+        _check_parent_params(explicit_params, loss.name, lora, {"parent_checkpoint_id": explicit.id})
     files = _feedback_files(session, principal, body.feedback_ids)
     problem = loss_feedback_problem(loss.name, [f.kind for f in files], conversion)
     if problem:
@@ -309,9 +409,14 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
                         f"round {latest.index} succeeded but has no registered checkpoint",
                         code="parent_checkpoint_missing", details={"round_index": latest.index, "job_id": latest.job_id},
                     )
-                _verify_checkpoint(parent_ckpt.path, verify=False, field="parent_checkpoint_id")
+                manifest = _verify_checkpoint(parent_ckpt.path, verify=False, field="parent_checkpoint_id")
+                _check_parent_params(_checkpoint_params(manifest), loss.name, lora,
+                                     {"parent_checkpoint_id": parent_ckpt.id, "round_index": latest.index})
             elif status in _UNFINISHED:
                 parent_job_id = latest.job_id
+                if parent_job is not None:
+                    _check_parent_params(_job_params(parent_job), loss.name, lora,
+                                         {"parent_job_id": parent_job.id, "round_index": latest.index})
             else:
                 raise Conflict(
                     f"the run's latest round ({latest.index}) ended {_status(parent_job)}; a new round cannot start"
