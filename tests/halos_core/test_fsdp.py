@@ -52,7 +52,8 @@ def launch(run_dir: RunDir, num_processes: int, fsdp: bool, cpu: bool = True, mi
     conf = worker_launch.accelerate_config(settings, main_process_port=0)  # 0: accelerate picks a free port
     run_dir.accelerate_yaml.write_text(yaml.safe_dump(conf, sort_keys=True))
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # + carried wheels
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, TOKENIZERS_PARALLELISM="false",
                **worker_launch.launch_env(settings))
     return subprocess.run(worker_launch.command(settings, run_dir), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, start_new_session=True)
