@@ -7,7 +7,8 @@ Layout of a checkpoint directory (see `halos_core.run_dir`):
     adapter/          LoRA runs: adapter_config.json + adapter_model.safetensors (`halos_core.lora`)
     head.safetensors  bradley_terry / ppo: the reward or value head (`halos_core.heads`)
     tokenizer files                                           (HF save_pretrained)
-    optimizer.pt      optimizer.state_dict() (complete: DDP keeps the full state on every rank)
+    optimizer.pt      optimizer.state_dict() (complete: DDP keeps the full state on every rank;
+                      FSDP gathers it from the shards, same index-keyed layout: `halos_core.sharded`)
     scheduler.pt      LR scheduler state_dict()
     rng.pt            python / numpy / torch (/ cuda) RNG states of rank 0
     rng-rank<N>.pt    the same for every other rank (multi-process runs)
