@@ -110,9 +110,9 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dic
 
 
 @contextmanager
-def embedded_deployment(data_dir: Path) -> Iterator[Deployment]:
+def embedded_deployment(data_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[Deployment]:
     """`halos serve` with no configuration: SQLite + embedded broker, API + worker + sweeper."""
-    dep = Deployment(data_dir)
+    dep = Deployment(data_dir, extra_env)
     dep.env.pop("HALOS_DATABASE_URL", None)
     dep.env.pop("HALOS_BROKER_URL", None)
     dep.halos("migrate")

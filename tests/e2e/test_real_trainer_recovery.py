@@ -18,9 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -31,7 +29,7 @@ from halos_core.config import RunConfig
 from halos_core.run_dir import RunDir
 from halos_core.synthetic import pairwise_records, to_jsonl_bytes
 from server.db import make_engine
-from tests.e2e.conftest import Deployment
+from tests.e2e.conftest import embedded_deployment
 from tests.worker.support import attempts, overlapping_attempts
 from worker.monitor import ENV_ATTEMPT, ENV_JOB
 from worker.watchdog import proc_stat, read_environ
@@ -53,20 +51,9 @@ FAST = {  # short recovery timings (RELIABILITY.md defaults are 60/5/10/30 s)
 }
 
 
-@contextmanager
-def fast_embedded_deployment(data_dir: Path) -> Iterator[Deployment]:
-    """`tests.e2e.conftest.embedded_deployment` with the short lease/heartbeat/sweep settings."""
-    dep = Deployment(data_dir, FAST)
-    dep.env.pop("HALOS_DATABASE_URL", None)
-    dep.env.pop("HALOS_BROKER_URL", None)
-    dep.halos("migrate")
-    dep.key = dep.halos("keys", "create", "--project", "e2e").strip()
-    dep.spawn("serve", "--port", str(dep.port), log_name="serve.log")
-    try:
-        dep.wait_ready()
-        yield dep
-    finally:
-        dep.stop()
+def fast_embedded_deployment(data_dir: Path):
+    """`embedded_deployment` with the short lease/heartbeat/sweep settings."""
+    return embedded_deployment(data_dir, FAST)
 
 
 def _cmdline(pid: int) -> list[str]:
