@@ -182,6 +182,9 @@ def create_run(session: Session, settings: Settings, principal: Principal, body:
                 return run, True
         model = get_owned(session, Model, body.model_id, principal.project_id, "model", field="model_id")
         _hyperparams_check(body.loss.name, body.hyperparams, settings)
+        if body.lora is not None and settings.fsdp:
+            problem = "LoRA runs are not supported with FSDP workers (HALOS_FSDP=true); use DDP or full fine-tuning"
+            raise Unprocessable(problem, code="lora_not_supported", details={"field": "lora", "reason": problem})
         if body.lora is not None and (problem := lora_target_problem(model.path, body.lora.target_modules)):
             raise Unprocessable(problem, code="lora_not_applicable",
                                 details={"field": "lora.target_modules", "reason": problem})

@@ -222,6 +222,14 @@ def test_lora_targets_the_model_lacks(client: TestClient, tmp_path: Path) -> Non
         assert resp.status_code == 201, (targets, resp.text)
 
 
+
+def test_lora_on_fsdp_workers_is_refused_at_submit(client: TestClient, settings, tmp_path: Path) -> None:
+    model = client.post("/v1/models", json={"name": "m", "path": str(make_model_dir(tmp_path / "m"))}).json()
+    settings.fsdp = True  # the trainer refuses LoRA under FSDP; the server says so before queueing
+    err = _err(client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "lora": {}}))
+    assert err["code"] == "lora_not_supported" and err["details"]["field"] == "lora"
+    assert client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}}).status_code == 201
+
 # --------------------------------------------------------------------------- 2. idempotency purge
 
 
