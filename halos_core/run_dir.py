@@ -183,19 +183,20 @@ class RunDir:
     def _recover_interrupted_replace(self) -> None:
         """Re-saving an existing step moves the old copy to `.tmp-old-<name>`, then renames
         `.tmp-<name>` into place. A kill between the two renames leaves no `<name>` but two complete
-        copies under temp names: put the newest complete one back instead of deleting both."""
-        for candidate_prefix in (TMP_PREFIX, f"{TMP_PREFIX}old-"):
-            for d in sorted(self.checkpoints.glob(f"{candidate_prefix}{CHECKPOINT_PREFIX}*")):
-                name = d.name[len(candidate_prefix):]
-                target = self.checkpoints / name
-                if target.exists():
-                    continue
+        copies under temp names: put the new one (else the old one) back instead of deleting both."""
+        for aside in sorted(self.checkpoints.glob(f"{TMP_PREFIX}old-{CHECKPOINT_PREFIX}*")):
+            name = aside.name[len(f"{TMP_PREFIX}old-"):]
+            target = self.checkpoints / name
+            if target.exists():
+                continue
+            for candidate in (self.checkpoints / f"{TMP_PREFIX}{name}", aside):
                 try:
-                    read_manifest(d)
+                    read_manifest(candidate)
                 except CheckpointError:
                     continue
-                os.replace(d, target)
+                os.replace(candidate, target)
                 fsync_dir(self.checkpoints)
+                break
 
     def clean_partial_checkpoints(self) -> list[Path]:
         """Delete temp and incomplete checkpoint directories (never a complete one)."""
