@@ -1,19 +1,19 @@
-"""Supervising one training process group: heartbeats, metrics, cancel, self-fencing, shutdown.
+"""Supervising one training process group: metrics, cancel, self-fencing, shutdown.
 
-Every `heartbeat_interval_s` the monitor renews the job's lease (`jobs.heartbeat`) and streams new
-`metrics.jsonl` lines into the database (`jobs.record_progress`):
+The lease is renewed by the job's `worker.lease.LeaseKeeper` (started by the task right after
+the claim, stopped after finish/release); the monitor reads its state every poll:
 
-- `OK`: keep going.
-- `CANCEL`: SIGTERM the process group, wait `kill_grace_s` (renewing the lease), SIGKILL; the
-  outcome is `cancelled`.
-- `LOST` (another attempt owns the job now), or no successful heartbeat for 3/4 of the lease TTL
-  (database unreachable): self-fence — SIGKILL the group at once and report nothing.
+- `CANCEL`: SIGTERM the process group, wait `kill_grace_s` (the keeper keeps the lease alive),
+  SIGKILL; the outcome is `cancelled`.
+- fenced (`LOST`: another attempt owns the job now; or no successful heartbeat for 3/4 of the
+  lease TTL): the keeper has SIGKILLed the attempt's processes on its own timer; report nothing.
 - warm shutdown of the worker (`shutdown` event): stop the group (SIGTERM, grace, SIGKILL) and
   `jobs.release` the job: it goes back to `queued` without consuming a retry and the next worker
   resumes from the last complete checkpoint.
 
-When the launcher exits by itself, any process left in its group is stopped too, then the exit is
-mapped to an outcome by `worker.exit_codes.classify`.
+Every `heartbeat_interval_s` it streams new `metrics.jsonl` lines into the database
+(`jobs.record_progress`). When the launcher exits by itself, any process left in its group is
+stopped too, then the exit is mapped to an outcome by `worker.exit_codes.classify`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import Any, Optional
 from halos_core.run_dir import RunDir
 from server import jobs
 from server.db import session_scope
-from server.jobs import Claim, Heartbeat, Outcome
+from server.jobs import Claim, Outcome
 from server.settings import Settings
 from worker import exit_codes
+from worker.lease import LeaseKeeper
 from worker.watchdog import job_processes, kill_group, pid_alive, proc_stat, read_environ
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,12 @@ class MetricsTail:
 
 
 class Supervisor:
+    """Watches one launched attempt. The lease is NOT renewed here: `keeper` (worker.lease) owns
+    the heartbeats and the self-fencing timer; the loop reads its state."""
+
     def __init__(self, claim: Claim, settings: Settings, run_dir: RunDir, proc: subprocess.Popen,
-                 shutdown: threading.Event, metrics_offset: int = 0, log_offset: int = 0):
+                 shutdown: threading.Event, metrics_offset: int = 0, log_offset: int = 0, *,
+                 keeper: LeaseKeeper):
         self.claim = claim
         self.settings = settings
         self.run_dir = run_dir
@@ -143,21 +148,9 @@ class Supervisor:
         self.shutdown = shutdown
         self.metrics = MetricsTail(run_dir, metrics_offset)
         self.log_offset = log_offset
-        self.last_ok = time.monotonic()
+        self.keeper = keeper
 
     # ---- database calls (each in its own short transaction)
-    def _beat(self) -> Optional[Heartbeat]:
-        started = time.monotonic()
-        try:
-            with session_scope(self.settings) as session:
-                state = jobs.heartbeat(session, self.claim.job_id, self.claim.lease_token, self.settings.lease_ttl_s)
-        except Exception as exc:  # noqa: BLE001 - the DB may be briefly unreachable
-            log.warning("heartbeat of %s failed: %s", self.claim.job_id, exc)
-            return None
-        if state != Heartbeat.LOST:
-            self.last_ok = started
-        return state
-
     def _ingest(self) -> None:
         records = self.metrics.read()
         for i in range(0, len(records), MAX_RECORDS_PER_CALL):
@@ -172,8 +165,7 @@ class Supervisor:
         self.proc.poll()
 
     def _stop_group(self, grace: float) -> bool:
-        gone = kill_group(self.pgid, grace, marker=self.marker, tick=self._beat,
-                          tick_every=self.settings.heartbeat_interval_s, reap=self._reap_child)
+        gone = kill_group(self.pgid, grace, marker=self.marker, reap=self._reap_child)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -185,27 +177,25 @@ class Supervisor:
     # ---- the loop
     def run(self) -> RunReport:
         interval = self.settings.heartbeat_interval_s
-        fence_after = self.settings.lease_ttl_s * 0.75
         poll = max(0.05, min(0.2, interval / 2))
-        next_beat = time.monotonic() + interval
+        next_ingest = time.monotonic() + interval
         while True:
             try:
                 rc = self.proc.wait(timeout=poll)
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if self.keeper.fired.is_set():
+                return self._fenced()
             if self.shutdown.is_set():
                 return self._on_shutdown()
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + interval
-                state = self._beat()
-                if state == Heartbeat.LOST:
-                    return self._fence("lease lost: another attempt owns the job")
-                if state is None and time.monotonic() - self.last_ok > fence_after:
-                    return self._fence(f"no successful heartbeat for {time.monotonic() - self.last_ok:.1f}s")
-                if state == Heartbeat.CANCEL:
-                    return self._on_cancel()
+            if self.keeper.cancel_requested:
+                return self._on_cancel()
+            if time.monotonic() >= next_ingest:
+                next_ingest = time.monotonic() + interval
                 self._ingest()
+        if self.keeper.fired.is_set():  # the exit was the fence's SIGKILL
+            return self._fenced()
         # the launcher exited by itself: nothing of its group may outlive it
         gone = True
         if job_processes(self.pgid, self.marker):
@@ -216,15 +206,16 @@ class Supervisor:
         outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset)
         return RunReport("finish", outcome, group_gone=gone)
 
-    def _fence(self, why: str) -> RunReport:
-        log.error("job %s attempt %d: self-fencing (%s): killing group %d", self.claim.job_id,
-                  self.claim.attempt, why, self.pgid)
-        gone = kill_group(self.pgid, 0, marker=self.marker, reap=self._reap_child)
+    def _fenced(self) -> RunReport:
+        """The keeper fenced (lease lost, or no successful heartbeat for 3/4 of the TTL): it has
+        killed the attempt's processes; report nothing to the database."""
+        self.keeper.wait_fenced()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-        return RunReport("lost", None, detail=why, group_gone=gone)
+        gone = self.keeper.group_gone and not job_processes(self.pgid, self.marker)
+        return RunReport("lost", None, detail=self.keeper.reason, group_gone=gone)
 
     def _on_cancel(self) -> RunReport:
         rc = self.proc.poll()
@@ -247,6 +238,8 @@ class Supervisor:
             # the group could not be stopped: do not hand the job to another worker (I2); the
             # lease will expire and the sweeper decides
             return RunReport("lost", None, detail="process group survived SIGKILL", group_gone=False)
+        if self.proc.poll() is not None:
+            self.keeper.detach()  # reaped: a fence after the release must not signal a reused pgid
         try:
             with session_scope(self.settings) as session:
                 ok = jobs.release(session, self.claim.job_id, self.claim.lease_token, "worker shutting down")

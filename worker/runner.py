@@ -10,6 +10,10 @@
    in its own session (process group), output appended to stdout.log, plus a watchdog that
    stops the group if this process dies.
 6. `worker.monitor.Supervisor` until it exits / is cancelled / loses its lease / we shut down.
+
+The lease is renewed throughout by a `worker.lease.LeaseKeeper` (the task starts it right after
+the claim): steps 1-3 may hash many GB. Right before the launch the runner checks that the lease
+is still ours (and not cancelled) and hands the process group to the keeper's fence.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from halos_core.config import RunConfig
-from halos_core.run_dir import RunDir
+from halos_core.run_dir import Manifest, RunDir
 from server import jobs
 from server.db import session_scope
 from server.jobs import Claim, Outcome
 from server.models import utcnow
 from server.settings import Settings
 from worker import exit_codes, launch
+from worker.lease import LeaseKeeper
 from worker.monitor import RunReport, Supervisor, attempt_marker, reap_orphans, supervised_env
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,25 @@ def _backfill_metrics(claim: Claim, settings: Settings, run_dir: RunDir, resume_
     return run_dir.metrics_jsonl.stat().st_size if run_dir.metrics_jsonl.exists() else 0
 
 
-def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event] = None) -> RunReport:
+def _latest_complete(run_dir: RunDir) -> Optional[Manifest]:
+    """The newest complete checkpoint. Called right after `clean_partial_checkpoints`, which has
+    just verified every checkpoint left in place (and removed the rest), so they are not hashed a
+    second time here (hashing tens of GB twice before a retry is minutes of nothing)."""
+    done = run_dir.complete_checkpoints(verify=False)
+    return done[-1] if done else None
+
+
+def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event] = None, *,
+            keeper: Optional[LeaseKeeper] = None) -> RunReport:
+    """Run one claimed attempt. `keeper` renews the lease (worker.tasks starts it right after the
+    claim and stops it after finish/release); without one (tests) the runner keeps its own for
+    the duration of this call."""
+    if keeper is None:
+        own = LeaseKeeper(claim, settings).start()
+        try:
+            return run_job(claim, settings, shutdown, keeper=own)
+        finally:
+            own.stop()
     shutdown = shutdown or SHUTDOWN
     run_dir = RunDir(claim.run_dir or (settings.runs_dir / claim.job_id)).create()
 
@@ -98,7 +121,7 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
             return _finish_now(Outcome("succeeded", result=result))
         run_dir.result_json.unlink(missing_ok=True)
 
-    resume = run_dir.latest_checkpoint() if claim.attempt > 1 else None
+    resume = _latest_complete(run_dir) if claim.attempt > 1 else None
     try:
         config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
     except (ValidationError, ValueError, TypeError) as exc:
@@ -109,6 +132,14 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
 
     env = {**os.environ, **launch.launch_env(settings), **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
     metrics_offset = _backfill_metrics(claim, settings, run_dir, resume.step if resume else 0)
+    # the setup above may have taken long (hashing): start nothing on a lease that is no longer ours
+    ok, why = keeper.usable()
+    if not ok:
+        log.error("job %s attempt %d: not starting the training: %s", claim.job_id, claim.attempt, why)
+        return RunReport("lost", None, detail=why)
+    if keeper.cancel_requested:
+        return _finish_now(Outcome("cancelled", error="cancelled by request"))
+    marker = attempt_marker(claim, settings)
     with open(run_dir.stdout_log, "ab") as out:
         out.write(
             f"\n===== halos: job {claim.job_id} attempt {claim.attempt} on {hostname()} at {utcnow().isoformat()}"
@@ -118,24 +149,32 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         log_offset = out.tell()
         proc = subprocess.Popen(cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    watchdog = _start_watchdog(proc.pid, settings, attempt_marker(claim, settings))
+    watchdog = _start_watchdog(proc.pid, settings, marker)
     log.info("job %s attempt %d: started %s (pgid %d)%s", claim.job_id, claim.attempt, " ".join(cmd), proc.pid,
              f", resuming from step {resume.step}" if resume else "")
     try:
+        if not keeper.attach(proc.pid, marker):
+            # fenced between the check above and the start: the fence found nothing to kill
+            from worker.watchdog import kill_group
+
+            gone = kill_group(proc.pid, 0, marker=marker, reap=proc.poll)
+            return RunReport("lost", None, detail=keeper.reason, group_gone=gone)
         try:
             with session_scope(settings) as session:
                 jobs.mark_attempt_started(session, claim.job_id, claim.lease_token,
                                           resumed_from_step=resume.step if resume else None)
         except Exception as exc:  # noqa: BLE001 - informational only
             log.warning("recording the resume point of %s failed: %s", claim.job_id, exc)
-        return Supervisor(claim, settings, run_dir, proc, shutdown, metrics_offset, log_offset).run()
+        return Supervisor(claim, settings, run_dir, proc, shutdown, metrics_offset, log_offset, keeper=keeper).run()
     except BaseException:
         # a bug or an interrupt in the supervisor must not leave the training running
         from worker.watchdog import kill_group
 
-        kill_group(proc.pid, 0, marker=attempt_marker(claim, settings), reap=proc.poll)
+        kill_group(proc.pid, 0, marker=marker, reap=proc.poll)
         raise
     finally:
+        if proc.poll() is not None:
+            keeper.detach()  # reaped: its pgid may be reused
         if watchdog is not None and watchdog.poll() is None:
             watchdog.terminate()
             try:

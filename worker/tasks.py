@@ -3,30 +3,41 @@
 It is thin on purpose: the claim is one conditional UPDATE (a duplicate delivery — a Redis
 redelivery after `visibility_timeout`, a sweeper republish — finds the job not `queued` and
 returns at once), and all state lives in the database.
+
+Right after the claim a `worker.lease.LeaseKeeper` renews the lease (and fences on its own
+timer) until `finish` or `release` has returned: everything in between — reaping, hashing
+checkpoints before a retry, the training, hashing `final/` after it — happens under a live lease.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from typing import Optional
 
 from celery.exceptions import Reject
 
 from server import jobs, queue
 from server.db import session_scope
-from server.settings import get_settings
+from server.settings import Settings, get_settings
 from worker.app import app
 from worker import runner
+from worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
 
 @app.task(name=queue.TASK_NAME, ignore_result=True, acks_late=True)
 def run_job(job_id: str) -> str:
-    settings = get_settings()
     if runner.SHUTDOWN.is_set():
         # put the message back for another worker (the sweeper would republish it anyway)
         raise Reject("worker shutting down", requeue=True)
+    return execute(job_id, get_settings())
+
+
+def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event] = None) -> str:
+    """The task's body (callable without Celery): claim, keep the lease, run, finish."""
     with session_scope(settings) as session:
         claim = jobs.claim(session, job_id, runner.hostname(), os.getpid(), settings.lease_ttl_s,
                            run_dir=str((settings.runs_dir / job_id).resolve()))
@@ -34,19 +45,30 @@ def run_job(job_id: str) -> str:
         log.info("job %s not claimable (duplicate delivery, running elsewhere, finished or in backoff)", job_id)
         return "not-claimed"
     log.info("job %s: attempt %d claimed", job_id, claim.attempt)
-    report = runner.run_job(claim, settings)
-    if report.action == "finish" and report.outcome is not None:
-        with session_scope(settings) as session:
-            job = jobs.finish(session, job_id, claim.lease_token, report.outcome,
-                              retry_backoff_s=settings.retry_backoff_s)
-            status = job.status.value
-            children = jobs.unpublished_children(session, job_id)
-        log.info("job %s attempt %d: %s -> %s", job_id, claim.attempt, report.outcome.status, status)
-        if children:
-            queue.publish_many(children, settings)
-        return status
-    if report.action == "released":
-        # another worker may take it now (this one is shutting down and will not)
-        queue.publish(job_id, settings)
-    log.warning("job %s attempt %d: %s (%s)", job_id, claim.attempt, report.action, report.detail)
-    return report.action
+    keeper = LeaseKeeper(claim, settings).start()
+    try:
+        report = runner.run_job(claim, settings, shutdown, keeper=keeper)
+        if report.action == "finish" and report.outcome is not None:
+            ok, why = keeper.usable()
+            if not ok:
+                log.error("job %s attempt %d: not finishing (%s) with %s: the lease is no longer ours",
+                          job_id, claim.attempt, why, report.outcome.status)
+                return "lost"
+            with session_scope(settings) as session:
+                job = jobs.finish(session, job_id, claim.lease_token, report.outcome,
+                                  retry_backoff_s=settings.retry_backoff_s)
+                status = job.status.value
+                children = jobs.unpublished_children(session, job_id)
+            keeper.stop()
+            log.info("job %s attempt %d: %s -> %s", job_id, claim.attempt, report.outcome.status, status)
+            if children:
+                queue.publish_many(children, settings)
+            return status
+        keeper.stop()
+        if report.action == "released":
+            # another worker may take it now (this one is shutting down and will not)
+            queue.publish(job_id, settings)
+        log.warning("job %s attempt %d: %s (%s)", job_id, claim.attempt, report.action, report.detail)
+        return report.action
+    finally:
+        keeper.stop()

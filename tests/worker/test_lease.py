@@ -1,0 +1,98 @@
+"""The lease keeper (worker/lease.py) and what the task does around the runner (worker/tasks.py):
+the lease is renewed while the worker hashes checkpoints outside the training's lifetime, the
+fence fires on its own timer while a database call hangs, setup errors end the job at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import halos_core.run_dir as rd
+from halos_core.run_dir import RunDir, write_manifest
+from server import jobs, sweeper
+from server.db import session_scope
+from server.models import JobStatus
+from tests.worker.support import REPO, add_round, attempts, pid_alive, reload, trainer_starts, wait_for
+from worker import tasks
+
+
+@pytest.fixture(autouse=True)
+def _pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the launched fake trainer is under tests/
+
+
+class Sweeper:
+    """The sweeper's loop in a thread (expire leases, no publishing)."""
+
+    def __init__(self, settings, every: float = 0.2):
+        self.settings, self.every = settings, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            with session_scope(self.settings) as session:
+                sweeper.sweep_once(session, self.settings, publish=False)
+            self.stop.wait(self.every)
+
+    def __enter__(self) -> "Sweeper":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def _slow_hashing(monkeypatch, seconds: float) -> Counter:
+    """Hashing in THIS (runner) process takes `seconds` per file (stands in for tens of GB)."""
+    calls: Counter = Counter()
+    real = rd.sha256_file
+
+    def slow(path, chunk=1 << 20):  # noqa: ANN001
+        calls[str(Path(path).resolve())] += 1
+        time.sleep(seconds)
+        return real(path, chunk)
+
+    monkeypatch.setattr(rd, "sha256_file", slow)
+    return calls
+
+
+def test_lease_is_renewed_while_final_is_hashed_after_the_exit(make_env, monkeypatch):
+    """Reviewer's repro_verify: final/ verification (exit_codes.classify) used to run with no
+    heartbeat: the lease expired, a succeeded training became crash → retry → … → failed."""
+    env = make_env("verify", lease_ttl_s=1.0, heartbeat_interval_s=0.2, retry_backoff_s=0.1)
+    job = add_round(env.session, env.run, env.root, {"steps": 2, "sleep": 0.05, "checkpoint_every": 100})
+    _slow_hashing(monkeypatch, 0.7)  # final/ has 2 files: 1.4 s of hashing > the 1 s lease
+    with Sweeper(env.settings):
+        assert tasks.execute(job.id, env.settings) == "succeeded"
+    j = reload(env.session, job.id)
+    assert j.status == JobStatus.succeeded and j.attempt == 1, j.error
+    assert [a.outcome for a in attempts(env.session, job.id)] == ["succeeded"]
+
+
+def test_retry_verifies_intermediate_checkpoints_once_under_a_live_lease(make_env, monkeypatch):
+    """Before a retry the runner cleans partial checkpoints (hashing every complete one) and picks
+    the latest: under the keeper's lease, and every file is hashed once, not twice."""
+    env = make_env("retry", lease_ttl_s=1.0, heartbeat_interval_s=0.2, retry_backoff_s=0.0)
+    job = add_round(env.session, env.run, env.root, {"steps": 6, "sleep": 0.01})
+    run = RunDir(env.settings.runs_dir / job.id).create()
+    for step in (2, 4):
+        d = run.checkpoint_path(step)
+        d.mkdir()
+        (d / "model.safetensors").write_text(str(step))
+        (d / "optimizer.pt").write_text(str(step))
+        write_manifest(d, step, step, round_step=step)
+    c1 = jobs.claim(env.session, job.id, "h", 1, env.settings.lease_ttl_s, run_dir=str(run.path))
+    jobs.finish(env.session, job.id, c1.lease_token, jobs.Outcome("crashed", error="test"), retry_backoff_s=0)
+    calls = _slow_hashing(monkeypatch, 0.3)  # 4 checkpoint files: 1.2 s > the lease
+    with Sweeper(env.settings):
+        assert tasks.execute(job.id, env.settings) == "succeeded"
+    ckpt_calls = {p: n for p, n in calls.items() if "/checkpoints/" in p}
+    assert len(ckpt_calls) == 4 and set(ckpt_calls.values()) == {1}, ckpt_calls
+    assert trainer_starts(run.path)[0]["resume_round_step"] == 4
+    assert [a.outcome for a in attempts(env.session, job.id)] == ["crashed", "succeeded"]
