@@ -3,6 +3,10 @@
 SQLite: WAL so readers never block the writer, a busy timeout, and every transaction opened with
 `BEGIN IMMEDIATE` so a read-then-write transaction takes the write lock up front instead of
 failing with SQLITE_BUSY half-way (RELIABILITY.md trap 8).
+
+Postgres: `connect_timeout`, TCP keepalives, `tcp_user_timeout` and a `statement_timeout` (the
+application's engines: `Settings.db_statement_timeout_s`, capped at a quarter of the lease TTL), so
+no database call blocks a heartbeat or a request forever.
 """
 
 from __future__ import annotations
@@ -25,7 +29,33 @@ def _normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+# Postgres: a database that stops answering must not block a caller forever (the worker's lease
+# keeper, the API's threads): bounded connects, TCP keepalives and a user timeout detect a dead
+# peer, and a statement timeout bounds a statement stuck on locks or I/O.
+PG_CONNECT_TIMEOUT_S = 10
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+PG_TCP_USER_TIMEOUT_MS = 30_000
+DEFAULT_STATEMENT_TIMEOUT_S = 15.0
+
+
+def postgres_connect_args(statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S) -> dict:
+    args: dict = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **PG_KEEPALIVES, "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS}
+    if statement_timeout_s:
+        args["options"] = f"-c statement_timeout={max(1, int(statement_timeout_s * 1000))}"
+    return args
+
+
+def statement_timeout_for(settings: Settings) -> float | None:
+    """The statement timeout of the application's engines: `db_statement_timeout_s`, but well under
+    the lease TTL (at most a quarter of it, at least 1 s); 0 disables it."""
+    if not settings.db_statement_timeout_s:
+        return None
+    return max(1.0, min(float(settings.db_statement_timeout_s), float(settings.lease_ttl_s) / 4))
+
+
+def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S) -> Engine:
+    """An engine for `url`. Postgres: connect timeout, TCP keepalives, TCP user timeout and
+    `statement_timeout` (None: no statement timeout, e.g. for migrations)."""
     url = _normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -45,16 +75,18 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = postgres_connect_args(statement_timeout_s) if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 @lru_cache
-def _engine_for(url: str) -> Engine:
-    return make_engine(url)
+def _engine_for(url: str, statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S) -> Engine:
+    return make_engine(url, statement_timeout_s=statement_timeout_s)
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
-    return _engine_for((settings or get_settings()).db_url)
+    settings = settings or get_settings()
+    return _engine_for(settings.db_url, statement_timeout_for(settings))
 
 
 @contextmanager

@@ -41,7 +41,18 @@ def upgrade(settings: Optional[Settings] = None, revision: str = "head") -> None
     settings = settings or get_settings()
     if settings.db_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(settings), revision)
+        command.upgrade(alembic_config(settings), revision)
+        return
+    from server.db import make_engine
+
+    # Postgres: DDL may wait on locks or rewrite big tables: no statement_timeout here
+    engine = make_engine(settings.db_url, statement_timeout_s=None)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(settings, connection=conn), revision)
+            conn.commit()
+    finally:
+        engine.dispose()
 
 
 def current(settings: Optional[Settings] = None) -> Optional[str]:

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     trainer_module: str = "halos_core.train"  # `accelerate launch -m <this> --config run.json` (tests: a fake trainer)
     main_process_port: int | None = None  # multi-process rendezvous port; default: a free port per job
 
+    # Postgres statement_timeout of the API's and workers' connections (capped at lease_ttl_s / 4,
+    # at least 1 s; 0 disables; migrations run without one)
+    db_statement_timeout_s: float = Field(15.0, ge=0)
+
     # leases and recovery
     lease_ttl_s: float = 60.0
     heartbeat_interval_s: float = 5.0

@@ -96,3 +96,55 @@ def test_retry_verifies_intermediate_checkpoints_once_under_a_live_lease(make_en
     assert len(ckpt_calls) == 4 and set(ckpt_calls.values()) == {1}, ckpt_calls
     assert trainer_starts(run.path)[0]["resume_round_step"] == 4
     assert [a.outcome for a in attempts(env.session, job.id)] == ["crashed", "succeeded"]
+
+
+def test_fence_fires_while_database_calls_hang(make_env, monkeypatch):
+    """Reviewer's repro_fence: a heartbeat (and a metrics write) blocked like a TCP read to an
+    unreachable database host used to block the in-loop fence check; the sweeper re-queued the job
+    and a 2nd attempt could start while the 1st trainer still ran. The keeper's fence is its own
+    timer: the trainer dies 3/4 of the lease TTL after the last successful heartbeat."""
+    env = make_env("fence", lease_ttl_s=2.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
+    job = add_round(env.session, env.run, env.root, {"steps": 200, "sleep": 0.1, "checkpoint_every": 1000})
+    release = threading.Event()
+    real_hb, real_rp = jobs.heartbeat, jobs.record_progress
+    calls = Counter()
+    hung = {}
+
+    def heartbeat(*a, **kw):  # noqa: ANN002, ANN003
+        calls["hb"] += 1
+        if calls["hb"] >= 3:
+            hung.setdefault("since", time.monotonic())
+            release.wait(20)
+            raise OSError("connection timed out")
+        return real_hb(*a, **kw)
+
+    def record_progress(*a, **kw):  # noqa: ANN002, ANN003
+        if "since" in hung:
+            release.wait(20)
+            raise OSError("connection timed out")
+        return real_rp(*a, **kw)
+
+    monkeypatch.setattr(jobs, "heartbeat", heartbeat)
+    monkeypatch.setattr(jobs, "record_progress", record_progress)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("status", tasks.execute(job.id, env.settings)))
+    thread.start()
+    try:
+        run_dir = env.settings.runs_dir / job.id
+        start = wait_for(lambda: trainer_starts(run_dir), 60, what="trainer start")[0]
+        wait_for(lambda: "since" in hung, 10, interval=0.05, what="the hanging heartbeat")
+        wait_for(lambda: not pid_alive(start["pid"]), 5, interval=0.05, what="trainer fenced")
+        fenced_after = time.monotonic() - hung["since"]
+        assert fenced_after < env.settings.lease_ttl_s  # before the lease can expire
+        time.sleep(env.settings.lease_ttl_s)  # the lease expires; the sweeper re-queues the job
+        with session_scope(env.settings) as session:
+            sweeper.sweep_once(session, env.settings, publish=False)
+        with session_scope(env.settings) as session:
+            second = jobs.claim(session, job.id, "B", 2, env.settings.lease_ttl_s)
+        assert second is not None and second.attempt == 2
+        assert not pid_alive(start["pid"])  # no overlap with the new attempt (I2)
+    finally:
+        release.set()
+        thread.join(30)
+    assert box["status"] == "lost"
+    print(f"\n[fence] heartbeat hung -> trainer killed after {fenced_after:.2f}s (lease {env.settings.lease_ttl_s}s)")
