@@ -26,6 +26,7 @@ keeps `outcome='crashed'`. Attempts are append-only and every attempt row is clo
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -93,9 +94,26 @@ def _seconds(value: float | timedelta) -> float:
 
 
 def _trim(text: Optional[str]) -> Optional[str]:
+    """Error text for the database: NUL characters dropped (Postgres text rejects them; a trainer's
+    log tail can hold them), at most MAX_ERROR_CHARS (the tail is kept)."""
     if text is None:
         return None
+    text = text.replace("\x00", "")
     return text if len(text) <= MAX_ERROR_CHARS else "…" + text[-MAX_ERROR_CHARS:]
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of `value` that every database accepts as JSON: NaN/±Infinity (an fp16 overflow
+    step's `grad_norm`) become None, NUL characters are dropped from strings and keys."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {(k.replace("\x00", "") if isinstance(k, str) else k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _load(session: Session, job_id: str) -> Optional[Job]:
@@ -412,9 +430,11 @@ def int_or_zero(value: Any) -> int:
 def record_progress(session: Session, job_id: str, lease_token: str, metrics: list[dict[str, Any]], *,
                     skip_recorded: bool = False) -> None:
     """Append MetricPoint rows and update the job's progress (ignored unless the lease is ours).
+    Records are stored `json_safe` (NaN/Infinity → null, NUL characters dropped).
 
     `skip_recorded`: drop points whose (step, split) the job already has — used by a retry to
     backfill lines an earlier attempt wrote to metrics.jsonl but died before recording."""
+    metrics = [json_safe(r) for r in metrics if isinstance(r, dict)]
     if not metrics:
         return
     job = session.exec(

@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from halos_core.run_dir import RunDir
 from server import jobs
@@ -117,11 +117,24 @@ def reap_orphans(settings: Settings, job_id: Optional[str] = None, grace_s: Opti
 
 
 class MetricsTail:
-    """Tolerant tail of metrics.jsonl: complete lines only; a malformed line is skipped, not fatal."""
+    """Tolerant tail of metrics.jsonl: complete lines only; a malformed line is skipped, not fatal.
+
+    Lines read but not yet recorded stay `pending` until `record` succeeds for them (a database
+    hiccup loses no line): they are retried on the next ingest with `skip_recorded`, so a write
+    that committed but reported an error is not doubled. A batch the database refuses for its
+    content (not for being unreachable) is dropped after `MAX_CONTENT_FAILURES` tries, with an
+    error, so one bad line cannot stall the series; at most `MAX_PENDING` lines are kept.
+    """
+
+    MAX_PENDING = 100_000
+    MAX_CONTENT_FAILURES = 3
 
     def __init__(self, run_dir: RunDir, offset: int = 0):
         self.run_dir = run_dir
         self.offset = offset
+        self.pending: list[dict[str, Any]] = []
+        self.failures = 0
+        self.dropped = 0
 
     def read(self) -> list[dict[str, Any]]:
         try:
@@ -130,6 +143,42 @@ class MetricsTail:
             log.warning("reading %s failed: %s", self.run_dir.metrics_jsonl, exc)
             return []
         return records
+
+    def ingest(self, record: Callable[[list[dict[str, Any]], bool], None]) -> int:
+        """Read new lines and `record(batch, retry)` every pending one; returns how many were recorded."""
+        self.pending += self.read()
+        if len(self.pending) > self.MAX_PENDING:
+            extra = len(self.pending) - self.MAX_PENDING
+            log.error("dropping %d unrecorded metric lines of %s (database unavailable too long)", extra,
+                      self.run_dir.path.name)
+            del self.pending[:extra]
+            self.dropped += extra
+        done = 0
+        while self.pending:
+            batch = self.pending[:MAX_RECORDS_PER_CALL]
+            try:
+                record(batch, self.failures > 0)
+            except Exception as exc:  # noqa: BLE001
+                self.failures += 1
+                if _transient(exc) or self.failures < self.MAX_CONTENT_FAILURES:
+                    log.warning("recording metrics of %s failed (%d lines kept for a retry): %s",
+                                self.run_dir.path.name, len(self.pending), exc)
+                    return done
+                log.error("dropping %d metric lines of %s the database refuses: %s", len(batch),
+                          self.run_dir.path.name, exc)
+                self.dropped += len(batch)
+            else:
+                done += len(batch)
+            del self.pending[:len(batch)]
+            self.failures = 0
+        return done
+
+
+def _transient(exc: BaseException) -> bool:
+    """The database was unreachable / busy / too slow (retry), as opposed to refusing the data."""
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError))
 
 
 class Supervisor:
@@ -151,15 +200,12 @@ class Supervisor:
         self.keeper = keeper
 
     # ---- database calls (each in its own short transaction)
+    def _record(self, batch: list[dict[str, Any]], retry: bool) -> None:
+        with session_scope(self.settings) as session:
+            jobs.record_progress(session, self.claim.job_id, self.claim.lease_token, batch, skip_recorded=retry)
+
     def _ingest(self) -> None:
-        records = self.metrics.read()
-        for i in range(0, len(records), MAX_RECORDS_PER_CALL):
-            try:
-                with session_scope(self.settings) as session:
-                    jobs.record_progress(session, self.claim.job_id, self.claim.lease_token,
-                                         records[i:i + MAX_RECORDS_PER_CALL])
-            except Exception as exc:  # noqa: BLE001
-                log.warning("recording metrics of %s failed: %s", self.claim.job_id, exc)
+        self.metrics.ingest(self._record)
 
     def _reap_child(self) -> None:
         self.proc.poll()

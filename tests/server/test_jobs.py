@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import threading
@@ -115,6 +116,46 @@ def test_record_progress(env):
     assert [(p.step, p.split, p.attempt) for p in points] == [(1, "train", 1), (2, "train", 1), (2, "eval", 1)]
     jobs.record_progress(session, job.id, "stale", [{"step": 99}])  # ignored
     assert reload(session, job.id).step == 2
+
+
+def _nan_and_nul_scenario(session: Session, run, tmp: Path) -> None:  # noqa: ANN001
+    """Reviewer's t_nan_pg / t_nul_pg: an fp16 overflow step's `grad_norm: Infinity` (json.loads
+    of metrics.jsonl) and NUL bytes in a trainer's log tail."""
+    job = add_round(session, run, tmp)
+    c = _claim(session, job.id)
+    lines = ['{"step": 1, "round_step": 1, "loss": 0.7, "grad_norm": Infinity}',
+             '{"step": 2, "round_step": 2, "loss": NaN, "grad_norm": 1.0, "nested": {"x": [-Infinity, 1.5]}}',
+             '{"step": 3, "round_step": 3, "loss": 0.5, "grad_norm": -Infinity, "note": "a\\u0000b"}']
+    jobs.record_progress(session, job.id, c.lease_token, [json.loads(line) for line in lines])
+    points = session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id).order_by(MetricPoint.step)).all()
+    session.commit()
+    assert [p.step for p in points] == [1, 2, 3]
+    assert points[0].data["grad_norm"] is None and points[1].data["loss"] is None
+    assert points[1].data["nested"] == {"x": [None, 1.5]} and points[2].data["note"] == "ab"
+    j = reload(session, job.id)
+    assert j.step == 3 and j.latest_metrics["grad_norm"] is None
+    tail = b"\0\0\0\0".decode("utf-8", "replace")
+    done = jobs.finish(session, job.id, c.lease_token, Outcome("failed", error="training exited with code 1: "
+                                                                        + tail + "RuntimeError: boom"))
+    assert done.status == JobStatus.failed and done.error == "training exited with code 1: RuntimeError: boom"
+    assert attempts(session, job.id)[0].error == done.error
+
+
+def test_non_finite_metrics_and_nul_error_text(env):
+    session, run, tmp = env
+    _nan_and_nul_scenario(session, run, tmp)
+
+
+@pytest.mark.skipif(not pg_available(), reason="no Postgres")
+def test_non_finite_metrics_and_nul_error_text_postgres(tmp_path: Path):
+    with fresh_pg_database() as url:
+        engine = make_engine(url)
+        SQLModel.metadata.create_all(engine)
+        try:
+            with Session(engine, expire_on_commit=False) as session:
+                _nan_and_nul_scenario(session, seed_run(session, tmp_path), tmp_path)
+        finally:
+            engine.dispose()
 
 
 # --------------------------------------------------------------------------- finish and lineage

@@ -235,3 +235,43 @@ def test_orphans_are_found_only_for_this_database_and_dead_runners(env):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_metrics_tail_keeps_lines_until_recorded(tmp_path: Path):
+    """A record_progress that raises (database unreachable) used to lose the lines read: the offset
+    had advanced. They stay pending and are retried (with skip_recorded); a batch the database
+    refuses for its content is dropped after a few tries instead of stalling the series."""
+    from sqlalchemy.exc import DataError, OperationalError
+
+    from worker.monitor import MetricsTail
+
+    rd = RunDir(tmp_path / "r").create()
+    tail = MetricsTail(rd)
+    recorded: list[tuple[int, bool]] = []
+    outcomes: list = []
+
+    def record(batch, retry):  # noqa: ANN001
+        exc = outcomes.pop(0) if outcomes else None
+        if exc is not None:
+            raise exc
+        recorded.extend((r["step"], retry) for r in batch)
+
+    for step in (1, 2):
+        rd.append_metrics({"step": step})
+    outcomes[:] = [OperationalError("x", {}, Exception("server closed the connection"))] * 5
+    for _ in range(5):  # a long outage: transient errors never drop lines
+        assert tail.ingest(record) == 0
+    rd.append_metrics({"step": 3})
+    assert tail.ingest(record) == 3 and recorded == [(1, True), (2, True), (3, True)]
+    assert tail.pending == [] and tail.dropped == 0
+    rd.append_metrics({"step": 4})
+    assert tail.ingest(record) == 1 and recorded[-1] == (4, False)
+    rd.append_metrics({"step": 5})
+    outcomes[:] = [DataError("x", {}, Exception("invalid input"))] * MetricsTail.MAX_CONTENT_FAILURES
+    for _ in range(MetricsTail.MAX_CONTENT_FAILURES - 1):
+        tail.ingest(record)
+    assert tail.pending == [{"step": 5}]
+    tail.ingest(record)  # the last try: dropped with an error
+    assert tail.pending == [] and tail.dropped == 1
+    rd.append_metrics({"step": 6})
+    assert tail.ingest(record) == 1 and recorded[-1] == (6, False)
