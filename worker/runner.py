@@ -67,6 +67,20 @@ def build_config(claim: Claim, settings: Settings, run_dir: RunDir, resume_from:
     return RunConfig.model_validate(data)
 
 
+class LaunchError(Exception):
+    """The trainer could not be started at all (missing or unusable interpreter): not transient."""
+
+
+def worker_error(exc: BaseException) -> Outcome:
+    """The outcome of an exception in the worker's own code around an attempt: `failed` for what a
+    retry cannot fix (the interpreter cannot be started, an invalid configuration), `crashed`
+    (retried, bounded by max_attempts) for the rest — ENOSPC, I/O errors, bugs."""
+    text = f"worker error: {exc}" if isinstance(exc, LaunchError) else f"worker error: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (LaunchError, ValidationError, ValueError, TypeError)):
+        return Outcome("failed", error=text)
+    return Outcome("crashed", error=text)
+
+
 def _finish_now(outcome: Outcome) -> RunReport:
     return RunReport("finish", outcome)
 
@@ -147,8 +161,11 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         )
         out.flush()
         log_offset = out.tell()
-        proc = subprocess.Popen(cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            raise LaunchError(f"cannot start the trainer with {cmd[0]!r} (HALOS_PYTHON_EXECUTABLE): {exc}") from exc
     watchdog = _start_watchdog(proc.pid, settings, marker)
     log.info("job %s attempt %d: started %s (pgid %d)%s", claim.job_id, claim.attempt, " ".join(cmd), proc.pid,
              f", resuming from step {resume.step}" if resume else "")
@@ -166,8 +183,17 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         except Exception as exc:  # noqa: BLE001 - informational only
             log.warning("recording the resume point of %s failed: %s", claim.job_id, exc)
         return Supervisor(claim, settings, run_dir, proc, shutdown, metrics_offset, log_offset, keeper=keeper).run()
+    except Exception as exc:
+        # a bug in the supervisor must not leave the training running; the job is retried
+        from worker.watchdog import kill_group
+
+        log.exception("job %s attempt %d: supervising failed; stopping group %d", claim.job_id, claim.attempt,
+                      proc.pid)
+        gone = kill_group(proc.pid, 0, marker=marker, reap=proc.poll)
+        return RunReport("finish", Outcome("crashed", error=f"worker error while supervising: {type(exc).__name__}: {exc}"),
+                         group_gone=gone)
     except BaseException:
-        # a bug or an interrupt in the supervisor must not leave the training running
+        # an interrupt: stop the training, then let it propagate
         from worker.watchdog import kill_group
 
         kill_group(proc.pid, 0, marker=marker, reap=proc.poll)

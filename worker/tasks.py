@@ -47,7 +47,11 @@ def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event]
     log.info("job %s: attempt %d claimed", job_id, claim.attempt)
     keeper = LeaseKeeper(claim, settings).start()
     try:
-        report = runner.run_job(claim, settings, shutdown, keeper=keeper)
+        try:
+            report = runner.run_job(claim, settings, shutdown, keeper=keeper)
+        except Exception as exc:  # setup before the launch (nothing is running): end the attempt now
+            log.exception("job %s attempt %d: worker error before the training started", job_id, claim.attempt)
+            report = runner.RunReport("finish", runner.worker_error(exc))
         if report.action == "finish" and report.outcome is not None:
             ok, why = keeper.usable()
             if not ok:

@@ -148,3 +148,42 @@ def test_fence_fires_while_database_calls_hang(make_env, monkeypatch):
         thread.join(30)
     assert box["status"] == "lost"
     print(f"\n[fence] heartbeat hung -> trainer killed after {fenced_after:.2f}s (lease {env.settings.lease_ttl_s}s)")
+
+
+def test_bad_python_executable_fails_the_job_at_once(make_env):
+    """Reviewer's repro_popen: Popen raising in the runner left the job running until its lease
+    expired, with a misleading "lease expired" reason, and burnt every retry."""
+    env = make_env("popen", python_executable="/nonexistent/bin/python3.11")
+    job = add_round(env.session, env.run, env.root, {"steps": 2})
+    assert tasks.execute(job.id, env.settings) == "failed"
+    j = reload(env.session, job.id)
+    assert j.status == JobStatus.failed and j.attempt == 1
+    assert j.error.startswith("worker error: cannot start the trainer with '/nonexistent/bin/python3.11'"), j.error
+    assert "lease expired" not in j.error
+
+
+def test_transient_setup_errors_crash_and_retry_at_once(make_env, monkeypatch):
+    """ENOSPC writing run.json (or any OSError / bug before the launch): crashed now, retried."""
+    import errno
+
+    env = make_env("enospc", retry_backoff_s=0.0)
+    job = add_round(env.session, env.run, env.root, {"steps": 2})
+
+    def full(self, config):  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunDir, "write_config", full)
+    assert tasks.execute(job.id, env.settings) == "queued"
+    j = reload(env.session, job.id)
+    assert "worker error: OSError: [Errno 28] No space left on device" in j.error
+    assert [a.outcome for a in attempts(env.session, job.id)] == ["crashed"]
+
+    def broken(*a, **kw):  # noqa: ANN002, ANN003
+        raise RuntimeError("reaping failed")
+
+    monkeypatch.setattr("worker.runner.reap_orphans", broken)
+    assert tasks.execute(job.id, env.settings) == "queued"
+    assert "worker error: RuntimeError: reaping failed" in reload(env.session, job.id).error
+    monkeypatch.undo()
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    assert tasks.execute(job.id, env.settings) == "succeeded"
