@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from halos_core.config import RunConfig
+from halos_core.config import Hyperparams, RunConfig, hyperparams_problem
 from halos_core.run_dir import Manifest, RunDir
 from server import jobs
 from server.db import session_scope
@@ -81,6 +81,28 @@ def worker_error(exc: BaseException) -> Outcome:
     return Outcome("crashed", error=text)
 
 
+LORA_FSDP_PROBLEM = "LoRA runs are not supported with FSDP workers (HALOS_FSDP=true); use DDP or full fine-tuning"
+
+
+def worker_problem(claim: Claim, settings: Settings) -> Optional[str]:
+    """Why THIS worker cannot run the round (the submit-time checks, against the worker's own
+    num_processes / fsdp: the API and the workers must share them), or None. A spec too broken
+    to tell is left to `build_config` ("invalid job spec")."""
+    spec = claim.spec or {}
+    try:
+        loss_name = str(spec["loss"]["name"])
+        hp = Hyperparams.model_validate(spec.get("hyperparams") or {})
+    except (KeyError, TypeError, ValidationError):
+        return None
+    problem = hyperparams_problem(loss_name, hp, settings.num_processes)
+    if problem:
+        return (f"this worker cannot run the round: {problem} (worker HALOS_NUM_PROCESSES={settings.num_processes};"
+                " the API and the workers must share HALOS_NUM_PROCESSES and HALOS_FSDP)")
+    if spec.get("lora") and settings.fsdp:
+        return f"this worker cannot run the round: {LORA_FSDP_PROBLEM}"
+    return None
+
+
 def _finish_now(outcome: Outcome) -> RunReport:
     return RunReport("finish", outcome)
 
@@ -124,6 +146,10 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
 
     # earlier attempts of this job on this host must be gone before this one starts (I2, I6)
     reap_orphans(settings, job_id=claim.job_id)
+    # the API checked the round against ITS settings; this worker may be configured otherwise
+    problem = worker_problem(claim, settings)
+    if problem:
+        return _finish_now(Outcome("failed", error=problem))
     removed = run_dir.clean_partial_checkpoints()
     if removed:
         log.warning("job %s: removed partial checkpoints %s", claim.job_id, [p.name for p in removed])

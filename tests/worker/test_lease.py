@@ -10,12 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 import halos_core.run_dir as rd
 from halos_core.run_dir import RunDir, write_manifest
 from server import jobs, sweeper
 from server.db import session_scope
-from server.models import JobStatus
+from server.models import Job, JobStatus
 from tests.worker.support import REPO, add_round, attempts, pid_alive, reload, trainer_starts, wait_for
 from worker import tasks
 
@@ -187,3 +188,37 @@ def test_transient_setup_errors_crash_and_retry_at_once(make_env, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     assert tasks.execute(job.id, env.settings) == "succeeded"
+
+
+def test_worker_rechecks_the_submit_time_checks_against_its_own_settings(make_env):
+    """The API checked the round against ITS HALOS_NUM_PROCESSES / HALOS_FSDP; a worker configured
+    otherwise fails the round at claim time with the same reason instead of launching it."""
+    env = make_env("mismatch", num_processes=2)
+    job = add_round(env.session, env.run, env.root, {"steps": 2})  # batch_size 1, microbatch 1
+    assert tasks.execute(job.id, env.settings) == "failed"
+    j = reload(env.session, job.id)
+    assert j.error.startswith("this worker cannot run the round: batch_size 1 is not divisible by microbatch_size 1"
+                              " x num_processes 2"), j.error
+    assert "HALOS_NUM_PROCESSES=2" in j.error and j.attempt == 1
+    assert trainer_starts(env.settings.runs_dir / job.id) == []
+
+    fsdp = make_env("fsdp", fsdp=True)
+    job = add_round(fsdp.session, fsdp.run, fsdp.root, {"steps": 2})
+    spec = {**job.spec, "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj"]}}
+    fsdp.session.exec(update(Job).where(Job.id == job.id).values(spec=spec))
+    fsdp.session.commit()
+    assert tasks.execute(job.id, fsdp.settings) == "failed"
+    j = reload(fsdp.session, job.id)
+    assert j.error == "this worker cannot run the round: LoRA runs are not supported with FSDP workers (HALOS_FSDP=true);" \
+                      " use DDP or full fine-tuning"
+    assert trainer_starts(fsdp.settings.runs_dir / job.id) == []
+
+
+def test_compose_shares_the_submit_time_settings_between_api_and_workers():
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name in ("api", "worker"):
+        environment = compose["services"][name]["environment"]
+        assert environment["HALOS_NUM_PROCESSES"] == compose["x-halos-env"]["HALOS_NUM_PROCESSES"]
+        assert environment["HALOS_FSDP"] == compose["x-halos-env"]["HALOS_FSDP"]
