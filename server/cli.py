@@ -8,7 +8,8 @@
         released and resume later), then the sweeper.
     halos worker [--concurrency N] [--no-sweeper] [--loglevel L]
         A Celery worker consuming queue `halos` (solo pool for N=1, threads for N>1) plus its
-        own sweeper thread.
+        own sweeper thread. With N>1 (and not HALOS_USE_CPU) every concurrent job gets its own
+        HALOS_NUM_PROCESSES GPUs (worker/slots.py); too few visible GPUs: exits with status 2.
     halos migrate
         `alembic upgrade head` on HALOS_DATABASE_URL.
     halos keys create --project NAME      prints the new API key, alone, on stdout
@@ -72,6 +73,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.ensure_dirs()
+    concurrency = args.concurrency or settings.worker_concurrency
+    from worker import slots  # the worker package is imported only by this command
+
+    try:
+        slots.configure(settings, concurrency)  # one GPU set per concurrent job
+    except slots.SlotError as exc:
+        log.error("refusing to start the worker: %s", exc)
+        return 2
     if args.migrate:
         from server import migrate
 
@@ -81,8 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from server import sweeper
 
         sweeper.start_thread(settings, stop)
-    concurrency = args.concurrency or settings.worker_concurrency
-    from worker.app import app  # the worker package is imported only by this command
+    from worker.app import app
 
     argv = [
         "worker",

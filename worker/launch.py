@@ -25,7 +25,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = None) -> dict[str, Any]:
+def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = None,
+                      port_from_settings: bool = True) -> dict[str, Any]:
     n = max(1, int(settings.num_processes))
     if settings.fsdp:
         # FSDP2; also on CPU (tests/CI): the trainer turns accelerate's MULTI_CPU into FSDP over gloo
@@ -56,7 +57,8 @@ def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = 
     config["gpu_ids"] = "all"
     if n > 1:
         config["main_process_ip"] = "127.0.0.1"
-        config["main_process_port"] = main_process_port or settings.main_process_port or free_port()
+        configured = settings.main_process_port if port_from_settings else None
+        config["main_process_port"] = main_process_port or configured or free_port()
     if distributed_type == "FSDP":
         config["fsdp_config"] = {
             "fsdp_version": 2,  # FSDP2 (fully_shard); the trainer refuses FSDP1
@@ -73,10 +75,14 @@ def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = 
     return config
 
 
-def write_accelerate_config(run_dir: RunDir, settings: Settings) -> Path:
+def write_accelerate_config(run_dir: RunDir, settings: Settings, *, main_process_port: Optional[int] = None,
+                            port_from_settings: bool = True) -> Path:
+    """`port_from_settings=False` (a worker running several jobs at once): ignore a configured
+    `main_process_port`, every job gets a free port unless `main_process_port` is given."""
     path = run_dir.accelerate_yaml
     tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text(yaml.safe_dump(accelerate_config(settings), sort_keys=True))
+    config = accelerate_config(settings, main_process_port=main_process_port, port_from_settings=port_from_settings)
+    tmp.write_text(yaml.safe_dump(config, sort_keys=True))
     tmp.replace(path)
     return path
 

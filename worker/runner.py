@@ -39,6 +39,7 @@ from server.models import utcnow
 from server.settings import Settings
 from worker import exit_codes, launch
 from worker.lease import LeaseKeeper
+from worker.slots import Slot
 from worker.monitor import RunReport, Supervisor, attempt_marker, reap_orphans, supervised_env
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,15 @@ def _latest_complete(run_dir: RunDir) -> Optional[Manifest]:
 
 
 def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event] = None, *,
-            keeper: Optional[LeaseKeeper] = None) -> RunReport:
+            keeper: Optional[LeaseKeeper] = None, slot: Optional[Slot] = None) -> RunReport:
     """Run one claimed attempt. `keeper` renews the lease (worker.tasks starts it right after the
     claim and stops it after finish/release); without one (tests) the runner keeps its own for
-    the duration of this call."""
+    the duration of this call. `slot` (worker.slots): the GPUs and port of this job when the
+    worker runs several at once; None = every GPU, the configured port."""
     if keeper is None:
         own = LeaseKeeper(claim, settings).start()
         try:
-            return run_job(claim, settings, shutdown, keeper=own)
+            return run_job(claim, settings, shutdown, keeper=own, slot=slot)
         finally:
             own.stop()
     shutdown = shutdown or SHUTDOWN
@@ -167,10 +169,15 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
     except (ValidationError, ValueError, TypeError) as exc:
         return _finish_now(Outcome("failed", error=f"invalid job spec: {exc}"))
     run_dir.write_config(config)
-    launch.write_accelerate_config(run_dir, settings)
+    if slot is None:
+        launch.write_accelerate_config(run_dir, settings)
+    else:
+        launch.write_accelerate_config(run_dir, settings, main_process_port=slot.main_process_port(),
+                                       port_from_settings=False)
     cmd = launch.command(settings, run_dir)
 
-    env = {**os.environ, **launch.launch_env(settings), **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **launch.launch_env(settings), **(slot.env if slot is not None else {}),
+           **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
     metrics_offset = _backfill_metrics(claim, settings, run_dir, resume.step if resume else 0)
     # the setup above may have taken long (hashing): start nothing on a lease that is no longer ours
     ok, why = keeper.usable()

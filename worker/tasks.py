@@ -22,7 +22,7 @@ from server import jobs, queue
 from server.db import session_scope
 from server.settings import Settings, get_settings
 from worker.app import app
-from worker import runner
+from worker import runner, slots
 from worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,23 @@ def run_job(job_id: str) -> str:
     return execute(job_id, get_settings())
 
 
-def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event] = None) -> str:
-    """The task's body (callable without Celery): claim, keep the lease, run, finish."""
+def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event] = None, *,
+            job_slots: Optional[slots.Slots] = None) -> str:
+    """The task's body (callable without Celery): take a slot, claim, keep the lease, run, finish."""
+    try:
+        job_slots = job_slots or slots.current(settings)
+    except slots.SlotError as exc:
+        # not claimed: the sweeper republishes the job for a worker that can run it
+        log.error("not running job %s: %s", job_id, exc)
+        return "refused"
+    slot = job_slots.acquire()
+    try:
+        return _claim_and_run(job_id, settings, shutdown, slot)
+    finally:
+        job_slots.release(slot)
+
+
+def _claim_and_run(job_id: str, settings: Settings, shutdown: Optional[threading.Event], slot: slots.Slot) -> str:
     with session_scope(settings) as session:
         claim = jobs.claim(session, job_id, runner.hostname(), os.getpid(), settings.lease_ttl_s,
                            run_dir=str((settings.runs_dir / job_id).resolve()))
@@ -48,7 +63,7 @@ def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event]
     keeper = LeaseKeeper(claim, settings).start()
     try:
         try:
-            report = runner.run_job(claim, settings, shutdown, keeper=keeper)
+            report = runner.run_job(claim, settings, shutdown, keeper=keeper, slot=slot)
         except Exception as exc:  # setup before the launch (nothing is running): end the attempt now
             log.exception("job %s attempt %d: worker error before the training started", job_id, claim.attempt)
             report = runner.RunReport("finish", runner.worker_error(exc))
