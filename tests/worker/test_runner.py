@@ -25,8 +25,12 @@ from worker.monitor import ENV_DB, ENV_JOB, ENV_RUNNER, db_identity, find_orphan
 from worker.watchdog import group_alive
 
 
-def _start(env: Env, fake: dict):
+def _start(env: Env, fake: dict, **hp):
     job = add_round(env.session, env.run, env.root, fake)
+    if hp:  # what the API would have required of the round for this worker's num_processes
+        spec = {**job.spec, "hyperparams": {**job.spec["hyperparams"], **hp}}
+        env.session.exec(update(Job).where(Job.id == job.id).values(spec=spec))
+        env.session.commit()
     claim = jobs.claim(env.session, job.id, "test-host", 1, env.settings.lease_ttl_s,
                        run_dir=str(env.settings.runs_dir / job.id))
     box: dict = {}
@@ -80,7 +84,7 @@ def test_multi_process_launch_ranks_in_their_own_sessions_are_fenced(make_env, m
     the attempt's environment markers as well."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     env = make_env("ranks", num_processes=2, use_cpu=True)
-    job, claim, thread, box, _, _ = _start(env, {"steps": 400, "sleep": 0.1})
+    job, claim, thread, box, _, _ = _start(env, {"steps": 400, "sleep": 0.1}, batch_size=2)
     run_dir = env.settings.runs_dir / job.id
     ranks = wait_for(lambda: (st := trainer_starts(run_dir)) and len(st) >= 2 and st, 60, what="two ranks")
     assert {r["rank"] for r in ranks} == {0, 1}
