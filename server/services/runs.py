@@ -8,8 +8,10 @@ A round request is checked against the run's defaults merged with its overrides:
   (422 `lora_not_applicable`);
 - the hyperparameters are valid and fit the workers (batch divisible by microbatch x
   num_processes, KTO microbatch >= 2, …: 422 `invalid_hyperparams`);
-- an explicit parent checkpoint belongs to this run (else 404) and its manifest verifies
-  (422 `invalid_parent_checkpoint` with the CheckpointError text);
+- an explicit parent checkpoint belongs to this run (else 404) and is complete: its `meta.json`
+  is readable (422 `invalid_parent_checkpoint` with the CheckpointError text), checked after the
+  cheap checks above; its files are not hashed in the request — the trainer verifies them when it
+  loads the checkpoint and fails the job with the CheckpointError text;
 - the parent (explicit, or the default below) trains the same parameters as this round, which is
   what the trainer's `check_compatible` refuses on the worker: LoRA vs full weights, other LoRA
   r/alpha/target_modules, another head (`bradley_terry` trains a reward head, `ppo` a value head,
@@ -366,25 +368,27 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
     if (done := replay()) is not None:
         return done
 
-    # Explicit parent: check ownership, end the transaction, then hash the checkpoint (slow) with
-    # no database lock held (SQLite transactions are BEGIN IMMEDIATE, i.e. they lock writers out).
+    # Explicit parent: ownership first (cheap), the checkpoint's files last (see below).
     explicit: Checkpoint | None = None
     if body.parent_checkpoint_id is not None:
-        field = "parent_checkpoint_id"
-        explicit = get_owned(session, Checkpoint, body.parent_checkpoint_id, principal.project_id, "checkpoint", field)
+        explicit = get_owned(session, Checkpoint, body.parent_checkpoint_id, principal.project_id, "checkpoint",
+                             "parent_checkpoint_id")
         if explicit.run_id != run.id:
-            raise not_found("checkpoint", body.parent_checkpoint_id, field)
-        session.commit()
-        explicit_params = _checkpoint_params(_verify_checkpoint(explicit.path, verify=True, field=field))
+            raise not_found("checkpoint", body.parent_checkpoint_id, "parent_checkpoint_id")
 
     loss, hp, conversion, lora = _effective_config(run, body, settings)
-    if explicit is not None:
-        _check_parent_params(explicit_params, loss.name, lora, {"parent_checkpoint_id": explicit.id})
     files = _feedback_files(session, principal, body.feedback_ids)
     problem = loss_feedback_problem(loss.name, [f.kind for f in files], conversion)
     if problem:
         raise Unprocessable(problem, code="loss_feedback_mismatch",
                             details={"field": "loss", "reason": problem, "feedback_kinds": [f.kind for f in files]})
+    if explicit is not None:
+        # Complete (meta.json readable) and compatible; its files are NOT hashed here (tens of GB in
+        # a request): the trainer verifies them when it loads the checkpoint and fails the job with
+        # the CheckpointError text. The read transaction ends first (SQLite: BEGIN IMMEDIATE).
+        session.commit()
+        manifest = _verify_checkpoint(explicit.path, verify=False, field="parent_checkpoint_id")
+        _check_parent_params(_checkpoint_params(manifest), loss.name, lora, {"parent_checkpoint_id": explicit.id})
     model = session.get(Model, run.model_id)
     if model is None:  # FK-enforced; only a hand-edited database gets here
         raise Conflict(f"the run's model {run.model_id} is gone", code="model_missing")

@@ -17,6 +17,8 @@ What it does is read from the first feedback file, a JSON object:
   unless the worker stops them
 Under torch.distributed.run only RANK 0 trains; the other ranks just live as long as the run.
 
+A round with `init_from` verifies that checkpoint first, as the real trainer does.
+
 Every start appends to starts.jsonl: pid, attempt, resume step, and whether a process of an
 earlier start of this job was still alive (physical overlap of attempts).
 """
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.resume_from:
         manifest = read_manifest(config.resume_from)
         start = int(manifest.extra.get("round_step", manifest.step - base_step))
+    elif config.init_from:
+        # like the real trainer (halos_core.checkpoint.load_checkpoint): every file's sha256 is
+        # verified before anything is loaded; CheckpointError ⇒ exit 1 ⇒ the job fails with it
+        read_manifest(config.init_from, verify=True)
 
     starts = rd.path / "starts.jsonl"
     previous = []

@@ -279,3 +279,38 @@ def test_metrics_tail_keeps_lines_until_recorded(tmp_path: Path):
     assert tail.pending == [] and tail.dropped == 1
     rd.append_metrics({"step": 6})
     assert tail.ingest(record) == 1 and recorded[-1] == (6, False)
+
+
+def test_tampered_parent_checkpoint_fails_the_job_with_the_checkpoint_error(env):
+    """The API no longer hashes an explicit parent checkpoint in the request (only its meta.json
+    must exist): the trainer verifies it when loading, and the job fails with that text."""
+    parent = env.root / "parent-final"
+    parent.mkdir()
+    (parent / "model.safetensors").write_bytes(b"weights")
+    (parent / "optimizer.pt").write_bytes(b"adam")
+    write_manifest(parent, 6, 24)
+    (parent / "optimizer.pt").write_bytes(b"tampered")
+    job = add_round(env.session, env.run, env.root, {"steps": 2})
+    spec = {**job.spec, "init_from": str(parent), "counters": {"step": 6, "examples": 24}}
+    env.session.exec(update(Job).where(Job.id == job.id).values(spec=spec))
+    env.session.commit()
+    claim = jobs.claim(env.session, job.id, "h", 1, 30, run_dir=str(env.settings.runs_dir / job.id))
+    report = runner.run_job(claim, env.settings, threading.Event())
+    assert report.outcome.status == "failed"
+    headline = report.outcome.error.splitlines()[0]
+    assert headline.startswith("training exited with code 1: halos_core.run_dir.CheckpointError: checkpoint")
+    assert "optimizer.pt has sha256" in headline and "manifest says" in headline
+
+
+def test_the_real_trainer_verifies_init_from_before_loading():
+    """What the fake trainer mimics above: halos_core's loader hashes every file (verify=True)
+    and the trainer loads `init_from` through it (read, not imported: that module needs torch)."""
+    import ast
+
+    tree = ast.parse((REPO / "halos_core" / "checkpoint.py").read_text())
+    loader = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "load_checkpoint")
+    assert any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "read_manifest"
+               and any(k.arg == "verify" and getattr(k.value, "value", None) is True for k in c.keywords)
+               for c in ast.walk(loader))
+    trainer = (REPO / "halos_core" / "trainer.py").read_text()
+    assert "load_checkpoint(config.init_from" in trainer
