@@ -67,6 +67,16 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: Optional[threading
         except Exception as exc:  # setup before the launch (nothing is running): end the attempt now
             log.exception("job %s attempt %d: worker error before the training started", job_id, claim.attempt)
             report = runner.RunReport("finish", runner.worker_error(exc))
+        if report.action == "finish" and report.outcome is not None and not report.group_gone:
+            # Processes of this attempt survived SIGKILL (uninterruptible sleep, another PID
+            # namespace, …). Finishing would let the next attempt or round start beside them (I2):
+            # stop renewing and leave the job to lease expiry and the sweeper, as a warm shutdown does.
+            keeper.stop()
+            log.critical("job %s attempt %d: NOT finishing with %s: processes of the attempt survived SIGKILL;"
+                         " the lease will expire and the sweeper decides. Check this host for leftover training"
+                         " processes (env %s=%s).", job_id, claim.attempt, report.outcome.status,
+                         "HALOS_SUPERVISED_JOB_ID", job_id)
+            return "group-survived"
         if report.action == "finish" and report.outcome is not None:
             ok, why = keeper.usable()
             if not ok:

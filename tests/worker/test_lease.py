@@ -222,3 +222,24 @@ def test_compose_shares_the_submit_time_settings_between_api_and_workers():
         environment = compose["services"][name]["environment"]
         assert environment["HALOS_NUM_PROCESSES"] == compose["x-halos-env"]["HALOS_NUM_PROCESSES"]
         assert environment["HALOS_FSDP"] == compose["x-halos-env"]["HALOS_FSDP"]
+
+
+def test_survivors_of_a_self_exited_trainer_block_finish(make_env, monkeypatch):
+    """The launcher exited by itself but processes of its attempt survive SIGKILL: the task does
+    not finish (the next attempt or round would start beside them); the lease expires instead."""
+    env = make_env("survivors", lease_ttl_s=1.0, heartbeat_interval_s=0.2, retry_backoff_s=0.0)
+    job = add_round(env.session, env.run, env.root, {"steps": 2, "sleep": 0.05})
+    import worker.monitor as monitor
+
+    real = monitor.job_processes
+    monkeypatch.setattr(monitor, "job_processes",
+                        lambda pgid, marker=None: real(pgid, marker) or {999_999_999})  # an unkillable leftover
+    monkeypatch.setattr(monitor, "kill_group", lambda *a, **kw: False)
+    assert tasks.execute(job.id, env.settings) == "group-survived"
+    j = reload(env.session, job.id)
+    assert j.status == JobStatus.running and attempts(env.session, job.id)[0].outcome is None
+    time.sleep(env.settings.lease_ttl_s + 0.2)  # nobody renews the lease any more
+    with session_scope(env.settings) as session:
+        assert sweeper.sweep_once(session, env.settings, publish=False).expired == [job.id]
+    j = reload(env.session, job.id)
+    assert j.status == JobStatus.queued and "lease expired" in j.error
