@@ -14,7 +14,7 @@ Token-level values ([B, T] tensors) are skipped. `rewards/margin` is derived as 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,8 +37,9 @@ class MetricAccumulator:
         self.sums[name] = self.sums.get(name, 0.0) + float(total)
         self.counts[name] = self.counts.get(name, 0.0) + float(count)
 
-    def add_values(self, values: dict[str, torch.Tensor], per_example: int) -> None:
-        """Add a loss's values; `per_example` is the microbatch size (vectors of that length are per example)."""
+    def add_values(self, values: dict[str, torch.Tensor], per_example: int, weight: float = 1.0) -> None:
+        """Add a loss's values; `per_example` is the microbatch size (vectors of that length are per example).
+        `weight` 0: a padding microbatch (it registers the names, contributes nothing)."""
         for key, value in values.items():
             if key in SKIP:
                 continue
@@ -47,15 +48,22 @@ class MetricAccumulator:
             name = RENAME.get(key, key)
             v = value.detach().float().reshape(-1)
             if v.numel() == 1 and per_example != 1 and key not in RENAME:
-                self.add(name, v.item(), 1)
+                self.add(name, weight * v.item(), weight)
             else:
-                self.add(name, v.sum().item(), v.numel())
+                self.add(name, weight * v.sum().item(), weight * v.numel())
 
-    def reduce(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        names = sorted(self.sums)
-        if not names:
+    def reduce(
+        self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, names: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Means over processes. With `all_reduce_sum` every process must pass the same `names`
+        (default: the names added here, which must then be the same on every process): the
+        collective always runs, a name not added here contributes (0, 0)."""
+        names = sorted(self.sums) if names is None else sorted(names)
+        if not names and all_reduce_sum is None:
             return {}
-        packed = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64)
+        packed = torch.tensor(
+            [[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in names], dtype=torch.float64
+        ).reshape(len(names), 2)
         if all_reduce_sum is not None:
             packed = all_reduce_sum(packed)
         out: dict[str, float] = {}

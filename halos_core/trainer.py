@@ -446,7 +446,7 @@ class Trainer:
         for mb in batches:
             for stream in self._reference_streams(mb.to(self.accelerator.device)):
                 self._reference_logps(stream)
-        for mb in self.eval_loader or ():
+        for mb, _ in self.eval_loader.padded() if self.eval_loader is not None else ():
             for stream in self._reference_streams(mb.to(self.accelerator.device)):
                 self._reference_logps(stream)
         if self.reference is not None and self.accelerator.device.type != "cpu":
@@ -640,6 +640,14 @@ class Trainer:
             return t
         return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").cpu()
 
+    def _metric_names(self, local) -> list[str]:
+        """The union of every process's metric names (a collective): one rank-independent list."""
+        if self.accelerator.num_processes == 1:
+            return sorted(local)
+        gathered: list[Any] = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, sorted(local))
+        return sorted(set().union(*gathered))
+
     def train(self, stop_after: int | None = None) -> dict[str, Any]:
         """Run the round to the end (or raise `Stopped` after round step `stop_after`)."""
         acc, hp, loader = self.accelerator, self.hp, self.train_loader
@@ -746,14 +754,16 @@ class Trainer:
         inner.eval()
         metrics = MetricAccumulator()
         try:
-            for mb in self.eval_loader:
+            # the same number of forwards on every process (FSDP forwards are collectives); a
+            # process with fewer eval examples runs padding microbatches of weight 0
+            for mb, weight in self.eval_loader.padded():
                 mb = mb.to(self.accelerator.device)
                 out = self.compute_loss(mb, train=False)
-                metrics.add("loss", out.loss.float().item() * mb.size, mb.size)
-                metrics.add_values(out.values, mb.size)
+                metrics.add("loss", weight * out.loss.float().item() * mb.size, weight * mb.size)
+                metrics.add_values(out.values, mb.size, weight=weight)
         finally:
             inner.train(was_training)
-        reduced = metrics.reduce(self._reduce_sum)
+        reduced = metrics.reduce(self._reduce_sum, names=self._metric_names(metrics.sums))
         reduced["n"] = float(len(self.eval_loader))
         return reduced
 

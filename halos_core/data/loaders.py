@@ -186,7 +186,13 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """The eval set in order, sharded by example index (i % P == rank), last microbatch partial."""
+    """The eval set in order, sharded by example index (i % P == rank), last microbatch partial.
+
+    Every process must run the SAME number of eval forwards (an FSDP forward all-gathers the
+    shards; the metric reduction is a collective): `padded()` yields this process's microbatches
+    followed by padding microbatches (a copy of the first eval example, metric weight 0) up to
+    `num_microbatches`, the count of the longest shard. Iterating the loader yields only the real ones.
+    """
 
     def __init__(
         self, examples: Sequence, batcher: Batcher, *, microbatch_size: int, num_processes: int = 1, process_index: int = 0
@@ -194,16 +200,33 @@ class EvalLoader:
         self.examples = list(examples)
         self.batcher = batcher
         self.microbatch_size = microbatch_size
+        self.num_processes = num_processes
         self.shard = [e for i, e in enumerate(self.examples) if i % num_processes == process_index]
+        self.num_microbatches = max(
+            (len(self._chunks(self.examples[r::num_processes])) for r in range(num_processes)), default=0
+        )
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __iter__(self) -> Iterator[Microbatch]:
+    def _chunks(self, shard: list) -> list[list]:
         mb = self.microbatch_size
-        chunks = [self.shard[i : i + mb] for i in range(0, len(self.shard), mb)]
+        chunks = [shard[i : i + mb] for i in range(0, len(shard), mb)]
         # A KL pair needs a second example: fold a trailing singleton into the previous chunk.
         if self.batcher.kl_pairs and len(chunks) > 1 and len(chunks[-1]) == 1:
             chunks[-2] = chunks[-2] + chunks.pop()
-        for chunk in chunks:
+        return chunks
+
+    def __iter__(self) -> Iterator[Microbatch]:
+        for chunk in self._chunks(self.shard):
             yield self.batcher(chunk)
+
+    def padded(self) -> Iterator[tuple[Microbatch, float]]:
+        """(microbatch, metric weight): the real ones (weight 1), then padding (weight 0) so that
+        every process yields exactly `num_microbatches`."""
+        n = 0
+        for mb in self:
+            n += 1
+            yield mb, 1.0
+        for _ in range(self.num_microbatches - n):
+            yield self.batcher(self.examples[:1]), 0.0
