@@ -20,8 +20,11 @@ attention mask, so transformers builds a block-causal mask (no token attends acr
 boundary); the packed log-probs are mapped back to the same [B, L-1] layout. Only the "logps"
 mode packs; the reward and value heads run on the padded layout.
 
-Not covered: models whose logits are post-processed after the LM head (Gemma-2 soft-capping,
-logit scaling); for those use `naive_token_logps`.
+Logits post-processed after the LM head (`logit_transform`, read from the model config): the
+chunked path applies the same transform to each chunk's logits (in float32) — Gemma-2/3
+`final_logit_softcapping` (cap * tanh(x / cap)), Granite `logits_scaling` (x / s), Cohere
+`logit_scale` (x * s). Any other post-processing known in transformers' modeling code (see
+`UNSUPPORTED_LOGIT_ATTRS`) is refused with `UnsupportedLogits` rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +48,82 @@ def chunk_tokens_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, ma
     return max(1, min(max_tokens, chunk_bytes // (4 * max(1, vocab_size))))
 
 
+class UnsupportedLogits(TypeError):
+    """The model post-processes its logits in a way the chunked log-prob path does not reproduce."""
+
+
+# config attributes with which transformers' causal LMs change the logits after (or the hidden
+# states right before) the LM head, beyond the three supported ones; refused unless a no-op
+UNSUPPORTED_LOGIT_ATTRS = {
+    "logits_soft_cap": None,  # RecurrentGemma: tanh soft cap under another name
+    "lm_head_multiplier": 1.0,  # Falcon-H1: logits * m
+    "output_multiplier": 1.0,  # logits * m
+    "dim_model_base": None,  # MiniCPM: hidden / (hidden_size / dim_model_base) before the head
+    "unpadded_vocab_size": None,  # logits truncated to the unpadded vocabulary
+}
+
+
+class LogitTransform:
+    """What a causal LM does to `lm_head(hidden)` before returning its logits (see the module doc)."""
+
+    def __init__(self, softcap: float | None = None, multiply: float | None = None, divide: float | None = None):
+        self.softcap, self.multiply, self.divide = softcap, multiply, divide
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiply is not None:
+            logits = logits * self.multiply
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def __repr__(self) -> str:
+        return f"LogitTransform(softcap={self.softcap}, multiply={self.multiply}, divide={self.divide})"
+
+
+def logit_transform(config) -> LogitTransform | None:
+    """The logit post-processing of a model with this config (None: plain `lm_head(hidden)`);
+    raises `UnsupportedLogits` for one this module does not reproduce."""
+    if config is None:
+        return None
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+        if text is not config:
+            configs.append(text)
+    found: dict[str, float] = {}
+    model_type = ""
+    for cfg in configs:
+        model_type = getattr(cfg, "model_type", "") or model_type
+        for name, identity in UNSUPPORTED_LOGIT_ATTRS.items():
+            value = getattr(cfg, name, None)
+            if value is not None and value != identity and not (name == "dim_model_base" and value == getattr(cfg, "hidden_size", None)):
+                raise UnsupportedLogits(
+                    f"{type(cfg).__name__}.{name}={value!r}: the model post-processes its logits in a way "
+                    "halos_core.logprobs does not support"
+                )
+        for name in ("final_logit_softcapping", "logits_scaling", "logit_scale"):
+            value = getattr(cfg, name, None)
+            if value is not None and not isinstance(value, (int, float)):
+                raise UnsupportedLogits(f"{type(cfg).__name__}.{name}={value!r} is not a number")
+            if value is not None:
+                found[name] = float(value)
+    softcap = found.get("final_logit_softcapping") or None  # 0 / None: no cap
+    scaling = found.get("logits_scaling", 1.0)
+    scale = found.get("logit_scale", 1.0)
+    if scaling != 1.0 and not model_type.startswith("granite"):
+        # Granite divides by logits_scaling; others (HyperCLOVA X) multiply by it
+        raise UnsupportedLogits(f"logits_scaling={scaling} on model type {model_type!r}: only Granite's (x / s) is supported")
+    if sum([softcap is not None, scaling != 1.0, scale != 1.0]) > 1:
+        raise UnsupportedLogits(f"more than one logit transform in {type(config).__name__}: {found}")
+    if softcap is None and scaling == 1.0 and scale == 1.0:
+        return None
+    return LogitTransform(
+        softcap=softcap, multiply=scale if scale != 1.0 else None, divide=scaling if scaling != 1.0 else None
+    )
+
+
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(base model that returns hidden states, LM head) of a causal LM."""
     head = model.get_output_embeddings()
@@ -54,8 +133,12 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
-def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_logps(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform: LogitTransform | None = None
+) -> torch.Tensor:
     logits = head(hidden).float()
+    if transform is not None:
+        logits = transform(logits)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -74,16 +157,20 @@ def token_logps(
     labels: torch.Tensor,
     chunk_tokens: int | None = None,
     packing: bool = False,
+    transform: LogitTransform | None | str = "config",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, L-1] float32 token log-probs, 0 where masked; [B, L-1] bool mask).
 
     `chunk_tokens` None: sized from the vocabulary (`chunk_tokens_for`). `packing`: run the
-    sequences packed (`packed_token_logps`); same result."""
+    sequences packed (`packed_token_logps`); same result. `transform`: the logit post-processing,
+    by default read from `model.config` (`logit_transform`)."""
+    if transform == "config":
+        transform = logit_transform(getattr(model, "config", None))
     if packing:
-        return packed_token_logps(model, input_ids, attention_mask, labels, chunk_tokens)
+        return packed_token_logps(model, input_ids, attention_mask, labels, chunk_tokens, transform=transform)
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return logps_from_hidden(head, hidden, labels, chunk_tokens)
+    return logps_from_hidden(head, hidden, labels, chunk_tokens, transform=transform)
 
 
 def packed_token_logps(
@@ -93,18 +180,21 @@ def packed_token_logps(
     labels: torch.Tensor,
     chunk_tokens: int | None = None,
     capacity: int | None = None,
+    transform: LogitTransform | None | str = "config",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps` computed on packed rows (`halos_core.data.packing.pack_stream`): same
     [B, L-1] result; the decoder and the LM head only see real tokens plus each row's pad tail."""
     from halos_core.data.packing import check_packing_supported, pack_stream
 
+    if transform == "config":
+        transform = logit_transform(getattr(model, "config", None))
     decoder, head = decoder_and_head(model)
     impl = check_packing_supported(decoder.config)
     packed = pack_stream(input_ids, attention_mask, labels, capacity=capacity, attn_impl=impl)
     hidden = decoder(
         input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids, use_cache=False
     ).last_hidden_state
-    logps, _ = logps_from_hidden(head, hidden, packed.labels, chunk_tokens)
+    logps, _ = logps_from_hidden(head, hidden, packed.labels, chunk_tokens, transform=transform)
     _, mask = shifted_targets(labels)
     return packed.unpack_shifted(logps).masked_fill(~mask, 0.0), mask
 
@@ -115,8 +205,13 @@ def _vocab_size(head: nn.Module) -> int:
 
 
 def logps_from_hidden(
-    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
+    head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked log-probs from final hidden states; `transform`: the model's logit post-processing."""
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for(_vocab_size(head))
     targets, mask = shifted_targets(labels)
@@ -130,9 +225,9 @@ def logps_from_hidden(
     for start in range(0, steps, width):
         h, t = hidden[:, start : start + width], targets[:, start : start + width]
         if use_ckpt:
-            pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, h, t, transform, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head, h, t))
+            pieces.append(_chunk_logps(head, h, t, transform))
     logps = torch.cat(pieces, dim=1)
     return logps.masked_fill(~mask, 0.0), mask
 
@@ -176,10 +271,14 @@ class TokenLogprobModel(nn.Module):
             chunk_tokens = chunk_tokens_for(_vocab_size(out) if out is not None else 0, chunk_bytes)
         self.chunk_tokens = chunk_tokens
         self.head = head
+        self.logit_transform = logit_transform(getattr(lm, "config", None))  # refuses unsupported ones
 
     def forward(self, input_ids, attention_mask, labels=None, mode: str = "logps"):  # noqa: D401
         if mode == "logps":
-            return token_logps(self.lm, input_ids, attention_mask, labels, self.chunk_tokens, packing=self.packing)
+            return token_logps(
+                self.lm, input_ids, attention_mask, labels, self.chunk_tokens, packing=self.packing,
+                transform=self.logit_transform,
+            )
         if self.head is None:
             raise ValueError(f"mode {mode!r} needs a head")
         decoder, lm_head = decoder_and_head(self.lm)
@@ -187,7 +286,7 @@ class TokenLogprobModel(nn.Module):
         if mode == "reward":
             return self.head(hidden, attention_mask)
         if mode == "values":
-            logps, mask = logps_from_hidden(lm_head, hidden, labels, self.chunk_tokens)
+            logps, mask = logps_from_hidden(lm_head, hidden, labels, self.chunk_tokens, transform=self.logit_transform)
             return logps, mask, self.head(hidden)
         raise ValueError(f"unknown mode {mode!r}")
 
