@@ -5,7 +5,8 @@
   `attention_mask.sum(1) - 1`), the layout of `*ForSequenceClassification` scoring heads. The
   body is trained together with the head.
 - `ValueHead` (`ppo`): HALOs' value head (`train/models.py`, from TRL): an MLP
-  `hidden -> hidden -> hidden -> 1` with ReLU and dropout, run in float32 on DETACHED hidden
+  `hidden -> hidden -> hidden -> 1` with ReLU and dropout, run in float32 (in the head's weight
+  dtype: bf16 under FSDP bf16 mixed precision; the values are float32) on DETACHED hidden
   states, so the critic loss trains only the head and the policy loss only the body. Values are
   returned for every position, aligned with the token log-probs: `values[:, t]` belongs to the
   state that predicts token t+1, i.e. `[B, L-1]` like `halos_core.logprobs.token_logps`.
@@ -66,10 +67,13 @@ class ValueHead(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, L-1] float32 values from [B, L, H] hidden states (no gradient into the body)."""
-        h = hidden[:, :-1].detach().float()
+        """[B, L-1] float32 values from [B, L, H] hidden states (no gradient into the body).
+
+        Runs in the dtype of the head's weights: float32, unless FSDP's mixed precision cast the
+        (unsharded) parameters to bf16 for the forward; the values are returned in float32."""
+        h = hidden[:, :-1].detach().to(self.summary[0].weight.dtype)
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.summary(h).squeeze(-1)
+            return self.summary(h).squeeze(-1).float()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "hidden_size": self.hidden_size, "dropout": self.dropout}

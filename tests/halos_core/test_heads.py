@@ -186,3 +186,49 @@ def test_ppo_round_two_restores_value_head_and_a_headless_round_is_refused(ppo_r
     with pytest.raises(CheckpointError, match="value head"):
         run(kto)
     _reset()
+
+
+_FSDP_BF16_HEADS = r"""
+import os, socket, torch, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from halos_core.heads import RewardHead, ValueHead
+
+class Root(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(16, 16); self.value = ValueHead(16, dropout=0.0); self.reward = RewardHead(16)
+    def forward(self, x, mode):
+        h = self.body(x)
+        return self.value(h) if mode == "v" else self.reward(h, torch.ones(x.shape[:2], dtype=torch.long))
+
+torch.manual_seed(0)
+m = Root()
+fully_shard(m, mesh=init_device_mesh("cpu", (1,)), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+x = torch.randn(2, 5, 16)
+values, rewards = m(x, "v"), m(x, "r")
+assert values.dtype == torch.float32 and values.shape == (2, 4), (values.dtype, values.shape)
+assert rewards.dtype == torch.float32 and rewards.shape == (2,)
+values.sum().backward()
+assert all(p.grad is not None for p in m.value.parameters())
+dist.destroy_process_group()
+print("OK")
+"""
+
+
+def test_heads_under_fsdp_bf16_mixed_precision():
+    """FSDP2 bf16 mixed precision casts the heads' weights to bf16 for the forward: the value head
+    (float32 on its own) must run in the weights' dtype and still return float32 values."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FSDP_BF16_HEADS], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
