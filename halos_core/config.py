@@ -280,6 +280,9 @@ class RunConfig(_Strict):
     conversion: Conversion | None = None
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     lora: LoraSettings | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # no fp16: it needs dynamic loss scaling (a GradScaler), whose state is not checkpointed and whose
+    # skipped (overflow) steps would still advance the scheduler and the step/example counters;
+    # bf16 has float32's exponent range and needs no loss scaling
+    mixed_precision: Literal["no", "bf16"] = "no"
     reference_cache_dir: str | None = None  # shared cache of reference log-probs across rounds
     counters: Counters = Field(default_factory=Counters)  # where the parent round left off

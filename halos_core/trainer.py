@@ -273,7 +273,7 @@ class Trainer:
         )
 
         # ---- models
-        ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+        ref_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
         reference = None
         reference_digest = None
         if config.lora is not None:

@@ -216,3 +216,13 @@ def test_reference_logps_computed_once_and_reused_across_rounds(tmp_path, tiny_m
     a, b = train_steps(tmp_path / "r1"), train_steps(tmp_path / "r3")
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     assert again.step == first.step
+
+
+def test_fp16_is_refused_bf16_and_fp32_accepted(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+    """fp16 would need a loss scaler (unsaved state, skipped steps that still advance the schedule)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision="fp16")
+    for precision in ("no", "bf16"):
+        assert make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision=precision).mixed_precision == precision
