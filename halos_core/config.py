@@ -214,6 +214,7 @@ class Hyperparams(_Strict):
     log_epsilon_r: float = 1.5
     eval_fraction: float = Field(0.0, ge=0, lt=1)  # held-out share when no record says split=test
     packing: bool = False  # log-prob passes on packed sequences (halos_core.data.packing); same results
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory; same results)
 
     def gradient_accumulation_steps(self, num_processes: int) -> int:
         per_step = self.microbatch_size * num_processes

@@ -296,6 +296,16 @@ class Trainer:
                 reference.to(ref_dtype)
                 reference.eval().requires_grad_(False).to(accelerator.device)
 
+        if hp.gradient_checkpointing:
+            # before DDP/FSDP wrapping; non-reentrant, so the layers' inputs need not require grad
+            # (no enable_input_require_grads for LoRA's frozen embeddings)
+            # (transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable)
+            enable = getattr(policy, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
         head = build_head(loss.name, hidden_size(policy.config))
         if head is not None:
             if ckpt is not None:

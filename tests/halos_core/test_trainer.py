@@ -226,3 +226,43 @@ def test_fp16_is_refused_bf16_and_fp32_accepted(tmp_path, tiny_model_dir, tiny_s
         make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision="fp16")
     for precision in ("no", "bf16"):
         assert make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision=precision).mixed_precision == precision
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, lora):
+    """hp.gradient_checkpointing recomputes the decoder layers' activations in backward: the same
+    losses, gradients and weights as without it (1e-5)."""
+    from halos_core.train import _release
+
+    extra = {"lora": {"r": 4, "alpha": 8}} if lora else {}
+    grads, trainers = {}, {}
+    for ckpt in (False, True):
+        cfg = make_config(tmp_path / f"gc{ckpt}", tiny_model_dir, tiny_sha, pairwise_file, job_id=f"gc{ckpt}",
+                          gradient_checkpointing=ckpt, **extra)
+        trainer = Trainer.from_config(cfg)
+        try:
+            lm = trainer.accelerator.unwrap_model(trainer.model).lm
+            assert any(getattr(m, "gradient_checkpointing", False) for m in lm.modules()) == ckpt
+            mb = trainer.train_loader.microbatches(0)[0]
+            trainer.precompute_reference()
+            trainer.model.train()
+            out = trainer.compute_loss(mb, train=True)
+            out.loss.backward()
+            grads[ckpt] = (out.loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+            trainer.optimizer.zero_grad()
+            trainers[ckpt] = trainer.train()
+        finally:
+            _release(trainer)
+    (loss0, g0), (loss1, g1) = grads[False], grads[True]
+    assert loss1 == pytest.approx(loss0, abs=1e-6)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-5, msg=name)
+    a, b = train_steps(tmp_path / "gcFalse"), train_steps(tmp_path / "gcTrue")
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], abs=1e-5)
+    if not lora:
+        wa, wb = weights(tmp_path / "gcFalse" / "final"), weights(tmp_path / "gcTrue" / "final")
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
