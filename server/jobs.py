@@ -166,7 +166,18 @@ def _parent_label(session: Session, parent: Job) -> str:
     return f"parent round {rnd.index} (job {parent.id})" if rnd is not None else f"parent job {parent.id}"
 
 
-def _fail_waiting_children(session: Session, parent: Job, reason: str, now: datetime) -> list[str]:
+def _parent_message(session: Session, parent: Job, reason: str, cancelled: bool) -> str:
+    """Why a child of a failed or cancelled job fails: "parent round 2 was cancelled (job …)" /
+    "parent round 2 (job …) failed: <its error>"."""
+    if cancelled:
+        rnd = _round_of(session, parent.id)
+        return (f"parent round {rnd.index} was cancelled (job {parent.id})" if rnd is not None
+                else f"parent job {parent.id} was cancelled")
+    return f"{_parent_label(session, parent)} failed: {reason}"
+
+
+def _fail_waiting_children(session: Session, parent: Job, reason: str, now: datetime, *,
+                           cancelled: bool = False) -> list[str]:
     """Waiting children of a failed/cancelled job fail with it (recursively down the chain)."""
     failed: list[str] = []
     children = session.exec(
@@ -174,7 +185,7 @@ def _fail_waiting_children(session: Session, parent: Job, reason: str, now: date
     ).all()
     if not children:
         return failed
-    message = _trim(f"{_parent_label(session, parent)} failed: {reason}")
+    message = _trim(_parent_message(session, parent, reason, cancelled))
     for child_id in children:
         if _transition(session, child_id, [JobStatus.waiting],
                        {"status": JobStatus.failed, "error": message, "finished_at": now, "updated_at": now}):
@@ -280,7 +291,7 @@ def _set_terminal(session: Session, job: Job, status: JobStatus, error: Optional
     )
     if status in (JobStatus.failed, JobStatus.cancelled):
         reason = error or status.value
-        _fail_waiting_children(session, job, reason, now)
+        _fail_waiting_children(session, job, reason, now, cancelled=status == JobStatus.cancelled)
 
 
 def _default_backoff() -> float:
@@ -292,14 +303,27 @@ def _default_backoff() -> float:
 # --------------------------------------------------------------------------- public API
 
 
-def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None) -> Job:
+class ParentFailed(Exception):
+    """`submit(..., refuse_failed_parent=True)`: the parent job failed or was cancelled (nothing
+    was inserted; the session was rolled back)."""
+
+    def __init__(self, parent: Job, message: str):
+        super().__init__(message)
+        self.parent_job_id = parent.id
+        self.status = parent.status.value if isinstance(parent.status, JobStatus) else str(parent.status)
+
+
+def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None,
+           refuse_failed_parent: bool = False) -> Job:
     """Insert `job` as `waiting` (its parent job unfinished) or `queued`, and commit.
 
     The caller publishes the id after this returns (`server.queue.publish`). When the parent has
     already succeeded the job inherits its final checkpoint here; when it failed or was
-    cancelled the job fails at once. The parent row is locked (Postgres `FOR UPDATE`; SQLite
-    serialises writers anyway), so a parent finishing concurrently either sees this child and
-    promotes it, or is seen here as finished.
+    cancelled the job fails at once — or, with `refuse_failed_parent`, nothing is inserted (the
+    caller's pending objects are rolled back too) and `ParentFailed` is raised: the API checked the
+    parent a moment ago and answers 409 instead. The parent row is locked (Postgres `FOR UPDATE`;
+    SQLite serialises writers anyway), so a parent finishing concurrently either sees this child
+    and promotes it, or is seen here as finished.
     """
     now = utcnow()
     if max_attempts is None:
@@ -325,8 +349,12 @@ def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None) ->
                 if parent is None:
                     raise JobNotFound(f"parent job {job.parent_job_id} does not exist")
                 if parent.status in (JobStatus.failed, JobStatus.cancelled):
+                    message = _trim(_parent_message(session, parent, parent.error or parent.status.value,
+                                                    parent.status == JobStatus.cancelled))
+                    if refuse_failed_parent:
+                        raise ParentFailed(parent, message)
                     job.status = JobStatus.failed
-                    job.error = _trim(f"{_parent_label(session, parent)} failed: {parent.error or parent.status.value}")
+                    job.error = message
                     job.finished_at = now
                 elif parent.status != JobStatus.succeeded:
                     job.status = JobStatus.waiting
@@ -623,7 +651,8 @@ def expire_leases(session: Session, now: Optional[datetime] = None, *,
             if parent.status == JobStatus.succeeded:
                 changed += _promote_children(session, parent, now)
             elif parent.status in (JobStatus.failed, JobStatus.cancelled):
-                changed += _fail_waiting_children(session, parent, parent.error or parent.status.value, now)
+                changed += _fail_waiting_children(session, parent, parent.error or parent.status.value, now,
+                                                  cancelled=parent.status == JobStatus.cancelled)
         session.commit()
     except Exception:
         session.rollback()

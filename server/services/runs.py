@@ -51,6 +51,7 @@ from halos_core.config import (
 )
 from halos_core.run_dir import CheckpointError, Manifest, read_manifest
 from server.errors import Conflict, Unprocessable, not_found, validation_details
+from server.jobs import ParentFailed
 from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, Round, Run
 from server.schemas import RoundCreate, RoundOut, RunCreate, RunOut, RunSummary
 from server.services import idempotency
@@ -75,7 +76,8 @@ _UNFINISHED = {JobStatus.waiting, JobStatus.queued, JobStatus.running, JobStatus
 def _submit(session: Session, job: Job, settings: Settings) -> Job:
     from server import jobs
 
-    return jobs.submit(session, job, max_attempts=settings.max_attempts)
+    # a parent that failed since the check below: ParentFailed (→ 409), nothing inserted
+    return jobs.submit(session, job, max_attempts=settings.max_attempts, refuse_failed_parent=True)
 
 
 def _publish(job_id: str, settings: Settings) -> None:
@@ -345,6 +347,15 @@ def _latest_checkpoint_of_round(session: Session, rnd: Round) -> Checkpoint | No
     ).first()
 
 
+def _parent_round_failed(latest: Round, status: str) -> Conflict:
+    return Conflict(
+        f"the run's latest round ({latest.index}) ended {status}; a new round cannot start"
+        " from it. Pass `parent_checkpoint_id` to continue from an earlier checkpoint.",
+        code="parent_round_failed",
+        details={"round_index": latest.index, "job_id": latest.job_id, "status": status},
+    )
+
+
 def create_round(session: Session, settings: Settings, principal: Principal, run_id: str, body: RoundCreate,
                  idempotency_key: str | None) -> tuple[Round, Job, bool]:
     """Validate and submit a round. Returns (round, job, replayed)."""
@@ -425,12 +436,7 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
                     _check_parent_params(_job_params(parent_job), loss.name, lora,
                                          {"parent_job_id": parent_job.id, "round_index": latest.index})
             else:
-                raise Conflict(
-                    f"the run's latest round ({latest.index}) ended {_status(parent_job)}; a new round cannot start"
-                    " from it. Pass `parent_checkpoint_id` to continue from an earlier checkpoint.",
-                    code="parent_round_failed",
-                    details={"round_index": latest.index, "job_id": latest.job_id, "status": _status(parent_job)},
-                )
+                raise _parent_round_failed(latest, _status(parent_job))
 
         job = Job(project_id=principal.project_id, kind="round", max_attempts=settings.max_attempts,
                   parent_job_id=parent_job_id)
@@ -470,6 +476,8 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
         except IntegrityError:
             session.rollback()  # a concurrent round took this index, or the same key won: look again
             continue
+        except ParentFailed as exc:  # the parent failed between the check above and the insert
+            raise _parent_round_failed(latest, exc.status) from exc
         session.commit()  # end the read transaction submit's refresh opened (SQLite: it holds the write lock)
         if job.status == JobStatus.queued:
             try:

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlmodel import Session, func, select
 
 from halos_core.config import RunConfig
@@ -150,6 +151,33 @@ def test_parent_failed_or_cancelled_409(client: TestClient, session: Session, ru
     assert client.post(f"/v1/jobs/{r3.json()['job_id']}/cancel").status_code == 202
     err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]]), 409)
     assert err["code"] == "parent_round_failed" and err["details"]["status"] == "cancelled"
+
+
+def test_parent_failing_between_check_and_submit_is_409(client: TestClient, session: Session, run: dict,
+                                                        pairwise_fb: dict, monkeypatch) -> None:  # noqa: ANN001
+    """The race: the latest round is running when the API checks it and fails before the insert."""
+    from server.services import runs as runs_service
+
+    r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
+    real = runs_service._submit
+
+    def parent_fails_first(ses, job, settings):  # noqa: ANN001, ANN202
+        # (in the request's own transaction: on SQLite it holds the write lock, another session
+        # would wait for it; the effect on submit's locked re-read of the parent is the same)
+        with ses.no_autoflush:
+            ses.exec(update(Job).where(Job.id == r1["job_id"]).values(status=JobStatus.failed, error="test failed"))
+        return real(ses, job, settings)
+
+    monkeypatch.setattr(runs_service, "_submit", parent_fails_first)
+    resp = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]])
+    err = _err(resp, 409)
+    assert err["code"] == "parent_round_failed" and err["details"] == {"round_index": 1, "job_id": r1["job_id"],
+                                                                       "status": "failed"}
+    monkeypatch.undo()
+    session.expire_all()
+    assert [r.index for r in session.exec(select(Round).where(Round.run_id == run["id"])).all()] == [1]
+    assert session.exec(select(func.count()).select_from(Job)).one() == 1
+    session.rollback()
 
 
 def test_explicit_parent_checks(client: TestClient, client_b: TestClient, session: Session, model: dict, run: dict,

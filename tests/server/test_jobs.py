@@ -233,7 +233,22 @@ def test_failure_and_cancel_fail_waiting_children(env):
     k2 = add_round(session, run, tmp, parent=k1)
     assert jobs.request_cancel(session, k1.id).status == JobStatus.cancelled  # queued → cancelled
     assert reload(session, k2.id).status == JobStatus.failed
-    assert f"(job {k1.id}) failed:" in reload(session, k2.id).error
+    assert reload(session, k2.id).error == f"parent round 4 was cancelled (job {k1.id})"
+
+    # a running parent cancelled by request: its child says so (not "failed: cancelled by request")
+    m1 = add_round(session, run, tmp)
+    m2 = add_round(session, run, tmp, parent=m1)
+    m3 = add_round(session, run, tmp, parent=m2)
+    c = _claim(session, m1.id)
+    assert jobs.request_cancel(session, m1.id).status == JobStatus.cancelling
+    jobs.finish(session, m1.id, c.lease_token, Outcome("cancelled", error="cancelled by request"))
+    assert reload(session, m2.id).error == f"parent round 6 was cancelled (job {m1.id})"
+    assert reload(session, m3.id).error == f"parent round 7 (job {m2.id}) failed: parent round 6 was cancelled (job {m1.id})"
+    m4 = add_round(session, run, tmp, parent=m1)  # submitted after the cancel
+    assert reload(session, m4.id).error == f"parent round 6 was cancelled (job {m1.id})"
+    with pytest.raises(jobs.ParentFailed) as refused:
+        jobs.submit(session, Job(project_id=run.project_id, spec={}, parent_job_id=m1.id), refuse_failed_parent=True)
+    assert refused.value.status == "cancelled"
 
 
 def test_illegal_transitions_change_nothing(env):
