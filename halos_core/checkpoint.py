@@ -217,10 +217,12 @@ class LoadedCheckpoint:
     rng_state: dict | None
 
 
-def safe_torch_load(path: Path) -> Any:
-    """`torch.load(weights_only=True)`; a refused or broken pickle becomes a CheckpointError."""
+def safe_torch_load(path: Path, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)`; a refused or broken pickle becomes a CheckpointError.
+    `mmap`: tensors map the file instead of being read into memory (optimizer.pt: every rank reads
+    the full state and keeps only its shard; its pages are touched only where copied)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
 
@@ -247,7 +249,7 @@ def load_checkpoint(path: str | Path, *, process_index: int = 0, need_optimizer:
             if required:
                 raise CheckpointError(f"checkpoint {path}: {name} is missing")
             return None
-        return safe_torch_load(file)
+        return safe_torch_load(file, mmap=name == OPTIMIZER_FILE)
 
     optimizer_state = load(OPTIMIZER_FILE, need_optimizer)
     scheduler_state = load(SCHEDULER_FILE, need_optimizer)

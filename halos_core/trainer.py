@@ -294,7 +294,11 @@ class Trainer:
                 reference = AutoModelForCausalLM.from_pretrained(config.reference_path, dtype="auto")
                 reference_digest = param_digest(reference)
                 reference.to(ref_dtype)
-                reference.eval().requires_grad_(False).to(accelerator.device)
+                # kept on the CPU: `precompute_reference` moves it to the device for the one pass that
+                # fills the reference cache (`_reference_logps` moves it on a cache miss) and back off
+                # after, so the full unsharded reference is never on the device while the policy
+                # (sharded under FSDP) trains
+                reference.eval().requires_grad_(False)
 
         if hp.gradient_checkpointing:
             # before DDP/FSDP wrapping; non-reentrant, so the layers' inputs need not require grad

@@ -196,3 +196,22 @@ def test_param_digest_drops_tied_duplicates_like_save_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "tied")
     on_disk = load_file(str(tmp_path / "tied" / "model.safetensors"))
     assert param_digest(model) == param_digest(on_disk)
+
+
+def test_optimizer_state_is_memory_mapped(tmp_path, trained, monkeypatch):
+    """Every rank reads the full optimizer.pt (FSDP keeps only its shard): it is mmap'ed, not read
+    into memory; still weights_only, and the restored state is the saved one."""
+    model, opt, sched, tok = trained
+    target = tmp_path / "step-000003"
+    _save(target, model, opt, sched, tok)
+    calls = {}
+    real_load = torch.load
+
+    def spy(path, *args, **kwargs):
+        calls[Path(path).name] = kwargs
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    loaded = load_checkpoint(target)
+    assert calls["optimizer.pt"].get("mmap") is True and calls["optimizer.pt"]["weights_only"] is True
+    assert optimizer_state_digest(loaded.optimizer_state) == optimizer_state_digest(opt.state_dict())
