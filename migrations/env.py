@@ -60,7 +60,7 @@ def run_migrations_online() -> None:
     settings = _settings()
     if settings.db_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, statement_timeout_s=None)  # DDL may wait on locks: no timeout
     try:
         with engine.connect() as conn:
             _configure(conn)

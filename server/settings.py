@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
     # training workers
     num_processes: int = 1  # accelerate processes per job (GPUs per job)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16"] = "no"  # fp16 is refused: its loss-scaler state is not checkpointed
     use_cpu: bool = False  # force accelerate onto the CPU even when CUDA is present
     fsdp: bool = False
     worker_concurrency: int = 1  # jobs one worker runs at once
