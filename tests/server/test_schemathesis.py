@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import hypothesis
+from hypothesis.errors import FlakyStrategyDefinition
 import pytest
 import schemathesis
 from fastapi import FastAPI
@@ -284,9 +285,19 @@ def test_stateful_links(live: Live) -> None:
             super().after_call(response, case)
             answers.append((case.operation.label, response.status_code))
 
-    Machine.run(settings=hypothesis.settings(
-        max_examples=STATEFUL_SCENARIOS, stateful_step_count=STATEFUL_STEPS, deadline=None, database=None,
-        derandomize=True, suppress_health_check=list(hypothesis.HealthCheck)))
+    # The live app keeps its state across scenarios, so a replayed choice sequence can meet other
+    # links than the first time: Hypothesis then stops with FlakyStrategyDefinition. That says
+    # nothing about the server, so: no shrinking (a real check failure surfaces as itself, not as a
+    # replay), and an inconsistent-generation stop ends the run with what it has seen — every
+    # response so far must still be free of server errors, and links must have been followed.
+    try:
+        Machine.run(settings=hypothesis.settings(
+            max_examples=STATEFUL_SCENARIOS, stateful_step_count=STATEFUL_STEPS, deadline=None, database=None,
+            derandomize=True, suppress_health_check=list(hypothesis.HealthCheck),
+            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate]))
+    except FlakyStrategyDefinition:
+        pass
+    assert not [a for a in answers if a[1] >= 500], str(sorted(Counter(answers).items()))
     # links were followed: something created in a scenario was then used through a link (the
     # by-id operations only get real ids from links here)
     created = {label for label, status in answers if status == 201}
