@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from server.api import checkpoints, feedback, health, jobs, models, runs
 from server.errors import install_exception_handlers
+from server.services.keys import KeyCache
 from server.services.ratelimit import SlidingWindowLimiter
+from server.services.validation_pool import ValidationPool
 from server.settings import Settings, get_settings
 from server.storage import cleanup_stale_uploads
 
@@ -76,7 +80,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except OSError:  # never stop the API from starting over a temp-file sweep
         log.warning("could not sweep %s", settings.uploads_tmp_dir, exc_info=True)
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # feedback validation runs in these worker processes (started now, not during an upload)
+        pool = ValidationPool(settings.validation_workers)
+        app.state.validation_pool = pool
+        try:
+            await run_in_threadpool(pool.warm_up)
+            yield
+        finally:
+            app.state.validation_pool = None
+            await run_in_threadpool(pool.shutdown)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="halos-server",
         version="0.1.0",
         description=DESCRIPTION,
@@ -84,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute)
+    app.state.key_cache = KeyCache()
+    app.state.validation_pool = None  # set while the app runs (lifespan); None: validate in the request's thread
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
     if settings.model_roots is None and settings.auth_enabled:
         log.warning("HALOS_MODEL_ROOTS is not set: any API key may register (make this server read and hash) any"

@@ -1,8 +1,18 @@
-"""Dependencies of the API routers, as `Annotated` aliases: SettingsDep, SessionDep, ProjectDep.
+"""Dependencies of the API routers, as `Annotated` aliases: SettingsDep, ReadSessionDep,
+WriteSessionDep, ProjectDep.
 
-`ProjectDep` authenticates the bearer key (sha256 lookup; unknown or revoked ⇒ 401), applies the
-per-key rate limit (429 + Retry-After) and yields the caller's `Principal`; every service call
-is scoped to `principal.project_id`.
+A route says what it does to the database by the session it asks for:
+
+- `ReadSessionDep` (every GET): one read-only transaction for the whole request, authentication
+  included; on SQLite a WAL snapshot that never takes the write lock (`server.db.read_engine`).
+- `WriteSessionDep` (routes that change something): the writers' engine (`BEGIN IMMEDIATE` on
+  SQLite). It depends on `ProjectDep`, so a caller is authenticated (in a short read transaction,
+  ended before the write session exists) before the route can take the write lock.
+
+`ProjectDep` authenticates the bearer key in the request's read transaction (`KeyCache`: no key
+lookup while the key generation is unchanged; unknown or revoked ⇒ 401), applies the per-key rate
+limit (429 + Retry-After) and yields the caller's `Principal`; every service call is scoped to
+`principal.project_id`.
 """
 
 from __future__ import annotations
@@ -15,10 +25,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.db import get_engine
+from server.db import get_engine, get_read_engine, session_scope
 from server.errors import PayloadTooLarge, RateLimited, Unauthorized
+from server.models import Project
 from server.schemas import ErrorResponse
-from server.services.keys import Principal, authenticate, get_or_create_project
+from server.services.keys import Principal, get_or_create_project
 from server.services.ratelimit import retry_after_header
 from server.settings import Settings
 
@@ -33,16 +44,12 @@ def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    with Session(get_engine(settings), expire_on_commit=False) as session:
-        try:
-            yield session
-        except BaseException:
-            session.rollback()
-            raise
+def get_read_session(settings: SettingsDep) -> Iterator[Session]:
+    with Session(get_read_engine(settings), expire_on_commit=False, autoflush=False) as session:
+        yield session  # closing it rolls the read transaction back
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -51,28 +58,38 @@ bearer_scheme = HTTPBearer(
 )
 
 
+def _default_project_id(request: Request, settings: Settings, session: Session) -> str:
+    """Auth disabled: everything belongs to DEFAULT_PROJECT (created once, by a writer)."""
+    cached = getattr(request.app.state, "default_project_id", None)
+    if cached is None:
+        from sqlmodel import select
+
+        cached = session.exec(select(Project.id).where(Project.name == DEFAULT_PROJECT)).first()
+        if cached is None:
+            with session_scope(settings) as writer:
+                cached = get_or_create_project(writer, DEFAULT_PROJECT).id
+        request.app.state.default_project_id = cached
+    return cached
+
+
 def get_principal(
     request: Request,
     settings: SettingsDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
     if not settings.auth_enabled:
-        project = get_or_create_project(session, DEFAULT_PROJECT)
-        principal = Principal(project_id=project.id, key_id=None)
+        principal = Principal(project_id=_default_project_id(request, settings, session), key_id=None)
         client = request.client.host if request.client else "local"
         limiter_key = f"anon:{client}"
     else:
-        principal_or_none = authenticate(session, credentials.credentials) if credentials else None
+        cache = request.app.state.key_cache
+        principal_or_none = cache.authenticate(session, credentials.credentials) if credentials else None
         if principal_or_none is None:
-            session.rollback()
             raise Unauthorized("missing, unknown or revoked API key" if credentials else
                                "a valid API key is required (Authorization: Bearer <key>)")
         principal = principal_or_none
         limiter_key = f"key:{principal.key_id}"
-    # End the read transaction now: on SQLite every transaction is BEGIN IMMEDIATE, and an upload
-    # that keeps one open while streaming would lock every writer (worker heartbeats!) out.
-    session.commit()
     wait = request.app.state.rate_limiter.hit(limiter_key)
     if wait is not None:
         raise RateLimited(retry_after_header(wait), request.app.state.rate_limiter.limit)
@@ -80,6 +97,21 @@ def get_principal(
 
 
 ProjectDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_write_session(settings: SettingsDep, _principal: ProjectDep, read: ReadSessionDep) -> Iterator[Session]:
+    # The authentication's read transaction ends here: a writer may run long (an upload streams
+    # for seconds) and an open snapshot would hold back SQLite's WAL checkpoints / Postgres' vacuum.
+    read.rollback()
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+
+
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 
 IdempotencyKeyDep = Annotated[
     str | None,

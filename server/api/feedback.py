@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from server.errors import BadRequest
 from server.schemas import FeedbackList, FeedbackOut
 from server.services import feedback as service
@@ -60,7 +60,7 @@ async def upload_feedback(
     response: Response,
     principal: ProjectDep,
     settings: SettingsDep,
-    session: SessionDep,
+    session: WriteSessionDep,
     idempotency_key: IdempotencyKeyDep = None,
     filename: Annotated[
         str | None, Query(max_length=4096, description="client file name for a raw body (metadata only)")
@@ -84,7 +84,8 @@ async def upload_feedback(
     except ClientDisconnect:
         raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
     try:
-        result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key)
+        result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key,
+                                         request.app.state.validation_pool)
     finally:
         staged.discard()  # no-op when ingest published it
     if result.replayed:
@@ -94,14 +95,14 @@ async def upload_feedback(
 
 @router.get("/{feedback_id}", response_model=FeedbackOut, responses=error_responses(404))
 def get_feedback(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
-                 session: SessionDep) -> FeedbackOut:
+                 session: ReadSessionDep) -> FeedbackOut:
     return service.to_out(service.get_feedback(session, principal, feedback_id))
 
 
 @router.get("", response_model=FeedbackList, responses=error_responses(422))
 def list_feedback(
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> FeedbackList:
