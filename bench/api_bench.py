@@ -587,7 +587,8 @@ def bench_backend(backend: str, db_url: str, args: argparse.Namespace, work: Pat
             res = results[name]
 
             def measure(label: str, conns: int, seconds: float) -> None:
-                load_fn(base, paths[label], auth, conns, min(args.warmup, seconds), work)  # warm caches/pools
+                if args.warmup > 0:
+                    load_fn(base, paths[label], auth, conns, min(args.warmup, seconds), work)  # warm caches/pools
                 res[f"{label} c={conns}"] = asdict(load_fn(base, paths[label], auth, conns, seconds, work))
                 print(f"[{backend}] {name} {label} c={conns}: {res[f'{label} c={conns}']}", file=sys.stderr,
                       flush=True)

@@ -1,8 +1,9 @@
 """`halos` command line (argparse).
 
-    halos serve [--host H] [--port P] [--no-worker] [--no-sweeper] [--concurrency N]
-        Migrates the database, then runs the HTTP API (uvicorn) in this process, the sweeper in
-        a thread, and — unless --no-worker — one `halos worker --no-sweeper` child process.
+    halos serve [--host H] [--port P] [--workers N] [--no-worker] [--no-sweeper] [--concurrency N]
+        Migrates the database, then runs the HTTP API (uvicorn) in this process — or, with
+        --workers N > 1, in N uvicorn worker processes sharing the port — the sweeper in a thread,
+        and — unless --no-worker — one `halos worker --no-sweeper` child process.
         With nothing configured everything lives under HALOS_DATA_DIR (SQLite + embedded broker).
         Ctrl-C / SIGTERM stops the API, then the worker child (warm shutdown: running jobs are
         released and resume later), then the sweeper.
@@ -144,16 +145,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_proc = _start_worker_child(args)
         log.info("started worker process %d", worker_proc.pid)
     stop = threading.Event()
+    host, port, log_level = args.host or settings.host, args.port or settings.port, args.loglevel.lower()
     try:
-        app = create_app(settings)
+        # N API processes: uvicorn's supervisor spawns them, each builds its own app from HALOS_*
+        app = "server.app:create_app" if args.workers > 1 else create_app(settings)
         if not args.no_sweeper:
             sweeper.start_thread(settings, stop)
     except BaseException:
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=10)
         raise
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
-                                           log_level=args.loglevel.lower(), lifespan="on"))
+    if args.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        config = uvicorn.Config(app, factory=True, host=host, port=port, log_level=log_level, lifespan="on",
+                                workers=args.workers)
+        try:
+            # the supervisor handles SIGINT/SIGTERM itself: it stops its API processes and returns
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        finally:
+            stop.set()
+            if worker_proc is not None:
+                _stop_child(worker_proc, timeout=settings.kill_grace_s + 30)
+        return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
     # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them to the previous handlers
     # once it has shut down; with these no-op handlers it returns instead, so the worker child
     # and the sweeper are stopped cleanly below and the exit status is 0.
@@ -217,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="HTTP API + sweeper (+ one worker unless --no-worker)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="API processes (each with its own rate-limit window and validation pool)")
     serve.add_argument("--no-worker", action="store_true", help="run the API alone (workers run elsewhere)")
     serve.add_argument("--no-sweeper", action="store_true")
     serve.add_argument("--no-migrate", action="store_true")

@@ -302,17 +302,22 @@ def _track(seg: Segment, table: dict[int, int], records: list[Any]) -> bool:
     if UNSET in prompts:
         return False  # a sampled output with neither prompt nor instruction
     kinds = set(map(type, ids))
-    if not kinds <= {str}:
-        ids = list(ids)
-        for i, (pid, record) in enumerate(zip(ids, records)):
-            if type(pid) is int:
-                ids[i] = str(pid)
-            elif pid is None or pid is UNSET:
+    if kinds <= {str}:
+        seg.explicit_h = seg.explicit_h or any(p.startswith("h-") for p in ids)
+        keys = list(map(hash, ids))
+        values = list(map(hash, zip(prompts, is_test)))
+    else:
+        keys, values = [], []
+        for pid, prompt, test in zip(ids, prompts, is_test):
+            if pid is None or pid is UNSET:  # the detailed scanner's derived id: the prompt itself is the key
                 seg.derived = True
-                ids[i] = derived_prompt_id(_normal_turns(_prompt(record)))
-    seg.explicit_h = seg.explicit_h or any(p.startswith("h-") for p in ids)
-    keys = list(map(hash, ids))
-    values = list(map(hash, zip(prompts, is_test)))
+                keys.append(hash(derived_prompt_id(_normal_turns(prompt))))
+                values.append(hash((None, test)))
+                continue
+            pid = str(pid)
+            seg.explicit_h = seg.explicit_h or pid.startswith("h-")
+            keys.append(hash(pid))
+            values.append(hash((prompt, test)))
     chunk_table = dict(zip(keys, values))
     if len(set(zip(keys, values))) != len(chunk_table):
         return False  # one id with two prompts or splits inside this chunk
