@@ -7,10 +7,12 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.api import checkpoints, feedback, health, jobs, models, runs
+from server.db import POOL_CAPACITY
 from server.errors import install_exception_handlers
 from server.services.keys import KeyCache
 from server.services.ratelimit import SlidingWindowLimiter
@@ -102,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute)
     app.state.key_cache = KeyCache()
+    app.state.database_slots = anyio.Semaphore(POOL_CAPACITY)  # see server.api.deps.database_slot
     app.state.validation_pool = None  # set while the app runs (lifespan); None: validate in the request's thread
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
     if settings.model_roots is None and settings.auth_enabled:

@@ -51,6 +51,11 @@ PG_TCP_USER_TIMEOUT_MS = 30_000
 DEFAULT_STATEMENT_TIMEOUT_S = 15.0
 
 
+# Connections an engine's pool may hold (pool_size + max_overflow). The API admits at most this many
+# requests to the database at once (`server.api.deps.database_slot`), so no checkout waits on it.
+POOL_CAPACITY = 40
+
+
 def postgres_connect_args(statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S) -> dict:
     args: dict = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **PG_KEEPALIVES, "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS}
     if statement_timeout_s:
@@ -71,7 +76,8 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
     `statement_timeout` (None: no statement timeout, e.g. for migrations)."""
     url = _normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_CAPACITY // 2, max_overflow=POOL_CAPACITY - POOL_CAPACITY // 2)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
@@ -94,7 +100,7 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
 
         return engine
     if url.startswith("postgresql"):
-        engine = create_engine(url, pool_size=10, max_overflow=20,
+        engine = create_engine(url, pool_size=10, max_overflow=POOL_CAPACITY - 10,
                                connect_args=postgres_connect_args(statement_timeout_s))
         event.listen(engine, "checkout", _drop_if_closed_by_server)
         return engine

@@ -181,12 +181,15 @@ _get_split = attrgetter("split")
 _get_id = attrgetter("prompt_id")
 
 
-def _prompt(record: Any) -> Any:
-    if isinstance(record, OpenAIPreference):
-        return record.input.messages
-    if isinstance(record, HalosSampled) and record.prompt is UNSET:
-        return record.instruction
-    return record.prompt
+def _sampled_prompt(record: HalosSampled) -> Any:
+    return record.instruction if record.prompt is UNSET else record.prompt
+
+
+_PROMPT_OF: dict[type, Any] = {schema: attrgetter("prompt") for schema in SCHEMAS.values()}
+_PROMPT_OF[OpenAIPreference] = attrgetter("input.messages")
+_PROMPT_OF[HalosSampled] = _sampled_prompt
+
+
 
 
 def _normal_turns(prompt: Any, default_role: str = "user") -> list[Turn]:
@@ -298,12 +301,12 @@ def _track(seg: Segment, table: dict[int, int], records: list[Any]) -> bool:
     ids = list(map(_get_id, records))
     is_test = list(map(eq, map(_get_split, records), repeat("test")))  # missing / null / "train": train
     seg.n_test += is_test.count(True)
-    prompts = list(map(_prompt, records))
+    prompts = list(map(_PROMPT_OF[type(records[0])], records)) if records else []
     if UNSET in prompts:
         return False  # a sampled output with neither prompt nor instruction
     kinds = set(map(type, ids))
     if kinds <= {str}:
-        seg.explicit_h = seg.explicit_h or any(p.startswith("h-") for p in ids)
+        seg.explicit_h = seg.explicit_h or "\nh-" in "\n" + "\n".join(ids)
         keys = list(map(hash, ids))
         values = list(map(hash, zip(prompts, is_test)))
     else:

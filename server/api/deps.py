@@ -17,11 +17,12 @@ limit (429 + Retry-After) and yields the caller's `Principal`; every service cal
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Awaitable, Callable, Iterator
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from sqlmodel import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,16 +38,39 @@ MAX_JSON_BODY_BYTES = 1024 * 1024  # request bodies of the JSON endpoints are sm
 DEFAULT_PROJECT = "default"  # the project everything belongs to when auth is disabled
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:  # async: no thread-pool hop for an attribute
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_read_session(settings: SettingsDep) -> Iterator[Session]:
-    with Session(get_read_engine(settings), expire_on_commit=False, autoflush=False) as session:
-        yield session  # closing it rolls the read transaction back
+async def database_slot(request: Request) -> AsyncIterator[None]:
+    """A request holds one pooled connection from its first query until its session closes, across
+    thread-pool hops (dependencies, handler). Requests wait here, on the event loop, for one of
+    `POOL_CAPACITY` slots before they may check one out: more in flight than the pool holds would
+    leave threads blocked on checkout while the requests holding the connections wait for a thread,
+    until the pool timeout (seconds of nothing, then 500s)."""
+    slots = request.app.state.database_slots
+    await slots.acquire()
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+async def get_read_session(settings: SettingsDep,
+                           _slot: Annotated[None, Depends(database_slot)]) -> AsyncIterator[Session]:
+    # Async: making a Session does no I/O (its connection is checked out by the first query, in a
+    # thread); only the close — the ROLLBACK that ends the read transaction — needs one.
+    session = Session(get_read_engine(settings), expire_on_commit=False, autoflush=False)
+    try:
+        yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]

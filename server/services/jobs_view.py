@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -35,12 +36,18 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     if not jobs:
         return []
     ids = [j.id for j in jobs]
-    rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
-    ckpts: dict[str, Checkpoint] = {}
-    for c in session.exec(select(Checkpoint).where(col(Checkpoint.job_id).in_(ids))).all():
-        best = ckpts.get(c.job_id)
-        if best is None or (c.step, c.created_at) > (best.step, best.created_at):
-            ckpts[c.job_id] = c
+    # plain rows, not ORM entities: this runs for every job read and list page
+    rounds = {r.job_id: r for r in session.execute(
+        select(Round.job_id, Round.run_id, Round.id, Round.index.label("round_index"), Round.checkpoint_id)
+        .where(col(Round.job_id).in_(ids))).all()}
+    ckpts: dict[str, Any] = {}
+    without = [i for i in ids if not (i in rounds and rounds[i].checkpoint_id)]  # a finished round names its own
+    if without:
+        for c in session.execute(select(Checkpoint.job_id, Checkpoint.id, Checkpoint.step, Checkpoint.created_at)
+                                 .where(col(Checkpoint.job_id).in_(without))).all():
+            best = ckpts.get(c.job_id)
+            if best is None or (c.step, c.created_at) > (best.step, best.created_at):
+                ckpts[c.job_id] = c
     out = []
     for j in jobs:
         rnd = rounds.get(j.id)
@@ -57,7 +64,7 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
                 latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
                 started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
                 parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
-                round_index=rnd.index if rnd else None, checkpoint_id=checkpoint_id,
+                round_index=rnd.round_index if rnd else None, checkpoint_id=checkpoint_id,
             )
         )
     return out
@@ -93,18 +100,21 @@ def metrics(session: Session, principal: Principal, job_id: str, split: str | No
         return MetricSeries(job_id=job.id, items=[], next_after_step=None)
     more = len(steps) > limit
     upper = steps[min(limit, len(steps)) - 1]
-    rows = session.exec(
-        select(MetricPoint).where(*filters, MetricPoint.step <= upper)
+    # plain rows, not ORM entities: a page holds up to 10k points
+    rows = session.execute(
+        select(MetricPoint.step, MetricPoint.split, MetricPoint.attempt, MetricPoint.data, MetricPoint.created_at)
+        .where(*filters, MetricPoint.step <= upper)
         .order_by(col(MetricPoint.step), col(MetricPoint.split), col(MetricPoint.attempt), col(MetricPoint.id))
     ).all()
-    latest: dict[tuple[int, str], MetricPoint] = {}
+    latest: dict[tuple[int, str], Any] = {}
     for row in rows:
         latest[(row.step, row.split)] = row  # ascending attempt: the last one wins
     points = sorted(latest.values(), key=lambda r: (r.step, r.split))
+    # model_construct: the values are the database's own typed columns, nothing to validate
     return MetricSeries(
         job_id=job.id,
-        items=[MetricPointOut(step=p.step, split=p.split, attempt=p.attempt, data=dict(p.data or {}),
-                              created_at=p.created_at) for p in points],
+        items=[MetricPointOut.model_construct(step=p.step, split=p.split, attempt=p.attempt, data=dict(p.data or {}),
+                                              created_at=p.created_at) for p in points],
         next_after_step=upper if more else None,
     )
 
