@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute)
     app.state.key_cache = KeyCache()
-    app.state.database_slots = anyio.Semaphore(POOL_CAPACITY)  # see server.api.deps.database_slot
+    app.state.database_slots = anyio.Semaphore(POOL_CAPACITY)  # see server.api.deps.get_read_session
     app.state.validation_pool = None  # set while the app runs (lifespan); None: validate in the request's thread
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
     if settings.model_roots is None and settings.auth_enabled:

@@ -52,7 +52,7 @@ DEFAULT_STATEMENT_TIMEOUT_S = 15.0
 
 
 # Connections an engine's pool may hold (pool_size + max_overflow). The API admits at most this many
-# requests to the database at once (`server.api.deps.database_slot`), so no checkout waits on it.
+# requests to the database at once (`server.api.deps.get_read_session`), so no checkout waits on it.
 POOL_CAPACITY = 40
 
 

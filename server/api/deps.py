@@ -45,32 +45,42 @@ async def get_app_settings(request: Request) -> Settings:  # async: no thread-po
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-async def database_slot(request: Request) -> AsyncIterator[None]:
-    """A request holds one pooled connection from its first query until its session closes, across
-    thread-pool hops (dependencies, handler). Requests wait here, on the event loop, for one of
-    `POOL_CAPACITY` slots before they may check one out: more in flight than the pool holds would
-    leave threads blocked on checkout while the requests holding the connections wait for a thread,
-    until the pool timeout (seconds of nothing, then 500s)."""
+def in_process_database(settings: Settings) -> bool:
+    """SQLite: a read statement is a local call that never waits for a lock (WAL snapshot), cheaper
+    than handing it to a thread. A networked database's statements always go to a thread."""
+    return settings.db_url.startswith("sqlite")
+
+
+async def run_blocking_db(settings: Settings, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` here on SQLite (see `in_process_database`), in the thread pool otherwise."""
+    if in_process_database(settings):
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """The request's read-only session. Async: making a Session does no I/O; only its close, the
+    ROLLBACK that ends the read transaction, may (run_blocking_db).
+
+    A request holds one pooled connection from its first query until this session closes, across
+    thread-pool hops (dependencies, handler), so requests first wait here, on the event loop, for
+    one of `POOL_CAPACITY` slots (`app.state.database_slots`): more in flight than the pool holds
+    would leave threads blocked on checkout while the requests holding the connections wait for a
+    thread, until the pool timeout (seconds of nothing, then 500s)."""
+    settings = request.app.state.settings
     slots = request.app.state.database_slots
     await slots.acquire()
     try:
-        yield
+        session = Session(get_read_engine(settings), expire_on_commit=False, autoflush=False)
+        try:
+            yield session
+        finally:
+            if session.in_transaction():
+                await run_blocking_db(settings, session.close)
+            else:
+                session.close()
     finally:
         slots.release()
-
-
-async def get_read_session(settings: SettingsDep,
-                           _slot: Annotated[None, Depends(database_slot)]) -> AsyncIterator[Session]:
-    # Async: making a Session does no I/O (its connection is checked out by the first query, in a
-    # thread); only the close — the ROLLBACK that ends the read transaction — needs one.
-    session = Session(get_read_engine(settings), expire_on_commit=False, autoflush=False)
-    try:
-        yield session
-    finally:
-        if session.in_transaction():
-            await run_in_threadpool(session.close)
-        else:
-            session.close()
 
 
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
@@ -96,19 +106,24 @@ def _default_project_id(request: Request, settings: Settings, session: Session) 
     return cached
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     settings: SettingsDep,
     session: ReadSessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
+    # Async, with its database reads in run_blocking_db: on SQLite a request then costs one
+    # thread-pool hop (the handler), not three.
     if not settings.auth_enabled:
-        principal = Principal(project_id=_default_project_id(request, settings, session), key_id=None)
+        project_id = getattr(request.app.state, "default_project_id", None) or await run_in_threadpool(
+            _default_project_id, request, settings, session)  # may write (once): never on the event loop
+        principal = Principal(project_id=project_id, key_id=None)
         client = request.client.host if request.client else "local"
         limiter_key = f"anon:{client}"
     else:
         cache = request.app.state.key_cache
-        principal_or_none = cache.authenticate(session, credentials.credentials) if credentials else None
+        principal_or_none = (await run_blocking_db(settings, cache.authenticate, session, credentials.credentials)
+                             if credentials else None)
         if principal_or_none is None:
             raise Unauthorized("missing, unknown or revoked API key" if credentials else
                                "a valid API key is required (Authorization: Bearer <key>)")

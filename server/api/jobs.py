@@ -32,7 +32,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
 def get_job(job_id: JobId, principal: ProjectDep, session: ReadSessionDep) -> JobOut:
-    return service.job_view(session, service.get_job(session, principal, job_id))
+    return service.job_view_by_id(session, principal, job_id)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries, responses=error_responses(404, 422))

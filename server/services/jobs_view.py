@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import bindparam
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from server.errors import Conflict
+from server.errors import Conflict, not_found
 from server.models import TERMINAL_STATUSES, Checkpoint, Job, JobStatus, MetricPoint, Round
 from server.schemas import JobOut, JobProgress, MetricPointOut, MetricSeries
-from server.services.common import get_owned, paginate
+from server.services.common import get_owned, paginate, plausible_id
 from server.services.keys import Principal
 from server.settings import Settings
 
@@ -54,20 +56,49 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
         checkpoint_id = (rnd.checkpoint_id if rnd and rnd.checkpoint_id else None) or (
             ckpts[j.id].id if j.id in ckpts else None
         )
-        status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
-        out.append(
-            JobOut(
-                id=j.id, kind=j.kind, status=status, attempt=j.attempt, max_attempts=j.max_attempts,
-                cancel_requested=bool(j.cancel_requested),
-                progress=JobProgress(step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps,
-                                     examples=j.examples or 0),
-                latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
-                started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
-                parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
-                round_index=rnd.round_index if rnd else None, checkpoint_id=checkpoint_id,
-            )
-        )
+        out.append(_job_out(j, rnd.run_id if rnd else None, rnd.id if rnd else None,
+                            rnd.round_index if rnd else None, checkpoint_id))
     return out
+
+
+def _job_out(j: Any, run_id: str | None, round_id: str | None, round_index: int | None,
+             checkpoint_id: str | None) -> JobOut:
+    """`j`: a Job, or a row with its columns."""
+    status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
+    return JobOut(
+        id=j.id, kind=j.kind, status=status, attempt=j.attempt, max_attempts=j.max_attempts,
+        cancel_requested=bool(j.cancel_requested),
+        progress=JobProgress(step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps,
+                             examples=j.examples or 0),
+        latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
+        started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
+        parent_job_id=j.parent_job_id, run_id=run_id, round_id=round_id, round_index=round_index,
+        checkpoint_id=checkpoint_id,
+    )
+
+
+_JOB, _ROUND, _CKPT = Job.__table__, Round.__table__, Checkpoint.__table__
+# GET /v1/jobs/{id} is the most polled read: one Core statement (job + its round), no ORM objects
+_ONE_JOB = (
+    sa_select(_JOB, _ROUND.c.run_id, _ROUND.c.id.label("round_id_"), _ROUND.c.index.label("round_index_"),
+              _ROUND.c.checkpoint_id.label("round_checkpoint_id_"))
+    .select_from(_JOB.outerjoin(_ROUND, _ROUND.c.job_id == _JOB.c.id))
+    .where(_JOB.c.id == bindparam("job_id"), _JOB.c.project_id == bindparam("project_id"))
+)
+_LATEST_CHECKPOINT = (sa_select(_CKPT.c.id).where(_CKPT.c.job_id == bindparam("job_id"))
+                      .order_by(_CKPT.c.step.desc(), _CKPT.c.created_at.desc()).limit(1))
+
+
+def job_view_by_id(session: Session, principal: Principal, job_id: str) -> JobOut:
+    """`job_view(get_job(...))` in one statement (two for a job whose round has not finished)."""
+    if not plausible_id(job_id):
+        raise not_found("job", job_id)
+    conn = session.connection()
+    row = conn.execute(_ONE_JOB, {"job_id": job_id, "project_id": principal.project_id}).first()
+    if row is None:
+        raise not_found("job", job_id)
+    checkpoint_id = row.round_checkpoint_id_ or conn.execute(_LATEST_CHECKPOINT, {"job_id": job_id}).scalar()
+    return _job_out(row, row.run_id, row.round_id_, row.round_index_, checkpoint_id)
 
 
 def job_view(session: Session, job: Job) -> JobOut:
