@@ -331,13 +331,14 @@ def running(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> I
 
 
 def tree_pids(pid: int) -> list[int]:
+    """`pid` and its descendants (children of every thread: a pool may be started from any)."""
     pids = [pid]
     for p in pids:
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            kids = []
-        pids.extend(int(k) for k in kids)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                pids.extend(int(k) for k in (task / "children").read_text().split())
+            except OSError:
+                pass
     return pids
 
 
@@ -597,7 +598,7 @@ def bench_backend(backend: str, db_url: str, args: argparse.Namespace, work: Pat
                 measure("job", conns, args.duration)
             for label in ("list jobs", "list runs", "list feedback", "list models"):
                 measure(label, 32, args.duration / 2)
-            measure("series", 4, args.duration)
+            measure("series", 4, args.duration * 2)  # a 10k-point page is slow: give it time for a few
             # a small upload first (first-use costs: pools, imports), then the measured one
             small = work / "small.jsonl"
             if not small.exists():
