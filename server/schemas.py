@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from halos_core.config import Conversion, Hyperparams, LoraSettings, LossConfig
+from halos_core.config import Conversion, Hyperparams, LoraSettings
+from halos_core.loss_registry import LossConfig
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -218,6 +219,25 @@ class RunOut(BaseModel):
     lora: Optional[dict[str, Any]] = None
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
+
+
+class LossInfo(BaseModel):
+    """One loss a run or round may use (from halos_core.loss_registry)."""
+
+    name: str
+    summary: str = Field(description="what it is, with the paper's link")
+    data: str = Field(description="paired | unpaired | grouped | sft: the batches it trains on")
+    feedback_kinds: list[str] = Field(description="feedback kinds it can use without a conversion")
+    needs_reference: bool
+    head: Optional[str] = Field(None, description="reward | value: a head it trains on the policy")
+    min_microbatch_size: int
+    parameters: dict[str, Any] = Field(description="JSON schema of its parameters (with defaults)")
+
+
+class LossList(BaseModel):
+    """The server's catalogue of losses (the same for every project; not paginated)."""
+
+    losses: list[LossInfo]
 
 
 class RunSummary(BaseModel):
