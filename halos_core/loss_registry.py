@@ -132,6 +132,13 @@ class PPOLoss(LossParams):
     gamma: float = Field(0.99, ge=0, le=1)
 
 
+class APOZeroLoss(LossParams):
+    """Anchored Preference Optimization, zero anchor: chosen up, rejected down (https://arxiv.org/abs/2408.06266)."""
+
+    name: Literal["apo_zero"] = "apo_zero"
+    beta: float = Field(0.1, gt=0)
+
+
 # --------------------------------------------------------------------------- declarations
 
 
@@ -172,6 +179,7 @@ _DECLARED: tuple[LossSpec, ...] = (
     LossSpec(GRPOLoss, "grouped", "grpo:GRPO", needs_reference=True),
     LossSpec(BradleyTerryLoss, "paired", "bradley_terry:BradleyTerry", needs_reference=False, head="reward"),
     LossSpec(PPOLoss, "unpaired", "ppo:PPO", needs_reference=True, head="value"),
+    LossSpec(APOZeroLoss, "paired", "apo_zero:APOZero", needs_reference=True),
 )
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _DECLARED}
