@@ -139,6 +139,13 @@ class APOZeroLoss(LossParams):
     beta: float = Field(0.1, gt=0)
 
 
+class NCAPairLoss(LossParams):
+    """Noise Contrastive Alignment, pairwise: each reward judged on its own (https://arxiv.org/abs/2402.05369)."""
+
+    name: Literal["nca_pair"] = "nca_pair"
+    beta: float = Field(0.1, gt=0)
+
+
 # --------------------------------------------------------------------------- declarations
 
 
@@ -180,6 +187,7 @@ _DECLARED: tuple[LossSpec, ...] = (
     LossSpec(BradleyTerryLoss, "paired", "bradley_terry:BradleyTerry", needs_reference=False, head="reward"),
     LossSpec(PPOLoss, "unpaired", "ppo:PPO", needs_reference=True, head="value"),
     LossSpec(APOZeroLoss, "paired", "apo_zero:APOZero", needs_reference=True),
+    LossSpec(NCAPairLoss, "paired", "nca_pair:NCAPair", needs_reference=True),
 )
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _DECLARED}
