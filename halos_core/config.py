@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FeedbackKind = Literal["binary", "pairwise", "scalar", "sampled"]
 
@@ -80,6 +80,16 @@ class Hyperparams(_Strict):
     max_length: int = Field(512, ge=8)
     max_prompt_length: int = Field(256, ge=1)
     weight_decay: float = Field(0.0, ge=0)
+    # AdamW's (beta1, beta2); a round may change them: they apply from its first step, while the
+    # moments restored from the parent carry on
+    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("adam_betas must both be in [0, 1)")
+        return value
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1)  # intermediate checkpoint every N optimizer steps
     max_pairs_per_prompt: int | None = Field(None, ge=1)  # cap on "all pairs per prompt"

@@ -218,7 +218,7 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
             f"checkpoint {ckpt.path}: its optimizer holds other parameters than this round trains "
             f"({len(ckpt.trainer_state['optimizer_params'])} vs {len(param_names)})"
         )
-    optimizer = torch.optim.AdamW([p for _, p in trained], lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW([p for _, p in trained], lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.adam_betas)
     if sharded:
         configure_wrapping(accelerator, policy)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -261,7 +261,7 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
         # from the live objects, right after the restore (sharded: gathered back, complete, on rank 0)
         live = gather_optimizer_state(model, optimizer) if sharded else None
         record = restore_record(ckpt.path, optimizer, scheduler, optimizer_state=live)
-    align_schedule(scheduler, hp.lr, hp.weight_decay, position.step_offset + position.round_step)
+    align_schedule(scheduler, hp.lr, hp.weight_decay, position.step_offset + position.round_step, betas=hp.adam_betas)
     if record is not None:
         record.lr_at_start = scheduler.get_last_lr()[0]
     restored: RestoreRecord | None
@@ -357,8 +357,9 @@ def restore_record(source: Path | str, optimizer: Any, scheduler: Any, optimizer
     )
 
 
-def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, weight_decay: float, global_step: int) -> None:
-    """Key the schedule on the global step and apply this round's lr / weight decay.
+def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, weight_decay: float, global_step: int,
+                   betas: tuple[float, float] | None = None) -> None:
+    """Key the schedule on the global step and apply this round's lr / weight decay / Adam betas.
 
     After a restore, `last_epoch` is the parent's global step already; it is set explicitly so a
     round that starts from the SFT weights with carried counters is keyed the same way, and so
@@ -371,6 +372,8 @@ def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, weig
         group["initial_lr"] = lr
         group["lr"] = lr * factor
         group["weight_decay"] = weight_decay
+        if betas is not None:
+            group["betas"] = tuple(betas)
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
