@@ -224,7 +224,7 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             assert missing_in_api == [], f"steps {missing_in_api} never reached the database"
 
             result = rd.read_result()
-            assert result["resumed"]["optimizer_step"] == resumed and result["step"] == STEPS
+            assert result.resumed.optimizer_step == resumed and result.step == STEPS
             wa, wb = load_file(str(base.final / "model.safetensors")), load_file(str(rd.final / "model.safetensors"))
             assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
             oa = torch.load(base.final / "optimizer.pt", weights_only=True)
