@@ -53,7 +53,7 @@ from halos_core.run_dir import CheckpointError, Manifest, read_manifest
 from server.errors import Conflict, Unprocessable, not_found, validation_details
 from server.jobs import ParentFailed
 from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, Round, Run
-from server.schemas import RoundCreate, RoundOut, RunCreate, RunOut, RunSummary
+from halos_client.models import RoundCreate, RoundOut, RunCreate, RunOut, RunSummary
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.models_registry import lora_target_problem
