@@ -26,8 +26,14 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+# Ids are never folded across lines (a table piped to grep must still find them).
+ID_COLUMNS = frozenset({"id", "job", "run", "model", "checkpoint", "parent", "feedback"})
+PIPED_WIDTH = 250  # rich's default for a non-terminal is 80 columns, which folds every table
+
+
 def stdout_console() -> Console:
-    return Console(soft_wrap=True)
+    console = Console(soft_wrap=True)
+    return console if console.is_terminal else Console(soft_wrap=True, width=PIPED_WIDTH)
 
 
 def emit(value: BaseModel | Sequence[BaseModel] | Iterable[BaseModel], output: OutputFormat) -> None:
@@ -136,7 +142,7 @@ def _list_table(items: list[BaseModel]) -> Table:
         columns = [(n, (lambda o, n=n: getattr(o, n))) for n in names]
     table = Table(show_edge=False, pad_edge=False)
     for header, _ in columns:
-        table.add_column(header, overflow="fold")
+        table.add_column(header, no_wrap=header in ID_COLUMNS, overflow="fold")
     for item in items:
         table.add_row(*(_cell(get(item)) for _, get in columns))
     return table

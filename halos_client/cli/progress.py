@@ -36,7 +36,7 @@ class JobProgress:
         self.live = self.console.is_terminal
         self._progress: Optional[Progress] = None
         self._task: Optional[TaskID] = None
-        self._last_line: Optional[tuple[str, int, Optional[int]]] = None
+        self._last_line: Optional[tuple[str, int, int]] = None
 
     def __enter__(self) -> "JobProgress":
         if self.live:
