@@ -22,7 +22,14 @@ from halos_client import calls
 from halos_client import models as m
 from halos_client.bodies import UNSET, round_body, run_body
 from halos_client.calls import TERMINAL_STATUSES, Call, FileSource, Upload, user_agent
-from halos_client.errors import APIConnectionError, JobFailed, ServiceUnavailableError, WaitTimeout, error_from_response
+from halos_client.errors import (
+    APIConnectionError,
+    JobFailed,
+    RateLimitError,
+    ServiceUnavailableError,
+    WaitTimeout,
+    error_from_response,
+)
 from halos_client.retry import NO_RETRIES, RetryPolicy, retrying_options
 
 T = TypeVar("T")
@@ -200,7 +207,7 @@ class AsyncJobs(_Resource):
         while True:
             try:
                 job = await self.get(job_id)
-            except (APIConnectionError, ServiceUnavailableError) as exc:
+            except (APIConnectionError, ServiceUnavailableError, RateLimitError) as exc:
                 if job is None and deadline is None:
                     raise
                 log.warning("waiting for %s: %s", job_id, exc)

@@ -29,7 +29,14 @@ from tenacity import Retrying
 from halos_client import calls
 from halos_client import models as m
 from halos_client.calls import TERMINAL_STATUSES, Call, FileSource, Upload, user_agent
-from halos_client.errors import APIConnectionError, JobFailed, ServiceUnavailableError, WaitTimeout, error_from_response
+from halos_client.errors import (
+    APIConnectionError,
+    JobFailed,
+    RateLimitError,
+    ServiceUnavailableError,
+    WaitTimeout,
+    error_from_response,
+)
 from halos_client.bodies import UNSET, round_body, run_body
 from halos_client.retry import NO_RETRIES, RetryPolicy, retrying_options
 
@@ -219,13 +226,13 @@ class Jobs(_Resource):
         latest_metrics). A failed or cancelled job raises `JobFailed` (its `.reason` is the
         server's error) unless `raise_on_failure=False`; still unfinished after `timeout`
         seconds raises `WaitTimeout`. Once the job has been seen, an unreachable server (a
-        restart) is waited out, up to `timeout`."""
+        restart, a 503, a 429 past its retries) is waited out, up to `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         job: Optional[m.JobOut] = None
         while True:
             try:
                 job = self.get(job_id)
-            except (APIConnectionError, ServiceUnavailableError) as exc:
+            except (APIConnectionError, ServiceUnavailableError, RateLimitError) as exc:
                 if job is None and deadline is None:
                     raise
                 log.warning("waiting for %s: %s", job_id, exc)

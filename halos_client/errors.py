@@ -137,7 +137,7 @@ class JobFailed(HalosError):
 
     def __init__(self, job: JobOut) -> None:
         self.job = job
-        self.reason = job.error or ("cancelled" if job.status == "cancelled" else "no reason recorded")
+        self.reason = job.error or ("cancelled on request" if job.status == "cancelled" else "no reason recorded")
         super().__init__(f"job {job.id} {job.status}: {self.reason}")
 
 

@@ -20,10 +20,12 @@ from halos_client import (
     AsyncClient,
     Client,
     InvalidFeedbackError,
+    JobFailed,
     NotFoundError,
     RateLimitError,
     RetryPolicy,
     ServerError,
+    WaitTimeout,
 )
 from halos_client.calls import new_log_text
 from halos_client.retry import retrying_options
@@ -171,3 +173,33 @@ def test_new_log_text() -> None:
     assert new_log_text(window, window[800:] + "step 400\n") == "step 400\n"  # the tail window moved on
     assert new_log_text("a\nb\n", "a\nb\n") == ""
     assert new_log_text("old\n", "x\ny\n") == "x\ny\n"  # more than a window written: all of it is new
+
+
+def _job(status: str, error: str | None = None) -> httpx.Response:
+    return httpx.Response(200, json={
+        "id": "job_1", "kind": "round", "status": status, "attempt": 1, "max_attempts": 3, "cancel_requested": False,
+        "progress": {"step": 1, "round_step": 1, "total_steps": 4, "examples": 4}, "error": error,
+        "created_at": "2030-01-01T00:00:00Z"})
+
+
+def test_wait_rides_out_an_outage_once_it_has_seen_the_job_and_times_out() -> None:
+    outage = [httpx.ConnectError] * FAST.max_attempts  # one whole get() fails
+    transport, seen = scripted(_job("running"), *outage, _job("succeeded"))
+    progress: list[str] = []
+    with Client("http://halos", transport=transport, retry=FAST) as client:
+        job = client.jobs.wait("job_1", poll_interval=0.01, timeout=30, on_progress=lambda j: progress.append(j.status))
+    assert job.status == "succeeded" and progress == ["running", "succeeded"] and len(seen) == 2 + len(outage)
+
+    transport, _ = scripted(_job("failed", "worker error: boom"))
+    with Client("http://halos", transport=transport, retry=FAST) as client:
+        with pytest.raises(JobFailed) as failed:
+            client.jobs.wait("job_1")
+        assert failed.value.reason == "worker error: boom" and "job_1 failed" in str(failed.value)
+        assert client.jobs.wait("job_1", raise_on_failure=False).status == "failed"
+
+    transport, _ = scripted(_job("running"))
+    with Client("http://halos", transport=transport, retry=FAST) as client:
+        t0 = time.monotonic()
+        with pytest.raises(WaitTimeout) as late:
+            client.jobs.wait("job_1", poll_interval=0.05, timeout=0.3)
+        assert 0.3 <= time.monotonic() - t0 < 2 and late.value.job.status == "running"
