@@ -3,7 +3,7 @@ OpenAPI spec from them and validates requests with them; the client (`halos_clie
 requests and parses every response with the same classes, so the two cannot drift apart.
 
 Torch-free and server-free on purpose (an import-linter contract): this module imports pydantic
-and the torch-free `halos_core.config` only, so `pip install halos-server` on a laptop gives a
+and torch-free halos_core modules only (`config`, `loss_registry`), so `pip install halos-server` on a laptop gives a
 client that imports nothing of the server, the database or the trainer.
 
 Request models forbid unknown fields and reject, before field validation, anything the database
@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from halos_core.config import Conversion, Hyperparams, LoraSettings, LossConfig
+from halos_core.config import Conversion, Hyperparams, LoraSettings
+from halos_core.loss_registry import LossConfig
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -224,6 +225,25 @@ class RunOut(BaseModel):
     lora: Optional[dict[str, Any]] = None
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
+
+
+class LossInfo(BaseModel):
+    """One loss a run or round may use (from halos_core.loss_registry)."""
+
+    name: str
+    summary: str = Field(description="what it is, with the paper's link")
+    data: str = Field(description="paired | unpaired | grouped | sft: the batches it trains on")
+    feedback_kinds: list[str] = Field(description="feedback kinds it can use without a conversion")
+    needs_reference: bool
+    head: Optional[str] = Field(None, description="reward | value: a head it trains on the policy")
+    min_microbatch_size: int
+    parameters: dict[str, Any] = Field(description="JSON schema of its parameters (with defaults)")
+
+
+class LossList(BaseModel):
+    """The server's catalogue of losses (the same for every project; not paginated)."""
+
+    losses: list[LossInfo]
 
 
 class RunSummary(BaseModel):

@@ -29,17 +29,26 @@ def _json_column() -> Any:
 
 
 class JobStatus(str, Enum):
+    """Where a job is (the transitions: server/jobs/state.py). A crashed attempt is not a status:
+    the job goes back to `queued` (retry with backoff, the reason in `error`) or to `failed`."""
+
     waiting = "waiting"  # its parent round has not finished yet
     queued = "queued"
     running = "running"
-    cancelling = "cancelling"
-    crashed = "crashed"  # transient: the sweeper turns it into queued (retry) or failed
+    cancelling = "cancelling"  # cancel requested while running: the worker is stopping the training
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
 
 
+# Which statuses count as what, defined once (the state machine, the API filters, the views and
+# the checks on a round's parent all read these).
+PENDING_STATUSES = frozenset({JobStatus.waiting, JobStatus.queued})  # no attempt yet: a cancel ends it at once
+LIVE_STATUSES = frozenset({JobStatus.running, JobStatus.cancelling})  # an attempt holds the lease
+UNFINISHED_STATUSES = PENDING_STATUSES | LIVE_STATUSES
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+FAILED_STATUSES = frozenset({JobStatus.failed, JobStatus.cancelled})  # ended without a checkpoint to continue
+assert UNFINISHED_STATUSES | TERMINAL_STATUSES == set(JobStatus), "classify every JobStatus above"
 
 
 class Project(SQLModel, table=True):

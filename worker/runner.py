@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from halos_core.config import Hyperparams, RunConfig, hyperparams_problem
+from halos_core.job_spec import LORA_FSDP_PROBLEM, RunConfig, fit_problem
 from halos_core.run_dir import Manifest, RunDir
 from server import jobs
 from server.db import session_scope
@@ -47,25 +47,20 @@ log = logging.getLogger(__name__)
 # Set by the worker's shutdown hook (worker/app.py); runners notice it within a poll interval.
 SHUTDOWN = threading.Event()
 
-_SPEC_KEYS = ("reference_path", "reference_sha256", "init_from", "feedback", "loss", "conversion",
-              "hyperparams", "lora", "counters")
-
-
 def hostname() -> str:
     return socket.gethostname()
 
 
 def build_config(claim: Claim, settings: Settings, run_dir: RunDir, resume_from: Optional[str]) -> RunConfig:
-    spec = claim.spec or {}
-    data: dict[str, Any] = {k: spec[k] for k in _SPEC_KEYS if spec.get(k) is not None}
-    data.update(
+    """The attempt's run.json: the job's spec + where and how this worker runs it."""
+    return RunConfig.for_attempt(
+        claim.job_spec(),
         job_id=claim.job_id,
         run_dir=str(run_dir.path.resolve()),
         resume_from=resume_from,
         mixed_precision=settings.mixed_precision,
         reference_cache_dir=str(settings.reference_cache_dir.resolve()),
     )
-    return RunConfig.model_validate(data)
 
 
 class LaunchError(Exception):
@@ -82,26 +77,21 @@ def worker_error(exc: BaseException) -> Outcome:
     return Outcome("crashed", error=text)
 
 
-LORA_FSDP_PROBLEM = "LoRA runs are not supported with FSDP workers (HALOS_FSDP=true); use DDP or full fine-tuning"
-
-
 def worker_problem(claim: Claim, settings: Settings) -> Optional[str]:
-    """Why THIS worker cannot run the round (the submit-time checks, against the worker's own
-    num_processes / fsdp: the API and the workers must share them), or None. A spec too broken
-    to tell is left to `build_config` ("invalid job spec")."""
-    spec = claim.spec or {}
+    """Why THIS worker cannot run the round (the API's submit-time question, `fit_problem`, asked
+    with the worker's own num_processes / fsdp: the API and the workers must share them), or None.
+    A spec too broken to tell is left to `build_config` ("invalid job spec")."""
     try:
-        loss_name = str(spec["loss"]["name"])
-        hp = Hyperparams.model_validate(spec.get("hyperparams") or {})
-    except (KeyError, TypeError, ValidationError):
+        spec = claim.job_spec()
+    except ValidationError:
         return None
-    problem = hyperparams_problem(loss_name, hp, settings.num_processes)
-    if problem:
-        return (f"this worker cannot run the round: {problem} (worker HALOS_NUM_PROCESSES={settings.num_processes};"
-                " the API and the workers must share HALOS_NUM_PROCESSES and HALOS_FSDP)")
-    if spec.get("lora") and settings.fsdp:
-        return f"this worker cannot run the round: {LORA_FSDP_PROBLEM}"
-    return None
+    problem = fit_problem(spec, settings.num_processes, settings.fsdp)
+    if problem is None:
+        return None
+    hint = "" if problem == LORA_FSDP_PROBLEM else (
+        f" (worker HALOS_NUM_PROCESSES={settings.num_processes}; the API and the workers must share"
+        " HALOS_NUM_PROCESSES and HALOS_FSDP)")
+    return f"this worker cannot run the round: {problem}{hint}"
 
 
 def _finish_now(outcome: Outcome) -> RunReport:

@@ -7,7 +7,7 @@ also starts this watchdog, in a session of its own:
     python -m worker.watchdog RUNNER_PID PGID GRACE_S
 
 It polls every 0.2 s; when its parent (the runner) is gone it sends SIGTERM to the group, waits
-GRACE_S, sends SIGKILL, and exits when no member of the group is left (RELIABILITY.md I6). It
+GRACE_S, sends SIGKILL, and exits when no member of the group is left (docs/RELIABILITY.md I6). It
 exits quietly when the group is gone or when the runner stops it with SIGTERM.
 
 Group membership is read from /proc (zombies do not count: an orphan's zombie is reaped by

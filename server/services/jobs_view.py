@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
 from server.errors import Conflict
-from server.models import TERMINAL_STATUSES, Attempt, Checkpoint, Job, JobStatus, MetricPoint, Round, utcnow
+from server.models import TERMINAL_STATUSES, Attempt, Job, JobStatus, MetricPoint, Round, utcnow
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings
@@ -130,17 +130,9 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     ids = [j.id for j in jobs]
     timings = _timings(session, jobs, utcnow())
     rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
-    ckpts: dict[str, Checkpoint] = {}
-    for c in session.exec(select(Checkpoint).where(col(Checkpoint.job_id).in_(ids))).all():
-        best = ckpts.get(c.job_id)
-        if best is None or (c.step, c.created_at) > (best.step, best.created_at):
-            ckpts[c.job_id] = c
     out = []
     for j in jobs:
         rnd = rounds.get(j.id)
-        checkpoint_id = (rnd.checkpoint_id if rnd and rnd.checkpoint_id else None) or (
-            ckpts[j.id].id if j.id in ckpts else None
-        )
         status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
         t = timings[j.id]
         out.append(
@@ -153,7 +145,7 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
                 latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
                 started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
                 parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
-                round_index=rnd.index if rnd else None, checkpoint_id=checkpoint_id,
+                round_index=rnd.index if rnd else None, checkpoint_id=rnd.checkpoint_id if rnd else None,
             )
         )
     return out
@@ -164,8 +156,8 @@ def job_view(session: Session, job: Job) -> JobOut:
 
 
 def list_jobs(session: Session, principal: Principal, limit: int, cursor: str | None,
-              status: str | None = None) -> tuple[list[Job], str | None]:
-    filters = [Job.status == JobStatus(status)] if status else []
+              status: JobStatus | None = None) -> tuple[list[Job], str | None]:
+    filters = [Job.status == status] if status else []
     return paginate(session, Job, principal.project_id, limit, cursor, *filters)
 
 
