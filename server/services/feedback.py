@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 from server import storage
 from server.errors import Unprocessable
 from server.models import FeedbackFile
-from server.schemas import FeedbackOut
+from halos_client.models import FeedbackOut
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal

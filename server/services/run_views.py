@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session, col, select
 
 from server.models import Job, JobStatus, Round, Run
-from server.schemas import RoundOut, RunOut, RunSummary
+from halos_client.models import RoundOut, RunOut, RunSummary
 
 
 def status_text(job: Job | None) -> str:
