@@ -58,6 +58,7 @@ class AsyncClient:
         self.rounds = AsyncRounds(self)
         self.jobs = AsyncJobs(self)
         self.checkpoints = AsyncCheckpoints(self)
+        self.losses = AsyncLosses(self)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -226,6 +227,11 @@ class AsyncJobs(_Resource):
                 raise WaitTimeout(job, timeout or 0.0)
             pause = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
             await asyncio.sleep(pause)
+
+
+class AsyncLosses(_Resource):
+    async def list(self) -> list[m.LossInfo]:
+        return (await self._client.request(calls.list_losses())).losses
 
 
 class AsyncCheckpoints(_Resource):

@@ -211,6 +211,10 @@ def checkpoint_lineage(checkpoint_id: str) -> Call[m.LineageOut]:
     return Call("GET", f"/v1/checkpoints/{_seg(checkpoint_id)}/lineage", _model(m.LineageOut), idempotent=True)
 
 
+def list_losses() -> Call[m.LossList]:
+    return Call("GET", "/v1/losses", _model(m.LossList), idempotent=True)
+
+
 def readyz() -> Call[m.ReadyOut]:
     return Call("GET", "/readyz", _model(m.ReadyOut), idempotent=True)
 

@@ -65,6 +65,7 @@ class Client:
         self.rounds = Rounds(self)
         self.jobs = Jobs(self)
         self.checkpoints = Checkpoints(self)
+        self.losses = Losses(self)
 
     def __enter__(self) -> "Client":
         return self
@@ -249,6 +250,12 @@ class Jobs(_Resource):
                 raise WaitTimeout(job, timeout or 0.0)
             pause = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
             time.sleep(pause)
+
+
+class Losses(_Resource):
+    def list(self) -> list[m.LossInfo]:
+        """The losses this server trains, with their parameters (from its loss registry)."""
+        return self._client.request(calls.list_losses()).losses
 
 
 class Checkpoints(_Resource):

@@ -378,6 +378,16 @@ def checkpoints_lineage(checkpoint_id: CheckpointId, output: Output = OutputForm
         emit(client.checkpoints.lineage(checkpoint_id), output)
 
 
+losses_app = typer.Typer(help="The losses this server trains.", no_args_is_help=True)
+
+
+@losses_app.command("list")
+def losses_list(output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+    """Every loss a run or round may use, with its parameters and defaults (from the server's registry)."""
+    with connect(base_url, api_key) as client:
+        emit(client.losses.list(), output)
+
+
 GROUPS = {
     "feedback": feedback_app,
     "models": models_app,
@@ -385,6 +395,7 @@ GROUPS = {
     "rounds": rounds_app,
     "jobs": jobs_app,
     "checkpoints": checkpoints_app,
+    "losses": losses_app,
 }
 
 

@@ -129,6 +129,11 @@ COLUMNS: dict[type[BaseModel], list[Column]] = {
                        ("margin", lambda o: number(o.data.get("rewards/margin"))),
                        ("lr", lambda o: number(o.data.get("lr"))),
                        ("tokens/s", lambda o: number(o.data.get("tokens_per_s"), 5))],
+    m.LossInfo: [("name", lambda o: o.name), ("data", lambda o: o.data),
+                  ("reference", lambda o: "yes" if o.needs_reference else "no"), ("head", lambda o: o.head),
+                  ("parameters", lambda o: ", ".join(f"{k}={v.get('default')}" for k, v in
+                                                     o.parameters.get("properties", {}).items() if k != "name")),
+                  ("what", lambda o: o.summary)],
     m.LineageItem: [("checkpoint", lambda o: o.checkpoint_id), ("round", lambda o: o.round_index),
                     ("job", lambda o: o.job_id), ("step", lambda o: o.step), ("examples", lambda o: o.examples),
                     ("loss", lambda o: (o.loss or {}).get("name")), ("feedback", lambda o: ", ".join(o.feedback_ids))],

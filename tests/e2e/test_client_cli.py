@@ -99,6 +99,11 @@ def test_two_rounds_from_the_command_line(dep: Deployment, tiny_model_dir: Path,
     followed = halos(dep, "jobs", "logs", rnd.job_id, "-f")
     assert followed.returncode == 0 and followed.stdout == logs.stdout
 
+    # the loss catalogue, from the server's registry
+    losses = ok_json(halos(dep, "losses", "list", "-o", "json"))
+    assert {"dpo", "kto", "apo_zero", "nca_pair"} <= {item["name"] for item in losses}
+    assert "apo_zero" in halos(dep, "losses", "list").stdout
+
 
 def test_a_bad_feedback_file_prints_the_record_report(dep: Deployment, tmp_path: Path) -> None:
     key = dep.halos("keys", "create", "--project", "cli-bad").strip()
