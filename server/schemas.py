@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from halos_core.config import Conversion, Hyperparams, LoraSettings
+from halos_core.gate import GateRule
 from halos_core.loss_registry import LossConfig
 
 MAX_REQUEST_DEPTH = 32
@@ -189,8 +190,11 @@ class RoundCreate(_Request):
         None, description="absent: the run's conversion; null: no conversion for this round"
     )
     parent_checkpoint_id: Optional[str] = Field(
-        None, max_length=64, description="default: the run's latest round's final checkpoint"
+        None, max_length=64, description="default: the run's head (after the run's latest round, if it is unfinished)"
     )
+    gate: Optional[list[GateRule]] = Field(
+        None, max_length=8, description="promotion gate: eval metrics that may not drop below the head's (on this "
+        "round's eval set, scored by both); a round failing it succeeds but does not become the head")
 
 
 class RoundOut(BaseModel):
@@ -206,6 +210,17 @@ class RoundOut(BaseModel):
     loss: dict[str, Any]
     hyperparams: dict[str, Any]
     conversion: Optional[dict[str, Any]] = None
+    gate: Optional[list[dict[str, Any]]] = None
+    promoted: Optional[bool] = Field(None, description="set when the round succeeded: did it become the run's head")
+    promotion: Optional[dict[str, Any]] = Field(None, description="the gate's verdict and the reason if not promoted")
+    created_at: datetime
+
+
+class HeadMoveOut(BaseModel):
+    from_checkpoint_id: Optional[str] = None
+    to_checkpoint_id: Optional[str] = None
+    reason: str = Field(description="promoted | rollback")
+    round_id: Optional[str] = None
     created_at: datetime
 
 
@@ -217,8 +232,16 @@ class RunOut(BaseModel):
     hyperparams: dict[str, Any]
     conversion: Optional[dict[str, Any]] = None
     lora: Optional[dict[str, Any]] = None
+    head_checkpoint_id: Optional[str] = Field(
+        None, description="what the next round continues from and sampling uses (null: the SFT model)")
+    head_history: list[HeadMoveOut] = Field(default_factory=list)
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
+
+
+class Rollback(_Request):
+    checkpoint_id: Optional[str] = Field(..., max_length=64,
+                                         description="a checkpoint of this run; null: back to the SFT model")
 
 
 class LossInfo(BaseModel):
