@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from halos_core.artefact_spec import LabelRule, SamplingParams, ScalarLabels
 from halos_core.config import Conversion, Hyperparams, LoraSettings
 from halos_core.gate import GateRule
 from halos_core.loss_registry import LossConfig
@@ -109,12 +110,61 @@ class FeedbackOut(_Response):
     sha256: str
     size_bytes: int
     filename: Optional[str] = Field(None, description="the client's file name, metadata only (escaped, truncated)")
+    source: str = Field("upload", description="upload | sampling | labelling | label_studio | "
+                        "label_studio_webhook | argilla_webhook")
+    job_id: Optional[str] = Field(None, description="the sampling / labelling job that generated it")
+    provenance: Optional[dict[str, Any]] = Field(None, description="generator / reward model / inputs it came from")
+    findings: Optional[dict[str, Any]] = Field(
+        None, description="data-quality warnings of an upload: counts per code and the first records (index, line, "
+        "code, message); pairs with identical outputs are left out of training")
     created_at: datetime
 
 
 class FeedbackList(BaseModel):
     items: list[FeedbackOut]
     next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- prompt sets, sampling, labelling
+
+
+class PromptSetOut(_Response):
+    id: str
+    format: str = Field(description="prompts, or the feedback format whose prompt part was taken")
+    n_prompts: int
+    n_train: int
+    n_test: int
+    sha256: str
+    size_bytes: int
+    filename: Optional[str] = None
+    findings: Optional[dict[str, Any]] = None
+    created_at: datetime
+
+
+class PromptSetList(BaseModel):
+    items: list[PromptSetOut]
+    next_cursor: Optional[str] = None
+
+
+class SamplingJobCreate(_Request):
+    """Sample `n` completions per prompt of a prompt set. The generator is exactly one of a checkpoint,
+    a registered model, or a run (= its head, resolved now and recorded)."""
+
+    prompt_set_id: str = ID_FIELD
+    checkpoint_id: Optional[str] = Field(None, max_length=64)
+    model_id: Optional[str] = Field(None, max_length=64)
+    run_id: Optional[str] = Field(None, max_length=64)
+    params: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class LabellingJobCreate(_Request):
+    """Label a samples file with a reward model (a `bradley_terry` checkpoint's reward head)."""
+
+    samples_id: str = Field(min_length=1, max_length=64, description="a feedback file of kind `sampled`")
+    reward_model_checkpoint_id: str = ID_FIELD
+    label: LabelRule = Field(default_factory=ScalarLabels)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: int = Field(16, ge=1, le=1024)
 
 
 # --------------------------------------------------------------------------- models
@@ -306,6 +356,7 @@ class JobOut(BaseModel):
     round_id: Optional[str] = None
     round_index: Optional[int] = None
     checkpoint_id: Optional[str] = None
+    output_feedback_id: Optional[str] = Field(None, description="sampling / labelling job: the feedback file it made")
 
 
 class JobList(BaseModel):

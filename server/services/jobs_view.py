@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlmodel import Session, col, select
 
 from server.errors import Conflict
-from server.models import TERMINAL_STATUSES, Job, JobStatus, MetricPoint, Round
+from server.models import TERMINAL_STATUSES, FeedbackFile, Job, JobStatus, MetricPoint, Round
 from server.schemas import JobOut, JobProgress, MetricPointOut, MetricSeries
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
@@ -36,6 +36,7 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
         return []
     ids = [j.id for j in jobs]
     rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
+    outputs = dict(session.exec(select(FeedbackFile.job_id, FeedbackFile.id).where(col(FeedbackFile.job_id).in_(ids))).all())
     out = []
     for j in jobs:
         rnd = rounds.get(j.id)
@@ -50,6 +51,7 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
                 started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
                 parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
                 round_index=rnd.index if rnd else None, checkpoint_id=rnd.checkpoint_id if rnd else None,
+                output_feedback_id=outputs.get(j.id),
             )
         )
     return out
