@@ -263,6 +263,7 @@ class Integration(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("intg"), primary_key=True)
     project_id: str = Field(foreign_key="project.id", index=True)
     tool: str = Field(max_length=20)  # label_studio | argilla
+    label_config: str = Field(max_length=20)  # pairwise | rating: what an annotation means
     name: Optional[str] = Field(default=None, max_length=200)
     secret: str = Field(max_length=255)  # shared secret (Label Studio header) / Standard Webhooks key (Argilla)
     created_at: datetime = Field(default_factory=utcnow)

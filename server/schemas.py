@@ -435,3 +435,32 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+
+
+# --------------------------------------------------------------------------- labelling tools
+
+
+class IntegrationCreate(_Request):
+    tool: Literal["label_studio", "argilla"]
+    label_config: Literal["pairwise", "rating"] = Field(
+        description="pairwise: one answer of two preferred → pairwise feedback; rating: a score → scalar feedback")
+    name: Optional[str] = Field(None, max_length=200)
+    secret: Optional[str] = Field(None, min_length=8, max_length=255,
+                                  description="Argilla: the webhook's signing secret (whsec_…); Label Studio: generated")
+
+
+class IntegrationOut(BaseModel):
+    id: str
+    tool: str
+    label_config: str
+    name: Optional[str] = None
+    webhook_path: str = Field(description="where the tool posts its webhooks (no API key; the secret authenticates)")
+    secret: Optional[str] = Field(None, description="Label Studio: send it as header X-Halos-Webhook-Secret; shown "
+                                  "once, at creation")
+    draft: dict[str, int] = Field(default_factory=dict, description="annotations: open (to seal), deleted, sealed")
+    created_at: datetime
+
+
+class WebhookResult(BaseModel):
+    status: Literal["ok", "duplicate"]
+    changes: dict[str, int] = Field(default_factory=dict, description="added | replaced | deleted | unchanged counts")

@@ -27,6 +27,7 @@ def upgrade() -> None:
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('project_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('tool', sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+    sa.Column('label_config', sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('secret', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
