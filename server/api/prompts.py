@@ -24,7 +24,7 @@ _UPLOAD_BODY = {
     "any feedback file (its prompts are taken). Multipart (`file` part) or the raw file as the body.",
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "filename": {"type": "string", "maxLength": 4096}}}},
+            "file": {"type": "string", "format": "binary"}}}},
         "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
         "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
         "application/jsonl": {"schema": {"type": "string", "format": "binary"}},

@@ -73,6 +73,14 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         # same, plus: feedback ids must exist, the loss must fit the feedback kinds, the parent
         # checkpoint must belong to the run
         "create_round": "referenced feedback/checkpoint must exist; cross-field config rules",
+        # the online loop: file contents and referenced ids the schema cannot carry
+        "upload_prompts": "file content must be valid prompt records",
+        "labelstudio_import": "body must be a Label Studio export of tasks this server made",
+        "create_sampling_job": "referenced prompt set and generator must exist",
+        "create_labelling_job": "referenced samples and reward-model checkpoint must exist",
+        "create_integration": "an Argilla integration needs a Standard Webhooks secret (cross-field)",
+        "rollback": "the checkpoint must belong to the run",
+        "webhook": "the delivery must carry the integration's secret / signature",
     },
 }
 
@@ -160,7 +168,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             # a second object of each listed kind, so `limit=1` pages have a next cursor
             seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
             cursors = {}
-            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs"):
+            for path in ("/v1/feedback", "/v1/prompts", "/v1/models", "/v1/runs", "/v1/jobs"):
                 page = client.get(path, params={"limit": 1}).json()
                 assert page["next_cursor"], (path, page)
                 cursors[path] = page["next_cursor"]
