@@ -81,6 +81,8 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "create_integration": "an Argilla integration needs a Standard Webhooks secret (cross-field)",
         "rollback": "the checkpoint must belong to the run",
         "webhook": "the delivery must carry the integration's secret / signature",
+        "list_prompt_sets": "a cursor is valid only as the server issued it (no prompt sets are seeded here)",
+        "labelstudio_tasks": "the feedback file must be a samples file (the seeded one is pairwise)",
     },
 }
 
@@ -168,7 +170,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             # a second object of each listed kind, so `limit=1` pages have a next cursor
             seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
             cursors = {}
-            for path in ("/v1/feedback", "/v1/prompts", "/v1/models", "/v1/runs", "/v1/jobs"):
+            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs"):
                 page = client.get(path, params={"limit": 1}).json()
                 assert page["next_cursor"], (path, page)
                 cursors[path] = page["next_cursor"]
