@@ -34,7 +34,8 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, select
 
-from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children, register_checkpoint
+from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
+from server.jobs.outputs import progress_values, record_success
 from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim
 from server.jobs.types import Claim, Heartbeat, JobNotFound, Outcome, ParentFailed
 from server.models import FAILED_STATUSES, LIVE_STATUSES, PENDING_STATUSES, TERMINAL_STATUSES, Attempt, Job, JobStatus, utcnow
@@ -214,8 +215,10 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
     """End the attempt holding `lease_token`. A stale token changes nothing (returns the job as is).
 
     succeeded: registers the final Checkpoint (parent = the round's parent checkpoint, model = the
-    run's model), sets Round.checkpoint_id and promotes waiting children to `queued` (publish them
-    after this returns: `unpublished_children`). failed/cancelled: waiting children fail too.
+    run's model), sets Round.checkpoint_id, moves the run's head to it when the round's gate passes
+    (server/jobs/head.py) and promotes waiting children to `queued`, continuing from the head
+    (publish them after this returns: `unpublished_children`); a sampling / labelling job's output
+    becomes a stored feedback file (server/jobs/outputs.py). failed/cancelled: waiting children fail too.
     crashed: a new queued attempt with backoff, or failed after `max_attempts` crashes.
     """
     now = now or utcnow()
@@ -237,13 +240,11 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
             close_attempt(session, job_id, attempt, "succeeded", None, now)
             values: dict[str, Any] = {
                 "status": JobStatus.succeeded, "error": None, "finished_at": now, "lease_token": None,
-                "lease_expires_at": None, "not_before": None, "updated_at": now,
-                "step": result.step, "examples": result.examples, "round_step": result.round_step,
-                "total_steps": result.total_steps,
+                "lease_expires_at": None, "not_before": None, "updated_at": now, **progress_values(result),
             }
             if not transition(session, job_id, LIVE_STATUSES, values, lease_token=lease_token):
                 raise RuntimeError(f"job {job_id} changed under a row lock")
-            register_checkpoint(session, job, result)
+            record_success(session, job, result, now)  # the checkpoint (+ head promotion) or the artefact
             session.flush()
             promote_children(session, job, now)
         elif outcome.status in ("failed", "cancelled"):
