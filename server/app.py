@@ -11,7 +11,9 @@ import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from server.api import checkpoints, feedback, health, jobs, models, runs
+from server.api import (
+    artefact_jobs, checkpoints, feedback, health, integrations, jobs, losses, models, prompts, runs,
+)
 from server.db import POOL_CAPACITY
 from server.errors import install_exception_handlers
 from server.services.keys import KeyCache
@@ -112,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     " directory it can read; set it to the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
-    for module in (feedback, models, runs, jobs, checkpoints):
+    for module in (feedback, prompts, models, losses, runs, jobs, checkpoints, artefact_jobs, integrations):
         app.include_router(module.router)
     _refine_openapi(app)
     return app

@@ -4,7 +4,7 @@ Two kinds of transaction, chosen by the engine a session is bound to:
 
 - writers (`get_engine`, the default everywhere: the job state machine, the worker, the CLI, the
   API's writing routes). SQLite: `BEGIN IMMEDIATE`, so a read-then-write transaction takes the write
-  lock up front instead of failing with SQLITE_BUSY half-way (RELIABILITY.md trap 8).
+  lock up front instead of failing with SQLITE_BUSY half-way (docs/RELIABILITY.md trap 8).
 - readers (`read_engine(engine)`, the API's GET routes). SQLite: a deferred `BEGIN` on a
   `query_only` connection: a WAL snapshot that never takes (or waits for) the write lock, so reads
   neither queue behind writers nor block them, and a read route that tried to write would fail

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.db import get_engine, get_read_engine, session_scope
 from server.errors import PayloadTooLarge, RateLimited, Unauthorized
 from server.models import Project
-from server.schemas import ErrorResponse
+from halos_client.models import ErrorResponse
 from server.services.keys import Principal, get_or_create_project
 from server.services.ratelimit import retry_after_header
 from server.settings import Settings
