@@ -93,12 +93,13 @@ def validate_staged(staged: StagedFile, settings: Settings, pool: ValidationPool
         ) from exc
 
 
-def quality_findings(staged: StagedFile, strict: bool) -> dict[str, Any] | None:
+def quality_findings(staged: StagedFile, strict: bool, pool: ValidationPool | None = None) -> dict[str, Any] | None:
     """Data-quality warnings of a valid file (halos_core.feedback.quality); `strict`: refuse the file
-    with the record-level 422 report instead (nothing stored)."""
+    with the record-level 422 report instead (nothing stored). In `pool`'s workers when given: a
+    record-by-record pass over the whole file must not hold the API's interpreter."""
     from halos_core.feedback.quality import find
 
-    found = find(staged.path)
+    found = pool.run(find, staged.path) if pool is not None else find(staged.path)
     if not found.total:
         return None
     if strict:
@@ -138,7 +139,7 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
                 return Ingested(fb, replayed=True)
 
         summary = validate_staged(staged, settings, pool)  # no transaction is open while this runs
-        findings = quality_findings(staged, strict)
+        findings = quality_findings(staged, strict, pool)
 
         for _ in range(3):
             if idempotency_key is not None:

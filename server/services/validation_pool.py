@@ -20,10 +20,12 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from halos_core.feedback import FeedbackLimits, FeedbackSummary, validate_file
 from halos_core.feedback.fast import merge, plan, scan_segment
 
+T = TypeVar("T")
 PARALLEL_MIN_BYTES = 16 * 1024 * 1024  # below this one segment: a pool round trip costs more than it saves
 WORKER_NICE = 10
 
@@ -56,6 +58,10 @@ class ValidationPool:
                 if summary is not None:
                     return summary
         return self._executor.submit(validate_file, path, limits, fast=False).result()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker (a picklable, module-level `fn`); blocks the calling thread."""
+        return self._executor.submit(fn, *args).result()
 
     def warm_up(self) -> None:
         """Start every worker now (at API startup), not during the first upload."""
