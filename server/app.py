@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import checkpoints, feedback, health, jobs, losses, models, runs
+from server import prometheus, ui
+from server.api import checkpoints, events, feedback, health, jobs, losses, models, runs, webhooks
 from server.errors import install_exception_handlers
 from server.services.ratelimit import SlidingWindowLimiter
 from server.settings import Settings, get_settings
@@ -20,7 +21,8 @@ DESCRIPTION = """\
 Online preference-alignment rounds (DPO, KTO, GRPO, …) on a self-hosted server.
 
 Upload feedback files, register an SFT model, create a run, queue rounds; poll jobs, read
-metrics, logs and the checkpoint lineage. Everything under `/v1` needs
+metrics, logs, events (also as a Server-Sent Events stream) and the checkpoint lineage; register
+webhooks. A dashboard is served at `/ui`, Prometheus metrics at `/metrics`. Everything under `/v1` needs
 `Authorization: Bearer <key>` and is scoped to the key's project (other projects' ids answer 404).
 Every error is `{"error": {"code", "message", "details"}}`.
 """
@@ -90,7 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     " directory it can read; set it to the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
-    for module in (feedback, models, losses, runs, jobs, checkpoints):
+    for module in (feedback, models, losses, runs, jobs, events, checkpoints, webhooks):
         app.include_router(module.router)
+    if settings.metrics_enabled:
+        app.include_router(prometheus.router(settings))
+        app.add_middleware(prometheus.RequestMetrics)
+    ui.mount(app)
     _refine_openapi(app)
     return app
