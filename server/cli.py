@@ -86,10 +86,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         migrate.upgrade(settings)
     stop = threading.Event()
-    if not args.no_sweeper:
-        from server import sweeper
+    if not args.no_sweeper:  # the sweeper, the webhook dispatcher, the tracking exporter
+        from server import loops
 
-        sweeper.start_thread(settings, stop)
+        loops.start(settings, stop)
     from worker.app import app
 
     argv = [
@@ -131,7 +131,7 @@ def _stop_child(proc: subprocess.Popen, timeout: float) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server import migrate, sweeper
+    from server import loops, migrate
 
     settings = get_settings()
     settings.ensure_dirs()
@@ -146,8 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     try:
         app = create_app(settings)
-        if not args.no_sweeper:
-            sweeper.start_thread(settings, stop)
+        if not args.no_sweeper:  # the sweeper, the webhook dispatcher, the tracking exporter
+            loops.start(settings, stop)
     except BaseException:
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=10)

@@ -89,7 +89,9 @@ def list_events(
     retries and restarts. `Accept: text/event-stream` returns the live stream instead."""
     if "text/event-stream" in request.headers.get("accept", ""):
         job = get_job(session, principal, job_id)
-        return _stream(settings, job.id, service.StreamPosition.parse(last_event_id, after), True, request)
+        position = service.StreamPosition.parse(last_event_id, after)
+        session.commit()  # SQLite: the read began IMMEDIATE; the stream's own reads need the lock
+        return _stream(settings, job.id, position, True, request)
     return service.list_events(session, principal, job_id, after, limit)
 
 
@@ -110,5 +112,5 @@ def stream_events(
     event (`event: end`). Works against any API process (it reads the database)."""
     job = get_job(session, principal, job_id)
     position = service.StreamPosition.parse(last_event_id, after)
-    session.commit()
+    session.commit()  # SQLite: the read began IMMEDIATE; the stream's own reads need the lock
     return _stream(settings, job.id, position, metrics, request)
