@@ -225,3 +225,18 @@ def test_events_api_pages_and_the_stream_resumes(client, session, settings, tmp_
     # feedback.stored went to the seeded webhook's outbox
     deliveries = client.get(f"/v1/webhooks/{seeded.webhook_id}/deliveries").json()["items"]
     assert "feedback.stored" in {d["type"] for d in deliveries}
+
+
+def test_client_iter_events_follows_to_the_end_and_resumes(client, session, settings, tmp_path):  # noqa: ANN001
+    from halos_client.events import iter_events
+    from tests.server._seed import seed_project
+
+    seeded = seed_project(client, session, settings, tmp_path / "seed", tag="it")
+    messages = list(iter_events(client, seeded.done_job_id))
+    assert messages[-1].event == "end" and messages[-1].data["status"] == "succeeded"
+    api = client.get(f"/v1/jobs/{seeded.done_job_id}/events").json()["items"]
+    assert [m.data for m in messages if m.event not in ("metric", "end")] == api
+    rest = list(iter_events(client, seeded.done_job_id, last_event_id=messages[1].id, metrics=False))
+    seen_event = int(messages[1].id.split(".")[0])  # "<event id>.<metric id>"
+    assert [m.data["id"] for m in rest if m.event != "end"] == [e["id"] for e in api if e["id"] > seen_event]
+    assert all(m.event != "metric" for m in rest)
