@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
@@ -140,3 +140,39 @@ class DeliveryOut(BaseModel):
 class DeliveryList(BaseModel):
     items: list[DeliveryOut]
     next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- experiment tracking
+
+
+class MlflowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field("halos", min_length=1, max_length=200, description="MLflow experiment name")
+    tracking_uri: Optional[str] = Field(None, max_length=1000,
+                                        description="default: the server's HALOS_MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db")
+
+
+class WandbOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field("halos", min_length=1, max_length=200)
+    entity: Optional[str] = Field(None, max_length=200)
+    mode: Literal["online", "offline"] = Field("online", description="offline: files only, `wandb sync` later")
+
+
+class TrackingOptions(BaseModel):
+    """Where a run's metrics also go: one MLflow run / one W&B run per server run, across all its
+    rounds and retries; per-step metrics at the run's cumulative step; lineage ids as tags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mlflow: Optional[MlflowOptions] = None
+    wandb: Optional[WandbOptions] = None
+
+
+class TrackingLinkOut(BaseModel):
+    backend: str
+    tracking_run_id: Optional[str] = Field(None, description="the MLflow run id / W&B run id (null until the first export)")
+    exported_steps: dict[str, int] = Field(default_factory=dict, description="job id -> last step exported")
+    last_error: Optional[str] = None

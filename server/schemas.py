@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from halos_core.config import Conversion, Hyperparams, LoraSettings
 from halos_core.loss_registry import LossConfig
+from server.event_schemas import TrackingLinkOut, TrackingOptions
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -177,6 +178,7 @@ class RunCreate(_Request):
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     conversion: Optional[Conversion] = None
     lora: Optional[LoraSettings] = None
+    tracking: Optional[TrackingOptions] = Field(None, description="also log this run to MLflow and/or W&B")
 
 
 class RoundCreate(_Request):
@@ -219,6 +221,7 @@ class RunOut(BaseModel):
     lora: Optional[dict[str, Any]] = None
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
+    tracking: list[TrackingLinkOut] = Field(default_factory=list, description="its MLflow / W&B runs")
 
 
 class LossInfo(BaseModel):

@@ -57,7 +57,8 @@ def _stream(settings: Settings, job_id: str, position: service.StreamPosition, m
                 yield {"event": event, "id": message_id, "data": json.dumps(data, separators=(",", ":"))}
             pos = batch.position
             if batch.drained:
-                yield {"event": "end", "id": pos.header(), "data": json.dumps({"job_id": job_id, "status": batch.status})}
+                # no `id:` of its own: it is not a position (a client resuming after it would get it again)
+                yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": batch.status})}
                 return
             if batch.items and len(batch.items) >= service.STREAM_EVENT_BATCH:
                 continue  # a backlog: read on without waiting

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
-from server.models import Job, JobStatus, Round, Run
+from server.event_schemas import TrackingLinkOut
+from server.models import Job, JobStatus, Round, Run, TrackingLink
 from server.schemas import RoundOut, RunOut, RunSummary
 
 
@@ -52,6 +53,11 @@ def run_view(session: Session, run: Run) -> RunOut:
         id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}),
         hyperparams=dict(run.hyperparams or {}), conversion=run.conversion, lora=run.lora,
         created_at=run.created_at, rounds=round_views(session, rounds),
+        tracking=[TrackingLinkOut(backend=t.backend, tracking_run_id=t.tracking_run_id,
+                                  exported_steps={k: int(v) for k, v in ((t.exported or {}).get("steps") or {}).items()},
+                                  last_error=t.last_error)
+                  for t in session.exec(select(TrackingLink).where(TrackingLink.run_id == run.id)
+                                        .order_by(col(TrackingLink.backend))).all()],
     )
 
 
