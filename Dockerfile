@@ -36,10 +36,11 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL
 COPY alembic.ini ./
 COPY migrations ./migrations
 COPY halos_core ./halos_core
+COPY halos_client ./halos_client
 COPY server ./server
 COPY worker ./worker
 RUN pip install --no-deps -e . \
- && python -c "import server.cli, worker.app, halos_core.config" \
+ && python -c "import server.cli, worker.app, halos_core.config, halos_client" \
  && useradd --create-home --uid 1000 halos \
  && mkdir -p /data \
  && chown -R halos:halos /data

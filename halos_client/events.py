@@ -1,10 +1,7 @@
-"""Client side of the job event stream, for the SDK (`halos_client`) to wire in: `iter_events` /
-`aiter_events` follow `GET /v1/jobs/{id}/events/stream` until the job's `end`, reconnecting with
-`Last-Event-ID` after a dropped connection (nothing is missed or repeated), skipping heartbeats.
-
-Depends on httpx and httpx-sse only (no server imports). Kept apart from the SDK's modules so the
-two branches merge without conflicts; the integrator moves it next to the client classes.
-"""
+"""Client side of the job event stream (`client.jobs.events(job_id)`, `AsyncClient` too):
+`iter_events` / `aiter_events` follow `GET /v1/jobs/{id}/events/stream` until the job's `end`,
+reconnecting with `Last-Event-ID` after a dropped connection (nothing is missed or repeated),
+skipping heartbeats. httpx + httpx-sse only (no server imports)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from sqlmodel import Session, select
 
-from server.event_schemas import EventType, subscription_matches
+from halos_client.event_models import EventType, subscription_matches
 from server.models import Event, Job, JobStatus, Round, WebhookDelivery, WebhookEndpoint, utcnow
 
 

@@ -31,7 +31,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from server.db import get_engine
-from server.event_schemas import EventType
+from halos_client.event_models import EventType
 from server.models import Attempt, Event, Job, JobStatus, MetricPoint, Round, WebhookAttempt, WebhookDelivery, utcnow
 from server.settings import Settings
 

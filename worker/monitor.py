@@ -35,17 +35,17 @@ from server.jobs import Claim, Outcome
 from server.settings import Settings
 from worker import exit_codes
 from worker.lease import LeaseKeeper
-from worker.watchdog import job_processes, kill_group, pid_alive, proc_stat, read_environ
+from worker.watchdog import MARKER_PREFIX, job_processes, kill_group, pid_alive, proc_stat, read_environ
 
 log = logging.getLogger(__name__)
 
 MAX_RECORDS_PER_CALL = 1000
 
 # Environment markers put on every training process (used to find orphans of dead runners)
-ENV_JOB = "HALOS_SUPERVISED_JOB_ID"
-ENV_ATTEMPT = "HALOS_SUPERVISED_ATTEMPT"
-ENV_DB = "HALOS_SUPERVISED_DB"
-ENV_RUNNER = "HALOS_SUPERVISED_RUNNER"  # "<pid>:<starttime>"
+ENV_JOB = f"{MARKER_PREFIX}JOB_ID"
+ENV_ATTEMPT = f"{MARKER_PREFIX}ATTEMPT"
+ENV_DB = f"{MARKER_PREFIX}DB"
+ENV_RUNNER = f"{MARKER_PREFIX}RUNNER"  # "<pid>:<starttime>"
 
 
 @dataclass

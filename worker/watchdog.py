@@ -96,7 +96,12 @@ def pid_alive(pid: int, starttime: Optional[int] = None) -> bool:
     return starttime is None or st[3] == starttime
 
 
-def read_environ(pid: int, prefix: bytes = b"HALOS_SUPERVISED_") -> dict[str, str]:
+# Every training process carries environment variables named with this prefix (worker/monitor.py
+# sets them: job, attempt, database, runner); they find an attempt's processes after its runner died.
+MARKER_PREFIX = "HALOS_SUPERVISED_"
+
+
+def read_environ(pid: int, prefix: bytes = MARKER_PREFIX.encode()) -> dict[str, str]:
     """The `prefix…` variables of a process's environment ({} if unreadable)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:

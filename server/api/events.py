@@ -22,7 +22,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
 from server.db import get_engine
-from server.event_schemas import EventList
+from halos_client.event_models import EventList
 from server.services import events_view as service
 from server.services.jobs_view import get_job
 from server.settings import Settings

@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from server import storage
 from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
 from server.errors import BadRequest
-from server.schemas import FeedbackList, FeedbackOut
+from halos_client.models import FeedbackList, FeedbackOut
 from server.services import feedback as service
 from server.services.idempotency import REPLAY_HEADER
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import PlainTextResponse
 
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from halos_client.models import JobList, JobOut, MetricSeries
 from server.models import JobStatus
-from server.schemas import JobList, JobOut, MetricSeries
 from server.services import jobs_view as service
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyLimitRoute,

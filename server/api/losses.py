@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from halos_core.loss_registry import DATA_KIND_ACCEPTS, LOSSES
 from server.api.deps import ProjectDep, error_responses
-from server.schemas import LossInfo, LossList
+from halos_client.models import LossInfo, LossList
 
 router = APIRouter(prefix="/v1/losses", tags=["runs"], responses=error_responses(401, 429))
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
-from server.schemas import RoundCreate, RoundOut, RunCreate, RunList, RunOut
+from halos_client.models import RoundCreate, RoundOut, RunCreate, RunList, RunOut
 from server.services import run_views, runs as service
 from server.services.idempotency import REPLAY_HEADER
 

@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 
 from halos_core.job_spec import JobSpec
 from halos_core.round_result import RoundResult
-from server.event_schemas import EventType
+from halos_client.event_models import EventType
 from server.events import job_event
 from server.jobs.rows import load, round_of, transition, trim
 from server.models import Checkpoint, Job, JobStatus, Round, Run

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from sqlalchemy import update
 from sqlmodel import Session, select
 
-from server.event_schemas import EventType
+from halos_client.event_models import EventType
 from server.events import job_event
 from server.jobs.rows import int_or_zero, json_safe
 from server.models import LIVE_STATUSES, Attempt, Event, Job, MetricPoint, utcnow

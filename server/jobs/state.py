@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, select
 
-from server.event_schemas import EventType
+from halos_client.event_models import EventType
 from server.events import job_event
 from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children, register_checkpoint
 from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim

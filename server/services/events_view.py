@@ -14,7 +14,7 @@ from typing import Any, Optional
 from sqlmodel import Session, col, select
 
 from server.errors import Unprocessable
-from server.event_schemas import EventList, EventOut
+from halos_client.event_models import EventList, EventOut
 from server.models import TERMINAL_STATUSES, Event, Job, JobStatus, MetricPoint
 from server.services.jobs_view import get_job
 from server.services.keys import Principal

@@ -16,10 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from server import events, storage
-from server.event_schemas import EventType
+from halos_client.event_models import EventType
 from server.errors import Unprocessable
 from server.models import FeedbackFile
-from server.schemas import FeedbackOut
+from halos_client.models import FeedbackOut
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal

@@ -31,7 +31,7 @@ from halos_core.loss_registry import LossConfig, loss_feedback_problem
 from halos_core.run_dir import CheckpointError, Manifest, read_manifest
 from server.errors import Conflict, Unprocessable, validation_details
 from server.models import FeedbackFile, Job, Round, Run
-from server.schemas import RoundCreate
+from halos_client.models import RoundCreate
 from server.services.common import get_owned
 from server.services.keys import Principal
 from server.settings import Settings

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
-from server.event_schemas import TrackingLinkOut
+from halos_client.event_models import TrackingLinkOut
+from halos_client.models import RoundOut, RunOut, RunSummary
 from server.models import Job, JobStatus, Round, Run, TrackingLink
-from server.schemas import RoundOut, RunOut, RunSummary
 
 
 def status_text(job: Job | None) -> str:

@@ -21,8 +21,8 @@ from sqlmodel import Session, col, select
 from server import jobs
 from server.errors import Conflict, Unprocessable, not_found
 from server.jobs import ParentFailed
+from halos_client.models import RoundCreate, RunCreate
 from server.models import UNFINISHED_STATUSES, Checkpoint, Job, JobStatus, Model, Round, Run
-from server.schemas import RoundCreate, RunCreate
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal

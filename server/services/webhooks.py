@@ -11,7 +11,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from server.errors import Unprocessable, not_found
-from server.event_schemas import DeliveryAttemptOut, DeliveryList, DeliveryOut, WebhookCreate, WebhookOut, WebhookWithSecret
+from halos_client.event_models import DeliveryAttemptOut, DeliveryList, DeliveryOut, WebhookCreate, WebhookOut, WebhookWithSecret
 from server.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal

@@ -33,7 +33,7 @@ from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
 from server.db import get_engine
-from server.event_schemas import EventType
+from halos_client.event_models import EventType
 from server.models import TERMINAL_STATUSES, Event, Job, JobStatus, MetricPoint, Round, Run, TrackingLink, utcnow
 from server.settings import Settings, get_settings
 

@@ -8,7 +8,7 @@ from typing import Optional
 from sqlmodel import Session
 
 from server.errors import Unprocessable
-from server.event_schemas import TrackingOptions
+from halos_client.event_models import TrackingOptions
 from server.models import Run, TrackingLink
 
 # backend -> (module that must be importable, the extra that installs it)

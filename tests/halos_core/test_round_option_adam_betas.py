@@ -42,7 +42,7 @@ def test_defaults_and_validation():
 
 
 def test_the_api_accepts_the_option_as_a_round_override():
-    from server.schemas import RoundCreate
+    from halos_client.models import RoundCreate
 
     body = RoundCreate.model_validate({"feedback_ids": ["fb_x"], "hyperparams": {"adam_betas": [0.5, 0.9]}})
     assert body.hyperparams.model_dump(exclude_unset=True) == {"adam_betas": (0.5, 0.9)}

@@ -1,4 +1,5 @@
-"""Wire models of events and webhooks (`/v1/jobs/{id}/events`, the SSE stream, `/v1/webhooks`).
+"""Wire models of events, webhooks and tracking (`/v1/jobs/{id}/events`, the SSE stream, `/v1/webhooks`,
+`RunCreate.tracking`).
 
 Pydantic only (no server imports), so the client package can share these classes with the server
 instead of copying them (the SDK keeps its wire models server-free for the same reason).

@@ -1,4 +1,10 @@
-"""Request and response models of the HTTP API (pydantic; the OpenAPI spec is generated from these).
+"""Request and response models of the HTTP API, shared by both ends: the server generates its
+OpenAPI spec from them and validates requests with them; the client (`halos_client`) builds its
+requests and parses every response with the same classes, so the two cannot drift apart.
+
+Torch-free and server-free on purpose (an import-linter contract): this module imports pydantic
+and torch-free halos_core modules only (`config`, `loss_registry`), so `pip install halos-server` on a laptop gives a
+client that imports nothing of the server, the database or the trainer.
 
 Request models forbid unknown fields and reject, before field validation, anything the database
 or the JSON encoder would choke on later: non-finite numbers (`NaN`, `Infinity` — Python's JSON
@@ -19,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from halos_core.config import Conversion, Hyperparams, LoraSettings
 from halos_core.loss_registry import LossConfig
-from server.event_schemas import TrackingLinkOut, TrackingOptions
+from halos_client.event_models import TrackingLinkOut, TrackingOptions
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -274,6 +280,18 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     progress: JobProgress
+    percent_done: Optional[float] = Field(
+        None, description="round_step / total_steps × 100 (100 once succeeded); null while total_steps is unknown"
+    )
+    elapsed_s: Optional[float] = Field(
+        None, description="seconds since the first attempt started, until the job finished (or now); "
+        "includes retries and their backoff; null before the job has started"
+    )
+    eta_s: Optional[float] = Field(
+        None, description="estimated seconds until the round's last training step (0 once succeeded), from "
+        "the pace of the current attempt's recent steps; null when not running or not yet measurable "
+        "(fewer than two steps timed in this attempt)"
+    )
     latest_metrics: Optional[dict[str, Any]] = None
     error: Optional[str] = None
     created_at: datetime
