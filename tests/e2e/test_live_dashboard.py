@@ -27,6 +27,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from halos_client import Client
 from halos_core.synthetic import pairwise_records, to_jsonl_bytes
 from tests.e2e.conftest import embedded_deployment, wait_for_job
 
@@ -164,6 +165,8 @@ def test_live_events_and_dashboard(tmp_path, tiny_model_dir):
             assert [e["type"] for e in api_events][:2] == ["job.waiting_for_parent", "job.queued"]
             assert {"job.started", "job.checkpoint_saved", "job.eval_done", "checkpoint.created",
                     "job.succeeded"} <= {e["type"] for e in api_events}
+            with Client(base, dep.key) as sdk:  # the SDK's iterator over the same stream
+                assert [m.data for m in sdk.jobs.events(r2["job_id"], metrics=False) if m.event != "end"] == api_events
             api_points = client.get(f"/v1/jobs/{r2['job_id']}/metrics").json()["items"]
             assert sorted((m[2]["step"], m[2]["split"]) for m in reader.messages if m[0] == "metric") == \
                 sorted((p["step"], p["split"]) for p in api_points)

@@ -240,3 +240,4 @@ def test_client_iter_events_follows_to_the_end_and_resumes(client, session, sett
     seen_event = int(messages[1].id.split(".")[0])  # "<event id>.<metric id>"
     assert [m.data["id"] for m in rest if m.event != "end"] == [e["id"] for e in api if e["id"] > seen_event]
     assert all(m.event != "metric" for m in rest)
+
