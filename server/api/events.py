@@ -31,10 +31,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"], route_class=JsonBodyLimit
                    responses=error_responses(401, 429))
 
 JobId = Annotated[str, Path(max_length=200)]
+# One Server-Sent Event (the fields of a message; `data` is JSON text)
+SSE_EVENT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
+    "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "text/event-stream: one message per event (`event:` = its type, `data:` = EventOut JSON) and "
                    "per metric point (`event: metric`), `id:` = '<event id>.<metric id>'; `event: end` last",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
 }}
 LastEventId = Annotated[Optional[str], Header(alias="Last-Event-ID", max_length=64,
                                               description="resume after this message (the `id:` of the last one seen)")]
@@ -73,7 +76,7 @@ def _stream(settings: Settings, job_id: str, position: service.StreamPosition, m
 @router.get("/{job_id}/events", response_model=EventList,
             responses={**error_responses(404, 422), 200: {
                 "description": "a page of events (JSON), or the stream with `Accept: text/event-stream`",
-                "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
+                "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}})
 def list_events(
     job_id: JobId,
     principal: ProjectDep,

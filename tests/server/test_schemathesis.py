@@ -161,8 +161,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             # a second object of each listed kind, so `limit=1` pages have a next cursor
             seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
             cursors = {}
-            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs"):
-                page = client.get(path, params={"limit": 1}).json()
+            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs", "/v1/webhooks",
+                         "/v1/webhooks/{webhook_id}/deliveries"):
+                page = client.get(path.format(webhook_id=seeded.webhook_id), params={"limit": 1}).json()
                 assert page["next_cursor"], (path, page)
                 cursors[path] = page["next_cursor"]
         state = Live(app=app, seeded=seeded, cursors=cursors,

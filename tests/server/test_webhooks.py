@@ -68,7 +68,7 @@ def test_api_create_list_rotate_delete_and_validation(client, settings):  # noqa
     rotated = client.post(f"/v1/webhooks/{hook['id']}/rotate-secret").json()
     assert rotated["secret"] != hook["secret"] and rotated["previous_secret_expires_at"]
     bad = client.post("/v1/webhooks", json={"url": "https://x.example.com", "event_types": ["job.nope"]})
-    assert bad.status_code == 422 and "job.nope" in bad.text
+    assert bad.status_code == 422 and "event_types.0" in bad.text and "job.finished" in bad.text
     for url in ("http://127.0.0.1:9/x", "http://localhost/x", "http://169.254.169.254/latest", "http://[::1]/x",
                 "http://10.1.2.3/x"):
         resp = client.post("/v1/webhooks", json={"url": url, "event_types": ["*"]})
@@ -204,3 +204,11 @@ def test_tampered_stale_and_replayed_deliveries_are_rejected(client, settings, r
     # replayed verbatim within the tolerance: verifies, but the receiver's dedup on webhook-id drops it
     resp = httpx.post(receiver.url, content=got.body, headers=got.headers)
     assert resp.status_code == 204 and receiver.duplicates == [got.webhook_id] and len(receiver.accepted) == 1
+
+
+def test_the_subscription_literal_names_every_event_type():
+    from typing import get_args
+
+    from halos_client.event_models import SUBSCRIPTION_ALIASES, EventType, Subscription
+
+    assert set(get_args(Subscription)) == {t.value for t in EventType} | set(SUBSCRIPTION_ALIASES)
