@@ -39,8 +39,9 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
                    "per metric point (`event: metric`), `id:` = '<event id>.<metric id>'; `event: end` last",
     "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
 }}
-LastEventId = Annotated[Optional[str], Header(alias="Last-Event-ID", max_length=64,
-                                              description="resume after this message (the `id:` of the last one seen)")]
+LastEventId = Annotated[Optional[str], Header(
+    alias="Last-Event-ID", pattern=r"^[0-9]{1,18}\.[0-9]{1,18}$",
+    description="resume after this message: the `id:` ('<event id>.<metric id>') of the last one seen")]
 
 
 def _stream(settings: Settings, job_id: str, position: service.StreamPosition, metrics: bool,

@@ -66,6 +66,8 @@ def seed_project(client: TestClient, session: Session, settings: Settings, root:
                  seed: int = 0) -> Seeded:
     """`client` is authenticated as the project to seed; `root` a fresh directory for its files."""
     hook = _ok(client.post("/v1/webhooks", json={"url": f"https://hooks.example.com/{tag}", "event_types": ["*"]}))
+    spare = _ok(client.post("/v1/webhooks", json={"url": f"https://hooks.example.com/{tag}/spare",
+                                                  "event_types": ["job.finished"]}))
     fb = upload_ok(client, pairwise_records(8, seed=seed + 1))
     delivery = _ok(client.get(f"/v1/webhooks/{hook['id']}/deliveries"), 200)["items"][0]
     model_dir = make_model_dir(root / f"sft-{tag}")
@@ -90,4 +92,4 @@ def seed_project(client: TestClient, session: Session, settings: Settings, root:
     return Seeded(project=tag, feedback_id=fb["id"], model_id=model["id"], run_id=run["id"],
                   round_ids=[r1["round_id"], r2["round_id"]], done_job_id=r1["job_id"],
                   queued_job_id=r2["job_id"], checkpoint_id=checkpoint_id, model_dir=model_dir,
-                  webhook_id=hook["id"], delivery_id=delivery["id"])
+                  webhook_id=hook["id"], delivery_id=delivery["id"], extra={"spare_webhook_id": spare["id"]})

@@ -73,6 +73,9 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         # same, plus: feedback ids must exist, the loss must fit the feedback kinds, the parent
         # checkpoint must belong to the run
         "create_round": "referenced feedback/checkpoint must exist; cross-field config rules",
+        # `url` must be http(s) and must not name a loopback/private/link-local address (the SSRF
+        # guard, docs/RELIABILITY.md S4): JSON Schema's `uri` format admits both
+        "create_webhook": "webhook URL must be a public http(s) URL",
     },
 }
 
@@ -220,6 +223,8 @@ def realize(case: Any, live: Live, *, stateful: bool = False) -> None:
         for name in params:
             if name == "job_id":
                 params[name] = (s.queued_job_id, s.done_job_id)[_pick(case, "job", 2)]
+            elif name == "webhook_id" and op == "delete_webhook":
+                params[name] = s.extra["spare_webhook_id"]  # the seeded webhook stays for the other operations
             elif s.id_for(name) is not None:
                 params[name] = s.id_for(name)
         case.path_parameters = params
