@@ -39,7 +39,9 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
                    "per metric point (`event: metric`), `id:` = '<event id>.<metric id>'; `event: end` last",
     "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
 }}
-LastEventId = Annotated[Optional[str], Header(
+# typed `str` (default None) rather than Optional: the spec then says "a string of this pattern",
+# not "or null" (a header cannot carry a JSON null; a client would send the text "null")
+LastEventId = Annotated[str, Header(
     alias="Last-Event-ID", pattern=r"^[0-9]{1,18}\.[0-9]{1,18}$",
     description="resume after this message: the `id:` ('<event id>.<metric id>') of the last one seen")]
 
@@ -86,7 +88,7 @@ def list_events(
     request: Request,
     after: Annotated[Optional[int], Query(ge=0, le=2**62, description="events after this event id")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_EVENTS_PAGE)] = 100,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId = None,  # type: ignore[assignment]  # absent header: None (see LastEventId)
 ) -> Any:
     """The job's lifecycle events in order (queued, started with the attempt, checkpoint saved, eval
     done, attempt crashed, retry scheduled, cancelling, succeeded / failed / cancelled, …). They
@@ -110,7 +112,7 @@ def stream_events(
     request: Request,
     after: Annotated[Optional[int], Query(ge=0, le=2**62, description="start after this event id")] = None,
     metrics: Annotated[bool, Query(description="also send every metric point (`event: metric`)")] = True,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId = None,  # type: ignore[assignment]  # absent header: None (see LastEventId)
 ) -> EventSourceResponse:
     """Server-Sent Events: the job's events and metric points as they are written, from the start
     (or after `Last-Event-ID` / `after`), heartbeats while idle; ends after the job's terminal
