@@ -8,6 +8,7 @@ reconnects with `Last-Event-ID` continues exactly after what it has seen.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ from server.models import TERMINAL_STATUSES, Event, Job, JobStatus, MetricPoint
 from server.services.jobs_view import get_job
 from server.services.keys import Principal
 
+LAST_EVENT_ID = re.compile(r"([0-9]{1,18})\.([0-9]{1,18})")
 MAX_EVENTS_PAGE = 500
 STREAM_EVENT_BATCH = 500
 STREAM_METRIC_BATCH = 1000
@@ -51,12 +53,12 @@ class StreamPosition:
 
     @classmethod
     def parse(cls, value: Optional[str], after: Optional[int] = None) -> "StreamPosition":
-        """`Last-Event-ID` ("<event>.<metric>", as this server sends it; the route checks its pattern)
-        wins over `after` (events only)."""
-        if not value:
+        """`Last-Event-ID` as this server sends it ("<event>.<metric>") wins over `after` (events
+        only); any other value is not one of our ids and is ignored."""
+        match = LAST_EVENT_ID.fullmatch((value or "").strip())
+        if match is None:
             return cls(after or 0, 0)
-        event_id, metric_id = value.split(".", 1)
-        return cls(int(event_id), int(metric_id))
+        return cls(int(match[1]), int(match[2]))
 
 
 @dataclass
