@@ -23,7 +23,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from halos_core.artefact_spec import LabelRule, SamplingParams, ScalarLabels
 from halos_core.config import Conversion, Hyperparams, LoraSettings
+from halos_core.gate import GateRule
 from halos_core.loss_registry import LossConfig
 from halos_client.event_models import TrackingLinkOut, TrackingOptions
 
@@ -115,12 +117,61 @@ class FeedbackOut(_Response):
     sha256: str
     size_bytes: int
     filename: Optional[str] = Field(None, description="the client's file name, metadata only (escaped, truncated)")
+    source: str = Field("upload", description="upload | sampling | labelling | label_studio | "
+                        "label_studio_webhook | argilla_webhook")
+    job_id: Optional[str] = Field(None, description="the sampling / labelling job that generated it")
+    provenance: Optional[dict[str, Any]] = Field(None, description="generator / reward model / inputs it came from")
+    findings: Optional[dict[str, Any]] = Field(
+        None, description="data-quality warnings of an upload: counts per code and the first records (index, line, "
+        "code, message); pairs with identical outputs are left out of training")
     created_at: datetime
 
 
 class FeedbackList(BaseModel):
     items: list[FeedbackOut]
     next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- prompt sets, sampling, labelling
+
+
+class PromptSetOut(_Response):
+    id: str
+    format: str = Field(description="prompts, or the feedback format whose prompt part was taken")
+    n_prompts: int
+    n_train: int
+    n_test: int
+    sha256: str
+    size_bytes: int
+    filename: Optional[str] = None
+    findings: Optional[dict[str, Any]] = None
+    created_at: datetime
+
+
+class PromptSetList(BaseModel):
+    items: list[PromptSetOut]
+    next_cursor: Optional[str] = None
+
+
+class SamplingJobCreate(_Request):
+    """Sample `n` completions per prompt of a prompt set. The generator is exactly one of a checkpoint,
+    a registered model, or a run (= its head, resolved now and recorded)."""
+
+    prompt_set_id: str = ID_FIELD
+    checkpoint_id: Optional[str] = Field(None, max_length=64)
+    model_id: Optional[str] = Field(None, max_length=64)
+    run_id: Optional[str] = Field(None, max_length=64)
+    params: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class LabellingJobCreate(_Request):
+    """Label a samples file with a reward model (a `bradley_terry` checkpoint's reward head)."""
+
+    samples_id: str = Field(min_length=1, max_length=64, description="a feedback file of kind `sampled`")
+    reward_model_checkpoint_id: str = ID_FIELD
+    label: LabelRule = Field(default_factory=ScalarLabels)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: int = Field(16, ge=1, le=1024)
 
 
 # --------------------------------------------------------------------------- models
@@ -197,8 +248,11 @@ class RoundCreate(_Request):
         None, description="absent: the run's conversion; null: no conversion for this round"
     )
     parent_checkpoint_id: Optional[str] = Field(
-        None, max_length=64, description="default: the run's latest round's final checkpoint"
+        None, max_length=64, description="default: the run's head (after the run's latest round, if it is unfinished)"
     )
+    gate: Optional[list[GateRule]] = Field(
+        None, max_length=8, description="promotion gate: eval metrics that may not drop below the head's (on this "
+        "round's eval set, scored by both); a round failing it succeeds but does not become the head")
 
 
 class RoundOut(BaseModel):
@@ -214,6 +268,17 @@ class RoundOut(BaseModel):
     loss: dict[str, Any]
     hyperparams: dict[str, Any]
     conversion: Optional[dict[str, Any]] = None
+    gate: Optional[list[dict[str, Any]]] = None
+    promoted: Optional[bool] = Field(None, description="set when the round succeeded: did it become the run's head")
+    promotion: Optional[dict[str, Any]] = Field(None, description="the gate's verdict and the reason if not promoted")
+    created_at: datetime
+
+
+class HeadMoveOut(BaseModel):
+    from_checkpoint_id: Optional[str] = None
+    to_checkpoint_id: Optional[str] = None
+    reason: str = Field(description="promoted | rollback")
+    round_id: Optional[str] = None
     created_at: datetime
 
 
@@ -225,9 +290,17 @@ class RunOut(BaseModel):
     hyperparams: dict[str, Any]
     conversion: Optional[dict[str, Any]] = None
     lora: Optional[dict[str, Any]] = None
+    head_checkpoint_id: Optional[str] = Field(
+        None, description="what the next round continues from and sampling uses (null: the SFT model)")
+    head_history: list[HeadMoveOut] = Field(default_factory=list)
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
     tracking: list[TrackingLinkOut] = Field(default_factory=list, description="its MLflow / W&B runs")
+
+
+class Rollback(_Request):
+    checkpoint_id: Optional[str] = Field(..., max_length=64,
+                                         description="a checkpoint of this run; null: back to the SFT model")
 
 
 class LossInfo(BaseModel):
@@ -304,6 +377,7 @@ class JobOut(BaseModel):
     round_id: Optional[str] = None
     round_index: Optional[int] = None
     checkpoint_id: Optional[str] = None
+    output_feedback_id: Optional[str] = Field(None, description="sampling / labelling job: the feedback file it made")
 
 
 class JobList(BaseModel):
@@ -382,3 +456,32 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+
+
+# --------------------------------------------------------------------------- labelling tools
+
+
+class IntegrationCreate(_Request):
+    tool: Literal["label_studio", "argilla"]
+    label_config: Literal["pairwise", "rating"] = Field(
+        description="pairwise: one answer of two preferred → pairwise feedback; rating: a score → scalar feedback")
+    name: Optional[str] = Field(None, max_length=200)
+    secret: Optional[str] = Field(None, min_length=8, max_length=255,
+                                  description="Argilla: the webhook's signing secret (whsec_…); Label Studio: generated")
+
+
+class IntegrationOut(BaseModel):
+    id: str
+    tool: str
+    label_config: str
+    name: Optional[str] = None
+    webhook_path: str = Field(description="where the tool posts its webhooks (no API key; the secret authenticates)")
+    secret: Optional[str] = Field(None, description="Label Studio: send it as header X-Halos-Webhook-Secret; shown "
+                                  "once, at creation")
+    draft: dict[str, int] = Field(default_factory=dict, description="annotations: open (to seal), deleted, sealed")
+    created_at: datetime
+
+
+class WebhookResult(BaseModel):
+    status: Literal["ok", "duplicate"]
+    changes: dict[str, int] = Field(default_factory=dict, description="added | replaced | deleted | unchanged counts")

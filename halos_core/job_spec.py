@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from halos_core.config import Conversion, FeedbackKind, Hyperparams, LoraSettings
+from halos_core.gate import GateRule
 from halos_core.loss_registry import LossConfig, loss_batch_problem
 
 LORA_FSDP_PROBLEM = "LoRA runs are not supported with FSDP workers (HALOS_FSDP=true); use DDP or full fine-tuning"
@@ -55,9 +56,12 @@ class JobSpec(_Strict):
     conversion: Conversion | None = None
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     lora: LoraSettings | None = None
+    # promotion gate: when set, the trainer also scores the eval set with the starting policy (the
+    # run's head) before training (RoundResult.eval_before); the server compares (halos_core.gate)
+    gate: list[GateRule] | None = None
 
-    def continue_from(self, path: str, checkpoint_id: str, step: int, examples: int) -> "JobSpec":
-        """This spec starting from a parent round's final checkpoint (round chaining)."""
+    def continue_from(self, path: str | None, checkpoint_id: str | None, step: int, examples: int) -> "JobSpec":
+        """This spec starting from a checkpoint (the run's head; None: the SFT model, counters 0)."""
         return self.model_copy(update={
             "init_from": path, "init_from_checkpoint_id": checkpoint_id,
             "counters": Counters(step=step, examples=examples),

@@ -35,6 +35,7 @@ class RoundResult(BaseModel):
     round_step: int  # optimizer steps of this round
     total_steps: int  # optimizer steps this round was planned for
     eval: dict[str, float] = {}  # metrics on the round's eval split (empty without one)
+    eval_before: dict[str, float] = {}  # the same eval set scored by the starting policy (rounds with a gate)
     loss: str
     reference_sha256: str
     reference_param_digest: str | None = None  # the reference's parameters as loaded (None: no reference)

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from server import prometheus, ui
-from server.api import checkpoints, events, feedback, health, jobs, losses, models, runs, webhooks
+from server.api import (
+    artefact_jobs, checkpoints, events, feedback, health, integrations, jobs, losses, models, prompts, runs, webhooks,
+)
 from server.errors import install_exception_handlers
 from server.services.ratelimit import SlidingWindowLimiter
 from server.settings import Settings, get_settings
@@ -92,7 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     " directory it can read; set it to the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
-    for module in (feedback, models, losses, runs, jobs, events, checkpoints, webhooks):
+    for module in (feedback, prompts, models, losses, runs, jobs, events, checkpoints, artefact_jobs, integrations,
+                   webhooks):
         app.include_router(module.router)
     if settings.metrics_enabled:
         app.include_router(prometheus.router(settings))

@@ -1,7 +1,7 @@
 """The one writer of the `event` table and of the webhook outbox.
 
 `emit` adds an Event row and, for every webhook endpoint of the project subscribed to its type,
-a `WebhookDelivery` row (the transactional outbox) — in the CALLER's transaction, never
+a `OutboundDelivery` row (the transactional outbox) — in the CALLER's transaction, never
 committing: an event exists exactly when the change it describes was committed. The job state
 machine (server/jobs/) calls it for every transition, the feedback service when a file is stored.
 
@@ -19,7 +19,7 @@ from typing import Any, Optional
 from sqlmodel import Session, select
 
 from halos_client.event_models import EventType, subscription_matches
-from server.models import Event, Job, JobStatus, Round, WebhookDelivery, WebhookEndpoint, utcnow
+from server.models import Event, Job, JobStatus, Round, OutboundDelivery, WebhookEndpoint, utcnow
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,7 +43,7 @@ def emit(session: Session, project_id: str, type: EventType, *, job_id: Optional
     ).all()
     for endpoint in endpoints:
         if subscription_matches(list(endpoint.event_types or []), type.value):
-            session.add(WebhookDelivery(project_id=project_id, endpoint_id=endpoint.id, event_id=event.id,
+            session.add(OutboundDelivery(project_id=project_id, endpoint_id=endpoint.id, event_id=event.id,
                                         type=type.value, body=webhook_body(event), next_attempt_at=now,
                                         created_at=now))
     return event

@@ -32,7 +32,7 @@ from sqlmodel import Session, select
 
 from server.db import get_engine
 from halos_client.event_models import EventType
-from server.models import Attempt, Event, Job, JobStatus, MetricPoint, Round, WebhookAttempt, WebhookDelivery, utcnow
+from server.models import Attempt, Event, Job, JobStatus, MetricPoint, Round, WebhookAttempt, OutboundDelivery, utcnow
 from server.settings import Settings
 
 REQUESTS = Counter("halos_http_requests_total", "HTTP requests by method, route template and status (this process)",
@@ -150,7 +150,7 @@ class DatabaseCollector(Collector):
 
     def _webhooks(self, session: Session) -> Iterator[Metric]:
         deliveries = GaugeMetricFamily("halos_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
-        counts = dict(session.exec(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all())
+        counts = dict(session.exec(select(OutboundDelivery.status, func.count()).group_by(OutboundDelivery.status)).all())
         for status in ("pending", "delivered", "failed"):
             deliveries.add_metric([status], counts.get(status, 0))
         yield deliveries

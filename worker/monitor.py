@@ -274,7 +274,7 @@ class Supervisor:
                         self.claim.job_id, self.pgid)
             gone = self._stop_group(min(self.settings.kill_grace_s, 5.0))
         self._ingest()
-        outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset)
+        outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind)
         return RunReport("finish", outcome, group_gone=gone)
 
     def _fenced(self) -> RunReport:
@@ -294,7 +294,7 @@ class Supervisor:
             if job_processes(self.pgid, self.marker):
                 self._stop_group(0)
             self._ingest()
-            return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset))
+            return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind))
         log.info("job %s: cancel requested; stopping group %d", self.claim.job_id, self.pgid)
         gone = self._stop_group(self.settings.kill_grace_s)
         self._ingest()

@@ -9,6 +9,9 @@
 5. `python -m accelerate.commands.launch --config_file accelerate.yaml -m <trainer> --config run.json`
    in its own session (process group), output appended to stdout.log, plus a watchdog that
    stops the group if this process dies.
+   Sampling and labelling jobs (`Job.kind` sample / label, `halos_core.artefact_spec`) take the
+   same path with their own run.json and `python -m halos_core.<entry> --config run.json` (one
+   process, no accelerate); a retry starts them over (their output is written atomically at the end).
 6. `worker.monitor.Supervisor` until it exits / is cancelled / loses its lease / we shut down.
 
 The lease is renewed throughout by a `worker.lease.LeaseKeeper` (the task starts it right after
@@ -30,8 +33,9 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
+from halos_core.artefact_spec import ENTRY_POINTS, LabelSpec, SampleSpec, config_for_attempt
 from halos_core.job_spec import LORA_FSDP_PROBLEM, RunConfig, fit_problem
-from halos_core.run_dir import Manifest, RunDir
+from halos_core.run_dir import Manifest, RunDir, write_json_atomic
 from server import jobs
 from server.db import session_scope
 from server.jobs import Claim, Outcome
@@ -81,6 +85,8 @@ def worker_problem(claim: Claim, settings: Settings) -> Optional[str]:
     """Why THIS worker cannot run the round (the API's submit-time question, `fit_problem`, asked
     with the worker's own num_processes / fsdp: the API and the workers must share them), or None.
     A spec too broken to tell is left to `build_config` ("invalid job spec")."""
+    if claim.kind != "round":
+        return None
     try:
         spec = claim.job_spec()
     except ValidationError:
@@ -147,24 +153,17 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         log.warning("job %s: removed partial checkpoints %s", claim.job_id, [p.name for p in removed])
 
     if run_dir.result_json.exists():
-        result, why = exit_codes.verify_result(run_dir)
+        result, why = exit_codes.verify_result(run_dir, claim.kind)
         if result is not None and claim.attempt > 1:
             log.warning("job %s: attempt %d found the previous attempt's complete result", claim.job_id, claim.attempt)
             return _finish_now(Outcome("succeeded", result=result))
         run_dir.result_json.unlink(missing_ok=True)
 
-    resume = _latest_complete(run_dir) if claim.attempt > 1 else None
+    resume = _latest_complete(run_dir) if claim.attempt > 1 and claim.kind == "round" else None
     try:
-        config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
+        cmd = _prepare(claim, settings, run_dir, resume, slot)
     except (ValidationError, ValueError, TypeError) as exc:
         return _finish_now(Outcome("failed", error=f"invalid job spec: {exc}"))
-    run_dir.write_config(config)
-    if slot is None:
-        launch.write_accelerate_config(run_dir, settings)
-    else:
-        launch.write_accelerate_config(run_dir, settings, main_process_port=slot.main_process_port(),
-                                       port_from_settings=False)
-    cmd = launch.command(settings, run_dir)
 
     env = {**os.environ, **launch.launch_env(settings), **(slot.env if slot is not None else {}),
            **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
@@ -230,6 +229,29 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
                 watchdog.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 watchdog.kill()
+
+
+def _prepare(claim: Claim, settings: Settings, run_dir: RunDir, resume: Optional[Manifest],
+             slot: Optional[Slot]) -> list[str]:
+    """Write the attempt's run.json (+ accelerate.yaml for a round); the command that runs it."""
+    if claim.kind == "round":
+        config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
+        run_dir.write_config(config)
+        if slot is None:
+            launch.write_accelerate_config(run_dir, settings)
+        else:
+            launch.write_accelerate_config(run_dir, settings, main_process_port=slot.main_process_port(),
+                                           port_from_settings=False)
+        return launch.command(settings, run_dir)
+    spec = claim.any_spec()
+    if not isinstance(spec, (SampleSpec, LabelSpec)) or spec.kind != claim.kind:
+        raise ValueError(f"job kind {claim.kind!r} with a {spec.kind!r} spec")
+    # a retry starts over: what an earlier attempt wrote is not trusted
+    run_dir.metrics_jsonl.unlink(missing_ok=True)
+    config = config_for_attempt(spec, job_id=claim.job_id, run_dir=str(run_dir.path.resolve()))
+    write_json_atomic(run_dir.run_json, config.model_dump(mode="json"))
+    python = settings.python_executable or sys.executable
+    return [python, "-m", ENTRY_POINTS[claim.kind], "--config", str(run_dir.run_json)]
 
 
 def _start_watchdog(pgid: int, settings: Settings, marker: dict[str, str]) -> Optional[subprocess.Popen]:

@@ -12,6 +12,7 @@ optimizer step (carried across rounds), so later rounds do not warm up again.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from halos_core.job_spec import RunConfig
 from halos_core.losses import Loss, LossOutput
 from halos_core.metrics import MetricAccumulator
 from halos_core.round_result import RestoreRecord, RoundResult
-from halos_core.run_dir import Manifest, RunDir
+from halos_core.run_dir import Manifest, RunDir, write_json_atomic
 from halos_core.sharded import is_fsdp, to_plain
 from halos_core.training import saving
 from halos_core.training.forward import ForwardPass
@@ -169,6 +170,7 @@ class Trainer:
         result written to result.json (None on processes other than the main one)."""
         acc, hp, loader = self.accelerator, self.hp, self.train_loader
         self.precompute_reference()
+        eval_before = self.baseline_eval()
         if self.rng_state is not None:
             restore_rng(self.rng_state)
         total = loader.total_steps
@@ -249,6 +251,7 @@ class Trainer:
                 round_step=self.round_step,
                 total_steps=total,
                 eval=eval_metrics,
+                eval_before=eval_before,
                 loss=self.loss.name,
                 reference_sha256=self.reference_sha256,
                 reference_param_digest=self.reference_param_digest,
@@ -260,6 +263,21 @@ class Trainer:
             self.run_dir.write_result(result)
         acc.wait_for_everyone()
         return result
+
+    def baseline_eval(self) -> dict[str, float]:
+        """A round with a promotion gate scores its eval set with the policy it starts from (the
+        run's head) before its first step. Kept in eval_before.json, so a retry that resumes
+        mid-round reports the same baseline instead of scoring a half-trained policy."""
+        if not self.config.gate or self.eval_loader is None:
+            return {}
+        path = self.run_dir.path / "eval_before.json"
+        if self.round_step > 0:
+            return {k: float(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+        before = self.evaluate()
+        if self.accelerator.is_main_process:
+            write_json_atomic(path, before)
+        self.accelerator.wait_for_everyone()
+        return before
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
-from halos_client.models import RoundCreate, RoundOut, RunCreate, RunList, RunOut
-from server.services import run_views, runs as service
+from halos_client.models import Rollback, RoundCreate, RoundOut, RunCreate, RunList, RunOut
+from server.services import head, run_views, runs as service
 from server.services.idempotency import REPLAY_HEADER
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRoute,
@@ -72,3 +72,11 @@ def create_round(run_id: RunId, body: RoundCreate, response: Response, principal
     if replayed:
         response.headers[REPLAY_HEADER] = "true"
     return run_views.round_view(session, rnd)
+
+
+@router.post("/{run_id}/rollback", response_model=RunOut, responses=error_responses(400, 404, 413, 422))
+def rollback(run_id: RunId, body: Rollback, principal: ProjectDep, session: SessionDep) -> RunOut:
+    """Move the run's head to `checkpoint_id` (any checkpoint of this run; null: the SFT model).
+    The next round continues from it, with its optimizer state; the move is in `head_history`.
+    A checkpoint of another run ⇒ 404."""
+    return run_views.run_view(session, head.rollback(session, principal, run_id, body.checkpoint_id))

@@ -2,8 +2,10 @@
 parent ends.
 
 - succeeded: its final checkpoint is registered (`register_checkpoint`; `Round.checkpoint_id` is
-  THE answer to "the checkpoint of this round", `round_checkpoint`), and every waiting child
-  continues from it (`JobSpec.continue_from`) and becomes `queued` (`promote_children`);
+  THE answer to "the checkpoint of this round", `round_checkpoint`), the run's head moves to it if
+  the round is promoted (server/jobs/head.py), and every waiting child continues from the run's
+  head (`JobSpec.continue_from`: the parent's checkpoint when it was promoted, else the head it
+  kept) and becomes `queued` (`promote_children`);
 - failed / cancelled: every waiting child fails too, recursively down the chain, naming the parent
   (`fail_waiting_children`).
 
@@ -23,6 +25,7 @@ from halos_core.job_spec import JobSpec
 from halos_core.round_result import RoundResult
 from halos_client.event_models import EventType
 from server.events import job_event
+from server.jobs.head import head_checkpoint
 from server.jobs.rows import load, round_of, transition, trim
 from server.models import Checkpoint, Job, JobStatus, Round, Run
 
@@ -73,20 +76,24 @@ def fail_waiting_children(session: Session, parent: Job, reason: str, now: datet
 
 
 def inherit(session: Session, child: Job, parent: Job) -> None:
-    """Point a child job (in memory or in the DB) at its succeeded parent's final checkpoint."""
-    ckpt = job_checkpoint(session, parent)
-    if ckpt is None:
+    """Point a child round (in memory or in the DB) of a succeeded parent at the run's head (the
+    parent's checkpoint when the parent was promoted)."""
+    rnd = round_of(session, child.id)
+    run = session.get(Run, rnd.run_id) if rnd is not None else None
+    if rnd is None or run is None:
         return
+    ckpt = head_checkpoint(session, run)
     try:
         spec = JobSpec.model_validate(child.spec)
     except ValidationError as exc:  # a row no version of this code writes: the worker fails it with the reason
-        log.error("job %s: stored spec is invalid, not chained to %s: %s", child.id, ckpt.id, exc)
+        log.error("job %s: stored spec is invalid, not chained to %s: %s", child.id, run.head_checkpoint_id, exc)
         return
-    child.spec = spec.continue_from(ckpt.path, ckpt.id, ckpt.step, ckpt.examples).model_dump(mode="json")
-    rnd = round_of(session, child.id)
-    if rnd is not None:
-        rnd.parent_checkpoint_id = ckpt.id
-        session.add(rnd)
+    if ckpt is None:  # the head is the SFT model (nothing promoted yet, or rolled back to it)
+        child.spec = spec.continue_from(None, None, 0, 0).model_dump(mode="json")
+    else:
+        child.spec = spec.continue_from(ckpt.path, ckpt.id, ckpt.step, ckpt.examples).model_dump(mode="json")
+    rnd.parent_checkpoint_id = ckpt.id if ckpt is not None else None
+    session.add(rnd)
 
 
 def promote_children(session: Session, parent: Job, now: datetime) -> list[str]:

@@ -36,10 +36,22 @@ from sqlmodel import Session, select
 
 from halos_client.event_models import EventType
 from server.events import job_event
-from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children, register_checkpoint
+from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
+from server.jobs.outputs import progress_values, record_success
 from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim
 from server.jobs.types import Claim, Heartbeat, JobNotFound, Outcome, ParentFailed
-from server.models import FAILED_STATUSES, LIVE_STATUSES, PENDING_STATUSES, TERMINAL_STATUSES, Attempt, Job, JobStatus, utcnow
+from server.models import (
+    FAILED_STATUSES,
+    LIVE_STATUSES,
+    PENDING_STATUSES,
+    TERMINAL_STATUSES,
+    Attempt,
+    Checkpoint,
+    FeedbackFile,
+    Job,
+    JobStatus,
+    utcnow,
+)
 
 log = logging.getLogger("server.jobs")
 
@@ -234,8 +246,10 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
     """End the attempt holding `lease_token`. A stale token changes nothing (returns the job as is).
 
     succeeded: registers the final Checkpoint (parent = the round's parent checkpoint, model = the
-    run's model), sets Round.checkpoint_id and promotes waiting children to `queued` (publish them
-    after this returns: `unpublished_children`). failed/cancelled: waiting children fail too.
+    run's model), sets Round.checkpoint_id, moves the run's head to it when the round's gate passes
+    (server/jobs/head.py) and promotes waiting children to `queued`, continuing from the head
+    (publish them after this returns: `unpublished_children`); a sampling / labelling job's output
+    becomes a stored feedback file (server/jobs/outputs.py). failed/cancelled: waiting children fail too.
     crashed: a new queued attempt with backoff, or failed after `max_attempts` crashes.
     """
     now = now or utcnow()
@@ -257,21 +271,26 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
             close_attempt(session, job_id, attempt, "succeeded", None, now)
             values: dict[str, Any] = {
                 "status": JobStatus.succeeded, "error": None, "finished_at": now, "lease_token": None,
-                "lease_expires_at": None, "not_before": None, "updated_at": now,
-                "step": result.step, "examples": result.examples, "round_step": result.round_step,
-                "total_steps": result.total_steps,
+                "lease_expires_at": None, "not_before": None, "updated_at": now, **progress_values(result),
             }
             if not transition(session, job_id, LIVE_STATUSES, values, lease_token=lease_token):
                 raise RuntimeError(f"job {job_id} changed under a row lock")
-            ckpt = register_checkpoint(session, job, result)
+            made = record_success(session, job, result, now)  # the checkpoint (+ head promotion) or the artefact
             session.flush()
-            if ckpt is not None:
+            outputs: dict[str, Any] = {}
+            if isinstance(made, Checkpoint):
+                outputs["checkpoint_id"] = made.id
                 job_event(session, job_id, EventType.checkpoint_created, attempt=attempt,
-                          data={"checkpoint_id": ckpt.id, "round_id": ckpt.round_id, "parent_id": ckpt.parent_id,
-                                "step": ckpt.step, "examples": ckpt.examples}, subject_id=ckpt.id)
+                          data={"checkpoint_id": made.id, "round_id": made.round_id, "parent_id": made.parent_id,
+                                "step": made.step, "examples": made.examples}, subject_id=made.id)
+            elif isinstance(made, FeedbackFile):  # a sampling / labelling job's output
+                outputs["feedback_id"] = made.id
+                job_event(session, job_id, EventType.feedback_stored, attempt=attempt, subject_id=made.id,
+                          data={"feedback_id": made.id, "kind": made.kind, "format": made.format,
+                                "sha256": made.sha256, "n_records": made.n_records, "n_train": made.n_train,
+                                "n_test": made.n_test})
             job_event(session, job_id, EventType.job_succeeded, attempt=attempt,
-                      data={"checkpoint_id": ckpt.id if ckpt else None, "step": result.step,
-                            "examples": result.examples, "round_step": result.round_step})
+                      data={**outputs, **progress_values(result)})
             promote_children(session, job, now)
         elif outcome.status in ("failed", "cancelled"):
             close_attempt(session, job_id, attempt, outcome.status, outcome.error, now)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal, Optional
 
+from halos_core.artefact_spec import ArtefactResult, LabelSpec, SampleSpec, parse_job_spec
 from halos_core.job_spec import JobSpec
 from halos_core.round_result import RoundResult
 from server.models import Job, JobStatus
@@ -37,14 +38,18 @@ class Claim:
     def job_spec(self) -> JobSpec:
         return JobSpec.model_validate(self.spec)
 
+    def any_spec(self) -> JobSpec | SampleSpec | LabelSpec:
+        """The stored spec as the model of its kind (round, sample, label)."""
+        return parse_job_spec(self.spec)
+
 
 @dataclass
 class Outcome:
-    """How an attempt ended. `succeeded` carries the round's result.json."""
+    """How an attempt ended. `succeeded` carries the job's result.json (a round's or an artefact job's)."""
 
     status: Literal["succeeded", "failed", "crashed", "cancelled"]
     error: Optional[str] = None
-    result: Optional[RoundResult] = None
+    result: Optional[RoundResult | ArtefactResult] = None
 
     def __post_init__(self) -> None:
         if self.status not in ("succeeded", "failed", "crashed", "cancelled"):

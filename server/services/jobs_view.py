@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
 from server.errors import Conflict
-from server.models import TERMINAL_STATUSES, Attempt, Job, JobStatus, MetricPoint, Round, utcnow
+from server.models import TERMINAL_STATUSES, Attempt, FeedbackFile, Job, JobStatus, MetricPoint, Round, utcnow
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings
@@ -130,6 +130,7 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     ids = [j.id for j in jobs]
     timings = _timings(session, jobs, utcnow())
     rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
+    outputs = dict(session.exec(select(FeedbackFile.job_id, FeedbackFile.id).where(col(FeedbackFile.job_id).in_(ids))).all())
     out = []
     for j in jobs:
         rnd = rounds.get(j.id)
@@ -146,6 +147,7 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
                 started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
                 parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
                 round_index=rnd.index if rnd else None, checkpoint_id=rnd.checkpoint_id if rnd else None,
+                output_feedback_id=outputs.get(j.id),
             )
         )
     return out

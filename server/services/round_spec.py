@@ -10,13 +10,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from halos_core.config import Hyperparams, LoraSettings
+from halos_core.gate import GateRule
 from halos_core.job_spec import Counters, FeedbackInput, JobSpec
 from server.errors import Unprocessable, validation_details
 from server.models import Checkpoint, FeedbackFile, Model
 
 
 def round_spec(*, model: Model, parent: Checkpoint | None, files: list[FeedbackFile], data_dir: Path, loss: Any,
-               hyperparams: Hyperparams, conversion: Any, lora: LoraSettings | None) -> JobSpec:
+               hyperparams: Hyperparams, conversion: Any, lora: LoraSettings | None,
+               gate: list[GateRule] | None = None) -> JobSpec:
     try:
         return JobSpec(
             reference_path=model.path,
@@ -29,6 +31,7 @@ def round_spec(*, model: Model, parent: Checkpoint | None, files: list[FeedbackF
             conversion=conversion,
             hyperparams=hyperparams,
             lora=lora,
+            gate=gate or None,
         )
     except ValidationError as exc:
         raise Unprocessable("the round's configuration is invalid", code="invalid_round_config",

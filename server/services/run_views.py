@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlmodel import Session, col, select
 
 from halos_client.event_models import TrackingLinkOut
-from halos_client.models import RoundOut, RunOut, RunSummary
-from server.models import Job, JobStatus, Round, Run, TrackingLink
+from halos_client.models import HeadMoveOut, RoundOut, RunOut, RunSummary
+from server.models import HeadMove, Job, JobStatus, Round, Run, TrackingLink
 
 
 def status_text(job: Job | None) -> str:
@@ -32,7 +32,8 @@ def round_views(session: Session, rounds: list[Round]) -> list[RoundOut]:
                 index=r.index, round_id=r.id, run_id=r.run_id, job_id=r.job_id, status=status_text(job),
                 parent_checkpoint_id=parent_ckpt, parent_job_id=job.parent_job_id if job else None,
                 checkpoint_id=r.checkpoint_id, feedback_ids=list(r.feedback_ids or []), loss=dict(r.loss or {}),
-                hyperparams=dict(r.hyperparams or {}), conversion=r.conversion, created_at=r.created_at,
+                hyperparams=dict(r.hyperparams or {}), conversion=r.conversion, gate=r.gate, promoted=r.promoted,
+                promotion=r.promotion, created_at=r.created_at,
             )
         )
     return out
@@ -52,6 +53,11 @@ def run_view(session: Session, run: Run) -> RunOut:
     return RunOut(
         id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}),
         hyperparams=dict(run.hyperparams or {}), conversion=run.conversion, lora=run.lora,
+        head_checkpoint_id=run.head_checkpoint_id,
+        head_history=[HeadMoveOut(from_checkpoint_id=m.from_checkpoint_id, to_checkpoint_id=m.to_checkpoint_id,
+                                  reason=m.reason, round_id=m.round_id, created_at=m.created_at)
+                      for m in session.exec(select(HeadMove).where(HeadMove.run_id == run.id)
+                                            .order_by(col(HeadMove.id))).all()],
         created_at=run.created_at, rounds=round_views(session, rounds),
         tracking=[TrackingLinkOut(backend=t.backend, tracking_run_id=t.tracking_run_id,
                                   exported_steps={k: int(v) for k, v in ((t.exported or {}).get("steps") or {}).items()},

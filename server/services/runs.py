@@ -2,11 +2,14 @@
 
 A round request is checked (`round_checks`) against the run's defaults merged with its overrides,
 its parent is chosen, and its job spec is built once (`round_spec`):
-- the default parent is the run's latest round: succeeded ⇒ its final checkpoint; still
-  waiting/queued/running ⇒ the new job waits for it (`parent_job_id`; jobs.submit makes it
-  `waiting`); failed/cancelled ⇒ 409 `parent_round_failed` (submit with an explicit
-  `parent_checkpoint_id` to branch from an earlier checkpoint instead);
+- by default a round continues from the run's HEAD (server/jobs/head.py). While the run's latest
+  round is still waiting/queued/running the new job waits for it (`parent_job_id`; jobs.submit
+  makes it `waiting`) and takes the head as it is when that round ends (its checkpoint if it was
+  promoted); a failed/cancelled latest round ⇒ 409 `parent_round_failed`, unless the head was
+  rolled back since that round was created (the rollback is the way on), or pass an explicit
+  `parent_checkpoint_id` to branch;
 - an explicit `parent_checkpoint_id` must belong to this run (else 404).
+- a `gate` needs an eval set (records with split "test" or `hyperparams.eval_fraction`), else 422.
 Then Round + Job (+ idempotency record) are committed in one transaction by `jobs.submit`, and
 the job id is published to the queue after the commit (only when it is `queued`).
 """
@@ -22,7 +25,8 @@ from server import jobs
 from server.errors import Conflict, Unprocessable, not_found
 from server.jobs import ParentFailed
 from halos_client.models import RoundCreate, RunCreate
-from server.models import UNFINISHED_STATUSES, Checkpoint, Job, JobStatus, Model, Round, Run
+from server.jobs.head import head_checkpoint
+from server.models import UNFINISHED_STATUSES, Checkpoint, HeadMove, Job, JobStatus, Model, Round, Run
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
@@ -116,6 +120,13 @@ def create_run(session: Session, settings: Settings, principal: Principal, body:
 # --------------------------------------------------------------------------- rounds
 
 
+def _rolled_back_since(session: Session, run: Run, latest: Round) -> bool:
+    """The head was rolled back after `latest` was created: a failed latest round no longer blocks."""
+    move = session.exec(select(HeadMove).where(HeadMove.run_id == run.id, HeadMove.reason == "rollback")
+                        .order_by(col(HeadMove.id).desc())).first()
+    return move is not None and move.created_at >= latest.created_at
+
+
 def create_round(session: Session, settings: Settings, principal: Principal, run_id: str, body: RoundCreate,
                  idempotency_key: str | None) -> tuple[Round, Job, bool]:
     """Validate and submit a round. Returns (round, job, replayed)."""
@@ -150,6 +161,10 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
     loss, hp, conversion, lora = effective_config(run, body, settings)
     files = feedback_files(session, principal, body.feedback_ids)
     check_loss_feedback(loss.name, files, conversion)
+    if body.gate and not any(f.n_test for f in files) and hp.eval_fraction <= 0:
+        raise Unprocessable("a gate compares eval metrics: the round needs an eval set (records with "
+                            "\"split\": \"test\" or hyperparams.eval_fraction > 0)", code="gate_without_eval_set",
+                            details={"field": "gate"})
     if explicit is not None:
         # Complete (meta.json readable) and compatible; its files are NOT hashed here (tens of GB in
         # a request): the trainer verifies them when it loads the checkpoint and fails the job with
@@ -176,20 +191,24 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
             parent_round_id = latest.id
             parent_job = session.get(Job, latest.job_id)
             status = parent_job.status if parent_job is not None else None
-            if status == JobStatus.succeeded:
-                parent_ckpt = jobs.round_checkpoint(session, latest)
-                if parent_ckpt is None:
+            if parent_job is not None and status in UNFINISHED_STATUSES:
+                parent_job_id = latest.job_id
+                check_parent_params(job_params(parent_job), loss.name, lora,
+                                    {"parent_job_id": parent_job.id, "round_index": latest.index})
+            elif status == JobStatus.succeeded or _rolled_back_since(session, run, latest):
+                if status == JobStatus.succeeded and latest.checkpoint_id is None:
                     raise Conflict(
                         f"round {latest.index} succeeded but has no registered checkpoint",
                         code="parent_checkpoint_missing", details={"round_index": latest.index, "job_id": latest.job_id},
                     )
-                manifest = parent_manifest(parent_ckpt.path)
-                check_parent_params(checkpoint_params(manifest), loss.name, lora,
-                                    {"parent_checkpoint_id": parent_ckpt.id, "round_index": latest.index})
-            elif parent_job is not None and status in UNFINISHED_STATUSES:
-                parent_job_id = latest.job_id
-                check_parent_params(job_params(parent_job), loss.name, lora,
-                                    {"parent_job_id": parent_job.id, "round_index": latest.index})
+                parent_ckpt = head_checkpoint(session, run)
+                if parent_ckpt is not None:
+                    parent_round_id = parent_ckpt.round_id
+                    manifest = parent_manifest(parent_ckpt.path)
+                    head_round = session.get(Round, parent_ckpt.round_id)
+                    check_parent_params(checkpoint_params(manifest), loss.name, lora,
+                                        {"parent_checkpoint_id": parent_ckpt.id,
+                                         "round_index": head_round.index if head_round else None})
             else:
                 raise parent_round_failed(latest, status_text(parent_job))
 
@@ -197,13 +216,13 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
                   parent_job_id=parent_job_id)
         job.run_dir = str(settings.runs_dir.resolve() / job.id)
         spec = round_spec(model=model, parent=parent_ckpt, files=files, data_dir=data_dir, loss=loss,
-                          hyperparams=hp, conversion=conversion, lora=lora)
+                          hyperparams=hp, conversion=conversion, lora=lora, gate=body.gate)
         job.spec = spec.model_dump(mode="json")
         rnd = Round(
             project_id=principal.project_id, run_id=run.id, index=index, job_id=job.id,
             parent_round_id=parent_round_id, parent_checkpoint_id=parent_ckpt.id if parent_ckpt else None,
             feedback_ids=[f.id for f in files], loss=job.spec["loss"], hyperparams=job.spec["hyperparams"],
-            conversion=job.spec["conversion"],
+            conversion=job.spec["conversion"], gate=job.spec["gate"],
         )
         session.add(rnd)
         if idempotency_key is not None:

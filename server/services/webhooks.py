@@ -12,7 +12,7 @@ from sqlmodel import Session, col, select
 
 from server.errors import Unprocessable, not_found
 from halos_client.event_models import DeliveryAttemptOut, DeliveryList, DeliveryOut, WebhookCreate, WebhookOut, WebhookWithSecret
-from server.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from server.models import WebhookAttempt, OutboundDelivery, WebhookEndpoint, utcnow
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings
@@ -65,8 +65,8 @@ def delete(session: Session, principal: Principal, webhook_id: str) -> None:
     now = utcnow()
     w.deleted_at = now
     session.add(w)
-    session.exec(update(WebhookDelivery).where(  # type: ignore[call-overload]
-        WebhookDelivery.endpoint_id == w.id, WebhookDelivery.status == "pending"
+    session.exec(update(OutboundDelivery).where(  # type: ignore[call-overload]
+        OutboundDelivery.endpoint_id == w.id, OutboundDelivery.status == "pending"
     ).values(status="failed", last_error="endpoint deleted", finished_at=now))
     session.commit()
 
@@ -85,7 +85,7 @@ def rotate(session: Session, settings: Settings, principal: Principal, webhook_i
     return w
 
 
-def delivery_out(d: WebhookDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
+def delivery_out(d: OutboundDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
     return DeliveryOut(
         id=d.id, endpoint_id=d.endpoint_id, event_id=d.event_id, type=d.type, status=d.status, attempts=d.attempts,
         next_attempt_at=d.next_attempt_at if d.status == "pending" else None, last_status_code=d.last_status_code,
@@ -99,10 +99,10 @@ def list_deliveries(session: Session, principal: Principal, webhook_id: str, sta
                     cursor: Optional[str]) -> DeliveryList:
     """Newest first, each with its attempts (at most the last MAX_LOG_ATTEMPTS)."""
     w = get_owned(session, WebhookEndpoint, webhook_id, principal.project_id, "webhook")
-    filters = [WebhookDelivery.endpoint_id == w.id]
+    filters = [OutboundDelivery.endpoint_id == w.id]
     if status:
-        filters.append(WebhookDelivery.status == status)
-    rows, next_cursor = paginate(session, WebhookDelivery, principal.project_id, limit, cursor, *filters)
+        filters.append(OutboundDelivery.status == status)
+    rows, next_cursor = paginate(session, OutboundDelivery, principal.project_id, limit, cursor, *filters)
     ids = [d.id for d in rows]
     logs: dict[str, list[WebhookAttempt]] = {i: [] for i in ids}
     if ids:
@@ -116,10 +116,10 @@ def list_deliveries(session: Session, principal: Principal, webhook_id: str, sta
 def redeliver(session: Session, principal: Principal, webhook_id: str, delivery_id: str) -> DeliveryOut:
     """Send a delivery again (same `webhook-id` and body): a failed one becomes pending, due now."""
     w = get_webhook(session, principal, webhook_id)
-    d = get_owned(session, WebhookDelivery, delivery_id, principal.project_id, "delivery")
+    d = get_owned(session, OutboundDelivery, delivery_id, principal.project_id, "delivery")
     if d.endpoint_id != w.id:
         raise not_found("delivery", delivery_id)
-    session.exec(update(WebhookDelivery).where(WebhookDelivery.id == d.id).values(  # type: ignore[call-overload]
+    session.exec(update(OutboundDelivery).where(OutboundDelivery.id == d.id).values(  # type: ignore[call-overload]
         status="pending", next_attempt_at=utcnow(), finished_at=None, lease_owner=None, lease_expires_at=None))
     session.commit()
     session.refresh(d)

@@ -1,4 +1,4 @@
-"""The webhook dispatcher: sends the outbox rows (`WebhookDelivery`) after their transaction committed.
+"""The webhook dispatcher: sends the outbox rows (`OutboundDelivery`) after their transaction committed.
 
 A loop run by `halos serve` and `halos worker` (beside the sweeper). Several may run at once:
 
@@ -32,7 +32,7 @@ from sqlalchemy import or_, update
 from sqlmodel import Session, select
 
 from server.db import get_engine
-from server.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from server.models import WebhookAttempt, OutboundDelivery, WebhookEndpoint, utcnow
 from server.settings import Settings, get_settings
 from server.webhooks import addresses, signing
 
@@ -64,22 +64,22 @@ class Sent:
 def claim(session: Session, owner: str, settings: Settings, now: Optional[datetime] = None) -> list[Claimed]:
     now = now or utcnow()
     due = (
-        select(WebhookDelivery.id)
-        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now,
-               or_(WebhookDelivery.lease_expires_at.is_(None), WebhookDelivery.lease_expires_at < now))
-        .order_by(WebhookDelivery.next_attempt_at)
+        select(OutboundDelivery.id)
+        .where(OutboundDelivery.status == "pending", OutboundDelivery.next_attempt_at <= now,
+               or_(OutboundDelivery.lease_expires_at.is_(None), OutboundDelivery.lease_expires_at < now))
+        .order_by(OutboundDelivery.next_attempt_at)
         .limit(settings.webhook_batch_size)
         .with_for_update(skip_locked=True)
     )
     try:
         ids = session.exec(  # type: ignore[call-overload]
-            update(WebhookDelivery).where(WebhookDelivery.id.in_(due.scalar_subquery()))
+            update(OutboundDelivery).where(OutboundDelivery.id.in_(due.scalar_subquery()))
             .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.webhook_lease_s))
-            .returning(WebhookDelivery.id)
+            .returning(OutboundDelivery.id)
         ).scalars().all()
         claimed = []
         for delivery_id in ids:
-            d = session.get(WebhookDelivery, delivery_id)
+            d = session.get(OutboundDelivery, delivery_id)
             endpoint = session.get(WebhookEndpoint, d.endpoint_id) if d else None
             if d is None or endpoint is None:
                 continue
@@ -127,8 +127,8 @@ def record(session: Session, claimed: Claimed, sent: Sent, owner: str, settings:
     now = now or utcnow()
     try:
         d = session.exec(
-            select(WebhookDelivery).where(WebhookDelivery.id == claimed.id, WebhookDelivery.lease_owner == owner,
-                                          WebhookDelivery.status == "pending")
+            select(OutboundDelivery).where(OutboundDelivery.id == claimed.id, OutboundDelivery.lease_owner == owner,
+                                          OutboundDelivery.status == "pending")
             .with_for_update().execution_options(populate_existing=True)
         ).one_or_none()
         if d is None:
@@ -150,7 +150,7 @@ def record(session: Session, claimed: Claimed, sent: Sent, owner: str, settings:
                 values |= {"status": "failed", "finished_at": now}
             else:
                 values["next_attempt_at"] = next_at
-        session.exec(update(WebhookDelivery).where(WebhookDelivery.id == d.id).values(**values))  # type: ignore[call-overload]
+        session.exec(update(OutboundDelivery).where(OutboundDelivery.id == d.id).values(**values))  # type: ignore[call-overload]
         session.commit()
         return values.get("status", "pending")
     except Exception:
@@ -159,8 +159,8 @@ def record(session: Session, claimed: Claimed, sent: Sent, owner: str, settings:
 
 
 def give_up_deleted(session: Session, claimed: Claimed, owner: str) -> None:
-    session.exec(update(WebhookDelivery).where(  # type: ignore[call-overload]
-        WebhookDelivery.id == claimed.id, WebhookDelivery.lease_owner == owner, WebhookDelivery.status == "pending"
+    session.exec(update(OutboundDelivery).where(  # type: ignore[call-overload]
+        OutboundDelivery.id == claimed.id, OutboundDelivery.lease_owner == owner, OutboundDelivery.status == "pending"
     ).values(status="failed", last_error="endpoint deleted", finished_at=utcnow(), lease_owner=None,
              lease_expires_at=None))
     session.commit()

@@ -16,7 +16,7 @@ from halos_core.round_result import RoundResult
 from server import jobs
 from server.db import make_engine
 from server.jobs import Outcome
-from server.models import Event, JobStatus, WebhookDelivery, WebhookEndpoint, utcnow
+from server.models import Event, JobStatus, OutboundDelivery, WebhookEndpoint, utcnow
 from server.webhooks import signing
 from tests.worker.support import add_round, make_settings, reload, seed_run
 
@@ -159,7 +159,7 @@ def test_outbox_rows_are_written_with_their_event_and_signed_bodies_verify(env):
     job = add_round(session, run, tmp)
     c = jobs.claim(session, job.id, "h", 1, TTL)
     jobs.finish(session, job.id, c.lease_token, Outcome("failed", error="bad data"))
-    rows = list(session.exec(select(WebhookDelivery).order_by(WebhookDelivery.event_id)).all())
+    rows = list(session.exec(select(OutboundDelivery).order_by(OutboundDelivery.event_id)).all())
     session.commit()
     assert [(r.endpoint_id, r.type) for r in rows if r.endpoint_id == finished.id] == [(finished.id, "job.failed")]
     assert [r.type for r in rows if r.endpoint_id == everything.id] == ["job.queued", "job.started", "job.failed"]

@@ -16,7 +16,7 @@ from sqlmodel import select
 from standardwebhooks import webhooks as sw
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from server.models import WebhookDelivery
+from server.models import OutboundDelivery
 from server.webhooks import addresses, dispatcher
 from tests.server._receiver import Receiver
 
@@ -54,7 +54,7 @@ def _dispatch(settings, rounds: int = 1) -> None:  # noqa: ANN001
 
 
 def _due_now(session) -> None:  # noqa: ANN001
-    for d in session.exec(select(WebhookDelivery)).all():
+    for d in session.exec(select(OutboundDelivery)).all():
         d.next_attempt_at = datetime.now(timezone.utc) - timedelta(seconds=1)
         session.add(d)
     session.commit()

@@ -1,12 +1,13 @@
 """events, the webhook outbox, tracking links: tables `event` (job lifecycle events, the cursor of
-the events API and stream), `webhookendpoint`, `webhookdelivery` (the transactional outbox),
+the events API and stream), `webhookendpoint`, `outbounddelivery` (the transactional outbox),
 `webhookattempt` (the delivery log), `trackinglink` (a run's MLflow / W&B run).
 
-Generated with `alembic revision --autogenerate` on top of 0002, then reviewed. New tables only:
+Generated with `alembic revision --autogenerate`, then reviewed (renumbered 0004 on top of 0003_online_loop;
+the outbox table is `outbounddelivery`: `webhookdelivery` holds inbound delivery ids). New tables only:
 existing jobs simply have no events before this revision.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 from typing import Sequence, Union
 
@@ -16,8 +17,8 @@ import sqlmodel
 
 
 # revision identifiers, used by Alembic.
-revision: str = '0003'
-down_revision: Union[str, Sequence[str], None] = '0002'
+revision: str = '0004'
+down_revision: Union[str, Sequence[str], None] = '0003'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
@@ -77,7 +78,7 @@ def upgrade() -> None:
     with op.batch_alter_table('trackinglink', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_trackinglink_run_id'), ['run_id'], unique=False)
 
-    op.create_table('webhookdelivery',
+    op.create_table('outbounddelivery',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('project_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('endpoint_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -98,9 +99,9 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['project_id'], ['project.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
-    with op.batch_alter_table('webhookdelivery', schema=None) as batch_op:
-        batch_op.create_index('ix_webhookdelivery_due', ['status', 'next_attempt_at'], unique=False)
-        batch_op.create_index('ix_webhookdelivery_endpoint', ['endpoint_id', 'created_at'], unique=False)
+    with op.batch_alter_table('outbounddelivery', schema=None) as batch_op:
+        batch_op.create_index('ix_outbounddelivery_due', ['status', 'next_attempt_at'], unique=False)
+        batch_op.create_index('ix_outbounddelivery_endpoint', ['endpoint_id', 'created_at'], unique=False)
 
     op.create_table('webhookattempt',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -111,7 +112,7 @@ def upgrade() -> None:
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('error', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('ok', sa.Boolean(), nullable=False),
-    sa.ForeignKeyConstraint(['delivery_id'], ['webhookdelivery.id'], ),
+    sa.ForeignKeyConstraint(['delivery_id'], ['outbounddelivery.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('webhookattempt', schema=None) as batch_op:
@@ -126,11 +127,11 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_webhookattempt_delivery_id'))
 
     op.drop_table('webhookattempt')
-    with op.batch_alter_table('webhookdelivery', schema=None) as batch_op:
-        batch_op.drop_index('ix_webhookdelivery_endpoint')
-        batch_op.drop_index('ix_webhookdelivery_due')
+    with op.batch_alter_table('outbounddelivery', schema=None) as batch_op:
+        batch_op.drop_index('ix_outbounddelivery_endpoint')
+        batch_op.drop_index('ix_outbounddelivery_due')
 
-    op.drop_table('webhookdelivery')
+    op.drop_table('outbounddelivery')
     with op.batch_alter_table('trackinglink', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_trackinglink_run_id'))
 
