@@ -103,7 +103,8 @@ class WebhookOut(BaseModel):
     description: Optional[str] = None
     created_at: datetime
     secret_rotated_at: Optional[datetime] = Field(
-        None, description="when the secret was last rotated; the previous one signs too until previous_secret_expires_at")
+        None, description="when the secret was last rotated; the previous one signs too until "
+                          "previous_secret_expires_at")
     previous_secret_expires_at: Optional[datetime] = None
 
 
@@ -154,8 +155,9 @@ class MlflowOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     experiment: str = Field("halos", min_length=1, max_length=200, description="MLflow experiment name")
-    tracking_uri: Optional[str] = Field(None, max_length=1000,
-                                        description="default: the server's HALOS_MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db")
+    tracking_uri: Optional[str] = Field(
+        None, max_length=1000,
+        description="default: the server's HALOS_MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db")
 
 
 class WandbOptions(BaseModel):
@@ -178,6 +180,7 @@ class TrackingOptions(BaseModel):
 
 class TrackingLinkOut(BaseModel):
     backend: str
-    tracking_run_id: Optional[str] = Field(None, description="the MLflow run id / W&B run id (null until the first export)")
+    tracking_run_id: Optional[str] = Field(
+        None, description="the MLflow run id / W&B run id (null until the first export)")
     exported_steps: dict[str, int] = Field(default_factory=dict, description="job id -> last step exported")
     last_error: Optional[str] = None

@@ -150,7 +150,8 @@ class DatabaseCollector(Collector):
 
     def _webhooks(self, session: Session) -> Iterator[Metric]:
         deliveries = GaugeMetricFamily("halos_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
-        counts = dict(session.exec(select(OutboundDelivery.status, func.count()).group_by(OutboundDelivery.status)).all())
+        counts = dict(session.exec(select(OutboundDelivery.status, func.count())
+                                   .group_by(OutboundDelivery.status)).all())
         for status in ("pending", "delivered", "failed"):
             deliveries.add_metric([status], counts.get(status, 0))
         yield deliveries

@@ -7,7 +7,14 @@ from typing import Annotated, Literal, Optional
 from fastapi import APIRouter, Path, Query, Response
 
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
-from halos_client.event_models import DeliveryList, DeliveryOut, WebhookCreate, WebhookList, WebhookOut, WebhookWithSecret
+from halos_client.event_models import (
+    DeliveryList,
+    DeliveryOut,
+    WebhookCreate,
+    WebhookList,
+    WebhookOut,
+    WebhookWithSecret,
+)
 from server.services import webhooks as service
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=JsonBodyLimitRoute,

@@ -64,7 +64,8 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
         if split == "train":
             latest_train = rec
         elif split == "eval":
-            job_event(session, job_id, EventType.job_eval_done, attempt=job.attempt, data={"step": step, "metrics": rec})
+            job_event(session, job_id, EventType.job_eval_done, attempt=job.attempt,
+                      data={"step": step, "metrics": rec})
     if latest_train is not None:
         values: dict[str, Any] = {"latest_metrics": latest_train, "updated_at": now}
         for key in ("step", "examples", "round_step", "total_steps"):

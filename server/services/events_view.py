@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from sqlmodel import Session, col, select
 
-from halos_client.event_models import EventList, EventOut
+from halos_client.event_models import EventList, EventOut, EventType
 from server.models import TERMINAL_STATUSES, Event, Job, JobStatus, MetricPoint
 from server.services.jobs_view import get_job
 from server.services.keys import Principal
@@ -26,7 +26,7 @@ STREAM_METRIC_BATCH = 1000
 
 
 def event_out(e: Event) -> EventOut:
-    return EventOut(id=e.id or 0, type=e.type, job_id=e.job_id, run_id=e.run_id, subject_id=e.subject_id,  # type: ignore[arg-type]
+    return EventOut(id=e.id or 0, type=EventType(e.type), job_id=e.job_id, run_id=e.run_id, subject_id=e.subject_id,
                     attempt=e.attempt, status=e.status, data=dict(e.data or {}), created_at=e.created_at)
 
 
