@@ -21,6 +21,7 @@ from tenacity import AsyncRetrying
 from halos_client import calls
 from halos_client import models as m
 from halos_client.bodies import UNSET, round_body, run_body
+from halos_client.events import StreamMessage, aiter_events
 from halos_client.calls import TERMINAL_STATUSES, Call, FileSource, Upload, user_agent
 from halos_client.errors import (
     APIConnectionError,
@@ -196,6 +197,11 @@ class AsyncJobs(_Resource):
             if finished:
                 return
             await asyncio.sleep(poll_interval)
+
+    def events(self, job_id: str, *, last_event_id: Optional[str] = None,
+               metrics: bool = True) -> AsyncIterator[StreamMessage]:
+        """The job's events (and metric points) as they happen until it has finished; see `Jobs.events`."""
+        return aiter_events(self._client._http, job_id, last_event_id=last_event_id, metrics=metrics)
 
     async def cancel(self, job_id: str) -> m.JobOut:
         return await self._client.request(calls.cancel_job(job_id))

@@ -38,6 +38,7 @@ from halos_client.errors import (
     error_from_response,
 )
 from halos_client.bodies import UNSET, round_body, run_body
+from halos_client.events import StreamMessage, iter_events
 from halos_client.retry import NO_RETRIES, RetryPolicy, retrying_options
 
 T = TypeVar("T")
@@ -214,6 +215,13 @@ class Jobs(_Resource):
             if finished:
                 return
             time.sleep(poll_interval)
+
+    def events(self, job_id: str, *, last_event_id: Optional[str] = None,
+               metrics: bool = True) -> Iterator[StreamMessage]:
+        """The job's events (and metric points) as they happen, from the start or after
+        `last_event_id`, until the job has finished (the `end` message); a dropped connection is
+        resumed where it stopped (Server-Sent Events, `halos_client.events`)."""
+        return iter_events(self._client._http, job_id, last_event_id=last_event_id, metrics=metrics)
 
     def cancel(self, job_id: str) -> m.JobOut:
         """Queued/waiting: cancelled at once; running: `cancelling` until the training processes are gone."""

@@ -27,6 +27,7 @@ from halos_core.artefact_spec import LabelRule, SamplingParams, ScalarLabels
 from halos_core.config import Conversion, Hyperparams, LoraSettings
 from halos_core.gate import GateRule
 from halos_core.loss_registry import LossConfig
+from halos_client.event_models import TrackingLinkOut, TrackingOptions
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -234,6 +235,7 @@ class RunCreate(_Request):
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     conversion: Optional[Conversion] = None
     lora: Optional[LoraSettings] = None
+    tracking: Optional[TrackingOptions] = Field(None, description="also log this run to MLflow and/or W&B")
 
 
 class RoundCreate(_Request):
@@ -293,6 +295,7 @@ class RunOut(BaseModel):
     head_history: list[HeadMoveOut] = Field(default_factory=list)
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
+    tracking: list[TrackingLinkOut] = Field(default_factory=list, description="its MLflow / W&B runs")
 
 
 class Rollback(_Request):

@@ -11,8 +11,9 @@ import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from server import prometheus, ui
 from server.api import (
-    artefact_jobs, checkpoints, feedback, health, integrations, jobs, losses, models, prompts, runs,
+    artefact_jobs, checkpoints, events, feedback, health, integrations, jobs, losses, models, prompts, runs, webhooks,
 )
 from server.db import POOL_CAPACITY
 from server.errors import install_exception_handlers
@@ -28,7 +29,8 @@ DESCRIPTION = """\
 Online preference-alignment rounds (DPO, KTO, GRPO, …) on a self-hosted server.
 
 Upload feedback files, register an SFT model, create a run, queue rounds; poll jobs, read
-metrics, logs and the checkpoint lineage. Everything under `/v1` needs
+metrics, logs, events (also as a Server-Sent Events stream) and the checkpoint lineage; register
+webhooks. A dashboard is served at `/ui`, Prometheus metrics at `/metrics`. Everything under `/v1` needs
 `Authorization: Bearer <key>` and is scoped to the key's project (other projects' ids answer 404).
 Every error is `{"error": {"code", "message", "details"}}`.
 """
@@ -114,7 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     " directory it can read; set it to the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
-    for module in (feedback, prompts, models, losses, runs, jobs, checkpoints, artefact_jobs, integrations):
+    for module in (feedback, prompts, models, losses, runs, jobs, events, checkpoints, artefact_jobs, integrations,
+                   webhooks):
         app.include_router(module.router)
+    if settings.metrics_enabled:
+        app.include_router(prometheus.router(settings))
+        app.add_middleware(prometheus.RequestMetrics)
+    ui.mount(app)
     _refine_openapi(app)
     return app

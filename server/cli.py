@@ -112,10 +112,10 @@ def cmd_worker(
 
         migrate.upgrade(settings)
     stop = threading.Event()
-    if not no_sweeper:
-        from server import sweeper
+    if not no_sweeper:  # the sweeper, the webhook dispatcher, the tracking exporter
+        from server import loops
 
-        sweeper.start_thread(settings, stop)
+        loops.start(settings, stop)
     from worker.app import app as celery_app
 
     argv = [
@@ -168,7 +168,7 @@ def cmd_serve(
     _setup_logging(loglevel)
     import uvicorn
 
-    from server import migrate, sweeper
+    from server import loops, migrate
 
     settings = get_settings()
     settings.ensure_dirs()
@@ -184,8 +184,8 @@ def cmd_serve(
     try:
         # N API processes: uvicorn's supervisor spawns them, each builds its own app from HALOS_*
         api = "server.app:create_app" if workers > 1 else create_app(settings)
-        if not no_sweeper:
-            sweeper.start_thread(settings, stop)
+        if not no_sweeper:  # the sweeper, the webhook dispatcher, the tracking exporter
+            loops.start(settings, stop)
     except BaseException:
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=10)

@@ -310,3 +310,98 @@ class WebhookDelivery(SQLModel, table=True):
     integration_id: str = Field(foreign_key="integration.id", index=True)
     delivery_id: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+# --------------------------------------------------------------------------- events and webhooks
+# Written only inside the transactions that change what they describe (server/events.py is the one
+# writer; docs/ARCHITECTURE.md "Events and the webhook outbox").
+
+
+class Event(SQLModel, table=True):
+    """Append-only. `id` is the cursor of `GET /v1/jobs/{id}/events` and of the SSE stream: events of
+    one job are written under that job's row lock, so their ids commit in increasing order."""
+
+    __table_args__ = (Index("ix_event_job_id", "job_id", "id"), Index("ix_event_project_id", "project_id", "id"))
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: str = Field(foreign_key="project.id")
+    type: str = Field(max_length=40)  # job.started, job.succeeded, checkpoint.created, feedback.stored, …
+    job_id: Optional[str] = Field(default=None, foreign_key="job.id")
+    run_id: Optional[str] = Field(default=None, max_length=64)
+    subject_id: Optional[str] = Field(default=None, max_length=64)  # the object the event is about
+    attempt: Optional[int] = None
+    status: Optional[str] = Field(default=None, max_length=20)  # the job's status after the event
+    data: dict = _json_column()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A project's webhook receiver. The signing secret is stored as is: the server needs it to sign
+    (Standard Webhooks symmetric `whsec_…`); after a rotation the previous secret also signs until
+    `previous_secret_expires_at`."""
+
+    id: str = Field(default_factory=lambda: new_id("whk"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    url: str = Field(max_length=2048)
+    event_types: list = _json_column()
+    description: Optional[str] = Field(default=None, max_length=500)
+    secret: str = Field(max_length=200)
+    secret_rotated_at: Optional[datetime] = None
+    previous_secret: Optional[str] = Field(default=None, max_length=200)
+    previous_secret_expires_at: Optional[datetime] = None
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: Optional[datetime] = None  # deleted endpoints keep their delivery log, get nothing new
+
+
+class OutboundDelivery(SQLModel, table=True):
+    """The transactional outbox: one row per (event, endpoint), inserted with the event. Its id is the
+    `webhook-id` of every attempt (receivers deduplicate on it); `body` is fixed at insert so every
+    retry sends (and signs) the same bytes."""
+
+    __table_args__ = (Index("ix_outbounddelivery_due", "status", "next_attempt_at"),
+                      Index("ix_outbounddelivery_endpoint", "endpoint_id", "created_at"))
+
+    id: str = Field(default_factory=lambda: new_id("msg"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id")
+    endpoint_id: str = Field(foreign_key="webhookendpoint.id")
+    event_id: int = Field(foreign_key="event.id")
+    type: str = Field(max_length=40)
+    body: str
+    status: str = Field(default="pending", max_length=20)  # pending | delivered | failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    lease_owner: Optional[str] = Field(default=None, max_length=64)
+    lease_expires_at: Optional[datetime] = None
+    last_status_code: Optional[int] = None
+    last_error: Optional[str] = None
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: Optional[datetime] = None
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """Append-only log of every HTTP attempt of a delivery (the delivery log of the API)."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    delivery_id: str = Field(foreign_key="outbounddelivery.id", index=True)
+    attempt: int
+    started_at: datetime = Field(default_factory=utcnow)
+    duration_ms: int = 0
+    status_code: Optional[int] = None
+    error: Optional[str] = None
+    ok: bool = False
+
+
+class TrackingLink(SQLModel, table=True):
+    """A run's MLflow / W&B run: one per (run, backend), reused by every round and retry; `exported`
+    maps job id → the last step already sent (so no point is sent twice)."""
+
+    __table_args__ = (UniqueConstraint("run_id", "backend", name="uq_trackinglink_run_backend"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    backend: str = Field(max_length=20)  # mlflow | wandb
+    config: dict = _json_column()  # the run's options for this backend (RunCreate.tracking)
+    tracking_run_id: Optional[str] = Field(default=None, max_length=200)
+    exported: dict = _json_column()
+    last_error: Optional[str] = None
+    updated_at: datetime = Field(default_factory=utcnow)

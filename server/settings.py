@@ -78,6 +78,56 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 5.0  # doubled per attempt
     kill_grace_s: float = 30.0  # SIGTERM → SIGKILL of a training process group
 
+    # job events (GET /v1/jobs/{id}/events and its SSE stream)
+    events_poll_interval_s: float = Field(1.0, gt=0, description="how often an open event stream reads the database")
+    events_heartbeat_s: float = Field(15.0, gt=0, description="SSE comment sent while a stream has nothing new")
+    events_stream_max_s: float = Field(
+        3600.0, gt=0, description="an open stream ends after this long (the client reconnects with Last-Event-ID)")
+
+    # Prometheus
+    metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus text format, no API key)")
+
+    # webhooks (the outbox dispatcher runs in `halos serve` and `halos worker`)
+    webhooks_enabled: bool = Field(True, description="run the webhook dispatcher loop in this process")
+    webhook_dispatch_interval_s: float = Field(1.0, gt=0, description="how often the dispatcher looks for due deliveries")
+    webhook_batch_size: int = Field(20, ge=1, description="deliveries one dispatcher claims per pass")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="connect + read timeout of one delivery attempt")
+    webhook_lease_s: float = Field(
+        120.0, gt=0, description="a claimed delivery not finished within this is claimed again (a dispatcher died)")
+    webhook_backoff_s: float = Field(5.0, gt=0, description="wait before the first retry; doubled per failed attempt")
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="longest wait between two attempts")
+    webhook_max_age_s: float = Field(
+        3 * 24 * 3600.0, gt=0, description="a delivery still failing this long after its event is given up (failed)")
+    webhook_secret_grace_s: float = Field(
+        24 * 3600.0, ge=0, description="after a secret rotation, the previous secret also signs for this long")
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs webhooks may reach although private/loopback/link-local (e.g. 10.0.0.0/8); "
+                    "comma-separated or a JSON list; empty: only public addresses")
+
+    # experiment tracking (MLflow / Weights & Biases; per run, `tracking` in POST /v1/runs)
+    tracking_enabled: bool = Field(True, description="run the tracking exporter loop in this process")
+    tracking_interval_s: float = Field(5.0, gt=0, description="how often new metric points are exported")
+    mlflow_tracking_uri: str | None = Field(None, description="default MLflow tracking URI (a run may name its own)")
+    wandb_dir: Path | None = Field(None, description="directory of W&B run files; default <data_dir>/wandb")
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return json.loads(value) if value.startswith("[") else [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+        return value
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _split_model_roots(cls, value: Any) -> Any:

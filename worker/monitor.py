@@ -12,7 +12,8 @@ the claim, stopped after finish/release); the monitor reads its state every poll
   resumes from the last complete checkpoint.
 
 Every `heartbeat_interval_s` it streams new `metrics.jsonl` lines into the database
-(`jobs.record_progress`). When the launcher exits by itself, any process left in its group is
+(`jobs.record_progress`) and reports intermediate checkpoints that became complete
+(`jobs.record_checkpoint_saved`: a `job.checkpoint_saved` event). When the launcher exits by itself, any process left in its group is
 stopped too, then the exit is mapped to an outcome by `worker.exit_codes.classify`.
 """
 
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from halos_core.run_dir import RunDir
+from halos_core.run_dir import CheckpointError, RunDir, read_manifest
 from server import jobs
 from server.db import session_scope
 from server.jobs import Claim, Outcome
@@ -198,6 +199,7 @@ class Supervisor:
         self.metrics = MetricsTail(run_dir, metrics_offset)
         self.log_offset = log_offset
         self.keeper = keeper
+        self.reported_checkpoints: set[str] = set()
 
     # ---- database calls (each in its own short transaction)
     def _record(self, batch: list[dict[str, Any]], retry: bool) -> None:
@@ -206,6 +208,29 @@ class Supervisor:
 
     def _ingest(self) -> None:
         self.metrics.ingest(self._record)
+        self._report_checkpoints()
+
+    def _report_checkpoints(self) -> None:
+        """Complete intermediate checkpoints not reported yet (meta.json is written last, so its
+        presence means complete; the trainer verifies hashes when it resumes from one)."""
+        try:
+            names = sorted(d.name for d in self.run_dir.checkpoints.iterdir()
+                           if d.is_dir() and d.name not in self.reported_checkpoints)
+        except OSError:
+            return
+        for name in names:
+            try:
+                manifest = read_manifest(self.run_dir.checkpoints / name, verify=False)
+            except (CheckpointError, OSError):
+                continue  # still being written (or partial): looked at again next time
+            try:
+                with session_scope(self.settings) as session:
+                    jobs.record_checkpoint_saved(session, self.claim.job_id, self.claim.lease_token, manifest.step,
+                                                 name)
+            except Exception as exc:  # noqa: BLE001 - informational; tried again at the next ingest
+                log.warning("reporting checkpoint %s of %s failed: %s", name, self.claim.job_id, exc)
+                return
+            self.reported_checkpoints.add(name)
 
     def _reap_child(self) -> None:
         self.proc.poll()

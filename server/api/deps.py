@@ -70,8 +70,17 @@ async def get_read_session(request: Request) -> AsyncIterator[Session]:
     settings = request.app.state.settings
     slots = request.app.state.database_slots
     await slots.acquire()
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            slots.release()
+
     try:
         session = Session(get_read_engine(settings), expire_on_commit=False, autoflush=False)
+        session.info[_RELEASE_SLOT] = release
         try:
             yield session
         finally:
@@ -80,7 +89,20 @@ async def get_read_session(request: Request) -> AsyncIterator[Session]:
             else:
                 session.close()
     finally:
-        slots.release()
+        release()
+
+
+_RELEASE_SLOT = "halos_release_database_slot"
+
+
+def end_reads(session: Session) -> None:
+    """For a long response that needs no more of this request's session (a live event stream: it
+    opens short sessions of its own): close it and give its database slot back now, not when the
+    response ends."""
+    session.close()
+    release = session.info.pop(_RELEASE_SLOT, None)
+    if release is not None:
+        release()
 
 
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]

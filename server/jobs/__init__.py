@@ -3,7 +3,7 @@
     state.py     transitions: submit, claim, heartbeat, finish, release, request_cancel,
                  expire_leases, claimable_unheld (+ publish bookkeeping)
     chaining.py  what a parent's end does to the rounds waiting for it, and the lineage
-    progress.py  metric points and resume points reported by the lease holder
+    progress.py  metric points, eval/checkpoint events and resume points reported by the lease holder
     rows.py      the conditional-UPDATE primitive and row helpers
     types.py     Claim, Outcome, Heartbeat and the errors
 
@@ -11,7 +11,7 @@ Callers use this package's names (`from server import jobs; jobs.claim(...)`).
 """
 
 from server.jobs.chaining import job_checkpoint, round_checkpoint
-from server.jobs.progress import mark_attempt_started, record_progress
+from server.jobs.progress import mark_attempt_started, record_checkpoint_saved, record_progress
 from server.jobs.rows import int_or_zero, json_safe
 from server.jobs.state import (
     claim,
@@ -47,6 +47,7 @@ __all__ = [
     "json_safe",
     "mark_attempt_started",
     "mark_published",
+    "record_checkpoint_saved",
     "record_progress",
     "release",
     "request_cancel",

@@ -23,6 +23,8 @@ from sqlmodel import Session, select
 
 from halos_core.job_spec import JobSpec
 from halos_core.round_result import RoundResult
+from halos_client.event_models import EventType
+from server.events import job_event
 from server.jobs.head import head_checkpoint
 from server.jobs.rows import load, round_of, transition, trim
 from server.models import Checkpoint, Job, JobStatus, Round, Run
@@ -66,6 +68,7 @@ def fail_waiting_children(session: Session, parent: Job, reason: str, now: datet
         if transition(session, child_id, [JobStatus.waiting],
                       {"status": JobStatus.failed, "error": message, "finished_at": now, "updated_at": now}):
             failed.append(child_id)
+            job_event(session, child_id, EventType.job_failed, data={"error": message})
             child = load(session, child_id)
             if child is not None:
                 failed += fail_waiting_children(session, child, message or "", now)
@@ -108,6 +111,9 @@ def promote_children(session: Session, parent: Job, now: datetime) -> list[str]:
                       {"status": JobStatus.queued, "spec": child.spec, "queued_at": now,
                        "published_at": None, "updated_at": now}):
             promoted.append(child_id)
+            job_event(session, child_id, EventType.job_queued,
+                      data={"reason": "parent succeeded", "parent_job_id": parent.id,
+                            "parent_checkpoint_id": (child.spec or {}).get("init_from_checkpoint_id")})
     return promoted
 
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Optional
 
 from sqlmodel import Session
 
@@ -17,7 +17,7 @@ from halos_core.artefact_spec import ArtefactResult, LabelSpec, SampleSpec, pars
 from halos_core.round_result import RoundResult
 from server.jobs.chaining import register_checkpoint
 from server.jobs.head import promote
-from server.models import FeedbackFile, Job
+from server.models import Checkpoint, FeedbackFile, Job
 
 SOURCES = {"sample": "sampling", "label": "labelling"}
 
@@ -55,10 +55,12 @@ def register_artefact(session: Session, job: Job, result: ArtefactResult, now: d
     return fb
 
 
-def record_success(session: Session, job: Job, result: RoundResult | ArtefactResult, now: datetime) -> None:
+def record_success(session: Session, job: Job, result: RoundResult | ArtefactResult,
+                   now: datetime) -> Optional[Checkpoint | FeedbackFile]:
+    """Returns what the success produced (the state machine writes its event)."""
     if isinstance(result, RoundResult):
         ckpt = register_checkpoint(session, job, result)
         if ckpt is not None:
             promote(session, job, ckpt, result, now)
-    else:
-        register_artefact(session, job, result, now)
+        return ckpt
+    return register_artefact(session, job, result, now)

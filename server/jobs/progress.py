@@ -1,5 +1,7 @@
-"""Progress an attempt reports while it runs: metric points and the attempt's resume point.
-Written only by the lease holder (a stale runner's reports are dropped)."""
+"""Progress an attempt reports while it runs: metric points, eval passes and intermediate
+checkpoints (as events), and the attempt's resume point. Written only by the lease holder (a stale
+runner's reports are dropped); the job row is locked first, as for every job event
+(server/events.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from typing import Any, Optional
 from sqlalchemy import update
 from sqlmodel import Session, select
 
+from halos_client.event_models import EventType
+from server.events import job_event
 from server.jobs.rows import int_or_zero, json_safe
-from server.models import LIVE_STATUSES, Attempt, Job, MetricPoint, utcnow
+from server.models import LIVE_STATUSES, Attempt, Event, Job, MetricPoint, utcnow
 
 
 def mark_attempt_started(session: Session, job_id: str, lease_token: str, *,
@@ -40,10 +44,7 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
     metrics = [json_safe(r) for r in metrics if isinstance(r, dict)]
     if not metrics:
         return
-    job = session.exec(
-        select(Job).where(Job.id == job_id, Job.lease_token == lease_token, Job.status.in_(list(LIVE_STATUSES)))
-        .execution_options(populate_existing=True)
-    ).one_or_none()
+    job = _held(session, job_id, lease_token)
     if job is None:
         session.rollback()
         return
@@ -62,6 +63,9 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
         session.add(MetricPoint(job_id=job_id, attempt=job.attempt, step=step, split=split, data=rec, created_at=now))
         if split == "train":
             latest_train = rec
+        elif split == "eval":
+            job_event(session, job_id, EventType.job_eval_done, attempt=job.attempt,
+                      data={"step": step, "metrics": rec})
     if latest_train is not None:
         values: dict[str, Any] = {"latest_metrics": latest_train, "updated_at": now}
         for key in ("step", "examples", "round_step", "total_steps"):
@@ -72,3 +76,30 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
                     pass
         session.exec(update(Job).where(Job.id == job_id, Job.lease_token == lease_token).values(**values))
     session.commit()
+
+
+def _held(session: Session, job_id: str, lease_token: str) -> Optional[Job]:
+    """The job, row-locked, if `lease_token` holds it (else None)."""
+    return session.exec(
+        select(Job).where(Job.id == job_id, Job.lease_token == lease_token, Job.status.in_(list(LIVE_STATUSES)))
+        .with_for_update().execution_options(populate_existing=True)
+    ).one_or_none()
+
+
+def record_checkpoint_saved(session: Session, job_id: str, lease_token: str, step: int, name: str) -> bool:
+    """A `job.checkpoint_saved` event for a complete intermediate checkpoint, once per (job, step):
+    a retry that finds the checkpoints of earlier attempts, or saves the same step again after
+    resuming before it, adds none. Returns whether an event was written."""
+    job = _held(session, job_id, lease_token)
+    if job is None:
+        session.rollback()
+        return False
+    seen = session.exec(
+        select(Event.data).where(Event.job_id == job_id, Event.type == EventType.job_checkpoint_saved.value)
+    ).all()
+    if any(int_or_zero((d or {}).get("step")) == step for d in seen):
+        session.commit()
+        return False
+    job_event(session, job_id, EventType.job_checkpoint_saved, attempt=job.attempt, data={"step": step, "name": name})
+    session.commit()
+    return True

@@ -34,11 +34,24 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, select
 
+from halos_client.event_models import EventType
+from server.events import job_event
 from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
 from server.jobs.outputs import progress_values, record_success
 from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim
 from server.jobs.types import Claim, Heartbeat, JobNotFound, Outcome, ParentFailed
-from server.models import FAILED_STATUSES, LIVE_STATUSES, PENDING_STATUSES, TERMINAL_STATUSES, Attempt, Job, JobStatus, utcnow
+from server.models import (
+    FAILED_STATUSES,
+    LIVE_STATUSES,
+    PENDING_STATUSES,
+    TERMINAL_STATUSES,
+    Attempt,
+    Checkpoint,
+    FeedbackFile,
+    Job,
+    JobStatus,
+    utcnow,
+)
 
 log = logging.getLogger("server.jobs")
 
@@ -51,6 +64,7 @@ def crash_count(session: Session, job_id: str) -> int:
 
 def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff_s: float) -> str:
     """Called with the attempt already closed as `crashed` and the job row guarded by the caller."""
+    job_event(session, job.id, EventType.job_attempt_crashed, attempt=job.attempt, data={"reason": error})
     if job.cancel_requested or job.status == JobStatus.cancelling:
         set_terminal(session, job, JobStatus.cancelled, f"cancelled (attempt {job.attempt} crashed: {error})", now)
         return "cancelled"
@@ -66,6 +80,9 @@ def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff
                 updated_at=now,
             )
         )
+        job_event(session, job.id, EventType.job_retry_scheduled, attempt=job.attempt,
+                  data={"at": (now + timedelta(seconds=delay)).isoformat(), "delay_s": delay,
+                        "retry": crashes + 1, "max_attempts": job.max_attempts, "reason": error})
         return "queued"
     set_terminal(session, job, JobStatus.failed, f"crashed {crashes} times: {error}", now)
     return "failed"
@@ -79,6 +96,8 @@ def set_terminal(session: Session, job: Job, status: JobStatus, error: Optional[
             not_before=None, updated_at=now,
         )
     )
+    job_event(session, job.id, EventType.job_cancelled if status == JobStatus.cancelled else EventType.job_failed,
+              attempt=job.attempt or None, data={"error": trim(error)})
     if status in FAILED_STATUSES:
         reason = error or status.value
         fail_waiting_children(session, job, reason, now, cancelled=status == JobStatus.cancelled)
@@ -143,6 +162,8 @@ def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None,
         if parent is not None and parent.status == JobStatus.succeeded:
             inherit(session, job, parent)
             session.add(job)
+        session.flush()  # the caller's pending Round too: the event names the job's run
+        _submitted_event(session, job)
         session.commit()
         session.refresh(job)
         session.commit()  # end the read transaction (SQLite: BEGIN IMMEDIATE holds the write lock)
@@ -150,6 +171,15 @@ def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None,
         session.rollback()
         raise
     return job
+
+
+def _submitted_event(session: Session, job: Job) -> None:
+    if job.status == JobStatus.waiting:
+        job_event(session, job.id, EventType.job_waiting_for_parent, data={"parent_job_id": job.parent_job_id})
+    elif job.status == JobStatus.failed:
+        job_event(session, job.id, EventType.job_failed, data={"error": job.error})
+    else:
+        job_event(session, job.id, EventType.job_queued, data={"reason": "submitted"})
 
 
 def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_ttl: float | timedelta,
@@ -182,6 +212,7 @@ def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_tt
                         spec=dict(job.spec or {}), project_id=job.project_id, kind=job.kind)
         session.add(Attempt(job_id=job_id, attempt=job.attempt, lease_token=token, host=host[:255], pid=pid,
                             started_at=now))
+        job_event(session, job_id, EventType.job_started, attempt=job.attempt, data={"host": host[:255]})
         session.commit()
     except Exception:
         session.rollback()
@@ -244,8 +275,22 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
             }
             if not transition(session, job_id, LIVE_STATUSES, values, lease_token=lease_token):
                 raise RuntimeError(f"job {job_id} changed under a row lock")
-            record_success(session, job, result, now)  # the checkpoint (+ head promotion) or the artefact
+            made = record_success(session, job, result, now)  # the checkpoint (+ head promotion) or the artefact
             session.flush()
+            outputs: dict[str, Any] = {}
+            if isinstance(made, Checkpoint):
+                outputs["checkpoint_id"] = made.id
+                job_event(session, job_id, EventType.checkpoint_created, attempt=attempt,
+                          data={"checkpoint_id": made.id, "round_id": made.round_id, "parent_id": made.parent_id,
+                                "step": made.step, "examples": made.examples}, subject_id=made.id)
+            elif isinstance(made, FeedbackFile):  # a sampling / labelling job's output
+                outputs["feedback_id"] = made.id
+                job_event(session, job_id, EventType.feedback_stored, attempt=attempt, subject_id=made.id,
+                          data={"feedback_id": made.id, "kind": made.kind, "format": made.format,
+                                "sha256": made.sha256, "n_records": made.n_records, "n_train": made.n_train,
+                                "n_test": made.n_test})
+            job_event(session, job_id, EventType.job_succeeded, attempt=attempt,
+                      data={**outputs, **progress_values(result)})
             promote_children(session, job, now)
         elif outcome.status in ("failed", "cancelled"):
             close_attempt(session, job_id, attempt, outcome.status, outcome.error, now)
@@ -282,6 +327,7 @@ def release(session: Session, job_id: str, lease_token: str, reason: str, *, now
                         {"status": JobStatus.queued, "lease_token": None, "lease_expires_at": None,
                          "not_before": None, "queued_at": now, "published_at": None, "updated_at": now},
                         lease_token=lease_token)
+            job_event(session, job_id, EventType.job_released, attempt=job.attempt, data={"reason": reason})
         session.commit()
         return True
     except Exception:
@@ -302,8 +348,9 @@ def request_cancel(session: Session, job_id: str, *, now: Optional[datetime] = N
             if transition(session, job_id, [job.status], {"cancel_requested": True}):
                 set_terminal(session, job, JobStatus.cancelled, "cancelled by request", now)
         elif job.status == JobStatus.running:
-            transition(session, job_id, [JobStatus.running],
-                        {"status": JobStatus.cancelling, "cancel_requested": True, "updated_at": now})
+            if transition(session, job_id, [JobStatus.running],
+                          {"status": JobStatus.cancelling, "cancel_requested": True, "updated_at": now}):
+                job_event(session, job_id, EventType.job_cancelling, attempt=job.attempt)
         session.commit()
     except Exception:
         session.rollback()

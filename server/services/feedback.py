@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from server import storage
+from server import events, storage
+from halos_client.event_models import EventType
 from server.errors import Unprocessable
 from server.models import FeedbackFile
 from halos_client.models import FeedbackOut
@@ -164,6 +165,9 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
             except IntegrityError:
                 session.rollback()
                 continue  # re-read the winner's record
+            events.emit(session, principal.project_id, EventType.feedback_stored, subject_id=fb.id,
+                        data={"feedback_id": fb.id, "kind": fb.kind, "format": fb.format, "sha256": fb.sha256,
+                              "n_records": fb.n_records, "n_train": fb.n_train, "n_test": fb.n_test})
             rel, created = storage.publish_blob(staged, data_dir)
             try:
                 session.commit()

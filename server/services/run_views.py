@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
-from server.models import HeadMove, Job, JobStatus, Round, Run
+from halos_client.event_models import TrackingLinkOut
 from halos_client.models import HeadMoveOut, RoundOut, RunOut, RunSummary
+from server.models import HeadMove, Job, JobStatus, Round, Run, TrackingLink
 
 
 def status_text(job: Job | None) -> str:
@@ -58,6 +59,11 @@ def run_view(session: Session, run: Run) -> RunOut:
                       for m in session.exec(select(HeadMove).where(HeadMove.run_id == run.id)
                                             .order_by(col(HeadMove.id))).all()],
         created_at=run.created_at, rounds=round_views(session, rounds),
+        tracking=[TrackingLinkOut(backend=t.backend, tracking_run_id=t.tracking_run_id,
+                                  exported_steps={k: int(v) for k, v in ((t.exported or {}).get("steps") or {}).items()},
+                                  last_error=t.last_error)
+                  for t in session.exec(select(TrackingLink).where(TrackingLink.run_id == run.id)
+                                        .order_by(col(TrackingLink.backend))).all()],
     )
 
 

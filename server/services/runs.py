@@ -45,6 +45,7 @@ from server.services.round_checks import (
 )
 from server.services.round_spec import round_spec
 from server.services.run_views import status_text
+from server.tracking.links import add_tracking_links
 from server.settings import Settings
 
 log = logging.getLogger("halos.runs")
@@ -103,6 +104,7 @@ def create_run(session: Session, settings: Settings, principal: Principal, body:
             lora=body.lora.model_dump(mode="json") if body.lora else None,
         )
         session.add(run)
+        add_tracking_links(session, run, body.tracking)
         if idempotency_key is not None:
             idempotency.remember(session, principal.project_id, RUN_ENDPOINT, idempotency_key, req_hash, run.id, 201)
         try:

@@ -33,12 +33,14 @@ class Seeded:
     queued_job_id: str  # round 2: queued behind round 1's checkpoint (cancellable)
     checkpoint_id: str
     model_dir: Path
+    webhook_id: str = ""  # a webhook endpoint subscribed to everything
+    delivery_id: str = ""  # its (pending) delivery of the feedback file's `feedback.stored` event
     extra: dict[str, str] = field(default_factory=dict)
 
     def ids(self) -> set[str]:
         """Every server id of this project's objects."""
         return {self.feedback_id, self.model_id, self.run_id, self.done_job_id, self.queued_job_id,
-                self.checkpoint_id, *self.round_ids}
+                self.checkpoint_id, self.webhook_id, self.delivery_id, *self.round_ids}
 
     def id_for(self, param: str) -> str | None:
         """This project's real id for a path/body parameter name (None: no such kind here)."""
@@ -50,6 +52,8 @@ class Seeded:
             "checkpoint_id": self.checkpoint_id,
             "parent_checkpoint_id": self.checkpoint_id,
             "round_id": self.round_ids[0],
+            "webhook_id": self.webhook_id,
+            "delivery_id": self.delivery_id,
         }.get(param)
 
 
@@ -61,7 +65,11 @@ def _ok(resp, status: int = 201) -> dict:  # noqa: ANN001
 def seed_project(client: TestClient, session: Session, settings: Settings, root: Path, *, tag: str,
                  seed: int = 0) -> Seeded:
     """`client` is authenticated as the project to seed; `root` a fresh directory for its files."""
+    hook = _ok(client.post("/v1/webhooks", json={"url": f"https://hooks.example.com/{tag}", "event_types": ["*"]}))
+    spare = _ok(client.post("/v1/webhooks", json={"url": f"https://hooks.example.com/{tag}/spare",
+                                                  "event_types": ["job.finished"]}))
     fb = upload_ok(client, pairwise_records(8, seed=seed + 1))
+    delivery = _ok(client.get(f"/v1/webhooks/{hook['id']}/deliveries"), 200)["items"][0]
     model_dir = make_model_dir(root / f"sft-{tag}")
     model = _ok(client.post("/v1/models", json={"name": f"sft-{tag}", "path": str(model_dir)}))
     run = _ok(client.post("/v1/runs", json={"name": f"run-{tag}", "model_id": model["id"],
@@ -83,4 +91,5 @@ def seed_project(client: TestClient, session: Session, settings: Settings, root:
     assert r2["parent_checkpoint_id"] == checkpoint_id and r2["status"] == "queued", r2
     return Seeded(project=tag, feedback_id=fb["id"], model_id=model["id"], run_id=run["id"],
                   round_ids=[r1["round_id"], r2["round_id"]], done_job_id=r1["job_id"],
-                  queued_job_id=r2["job_id"], checkpoint_id=checkpoint_id, model_dir=model_dir)
+                  queued_job_id=r2["job_id"], checkpoint_id=checkpoint_id, model_dir=model_dir,
+                  webhook_id=hook["id"], delivery_id=delivery["id"], extra={"spare_webhook_id": spare["id"]})

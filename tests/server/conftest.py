@@ -60,6 +60,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         rate_limit_per_minute=0,
         num_processes=1,
         max_attempts=3,
+        events_stream_max_s=0.5,  # an event stream of a job nobody runs ends (the client would reconnect)
+        events_poll_interval_s=0.1,
     )
 
 

@@ -41,6 +41,8 @@ ID_KINDS = {
     "checkpoint_id": "checkpoint",
     "feedback_ids": "feedback",
     "parent_checkpoint_id": "checkpoint",
+    "webhook_id": "webhook",
+    "delivery_id": "delivery",
 }
 ID_LIKE = re.compile(r"(^|_)ids?$")
 
@@ -54,7 +56,8 @@ BODIES: dict[str, Callable[[Seeded], dict[str, Any]]] = {
 }
 
 SERVER_ID = re.compile(r"[a-z]+_[0-9a-f]{24}")
-NEVER = {"feedback": "fb_", "model": "mdl_", "run": "run_", "job": "job_", "checkpoint": "ckpt_"}
+NEVER = {"feedback": "fb_", "model": "mdl_", "run": "run_", "job": "job_", "checkpoint": "ckpt_", "webhook": "whk_",
+         "delivery": "msg_"}
 
 
 def _never_existed(kind: str) -> str:

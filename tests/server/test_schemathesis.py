@@ -73,6 +73,9 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         # same, plus: feedback ids must exist, the loss must fit the feedback kinds, the parent
         # checkpoint must belong to the run
         "create_round": "referenced feedback/checkpoint must exist; cross-field config rules",
+        # `url` must be http(s) and must not name a loopback/private/link-local address (the SSRF
+        # guard, docs/RELIABILITY.md S4): JSON Schema's `uri` format admits both
+        "create_webhook": "webhook URL must be a public http(s) URL",
         # the online loop: file contents and referenced ids the schema cannot carry
         "upload_prompts": "file content must be valid prompt records",
         "labelstudio_import": "body must be a Label Studio export of tasks this server made",
@@ -157,7 +160,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("schemathesis")
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root / 'halos.db'}",
                         broker_url=f"sqla+sqlite:///{root / 'broker.db'}", max_upload_bytes=256 * 1024,
-                        rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True)
+                        rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True,
+                        events_stream_max_s=0.3, events_poll_interval_s=0.1)  # streams of unrun jobs end
     engine = get_engine(settings)
     SQLModel.metadata.create_all(engine)
     with Session(engine, expire_on_commit=False) as session:
@@ -170,8 +174,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             # a second object of each listed kind, so `limit=1` pages have a next cursor
             seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
             cursors = {}
-            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs"):
-                page = client.get(path, params={"limit": 1}).json()
+            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs", "/v1/webhooks",
+                         "/v1/webhooks/{webhook_id}/deliveries"):
+                page = client.get(path.format(webhook_id=seeded.webhook_id), params={"limit": 1}).json()
                 assert page["next_cursor"], (path, page)
                 cursors[path] = page["next_cursor"]
         state = Live(app=app, seeded=seeded, cursors=cursors,
@@ -228,6 +233,8 @@ def realize(case: Any, live: Live, *, stateful: bool = False) -> None:
         for name in params:
             if name == "job_id":
                 params[name] = (s.queued_job_id, s.done_job_id)[_pick(case, "job", 2)]
+            elif name == "webhook_id" and op == "delete_webhook":
+                params[name] = s.extra["spare_webhook_id"]  # the seeded webhook stays for the other operations
             elif s.id_for(name) is not None:
                 params[name] = s.id_for(name)
         case.path_parameters = params

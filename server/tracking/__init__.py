@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow, Weights & Biases): see exporter.py."""
