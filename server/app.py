@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -85,9 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute)
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
-    if settings.model_roots is None and settings.auth_enabled:
-        log.warning("HALOS_MODEL_ROOTS is not set: any API key may register (make this server read and hash) any"
-                    " directory it can read; set it to the directories that hold your SFT models")
+    if settings.auth_enabled and any(Path(os.path.realpath(r)) == Path("/") for r in settings.allowed_model_roots):
+        log.warning("HALOS_MODEL_ROOTS includes /: any API key may register (make this server read and hash) any"
+                    " directory it can read; list only the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
     for module in (feedback, models, runs, jobs, checkpoints):

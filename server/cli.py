@@ -21,6 +21,7 @@ Logs go to stderr; stdout carries only command results.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -171,6 +172,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """The database and the broker answer (what /readyz checks), as an exit status: a process's
+    own health check where there is no HTTP port (the compose file's workers)."""
+    from server.api.health import check_broker, check_database
+
+    settings = get_settings()
+    checks = {"database": check_database(settings), "broker": check_broker(settings)}
+    print(json.dumps(checks))
+    return 0 if all(v == "ok" for v in checks.values()) else 1
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from server import migrate
     from server.db import session_scope
@@ -231,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", parents=[common], help="alembic upgrade head")
     mig.set_defaults(func=cmd_migrate)
+
+    check = sub.add_parser("check", parents=[common], help="exit 0 when the database and the broker answer")
+    check.set_defaults(func=cmd_check)
 
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -29,8 +29,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sft") / "tiny"
+def sft_root(tmp_path_factory) -> Path:
+    """The directory the e2e tests' SFT models are built in, shared by every test of the session."""
+    return tmp_path_factory.mktemp("sft")
+
+
+@pytest.fixture(autouse=True)
+def _sft_root_allowed(sft_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every deployment (which copies os.environ) lists sft_root in HALOS_MODEL_ROOTS, as an operator
+    lists the directory of their SFT models; without it only <data_dir>/models is allowed."""
+    monkeypatch.setenv("HALOS_MODEL_ROOTS", str(sft_root))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(sft_root: Path) -> Path:
+    path = sft_root / "tiny"
     subprocess.run([sys.executable, "-m", "halos_core.tiny", str(path)], check=True, stdout=subprocess.DEVNULL)
     return path
 

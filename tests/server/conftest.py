@@ -59,6 +59,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         rate_limit_per_minute=0,
         num_processes=1,
         max_attempts=3,
+        model_roots=[tmp_path],  # the tests build model directories anywhere under tmp_path
     )
 
 

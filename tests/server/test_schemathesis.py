@@ -147,7 +147,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("schemathesis")
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root / 'halos.db'}",
                         broker_url=f"sqla+sqlite:///{root / 'broker.db'}", max_upload_bytes=256 * 1024,
-                        rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True)
+                        rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True,
+                        model_roots=[root])  # seed_project builds its models under root
     engine = get_engine(settings)
     SQLModel.metadata.create_all(engine)
     with Session(engine, expire_on_commit=False) as session:
