@@ -233,9 +233,11 @@ def wait_terminal(client: httpx.Client, job_id: str) -> dict:
                     ROUND_TIMEOUT_S, f"job {job_id} to finish", interval=2)
 
 
-def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, how: str) -> dict:
+def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, round_index: int, how: str) -> dict:
     """Wait for the round's first complete checkpoint, SIGKILL the worker container running it
-    (`crash`: its init, from the host; `docker-kill`: `docker kill`), follow the recovery."""
+    (`crash`: its init, from the host; `docker-kill`: `docker kill`), follow the recovery.
+    Steps count on across rounds: round k ends at step k × STEPS."""
+    end_step = round_index * STEPS
     wait_for(lambda: job(client, job_id)["status"] == "running", ROUND_TIMEOUT_S, f"{job_id} running")
     steps = wait_for(lambda: complete_checkpoint_steps(stack, job_id), ROUND_TIMEOUT_S,
                      f"a complete checkpoint of {job_id}", interval=0.3)
@@ -247,7 +249,7 @@ def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, how: str) ->
     else:
         run(["docker", "kill", container])  # the default signal of `docker kill` is SIGKILL
     step_at_kill = last_logged_step(stack, job_id)
-    check(step_at_kill < STEPS, f"killed mid-round (step {step_at_kill} of {STEPS})")
+    check(step_at_kill < end_step, f"killed mid-round (step {step_at_kill}, the round ends at {end_step})")
     ckpt_before = max(complete_checkpoint_steps(stack, job_id))  # every process of the container is gone now
 
     if how == "crash":
@@ -262,7 +264,7 @@ def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, how: str) ->
     done = wait_terminal(client, job_id)
     recovered_after = time.monotonic() - t_kill
     check(done["status"] == "succeeded", f"round {job_id} succeeded after the kill: {done}")
-    check(done["attempt"] == 2 and done["progress"]["step"] == STEPS, f"2 attempts, {STEPS} steps: {done}")
+    check(done["attempt"] == 2 and done["progress"]["step"] == end_step, f"2 attempts, up to step {end_step}: {done}")
     rows = stack.sql(f"SELECT attempt, host, outcome, coalesce(resumed_from_step, -1), "
                      f"extract(epoch from started_at), extract(epoch from ended_at), coalesce(error, '') "
                      f"FROM attempt WHERE job_id = '{job_id}' ORDER BY attempt")
@@ -393,8 +395,8 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
             return {"run": run_id, "jobs": jobs}
         rounds = step("create run, submit 2 chained DPO rounds", submit)
 
-        step("round 1: worker container crashes mid-round", lambda: kill_mid_round(stack, client, rounds["jobs"][0], "crash"))
-        step("round 2: docker kill of its worker mid-round", lambda: kill_mid_round(stack, client, rounds["jobs"][1],
+        step("round 1: worker container crashes mid-round", lambda: kill_mid_round(stack, client, rounds["jobs"][0], 1, "crash"))
+        step("round 2: docker kill of its worker mid-round", lambda: kill_mid_round(stack, client, rounds["jobs"][1], 2,
                                                                                    "docker-kill"))
 
         def lineage() -> dict:
