@@ -56,7 +56,7 @@ SKIP = 77
 FILES = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
 WORKER = "worker-cpu"
 WORKERS = 2
-STEPS = 40
+STEPS = 20
 HYPERPARAMS = {"lr": 1e-3, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 4, "max_length": 64,
                "max_prompt_length": 32, "checkpoint_every": 4, "seed": 1}
 HEALTH_TIMEOUT_S = 180
