@@ -243,14 +243,18 @@ def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, round_index:
                      f"a complete checkpoint of {job_id}", interval=0.3)
     container, attempt = holder(stack, job_id)
     check(attempt == 1, f"{job_id} is still on its first attempt when killed (attempt {attempt})")
+    init_pid = int(stack.inspect(container, "{{.State.Pid}}"))
     t_kill = time.monotonic()
     if how == "crash":
-        os.kill(int(stack.inspect(container, "{{.State.Pid}}")), signal.SIGKILL)
+        os.kill(init_pid, signal.SIGKILL)
     else:
         run(["docker", "kill", container])  # the default signal of `docker kill` is SIGKILL
+    # its init gone = every process of its PID namespace gone: nothing of attempt 1 writes any more
+    wait_for(lambda: int(stack.inspect(container, "{{.State.Pid}}")) != init_pid, 60,
+             "the killed container's init to exit", interval=0.1)
     step_at_kill = last_logged_step(stack, job_id)
     check(step_at_kill < end_step, f"killed mid-round (step {step_at_kill}, the round ends at {end_step})")
-    ckpt_before = max(complete_checkpoint_steps(stack, job_id))  # every process of the container is gone now
+    ckpt_before = max(complete_checkpoint_steps(stack, job_id))
 
     if how == "crash":
         # the restart policy starts the same container again, and it becomes healthy
