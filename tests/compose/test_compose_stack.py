@@ -27,6 +27,7 @@ def test_compose_stack_from_a_fresh_clone(tmp_path: Path) -> None:
     summary_file = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compose_smoke.py"), "--json", str(summary_file)],
                           capture_output=True, text=True, timeout=2300)
+    print(proc.stdout)  # one line per step with its duration (pytest -rP shows it)
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if proc.returncode == 77:
         pytest.skip(summary.get("reason", proc.stdout[-500:]))
