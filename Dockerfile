@@ -43,10 +43,11 @@ RUN if [ -n "$WHEELHOUSE" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhou
 COPY alembic.ini ./
 COPY migrations ./migrations
 COPY halos_core ./halos_core
+COPY halos_client ./halos_client
 COPY server ./server
 COPY worker ./worker
 RUN pip install --no-deps --no-build-isolation -e . \
- && python -c "import server.cli, worker.app, halos_core.config" \
+ && python -c "import server.cli, worker.app, halos_core.config, halos_client" \
  && useradd --create-home --uid 1000 halos \
  && mkdir -p /data \
  && chown -R halos:halos /data

@@ -164,7 +164,7 @@ def loss_config(loss: str, args: argparse.Namespace) -> dict:
 
 def make_config(loss: str, k: int, args: argparse.Namespace, work: Path, model_dir: Path, sha: str,
                 parent: Any | None, run_dir: Path | None = None):
-    from halos_core.config import RunConfig
+    from halos_core.job_spec import RunConfig
 
     fb, kind, conversion = round_feedback(loss, k, args, work)
     lr = args.kto_lr if (loss == "kto" and args.kto_lr) else args.lr
@@ -194,7 +194,7 @@ def make_config(loss: str, k: int, args: argparse.Namespace, work: Path, model_d
 def eval_before(cfg) -> dict[str, float]:
     """The trainer's eval metrics of the SFT model on round 1's test split (no training)."""
     from halos_core.train import _release
-    from halos_core.trainer import Trainer
+    from halos_core.training import Trainer
 
     trainer = Trainer.from_config(cfg)
     try:
@@ -240,7 +240,7 @@ def _row(loss: str, k: int, ev: dict, fixed: dict, res: Any, seconds: float) -> 
         "fixed": fixed,
         "step": res.step if res else 0,
         "examples": res.examples if res else 0,
-        "round_steps": res.round_steps if res else 0,
+        "round_step": res.round_step if res else 0,
         "seconds": seconds,
     }
 
@@ -271,7 +271,7 @@ def verdict(rows: list[dict], loss: str) -> tuple[bool, str]:
         ok = ok and any(trainer_after.get(k, 0) >= TARGET for k in range(1, 4))
     # chaining: counters continue and every round moves the held-out margin further (a round that
     # restarted from the SFT weights would land near round 1's margin again)
-    steps_ok = all(b["step"] == a["step"] + b["round_steps"] for a, b in zip(mine, mine[1:]))
+    steps_ok = all(b["step"] == a["step"] + b["round_step"] for a, b in zip(mine, mine[1:]))
     margins = [r["fixed"]["margin"] for r in mine]
     grows = all(b > a for a, b in zip(margins, margins[1:]))
     ok = ok and steps_ok and grows

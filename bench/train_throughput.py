@@ -8,7 +8,7 @@ What runs: a random-weight Llama with the requested shape is built locally (noth
 downloaded) and saved next to a small local BPE tokenizer; synthetic feedback of the kind each
 loss trains on (pairwise / binary / scalar) is generated with sequence lengths (prompt +
 response, in tokens, chat template included) drawn uniformly in [--seq-min, --seq-max]; then
-`halos_core.trainer.Trainer.from_config(RunConfig)` + `Trainer.train()` run the round exactly as
+`halos_core.training.Trainer.from_config(RunConfig)` + `Trainer.train()` run the round exactly as
 `python -m halos_core.train` does. The round has `--steps + 1` optimizer steps and is stopped
 (`train(stop_after=--steps)`) after `--steps`, so no multi-GB final checkpoint is written.
 
@@ -66,17 +66,15 @@ CHAT_OVERHEAD = 4  # <|user|> <|end|> <|assistant|> ... <|end|>: tokens the temp
 
 
 def supported_losses() -> list[str]:
-    import halos_core.trainer as trainer
-    from halos_core.config import LOSS_NAMES
+    from halos_core.loss_registry import LOSSES
 
-    unsupported = getattr(trainer, "UNSUPPORTED_LOSSES", {})  # losses the trainer refuses (if any)
-    return [name for name in LOSS_NAMES if name not in unsupported]
+    return list(LOSSES)
 
 
 def feedback_kind_for(loss: str) -> str:
-    from halos_core.config import LOSS_DATA_KIND
+    from halos_core.loss_registry import loss_spec
 
-    return {"paired": "pairwise", "unpaired": "binary", "grouped": "scalar", "sft": "pairwise"}[LOSS_DATA_KIND[loss]]
+    return {"paired": "pairwise", "unpaired": "binary", "grouped": "scalar", "sft": "pairwise"}[loss_spec(loss).data]
 
 
 def _vm_hwm_bytes() -> int | None:
@@ -224,10 +222,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def bench_loss(loss: str, args: argparse.Namespace, model_dir: Path, sha: str, counts: dict, work: Path, device: str) -> dict:
     import torch
 
-    from halos_core.config import RunConfig, hyperparams_problem
+    from halos_core.job_spec import RunConfig, hyperparams_problem
     from halos_core.synthetic import write_jsonl
     from halos_core.train import _release
-    from halos_core.trainer import Stopped, Trainer
+    from halos_core.training import Stopped, Trainer
     from transformers import AutoTokenizer
 
     hp = {

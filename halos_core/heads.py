@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from halos_core.config import LOSS_HEAD_KIND
+from halos_core.loss_registry import head_kind
 
 HEAD_FILE = "head.safetensors"
-HEAD_KINDS = LOSS_HEAD_KIND  # loss name -> head kind (defined torch-free, the server checks it at submit time)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -81,7 +80,7 @@ class ValueHead(nn.Module):
 
 def build_head(loss_name: str, hidden_size: int) -> nn.Module | None:
     """The head a loss trains (None for the plain language-model losses)."""
-    kind = HEAD_KINDS.get(loss_name)
+    kind = head_kind(loss_name)
     if kind == "reward":
         return RewardHead(hidden_size)
     if kind == "value":

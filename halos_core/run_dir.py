@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from halos_core.config import RunConfig
+from halos_core.job_spec import RunConfig
+from halos_core.round_result import RoundResult
 
 META_FILE = "meta.json"
 CHECKPOINT_PREFIX = "step-"
@@ -246,10 +247,12 @@ class RunDir:
                 records.append(record)
         return records, offset + end
 
-    def write_result(self, result: dict[str, Any]) -> None:
-        write_json_atomic(self.result_json, result)
+    def write_result(self, result: RoundResult) -> None:
+        write_json_atomic(self.result_json, result.to_json())
 
-    def read_result(self) -> dict[str, Any] | None:
+    def read_result(self) -> RoundResult | None:
+        """result.json, validated (None when absent; pydantic's ValidationError, a ValueError, when
+        it is not a RoundResult)."""
         if not self.result_json.is_file():
             return None
-        return json.loads(self.result_json.read_text())
+        return RoundResult.model_validate_json(self.result_json.read_bytes())

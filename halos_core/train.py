@@ -3,7 +3,7 @@
     run(config) -> RunResult                       in-process (tests)
     python -m halos_core.train --config run.json   what `accelerate launch` runs
 
-All settings come from run.json (a `halos_core.config.RunConfig`); nothing is read from the
+All settings come from run.json (a `halos_core.job_spec.RunConfig`); nothing is read from the
 environment except what `accelerate launch` itself sets (ranks, world size, device).
 
 Exit status: 0 after result.json was written (rank 0); 1 on any exception, after printing the
@@ -21,23 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from halos_core.config import RunConfig
+from halos_core.job_spec import RunConfig
+from halos_core.round_result import RoundResult
 from halos_core.run_dir import RunDir
 
 
 @dataclass
 class RunResult:
-    status: str  # "ok"
+    """A finished in-process round: where it ran and its result.json (None on non-main processes)."""
+
     run_dir: Path
-    final_dir: Path | None
+    result: RoundResult | None
     step: int
     examples: int
-    round_steps: int
+    round_step: int
     total_steps: int
-    eval: dict[str, float]
-    manifest_sha256: str | None
-    reference_sha256: str | None
-    result: dict[str, Any]  # result.json as written (empty on non-main ranks)
+
+    @property
+    def final_dir(self) -> Path | None:
+        return Path(self.result.final_dir) if self.result is not None else None
+
+    @property
+    def eval(self) -> dict[str, float]:
+        return dict(self.result.eval) if self.result is not None else {}
 
 
 def _load_config(config: RunConfig | str | Path) -> RunConfig:
@@ -49,11 +55,11 @@ def _load_config(config: RunConfig | str | Path) -> RunConfig:
 def run(config: RunConfig | str | Path, *, stop_after: int | None = None, keep_last: int | None = None) -> RunResult:
     """Train one round described by `config` (or the path of a run.json); returns its result.
 
-    `stop_after` (tests) raises `halos_core.trainer.Stopped` after that many round steps, as if
+    `stop_after` (tests) raises `halos_core.training.Stopped` after that many round steps, as if
     the process had been killed right after the step (and its checkpoint, if one was due).
     """
     from halos_core.checkpoint import DEFAULT_KEEP_LAST
-    from halos_core.trainer import Trainer
+    from halos_core.training import Trainer
 
     cfg = _load_config(config)
     trainer = Trainer.from_config(cfg, keep_last=DEFAULT_KEEP_LAST if keep_last is None else keep_last)
@@ -61,19 +67,13 @@ def run(config: RunConfig | str | Path, *, stop_after: int | None = None, keep_l
         result = trainer.train(stop_after=stop_after)
     finally:
         _release(trainer)
-    final = result.get("final_dir")
     return RunResult(
-        status=result.get("status", "ok"),
         run_dir=Path(cfg.run_dir),
-        final_dir=Path(final) if final else None,
-        step=int(result.get("step", trainer.global_step())),
-        examples=int(result.get("examples", trainer.global_examples())),
-        round_steps=int(result.get("round_steps", trainer.round_step)),
-        total_steps=int(result.get("total_steps", trainer.train_loader.total_steps)),
-        eval=dict(result.get("eval", {})),
-        manifest_sha256=result.get("manifest_sha256"),
-        reference_sha256=result.get("reference_sha256"),
         result=result,
+        step=trainer.global_step(),
+        examples=trainer.global_examples(),
+        round_step=trainer.round_step,
+        total_steps=trainer.train_loader.total_steps,
     )
 
 
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _load_config(args.config)
         result = run(cfg)
-        if result.result:  # rank 0
+        if result.result is not None:  # rank 0
             print(
                 f"halos_core.train: ok step={result.step} examples={result.examples} "
-                f"round_steps={result.round_steps} final={result.final_dir}",
+                f"round_step={result.round_step} final={result.final_dir}",
                 flush=True,
             )
-        if result.result and not RunDir(cfg.run_dir).result_json.is_file():
+        if result.result is not None and not RunDir(cfg.run_dir).result_json.is_file():
             raise RuntimeError("result.json was not written")
         return 0
     except Exception:  # noqa: BLE001 - report everything, exit non-zero (signals keep their meaning)

@@ -5,15 +5,19 @@
 1. builds a tiny Llama SFT model locally (nothing is downloaded),
 2. starts `halos serve` with embedded defaults (SQLite + embedded broker) in a fresh data dir,
 3. creates an API key with `halos keys create`,
-4. uploads pairwise feedback over HTTP, runs round 1 (DPO) and, on new feedback, round 2
-   continuing from round 1's checkpoint (weights, optimizer and scheduler),
-5. shows progress, prints the lineage and per-round metrics, and shuts the server down.
+4. with the `halos` client commands (each printed before it runs): registers the model, creates a
+   run, and runs round 1 (DPO) and, on new feedback, round 2 continuing from round 1's checkpoint
+   (weights, optimizer and scheduler), each `--wait`ing with a live progress bar,
+5. with the Python SDK (`halos_client.Client`): prints the per-round metrics; then the lineage
+   with `halos checkpoints lineage`, and shuts the server down.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -22,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from halos_client import APIConnectionError, Client, ServiceUnavailableError
 from halos_core.synthetic import pairwise_records, to_jsonl_bytes
 
 console = Console()
@@ -44,40 +47,28 @@ def halos(*args: str, env: dict) -> str:
     return subprocess.run([str(BIN / "halos"), *args], env=env, check=True, capture_output=True, text=True).stdout
 
 
-def wait_ready(client: httpx.Client, proc: subprocess.Popen, timeout: float = 120) -> None:
+def show(*args: str, env: dict) -> dict:
+    """Run a `halos` client command as a user would type it, print it, return its `-o json` result.
+    Its stderr (uploads, the progress bar of --wait, errors) goes straight to the terminal."""
+    argv = [*args, "-o", "json"]
+    console.print(f"[dim]$ halos {' '.join(shlex.quote(a) for a in argv)}[/]")
+    out = subprocess.run([str(BIN / "halos"), *argv], env=env, stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"halos {args[0]} {args[1]} exited with {out.returncode}")
+    return json.loads(out.stdout)
+
+
+def wait_ready(client: Client, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"halos serve exited early with code {proc.returncode}")
         try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+            client.ready()
+            return
+        except (APIConnectionError, ServiceUnavailableError):
+            time.sleep(0.5)
     raise SystemExit("server did not become ready")
-
-
-def check(resp: httpx.Response) -> dict:
-    if resp.status_code >= 400:
-        raise SystemExit(f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}: {resp.text}")
-    return resp.json()
-
-
-def wait_for_job(client: httpx.Client, job_id: str, label: str) -> dict:
-    with Progress(TextColumn(f"[bold]{label}[/] {{task.fields[status]}}"), BarColumn(),
-                  TextColumn("step {task.completed}/{task.total}  loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task(label, total=None, status="queued", loss="-")
-        while True:
-            job = check(client.get(f"/v1/jobs/{job_id}"))
-            p = job["progress"]
-            loss = (job.get("latest_metrics") or {}).get("loss")
-            progress.update(task, completed=p.get("round_step") or 0, total=p.get("total_steps"),
-                            status=job["status"], loss=f"{loss:.4f}" if isinstance(loss, float) else "-")
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(1.0)
 
 
 def main() -> None:
@@ -108,61 +99,53 @@ def main() -> None:
     log = open(data_dir / "server.log", "w")
     server = subprocess.Popen([str(BIN / "halos"), "serve", "--port", str(port)], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    cli_env = {**env, "HALOS_BASE_URL": base_url, "HALOS_API_KEY": key}
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                              headers={"Authorization": f"Bearer {key}"})
+        client = Client(base_url, key)
         wait_ready(client, server)
-        console.print(f"server ready on http://127.0.0.1:{port} (API docs at /docs; log {data_dir}/server.log)")
+        console.print(f"server ready on {base_url} (API docs at /docs; log {data_dir}/server.log)")
 
-        model = check(client.post("/v1/models", json={"name": "tiny-sft", "path": str(model_dir)}))
+        model = show("models", "register", str(model_dir), "--name", "tiny-sft", env=cli_env)
         console.print(f"registered model {model['id']} sha256 {model['sha256'][:12]}…")
-
         hp = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 4, "max_length": 64,
               "max_prompt_length": 32, "checkpoint_every": 4}
-        run = check(client.post("/v1/runs", json={"name": "demo", "model_id": model["id"],
-                                                  "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": hp}))
+        run = show("runs", "create", "--model", model["id"], "--loss", "dpo", "--name", "demo",
+                   *[arg for k, v in hp.items() for arg in ("--hp", f"{k}={v}")], env=cli_env)
 
         rounds = []
-        for index, (seed, loss) in enumerate([(1, None), (2, {"name": "dpo", "beta": 0.1})], start=1):
-            body = to_jsonl_bytes(pairwise_records(64, seed=seed, test_fraction=0.2, id_prefix=f"r{index}-"))
-            fb = check(client.post("/v1/feedback", content=body, headers={"Content-Type": "application/x-ndjson"}))
-            console.print(f"uploaded feedback {fb['id']}: {fb['n_records']} {fb['kind']} records "
-                          f"({fb['n_test']} held out)")
-            request = {"feedback_ids": [fb["id"]]}
-            if loss:
-                request["loss"] = loss
-            rnd = check(client.post(f"/v1/runs/{run['id']}/rounds", json=request))
-            job = wait_for_job(client, rnd["job_id"], f"round {index}")
-            if job["status"] != "succeeded":
-                logs = client.get(f"/v1/jobs/{job['id']}/logs").text
-                raise SystemExit(f"round {index} {job['status']}: {job.get('error')}\n{logs[-3000:]}")
-            rounds.append(job)
+        for index, (seed, loss) in enumerate([(1, None), (2, '{"name": "dpo", "beta": 0.1}')], start=1):
+            feedback = data_dir / f"feedback-round{index}.jsonl"
+            feedback.write_bytes(to_jsonl_bytes(pairwise_records(64, seed=seed, test_fraction=0.2,
+                                                                 id_prefix=f"r{index}-")))
+            override = ["--loss", loss] if loss else []
+            # --feedback FILE uploads the file first; --wait shows the progress bar and fails on failure
+            rnd = show("rounds", "create", run["id"], "--feedback", str(feedback), *override, "--wait", env=cli_env)
+            rounds.append(client.jobs.get(rnd["job_id"]))
 
-        table = Table(title="per-round metrics")
+        table = Table(title="per-round metrics (Python SDK: client.jobs.metrics)")
         for col in ("round", "steps", "first loss", "last loss", "reward acc (train, last)",
-                    "eval reward acc", "eval margin"):
+                    "eval reward acc", "eval margin", "elapsed"):
             table.add_column(col)
         for index, job in enumerate(rounds, start=1):
-            series = check(client.get(f"/v1/jobs/{job['id']}/metrics"))["items"]
-            train = [m["data"] for m in series if m["split"] == "train"]
-            evals = [m["data"] for m in series if m["split"] == "eval"]
+            series = list(client.jobs.metrics(job.id))
+            train = [p.data for p in series if p.split == "train"]
+            evals = [p.data for p in series if p.split == "eval"]
             ev = evals[-1] if evals else {}
             table.add_row(str(index), str(len(train)), f"{train[0]['loss']:.4f}", f"{train[-1]['loss']:.4f}",
                           f"{train[-1].get('rewards/accuracy', float('nan')):.2f}",
                           f"{ev.get('rewards/accuracy', float('nan')):.2f}",
-                          f"{ev.get('rewards/margin', float('nan')):.4f}")
+                          f"{ev.get('rewards/margin', float('nan')):.4f}", f"{job.elapsed_s or 0:.1f} s")
         console.print(table)
 
-        lineage = check(client.get(f"/v1/checkpoints/{rounds[-1]['checkpoint_id']}/lineage"))
-        console.print("[bold]lineage[/] (newest first):")
-        for item in lineage["items"]:
-            console.print(f"  {item['checkpoint_id']}  round {item['round_index']}  step {item['step']}  "
-                          f"loss {item['loss']['name']}  feedback {', '.join(item['feedback_ids'])}")
-        root = lineage["model"]
-        console.print(f"  {root['id']}  SFT model '{root['name']}'  sha256 {root['sha256'][:12]}…")
+        lineage_cmd = ["checkpoints", "lineage", rounds[-1].checkpoint_id or ""]
+        console.print(f"[dim]$ halos {' '.join(lineage_cmd)}[/]")
+        subprocess.run([str(BIN / "halos"), *lineage_cmd], env=cli_env, check=True)
+        client.close()
         console.print(f"[green]demo finished in {time.monotonic() - started:.0f} s[/]")
         if args.keep:
-            console.print("server left running; Ctrl-C to stop")
+            console.print(f"server left running; try: HALOS_BASE_URL={base_url} HALOS_API_KEY=… halos jobs list;"
+                          " Ctrl-C to stop")
             server.wait()
     finally:
         if server.poll() is None:

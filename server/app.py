@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import checkpoints, feedback, health, jobs, models, runs
+from server.api import (
+    artefact_jobs, checkpoints, feedback, health, integrations, jobs, losses, models, prompts, runs,
+)
 from server.errors import install_exception_handlers
 from server.services.ratelimit import SlidingWindowLimiter
 from server.settings import Settings, get_settings
@@ -92,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     " directory it can read; list only the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
-    for module in (feedback, models, runs, jobs, checkpoints):
+    for module in (feedback, prompts, models, losses, runs, jobs, checkpoints, artefact_jobs, integrations):
         app.include_router(module.router)
     _refine_openapi(app)
     return app

@@ -1,26 +1,30 @@
-"""`halos` command line (argparse).
+"""`halos` command line (typer): the server's commands, and the client's mounted beside them.
 
-    halos serve [--host H] [--port P] [--no-worker] [--no-sweeper] [--concurrency N]
+    halos serve [--host H] [--port P] [--no-worker] [--no-sweeper] [--no-migrate] [--concurrency N]
         Migrates the database, then runs the HTTP API (uvicorn) in this process, the sweeper in
         a thread, and — unless --no-worker — one `halos worker --no-sweeper` child process.
         With nothing configured everything lives under HALOS_DATA_DIR (SQLite + embedded broker).
         Ctrl-C / SIGTERM stops the API, then the worker child (warm shutdown: running jobs are
         released and resume later), then the sweeper.
-    halos worker [--concurrency N] [--no-sweeper] [--loglevel L]
+    halos worker [--concurrency N] [--no-sweeper] [--migrate] [--loglevel L]
         A Celery worker consuming queue `halos` (solo pool for N=1, threads for N>1) plus its
         own sweeper thread. With N>1 (and not HALOS_USE_CPU) every concurrent job gets its own
         HALOS_NUM_PROCESSES GPUs (worker/slots.py); too few visible GPUs: exits with status 2.
     halos migrate
         `alembic upgrade head` on HALOS_DATABASE_URL.
+    halos check
+        Exit 0 when the database and the broker answer (the compose file's worker health check).
     halos keys create --project NAME      prints the new API key, alone, on stdout
     halos keys revoke KEY_ID_OR_PREFIX
+    halos feedback|models|runs|rounds|jobs|checkpoints …
+        The HTTP API's client commands (halos_client/cli): they talk to a server at
+        HALOS_BASE_URL with HALOS_API_KEY, like any other client.
 
 Logs go to stderr; stdout carries only command results.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,8 +33,11 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
+import typer
+
+from halos_client.cli import add_client_commands
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("halos")
@@ -62,36 +69,56 @@ def _set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+app = typer.Typer(name="halos", help="halos-server: online preference-alignment rounds", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+keys_app = typer.Typer(help="API keys", no_args_is_help=True)
+app.add_typer(keys_app, name="keys", rich_help_panel="Server")
+
+LogLevel = Annotated[str, typer.Option("--loglevel", show_default=False,
+                                        help="DEBUG, INFO, WARNING, … [default: HALOS_LOG_LEVEL or INFO]")]
+Concurrency = Annotated[Optional[int], typer.Option("--concurrency", help="jobs the worker runs at once")]
+DEFAULT_LOGLEVEL = os.environ.get("HALOS_LOG_LEVEL", "INFO")
+
+
+@app.command("migrate", rich_help_panel="Server", help="alembic upgrade head")
+def cmd_migrate(loglevel: LogLevel = DEFAULT_LOGLEVEL) -> None:
+    _setup_logging(loglevel)
     from server import migrate
 
     settings = get_settings()
     migrate.upgrade(settings)
     log.info("database at revision %s", migrate.current(settings))
-    return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+@app.command("worker", rich_help_panel="Server", help="Celery worker that runs training jobs")
+def cmd_worker(
+    concurrency: Concurrency = None,
+    no_sweeper: Annotated[bool, typer.Option("--no-sweeper")] = False,
+    run_migrations: Annotated[bool, typer.Option("--migrate", help="run migrations first")] = False,
+    loglevel: LogLevel = DEFAULT_LOGLEVEL,
+) -> None:
+    _setup_logging(loglevel)
     settings = get_settings()
     settings.ensure_dirs()
-    concurrency = args.concurrency or settings.worker_concurrency
+    concurrency = concurrency or settings.worker_concurrency
     from worker import slots  # the worker package is imported only by this command
 
     try:
         slots.configure(settings, concurrency)  # one GPU set per concurrent job
     except slots.SlotError as exc:
         log.error("refusing to start the worker: %s", exc)
-        return 2
-    if args.migrate:
+        raise typer.Exit(2) from None
+    if run_migrations:
         from server import migrate
 
         migrate.upgrade(settings)
     stop = threading.Event()
-    if not args.no_sweeper:
+    if not no_sweeper:
         from server import sweeper
 
         sweeper.start_thread(settings, stop)
-    from worker.app import app
+    from worker.app import app as celery_app
 
     argv = [
         "worker",
@@ -99,20 +126,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--pool", "solo" if concurrency <= 1 else "threads",
         "--concurrency", str(max(1, concurrency)),
         "--hostname", f"halos-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", args.loglevel,
+        "--loglevel", loglevel,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     try:
-        app.worker_main(argv)
+        celery_app.worker_main(argv)
     finally:
         stop.set()
-    return 0
 
 
-def _start_worker_child(args: argparse.Namespace) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "worker", "--no-sweeper", "--loglevel", args.loglevel]
-    if args.concurrency:
-        cmd += ["--concurrency", str(args.concurrency)]
+def _start_worker_child(loglevel: str, concurrency: Optional[int]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server.cli", "worker", "--no-sweeper", "--loglevel", loglevel]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
     return subprocess.Popen(cmd, preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None,
                             start_new_session=True)
 
@@ -129,32 +155,42 @@ def _stop_child(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+@app.command("serve", rich_help_panel="Server", help="HTTP API + sweeper (+ one worker unless --no-worker)")
+def cmd_serve(
+    host: Annotated[Optional[str], typer.Option("--host")] = None,
+    port: Annotated[Optional[int], typer.Option("--port")] = None,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="run the API alone (workers run elsewhere)")] = False,
+    no_sweeper: Annotated[bool, typer.Option("--no-sweeper")] = False,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate")] = False,
+    concurrency: Concurrency = None,
+    loglevel: LogLevel = DEFAULT_LOGLEVEL,
+) -> None:
+    _setup_logging(loglevel)
     import uvicorn
 
     from server import migrate, sweeper
 
     settings = get_settings()
     settings.ensure_dirs()
-    if not args.no_migrate:
+    if not no_migrate:
         migrate.upgrade(settings)
     from server.app import create_app
 
     worker_proc: Optional[subprocess.Popen] = None
-    if not args.no_worker:  # before any thread is started (preexec_fn)
-        worker_proc = _start_worker_child(args)
+    if not no_worker:  # before any thread is started (preexec_fn)
+        worker_proc = _start_worker_child(loglevel, concurrency)
         log.info("started worker process %d", worker_proc.pid)
     stop = threading.Event()
     try:
-        app = create_app(settings)
-        if not args.no_sweeper:
+        api = create_app(settings)
+        if not no_sweeper:
             sweeper.start_thread(settings, stop)
     except BaseException:
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=10)
         raise
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
-                                           log_level=args.loglevel.lower(), lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(api, host=host or settings.host, port=port or settings.port,
+                                           log_level=loglevel.lower(), lifespan="on"))
     # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them to the previous handlers
     # once it has shut down; with these no-op handlers it returns instead, so the worker child
     # and the sweeper are stopped cleanly below and the exit status is 0.
@@ -169,21 +205,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop.set()
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=settings.kill_grace_s + 30)
-    return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """The database and the broker answer (what /readyz checks), as an exit status: a process's
-    own health check where there is no HTTP port (the compose file's workers)."""
+@app.command("check", rich_help_panel="Server", help="exit 0 when the database and the broker answer")
+def cmd_check(loglevel: LogLevel = DEFAULT_LOGLEVEL) -> None:
+    """What /readyz checks, as an exit status: the health check of a process without an HTTP port
+    (the compose file's workers). The checks go to stdout as JSON."""
+    _setup_logging(loglevel)
     from server.api.health import check_broker, check_database
 
     settings = get_settings()
     checks = {"database": check_database(settings), "broker": check_broker(settings)}
-    print(json.dumps(checks))
-    return 0 if all(v == "ok" for v in checks.values()) else 1
+    sys.stdout.write(json.dumps(checks) + "\n")
+    if any(v != "ok" for v in checks.values()):
+        raise typer.Exit(1)
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
+@keys_app.command("create", help="create a key; prints it alone on stdout")
+def cmd_keys_create(
+    project: Annotated[str, typer.Option("--project", help="the project the key belongs to (created if new)")],
+    loglevel: LogLevel = DEFAULT_LOGLEVEL,
+) -> None:
+    _setup_logging(loglevel)
     from server import migrate
     from server.db import session_scope
     from server.services.keys import create_api_key
@@ -193,76 +236,42 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         settings.ensure_dirs()
         migrate.upgrade(settings)
     with session_scope(settings) as session:
-        _key, secret = create_api_key(session, args.project)
+        _key, secret = create_api_key(session, project)
     sys.stdout.write(secret + "\n")
     sys.stdout.flush()
-    return 0
 
 
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
+@keys_app.command("revoke", help="revoke a key by id or prefix")
+def cmd_keys_revoke(
+    key: Annotated[str, typer.Argument(metavar="KEY_ID_OR_PREFIX")],
+    loglevel: LogLevel = DEFAULT_LOGLEVEL,
+) -> None:
+    _setup_logging(loglevel)
     from server.db import session_scope
     from server.services.keys import revoke_api_key
 
     settings = get_settings()
     try:
         with session_scope(settings) as session:
-            result = revoke_api_key(session, args.key)
+            result = revoke_api_key(session, key)
     except Exception as exc:  # noqa: BLE001 - NotFound / Conflict (ambiguous prefix) from the service
         log.error("%s", getattr(exc, "message", None) or exc)
-        return 1
+        raise typer.Exit(1) from None
     if result is None or result is False:
-        log.error("no API key %r", args.key)
-        return 1
-    log.info("revoked %s", getattr(result, "id", args.key))
-    return 0
+        log.error("no API key %r", key)
+        raise typer.Exit(1)
+    log.info("revoked %s", getattr(result, "id", key))
 
 
-# --------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--loglevel", default=os.environ.get("HALOS_LOG_LEVEL", "INFO"))
-    parser = argparse.ArgumentParser(prog="halos", description="halos-server: online preference-alignment rounds")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", parents=[common], help="HTTP API + sweeper (+ one worker unless --no-worker)")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--no-worker", action="store_true", help="run the API alone (workers run elsewhere)")
-    serve.add_argument("--no-sweeper", action="store_true")
-    serve.add_argument("--no-migrate", action="store_true")
-    serve.add_argument("--concurrency", type=int, default=None, help="jobs the embedded worker runs at once")
-    serve.set_defaults(func=cmd_serve)
-
-    worker = sub.add_parser("worker", parents=[common], help="Celery worker that runs training jobs")
-    worker.add_argument("--concurrency", type=int, default=None)
-    worker.add_argument("--no-sweeper", action="store_true")
-    worker.add_argument("--migrate", action="store_true", help="run migrations first")
-    worker.set_defaults(func=cmd_worker)
-
-    mig = sub.add_parser("migrate", parents=[common], help="alembic upgrade head")
-    mig.set_defaults(func=cmd_migrate)
-
-    check = sub.add_parser("check", parents=[common], help="exit 0 when the database and the broker answer")
-    check.set_defaults(func=cmd_check)
-
-    keys = sub.add_parser("keys", help="API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", parents=[common], help="create a key; prints it alone on stdout")
-    create.add_argument("--project", required=True)
-    create.set_defaults(func=cmd_keys_create)
-    revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key by id or prefix")
-    revoke.add_argument("key", metavar="KEY_ID_OR_PREFIX")
-    revoke.set_defaults(func=cmd_keys_revoke)
-    return parser
+add_client_commands(app)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.loglevel)
-    return int(args.func(args) or 0)
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="halos")
+    except SystemExit as exc:  # typer (click) always ends by exiting; hand the status back
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

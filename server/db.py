@@ -2,7 +2,7 @@
 
 SQLite: WAL so readers never block the writer, a busy timeout, and every transaction opened with
 `BEGIN IMMEDIATE` so a read-then-write transaction takes the write lock up front instead of
-failing with SQLITE_BUSY half-way (RELIABILITY.md trap 8).
+failing with SQLITE_BUSY half-way (docs/RELIABILITY.md trap 8).
 
 Postgres: `connect_timeout`, TCP keepalives, `tcp_user_timeout` and a `statement_timeout` (the
 application's engines: `Settings.db_statement_timeout_s`, capped at a quarter of the lease TTL), so

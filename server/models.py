@@ -29,17 +29,26 @@ def _json_column() -> Any:
 
 
 class JobStatus(str, Enum):
+    """Where a job is (the transitions: server/jobs/state.py). A crashed attempt is not a status:
+    the job goes back to `queued` (retry with backoff, the reason in `error`) or to `failed`."""
+
     waiting = "waiting"  # its parent round has not finished yet
     queued = "queued"
     running = "running"
-    cancelling = "cancelling"
-    crashed = "crashed"  # transient: the sweeper turns it into queued (retry) or failed
+    cancelling = "cancelling"  # cancel requested while running: the worker is stopping the training
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
 
 
+# Which statuses count as what, defined once (the state machine, the API filters, the views and
+# the checks on a round's parent all read these).
+PENDING_STATUSES = frozenset({JobStatus.waiting, JobStatus.queued})  # no attempt yet: a cancel ends it at once
+LIVE_STATUSES = frozenset({JobStatus.running, JobStatus.cancelling})  # an attempt holds the lease
+UNFINISHED_STATUSES = PENDING_STATUSES | LIVE_STATUSES
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+FAILED_STATUSES = frozenset({JobStatus.failed, JobStatus.cancelled})  # ended without a checkpoint to continue
+assert UNFINISHED_STATUSES | TERMINAL_STATUSES == set(JobStatus), "classify every JobStatus above"
 
 
 class Project(SQLModel, table=True):
@@ -81,6 +90,28 @@ class FeedbackFile(SQLModel, table=True):
     n_test: int
     storage_path: str  # under the data dir, named by server id / content hash, never by client name
     original_filename: Optional[str] = Field(default=None, max_length=1024)  # metadata only
+    # where it came from: upload | sampling | labelling | label_studio | label_studio_webhook | argilla_webhook
+    source: str = Field(default="upload", max_length=40)
+    job_id: Optional[str] = Field(default=None, foreign_key="job.id", index=True)  # the job that generated it
+    provenance: Optional[dict] = _json_column()  # generator / reward model / inputs (server/services/artefacts.py)
+    findings: Optional[dict] = _json_column()  # data-quality warnings of the upload (halos_core.feedback.quality)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class PromptSet(SQLModel, table=True):
+    """An uploaded set of prompts to sample from (stored content-addressed like feedback)."""
+
+    id: str = Field(default_factory=lambda: new_id("ps"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    format: str = Field(max_length=40)  # prompts | a feedback format whose prompt part was taken
+    sha256: str = Field(max_length=64, index=True)
+    size_bytes: int
+    n_prompts: int
+    n_train: int
+    n_test: int
+    storage_path: str
+    original_filename: Optional[str] = Field(default=None, max_length=1024)
+    findings: Optional[dict] = _json_column()
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -95,6 +126,21 @@ class Run(SQLModel, table=True):
     hyperparams: dict = _json_column()  # default Hyperparams
     conversion: Optional[dict] = _json_column()
     lora: Optional[dict] = _json_column()
+    # the checkpoint the next round continues from and sampling uses (None: the SFT model); moved
+    # by promotion (server/jobs/head.py) and rollback (server/services/head.py), each move a HeadMove
+    head_checkpoint_id: Optional[str] = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class HeadMove(SQLModel, table=True):
+    """Append-only history of a run's head: promotions of rounds and rollbacks."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    from_checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # None: the SFT model
+    to_checkpoint_id: Optional[str] = Field(default=None, max_length=64)
+    reason: str = Field(max_length=20)  # promoted | rollback
+    round_id: Optional[str] = Field(default=None, max_length=64)  # the promoted round
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -114,6 +160,9 @@ class Round(SQLModel, table=True):
     hyperparams: dict = _json_column()
     conversion: Optional[dict] = _json_column()
     checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # the round's output
+    gate: Optional[list] = _json_column()  # halos_core.gate.GateRule list; None: always promoted
+    promoted: Optional[bool] = None  # set when the round succeeds
+    promotion: Optional[dict] = _json_column()  # why (not) promoted: the gate's verdict, the head it started from
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -205,4 +254,43 @@ class IdempotencyRecord(SQLModel, table=True):
     resource_id: Optional[str] = Field(default=None, max_length=64)
     status_code: Optional[int] = None
     response: Optional[dict] = _json_column()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Integration(SQLModel, table=True):
+    """A labelling tool (Label Studio project, Argilla dataset) that posts webhooks to its own endpoint."""
+
+    id: str = Field(default_factory=lambda: new_id("intg"), primary_key=True)
+    project_id: str = Field(foreign_key="project.id", index=True)
+    tool: str = Field(max_length=20)  # label_studio | argilla
+    label_config: str = Field(max_length=20)  # pairwise | rating: what an annotation means
+    name: Optional[str] = Field(default=None, max_length=200)
+    secret: str = Field(max_length=255)  # shared secret (Label Studio header) / Standard Webhooks key (Argilla)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DraftAnnotation(SQLModel, table=True):
+    """One annotation as the tool last sent it: replaced by newer updates, tombstoned by deletes,
+    sealed into a feedback file on request (then kept, so replays of it stay no-ops)."""
+
+    __table_args__ = (UniqueConstraint("integration_id", "external_id", name="uq_draft_annotation"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    integration_id: str = Field(foreign_key="integration.id", index=True)
+    external_id: str = Field(max_length=200)  # the tool's annotation / response id
+    version: str = Field(default="", max_length=64)  # the tool's updated_at: older deliveries are ignored
+    deleted: bool = False
+    record: Optional[dict] = _json_column()  # a HALOs feedback record (pairwise_feedback / scalar_feedback)
+    sealed_into: Optional[str] = Field(default=None, max_length=64)  # the feedback file it went into
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """Delivery ids already processed (Standard Webhooks `webhook-id`): a redelivery is a no-op."""
+
+    __table_args__ = (UniqueConstraint("integration_id", "delivery_id", name="uq_webhook_delivery"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    integration_id: str = Field(foreign_key="integration.id", index=True)
+    delivery_id: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utcnow)

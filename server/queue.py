@@ -3,7 +3,7 @@
 `publish(job_id)` is called AFTER the transaction that created/queued the job has committed. It
 sends the task by name (`halos.run_job`), so the server never imports the worker. A broker
 error is logged and swallowed: the job stays `queued` with `published_at` unset and the sweeper
-publishes it again (RELIABILITY.md Q4).
+publishes it again (docs/RELIABILITY.md Q4).
 """
 
 from __future__ import annotations

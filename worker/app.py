@@ -1,6 +1,6 @@
 """The Celery application of the worker (`celery -A worker.app worker`, or `halos worker`).
 
-The broker only wakes workers; the database is the source of truth (DESIGN.md §3):
+The broker only wakes workers; the database is the source of truth (docs/ARCHITECTURE.md):
 - `task_acks_late=True` + `worker_prefetch_multiplier=1`: a worker holds one message per slot.
 - `task_reject_on_worker_lost=False`: a job whose worker died is NOT redelivered by the broker;
   its lease expires and the sweeper re-queues it (trap 2) — that path is the only one.

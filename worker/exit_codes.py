@@ -1,4 +1,4 @@
-"""How the training subprocess's exit turns into a job outcome (DESIGN.md §4).
+"""How the training subprocess's exit turns into a job outcome (docs/ARCHITECTURE.md, "Worker ↔ trainer").
 
 | exit                                              | outcome                                   |
 |---------------------------------------------------|-------------------------------------------|
@@ -22,6 +22,8 @@ import signal
 from pathlib import Path
 from typing import Optional
 
+from halos_core.artefact_spec import ArtefactResult, read_artefact_result, sha256_of
+from halos_core.round_result import RoundResult
 from halos_core.run_dir import CheckpointError, RunDir, read_manifest
 from server.jobs import Outcome
 
@@ -84,35 +86,49 @@ def error_summary(log_tail: str) -> str:
     return f"{headline}\n--- stdout.log tail ---\n{tail}" if headline else f"--- stdout.log tail ---\n{tail}"
 
 
-def verify_result(run_dir: RunDir) -> tuple[Optional[dict], Optional[str]]:
-    """(result, None) when result.json says ok and its final checkpoint verifies; else (None, why)."""
+def verify_artefact(run_dir: RunDir) -> tuple[Optional[ArtefactResult], Optional[str]]:
+    """(result, None) when result.json is an ArtefactResult whose output file has its sha256; else (None, why)."""
     try:
-        result = run_dir.read_result()
+        result = read_artefact_result(run_dir.result_json)
     except (OSError, ValueError) as exc:
-        return None, f"unreadable result.json: {exc}"
+        return None, f"unreadable result.json: {str(exc)[:500]}"
     if result is None:
         return None, "exited 0 without writing result.json"
-    if result.get("status") != "ok":
-        return None, f"result.json status is {result.get('status')!r}"
-    final_dir = result.get("final_dir") or str(run_dir.final)
     try:
-        manifest = read_manifest(final_dir, verify=True)
-    except CheckpointError as exc:
-        return None, f"final checkpoint does not verify: {exc}"
-    expected = result.get("manifest_sha256")
-    if expected and expected != manifest.sha256:
-        return None, f"final checkpoint manifest sha256 {manifest.sha256[:12]}… != result.json {str(expected)[:12]}…"
-    result = {**result, "final_dir": str(Path(final_dir).resolve()), "manifest_sha256": manifest.sha256}
-    result.setdefault("step", manifest.step)
-    result.setdefault("examples", manifest.examples)
+        actual = sha256_of(result.output_path)
+    except OSError as exc:
+        return None, f"output {result.output_path} is unreadable: {exc}"
+    if actual != result.sha256:
+        return None, f"output sha256 {actual[:12]}… != result.json {result.sha256[:12]}…"
     return result, None
 
 
-def classify(returncode: int, run_dir: RunDir, *, cancelled: bool = False, log_offset: int = 0) -> Outcome:
+def verify_result(run_dir: RunDir, kind: str = "round") -> tuple[Optional[RoundResult | ArtefactResult], Optional[str]]:
+    """(result, None) when result.json is a valid RoundResult whose final checkpoint verifies (an
+    artefact job's: `verify_artefact`); else (None, why)."""
+    if kind != "round":
+        return verify_artefact(run_dir)
+    try:
+        result = run_dir.read_result()
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        return None, f"unreadable result.json: {str(exc)[:500]}"
+    if result is None:
+        return None, "exited 0 without writing result.json"
+    try:
+        manifest = read_manifest(result.final_dir, verify=True)
+    except CheckpointError as exc:
+        return None, f"final checkpoint does not verify: {exc}"
+    if result.manifest_sha256 != manifest.sha256:
+        return None, f"final checkpoint manifest sha256 {manifest.sha256[:12]}… != result.json {result.manifest_sha256[:12]}…"
+    return result.model_copy(update={"final_dir": str(Path(result.final_dir).resolve())}), None
+
+
+def classify(returncode: int, run_dir: RunDir, *, cancelled: bool = False, log_offset: int = 0,
+             kind: str = "round") -> Outcome:
     if cancelled:
         return Outcome("cancelled", error="cancelled by request")
     if returncode == 0:
-        result, why = verify_result(run_dir)
+        result, why = verify_result(run_dir, kind)
         if result is not None:
             return Outcome("succeeded", result=result)
         return Outcome("crashed", error=why)

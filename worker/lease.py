@@ -14,7 +14,7 @@ Two daemon threads:
   be blocked in a database call that hangs), that a heartbeat succeeded within 3/4 of the lease
   TTL; otherwise it fences: it SIGKILLs the attempt's processes (the launcher's group plus every
   process carrying the attempt's environment markers, `worker.watchdog.kill_group`) before the
-  sweeper can hand the job to another worker (RELIABILITY.md trap 9, I2).
+  sweeper can hand the job to another worker (docs/RELIABILITY.md trap 9, I2).
 
 Once fenced the keeper never renews the lease again. The runner asks `usable()` right before it
 starts the training (`attach` registers the process group for the fence) and the task asks it

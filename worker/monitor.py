@@ -34,17 +34,17 @@ from server.jobs import Claim, Outcome
 from server.settings import Settings
 from worker import exit_codes
 from worker.lease import LeaseKeeper
-from worker.watchdog import job_processes, kill_group, pid_alive, proc_stat, read_environ
+from worker.watchdog import MARKER_PREFIX, job_processes, kill_group, pid_alive, proc_stat, read_environ
 
 log = logging.getLogger(__name__)
 
 MAX_RECORDS_PER_CALL = 1000
 
 # Environment markers put on every training process (used to find orphans of dead runners)
-ENV_JOB = "HALOS_SUPERVISED_JOB_ID"
-ENV_ATTEMPT = "HALOS_SUPERVISED_ATTEMPT"
-ENV_DB = "HALOS_SUPERVISED_DB"
-ENV_RUNNER = "HALOS_SUPERVISED_RUNNER"  # "<pid>:<starttime>"
+ENV_JOB = f"{MARKER_PREFIX}JOB_ID"
+ENV_ATTEMPT = f"{MARKER_PREFIX}ATTEMPT"
+ENV_DB = f"{MARKER_PREFIX}DB"
+ENV_RUNNER = f"{MARKER_PREFIX}RUNNER"  # "<pid>:<starttime>"
 
 
 @dataclass
@@ -249,7 +249,7 @@ class Supervisor:
                         self.claim.job_id, self.pgid)
             gone = self._stop_group(min(self.settings.kill_grace_s, 5.0))
         self._ingest()
-        outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset)
+        outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind)
         return RunReport("finish", outcome, group_gone=gone)
 
     def _fenced(self) -> RunReport:
@@ -269,7 +269,7 @@ class Supervisor:
             if job_processes(self.pgid, self.marker):
                 self._stop_group(0)
             self._ingest()
-            return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset))
+            return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind))
         log.info("job %s: cancel requested; stopping group %d", self.claim.job_id, self.pgid)
         gone = self._stop_group(self.settings.kill_grace_s)
         self._ingest()

@@ -9,6 +9,9 @@
 5. `python -m accelerate.commands.launch --config_file accelerate.yaml -m <trainer> --config run.json`
    in its own session (process group), output appended to stdout.log, plus a watchdog that
    stops the group if this process dies.
+   Sampling and labelling jobs (`Job.kind` sample / label, `halos_core.artefact_spec`) take the
+   same path with their own run.json and `python -m halos_core.<entry> --config run.json` (one
+   process, no accelerate); a retry starts them over (their output is written atomically at the end).
 6. `worker.monitor.Supervisor` until it exits / is cancelled / loses its lease / we shut down.
 
 The lease is renewed throughout by a `worker.lease.LeaseKeeper` (the task starts it right after
@@ -30,8 +33,9 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from halos_core.config import Hyperparams, RunConfig, hyperparams_problem
-from halos_core.run_dir import Manifest, RunDir
+from halos_core.artefact_spec import ENTRY_POINTS, LabelSpec, SampleSpec, config_for_attempt
+from halos_core.job_spec import LORA_FSDP_PROBLEM, RunConfig, fit_problem
+from halos_core.run_dir import Manifest, RunDir, write_json_atomic
 from server import jobs
 from server.db import session_scope
 from server.jobs import Claim, Outcome
@@ -47,25 +51,20 @@ log = logging.getLogger(__name__)
 # Set by the worker's shutdown hook (worker/app.py); runners notice it within a poll interval.
 SHUTDOWN = threading.Event()
 
-_SPEC_KEYS = ("reference_path", "reference_sha256", "init_from", "feedback", "loss", "conversion",
-              "hyperparams", "lora", "counters")
-
-
 def hostname() -> str:
     return socket.gethostname()
 
 
 def build_config(claim: Claim, settings: Settings, run_dir: RunDir, resume_from: Optional[str]) -> RunConfig:
-    spec = claim.spec or {}
-    data: dict[str, Any] = {k: spec[k] for k in _SPEC_KEYS if spec.get(k) is not None}
-    data.update(
+    """The attempt's run.json: the job's spec + where and how this worker runs it."""
+    return RunConfig.for_attempt(
+        claim.job_spec(),
         job_id=claim.job_id,
         run_dir=str(run_dir.path.resolve()),
         resume_from=resume_from,
         mixed_precision=settings.mixed_precision,
         reference_cache_dir=str(settings.reference_cache_dir.resolve()),
     )
-    return RunConfig.model_validate(data)
 
 
 class LaunchError(Exception):
@@ -82,26 +81,23 @@ def worker_error(exc: BaseException) -> Outcome:
     return Outcome("crashed", error=text)
 
 
-LORA_FSDP_PROBLEM = "LoRA runs are not supported with FSDP workers (HALOS_FSDP=true); use DDP or full fine-tuning"
-
-
 def worker_problem(claim: Claim, settings: Settings) -> Optional[str]:
-    """Why THIS worker cannot run the round (the submit-time checks, against the worker's own
-    num_processes / fsdp: the API and the workers must share them), or None. A spec too broken
-    to tell is left to `build_config` ("invalid job spec")."""
-    spec = claim.spec or {}
-    try:
-        loss_name = str(spec["loss"]["name"])
-        hp = Hyperparams.model_validate(spec.get("hyperparams") or {})
-    except (KeyError, TypeError, ValidationError):
+    """Why THIS worker cannot run the round (the API's submit-time question, `fit_problem`, asked
+    with the worker's own num_processes / fsdp: the API and the workers must share them), or None.
+    A spec too broken to tell is left to `build_config` ("invalid job spec")."""
+    if claim.kind != "round":
         return None
-    problem = hyperparams_problem(loss_name, hp, settings.num_processes)
-    if problem:
-        return (f"this worker cannot run the round: {problem} (worker HALOS_NUM_PROCESSES={settings.num_processes};"
-                " the API and the workers must share HALOS_NUM_PROCESSES and HALOS_FSDP)")
-    if spec.get("lora") and settings.fsdp:
-        return f"this worker cannot run the round: {LORA_FSDP_PROBLEM}"
-    return None
+    try:
+        spec = claim.job_spec()
+    except ValidationError:
+        return None
+    problem = fit_problem(spec, settings.num_processes, settings.fsdp)
+    if problem is None:
+        return None
+    hint = "" if problem == LORA_FSDP_PROBLEM else (
+        f" (worker HALOS_NUM_PROCESSES={settings.num_processes}; the API and the workers must share"
+        " HALOS_NUM_PROCESSES and HALOS_FSDP)")
+    return f"this worker cannot run the round: {problem}{hint}"
 
 
 def _finish_now(outcome: Outcome) -> RunReport:
@@ -157,24 +153,17 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         log.warning("job %s: removed partial checkpoints %s", claim.job_id, [p.name for p in removed])
 
     if run_dir.result_json.exists():
-        result, why = exit_codes.verify_result(run_dir)
+        result, why = exit_codes.verify_result(run_dir, claim.kind)
         if result is not None and claim.attempt > 1:
             log.warning("job %s: attempt %d found the previous attempt's complete result", claim.job_id, claim.attempt)
             return _finish_now(Outcome("succeeded", result=result))
         run_dir.result_json.unlink(missing_ok=True)
 
-    resume = _latest_complete(run_dir) if claim.attempt > 1 else None
+    resume = _latest_complete(run_dir) if claim.attempt > 1 and claim.kind == "round" else None
     try:
-        config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
+        cmd = _prepare(claim, settings, run_dir, resume, slot)
     except (ValidationError, ValueError, TypeError) as exc:
         return _finish_now(Outcome("failed", error=f"invalid job spec: {exc}"))
-    run_dir.write_config(config)
-    if slot is None:
-        launch.write_accelerate_config(run_dir, settings)
-    else:
-        launch.write_accelerate_config(run_dir, settings, main_process_port=slot.main_process_port(),
-                                       port_from_settings=False)
-    cmd = launch.command(settings, run_dir)
 
     env = {**os.environ, **launch.launch_env(settings), **(slot.env if slot is not None else {}),
            **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
@@ -240,6 +229,29 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
                 watchdog.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 watchdog.kill()
+
+
+def _prepare(claim: Claim, settings: Settings, run_dir: RunDir, resume: Optional[Manifest],
+             slot: Optional[Slot]) -> list[str]:
+    """Write the attempt's run.json (+ accelerate.yaml for a round); the command that runs it."""
+    if claim.kind == "round":
+        config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
+        run_dir.write_config(config)
+        if slot is None:
+            launch.write_accelerate_config(run_dir, settings)
+        else:
+            launch.write_accelerate_config(run_dir, settings, main_process_port=slot.main_process_port(),
+                                           port_from_settings=False)
+        return launch.command(settings, run_dir)
+    spec = claim.any_spec()
+    if not isinstance(spec, (SampleSpec, LabelSpec)) or spec.kind != claim.kind:
+        raise ValueError(f"job kind {claim.kind!r} with a {spec.kind!r} spec")
+    # a retry starts over: what an earlier attempt wrote is not trusted
+    run_dir.metrics_jsonl.unlink(missing_ok=True)
+    config = config_for_attempt(spec, job_id=claim.job_id, run_dir=str(run_dir.path.resolve()))
+    write_json_atomic(run_dir.run_json, config.model_dump(mode="json"))
+    python = settings.python_executable or sys.executable
+    return [python, "-m", ENTRY_POINTS[claim.kind], "--config", str(run_dir.run_json)]
 
 
 def _start_watchdog(pgid: int, settings: Settings, marker: dict[str, str]) -> Optional[subprocess.Popen]:

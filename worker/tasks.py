@@ -24,6 +24,7 @@ from server.settings import Settings, get_settings
 from worker.app import app
 from worker import runner, slots
 from worker.lease import LeaseKeeper
+from worker.monitor import ENV_JOB
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: Optional[threading
             log.critical("job %s attempt %d: NOT finishing with %s: processes of the attempt survived SIGKILL;"
                          " the lease will expire and the sweeper decides. Check this host for leftover training"
                          " processes (env %s=%s).", job_id, claim.attempt, report.outcome.status,
-                         "HALOS_SUPERVISED_JOB_ID", job_id)
+                         ENV_JOB, job_id)
             return "group-survived"
         if report.action == "finish" and report.outcome is not None:
             ok, why = keeper.usable()

@@ -7,7 +7,7 @@ also starts this watchdog, in a session of its own:
     python -m worker.watchdog RUNNER_PID PGID GRACE_S
 
 It polls every 0.2 s; when its parent (the runner) is gone it sends SIGTERM to the group, waits
-GRACE_S, sends SIGKILL, and exits when no member of the group is left (RELIABILITY.md I6). It
+GRACE_S, sends SIGKILL, and exits when no member of the group is left (docs/RELIABILITY.md I6). It
 exits quietly when the group is gone or when the runner stops it with SIGTERM.
 
 Group membership is read from /proc (zombies do not count: an orphan's zombie is reaped by
@@ -96,7 +96,12 @@ def pid_alive(pid: int, starttime: Optional[int] = None) -> bool:
     return starttime is None or st[3] == starttime
 
 
-def read_environ(pid: int, prefix: bytes = b"HALOS_SUPERVISED_") -> dict[str, str]:
+# Every training process carries environment variables named with this prefix (worker/monitor.py
+# sets them: job, attempt, database, runner); they find an attempt's processes after its runner died.
+MARKER_PREFIX = "HALOS_SUPERVISED_"
+
+
+def read_environ(pid: int, prefix: bytes = MARKER_PREFIX.encode()) -> dict[str, str]:
     """The `prefix…` variables of a process's environment ({} if unreadable)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:

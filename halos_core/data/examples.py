@@ -16,6 +16,9 @@ One example is the unit the loaders shuffle, shard and count (`examples` in the 
 Prompt ids are scoped to their FILE: the grouping key is `(file_id, prompt_id)`, so a round on
 several files keeps every file's records even when ids repeat across files.
 
+A pair whose two outputs are identical carries no preference (usually a labelling-tool bug; the
+upload reports it as `identical_outputs`, `halos_core.feedback.quality`) and gives no example.
+
 Records whose `split` is "test" form the eval set; when no record says so and
 `eval_fraction > 0`, a deterministic share of prompts (by a hash of seed, file id and prompt id)
 is held out instead. A prompt's examples are never split between train and eval.
@@ -121,6 +124,11 @@ def _chosen_rejected(record: Any) -> tuple[Turns, Turns]:
     return turns(record.output_B), turns(record.output_A)
 
 
+def _distinct(record: Any) -> bool:
+    chosen, rejected = _chosen_rejected(record)
+    return chosen != rejected
+
+
 def _split(record: Any) -> str | None:
     split = getattr(record, "split", None)
     return None if split is None else str(split)
@@ -163,6 +171,8 @@ def _paired(key: Key, records: list[Any], max_pairs: int | None, seed: int) -> l
         if _record_kind(record) != "pairwise":
             raise DataError(f"paired losses need pairwise feedback, got {_record_kind(record)} ({key[0]}:{key[1]})")
         chosen, rejected = _chosen_rejected(record)
+        if chosen == rejected:
+            continue
         out.append(PairedExample(key, turns(record.prompt), chosen, rejected))
     if max_pairs is not None and len(out) > max_pairs:
         rng = random.Random(f"{seed}\x00pairs\x00{key[0]}\x00{key[1]}")
@@ -173,7 +183,7 @@ def _paired(key: Key, records: list[Any], max_pairs: int | None, seed: int) -> l
 
 def _unpaired(key: Key, records: list[Any], max_pairs: int | None, seed: int) -> list[UnpairedExample]:
     out: list[UnpairedExample] = []
-    pairwise = [r for r in records if _record_kind(r) == "pairwise"]
+    pairwise = [r for r in records if _record_kind(r) == "pairwise" and _distinct(r)]
     if max_pairs is not None and len(pairwise) > max_pairs:
         rng = random.Random(f"{seed}\x00pairs\x00{key[0]}\x00{key[1]}")
         keep = set(rng.sample(range(len(pairwise)), max_pairs))
@@ -189,7 +199,7 @@ def _unpaired(key: Key, records: list[Any], max_pairs: int | None, seed: int) ->
                 raise DataError(f"label must be 0 or 1, got {record.label!r} ({key[0]}:{key[1]})")
             out.append(UnpairedExample(key, prompt, turns(record.output), label == 1))
         elif kind == "pairwise":
-            if id(record) in pairwise_keep:
+            if id(record) in pairwise_keep:  # (a pair with identical outputs is never kept)
                 chosen, rejected = _chosen_rejected(record)
                 out.append(UnpairedExample(key, prompt, chosen, True))
                 out.append(UnpairedExample(key, prompt, rejected, False))

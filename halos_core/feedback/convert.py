@@ -57,7 +57,8 @@ def pairwise_to_unpaired(records: Iterable[PairwiseRecord], frac_unique_desirabl
                        ("frac_unique_undesirable", frac_unique_undesirable)):
         if not (0 < frac <= 1):
             raise ValueError(f"{name} must be in (0, 1], got {frac}")
-    pairs = _check(records, PairwiseRecord, "pairwise_to_unpaired")
+    # a pair with identical outputs carries no preference: it gives no examples (quality.py)
+    pairs = [p for p in _check(records, PairwiseRecord, "pairwise_to_unpaired") if p.output_A != p.output_B]
     n = len(pairs)
     rng = random.Random(seed)
     k_des = _kept_count(n, frac_unique_desirable)

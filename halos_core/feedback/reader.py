@@ -47,6 +47,8 @@ class _Walk:
         self.n_test = 0
         # prompt_id -> (prompt digest << 33) | (first record index << 1) | is_test
         self.prompts: dict[int, int] = {}
+        self.last_raw: dict | None = None  # the JSON object of the record yielded last (data-quality checks)
+        self.last_line: int | None = None
 
     @property
     def format(self) -> str | None:
@@ -95,6 +97,7 @@ class _Walk:
             if conflict is not None:
                 yield None, [conflict], False
                 continue
+            self.last_raw, self.last_line = obj, item.line
             yield record, [], False
 
     def _mixed(self, detected: tuple[str, str], index: int, line: int | None) -> RecordError:

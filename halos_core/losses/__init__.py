@@ -1,78 +1,65 @@
-"""The alignment losses (HALOs' menu), one small unit per loss, registered by name.
+"""The alignment losses, one small unit per loss; their declarations are in `halos_core.loss_registry`.
 
     from halos_core.losses import build_loss, LossOutput
-    loss = build_loss(loss_config, hyperparams)   # a halos_core.config LossConfig (or its dict) + Hyperparams
-    out = loss.compute(**tensors)                  # keyword tensors, see each module's docstring
+    loss = build_loss(loss_config, hyperparams)   # a registry LossConfig (or its dict) + Hyperparams
+    out = loss.compute(**loss.inputs(forward, microbatch, train=True))
     out.loss.backward(); out.values                # scalar; dict of detached diagnostics
 
-Each loss exposes `name`, `data_kind` (= halos_core.config.LOSS_DATA_KIND[name]) and
-`needs_reference`. No trainer logic lives here. This package imports torch: the torch-free
-server/worker must not import it.
+Each loss class is found through its declaration's `implementation` ("module:Class"), so adding a
+loss never touches this file. No trainer logic lives here. This package imports torch: the
+torch-free server/worker must not import it.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
 from pydantic import TypeAdapter
 
-from halos_core.config import Hyperparams, LossConfig
+from halos_core.config import Hyperparams
+from halos_core.loss_registry import LOSSES, LossConfig, LossSpec, loss_spec
 
-from .base import Loss, LossOutput, PairedLoss
-from .bradley_terry import BradleyTerry
-from .cdpo import CDPO
-from .csft import CSFT
-from .dpo import DPO
-from .grpo import GRPO, group_advantages
-from .humanline import Humanline
-from .ipo import IPO
-from .kto import KTO
-from .ppo import PPO
-from .sft import SFT
-from .simpo import SimPO
-from .slic import SLiC
+from .base import Forward, Loss, LossOutput, PairedLoss, TargetLoss
 
-LOSS_REGISTRY: dict[str, type[Loss]] = {
-    cls.name: cls for cls in (SFT, CSFT, DPO, CDPO, IPO, SimPO, SLiC, KTO, GRPO, BradleyTerry, PPO)
-}
-
-_LOSS_CONFIG = TypeAdapter(LossConfig)
+_LOSS_CONFIG: TypeAdapter[Any] = TypeAdapter(LossConfig)
 
 
-def build_loss(loss_config: Any, hyperparams: Hyperparams | Mapping[str, Any] | None = None) -> Loss:
+def loss_class(spec: LossSpec) -> type[Loss[Any]]:
+    """The implementation a declaration names (`halos_core.losses.<module>:<Class>`)."""
+    module, _, attr = spec.implementation.partition(":")
+    cls = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Loss)) or cls.spec is not spec:
+        raise TypeError(f"{spec.implementation} is not the implementation of loss {spec.name!r}")
+    return cls
+
+
+def build_loss(loss_config: Any, hyperparams: Hyperparams | Mapping[str, Any] | None = None) -> Loss[Any]:
     """Build the loss object for a LossConfig (a model, or a dict such as {"name": "dpo", "beta": 0.1}).
 
     Raises ValueError for an unknown loss name or invalid parameters.
     """
     if isinstance(loss_config, Mapping):
+        loss_spec(str(loss_config.get("name")))  # unknown names: one clear error, not the union's
         loss_config = _LOSS_CONFIG.validate_python(dict(loss_config))
-    name = getattr(loss_config, "name", None)
-    try:
-        cls = LOSS_REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSS_REGISTRY)}") from None
+    cls = loss_class(loss_spec(getattr(loss_config, "name", None) or ""))
     if isinstance(hyperparams, Mapping):
         hyperparams = Hyperparams.model_validate(dict(hyperparams))
     return cls(loss_config, hyperparams)
 
 
+def all_loss_classes() -> dict[str, type[Loss[Any]]]:
+    """Every declared loss's implementation, by name (imports them all)."""
+    return {name: loss_class(spec) for name, spec in LOSSES.items()}
+
+
 __all__ = [
-    "LOSS_REGISTRY",
-    "BradleyTerry",
-    "CDPO",
-    "CSFT",
-    "DPO",
-    "GRPO",
-    "Humanline",
-    "IPO",
-    "KTO",
+    "Forward",
     "Loss",
     "LossOutput",
-    "PPO",
     "PairedLoss",
-    "SFT",
-    "SLiC",
-    "SimPO",
+    "TargetLoss",
+    "all_loss_classes",
     "build_loss",
-    "group_advantages",
+    "loss_class",
 ]

@@ -1,21 +1,32 @@
 """Shared pieces of the loss units: the output record, the base class and tensor helpers.
 
-A loss is a small object built from its config (`halos_core.config.*Loss`) and the run's
-`Hyperparams` (only the humanline fields are read). `compute(**tensors)` takes keyword tensors
-and returns a `LossOutput`: the scalar to backprop and a dict of detached diagnostic values.
+A loss is a small object built from its parameters (a `halos_core.loss_registry` model) and the
+run's `Hyperparams` (only the humanline fields are read). Its declaration in the registry (data
+kind, reference, head, batch constraints) is `self.spec`. Two methods:
+
+- `inputs(forward, mb, train)`: the keyword tensors `compute` needs for one microbatch, obtained
+  through the trainer's `Forward` (policy / reference log-probs, head outputs). This is where a
+  loss says what it consumes, so the trainer has no per-loss branch.
+- `compute(**tensors)`: the scalar to backprop and a dict of detached diagnostic values.
+
 No model, optimizer or process-group logic lives here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
 from halos_core.config import Hyperparams
+from halos_core.data.collate import Microbatch
+from halos_core.loss_registry import LossParams, LossSpec, loss_spec
 
 from .humanline import Humanline
+
+C = TypeVar("C", bound=LossParams)
+Stream = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -30,37 +41,80 @@ class LossOutput:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Loss:
+class Forward(Protocol):
+    """What the trainer offers a loss to build its inputs (halos_core.training.forward)."""
+
+    def policy_logps(self, stream: Stream, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] token log-probs of the policy and their mask."""
+
+    def policy_outputs(self, stream: Stream, grad: bool, mode: str) -> Any:
+        """The policy wrapper's other modes: "reward" -> [B] scores, "values" -> (logps, mask, values)."""
+
+    def reference_logps(self, stream: Stream) -> torch.Tensor:
+        """[B, T] token log-probs of the frozen reference (cached across rounds)."""
+
+    def joint_stream(self, mb: Microbatch) -> Stream:
+        """A paired microbatch's chosen rows then rejected rows as one padded batch."""
+
+    def gather_rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's rows (so statistics such as KTO's KL estimate agree across processes)."""
+
+
+class Loss(Generic[C]):
     """Base class of every registered loss.
 
-    Subclasses set the class attributes and implement `compute`. They keep the config as
-    `self.config` and the humanline clamp as `self.humanline` (a no-op unless
+    Subclasses set `name` (their registry entry) and implement `inputs` and `compute`. They keep
+    their parameters as `self.config` and the humanline clamp as `self.humanline` (a no-op unless
     `hyperparams.humanline` is true).
     """
 
     name: ClassVar[str]
-    data_kind: ClassVar[str]  # "paired" | "unpaired" | "grouped" | "sft" (= config.LOSS_DATA_KIND)
-    needs_reference: ClassVar[bool]
-    config_class: ClassVar[type]
+    spec: ClassVar[LossSpec]
     uses_humanline: ClassVar[bool] = False  # whether Hyperparams.humanline changes this loss
+    control_tokens: tuple[str, str] | None = None  # prefixed to desirable/undesirable outputs by the batcher
 
-    def __init__(self, config: Any = None, hyperparams: Hyperparams | None = None):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.spec = loss_spec(cls.name)
+
+    @property
+    def data_kind(self) -> str:
+        return self.spec.data
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference
+
+    def __init__(self, config: C | None = None, hyperparams: Hyperparams | None = None):
+        config_class = self.spec.config
         if config is None:
-            config = self.config_class()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+            config = config_class()  # type: ignore[assignment]  # every parameter has a default
+        if not isinstance(config, config_class):
+            raise TypeError(f"{type(self).__name__} needs a {config_class.__name__}, got {type(config).__name__}")
+        self.config: C = config
         self.hyperparams = hyperparams if hyperparams is not None else Hyperparams()
         self.humanline = Humanline.from_hyperparams(self.hyperparams) if self.uses_humanline else Humanline.off()
 
-    def compute(self, **tensors: torch.Tensor) -> LossOutput:  # pragma: no cover - abstract
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, **tensors: torch.Tensor) -> LossOutput:
+    def compute(self, **tensors: Any) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, **tensors: Any) -> LossOutput:
         return self.compute(**tensors)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r}, humanline={self.humanline.enabled})"
+
+
+class TargetLoss(Loss[C]):
+    """Losses on one target stream's token log-probs (sft, csft): compute(policy_logps, mask)."""
+
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
+        logps, mask = forward.policy_logps(mb.streams["target"], grad=train)
+        return {"policy_logps": logps, "mask": mask}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -102,13 +156,7 @@ def detached(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in values.items()}
 
 
-def require(name: str, value: torch.Tensor | None, loss: str) -> torch.Tensor:
-    if value is None:
-        raise ValueError(f"loss '{loss}' needs the tensor '{name}'")
-    return value
-
-
-class PairedLoss(Loss):
+class PairedLoss(Loss[C]):
     """Base of the paired-preference losses (dpo, cdpo, ipo, simpo, slic).
 
     compute(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -119,7 +167,17 @@ class PairedLoss(Loss):
     rejected_rewards, margins, accuracies (per example, detached).
     """
 
-    data_kind = "paired"
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
+        both = forward.joint_stream(mb)
+        logps, mask = forward.policy_logps(both, grad=train)
+        ref = forward.reference_logps(both) if self.needs_reference else None
+        n = mb.size
+        return {
+            "policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
+            "reference_chosen_logps": None if ref is None else ref[:n],
+            "reference_rejected_logps": None if ref is None else ref[n:],
+            "chosen_mask": mask[:n], "rejected_mask": mask[n:],
+        }
 
     def compute(
         self,

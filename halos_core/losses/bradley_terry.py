@@ -14,16 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from halos_core.config import BradleyTerryLoss
+from halos_core.loss_registry import BradleyTerryLoss
 
-from .base import Loss, LossOutput, as_float, detached, safe_mean
+from typing import Any
+
+from .base import Forward, Loss, LossOutput, Microbatch, as_float, detached, safe_mean
 
 
-class BradleyTerry(Loss):
+class BradleyTerry(Loss[BradleyTerryLoss]):
     name = "bradley_terry"
-    data_kind = "paired"
-    needs_reference = False
-    config_class = BradleyTerryLoss
+
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
+        scores = forward.policy_outputs(forward.joint_stream(mb), grad=train, mode="reward")
+        return {"chosen_scores": scores[: mb.size], "rejected_scores": scores[mb.size :]}
 
     def compute(self, chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> LossOutput:
         chosen = as_float(chosen_scores).reshape(-1)

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from halos_core.config import CDPOLoss
+from halos_core.loss_registry import CDPOLoss
 
 from .base import PairedLoss
 from .dpo import dpo_rewards
 
 
-class CDPO(PairedLoss):
+class CDPO(PairedLoss[CDPOLoss]):
     name = "cdpo"
-    needs_reference = True
-    config_class = CDPOLoss
     uses_humanline = True
 
     def paired_losses(self, pc, pr, rc, rr, mc, mr):

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from halos_core.config import CSFTLoss
+from halos_core.loss_registry import CSFTLoss
 
-from .base import Loss, LossOutput, detached
+from .base import LossOutput, TargetLoss, detached
 from .sft import token_mean_nll
 
 
-class CSFT(Loss):
+class CSFT(TargetLoss[CSFTLoss]):
     name = "csft"
-    data_kind = "unpaired"
-    needs_reference = False
-    config_class = CSFTLoss
 
     @property
     def control_tokens(self) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from halos_core.config import DPOLoss
+from halos_core.loss_registry import DPOLoss
 
 from .base import PairedLoss
 
@@ -23,10 +23,8 @@ def dpo_rewards(loss, pc, pr, rc, rr, mc, mr, beta: float) -> tuple[torch.Tensor
     return chosen, rejected
 
 
-class DPO(PairedLoss):
+class DPO(PairedLoss[DPOLoss]):
     name = "dpo"
-    needs_reference = True
-    config_class = DPOLoss
     uses_humanline = True
 
     def paired_losses(self, pc, pr, rc, rr, mc, mr):

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from halos_core.config import GRPOLoss
+from halos_core.loss_registry import GRPOLoss
 
-from .base import Loss, LossOutput, as_float, detached, mask_like
+from typing import Any
+
+from .base import Forward, Loss, LossOutput, Microbatch, as_float, detached, mask_like
 
 ADVANTAGE_STD_EPS = 0.01
 
@@ -50,12 +52,15 @@ def group_advantages(prompt_ids: torch.Tensor, scores: torch.Tensor, eps: float 
     return centered / (var.sqrt()[group] + eps)
 
 
-class GRPO(Loss):
+class GRPO(Loss[GRPOLoss]):
     name = "grpo"
-    data_kind = "grouped"
-    needs_reference = True
-    config_class = GRPOLoss
     uses_humanline = True
+
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
+        target = mb.streams["target"]
+        logps, mask = forward.policy_logps(target, grad=train)
+        return {"policy_logps": logps, "reference_logps": forward.reference_logps(target), "mask": mask,
+                "prompt_ids": mb.group, "scores": mb.scores, "advantages": mb.advantages}
 
     def compute(
         self,

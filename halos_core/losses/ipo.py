@@ -9,15 +9,13 @@ Rewards are the length-normalised log-ratios (not scaled).
 
 from __future__ import annotations
 
-from halos_core.config import IPOLoss
+from halos_core.loss_registry import IPOLoss
 
 from .base import PairedLoss, length_normalized
 
 
-class IPO(PairedLoss):
+class IPO(PairedLoss[IPOLoss]):
     name = "ipo"
-    needs_reference = True
-    config_class = IPOLoss
     uses_humanline = True
 
     def paired_losses(self, pc, pr, rc, rr, mc, mr):

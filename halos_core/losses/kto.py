@@ -23,17 +23,32 @@ from __future__ import annotations
 
 import torch
 
-from halos_core.config import KTOLoss
+from halos_core.loss_registry import KTOLoss
 
-from .base import Loss, LossOutput, as_float, as_rows, detached, mask_like, safe_mean
+from typing import Any
+
+from .base import Forward, Loss, LossOutput, Microbatch, as_float, as_rows, detached, mask_like, safe_mean
 
 
-class KTO(Loss):
+class KTO(Loss[KTOLoss]):
     name = "kto"
-    data_kind = "unpaired"
-    needs_reference = True
-    config_class = KTOLoss
     uses_humanline = True
+
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
+        target, kl_stream = mb.streams["target"], mb.streams["kl"]
+        logps, mask = forward.policy_logps(target, grad=train)
+        ref = forward.reference_logps(target)
+        kl_logps, kl_mask = forward.policy_logps(kl_stream, grad=False)
+        kl_ref = forward.reference_logps(kl_stream)
+        if train:  # every process must use the same z0
+            kl_logps, kl_ref, kl_mask_long = forward.gather_rows(kl_logps, kl_ref, kl_mask.long())
+            kl_mask = kl_mask_long.bool()
+        d = mb.desirable
+        return {
+            "policy_chosen_logps": logps[d], "policy_rejected_logps": logps[~d], "policy_kl_logps": kl_logps,
+            "reference_chosen_logps": ref[d], "reference_rejected_logps": ref[~d], "reference_kl_logps": kl_ref,
+            "chosen_mask": mask[d], "rejected_mask": mask[~d], "kl_mask": kl_mask,
+        }
 
     def kl_estimate(
         self, policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor, kl_mask: torch.Tensor | None = None

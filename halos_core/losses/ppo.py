@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import torch
 
-from halos_core.config import PPOLoss
+from halos_core.loss_registry import PPOLoss
 
-from .base import Loss, LossOutput, as_float, detached, mask_like
+from typing import Any
+
+from .base import Forward, Loss, LossOutput, Microbatch, as_float, detached, mask_like
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -80,12 +82,18 @@ def gae(
     return advantages * mask, future * mask
 
 
-class PPO(Loss):
+class PPO(Loss[PPOLoss]):
     name = "ppo"
-    data_kind = "unpaired"
-    needs_reference = True
-    config_class = PPOLoss
     uses_humanline = True
+
+    def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
+        target = mb.streams["target"]
+        logps, mask, values = forward.policy_outputs(target, grad=train, mode="values")
+        # HALOs: +1 for a desirable output, -1 for an undesirable one, on its last token; the
+        # reference's log-probs are the behaviour policy's (offline, one step)
+        rewards = torch.where(mb.desirable, 1.0, -1.0).to(device=logps.device, dtype=torch.float32)
+        return {"policy_logps": logps, "old_policy_logps": forward.reference_logps(target), "values": values,
+                "rewards": rewards, "mask": mask}
 
     def compute(
         self,

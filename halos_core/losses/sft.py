@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from halos_core.config import SFTLoss
+from halos_core.loss_registry import SFTLoss
 
-from .base import Loss, LossOutput, as_float, detached, mask_like
+from .base import LossOutput, TargetLoss, as_float, detached, mask_like
 
 
 def token_mean_nll(policy_logps: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -35,11 +35,8 @@ def token_mean_nll(policy_logps: torch.Tensor, mask: torch.Tensor | None) -> tup
     return loss, values
 
 
-class SFT(Loss):
+class SFT(TargetLoss[SFTLoss]):
     name = "sft"
-    data_kind = "sft"
-    needs_reference = False
-    config_class = SFTLoss
 
     def compute(self, policy_logps: torch.Tensor, mask: torch.Tensor | None = None) -> LossOutput:
         loss, values = token_mean_nll(policy_logps, mask)

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from halos_core.config import SimPOLoss
+from halos_core.loss_registry import SimPOLoss
 
 from .base import PairedLoss, length_normalized
 
 
-class SimPO(PairedLoss):
+class SimPO(PairedLoss[SimPOLoss]):
     name = "simpo"
-    needs_reference = False
-    config_class = SimPOLoss
 
     def paired_losses(self, pc, pr, rc, rr, mc, mr):
         chosen = length_normalized(pc * mc)

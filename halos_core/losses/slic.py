@@ -10,15 +10,13 @@ golden fixture uses the sequence NLL, and so do we.) No reference model; humanli
 
 from __future__ import annotations
 
-from halos_core.config import SLiCLoss
+from halos_core.loss_registry import SLiCLoss
 
 from .base import PairedLoss
 
 
-class SLiC(PairedLoss):
+class SLiC(PairedLoss[SLiCLoss]):
     name = "slic"
-    needs_reference = False
-    config_class = SLiCLoss
 
     def paired_losses(self, pc, pr, rc, rr, mc, mr):
         chosen = (pc * mc).sum(-1)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from server.api.deps import ProjectDep, SessionDep, error_responses
-from server.schemas import CheckpointOut, LineageOut
+from halos_client.models import CheckpointOut, LineageOut
 from server.services import lineage as service
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=error_responses(401, 429))

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.db import get_engine
 from server.errors import PayloadTooLarge, RateLimited, Unauthorized
-from server.schemas import ErrorResponse
+from halos_client.models import ErrorResponse
 from server.services.keys import Principal, authenticate, get_or_create_project
 from server.services.ratelimit import retry_after_header
 from server.settings import Settings

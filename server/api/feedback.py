@@ -1,17 +1,18 @@
-"""POST /v1/feedback (streamed upload), GET /v1/feedback/{id}, GET /v1/feedback."""
+"""POST /v1/feedback (streamed upload), GET /v1/feedback/{id}, GET /v1/feedback, GET /v1/feedback/{id}/content."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from server import storage
 from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
-from server.errors import BadRequest
-from server.schemas import FeedbackList, FeedbackOut
+from server.errors import BadRequest, Conflict
+from halos_client.models import FeedbackList, FeedbackOut
 from server.services import feedback as service
 from server.services.idempotency import REPLAY_HEADER
 
@@ -65,11 +66,16 @@ async def upload_feedback(
     filename: Annotated[
         str | None, Query(max_length=4096, description="client file name for a raw body (metadata only)")
     ] = None,
+    strict: Annotated[bool, Query(description="refuse a file with data-quality findings (422) instead of "
+                                              "storing it with warnings")] = False,
 ) -> FeedbackOut:
     """Streamed to disk with the size cap enforced while reading (413, with or without a
     Content-Length), hashed, validated record by record. An invalid file gets one 422
     `invalid_feedback` listing every bad record (line, field, code, hint) and nothing is stored.
-    Stored content-addressed under the server's own name; the client's file name is metadata."""
+    Stored content-addressed under the server's own name; the client's file name is metadata.
+    Data-quality findings (pairs with identical outputs — left out of training —, duplicate
+    records, plain-string prompts, empty outputs) come back in `findings`; with `strict=true`
+    they are refused with the same 422 report."""
     declared: int | None = None
     if (raw_length := request.headers.get("content-length")) is not None:
         try:
@@ -84,7 +90,8 @@ async def upload_feedback(
     except ClientDisconnect:
         raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
     try:
-        result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key)
+        result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key,
+                                         strict)
     finally:
         staged.discard()  # no-op when ingest published it
     if result.replayed:
@@ -108,3 +115,21 @@ def list_feedback(
     """Newest first; pass `next_cursor` as `cursor` for the next page."""
     rows, next_cursor = service.list_feedback(session, principal, limit, cursor)
     return FeedbackList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{feedback_id}/content", response_class=FileResponse, responses={
+    **error_responses(404, 409),
+    200: {"description": "the stored file, streamed (JSON array or JSON Lines)",
+          "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {"type": "string", "format": "binary"}}}}})
+def get_feedback_content(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
+                         session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The file's bytes as stored (uploads as uploaded; generated samples / labels as the job wrote
+    them), streamed; `ETag` is its sha256."""
+    fb = service.get_feedback(session, principal, feedback_id)
+    path = service.content_path(settings, fb)
+    if not path.is_file():
+        raise Conflict(f"the stored content of {fb.id} is missing", code="content_missing")
+    media = "application/json" if path.suffix == ".json" else "application/x-ndjson"
+    return FileResponse(path, media_type=media, headers={"ETag": f'"{fb.sha256}"'},
+                        filename=f"{fb.id}{path.suffix}")

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from server.api.deps import SettingsDep, error_responses
 from server.db import get_engine
 from server.errors import ServiceUnavailable
-from server.schemas import HealthOut, ReadyOut
+from halos_client.models import HealthOut, ReadyOut
 from server.settings import Settings
 
 log = logging.getLogger("halos.api")

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import PlainTextResponse
 
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
-from server.schemas import JobList, JobOut, MetricSeries
+from halos_client.models import JobList, JobOut, MetricSeries
+from server.models import JobStatus
 from server.services import jobs_view as service
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyLimitRoute,
                    responses=error_responses(401, 429))
 
 JobId = Annotated[str, Path(max_length=200)]
-StatusFilter = Literal["waiting", "queued", "running", "cancelling", "crashed", "succeeded", "failed", "cancelled"]
 
 
 @router.get("", response_model=JobList, responses=error_responses(422))
 def list_jobs(
     principal: ProjectDep,
     session: SessionDep,
-    status: Annotated[StatusFilter | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobList:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
-from server.schemas import ModelCreate, ModelList, ModelOut
+from halos_client.models import ModelCreate, ModelList, ModelOut
 from server.services import models_registry as service
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLimitRoute,

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
-from server.schemas import RoundCreate, RoundOut, RunCreate, RunList, RunOut
-from server.services import runs as service
+from halos_client.models import Rollback, RoundCreate, RoundOut, RunCreate, RunList, RunOut
+from server.services import head, run_views, runs as service
 from server.services.idempotency import REPLAY_HEADER
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRoute,
@@ -31,7 +31,7 @@ def create_run(body: RunCreate, response: Response, principal: ProjectDep, setti
     run, replayed = service.create_run(session, settings, principal, body, idempotency_key)
     if replayed:
         response.headers[REPLAY_HEADER] = "true"
-    return service.run_view(session, run)
+    return run_views.run_view(session, run)
 
 
 @router.get("", response_model=RunList, responses=error_responses(422))
@@ -42,13 +42,13 @@ def list_runs(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> RunList:
     rows, next_cursor = service.list_runs(session, principal, limit, cursor)
-    return RunList(items=[service.run_summary(r) for r in rows], next_cursor=next_cursor)
+    return RunList(items=[run_views.run_summary(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{run_id}", response_model=RunOut, responses=error_responses(404))
 def get_run(run_id: RunId, principal: ProjectDep, session: SessionDep) -> RunOut:
     """The run with its rounds in order (each with its job's status and checkpoints)."""
-    return service.run_view(session, service.get_run(session, principal, run_id))
+    return run_views.run_view(session, service.get_run(session, principal, run_id))
 
 
 @router.post("/{run_id}/rounds", status_code=201, response_model=RoundOut, responses={
@@ -71,4 +71,12 @@ def create_round(run_id: RunId, body: RoundCreate, response: Response, principal
     rnd, _job, replayed = service.create_round(session, settings, principal, run_id, body, idempotency_key)
     if replayed:
         response.headers[REPLAY_HEADER] = "true"
-    return service.round_view(session, rnd)
+    return run_views.round_view(session, rnd)
+
+
+@router.post("/{run_id}/rollback", response_model=RunOut, responses=error_responses(400, 404, 413, 422))
+def rollback(run_id: RunId, body: Rollback, principal: ProjectDep, session: SessionDep) -> RunOut:
+    """Move the run's head to `checkpoint_id` (any checkpoint of this run; null: the SFT model).
+    The next round continues from it, with its optimizer state; the move is in `head_history`.
+    A checkpoint of another run ⇒ 404."""
+    return run_views.run_view(session, head.rollback(session, principal, run_id, body.checkpoint_id))

@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 from server import storage
 from server.errors import Unprocessable
 from server.models import FeedbackFile
-from server.schemas import FeedbackOut
+from halos_client.models import FeedbackOut
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
@@ -40,7 +40,8 @@ def to_out(fb: FeedbackFile) -> FeedbackOut:
     return FeedbackOut(
         id=fb.id, kind=fb.kind, format=fb.format, n_records=fb.n_records, n_prompts=fb.n_prompts,
         n_train=fb.n_train, n_test=fb.n_test, sha256=fb.sha256, size_bytes=fb.size_bytes,
-        filename=fb.original_filename, created_at=fb.created_at,
+        filename=fb.original_filename, source=fb.source, job_id=fb.job_id, provenance=fb.provenance,
+        findings=fb.findings, created_at=fb.created_at,
     )
 
 
@@ -88,6 +89,25 @@ def validate_staged(staged: StagedFile, settings: Settings) -> Any:
         ) from exc
 
 
+def quality_findings(staged: StagedFile, strict: bool) -> dict[str, Any] | None:
+    """Data-quality warnings of a valid file (halos_core.feedback.quality); `strict`: refuse the file
+    with the record-level 422 report instead (nothing stored)."""
+    from halos_core.feedback.quality import find
+
+    found = find(staged.path)
+    if not found.total:
+        return None
+    if strict:
+        errors = [_record_error(e) for e in found.examples]
+        raise Unprocessable(
+            f"{found.total} data-quality problem(s) in the feedback file (strict=true); nothing was stored",
+            code="invalid_feedback",
+            details={"errors": errors, "truncated": found.total > len(errors), "records_checked": None,
+                     "counts": found.counts},
+        )
+    return found.to_json()
+
+
 def _replay(session: Session, record: Any, project_id: str) -> FeedbackFile:
     fb = session.get(FeedbackFile, record.resource_id)
     if fb is None or fb.project_id != project_id:  # cannot happen: written in one transaction
@@ -96,11 +116,14 @@ def _replay(session: Session, record: Any, project_id: str) -> FeedbackFile:
 
 
 def ingest(session: Session, settings: Settings, principal: Principal, staged: StagedFile,
-           idempotency_key: str | None) -> Ingested:
+           idempotency_key: str | None, strict: bool = False, source: str = "upload",
+           provenance: dict[str, Any] | None = None) -> Ingested:
     """Validate and store a staged upload. Consumes `staged` (its temp file is gone afterwards)."""
     data_dir = settings.data_dir
     try:
-        req_hash = idempotency.request_hash(ENDPOINT, staged.sha256, staged.filename)
+        extra = ("strict",) if strict else ()  # (the hash of a plain upload is unchanged)
+        req_hash = idempotency.request_hash(ENDPOINT if source == "upload" else f"{ENDPOINT} ({source})",
+                                            staged.sha256, staged.filename, *extra)
         if idempotency_key is not None:  # cheap early replay: skip validation entirely
             record = idempotency.lookup(session, principal.project_id, ENDPOINT, idempotency_key, req_hash,
                                         settings.idempotency_ttl_hours)
@@ -110,6 +133,7 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
                 return Ingested(fb, replayed=True)
 
         summary = validate_staged(staged, settings)  # no transaction is open while this runs
+        findings = quality_findings(staged, strict)
 
         for _ in range(3):
             if idempotency_key is not None:
@@ -124,7 +148,7 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
                 sha256=staged.sha256, size_bytes=staged.size_bytes, n_records=summary.n_records,
                 n_prompts=summary.n_prompts, n_train=summary.n_train, n_test=summary.n_test,
                 storage_path=storage.blob_relpath(staged.sha256, staged.ext),
-                original_filename=staged.filename,
+                original_filename=staged.filename, source=source, provenance=provenance, findings=findings,
             )
             session.add(fb)
             if idempotency_key is not None:
@@ -165,3 +189,9 @@ def get_feedback(session: Session, principal: Principal, feedback_id: str) -> Fe
 def list_feedback(session: Session, principal: Principal, limit: int, cursor: str | None
                   ) -> tuple[list[FeedbackFile], str | None]:
     return paginate(session, FeedbackFile, principal.project_id, limit, cursor)
+
+
+def content_path(settings: Settings, fb: FeedbackFile) -> Any:
+    """Where the stored bytes are (a relative storage path is under the data dir; a generated
+    artefact's is the absolute path in its job's run directory)."""
+    return settings.data_dir / fb.storage_path

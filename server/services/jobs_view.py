@@ -7,18 +7,24 @@ Job.status is written only by `server.jobs`; this module reads it and calls
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from sqlmodel import Session, col, select
 
+from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
 from server.errors import Conflict
-from server.models import TERMINAL_STATUSES, Checkpoint, Job, JobStatus, MetricPoint, Round
-from server.schemas import JobOut, JobProgress, MetricPointOut, MetricSeries
+from server.models import TERMINAL_STATUSES, Attempt, FeedbackFile, Job, JobStatus, MetricPoint, Round, utcnow
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings
 
 MAX_METRIC_POINTS = 10_000
+# The ETA follows the pace of the current attempt's last steps (not the whole run's average, which
+# would include model loading, the reference pass and earlier, crashed attempts).
+PACE_WINDOW_STEPS = 20
 
 
 def _request_cancel(session: Session, job_id: str) -> Job:
@@ -31,33 +37,117 @@ def get_job(session: Session, principal: Principal, job_id: str) -> Job:
     return get_owned(session, Job, job_id, principal.project_id, "job")
 
 
+@dataclass(frozen=True)
+class Timing:
+    percent_done: Optional[float]
+    elapsed_s: Optional[float]
+    eta_s: Optional[float]
+
+
+_TERMINAL = {s.value for s in TERMINAL_STATUSES}
+
+
+def _int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _point_time(point: MetricPoint) -> float:
+    """When the trainer logged the step (its `time` field, on the worker's clock); the row's
+    insertion time only for lines without one."""
+    logged = (point.data or {}).get("time")
+    if isinstance(logged, (int, float)) and not isinstance(logged, bool):
+        return float(logged)
+    return _utc(point.created_at).timestamp()
+
+
+def timing(job: Job, now: datetime, attempt_started_at: Optional[datetime] = None,
+           recent_points: Sequence[MetricPoint] = ()) -> Timing:
+    """percent done, elapsed and ETA of one job.
+
+    `recent_points`: the current attempt's latest train points. Only those logged after this
+    attempt started count towards the pace: a retry re-records (backfills) lines an earlier,
+    crashed attempt wrote, and their times would mix the crash and the backoff into the pace."""
+    status = job.status.value if isinstance(job.status, JobStatus) else str(job.status)
+    if status == JobStatus.succeeded.value:
+        percent: Optional[float] = 100.0
+    elif job.total_steps:
+        percent = round(min(100.0, max(0.0, 100.0 * (job.round_step or 0) / job.total_steps)), 2)
+    else:
+        percent = None
+    elapsed = None
+    if job.started_at is not None:
+        end = job.finished_at if (job.finished_at is not None and status in _TERMINAL) else now
+        elapsed = round(max(0.0, (_utc(end) - _utc(job.started_at)).total_seconds()), 3)
+    eta = 0.0 if status == JobStatus.succeeded.value else None
+    if status == JobStatus.running.value and attempt_started_at is not None and job.total_steps:
+        since = _utc(attempt_started_at).timestamp()
+        timed = sorted((p for p in recent_points if _point_time(p) >= since), key=lambda p: p.step)
+        if len(timed) >= 2:
+            first, last = timed[0], timed[-1]
+            t0, t1 = _point_time(first), _point_time(last)
+            if last.step > first.step and t1 > t0:
+                per_step = (t1 - t0) / (last.step - first.step)
+                data = last.data or {}
+                total = _int(data.get("total_steps")) or job.total_steps
+                done = _int(data.get("round_step"))
+                remaining = max(0, total - (job.round_step if done is None else done))
+                # Count down between steps by at most one step's time: a stalled trainer does not
+                # reach 0, and clock skew between the API and the worker host shifts it by one step.
+                since_last = min(max(0.0, now.timestamp() - t1), per_step)
+                eta = round(max(0.0, remaining * per_step - since_last), 3)
+    return Timing(percent_done=percent, elapsed_s=elapsed, eta_s=eta)
+
+
+
+def _timings(session: Session, jobs: list[Job], now: datetime) -> dict[str, Timing]:
+    """Timing per job; a running job costs two indexed reads (its attempt, its last steps)."""
+    running = [j for j in jobs if j.status == JobStatus.running and j.total_steps]
+    started: dict[tuple[str, int], datetime] = {}
+    if running:
+        for a in session.exec(select(Attempt).where(col(Attempt.job_id).in_([j.id for j in running]))).all():
+            started[(a.job_id, a.attempt)] = a.started_at
+    out = {}
+    for j in jobs:
+        attempt_started = started.get((j.id, j.attempt))
+        points: Sequence[MetricPoint] = ()
+        if attempt_started is not None:
+            points = session.exec(
+                select(MetricPoint)
+                .where(MetricPoint.job_id == j.id, MetricPoint.split == "train", MetricPoint.attempt == j.attempt)
+                .order_by(col(MetricPoint.step).desc()).limit(PACE_WINDOW_STEPS)
+            ).all()
+        out[j.id] = timing(j, now, attempt_started, points)
+    return out
+
+
 def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     if not jobs:
         return []
     ids = [j.id for j in jobs]
+    timings = _timings(session, jobs, utcnow())
     rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
-    ckpts: dict[str, Checkpoint] = {}
-    for c in session.exec(select(Checkpoint).where(col(Checkpoint.job_id).in_(ids))).all():
-        best = ckpts.get(c.job_id)
-        if best is None or (c.step, c.created_at) > (best.step, best.created_at):
-            ckpts[c.job_id] = c
+    outputs = dict(session.exec(select(FeedbackFile.job_id, FeedbackFile.id).where(col(FeedbackFile.job_id).in_(ids))).all())
     out = []
     for j in jobs:
         rnd = rounds.get(j.id)
-        checkpoint_id = (rnd.checkpoint_id if rnd and rnd.checkpoint_id else None) or (
-            ckpts[j.id].id if j.id in ckpts else None
-        )
         status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
+        t = timings[j.id]
         out.append(
             JobOut(
                 id=j.id, kind=j.kind, status=status, attempt=j.attempt, max_attempts=j.max_attempts,
                 cancel_requested=bool(j.cancel_requested),
                 progress=JobProgress(step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps,
                                      examples=j.examples or 0),
+                percent_done=t.percent_done, elapsed_s=t.elapsed_s, eta_s=t.eta_s,
                 latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
                 started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
                 parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
-                round_index=rnd.index if rnd else None, checkpoint_id=checkpoint_id,
+                round_index=rnd.index if rnd else None, checkpoint_id=rnd.checkpoint_id if rnd else None,
+                output_feedback_id=outputs.get(j.id),
             )
         )
     return out
@@ -68,8 +158,8 @@ def job_view(session: Session, job: Job) -> JobOut:
 
 
 def list_jobs(session: Session, principal: Principal, limit: int, cursor: str | None,
-              status: str | None = None) -> tuple[list[Job], str | None]:
-    filters = [Job.status == JobStatus(status)] if status else []
+              status: JobStatus | None = None) -> tuple[list[Job], str | None]:
+    filters = [Job.status == status] if status else []
     return paginate(session, Job, principal.project_id, limit, cursor, *filters)
 
 

@@ -6,7 +6,7 @@ from sqlmodel import Session, col, select
 
 from server.errors import Conflict
 from server.models import Checkpoint, Model, Round
-from server.schemas import CheckpointOut, LineageItem, LineageOut, ModelRef
+from halos_client.models import CheckpointOut, LineageItem, LineageOut, ModelRef
 from server.services.common import get_owned
 from server.services.keys import Principal
 

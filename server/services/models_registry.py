@@ -39,7 +39,7 @@ from sqlmodel import Session
 from halos_core.run_dir import tree_sha256
 from server.errors import ServiceUnavailable, Unprocessable
 from server.models import Model
-from server.schemas import ModelCreate, ModelOut
+from halos_client.models import ModelCreate, ModelOut
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings, get_settings

@@ -1,4 +1,4 @@
-"""RELIABILITY Q1 with the REAL trainer: `halos serve` (embedded: SQLite + embedded broker, its own
+"""docs/RELIABILITY.md Q1 with the REAL trainer: `halos serve` (embedded: SQLite + embedded broker, its own
 `halos worker` child and sweeper), a DPO round on the tiny model through the real
 `accelerate launch -m halos_core.train`, SIGKILL of the worker (solo pool: the worker process IS
 the runner) once the round's first intermediate checkpoint is complete.
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from sqlmodel import Session
 
-from halos_core.config import RunConfig
+from halos_core.job_spec import RunConfig
 from halos_core.run_dir import RunDir
 from halos_core.synthetic import pairwise_records, to_jsonl_bytes
 from server.db import make_engine
@@ -40,7 +40,7 @@ EVERY = 4
 STEPS = 40
 HYPERPARAMS = {"lr": 1e-3, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 6, "max_length": 64,
                "max_prompt_length": 32, "checkpoint_every": EVERY, "seed": 1}
-FAST = {  # short recovery timings (RELIABILITY.md defaults are 60/5/10/30 s)
+FAST = {  # short recovery timings (the defaults are 60/5/10/30 s)
     "HALOS_LEASE_TTL_S": "3",
     "HALOS_HEARTBEAT_INTERVAL_S": "0.5",
     "HALOS_SWEEP_INTERVAL_S": "0.5",
@@ -224,7 +224,7 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             assert missing_in_api == [], f"steps {missing_in_api} never reached the database"
 
             result = rd.read_result()
-            assert result["resumed"]["optimizer_step"] == resumed and result["step"] == STEPS
+            assert result.resumed.optimizer_step == resumed and result.step == STEPS
             wa, wb = load_file(str(base.final / "model.safetensors")), load_file(str(rd.final / "model.safetensors"))
             assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
             oa = torch.load(base.final / "optimizer.pt", weights_only=True)

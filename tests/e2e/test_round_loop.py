@@ -73,7 +73,7 @@ def two_rounds(dep, model_dir: Path) -> None:
     saved = torch.load(Path(ckpt1["path"]) / "optimizer.pt", weights_only=True)
     assert result2["restored"]["optimizer_state_digest"] == optimizer_state_digest(saved)
     saved_steps = {int(s["step"]) for s in saved["state"].values()}
-    assert saved_steps == {result1["round_steps"]} == {result2["restored"]["optimizer_step"]}
+    assert saved_steps == {result1["round_step"]} == {result2["restored"]["optimizer_step"]}
     assert "restored" not in result1 or result1["restored"] is None  # round 1: fresh optimizer
 
     # The reference is the SFT model in both rounds; the policy moved away from it.

@@ -67,7 +67,7 @@ class Writer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from halos_core.logprobs import DEFAULT_CHUNK_TOKENS, TokenLogprobModel
-        from halos_core.trainer import warmup_lambda
+        from halos_core.training import warmup_lambda
 
         self.job_id, self.total_steps, self.reference_sha256 = job_id, total_steps, reference_sha256
         self.base = load_file(str(Path(model_dir) / "model.safetensors"))

@@ -68,6 +68,6 @@ def test_learning_signal_smoke(tmp_path, cpu_only, capsys):
         else:
             assert r["step"] > 0 and r["eval_loss"] is not None
     dpo = [r for r in rows if r["loss"] == "dpo"]
-    assert dpo[2]["step"] == dpo[1]["step"] + dpo[2]["round_steps"]  # counters carried across rounds
+    assert dpo[2]["step"] == dpo[1]["step"] + dpo[2]["round_step"]  # counters carried across rounds
     assert dpo[1]["eval_accuracy"] is not None
     assert "PASS" in printed or "FAIL" in printed

@@ -23,7 +23,7 @@ from halos_core.checkpoint import (
     save_checkpoint,
 )
 from halos_core.run_dir import CheckpointError, RunDir, read_manifest, write_manifest
-from halos_core.trainer import warmup_lambda
+from halos_core.training import warmup_lambda
 
 
 @pytest.fixture()

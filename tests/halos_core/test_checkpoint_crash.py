@@ -1,5 +1,5 @@
 """T3: SIGKILL during checkpoint saves at many random offsets ⇒ resume always uses the last
-complete checkpoint (RELIABILITY.md I3, I4, trap 5).
+complete checkpoint (docs/RELIABILITY.md I3, I4, trap 5).
 
 A fork server (`_checkpoint_writer.py`) loads a tiny model + AdamW once and forks one writer per
 trial; the writer saves steps start, start+1, ... with the REAL `save_checkpoint` and
@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from halos_core.checkpoint import load_checkpoint, optimizer_step_count
 from halos_core.run_dir import META_FILE, TMP_PREFIX, CheckpointError, RunDir, read_manifest
 from halos_core.train import run
-from halos_core.trainer import Stopped, load_examples
+from halos_core.training import Stopped, load_examples
 
 try:
     from transformers.utils import logging as _hf_logging

@@ -192,9 +192,9 @@ def test_fsdp_checkpoint_resumes_across_strategies(fsdp_runs, tiny_model_dir, ti
     _assert_same_final(one, rd)
     _assert_same_final(two, rd)
     _assert_complete_optimizer(rd.final, tiny_model_dir, 6)
-    resumed = rd.read_result()["resumed"]
-    assert resumed["optimizer_step"] == 3 and resumed["scheduler_last_epoch"] == 3
-    assert resumed["optimizer_state_digest"] == optimizer_state_digest(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    resumed = rd.read_result().resumed
+    assert resumed.optimizer_step == 3 and resumed.scheduler_last_epoch == 3
+    assert resumed.optimizer_state_digest == optimizer_state_digest(torch.load(ckpt / "optimizer.pt", weights_only=True))
 
 
 @pytest.mark.e2e
@@ -205,13 +205,13 @@ def test_fsdp_round_two_restores_the_complete_optimizer_state(fsdp_runs, tiny_mo
     r1 = two.read_result()
     rd = RunDir(tmp / "round2").create()
     rd.write_config(make_config(rd.path, tiny_model_dir, tiny_sha, pairwise_file, job_id="round2",
-                                init_from=r1["final_dir"], counters={"step": r1["step"], "examples": r1["examples"]},
+                                init_from=r1.final_dir, counters={"step": r1.step, "examples": r1.examples},
                                 **HP))
     _ok(launch(rd, 2, fsdp=True), 2, True)
-    restored = rd.read_result()["restored"]
+    restored = rd.read_result().restored
     parent = torch.load(two.final / "optimizer.pt", weights_only=True)
-    assert restored["optimizer_state_digest"] == optimizer_state_digest(parent)
-    assert restored["optimizer_step"] == 6 and restored["scheduler_last_epoch"] == 6
+    assert restored.optimizer_state_digest == optimizer_state_digest(parent)
+    assert restored.optimizer_step == 6 and restored.scheduler_last_epoch == 6
     assert [m["step"] for m in _steps(rd)] == [7, 8, 9, 10, 11, 12]
     _assert_complete_optimizer(rd.final, tiny_model_dir, 12)
 
@@ -240,7 +240,7 @@ def test_heads_under_fsdp(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     _ok(launch(ppo, 2, fsdp=True), 2, True)
     steps = _steps(ppo)
     assert len(steps) == 4 and all(m["critic_loss"] == m["critic_loss"] for m in steps)
-    assert ppo.read_result()["head"] == "value"
+    assert ppo.read_result().head == "value"
     head = load_file(str(ppo.final / "head.safetensors"))
     assert all(type(t) is torch.Tensor for t in head.values()) and head
 
@@ -288,7 +288,7 @@ def test_fsdp_on_gpus(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     back.write_config(make_config(back.path, tiny_model_dir, tiny_sha, pairwise_file, job_id="gf",
                                   resume_from=str(ckpt), **HP, **batch))
     _ok(launch(back, 1, fsdp=False, cpu=False), 1, False)
-    assert back.read_result()["resumed"]["optimizer_state_digest"] == optimizer_state_digest(
+    assert back.read_result().resumed.optimizer_state_digest == optimizer_state_digest(
         torch.load(ckpt / "optimizer.pt", weights_only=True))
     for x, y in zip(m1[3:], _steps(back)):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5), x["step"]

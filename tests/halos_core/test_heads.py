@@ -14,7 +14,7 @@ from halos_core.heads import HEAD_FILE, RewardHead, ValueHead, last_token_index
 from halos_core.run_dir import CheckpointError, RunDir
 from halos_core.synthetic import binary_records, pairwise_records, write_jsonl
 from halos_core.train import _release, run
-from halos_core.trainer import Trainer
+from halos_core.training import Trainer
 
 from .conftest import make_config, read_jsonl
 
@@ -72,16 +72,16 @@ def bt_round(tmp_path_factory, tiny_model_dir, tiny_sha):
 def test_bradley_terry_learns_a_reward_model(bt_round, tiny_model_dir):
     tmp, _, res = bt_round
     steps = _steps(tmp / "r1")
-    assert res.round_steps == len(steps) >= 8
+    assert res.round_step == len(steps) >= 8
     assert steps[0]["loss"] == pytest.approx(torch.nn.functional.softplus(torch.tensor(-steps[0]["rewards/margin"])).item(), abs=0.05)
     assert sum(m["loss"] for m in steps[-3:]) / 3 < sum(m["loss"] for m in steps[:3]) / 3 - 0.2
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
         assert key in steps[-1]
     assert res.eval["rewards/accuracy"] > 0.8 and res.eval["rewards/margin"] > 0
     result = RunDir(tmp / "r1").read_result()
-    assert result["head"] == "reward" and result["reference_param_digest"] is None  # no reference model
+    assert result.head == "reward" and result.reference_param_digest is None  # no reference model
     # the head is in every checkpoint; the LM head never ran and is unchanged
-    final = Path(result["final_dir"])
+    final = Path(result.final_dir)
     for d in [m.path for m in RunDir(tmp / "r1").complete_checkpoints()] + [final]:
         assert (d / HEAD_FILE).is_file()
     assert set(load_file(str(final / HEAD_FILE))) == {"score.weight"}
@@ -104,8 +104,8 @@ def test_bradley_terry_round_two_restores_head_and_optimizer(bt_round, tiny_mode
         _release(trainer)
     result2 = RunDir(tmp / "r2").read_result()
     saved_opt = torch.load(res.final_dir / "optimizer.pt", weights_only=True)
-    assert result2["restored"]["optimizer_state_digest"] == optimizer_state_digest(saved_opt)
-    assert result2["restored"]["optimizer_step"] == res.round_steps
+    assert result2.restored.optimizer_state_digest == optimizer_state_digest(saved_opt)
+    assert result2.restored.optimizer_step == res.round_step
     assert _steps(tmp / "r2")[0]["rewards/accuracy"] > 0.8  # starts as round 1's reward model
 
 
@@ -124,7 +124,7 @@ def ppo_round(tmp_path_factory, tiny_model_dir, tiny_sha):
 def test_ppo_trains_policy_and_value_head(ppo_round, tiny_model_dir):
     tmp, _, res = ppo_round
     steps = _steps(tmp / "r1")
-    assert res.round_steps == len(steps) >= 6
+    assert res.round_step == len(steps) >= 6
     for key in ("loss", "policy_loss", "critic_loss", "clip_fraction", "kl", "grad_norm"):
         assert key in steps[-1] and steps[-1][key] == steps[-1][key], key
     assert "advantages" not in steps[-1]  # token-level diagnostics stay out of the step metrics
@@ -135,9 +135,9 @@ def test_ppo_trains_policy_and_value_head(ppo_round, tiny_model_dir):
     assert last < first  # the value head learns the returns
     assert "critic_loss" in res.eval
     result = RunDir(tmp / "r1").read_result()
-    assert result["head"] == "value"
-    assert result["reference_param_digest"] == param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
-    final = Path(result["final_dir"])
+    assert result.head == "value"
+    assert result.reference_param_digest == param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
+    final = Path(result.final_dir)
     assert {"summary.0.weight", "summary.6.weight", "summary.6.bias"} <= set(load_file(str(final / HEAD_FILE)))
     w, sft = load_file(str(final / "model.safetensors")), load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(w[k], sft[k]) for k in sft)
@@ -157,7 +157,7 @@ def test_ppo_loss_in_the_trainer_uses_reference_logps_as_old_policy(ppo_round, t
         stream = mb.streams["target"]
         with torch.no_grad():
             logps, mask, values = inner(stream["input_ids"], stream["attention_mask"], stream["labels"], mode="values")
-            ref = trainer._reference_logps(stream)
+            ref = trainer.forward.reference_logps(stream)
         rewards = torch.where(mb.desirable, 1.0, -1.0)
         expected = build_loss({"name": "ppo"}).compute(policy_logps=logps, old_policy_logps=ref, values=values,
                                                        rewards=rewards, mask=mask)

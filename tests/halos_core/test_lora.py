@@ -14,7 +14,7 @@ from halos_core.logprobs import token_logps
 from halos_core.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, adapter_state_dict, is_peft
 from halos_core.run_dir import CheckpointError, RunDir
 from halos_core.train import _release, run
-from halos_core.trainer import Stopped, Trainer
+from halos_core.training import Stopped, Trainer
 
 from .conftest import make_config, read_jsonl
 
@@ -66,11 +66,11 @@ def test_reference_is_the_base_with_adapters_off_and_no_second_copy(tmp_path, ti
                 if "lora_B" in n:
                     p.normal_(std=0.05)
         (mb,) = trainer.train_loader.microbatches(0)[:1]
-        stream = trainer._reference_streams(mb)[0]
-        ref = trainer._reference_logps(stream)
+        stream = trainer.forward.reference_streams(mb)[0]
+        ref = trainer.forward.reference_logps(stream)
         with torch.no_grad():
             expected, _ = token_logps(sft, stream["input_ids"], stream["attention_mask"], stream["labels"])
-            policy, _ = trainer._policy_logps(stream, grad=False)
+            policy, _ = trainer.forward.policy_logps(stream, grad=False)
         assert torch.equal(ref, expected)
         assert not torch.allclose(policy, expected, atol=1e-4)
         assert inner.training  # the reference pass put the model back in training mode
@@ -84,11 +84,11 @@ def test_lora_round_checkpoints_adapters_and_exports_merged(round1, tiny_model_d
 
     rd = RunDir(round1.run_dir)
     steps = _steps(rd.path)
-    assert round1.round_steps == 6 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert round1.round_step == 6 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert steps[-1]["loss"] < steps[0]["loss"]
     result = rd.read_result()
-    assert result["lora"] == {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "merged": True}
-    assert result["reference_param_digest"] == param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
+    assert result.lora == {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "merged": True}
+    assert result.reference_param_digest == param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
     # intermediate checkpoints: adapters + optimizer, no full weights
     for manifest in rd.complete_checkpoints():
         files = set(manifest.files)
@@ -97,7 +97,7 @@ def test_lora_round_checkpoints_adapters_and_exports_merged(round1, tiny_model_d
         opt = torch.load(manifest.path / "optimizer.pt", weights_only=True)
         assert len(opt["state"]) == len(load_file(str(manifest.path / ADAPTER_DIR / ADAPTER_WEIGHTS)))
     # final: merged weights under the SFT model's names, loadable with plain transformers
-    final = Path(result["final_dir"])
+    final = Path(result.final_dir)
     merged, base_w = load_file(str(final / "model.safetensors")), load_file(str(tiny_model_dir / "model.safetensors"))
     assert merged.keys() == base_w.keys()
     changed = {k for k in base_w if not torch.equal(merged[k], base_w[k])}
@@ -129,14 +129,14 @@ def test_lora_rounds_chain_adapters_optimizer_scheduler(round1, tmp_path, tiny_m
     finally:
         _release(trainer)
     result2 = RunDir(tmp_path / "r2").read_result()
-    restored = result2["restored"]
-    assert restored["optimizer_state_digest"] == optimizer_state_digest(torch.load(final1 / "optimizer.pt", weights_only=True))
-    assert restored["optimizer_step"] == 6 and restored["lr_at_start"] == pytest.approx(2e-3)
-    assert result2["reference_param_digest"] == RunDir(round1.run_dir).read_result()["reference_param_digest"]
+    restored = result2.restored
+    assert restored.optimizer_state_digest == optimizer_state_digest(torch.load(final1 / "optimizer.pt", weights_only=True))
+    assert restored.optimizer_step == 6 and restored.lr_at_start == pytest.approx(2e-3)
+    assert result2.reference_param_digest == RunDir(round1.run_dir).read_result().reference_param_digest
     steps2 = _steps(tmp_path / "r2")
     assert steps2[0]["step"] == 7 and steps2[0]["lr"] == pytest.approx(2e-3)  # no second warmup
     assert steps2[0]["loss"] < 0.69  # starts from round 1's adapters, not from the SFT model
-    opt2 = torch.load(Path(result2["final_dir"]) / "optimizer.pt", weights_only=True)
+    opt2 = torch.load(Path(result2.final_dir) / "optimizer.pt", weights_only=True)
     assert {int(s["step"]) for s in opt2["state"].values()} == {12}
 
     # a round cannot continue a checkpoint with other trainable state
@@ -169,4 +169,4 @@ def test_lora_resume_equals_uninterrupted_and_unmerged_export(tmp_path, tiny_mod
     wb = load_file(str(resumed.final_dir / ADAPTER_DIR / ADAPTER_WEIGHTS))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (straight.final_dir / "model.safetensors").exists()  # merge_on_export: false -> adapters only
-    assert resumed.result["resumed"]["optimizer_step"] == 3
+    assert resumed.result.resumed.optimizer_step == 3

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from halos_core.config import LOSS_DATA_KIND, LOSS_NAMES, Hyperparams
-from halos_core.losses import LOSS_REGISTRY, LossOutput, build_loss
+from halos_core.config import Hyperparams
+from halos_core.loss_registry import LOSSES
+from halos_core.losses import LossOutput, all_loss_classes, build_loss
 
 RTOL, ATOL = 1e-4, 1e-5
 FIXTURE = Path(os.environ.get("HALOS_GOLDEN_LOSSES") or Path(__file__).resolve().parents[1] / "fixtures" / "halos_losses.json")
@@ -101,15 +102,17 @@ def test_gradients_flow(case: dict):
 
 
 def test_registry_matches_config():
-    assert sorted(LOSS_REGISTRY) == sorted(LOSS_NAMES)
-    for name, cls in LOSS_REGISTRY.items():
+    """Every declaration names an implementation that declares itself as that loss."""
+    classes = all_loss_classes()
+    assert sorted(classes) == sorted(LOSSES)
+    for name, cls in classes.items():
         assert cls.name == name
-        assert cls.data_kind == LOSS_DATA_KIND[name]
-        assert isinstance(cls.needs_reference, bool)
+        assert cls.spec.data == LOSSES[name].data
+        assert isinstance(cls.spec.needs_reference, bool)
 
 
 def test_every_fixture_loss_is_registered():
-    unknown = sorted({c["loss"] for c in CASES} - set(LOSS_REGISTRY))
+    unknown = sorted({c["loss"] for c in CASES} - set(all_loss_classes()))
     assert not unknown, f"fixture losses with no implementation: {unknown}"
 
 

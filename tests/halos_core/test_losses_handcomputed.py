@@ -9,17 +9,18 @@ import math
 import pytest
 import torch
 
-from halos_core.config import (
+from halos_core.config import Hyperparams
+from halos_core.loss_registry import (
     BradleyTerryLoss,
     CSFTLoss,
     DPOLoss,
     GRPOLoss,
-    Hyperparams,
     KTOLoss,
     PPOLoss,
     SFTLoss,
 )
-from halos_core.losses import build_loss, group_advantages
+from halos_core.losses import build_loss
+from halos_core.losses.grpo import group_advantages
 from halos_core.losses.ppo import gae, sequence_rewards_to_tokens
 
 D = torch.float64

@@ -238,7 +238,7 @@ def test_training_with_packing_equals_without(tmp_path, tiny_model_dir, tiny_sha
                           max_length=160, n_epochs=2, lr=2e-3, packing=on)
         assert cfg.hyperparams.packing is on
         res = run(cfg)
-        assert res.status == "ok"
+        assert res.result.status == "ok"
         runs[on] = [m for m in read_jsonl(RunDir(tmp_path / name).metrics_jsonl) if m.get("split") != "eval"]
     assert shapes and all(rows <= batch for batch, rows in shapes)
     assert any(rows < batch for batch, rows in shapes)  # sequences really shared rows

@@ -144,9 +144,9 @@ def test_sigkill_after_checkpoint_then_resume_equals_straight_run(tmp_path, tiny
 
     # ---- final weights, Adam state (step 2N), scheduler: identical
     ra, rb = straight.read_result(), killed.read_result()
-    assert ra["step"] == rb["step"] == 2 * N and ra["examples"] == rb["examples"] == 2 * N * 8
-    assert rb["resumed"]["optimizer_step"] == N and rb["resumed"]["scheduler_last_epoch"] == N
-    assert rb["resumed"]["optimizer_state_digest"] == optimizer_state_digest(
+    assert ra.step == rb.step == 2 * N and ra.examples == rb.examples == 2 * N * 8
+    assert rb.resumed.optimizer_step == N and rb.resumed.scheduler_last_epoch == N
+    assert rb.resumed.optimizer_state_digest == optimizer_state_digest(
         torch.load(latest.path / "optimizer.pt", weights_only=True))
     wa, wb = load_file(str(straight.final / "model.safetensors")), load_file(str(killed.final / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -27,7 +27,7 @@ from halos_core.data.loaders import TrainLoader
 from halos_core.run_dir import RunDir
 from halos_core.synthetic import pairwise_records, write_jsonl
 from halos_core.train import _release, run
-from halos_core.trainer import Trainer, load_examples
+from halos_core.training import Trainer, load_examples
 
 from .conftest import make_config, read_jsonl
 
@@ -62,12 +62,12 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
 
     # ---- the chain, as the server runs it: round 2 = init_from round 1's final + its counters
     r1 = run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, d1, job_id="r1", **HP))
-    assert (r1.step, r1.round_steps, r1.examples) == (4, 4, 32)
+    assert (r1.step, r1.round_step, r1.examples) == (4, 4, 32)
     cfg2 = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, d2, job_id="r2", init_from=str(r1.final_dir),
                        counters={"step": r1.step, "examples": r1.examples}, **HP)
     r2 = run(cfg2)
-    assert (r2.step, r2.round_steps, r2.examples) == (7, 3, 56)
-    assert r2.result["restored"]["optimizer_step"] == 4 and r2.result["restored"]["scheduler_last_epoch"] == 4
+    assert (r2.step, r2.round_step, r2.examples) == (7, 3, 56)
+    assert r2.result.restored.optimizer_step == 4 and r2.result.restored.scheduler_last_epoch == 4
 
     # ---- the baseline: one trainer, D1's batches then D2's, one optimizer and schedule throughout
     cfg = make_config(tmp_path / "one", tiny_model_dir, tiny_sha, d1, job_id="one", **HP)
@@ -81,7 +81,7 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
         one = trainer.train()
     finally:
         _release(trainer)
-    assert one["step"] == 7 and one["examples"] == 56
+    assert one.step == 7 and one.examples == 56
 
     # ---- same per-step losses / lr at every global step (round 2's steps are 5..7)
     chain = {**_steps(tmp_path / "r1"), **_steps(tmp_path / "r2")}
@@ -94,7 +94,7 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
 
     # ---- same final weights (bit for bit)
     wc = load_file(str(Path(r2.final_dir) / "model.safetensors"))
-    wb = load_file(str(Path(one["final_dir"]) / "model.safetensors"))
+    wb = load_file(str(Path(one.final_dir) / "model.safetensors"))
     assert wc.keys() == wb.keys()
     w1 = load_file(str(Path(r1.final_dir) / "model.safetensors"))
     assert any(not torch.equal(w1[k], wc[k]) for k in wc)  # round 2 did train
@@ -103,7 +103,7 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
 
     # ---- same Adam state (moments, step counts) and the same scheduler position / lr
     oc = load_checkpoint(r2.final_dir).optimizer_state
-    ob = load_checkpoint(one["final_dir"]).optimizer_state
+    ob = load_checkpoint(one.final_dir).optimizer_state
     assert oc["state"].keys() == ob["state"].keys() and len(oc["state"]) > 0
     for idx in ob["state"]:
         for key in ("step", "exp_avg", "exp_avg_sq"):
@@ -112,5 +112,5 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
     strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
     assert strip(oc["param_groups"]) == strip(ob["param_groups"])
     sc = torch.load(Path(r2.final_dir) / "scheduler.pt", weights_only=True)
-    sb = torch.load(Path(one["final_dir"]) / "scheduler.pt", weights_only=True)
+    sb = torch.load(Path(one.final_dir) / "scheduler.pt", weights_only=True)
     assert sc["last_epoch"] == sb["last_epoch"] == 7 and sc["_last_lr"] == sb["_last_lr"]

@@ -76,8 +76,8 @@ def test_accelerate_launch_one_process(tmp_path, tiny_model_dir, tiny_sha, pairw
     proc = launch(rd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = rd.read_result()
-    assert result["status"] == "ok" and result["step"] == 6 == result["total_steps"]
-    assert result["manifest_sha256"] == read_manifest(rd.final).sha256
+    assert result.status == "ok" and result.step == 6 == result.total_steps
+    assert result.manifest_sha256 == read_manifest(rd.final).sha256
     metrics = read_jsonl(rd.metrics_jsonl)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in rd.complete_checkpoints()] == [2, 4]
@@ -190,8 +190,8 @@ def test_checkpoint_resumes_with_another_process_count(straight_runs, tiny_model
     _assert_same_final(one, rd)
     _assert_same_final(two, rd)
     result = rd.read_result()
-    assert result["step"] == 6 and result["resumed"]["optimizer_step"] == 3
-    assert result["resumed"]["optimizer_state_digest"] == optimizer_state_digest(
+    assert result.step == 6 and result.resumed.optimizer_step == 3
+    assert result.resumed.optimizer_state_digest == optimizer_state_digest(
         torch.load(ckpt / "optimizer.pt", weights_only=True))
 
 
@@ -218,7 +218,7 @@ def test_heads_under_two_processes(tmp_path, tiny_model_dir, tiny_sha, pairwise_
     _ok(launch(ppo, 2), 2)
     steps = _steps(ppo)
     assert len(steps) == 4 and all(m["critic_loss"] == m["critic_loss"] for m in steps)
-    assert ppo.read_result()["head"] == "value" and (ppo.final / "head.safetensors").is_file()
+    assert ppo.read_result().head == "value" and (ppo.final / "head.safetensors").is_file()
 
 
 @pytest.mark.e2e

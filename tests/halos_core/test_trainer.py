@@ -13,7 +13,7 @@ from halos_core.data.examples import DataError
 from halos_core.run_dir import RunDir, read_manifest, tree_sha256
 from halos_core.synthetic import binary_records, pairwise_records, write_jsonl
 from halos_core.train import _release, run
-from halos_core.trainer import Stopped, Trainer
+from halos_core.training import Stopped, Trainer
 
 from .conftest import make_config, read_jsonl
 
@@ -31,7 +31,7 @@ def test_dpo_learns_the_rule(tmp_path, tiny_model_dir, tiny_sha):
     cfg = make_config(tmp_path / "run", tiny_model_dir, tiny_sha, fb, lr=2e-3, n_epochs=3)
     res = run(cfg)
     steps = train_steps(tmp_path / "run")
-    assert res.status == "ok" and res.round_steps == res.total_steps == len(steps) > 10
+    assert res.result.status == "ok" and res.round_step == res.total_steps == len(steps) > 10
     first = sum(m["loss"] for m in steps[:3]) / 3
     last = sum(m["loss"] for m in steps[-3:]) / 3
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
@@ -43,8 +43,8 @@ def test_dpo_learns_the_rule(tmp_path, tiny_model_dir, tiny_sha):
     assert [m["step"] for m in steps] == list(range(1, len(steps) + 1))
     assert steps[-1]["examples"] == 8 * len(steps)
     result = RunDir(tmp_path / "run").read_result()
-    assert result["manifest_sha256"] == read_manifest(result["final_dir"]).sha256
-    assert result["reference_sha256"] == tiny_sha
+    assert result.manifest_sha256 == read_manifest(result.final_dir).sha256
+    assert result.reference_sha256 == tiny_sha
 
 
 def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
@@ -72,22 +72,22 @@ def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(tmp_pat
     assert steps2[0]["lr"] == pytest.approx(1e-3)  # post-warmup lr: warmup not repeated
     assert steps2[0]["examples"] == r1.examples + 8
     result1, result2 = RunDir(tmp_path / "r1").read_result(), RunDir(tmp_path / "r2").read_result()
-    assert result2["reference_sha256"] == tiny_sha == tree_sha256(tiny_model_dir)
+    assert result2.reference_sha256 == tiny_sha == tree_sha256(tiny_model_dir)
     # proof of chaining, read back from the live optimizer right after the restore
     saved_file = torch.load(Path(r1.final_dir) / "optimizer.pt", weights_only=True)
-    assert result1["restored"] is None
-    restored = result2["restored"]
-    assert restored["optimizer_state_digest"] == optimizer_state_digest(saved_file)
-    assert restored["optimizer_state_digest"] != optimizer_state_digest(
-        torch.load(Path(result2["final_dir"]) / "optimizer.pt", weights_only=True))
-    assert restored["optimizer_step"] == r1.round_steps == 6
-    assert restored["scheduler_last_epoch"] == r1.step and restored["lr_at_start"] == pytest.approx(1e-3)
-    assert restored["from"] == str(r1.final_dir)
+    assert result1.restored is None
+    restored = result2.restored
+    assert restored.optimizer_state_digest == optimizer_state_digest(saved_file)
+    assert restored.optimizer_state_digest != optimizer_state_digest(
+        torch.load(Path(result2.final_dir) / "optimizer.pt", weights_only=True))
+    assert restored.optimizer_step == r1.round_step == 6
+    assert restored.scheduler_last_epoch == r1.step and restored.lr_at_start == pytest.approx(1e-3)
+    assert restored.source == str(r1.final_dir)
     # the reference as loaded is the SFT file, tensor for tensor (same names as model.safetensors)
     sft_digest = param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
-    assert result1["reference_param_digest"] == result2["reference_param_digest"] == sft_digest
+    assert result1.reference_param_digest == result2.reference_param_digest == sft_digest
     # the round-2 policy moved away from round 1's; the reference (SFT) did not change
-    w1, w2, w0 = weights(r1.final_dir), weights(result2["final_dir"]), weights(tiny_model_dir)
+    w1, w2, w0 = weights(r1.final_dir), weights(result2.final_dir), weights(tiny_model_dir)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
     # round 2 starts from round 1's policy: its first loss is not the fresh-policy log 2
@@ -116,9 +116,9 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir, t
         for key in ("loss", "lr", "grad_norm", "rewards/chosen", "rewards/rejected", "examples"):
             assert other[key] == m[key], (m["step"], key)
     assert resumed.step == straight.step == 6 and resumed.examples == straight.examples
-    assert resumed.result["restored"] is None  # round 1: nothing restored from a parent
-    assert resumed.result["resumed"]["optimizer_step"] == 3 and resumed.result["resumed"]["scheduler_last_epoch"] == 3
-    assert resumed.result["resumed"]["optimizer_state_digest"] == optimizer_state_digest(
+    assert resumed.result.restored is None  # round 1: nothing restored from a parent
+    assert resumed.result.resumed.optimizer_step == 3 and resumed.result.resumed.scheduler_last_epoch == 3
+    assert resumed.result.resumed.optimizer_state_digest == optimizer_state_digest(
         torch.load(latest.path / "optimizer.pt", weights_only=True))
     wa, wb = weights(straight.final_dir), weights(resumed.final_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -139,11 +139,11 @@ def test_kto_and_sft_run(tmp_path, tiny_model_dir, tiny_sha):
     fb = write_jsonl(binary_records(32, seed=3), tmp_path / "bin.jsonl")
     res = run(make_config(tmp_path / "kto", tiny_model_dir, tiny_sha, [(fb, "binary")], loss={"name": "kto"}))
     steps = train_steps(tmp_path / "kto")
-    assert res.round_steps == 4 and "kl" in steps[-1] and "rewards/chosen" in steps[-1]
+    assert res.round_step == 4 and "kl" in steps[-1] and "rewards/chosen" in steps[-1]
     res = run(make_config(tmp_path / "sft", tiny_model_dir, tiny_sha, [(fb, "binary")], loss={"name": "sft"}))
     steps = train_steps(tmp_path / "sft")
     # sft: one target per prompt (HALOs: the desirable output, else the best-rewarded one) -> 32 -> 4 steps
-    assert res.round_steps == 4 and steps[-1]["loss"] < steps[0]["loss"]
+    assert res.round_step == 4 and steps[-1]["loss"] < steps[0]["loss"]
 
 
 def test_two_files_with_the_same_prompt_ids_both_train(tmp_path, tiny_model_dir, tiny_sha):
@@ -172,7 +172,7 @@ def test_empty_or_too_small_data_fails_fast(tmp_path, tiny_model_dir, tiny_sha):
 def test_other_paired_losses_share_the_path(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, loss):
     res = run(make_config(tmp_path / "run", tiny_model_dir, tiny_sha, pairwise_file, loss=loss, n_epochs=1))
     steps = train_steps(tmp_path / "run")
-    assert res.round_steps == 6 and all(m["loss"] == m["loss"] for m in steps)  # finite, not NaN
+    assert res.round_step == 6 and all(m["loss"] == m["loss"] for m in steps)  # finite, not NaN
     assert "rewards/accuracy" in steps[-1]
 
 
@@ -182,17 +182,17 @@ def test_grpo_and_csft_run(tmp_path, tiny_model_dir, tiny_sha):
     scal = write_jsonl(scalar_records(8, outputs_per_prompt=4, seed=5), tmp_path / "scal.jsonl")
     res = run(make_config(tmp_path / "grpo", tiny_model_dir, tiny_sha, [(scal, "scalar")], loss={"name": "grpo"}))
     steps = train_steps(tmp_path / "grpo")
-    assert res.round_steps == 4 and "kl" in steps[-1] and "advantages" in steps[-1]
+    assert res.round_step == 4 and "kl" in steps[-1] and "advantages" in steps[-1]
     fb = write_jsonl(binary_records(16, seed=3), tmp_path / "bin.jsonl")
     res = run(make_config(tmp_path / "csft", tiny_model_dir, tiny_sha, [(fb, "binary")], loss={"name": "csft"}))
-    assert res.round_steps == 2
+    assert res.round_step == 2
 
 
 def test_kto_from_pairwise_with_conversion_and_eval(tmp_path, tiny_model_dir, tiny_sha):
     fb = write_jsonl(pairwise_records(24, seed=8, test_fraction=0.3), tmp_path / "pairs.jsonl")
     res = run(make_config(tmp_path / "run", tiny_model_dir, tiny_sha, fb, loss={"name": "kto"},
                           conversion={"type": "pairwise_to_unpaired"}))
-    assert res.round_steps >= 2 and "kl" in res.eval and res.eval["n"] > 0
+    assert res.round_step >= 2 and "kl" in res.eval and res.eval["n"] > 0
 
 
 def test_reference_logps_computed_once_and_reused_across_rounds(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
@@ -207,7 +207,7 @@ def test_reference_logps_computed_once_and_reused_across_rounds(tmp_path, tiny_m
     trainer = Trainer.from_config(cfg)
     try:
         trainer.train()
-        assert trainer.reference_cache.misses == 0 and trainer.reference_cache.hits > 0
+        assert trainer.forward.reference_cache.misses == 0 and trainer.forward.reference_cache.hits > 0
     finally:
         _release(trainer)
     # a repeat of round 1 served entirely from the cache trains exactly like the fresh computation

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
 
+from halos_core.round_result import RoundResult
 from halos_core.run_dir import write_manifest
 from halos_core.synthetic import binary_records, pairwise_records, scalar_records, to_jsonl_bytes
 from server.app import create_app
@@ -192,14 +193,15 @@ def work_job(session: Session, job_id: str, outcome: str = "succeeded", ckpt_dir
     session.expire_all()
     claim = jobs.claim(session, job_id, "test-host", 1, 60)
     assert claim is not None, f"job {job_id} not claimable"
-    result: dict[str, Any] = {}
+    result: RoundResult | None = None
     if outcome == "succeeded":
         assert ckpt_dir is not None
         manifest = make_checkpoint_dir(ckpt_dir, step, examples)
         from halos_core.run_dir import read_manifest
 
-        result = {"final_dir": str(manifest), "manifest_sha256": read_manifest(manifest).sha256,
-                  "step": step, "examples": examples}
+        result = RoundResult(job_id=job_id, final_dir=str(manifest), manifest_sha256=read_manifest(manifest).sha256,
+                             step=step, examples=examples, round_step=step, total_steps=step, loss="dpo",
+                             reference_sha256="0" * 64)
     job = jobs.finish(session, job_id, claim.lease_token,
                       jobs.Outcome(outcome, error=None if outcome == "succeeded" else f"test {outcome}", result=result),
                       retry_backoff_s=0)

@@ -7,6 +7,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from halos_core.round_result import RoundResult
 from server import jobs
 from server.models import Checkpoint, Job, MetricPoint, Round
 from tests.server.conftest import round_checkpoint_id, work_job
@@ -58,8 +59,9 @@ def test_progress_and_checkpoint_after_success(client: TestClient, session: Sess
 
     make_checkpoint_dir(tmp_path / "ck")
     jobs.finish(session, rnd["job_id"], claim.lease_token,
-                jobs.Outcome("succeeded", result={"final_dir": str(tmp_path / "ck"), "manifest_sha256": "m", "step": 4,
-                                                  "examples": 16, "round_steps": 4, "total_steps": 4}))
+                jobs.Outcome("succeeded", result=RoundResult(
+                    job_id=rnd["job_id"], final_dir=str(tmp_path / "ck"), manifest_sha256="m", step=4, examples=16,
+                    round_step=4, total_steps=4, loss="dpo", reference_sha256="r")))
     session.rollback()
     job = client.get(f"/v1/jobs/{rnd['job_id']}").json()
     assert job["status"] == "succeeded" and job["finished_at"]

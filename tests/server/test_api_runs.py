@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlmodel import Session, func, select
 
-from halos_core.config import RunConfig
+from halos_core.job_spec import RunConfig
 from halos_core.run_dir import META_FILE
 from halos_core.synthetic import pairwise_records
 from server.app import create_app

@@ -28,7 +28,7 @@ from server.app import create_app
 from server.errors import Unprocessable
 from server.models import IdempotencyRecord, utcnow
 from server.services import models_registry
-from server.services import runs as runs_service
+from server.services import round_checks
 from server.settings import Settings
 from tests.server.conftest import SMALL_HP, make_model_dir, round_checkpoint_id, work_job
 
@@ -54,7 +54,7 @@ def _run(client: TestClient, model: dict, loss: str, lora: dict | None = None) -
 
 
 def _trainer_state(loss: str, lora: LoraSettings | None) -> dict:
-    """trainer_state.json as halos_core.trainer writes it (the fields check_compatible reads)."""
+    """trainer_state.json as halos_core.training writes it (the fields check_compatible reads)."""
     head = {"reward": {"kind": "reward", "hidden_size": 8}, "value": {"kind": "value", "hidden_size": 8}}.get(
         {"bradley_terry": "reward", "ppo": "value"}.get(loss, ""))
     return {"step": 4, "examples": 16, "loss": loss, "lora": lora_structure(lora) if lora else None, "head": head}
@@ -158,9 +158,11 @@ def test_unrecorded_parameters_are_left_to_the_worker(client: TestClient, sessio
 
 
 def test_server_refuses_exactly_what_the_trainer_refuses(tmp_path: Path) -> None:
-    """The submit-time check against halos_core.trainer.check_compatible, on trainer_state.json files
-    built with the trainer's own helpers, for every pair of (loss, LoRA settings)."""
-    trainer = pytest.importorskip("halos_core.trainer")
+    """The submit-time check against the trainer's check_compatible (both read halos_core.compat; this
+    checks that both read a checkpoint's files the same way), on trainer_state.json files built with
+    the trainer's own helpers, for every pair of (loss, LoRA settings)."""
+    trainer = pytest.importorskip("halos_core.training")
+    from halos_core.run_dir import CheckpointError
     from halos_core.heads import build_head
     from halos_core.lora import structure
 
@@ -177,16 +179,16 @@ def test_server_refuses_exactly_what_the_trainer_refuses(tmp_path: Path) -> None
         path.mkdir()
         (path / "trainer_state.json").write_text(json.dumps(state))
         write_manifest(path, 1, 1, lora=parent_lora is not None, merged=False, head=head.kind if head else None)
-        have = runs_service._checkpoint_params(read_manifest(path))
+        have = round_checks.checkpoint_params(read_manifest(path))
         for loss, lora in combos:
             try:
                 trainer.check_compatible(SimpleNamespace(trainer_state=state, path=path), SimpleNamespace(lora=lora),
                                          loss)
                 worker_ok = True
-            except trainer.CheckpointError:
+            except CheckpointError:
                 worker_ok = False
             try:
-                runs_service._check_parent_params(have, loss, lora, {"parent_checkpoint_id": "ckpt_x"})
+                round_checks.check_parent_params(have, loss, lora, {"parent_checkpoint_id": "ckpt_x"})
                 server_ok = True
             except Unprocessable as exc:
                 assert exc.code == "parent_checkpoint_incompatible"

@@ -16,6 +16,7 @@ from sqlmodel import Session, SQLModel, select
 
 from server import jobs
 from server.db import make_engine
+from halos_core.round_result import RoundResult
 from server.jobs import Heartbeat, Outcome
 from server.models import Attempt, Checkpoint, Job, JobStatus, MetricPoint, Round, utcnow
 from tests.worker.support import (
@@ -48,11 +49,11 @@ def _claim(session: Session, job_id: str, now=None):
     return jobs.claim(session, job_id, "host-a", 123, TTL, now=now)
 
 
-def _final(tmp: Path, name: str) -> dict:
+def _final(tmp: Path, name: str) -> RoundResult:
     d = tmp / name
     d.mkdir(parents=True, exist_ok=True)
-    return {"status": "ok", "final_dir": str(d), "manifest_sha256": "ab" * 32, "step": 10, "examples": 40,
-            "round_steps": 10, "total_steps": 10}
+    return RoundResult(job_id="job_x", final_dir=str(d), manifest_sha256="ab" * 32, step=10, examples=40,
+                       round_step=10, total_steps=10, loss="dpo", reference_sha256="cd" * 32)
 
 
 # --------------------------------------------------------------------------- submit / claim
@@ -255,7 +256,7 @@ def test_illegal_transitions_change_nothing(env):
     session, run, tmp = env
     job = add_round(session, run, tmp)
     # finish / release / heartbeat without a lease
-    assert jobs.finish(session, job.id, "nope", Outcome("succeeded", result={})).status == JobStatus.queued
+    assert jobs.finish(session, job.id, "nope", Outcome("succeeded", result=_final(tmp, "f0"))).status == JobStatus.queued
     assert jobs.release(session, job.id, "nope", "x") is False
     assert jobs.heartbeat(session, job.id, "nope", TTL) == Heartbeat.LOST
     c = _claim(session, job.id)
@@ -264,7 +265,8 @@ def test_illegal_transitions_change_nothing(env):
     jobs.finish(session, job.id, c.lease_token, Outcome("succeeded", result=_final(tmp, "f")))
     # terminal is terminal
     for outcome in ("failed", "crashed", "cancelled", "succeeded"):
-        assert jobs.finish(session, job.id, c.lease_token, Outcome(outcome, error="late")).status == JobStatus.succeeded
+        late = Outcome(outcome, error="late", result=_final(tmp, "late") if outcome == "succeeded" else None)
+        assert jobs.finish(session, job.id, c.lease_token, late).status == JobStatus.succeeded
     assert jobs.request_cancel(session, job.id).status == JobStatus.succeeded
     assert jobs.release(session, job.id, c.lease_token, "late") is False
     assert _claim(session, job.id) is None

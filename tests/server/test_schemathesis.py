@@ -73,6 +73,16 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         # same, plus: feedback ids must exist, the loss must fit the feedback kinds, the parent
         # checkpoint must belong to the run
         "create_round": "referenced feedback/checkpoint must exist; cross-field config rules",
+        # the online loop: file contents and referenced ids the schema cannot carry
+        "upload_prompts": "file content must be valid prompt records",
+        "labelstudio_import": "body must be a Label Studio export of tasks this server made",
+        "create_sampling_job": "referenced prompt set and generator must exist",
+        "create_labelling_job": "referenced samples and reward-model checkpoint must exist",
+        "create_integration": "an Argilla integration needs a Standard Webhooks secret (cross-field)",
+        "rollback": "the checkpoint must belong to the run",
+        "webhook": "the delivery must carry the integration's secret / signature",
+        "list_prompt_sets": "a cursor is valid only as the server issued it (no prompt sets are seeded here)",
+        "labelstudio_tasks": "the feedback file must be a samples file (the seeded one is pairwise)",
     },
 }
 

@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from halos_core.config import RunConfig
+from halos_core.job_spec import RunConfig
+from halos_core.round_result import RoundResult
 from halos_core.run_dir import TMP_PREFIX, RunDir, read_manifest, write_manifest
 
 
@@ -135,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     manifest = read_manifest(final)
-    rd.write_result({"status": "ok", "final_dir": str(final.resolve()), "manifest_sha256": manifest.sha256,
-                     "step": step, "examples": examples, "round_steps": steps, "total_steps": step})
+    rd.write_result(RoundResult(job_id=config.job_id, final_dir=str(final.resolve()), manifest_sha256=manifest.sha256,
+                                step=step, examples=examples, round_step=steps, total_steps=step, loss=config.loss.name,
+                                reference_sha256=config.reference_sha256))
     return 0
 
 

@@ -24,7 +24,7 @@ from server.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("HALOS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 
-# short timings for the fault tests (RELIABILITY.md defaults are 60/5/10/30 s)
+# short timings for the fault tests (the defaults are 60/5/10/30 s)
 FAST = {
     "lease_ttl_s": 3.0,
     "heartbeat_interval_s": 0.5,

@@ -96,8 +96,9 @@ def test_serve_runs_api_sweeper_and_worker_and_stops_them(make_env):
 def test_compose_and_dockerfile_agree_with_settings_and_cli():
     """No Docker engine here: at least every HALOS_* variable is a setting and every command exists."""
     import yaml
+    from typer.testing import CliRunner
 
-    from server.cli import build_parser
+    from server.cli import app
     from server.settings import Settings
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -109,10 +110,11 @@ def test_compose_and_dockerfile_agree_with_settings_and_cli():
                 assert key[len("HALOS_"):].lower() in fields, f"{name}: {key} is not a setting"
         cmd = svc.get("command")
         if isinstance(cmd, list) and cmd[0] == "halos":
-            build_parser().parse_args(cmd[1:])  # exits on an unknown option
+            parsed = CliRunner().invoke(app, [*cmd[1:], "--help"])  # options are parsed before --help acts
+            assert parsed.exit_code == 0, (name, cmd, parsed.output)
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert set(services["api"]["depends_on"]) >= {"migrate", "redis"}
     dockerfile = (REPO / "Dockerfile").read_text()
-    for path in ("alembic.ini", "migrations", "halos_core", "server", "worker"):
+    for path in ("alembic.ini", "migrations", "halos_core", "halos_client", "server", "worker"):
         assert f"COPY {path}" in dockerfile

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from sqlalchemy import update
 
+from halos_core.round_result import RoundResult
 from halos_core.run_dir import RunDir, write_manifest
 from server import jobs
 from server.models import Job
@@ -186,9 +187,10 @@ def test_exit_code_table(tmp_path: Path):
     final.mkdir()
     (final / "model.safetensors").write_bytes(b"w")
     m = write_manifest(final, 5, 20)
-    rd.write_result({"status": "ok", "final_dir": str(final), "manifest_sha256": m.sha256, "step": 5, "examples": 20})
+    rd.write_result(RoundResult(job_id="job_x", final_dir=str(final), manifest_sha256=m.sha256, step=5, examples=20,
+                                round_step=5, total_steps=5, loss="dpo", reference_sha256="r"))
     ok = exit_codes.classify(0, rd)
-    assert ok.status == "succeeded" and ok.result["manifest_sha256"] == m.sha256
+    assert ok.status == "succeeded" and ok.result.manifest_sha256 == m.sha256
     (final / "model.safetensors").write_bytes(b"tampered")
     bad = exit_codes.classify(0, rd)
     assert bad.status == "crashed" and "does not verify" in bad.error
@@ -312,5 +314,5 @@ def test_the_real_trainer_verifies_init_from_before_loading():
     assert any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "read_manifest"
                and any(k.arg == "verify" and getattr(k.value, "value", None) is True for k in c.keywords)
                for c in ast.walk(loader))
-    trainer = (REPO / "halos_core" / "trainer.py").read_text()
+    trainer = (REPO / "halos_core" / "training" / "build.py").read_text()
     assert "load_checkpoint(config.init_from" in trainer

@@ -1,4 +1,10 @@
-"""Request and response models of the HTTP API (pydantic; the OpenAPI spec is generated from these).
+"""Request and response models of the HTTP API, shared by both ends: the server generates its
+OpenAPI spec from them and validates requests with them; the client (`halos_client`) builds its
+requests and parses every response with the same classes, so the two cannot drift apart.
+
+Torch-free and server-free on purpose (an import-linter contract): this module imports pydantic
+and torch-free halos_core modules only (`config`, `loss_registry`), so `pip install halos-server` on a laptop gives a
+client that imports nothing of the server, the database or the trainer.
 
 Request models forbid unknown fields and reject, before field validation, anything the database
 or the JSON encoder would choke on later: non-finite numbers (`NaN`, `Infinity` — Python's JSON
@@ -17,7 +23,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from halos_core.config import Conversion, Hyperparams, LoraSettings, LossConfig
+from halos_core.artefact_spec import LabelRule, SamplingParams, ScalarLabels
+from halos_core.config import Conversion, Hyperparams, LoraSettings
+from halos_core.gate import GateRule
+from halos_core.loss_registry import LossConfig
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -107,12 +116,61 @@ class FeedbackOut(_Response):
     sha256: str
     size_bytes: int
     filename: Optional[str] = Field(None, description="the client's file name, metadata only (escaped, truncated)")
+    source: str = Field("upload", description="upload | sampling | labelling | label_studio | "
+                        "label_studio_webhook | argilla_webhook")
+    job_id: Optional[str] = Field(None, description="the sampling / labelling job that generated it")
+    provenance: Optional[dict[str, Any]] = Field(None, description="generator / reward model / inputs it came from")
+    findings: Optional[dict[str, Any]] = Field(
+        None, description="data-quality warnings of an upload: counts per code and the first records (index, line, "
+        "code, message); pairs with identical outputs are left out of training")
     created_at: datetime
 
 
 class FeedbackList(BaseModel):
     items: list[FeedbackOut]
     next_cursor: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- prompt sets, sampling, labelling
+
+
+class PromptSetOut(_Response):
+    id: str
+    format: str = Field(description="prompts, or the feedback format whose prompt part was taken")
+    n_prompts: int
+    n_train: int
+    n_test: int
+    sha256: str
+    size_bytes: int
+    filename: Optional[str] = None
+    findings: Optional[dict[str, Any]] = None
+    created_at: datetime
+
+
+class PromptSetList(BaseModel):
+    items: list[PromptSetOut]
+    next_cursor: Optional[str] = None
+
+
+class SamplingJobCreate(_Request):
+    """Sample `n` completions per prompt of a prompt set. The generator is exactly one of a checkpoint,
+    a registered model, or a run (= its head, resolved now and recorded)."""
+
+    prompt_set_id: str = ID_FIELD
+    checkpoint_id: Optional[str] = Field(None, max_length=64)
+    model_id: Optional[str] = Field(None, max_length=64)
+    run_id: Optional[str] = Field(None, max_length=64)
+    params: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class LabellingJobCreate(_Request):
+    """Label a samples file with a reward model (a `bradley_terry` checkpoint's reward head)."""
+
+    samples_id: str = Field(min_length=1, max_length=64, description="a feedback file of kind `sampled`")
+    reward_model_checkpoint_id: str = ID_FIELD
+    label: LabelRule = Field(default_factory=ScalarLabels)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: int = Field(16, ge=1, le=1024)
 
 
 # --------------------------------------------------------------------------- models
@@ -188,8 +246,11 @@ class RoundCreate(_Request):
         None, description="absent: the run's conversion; null: no conversion for this round"
     )
     parent_checkpoint_id: Optional[str] = Field(
-        None, max_length=64, description="default: the run's latest round's final checkpoint"
+        None, max_length=64, description="default: the run's head (after the run's latest round, if it is unfinished)"
     )
+    gate: Optional[list[GateRule]] = Field(
+        None, max_length=8, description="promotion gate: eval metrics that may not drop below the head's (on this "
+        "round's eval set, scored by both); a round failing it succeeds but does not become the head")
 
 
 class RoundOut(BaseModel):
@@ -205,6 +266,17 @@ class RoundOut(BaseModel):
     loss: dict[str, Any]
     hyperparams: dict[str, Any]
     conversion: Optional[dict[str, Any]] = None
+    gate: Optional[list[dict[str, Any]]] = None
+    promoted: Optional[bool] = Field(None, description="set when the round succeeded: did it become the run's head")
+    promotion: Optional[dict[str, Any]] = Field(None, description="the gate's verdict and the reason if not promoted")
+    created_at: datetime
+
+
+class HeadMoveOut(BaseModel):
+    from_checkpoint_id: Optional[str] = None
+    to_checkpoint_id: Optional[str] = None
+    reason: str = Field(description="promoted | rollback")
+    round_id: Optional[str] = None
     created_at: datetime
 
 
@@ -216,8 +288,35 @@ class RunOut(BaseModel):
     hyperparams: dict[str, Any]
     conversion: Optional[dict[str, Any]] = None
     lora: Optional[dict[str, Any]] = None
+    head_checkpoint_id: Optional[str] = Field(
+        None, description="what the next round continues from and sampling uses (null: the SFT model)")
+    head_history: list[HeadMoveOut] = Field(default_factory=list)
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
+
+
+class Rollback(_Request):
+    checkpoint_id: Optional[str] = Field(..., max_length=64,
+                                         description="a checkpoint of this run; null: back to the SFT model")
+
+
+class LossInfo(BaseModel):
+    """One loss a run or round may use (from halos_core.loss_registry)."""
+
+    name: str
+    summary: str = Field(description="what it is, with the paper's link")
+    data: str = Field(description="paired | unpaired | grouped | sft: the batches it trains on")
+    feedback_kinds: list[str] = Field(description="feedback kinds it can use without a conversion")
+    needs_reference: bool
+    head: Optional[str] = Field(None, description="reward | value: a head it trains on the policy")
+    min_microbatch_size: int
+    parameters: dict[str, Any] = Field(description="JSON schema of its parameters (with defaults)")
+
+
+class LossList(BaseModel):
+    """The server's catalogue of losses (the same for every project; not paginated)."""
+
+    losses: list[LossInfo]
 
 
 class RunSummary(BaseModel):
@@ -251,6 +350,18 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     progress: JobProgress
+    percent_done: Optional[float] = Field(
+        None, description="round_step / total_steps × 100 (100 once succeeded); null while total_steps is unknown"
+    )
+    elapsed_s: Optional[float] = Field(
+        None, description="seconds since the first attempt started, until the job finished (or now); "
+        "includes retries and their backoff; null before the job has started"
+    )
+    eta_s: Optional[float] = Field(
+        None, description="estimated seconds until the round's last training step (0 once succeeded), from "
+        "the pace of the current attempt's recent steps; null when not running or not yet measurable "
+        "(fewer than two steps timed in this attempt)"
+    )
     latest_metrics: Optional[dict[str, Any]] = None
     error: Optional[str] = None
     created_at: datetime
@@ -263,6 +374,7 @@ class JobOut(BaseModel):
     round_id: Optional[str] = None
     round_index: Optional[int] = None
     checkpoint_id: Optional[str] = None
+    output_feedback_id: Optional[str] = Field(None, description="sampling / labelling job: the feedback file it made")
 
 
 class JobList(BaseModel):
@@ -341,3 +453,32 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+
+
+# --------------------------------------------------------------------------- labelling tools
+
+
+class IntegrationCreate(_Request):
+    tool: Literal["label_studio", "argilla"]
+    label_config: Literal["pairwise", "rating"] = Field(
+        description="pairwise: one answer of two preferred → pairwise feedback; rating: a score → scalar feedback")
+    name: Optional[str] = Field(None, max_length=200)
+    secret: Optional[str] = Field(None, min_length=8, max_length=255,
+                                  description="Argilla: the webhook's signing secret (whsec_…); Label Studio: generated")
+
+
+class IntegrationOut(BaseModel):
+    id: str
+    tool: str
+    label_config: str
+    name: Optional[str] = None
+    webhook_path: str = Field(description="where the tool posts its webhooks (no API key; the secret authenticates)")
+    secret: Optional[str] = Field(None, description="Label Studio: send it as header X-Halos-Webhook-Secret; shown "
+                                  "once, at creation")
+    draft: dict[str, int] = Field(default_factory=dict, description="annotations: open (to seal), deleted, sealed")
+    created_at: datetime
+
+
+class WebhookResult(BaseModel):
+    status: Literal["ok", "duplicate"]
+    changes: dict[str, int] = Field(default_factory=dict, description="added | replaced | deleted | unchanged counts")

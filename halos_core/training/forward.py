@@ -1,0 +1,111 @@
+"""The forward passes a loss builds its inputs from (`halos_core.losses.base.Forward`).
+
+The policy runs through the distributed wrapper when training (so DDP/FSDP see every forward) and
+on the unwrapped module without gradients otherwise. The reference's token log-probs come from
+the on-disk cache when the same token ids were seen before (the reference is fixed for the whole
+run, so the cache serves every round); on a miss they are computed by the frozen reference model,
+or — with LoRA — by the policy's own base with the adapters switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import torch
+
+from halos_core.data.collate import Microbatch, concat_streams
+from halos_core.logprobs import ReferenceLogpCache, token_logps
+from halos_core.lora import adapters_disabled
+
+log = logging.getLogger("halos_core.training")
+
+Stream = dict[str, torch.Tensor]
+
+
+class ForwardPass:
+    def __init__(self, *, accelerator: Any, model: torch.nn.Module, reference: torch.nn.Module | None,
+                 lora: bool, reference_cache: ReferenceLogpCache | None, packing: bool, pad_token_id: int):
+        self.accelerator = accelerator
+        self.model = model  # the prepared TokenLogprobModel
+        self.reference = reference  # HF causal LM, frozen, kept on the CPU outside `precompute_reference`
+        self.lora = lora
+        self.reference_cache = reference_cache
+        self.packing = packing
+        self.pad_token_id = pad_token_id
+        self.reference_device = accelerator.device
+
+    # ------------------------------------------------------------------ the policy
+    def policy_outputs(self, stream: Stream, grad: bool, mode: str = "logps") -> Any:
+        """The policy wrapper's forward in `mode` (`TokenLogprobModel`: logps | reward | values)."""
+        if grad:
+            return self.model(stream["input_ids"], stream["attention_mask"], stream["labels"], mode=mode)
+        inner = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), self.accelerator.autocast():
+            return inner(stream["input_ids"], stream["attention_mask"], stream["labels"], mode=mode)
+
+    def policy_logps(self, stream: Stream, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy_outputs(stream, grad)
+
+    # ------------------------------------------------------------------ the reference
+    def reference_logps(self, stream: Stream) -> torch.Tensor:
+        cache = self.reference_cache
+        if cache is not None:
+            cached = cache.get(stream)
+            if cached is not None:
+                return cached
+        if self.reference is not None:
+            if next(self.reference.parameters()).device != self.reference_device:
+                self.reference.to(self.reference_device)
+            with torch.no_grad(), self.accelerator.autocast():
+                logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"],
+                                       stream["labels"], packing=self.packing)
+        elif self.lora:
+            # LoRA: the reference is the policy's own frozen base with the adapters switched off
+            lm = self.accelerator.unwrap_model(self.model).lm
+            with torch.no_grad(), self.accelerator.autocast(), adapters_disabled(lm):
+                logps, _ = token_logps(lm, stream["input_ids"], stream["attention_mask"], stream["labels"],
+                                       packing=self.packing)
+        else:
+            raise RuntimeError("reference log-probs were asked for but no reference was loaded")
+        if cache is not None:
+            cache.put(stream, logps)
+        return logps
+
+    def reference_streams(self, mb: Microbatch) -> list[Stream]:
+        """The batches the losses run through the reference for this microbatch (same padding)."""
+        if mb.kind == "paired":
+            return [self.joint_stream(mb)]
+        return [mb.streams[k] for k in ("target", "kl") if k in mb.streams]
+
+    def precompute_reference(self, microbatches: Iterable[Microbatch], tag: str) -> None:
+        """Fill the reference cache for `microbatches`, then move the reference off the accelerator:
+        the policy trains without the reference in device memory."""
+        cache = self.reference_cache
+        if cache is None:
+            return
+        t0 = time.perf_counter()
+        for mb in microbatches:
+            for stream in self.reference_streams(mb.to(self.accelerator.device)):
+                self.reference_logps(stream)
+        if self.reference is not None and self.accelerator.device.type != "cpu":
+            self.reference.to("cpu")
+            torch.cuda.empty_cache()
+        cache.flush(tag)
+        log.info("reference log-probs: %d rows cached (%d microbatches reused, %d computed) in %.1fs",
+                 len(cache.rows), cache.hits, cache.misses, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ batches
+    def joint_stream(self, mb: Microbatch) -> Stream:
+        return concat_streams([mb.streams["chosen"], mb.streams["rejected"]], self.pad_token_id)
+
+    def gather_rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """All processes' rows (padded on the token dim) so every process sees the same statistics."""
+        if self.accelerator.num_processes == 1:
+            return list(tensors)
+        out = []
+        for t in tensors:
+            t = self.accelerator.pad_across_processes(t.contiguous(), dim=1, pad_index=0)
+            out.append(self.accelerator.gather(t))
+        return out

@@ -1,0 +1,425 @@
+"""The job state machine: the ONLY writer of `Job.status` (docs/ARCHITECTURE.md).
+
+```
+waiting ──parent succeeded──▶ queued ──claim──▶ running ──exit 0 + result.json──▶ succeeded
+   └─parent failed/cancelled─▶ failed   ▲  ▲        ├─exit >0──────────────────▶ failed
+                                        │  │        ├─cancel──▶ cancelling ──▶ cancelled
+                                        │  │        └─attempt crashed (lease expired, killed, exit 0 without a result)
+                                        │  └─ warm-shutdown release (no retry consumed)
+                                        └──── crashes < max_attempts (backoff); else failed
+queued/waiting ──cancel──▶ cancelled
+```
+
+Every transition is a *conditional* UPDATE on the row's current status (and, for the holder of a
+lease, its lease token): a transition whose precondition no longer holds changes nothing and is
+reported as such (`None`, `Heartbeat.LOST`, an unchanged job), so duplicate deliveries, stale
+runners and racing sweepers are harmless. Every function takes a SQLModel `Session` and commits
+itself. On SQLite each transaction starts with `BEGIN IMMEDIATE` (server/db.py), on Postgres the
+conditional UPDATE takes the row lock and re-checks its WHERE clause after a concurrent commit.
+
+A crashed attempt is resolved in the transaction that detects it: the Attempt row keeps
+`outcome='crashed'` with the reason, and the job is queued again with `not_before` backoff (its
+`error` says which attempt crashed, why, and when the retry runs), or fails once it has crashed
+`max_attempts` times. Attempts are append-only and every attempt row is closed (`ended_at`,
+`outcome`) on every transition out of running/cancelling (invariant I2 in docs/RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Optional
+
+from sqlalchemy import func, or_, update
+from sqlmodel import Session, select
+
+from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
+from server.jobs.outputs import progress_values, record_success
+from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim
+from server.jobs.types import Claim, Heartbeat, JobNotFound, Outcome, ParentFailed
+from server.models import FAILED_STATUSES, LIVE_STATUSES, PENDING_STATUSES, TERMINAL_STATUSES, Attempt, Job, JobStatus, utcnow
+
+log = logging.getLogger("server.jobs")
+
+
+def crash_count(session: Session, job_id: str) -> int:
+    return session.exec(
+        select(func.count()).select_from(Attempt).where(Attempt.job_id == job_id, Attempt.outcome == "crashed")
+    ).one()
+
+
+def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff_s: float) -> str:
+    """Called with the attempt already closed as `crashed` and the job row guarded by the caller."""
+    if job.cancel_requested or job.status == JobStatus.cancelling:
+        set_terminal(session, job, JobStatus.cancelled, f"cancelled (attempt {job.attempt} crashed: {error})", now)
+        return "cancelled"
+    crashes = crash_count(session, job.id)
+    if crashes < job.max_attempts:
+        delay = backoff_s * (2 ** max(crashes - 1, 0))
+        session.exec(
+            update(Job).where(Job.id == job.id).values(
+                status=JobStatus.queued, lease_token=None, lease_expires_at=None,
+                not_before=now + timedelta(seconds=delay), queued_at=now, published_at=None,
+                error=trim(f"attempt {job.attempt} crashed: {error}; retry {crashes + 1}/{job.max_attempts}"
+                            f" after {delay:g}s"),
+                updated_at=now,
+            )
+        )
+        return "queued"
+    set_terminal(session, job, JobStatus.failed, f"crashed {crashes} times: {error}", now)
+    return "failed"
+
+
+
+def set_terminal(session: Session, job: Job, status: JobStatus, error: Optional[str], now: datetime) -> None:
+    session.exec(
+        update(Job).where(Job.id == job.id).values(
+            status=status, error=trim(error), finished_at=now, lease_token=None, lease_expires_at=None,
+            not_before=None, updated_at=now,
+        )
+    )
+    if status in FAILED_STATUSES:
+        reason = error or status.value
+        fail_waiting_children(session, job, reason, now, cancelled=status == JobStatus.cancelled)
+
+
+def default_backoff() -> float:
+    from server.settings import get_settings
+
+    return get_settings().retry_backoff_s
+
+
+
+def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None,
+           refuse_failed_parent: bool = False) -> Job:
+    """Insert `job` as `waiting` (its parent job unfinished) or `queued`, and commit.
+
+    The caller publishes the id after this returns (`server.queue.publish`). When the parent has
+    already succeeded the job inherits its final checkpoint here; when it failed or was
+    cancelled the job fails at once — or, with `refuse_failed_parent`, nothing is inserted (the
+    caller's pending objects are rolled back too) and `ParentFailed` is raised: the API checked the
+    parent a moment ago and answers 409 instead. The parent row is locked (Postgres `FOR UPDATE`;
+    SQLite serialises writers anyway), so a parent finishing concurrently either sees this child
+    and promotes it, or is seen here as finished.
+    """
+    now = utcnow()
+    if max_attempts is None:
+        from server.settings import get_settings
+
+        max_attempts = get_settings().max_attempts
+    job.max_attempts = max_attempts
+    job.attempt = 0
+    job.lease_token = None
+    job.lease_expires_at = None
+    job.cancel_requested = False
+    job.status = JobStatus.queued
+    job.updated_at = now
+    parent: Optional[Job] = None
+    try:
+        # no autoflush: the caller's pending Round references this job, which must be inserted first
+        with session.no_autoflush:
+            if job.parent_job_id:
+                parent = session.exec(
+                    select(Job).where(Job.id == job.parent_job_id).with_for_update()
+                    .execution_options(populate_existing=True)
+                ).one_or_none()
+                if parent is None:
+                    raise JobNotFound(f"parent job {job.parent_job_id} does not exist")
+                if parent.status in FAILED_STATUSES:
+                    message = trim(parent_message(session, parent, parent.error or parent.status.value,
+                                                    parent.status == JobStatus.cancelled))
+                    if refuse_failed_parent:
+                        raise ParentFailed(parent, message)
+                    job.status = JobStatus.failed
+                    job.error = message
+                    job.finished_at = now
+                elif parent.status != JobStatus.succeeded:
+                    job.status = JobStatus.waiting
+        if job.status == JobStatus.queued:
+            job.queued_at = now
+        session.add(job)
+        session.flush([job])
+        if parent is not None and parent.status == JobStatus.succeeded:
+            inherit(session, job, parent)
+            session.add(job)
+        session.commit()
+        session.refresh(job)
+        session.commit()  # end the read transaction (SQLite: BEGIN IMMEDIATE holds the write lock)
+    except Exception:
+        session.rollback()
+        raise
+    return job
+
+
+def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_ttl: float | timedelta,
+          *, run_dir: Optional[str] = None, now: Optional[datetime] = None) -> Optional[Claim]:
+    """queued → running with a new lease and Attempt row; None when not claimable (duplicate delivery,
+    already running/finished, cancel requested, or still in retry backoff)."""
+    now = now or utcnow()
+    token = secrets.token_hex(16)
+    values: dict[str, Any] = {
+        "status": JobStatus.running,
+        "attempt": Job.attempt + 1,
+        "lease_token": token,
+        "lease_expires_at": now + timedelta(seconds=seconds(lease_ttl)),
+        "started_at": func.coalesce(Job.started_at, now),
+        "not_before": None,
+        "updated_at": now,
+    }
+    if run_dir is not None:
+        values["run_dir"] = run_dir
+    try:
+        ok = transition(
+            session, job_id, [JobStatus.queued], values,
+            extra_where=[or_(Job.not_before.is_(None), Job.not_before <= now), Job.cancel_requested.is_(False)],
+        )
+        if not ok:
+            session.rollback()
+            return None
+        job = load(session, job_id)
+        claimed = Claim(job_id=job.id, attempt=job.attempt, lease_token=token, run_dir=job.run_dir,
+                        spec=dict(job.spec or {}), project_id=job.project_id, kind=job.kind)
+        session.add(Attempt(job_id=job_id, attempt=job.attempt, lease_token=token, host=host[:255], pid=pid,
+                            started_at=now))
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    return claimed
+
+
+
+def heartbeat(session: Session, job_id: str, lease_token: str, lease_ttl: float | timedelta,
+              *, now: Optional[datetime] = None) -> Heartbeat:
+    """Renew the lease. OK; CANCEL (kill the training, then finish(cancelled)); LOST (self-fence)."""
+    now = now or utcnow()
+    ok = transition(
+        session, job_id, LIVE_STATUSES,
+        {"lease_expires_at": now + timedelta(seconds=seconds(lease_ttl)), "updated_at": now},
+        lease_token=lease_token,
+    )
+    if not ok:
+        session.rollback()
+        return Heartbeat.LOST
+    status, cancel = session.exec(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).one()
+    session.commit()
+    if status == JobStatus.cancelling or cancel:
+        return Heartbeat.CANCEL
+    return Heartbeat.OK
+
+
+
+def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
+           retry_backoff_s: Optional[float] = None, now: Optional[datetime] = None) -> Job:
+    """End the attempt holding `lease_token`. A stale token changes nothing (returns the job as is).
+
+    succeeded: registers the final Checkpoint (parent = the round's parent checkpoint, model = the
+    run's model), sets Round.checkpoint_id, moves the run's head to it when the round's gate passes
+    (server/jobs/head.py) and promotes waiting children to `queued`, continuing from the head
+    (publish them after this returns: `unpublished_children`); a sampling / labelling job's output
+    becomes a stored feedback file (server/jobs/outputs.py). failed/cancelled: waiting children fail too.
+    crashed: a new queued attempt with backoff, or failed after `max_attempts` crashes.
+    """
+    now = now or utcnow()
+    backoff = default_backoff() if retry_backoff_s is None else retry_backoff_s
+    try:
+        job = session.exec(
+            select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+        ).one_or_none()
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.lease_token != lease_token or job.status not in LIVE_STATUSES:
+            log.warning("finish(%s, %s) ignored: lease not held (status %s)", job_id, outcome.status, job.status)
+            session.commit()
+            return job
+        attempt = job.attempt
+        if outcome.status == "succeeded":
+            result = outcome.result
+            assert result is not None  # Outcome refuses a success without its result
+            close_attempt(session, job_id, attempt, "succeeded", None, now)
+            values: dict[str, Any] = {
+                "status": JobStatus.succeeded, "error": None, "finished_at": now, "lease_token": None,
+                "lease_expires_at": None, "not_before": None, "updated_at": now, **progress_values(result),
+            }
+            if not transition(session, job_id, LIVE_STATUSES, values, lease_token=lease_token):
+                raise RuntimeError(f"job {job_id} changed under a row lock")
+            record_success(session, job, result, now)  # the checkpoint (+ head promotion) or the artefact
+            session.flush()
+            promote_children(session, job, now)
+        elif outcome.status in ("failed", "cancelled"):
+            close_attempt(session, job_id, attempt, outcome.status, outcome.error, now)
+            status = JobStatus.failed if outcome.status == "failed" else JobStatus.cancelled
+            set_terminal(session, job, status, outcome.error or (None if status == JobStatus.cancelled else "failed"), now)
+        else:  # crashed
+            close_attempt(session, job_id, attempt, "crashed", outcome.error, now)
+            resolve_crash(session, job, outcome.error or "crashed", now, backoff)
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    return reload_and_end(session, job_id)
+
+
+def release(session: Session, job_id: str, lease_token: str, reason: str, *, now: Optional[datetime] = None) -> bool:
+    """Warm shutdown: running → queued without consuming a retry (cancelling → cancelled).
+
+    The caller has already stopped the training process group. Returns False for a stale token.
+    """
+    now = now or utcnow()
+    try:
+        job = session.exec(
+            select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+        ).one_or_none()
+        if job is None or job.lease_token != lease_token or job.status not in LIVE_STATUSES:
+            session.rollback()
+            return False
+        close_attempt(session, job_id, job.attempt, "released", reason, now)
+        if job.status == JobStatus.cancelling or job.cancel_requested:
+            set_terminal(session, job, JobStatus.cancelled, f"cancelled ({reason})", now)
+        else:
+            transition(session, job_id, LIVE_STATUSES,
+                        {"status": JobStatus.queued, "lease_token": None, "lease_expires_at": None,
+                         "not_before": None, "queued_at": now, "published_at": None, "updated_at": now},
+                        lease_token=lease_token)
+        session.commit()
+        return True
+    except Exception:
+        session.rollback()
+        raise
+
+
+def request_cancel(session: Session, job_id: str, *, now: Optional[datetime] = None) -> Job:
+    """waiting/queued → cancelled; running → cancelling (the runner kills and reports); else unchanged."""
+    now = now or utcnow()
+    try:
+        job = session.exec(
+            select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+        ).one_or_none()
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.status in PENDING_STATUSES:
+            if transition(session, job_id, [job.status], {"cancel_requested": True}):
+                set_terminal(session, job, JobStatus.cancelled, "cancelled by request", now)
+        elif job.status == JobStatus.running:
+            transition(session, job_id, [JobStatus.running],
+                        {"status": JobStatus.cancelling, "cancel_requested": True, "updated_at": now})
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    return reload_and_end(session, job_id)
+
+
+def expire_leases(session: Session, now: Optional[datetime] = None, *,
+                  retry_backoff_s: Optional[float] = None) -> list[str]:
+    """running/cancelling jobs whose lease expired: the attempt is closed as crashed, the job is
+    queued again (backoff) or failed.
+
+    Also resolves any `waiting` job whose parent is already
+    terminal (a child inserted while its parent was finishing). Returns the ids it changed.
+    """
+    now = now or utcnow()
+    backoff = default_backoff() if retry_backoff_s is None else retry_backoff_s
+    changed: list[str] = []
+    try:
+        rows = session.exec(
+            select(Job.id, Job.lease_token, Job.lease_expires_at).where(
+                Job.status.in_(list(LIVE_STATUSES)),
+                or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+            )
+        ).all()
+        for job_id, token, expires in rows:
+            guard = [or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)]
+            stmt_ok = session.exec(
+                update(Job).where(Job.id == job_id, Job.status.in_(list(LIVE_STATUSES)), *guard,
+                                  (Job.lease_token == token) if token is not None else Job.lease_token.is_(None))
+                .values(updated_at=now)
+            ).rowcount == 1
+            if not stmt_ok:
+                continue
+            job = load(session, job_id)
+            error = f"lease expired at {expires.isoformat() if expires else '?'} (worker lost or stalled)"
+            close_attempt(session, job_id, job.attempt, "crashed", error, now)
+            resolve_crash(session, job, error, now, backoff)
+            changed.append(job_id)
+        # waiting children whose parent already finished (the parent finished between the API's
+        # check and the child's commit)
+        stuck = session.exec(
+            select(Job.id, Job.parent_job_id).where(Job.status == JobStatus.waiting)
+        ).all()
+        for child_id, parent_id in stuck:
+            parent = load(session, parent_id) if parent_id else None
+            if parent is None:
+                continue
+            if parent.status == JobStatus.succeeded:
+                changed += promote_children(session, parent, now)
+            elif parent.status in FAILED_STATUSES:
+                changed += fail_waiting_children(session, parent, parent.error or parent.status.value, now,
+                                                  cancelled=parent.status == JobStatus.cancelled)
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    return changed
+
+
+def claimable_unheld(session: Session, now: Optional[datetime] = None,
+                     older_than: float | timedelta = 30.0) -> list[str]:
+    """Queued jobs past their backoff that were never published, or published more than
+    `older_than` ago and still not claimed (the broker lost or dropped the message).
+
+    A job that has been queued for long (behind long-running jobs) is republished less often:
+    every max(older_than, min(age/4, 10 x older_than)), so the duplicates a busy queue collects
+    stay bounded while a lost message is still replaced within minutes.
+    """
+    now = now or utcnow()
+    older = seconds(older_than)
+    cutoff = now - timedelta(seconds=older)
+    rows = session.exec(
+        select(Job.id, Job.published_at, Job.queued_at).where(
+            Job.status == JobStatus.queued,
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+            or_(Job.published_at.is_(None), Job.published_at <= cutoff),
+        ).order_by(Job.queued_at)
+    ).all()
+    session.commit()  # end the read transaction without expiring the caller's objects
+    due = []
+    for job_id, published_at, queued_at in rows:
+        if published_at is not None and queued_at is not None:
+            age = (now - queued_at).total_seconds()
+            interval = max(older, min(age / 4, older * 10))
+            if (now - published_at).total_seconds() < interval:
+                continue
+        due.append(job_id)
+    return due
+
+
+def mark_published(session: Session, job_ids: str | Iterable[str], now: Optional[datetime] = None) -> None:
+    now = now or utcnow()
+    ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+    if not ids:
+        return
+    session.exec(update(Job).where(Job.id.in_(ids)).values(published_at=now))
+    session.commit()
+
+
+def unpublished_children(session: Session, parent_job_id: str) -> list[str]:
+    """Children promoted by `finish` that still need a publish."""
+    ids = session.exec(
+        select(Job.id).where(Job.parent_job_id == parent_job_id, Job.status == JobStatus.queued,
+                             Job.published_at.is_(None))
+    ).all()
+    session.commit()
+    return list(ids)
+
+
+def get(session: Session, job_id: str) -> Job:
+    job = reload_and_end(session, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def is_terminal(status: JobStatus | str) -> bool:
+    return JobStatus(status) in TERMINAL_STATUSES
