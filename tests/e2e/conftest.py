@@ -34,11 +34,12 @@ def sft_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sft")
 
 
-@pytest.fixture(autouse=True)
-def _sft_root_allowed(sft_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every deployment (which copies os.environ) lists sft_root in HALOS_MODEL_ROOTS, as an operator
-    lists the directory of their SFT models; without it only <data_dir>/models is allowed."""
-    monkeypatch.setenv("HALOS_MODEL_ROOTS", str(sft_root))
+@pytest.fixture(scope="session", autouse=True)
+def _sft_root_allowed(sft_root: Path) -> None:
+    """Every deployment lists sft_root in HALOS_MODEL_ROOTS, as an operator lists the directory of
+    their SFT models (without it only <data_dir>/models is allowed). Session-scoped, so module-scoped
+    deployments see it too."""
+    Deployment.model_roots = str(sft_root)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,8 @@ def tiny_model_dir(sft_root: Path) -> Path:
 
 class Deployment:
     """One halos deployment: a data dir, env, an API key, server (+ worker) processes."""
+
+    model_roots = ""  # HALOS_MODEL_ROOTS of every deployment: set by the session fixture above
 
     def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None):
         self.data_dir = data_dir
@@ -64,6 +67,7 @@ class Deployment:
             "HALOS_LEASE_TTL_S": "10",
             "HALOS_KILL_GRACE_S": "5",
             "PYTHONUNBUFFERED": "1",
+            "HALOS_MODEL_ROOTS": self.model_roots,
             **(extra_env or {}),
         }
         self.procs: list[subprocess.Popen] = []
