@@ -36,7 +36,7 @@ bench: setup
 	$(PY) bench/train_throughput.py
 
 # The compose stack from a fresh clone of HEAD: build, up, two chained rounds with worker
-# containers killed, lineage, down -v (about 10 minutes; needs Docker; README "Running it for real").
+# containers killed, lineage, down -v (15-25 minutes on 2 cores; needs Docker; README "Running it for real").
 compose-smoke: setup
 	$(PY) scripts/compose_smoke.py
 

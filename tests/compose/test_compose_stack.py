@@ -1,6 +1,6 @@
 """The compose stack really started: scripts/compose_smoke.py (fresh clone → build → up → key →
 model → feedback → two chained DPO rounds with a worker container killed in each → lineage →
-down -v). Opt-in, it takes about 10 minutes: HALOS_COMPOSE_SMOKE=1. Skipped with the script's
+down -v). Opt-in, it takes 15–25 minutes on a 2-core machine: HALOS_COMPOSE_SMOKE=1. Skipped with the script's
 reason where no Docker engine can start or the base images can be neither pulled nor built."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.environ.get("HALOS_COMPOSE_SMOKE") != "1",
-                       reason="opt-in (about 10 minutes, needs Docker): HALOS_COMPOSE_SMOKE=1"),
+                       reason="opt-in (15-25 minutes, needs Docker): HALOS_COMPOSE_SMOKE=1"),
 ]
 
 
