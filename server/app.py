@@ -5,16 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from server.api import (
     artefact_jobs, checkpoints, feedback, health, integrations, jobs, losses, models, prompts, runs,
 )
+from server.db import POOL_CAPACITY
 from server.errors import install_exception_handlers
+from server.services.keys import KeyCache
 from server.services.ratelimit import SlidingWindowLimiter
+from server.services.validation_pool import ValidationPool
 from server.settings import Settings, get_settings
 from server.storage import cleanup_stale_uploads
 
@@ -80,7 +86,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except OSError:  # never stop the API from starting over a temp-file sweep
         log.warning("could not sweep %s", settings.uploads_tmp_dir, exc_info=True)
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # feedback validation runs in these worker processes (started now, not during an upload)
+        pool = ValidationPool(settings.validation_workers)
+        app.state.validation_pool = pool
+        try:
+            await run_in_threadpool(pool.warm_up)
+            yield
+        finally:
+            app.state.validation_pool = None
+            await run_in_threadpool(pool.shutdown)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="halos-server",
         version="0.1.0",
         description=DESCRIPTION,
@@ -88,6 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute)
+    app.state.key_cache = KeyCache()
+    app.state.database_slots = anyio.Semaphore(POOL_CAPACITY)  # see server.api.deps.get_read_session
+    app.state.validation_pool = None  # set while the app runs (lifespan); None: validate in the request's thread
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
     if settings.auth_enabled and any(Path(os.path.realpath(r)) == Path("/") for r in settings.allowed_model_roots):
         log.warning("HALOS_MODEL_ROOTS includes /: any API key may register (make this server read and hash) any"

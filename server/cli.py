@@ -1,8 +1,9 @@
 """`halos` command line (typer): the server's commands, and the client's mounted beside them.
 
-    halos serve [--host H] [--port P] [--no-worker] [--no-sweeper] [--no-migrate] [--concurrency N]
-        Migrates the database, then runs the HTTP API (uvicorn) in this process, the sweeper in
-        a thread, and — unless --no-worker — one `halos worker --no-sweeper` child process.
+    halos serve [--host H] [--port P] [--workers N] [--no-worker] [--no-sweeper] [--no-migrate] [--concurrency N]
+        Migrates the database, then runs the HTTP API (uvicorn) in this process — or, with
+        --workers N > 1, in N uvicorn worker processes sharing the port — the sweeper in a thread,
+        and — unless --no-worker — one `halos worker --no-sweeper` child process.
         With nothing configured everything lives under HALOS_DATA_DIR (SQLite + embedded broker).
         Ctrl-C / SIGTERM stops the API, then the worker child (warm shutdown: running jobs are
         released and resume later), then the sweeper.
@@ -159,6 +160,8 @@ def _stop_child(proc: subprocess.Popen, timeout: float) -> None:
 def cmd_serve(
     host: Annotated[Optional[str], typer.Option("--host")] = None,
     port: Annotated[Optional[int], typer.Option("--port")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="API processes (each with its own rate-limit "
+                                         "window and validation pool)")] = 1,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="run the API alone (workers run elsewhere)")] = False,
     no_sweeper: Annotated[bool, typer.Option("--no-sweeper")] = False,
     no_migrate: Annotated[bool, typer.Option("--no-migrate")] = False,
@@ -182,13 +185,27 @@ def cmd_serve(
         log.info("started worker process %d", worker_proc.pid)
     stop = threading.Event()
     try:
-        api = create_app(settings)
+        # N API processes: uvicorn's supervisor spawns them, each builds its own app from HALOS_*
+        api = "server.app:create_app" if workers > 1 else create_app(settings)
         if not no_sweeper:
             sweeper.start_thread(settings, stop)
     except BaseException:
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=10)
         raise
+    if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        config = uvicorn.Config(api, factory=True, host=host or settings.host, port=port or settings.port,
+                                log_level=loglevel.lower(), lifespan="on", workers=workers)
+        try:
+            # the supervisor handles SIGINT/SIGTERM itself: it stops its API processes and returns
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        finally:
+            stop.set()
+            if worker_proc is not None:
+                _stop_child(worker_proc, timeout=settings.kill_grace_s + 30)
+        return
     server = uvicorn.Server(uvicorn.Config(api, host=host or settings.host, port=port or settings.port,
                                            log_level=loglevel.lower(), lifespan="on"))
     # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them to the previous handlers

@@ -1,21 +1,34 @@
 """Engine and sessions for SQLite (embedded) and Postgres.
 
-SQLite: WAL so readers never block the writer, a busy timeout, and every transaction opened with
-`BEGIN IMMEDIATE` so a read-then-write transaction takes the write lock up front instead of
-failing with SQLITE_BUSY half-way (docs/RELIABILITY.md trap 8).
+Two kinds of transaction, chosen by the engine a session is bound to:
+
+- writers (`get_engine`, the default everywhere: the job state machine, the worker, the CLI, the
+  API's writing routes). SQLite: `BEGIN IMMEDIATE`, so a read-then-write transaction takes the write
+  lock up front instead of failing with SQLITE_BUSY half-way (docs/RELIABILITY.md trap 8).
+- readers (`read_engine(engine)`, the API's GET routes). SQLite: a deferred `BEGIN` on a
+  `query_only` connection: a WAL snapshot that never takes (or waits for) the write lock, so reads
+  neither queue behind writers nor block them, and a read route that tried to write would fail
+  loudly instead of upgrading its lock. Postgres: `BEGIN READ ONLY`.
+
+SQLite: WAL so readers never block the writer, and a busy timeout for writers.
 
 Postgres: `connect_timeout`, TCP keepalives, `tcp_user_timeout` and a `statement_timeout` (the
 application's engines: `Settings.db_statement_timeout_s`, capped at a quarter of the lease TTL), so
-no database call blocks a heartbeat or a request forever.
+no database call blocks a heartbeat or a request forever. No ping per checkout (a round trip per
+request): a pooled connection whose server end has gone away (Postgres restarted, the backend was
+terminated) has a readable socket (the server's goodbye or EOF), which a zero-timeout poll sees
+without a round trip; the pool then replaces it. A connection that breaks mid-query raises, and
+SQLAlchemy invalidates it and the rest of the pool so the next request reconnects.
 """
 
 from __future__ import annotations
 
+import select
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Iterator
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
@@ -38,6 +51,11 @@ PG_TCP_USER_TIMEOUT_MS = 30_000
 DEFAULT_STATEMENT_TIMEOUT_S = 15.0
 
 
+# Connections an engine's pool may hold (pool_size + max_overflow). The API admits at most this many
+# requests to the database at once (`server.api.deps.get_read_session`), so no checkout waits on it.
+POOL_CAPACITY = 40
+
+
 def postgres_connect_args(statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S) -> dict:
     args: dict = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **PG_KEEPALIVES, "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS}
     if statement_timeout_s:
@@ -58,7 +76,8 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
     `statement_timeout` (None: no statement timeout, e.g. for migrations)."""
     url = _normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_CAPACITY // 2, max_overflow=POOL_CAPACITY - POOL_CAPACITY // 2)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
@@ -71,12 +90,49 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):  # noqa: ANN001
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):  # noqa: ANN001
+            reader = bool(conn.get_execution_options().get(READ_OPTION))
+            info = conn.connection.info
+            if info.get("query_only", False) != reader:  # flip the guard only when the role changes
+                conn.exec_driver_sql(f"PRAGMA query_only={int(reader)}")
+                info["query_only"] = reader
+            conn.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
 
         return engine
-    connect_args = postgres_connect_args(statement_timeout_s) if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    if url.startswith("postgresql"):
+        engine = create_engine(url, pool_size=10, max_overflow=POOL_CAPACITY - 10,
+                               connect_args=postgres_connect_args(statement_timeout_s))
+        event.listen(engine, "checkout", _drop_if_closed_by_server)
+        return engine
+    return create_engine(url)
+
+
+READ_OPTION = "halos_read_only"
+
+
+def _drop_if_closed_by_server(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """An idle pooled connection has nothing to read unless its server end said goodbye (backend
+    terminated, server restarted) or closed: poll its socket without waiting and, if so, make the
+    pool replace it (DisconnectionError). No round trip, unlike a ping."""
+    if dbapi_conn.closed:
+        raise exc.DisconnectionError("connection closed")
+    try:
+        fd = dbapi_conn.pgconn.socket
+    except Exception as error:  # noqa: BLE001 - no socket: the connection is unusable
+        raise exc.DisconnectionError(str(error)) from error
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise exc.DisconnectionError("the server closed this pooled connection")
+
+
+def read_engine(engine: Engine) -> Engine:
+    """`engine` for read-only transactions (same pool): SQLite deferred BEGIN on a query_only
+    connection, Postgres BEGIN READ ONLY."""
+    options: dict[str, Any] = {READ_OPTION: True}
+    if engine.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True
+    return engine.execution_options(**options)
 
 
 @lru_cache
@@ -87,6 +143,16 @@ def _engine_for(url: str, statement_timeout_s: float | None = DEFAULT_STATEMENT_
 def get_engine(settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
     return _engine_for(settings.db_url, statement_timeout_for(settings))
+
+
+@lru_cache
+def _read_engine_for(engine: Engine) -> Engine:
+    return read_engine(engine)
+
+
+def get_read_engine(settings: Settings | None = None) -> Engine:
+    """The application's engine for read-only transactions (shares `get_engine`'s pool)."""
+    return _read_engine_for(get_engine(settings))
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import DDL, JSON, Column, Index, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
 
@@ -64,6 +64,22 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(unique=True, max_length=128)  # sha256 of the secret; the secret is never stored
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: Optional[datetime] = None
+
+
+class AuthState(SQLModel, table=True):
+    """Generation counters of cached authentication state; one row today, `scope='api_keys'`:
+    its `generation` goes up, in the same transaction, whenever an API key stops being valid
+    (`keys.revoke_api_key`). API processes cache key lookups and read this integer in each
+    request's own transaction: a change empties their cache, so a revoked key is refused on the
+    very next request in every API process, without a key lookup per request."""
+
+    scope: str = Field(primary_key=True, max_length=40)
+    generation: int = 0
+
+
+# The row exists from the start (create_all in tests; migration 0002 inserts it too).
+event.listen(AuthState.__table__, "after_create",
+             DDL("INSERT INTO authstate (scope, generation) VALUES ('api_keys', 0)"))
 
 
 class Model(SQLModel, table=True):

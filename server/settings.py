@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_record_bytes: int = 1024 * 1024
     max_records_per_file: int = 1_000_000
     max_validation_errors: int = 100
+    validation_workers: int = Field(2, ge=1)  # processes that validate uploaded feedback (off the API's interpreter)
     max_samples_per_job: int = Field(100_000, ge=1)  # n x prompts of one sampling job; more ⇒ 422
     rate_limit_per_minute: int = 600  # requests per API key per minute; 0 disables
     idempotency_ttl_hours: int = 48

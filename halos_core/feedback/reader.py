@@ -143,9 +143,19 @@ class _Walk:
         return None
 
 
-def validate_file(path: str | Path, limits: FeedbackLimits = _DEFAULT_LIMITS) -> FeedbackSummary:
+def validate_file(path: str | Path, limits: FeedbackLimits = _DEFAULT_LIMITS, *, fast: bool = True) -> FeedbackSummary:
     """Check a feedback file without loading it whole; the summary, or FeedbackValidationError listing
-    every bad record (up to `limits.max_errors`; `truncated` says whether more were left out)."""
+    every bad record (up to `limits.max_errors`; `truncated` says whether more were left out).
+
+    A valid JSONL file is usually proven valid by the compiled fast path (`fast.py`, several times
+    faster); whatever it cannot prove goes through the detailed scanner, which alone reports errors
+    (`fast=False`: the detailed scanner only)."""
+    if fast:
+        from .fast import fast_summary
+
+        summary = fast_summary(path, limits)
+        if summary is not None:
+            return summary
     walk = _Walk(path, limits)
     errors: list[RecordError] = []
     truncated = False

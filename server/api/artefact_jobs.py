@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import JobOut, LabellingJobCreate, SamplingJobCreate
 from server.services import artefact_jobs as service
 from server.services import jobs_view
@@ -23,7 +23,7 @@ _LINKS = {"GetJob": {"operationId": "get_job", "parameters": {"job_id": "$respon
 @router.post("/sampling-jobs", status_code=201, response_model=JobOut, responses={
     **error_responses(400, 404, 413, 422), 201: {"description": "Queued", "links": _LINKS}})
 def create_sampling_job(body: SamplingJobCreate, principal: ProjectDep, settings: SettingsDep,
-                        session: SessionDep) -> JobOut:
+                        session: WriteSessionDep) -> JobOut:
     """Sample `params.n` completions per prompt from a checkpoint, a model, or a run's head.
     Unknown or foreign ids ⇒ 404; n × prompts over the server's cap ⇒ 422 `too_many_samples`.
     The result is a `sampled` feedback file (HALOs samples format) a round can train on and a
@@ -34,7 +34,7 @@ def create_sampling_job(body: SamplingJobCreate, principal: ProjectDep, settings
 @router.post("/labelling-jobs", status_code=201, response_model=JobOut, responses={
     **error_responses(400, 404, 413, 422), 201: {"description": "Queued", "links": _LINKS}})
 def create_labelling_job(body: LabellingJobCreate, principal: ProjectDep, settings: SettingsDep,
-                         session: SessionDep) -> JobOut:
+                         session: WriteSessionDep) -> JobOut:
     """Label a samples file with a reward model (a bradley_terry checkpoint): scalar scores,
     binary labels (threshold / mean / median) or one pair per prompt (random / max / min, with
     `min_gap`). A checkpoint without a reward head ⇒ 422 `no_reward_head`."""

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from server.api.deps import ProjectDep, SessionDep, error_responses
+from server.api.deps import ProjectDep, ReadSessionDep, error_responses
 from halos_client.models import CheckpointOut, LineageOut
 from server.services import lineage as service
 
@@ -16,11 +16,11 @@ CheckpointId = Annotated[str, Path(max_length=200)]
 
 
 @router.get("/{checkpoint_id}", response_model=CheckpointOut, responses=error_responses(404))
-def get_checkpoint(checkpoint_id: CheckpointId, principal: ProjectDep, session: SessionDep) -> CheckpointOut:
+def get_checkpoint(checkpoint_id: CheckpointId, principal: ProjectDep, session: ReadSessionDep) -> CheckpointOut:
     return service.checkpoint_view(session, service.get_checkpoint(session, principal, checkpoint_id))
 
 
 @router.get("/{checkpoint_id}/lineage", response_model=LineageOut, responses=error_responses(404, 409))
-def get_lineage(checkpoint_id: CheckpointId, principal: ProjectDep, session: SessionDep) -> LineageOut:
+def get_lineage(checkpoint_id: CheckpointId, principal: ProjectDep, session: ReadSessionDep) -> LineageOut:
     """This checkpoint first, then its parents back to round 1, and the SFT model at the root."""
     return service.lineage(session, principal, checkpoint_id)

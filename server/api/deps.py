@@ -1,24 +1,36 @@
-"""Dependencies of the API routers, as `Annotated` aliases: SettingsDep, SessionDep, ProjectDep.
+"""Dependencies of the API routers, as `Annotated` aliases: SettingsDep, ReadSessionDep,
+WriteSessionDep, ProjectDep.
 
-`ProjectDep` authenticates the bearer key (sha256 lookup; unknown or revoked ⇒ 401), applies the
-per-key rate limit (429 + Retry-After) and yields the caller's `Principal`; every service call
-is scoped to `principal.project_id`.
+A route says what it does to the database by the session it asks for:
+
+- `ReadSessionDep` (every GET): one read-only transaction for the whole request, authentication
+  included; on SQLite a WAL snapshot that never takes the write lock (`server.db.read_engine`).
+- `WriteSessionDep` (routes that change something): the writers' engine (`BEGIN IMMEDIATE` on
+  SQLite). It depends on `ProjectDep`, so a caller is authenticated (in a short read transaction,
+  ended before the write session exists) before the route can take the write lock.
+
+`ProjectDep` authenticates the bearer key in the request's read transaction (`KeyCache`: no key
+lookup while the key generation is unchanged; unknown or revoked ⇒ 401), applies the per-key rate
+limit (429 + Retry-After) and yields the caller's `Principal`; every service call is scoped to
+`principal.project_id`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Awaitable, Callable, Iterator
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from sqlmodel import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.db import get_engine
+from server.db import get_engine, get_read_engine, session_scope
 from server.errors import PayloadTooLarge, RateLimited, Unauthorized
+from server.models import Project
 from halos_client.models import ErrorResponse
-from server.services.keys import Principal, authenticate, get_or_create_project
+from server.services.keys import Principal, get_or_create_project
 from server.services.ratelimit import retry_after_header
 from server.settings import Settings
 
@@ -26,23 +38,52 @@ MAX_JSON_BODY_BYTES = 1024 * 1024  # request bodies of the JSON endpoints are sm
 DEFAULT_PROJECT = "default"  # the project everything belongs to when auth is disabled
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:  # async: no thread-pool hop for an attribute
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    with Session(get_engine(settings), expire_on_commit=False) as session:
+def in_process_database(settings: Settings) -> bool:
+    """SQLite: a read statement is a local call that never waits for a lock (WAL snapshot), cheaper
+    than handing it to a thread. A networked database's statements always go to a thread."""
+    return settings.db_url.startswith("sqlite")
+
+
+async def run_blocking_db(settings: Settings, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` here on SQLite (see `in_process_database`), in the thread pool otherwise."""
+    if in_process_database(settings):
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """The request's read-only session. Async: making a Session does no I/O; only its close, the
+    ROLLBACK that ends the read transaction, may (run_blocking_db).
+
+    A request holds one pooled connection from its first query until this session closes, across
+    thread-pool hops (dependencies, handler), so requests first wait here, on the event loop, for
+    one of `POOL_CAPACITY` slots (`app.state.database_slots`): more in flight than the pool holds
+    would leave threads blocked on checkout while the requests holding the connections wait for a
+    thread, until the pool timeout (seconds of nothing, then 500s)."""
+    settings = request.app.state.settings
+    slots = request.app.state.database_slots
+    await slots.acquire()
+    try:
+        session = Session(get_read_engine(settings), expire_on_commit=False, autoflush=False)
         try:
             yield session
-        except BaseException:
-            session.rollback()
-            raise
+        finally:
+            if session.in_transaction():
+                await run_blocking_db(settings, session.close)
+            else:
+                session.close()
+    finally:
+        slots.release()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -51,28 +92,43 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def get_principal(
+def _default_project_id(request: Request, settings: Settings, session: Session) -> str:
+    """Auth disabled: everything belongs to DEFAULT_PROJECT (created once, by a writer)."""
+    cached = getattr(request.app.state, "default_project_id", None)
+    if cached is None:
+        from sqlmodel import select
+
+        cached = session.exec(select(Project.id).where(Project.name == DEFAULT_PROJECT)).first()
+        if cached is None:
+            with session_scope(settings) as writer:
+                cached = get_or_create_project(writer, DEFAULT_PROJECT).id
+        request.app.state.default_project_id = cached
+    return cached
+
+
+async def get_principal(
     request: Request,
     settings: SettingsDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
+    # Async, with its database reads in run_blocking_db: on SQLite a request then costs one
+    # thread-pool hop (the handler), not three.
     if not settings.auth_enabled:
-        project = get_or_create_project(session, DEFAULT_PROJECT)
-        principal = Principal(project_id=project.id, key_id=None)
+        project_id = getattr(request.app.state, "default_project_id", None) or await run_in_threadpool(
+            _default_project_id, request, settings, session)  # may write (once): never on the event loop
+        principal = Principal(project_id=project_id, key_id=None)
         client = request.client.host if request.client else "local"
         limiter_key = f"anon:{client}"
     else:
-        principal_or_none = authenticate(session, credentials.credentials) if credentials else None
+        cache = request.app.state.key_cache
+        principal_or_none = (await run_blocking_db(settings, cache.authenticate, session, credentials.credentials)
+                             if credentials else None)
         if principal_or_none is None:
-            session.rollback()
             raise Unauthorized("missing, unknown or revoked API key" if credentials else
                                "a valid API key is required (Authorization: Bearer <key>)")
         principal = principal_or_none
         limiter_key = f"key:{principal.key_id}"
-    # End the read transaction now: on SQLite every transaction is BEGIN IMMEDIATE, and an upload
-    # that keeps one open while streaming would lock every writer (worker heartbeats!) out.
-    session.commit()
     wait = request.app.state.rate_limiter.hit(limiter_key)
     if wait is not None:
         raise RateLimited(retry_after_header(wait), request.app.state.rate_limiter.limit)
@@ -80,6 +136,21 @@ def get_principal(
 
 
 ProjectDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_write_session(settings: SettingsDep, _principal: ProjectDep, read: ReadSessionDep) -> Iterator[Session]:
+    # The authentication's read transaction ends here: a writer may run long (an upload streams
+    # for seconds) and an open snapshot would hold back SQLite's WAL checkpoints / Postgres' vacuum.
+    read.rollback()
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+
+
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 
 IdempotencyKeyDep = Annotated[
     str | None,

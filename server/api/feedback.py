@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from server.errors import BadRequest, Conflict
 from halos_client.models import FeedbackList, FeedbackOut
 from server.services import feedback as service
@@ -61,7 +61,7 @@ async def upload_feedback(
     response: Response,
     principal: ProjectDep,
     settings: SettingsDep,
-    session: SessionDep,
+    session: WriteSessionDep,
     idempotency_key: IdempotencyKeyDep = None,
     filename: Annotated[
         str | None, Query(max_length=4096, description="client file name for a raw body (metadata only)")
@@ -91,7 +91,7 @@ async def upload_feedback(
         raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
     try:
         result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key,
-                                         strict)
+                                         strict, pool=request.app.state.validation_pool)
     finally:
         staged.discard()  # no-op when ingest published it
     if result.replayed:
@@ -101,14 +101,14 @@ async def upload_feedback(
 
 @router.get("/{feedback_id}", response_model=FeedbackOut, responses=error_responses(404))
 def get_feedback(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
-                 session: SessionDep) -> FeedbackOut:
+                 session: ReadSessionDep) -> FeedbackOut:
     return service.to_out(service.get_feedback(session, principal, feedback_id))
 
 
 @router.get("", response_model=FeedbackList, responses=error_responses(422))
 def list_feedback(
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> FeedbackList:
@@ -123,7 +123,7 @@ def list_feedback(
           "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
                       "application/json": {"schema": {"type": "string", "format": "binary"}}}}})
 def get_feedback_content(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
-                         session: SessionDep, settings: SettingsDep) -> FileResponse:
+                         session: ReadSessionDep, settings: SettingsDep) -> FileResponse:
     """The file's bytes as stored (uploads as uploaded; generated samples / labels as the job wrote
     them), streamed; `ETag` is its sha256."""
     fb = service.get_feedback(session, principal, feedback_id)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from server.api.deps import SettingsDep, error_responses
-from server.db import get_engine
+from server.db import get_read_engine
 from server.errors import ServiceUnavailable
 from halos_client.models import HealthOut, ReadyOut
 from server.settings import Settings
@@ -24,7 +24,7 @@ def healthz() -> HealthOut:
 
 def check_database(settings: Settings) -> str:
     try:
-        with get_engine(settings).connect() as conn:
+        with get_read_engine(settings).connect() as conn:  # never the write lock
             conn.execute(text("SELECT 1"))
         return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"

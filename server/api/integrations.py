@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 
 from halos_core.feedback.labelstudio import CONFIGS
 from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from server.errors import BadRequest, PayloadTooLarge
 from server.models import Integration
 from halos_client.models import FeedbackOut, IntegrationCreate, IntegrationOut, WebhookResult
@@ -45,7 +45,7 @@ def labelstudio_config(name: Config) -> PlainTextResponse:
     **error_responses(404, 422), 200: {"content": {"application/json": {"schema": {"type": "array",
                                                                                     "items": {"type": "object"}}}},
                                        "description": "Label Studio tasks (import them into the project)"}})
-def labelstudio_tasks(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: SessionDep,
+def labelstudio_tasks(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: ReadSessionDep,
                       settings: SettingsDep, config: Config = "pairwise") -> StreamingResponse:
     """A samples file as Label Studio tasks: `pairwise` (a prompt's samples in pairs) or `rating`
     (one task per sample). Each task keeps our ids in `data.halos`. Not a samples file ⇒ 422."""
@@ -57,7 +57,7 @@ def labelstudio_tasks(feedback_id: Annotated[str, Path(max_length=200)], princip
     **error_responses(400, 413, 415, 422)}, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}})
 async def labelstudio_import(request: Request, response: Response, principal: ProjectDep, settings: SettingsDep,
-                             session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> FeedbackOut:
+                             session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None) -> FeedbackOut:
     """Label Studio's JSON export (tasks with annotations) as a feedback file: pairwise for the
     Pairwise config, scalar for Rating. A malformed export ⇒ one 422 listing every bad task /
     annotation; nothing stored."""
@@ -77,7 +77,7 @@ async def labelstudio_import(request: Request, response: Response, principal: Pr
 
 
 @router.post("/integrations", status_code=201, response_model=IntegrationOut, responses=error_responses(400, 422))
-def create_integration(body: IntegrationCreate, principal: ProjectDep, session: SessionDep) -> IntegrationOut:
+def create_integration(body: IntegrationCreate, principal: ProjectDep, session: WriteSessionDep) -> IntegrationOut:
     """A webhook endpoint for one labelling project. Label Studio: the response's `secret` goes in
     the webhook's header `X-Halos-Webhook-Secret`. Argilla: pass the webhook's secret (whsec_…)."""
     integration = service.create(session, principal, body.tool, body.label_config, body.name, body.secret)
@@ -86,13 +86,13 @@ def create_integration(body: IntegrationCreate, principal: ProjectDep, session: 
 
 @router.get("/integrations/{integration_id}", response_model=IntegrationOut, responses=error_responses(404))
 def get_integration(integration_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
-                    session: SessionDep) -> IntegrationOut:
+                    session: ReadSessionDep) -> IntegrationOut:
     return _out(session, service.get(session, principal, integration_id))
 
 
 @router.post("/integrations/{integration_id}/seal", status_code=201, response_model=FeedbackOut,
              responses=error_responses(404, 409, 422))
-def seal(integration_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: SessionDep,
+def seal(integration_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: WriteSessionDep,
          settings: SettingsDep) -> FeedbackOut:
     """Seal the draft (the annotations received since the last seal, as last updated, without the
     deleted ones) into a feedback file. Empty draft ⇒ 409 `draft_empty`."""
@@ -103,7 +103,7 @@ def seal(integration_id: Annotated[str, Path(max_length=200)], principal: Projec
     "security": [], "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
     responses=error_responses(400, 404, 413, 422))
 async def webhook(integration_id: Annotated[str, Path(max_length=200)], request: Request,
-                  session: SessionDep) -> WebhookResult:
+                  session: WriteSessionDep) -> WebhookResult:
     """Deliveries from the labelling tool (no API key: the integration's secret / signature
     authenticates; a bad one ⇒ 401 and nothing recorded). Replays change nothing."""
     body = bytearray()

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import PlainTextResponse
 
-from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import JobList, JobOut, MetricSeries
 from server.models import JobStatus
 from server.services import jobs_view as service
@@ -21,7 +21,7 @@ JobId = Annotated[str, Path(max_length=200)]
 @router.get("", response_model=JobList, responses=error_responses(422))
 def list_jobs(
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
@@ -31,7 +31,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def get_job(job_id: JobId, principal: ProjectDep, session: SessionDep) -> JobOut:
+def get_job(job_id: JobId, principal: ProjectDep, session: ReadSessionDep) -> JobOut:
     return service.job_view(session, service.get_job(session, principal, job_id))
 
 
@@ -39,7 +39,7 @@ def get_job(job_id: JobId, principal: ProjectDep, session: SessionDep) -> JobOut
 def get_metrics(
     job_id: JobId,
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     split: Annotated[str | None, Query(max_length=10, pattern=r"^[A-Za-z0-9_]+$", description="train | eval")] = None,
     after_step: Annotated[int | None, Query(ge=-1, le=2**62, description="only steps after this one")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_METRIC_POINTS, description="steps per page")] = 1000,
@@ -57,7 +57,7 @@ def get_metrics(
 def get_logs(
     job_id: JobId,
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     tail_bytes: Annotated[int | None, Query(ge=1, le=16 * 1024 * 1024)] = None,
 ) -> PlainTextResponse:
@@ -68,7 +68,7 @@ def get_logs(
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=error_responses(404, 409))
-def cancel_job(job_id: JobId, principal: ProjectDep, session: SessionDep) -> JobOut:
+def cancel_job(job_id: JobId, principal: ProjectDep, session: WriteSessionDep) -> JobOut:
     """waiting/queued ⇒ cancelled at once; running ⇒ cancelling (the worker stops the training
     process group, then cancelled). A finished job ⇒ 409 `job_finished`."""
     return service.job_view(session, service.cancel(session, principal, job_id))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
-from server.api.deps import JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import ModelCreate, ModelList, ModelOut
 from server.services import models_registry as service
 
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLim
         "GetModel": {"operationId": "get_model", "parameters": {"model_id": "$response.body#/id"}}}},
 })
 def register_model(body: ModelCreate, request: Request, principal: ProjectDep, settings: SettingsDep,
-                   session: SessionDep) -> ModelOut:
+                   session: WriteSessionDep) -> ModelOut:
     """The directory must hold `config.json`, weights (`*.safetensors` or `pytorch_model*.bin`)
     and a tokenizer; otherwise 422 naming what is missing. It must lie under the data dir's
     `models/` folder or one of `HALOS_MODEL_ROOTS` (422 `model_path_not_allowed`). Its content
@@ -32,14 +32,14 @@ def register_model(body: ModelCreate, request: Request, principal: ProjectDep, s
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
-def get_model(model_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: SessionDep) -> ModelOut:
+def get_model(model_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: ReadSessionDep) -> ModelOut:
     return service.to_out(service.get_model(session, principal, model_id))
 
 
 @router.get("", response_model=ModelList, responses=error_responses(422))
 def list_models(
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> ModelList:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from server.errors import BadRequest, Conflict
 from halos_client.models import PromptSetList, PromptSetOut
 from server.services import prompts as service
@@ -39,7 +39,7 @@ PromptSetId = Annotated[str, Path(max_length=200)]
                  "GetPromptSet": {"operationId": "get_prompt_set",
                                   "parameters": {"prompt_set_id": "$response.body#/id"}}}}})
 async def upload_prompts(request: Request, response: Response, principal: ProjectDep, settings: SettingsDep,
-                         session: SessionDep, idempotency_key: IdempotencyKeyDep = None,
+                         session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None,
                          filename: Annotated[str | None, Query(max_length=4096)] = None,
                          strict: Annotated[bool, Query(description="refuse plain-string prompts (422)")] = False,
                          ) -> PromptSetOut:
@@ -69,12 +69,12 @@ async def upload_prompts(request: Request, response: Response, principal: Projec
 
 
 @router.get("/{prompt_set_id}", response_model=PromptSetOut, responses=error_responses(404))
-def get_prompt_set(prompt_set_id: PromptSetId, principal: ProjectDep, session: SessionDep) -> PromptSetOut:
+def get_prompt_set(prompt_set_id: PromptSetId, principal: ProjectDep, session: ReadSessionDep) -> PromptSetOut:
     return service.to_out(service.get_prompt_set(session, principal, prompt_set_id))
 
 
 @router.get("", response_model=PromptSetList, responses=error_responses(422))
-def list_prompt_sets(principal: ProjectDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+def list_prompt_sets(principal: ProjectDep, session: ReadSessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                      cursor: Annotated[str | None, Query(max_length=512)] = None) -> PromptSetList:
     rows, next_cursor = service.list_prompt_sets(session, principal, limit, cursor)
     return PromptSetList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
@@ -85,7 +85,7 @@ def list_prompt_sets(principal: ProjectDep, session: SessionDep, limit: Annotate
     200: {"description": "the stored file, streamed",
           "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
                       "application/json": {"schema": {"type": "string", "format": "binary"}}}}})
-def get_prompt_set_content(prompt_set_id: PromptSetId, principal: ProjectDep, session: SessionDep,
+def get_prompt_set_content(prompt_set_id: PromptSetId, principal: ProjectDep, session: ReadSessionDep,
                            settings: SettingsDep) -> FileResponse:
     ps = service.get_prompt_set(session, principal, prompt_set_id)
     path = settings.data_dir / ps.storage_path

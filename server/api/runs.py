@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, SessionDep, SettingsDep, error_responses
+from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import Rollback, RoundCreate, RoundOut, RunCreate, RunList, RunOut
 from server.services import head, run_views, runs as service
 from server.services.idempotency import REPLAY_HEADER
@@ -24,7 +24,7 @@ RunId = Annotated[str, Path(max_length=200)]
         "CreateRound": {"operationId": "create_round", "parameters": {"run_id": "$response.body#/id"}}}},
 })
 def create_run(body: RunCreate, response: Response, principal: ProjectDep, settings: SettingsDep,
-               session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> RunOut:
+               session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None) -> RunOut:
     """An online run on a registered model: the model is the pinned reference for every round;
     `loss`, `hyperparams`, `conversion`, `lora` are the defaults rounds may override.
     Unknown `model_id` ⇒ 404 `model_not_found`."""
@@ -37,7 +37,7 @@ def create_run(body: RunCreate, response: Response, principal: ProjectDep, setti
 @router.get("", response_model=RunList, responses=error_responses(422))
 def list_runs(
     principal: ProjectDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> RunList:
@@ -46,7 +46,7 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunOut, responses=error_responses(404))
-def get_run(run_id: RunId, principal: ProjectDep, session: SessionDep) -> RunOut:
+def get_run(run_id: RunId, principal: ProjectDep, session: ReadSessionDep) -> RunOut:
     """The run with its rounds in order (each with its job's status and checkpoints)."""
     return run_views.run_view(session, service.get_run(session, principal, run_id))
 
@@ -61,7 +61,7 @@ def get_run(run_id: RunId, principal: ProjectDep, session: SessionDep) -> RunOut
         "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/run_id"}}}},
 })
 def create_round(run_id: RunId, body: RoundCreate, response: Response, principal: ProjectDep,
-                 settings: SettingsDep, session: SessionDep, idempotency_key: IdempotencyKeyDep = None) -> RoundOut:
+                 settings: SettingsDep, session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None) -> RoundOut:
     """Queue a training round on feedback files. Validated now, not on the worker: unknown
     feedback ids or an explicit parent checkpoint not of this run ⇒ 404; unknown loss, a loss
     that cannot use the feedback kinds, hyperparameters that do not fit, a parent checkpoint
@@ -75,7 +75,7 @@ def create_round(run_id: RunId, body: RoundCreate, response: Response, principal
 
 
 @router.post("/{run_id}/rollback", response_model=RunOut, responses=error_responses(400, 404, 413, 422))
-def rollback(run_id: RunId, body: Rollback, principal: ProjectDep, session: SessionDep) -> RunOut:
+def rollback(run_id: RunId, body: Rollback, principal: ProjectDep, session: WriteSessionDep) -> RunOut:
     """Move the run's head to `checkpoint_id` (any checkpoint of this run; null: the SFT model).
     The next round continues from it, with its optimizer state; the move is in `head_history`.
     A checkpoint of another run ⇒ 404."""

@@ -22,6 +22,7 @@ from halos_client.models import FeedbackOut
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
+from server.services.validation_pool import ValidationPool
 from server.settings import Settings
 from server.storage import StagedFile
 
@@ -56,9 +57,10 @@ def _record_error(err: Any) -> dict[str, Any]:
     }
 
 
-def validate_staged(staged: StagedFile, settings: Settings) -> Any:
-    """Run halos_core's streaming validator on the temp file; 422 `invalid_feedback` listing every
-    bad record (capped at `max_validation_errors`) when it is not a valid feedback file."""
+def validate_staged(staged: StagedFile, settings: Settings, pool: ValidationPool | None = None) -> Any:
+    """Validate the temp file (in `pool`'s worker processes when given, else in this thread); 422
+    `invalid_feedback` listing every bad record (capped at `max_validation_errors`) when it is not a
+    valid feedback file."""
     from halos_core.feedback import FeedbackLimits, FeedbackValidationError, validate_file
 
     if staged.size_bytes == 0:
@@ -78,6 +80,8 @@ def validate_staged(staged: StagedFile, settings: Settings) -> Any:
         max_records=settings.max_records_per_file,
     )
     try:
+        if pool is not None:
+            return pool.validate(staged.path, limits)
         return validate_file(staged.path, limits=limits)
     except FeedbackValidationError as exc:
         errors = [_record_error(e) for e in exc.errors]
@@ -89,12 +93,13 @@ def validate_staged(staged: StagedFile, settings: Settings) -> Any:
         ) from exc
 
 
-def quality_findings(staged: StagedFile, strict: bool) -> dict[str, Any] | None:
+def quality_findings(staged: StagedFile, strict: bool, pool: ValidationPool | None = None) -> dict[str, Any] | None:
     """Data-quality warnings of a valid file (halos_core.feedback.quality); `strict`: refuse the file
-    with the record-level 422 report instead (nothing stored)."""
+    with the record-level 422 report instead (nothing stored). In `pool`'s workers when given: a
+    record-by-record pass over the whole file must not hold the API's interpreter."""
     from halos_core.feedback.quality import find
 
-    found = find(staged.path)
+    found = pool.run(find, staged.path) if pool is not None else find(staged.path)
     if not found.total:
         return None
     if strict:
@@ -117,7 +122,8 @@ def _replay(session: Session, record: Any, project_id: str) -> FeedbackFile:
 
 def ingest(session: Session, settings: Settings, principal: Principal, staged: StagedFile,
            idempotency_key: str | None, strict: bool = False, source: str = "upload",
-           provenance: dict[str, Any] | None = None) -> Ingested:
+           provenance: dict[str, Any] | None = None,
+           pool: ValidationPool | None = None) -> Ingested:
     """Validate and store a staged upload. Consumes `staged` (its temp file is gone afterwards)."""
     data_dir = settings.data_dir
     try:
@@ -132,8 +138,8 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
             if fb is not None:
                 return Ingested(fb, replayed=True)
 
-        summary = validate_staged(staged, settings)  # no transaction is open while this runs
-        findings = quality_findings(staged, strict)
+        summary = validate_staged(staged, settings, pool)  # no transaction is open while this runs
+        findings = quality_findings(staged, strict, pool)
 
         for _ in range(3):
             if idempotency_key is not None:

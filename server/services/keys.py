@@ -4,21 +4,31 @@ A key looks like `hk_<43 url-safe chars>` (256 random bits). Its first 11 charac
 are stored in clear so humans can tell keys apart (`halos keys list`) and revoke one by prefix;
 the rest is never stored. 256 random bits make a plain (unsalted) sha256 safe: there is nothing
 to brute-force or look up in a table.
+
+Authentication without a key lookup per request: each API process keeps a `KeyCache` (key hash ->
+principal). Every request reads `authstate.key_generation` (one integer) in its own transaction,
+the one its handler then uses; revoking a key bumps that integer in the revocation's transaction.
+A process that sees a new generation empties its cache before trusting it, so a revoked key is
+refused on the very next request in every API process, whoever revoked it (API, CLI, another host).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from server.errors import Conflict, NotFound
-from server.models import ApiKey, Project, utcnow
+from server.models import ApiKey, AuthState, Project, utcnow
 
 KEY_PREFIX = "hk_"
+KEY_SCOPE = "api_keys"  # the AuthState row whose generation covers API keys
+_GENERATION_SQL = f"SELECT generation FROM authstate WHERE scope = '{KEY_SCOPE}'"
 PREFIX_CHARS = 11  # "hk_" + 8 characters
 
 
@@ -81,8 +91,21 @@ def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         session.add(key)
+        _bump_generation(session)  # same transaction: every API process drops its cached keys
         session.commit()
     return key
+
+
+def _bump_generation(session: Session) -> None:
+    bumped = session.execute(text(f"UPDATE authstate SET generation = generation + 1 WHERE scope = '{KEY_SCOPE}'"))
+    if bumped.rowcount == 0:  # a database made without the row: create it past every generation seen (0)
+        session.add(AuthState(scope=KEY_SCOPE, generation=1))
+
+
+def key_generation(session: Session) -> int:
+    # a constant statement straight to the driver: this runs on every authenticated request
+    value = session.connection().exec_driver_sql(_GENERATION_SQL).scalar()
+    return int(value or 0)
 
 
 def list_api_keys(session: Session, project_name: str | None = None) -> list[tuple[ApiKey, Project]]:
@@ -92,11 +115,45 @@ def list_api_keys(session: Session, project_name: str | None = None) -> list[tup
     return [(k, p) for k, p in session.exec(query.order_by(ApiKey.created_at)).all()]
 
 
-def authenticate(session: Session, secret: str) -> Principal | None:
-    """The principal for a presented secret, or None (unknown or revoked)."""
-    if not secret or len(secret) > 512:
+def _lookup(session: Session, key_hash: str) -> Principal | None:
+    row = session.execute(select(ApiKey.project_id, ApiKey.id, ApiKey.revoked_at)
+                          .where(ApiKey.key_hash == key_hash)).first()
+    if row is None or row.revoked_at is not None:
         return None
-    key = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(secret))).first()
-    if key is None or key.revoked_at is not None:
-        return None
-    return Principal(project_id=key.project_id, key_id=key.id)
+    return Principal(project_id=row.project_id, key_id=row.id)
+
+
+class KeyCache:
+    """Valid keys seen by this process, for the current key generation (see the module docstring).
+
+    Concurrency: a request whose transaction saw an older generation than the cache's neither reads
+    nor fills it (its snapshot may predate a revocation the cache already reflects, or the reverse);
+    one that saw a newer generation empties it first. Unknown keys are never cached."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._generation = -1
+        self._entries: dict[str, Principal] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, session: Session, secret: str) -> Principal | None:
+        """The principal for `secret`, checked against `session`'s transaction (which the caller
+        keeps for the rest of the request): one small read, plus a key lookup on a miss."""
+        if not secret or len(secret) > 512:
+            return None
+        generation = key_generation(session)
+        digest = hash_key(secret)
+        with self._lock:
+            if generation > self._generation:
+                self._entries.clear()
+                self._generation = generation
+            if generation == self._generation and (hit := self._entries.get(digest)) is not None:
+                return hit
+        principal = _lookup(session, digest)
+        if principal is not None:
+            with self._lock:
+                if generation == self._generation:
+                    if len(self._entries) >= self.max_entries:
+                        self._entries.clear()
+                    self._entries[digest] = principal
+        return principal
