@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Pin everything else to the tested set; `make setup CONSTRAINTS=` installs the newest allowed.
 CONSTRAINTS ?= -c requirements.lock
 
-.PHONY: setup demo test lint bench audit clean
+.PHONY: setup demo test lint bench audit compose-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: setup lint
 
 bench: setup
 	$(PY) bench/train_throughput.py
+
+# The compose stack from a fresh clone of HEAD: build, up, two chained rounds with worker
+# containers killed, lineage, down -v (15-25 minutes on 2 cores; needs Docker; README "Running it for real").
+compose-smoke: setup
+	$(PY) scripts/compose_smoke.py
 
 # Known-vulnerability audit of the locked set (needs the PyPI JSON API or OSV reachable).
 audit: setup

@@ -81,8 +81,11 @@ class Server:
 
     def __init__(self, data_dir: Path):
         self.port = free_port()
+        # model registration: the tiny model is built in <data_dir>/models (allowed by default); the
+        # warm start registers a checkpoint of this server as a model, so its runs/ folder is listed too
         self.env = {**os.environ, "HALOS_DATA_DIR": str(data_dir), "HALOS_PORT": str(self.port),
-                    "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2", "PYTHONUNBUFFERED": "1"}
+                    "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2", "PYTHONUNBUFFERED": "1",
+                    "HALOS_MODEL_ROOTS": str((data_dir / "runs").resolve())}
         self.env.pop("HALOS_DATABASE_URL", None)
         self.env.pop("HALOS_BROKER_URL", None)
         run = lambda *a: subprocess.run([str(BIN / "halos"), *a], env=self.env, check=True,  # noqa: E731
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CI size")
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
-    parser.add_argument("--url", help="an existing server (with --key); default: start one here")
+    parser.add_argument("--url", help="an existing server (with --key) on this machine, whose HALOS_MODEL_ROOTS lists"
+                                      " the temp dir and its own runs/ folder; default: start one here")
     parser.add_argument("--key")
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
     args = parser.parse_args(argv)
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server = None
     started = time.monotonic()
     try:
-        model_dir = work / "tiny"
+        model_dir = work / "data" / "models" / "tiny"  # the data dir's models folder: registrable by default
         subprocess.run([sys.executable, "-m", "halos_core.tiny", str(model_dir)], check=True, stdout=subprocess.DEVNULL)
         if args.url:
             api = Api(args.url, args.key)

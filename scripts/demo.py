@@ -83,13 +83,12 @@ def main() -> None:
     data_dir.mkdir(parents=True)
     port = free_port()
     env = {**os.environ, "HALOS_DATA_DIR": str(data_dir), "HALOS_PORT": str(port),
-           "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2",
-           "HALOS_MODEL_ROOTS": str(data_dir)}  # the demo's model is built under the data dir
+           "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2"}
     env.pop("HALOS_DATABASE_URL", None)
     env.pop("HALOS_BROKER_URL", None)
 
     console.rule("[bold]halos-server demo")
-    model_dir = data_dir / "sft-model"
+    model_dir = data_dir / "models" / "tiny-sft"  # <data dir>/models: where models may be registered by default
     subprocess.run([sys.executable, "-m", "halos_core.tiny", str(model_dir)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     console.print(f"built a tiny SFT model in {model_dir}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
@@ -111,9 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database_slots = anyio.Semaphore(POOL_CAPACITY)  # see server.api.deps.get_read_session
     app.state.validation_pool = None  # set while the app runs (lifespan); None: validate in the request's thread
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
-    if settings.model_roots is None and settings.auth_enabled:
-        log.warning("HALOS_MODEL_ROOTS is not set: any API key may register (make this server read and hash) any"
-                    " directory it can read; set it to the directories that hold your SFT models")
+    if settings.auth_enabled and any(Path(os.path.realpath(r)) == Path("/") for r in settings.allowed_model_roots):
+        log.warning("HALOS_MODEL_ROOTS includes /: any API key may register (make this server read and hash) any"
+                    " directory it can read; list only the directories that hold your SFT models")
     install_exception_handlers(app)
     app.include_router(health.router)
     for module in (feedback, prompts, models, losses, runs, jobs, events, checkpoints, artefact_jobs, integrations,

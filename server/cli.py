@@ -13,6 +13,8 @@
         HALOS_NUM_PROCESSES GPUs (worker/slots.py); too few visible GPUs: exits with status 2.
     halos migrate
         `alembic upgrade head` on HALOS_DATABASE_URL.
+    halos check
+        Exit 0 when the database and the broker answer (the compose file's worker health check).
     halos keys create --project NAME      prints the new API key, alone, on stdout
     halos keys revoke KEY_ID_OR_PREFIX
     halos feedback|models|runs|rounds|jobs|checkpoints …
@@ -24,6 +26,7 @@ Logs go to stderr; stdout carries only command results.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -219,6 +222,20 @@ def cmd_serve(
         stop.set()
         if worker_proc is not None:
             _stop_child(worker_proc, timeout=settings.kill_grace_s + 30)
+
+
+@app.command("check", rich_help_panel="Server", help="exit 0 when the database and the broker answer")
+def cmd_check(loglevel: LogLevel = DEFAULT_LOGLEVEL) -> None:
+    """What /readyz checks, as an exit status: the health check of a process without an HTTP port
+    (the compose file's workers). The checks go to stdout as JSON."""
+    _setup_logging(loglevel)
+    from server.api.health import check_broker, check_database
+
+    settings = get_settings()
+    checks = {"database": check_database(settings), "broker": check_broker(settings)}
+    sys.stdout.write(json.dumps(checks) + "\n")
+    if any(v != "ok" for v in checks.values()):
+        raise typer.Exit(1)
 
 
 @keys_app.command("create", help="create a key; prints it alone on stdout")

@@ -5,12 +5,13 @@ database and an embedded SQLite-backed Celery broker, so `halos serve` needs no 
 Redis. Set `HALOS_DATABASE_URL=postgresql://…` and `HALOS_BROKER_URL=redis://…` to run the API
 and any number of `halos worker` processes separately.
 
-`HALOS_MODEL_ROOTS` (directories, `:`-separated or a JSON list): `POST /v1/models` registers only
-directories under one of them (after resolving symlinks, of the directory and of every file in
-it; else 422 `model_path_not_allowed`); set but empty, nothing can be registered. Unset, any
-directory the server can read may be registered (the behaviour of earlier versions) and the API
-logs a warning at startup when auth is enabled: set it on any server whose keys you do not all
-trust with the machine's filesystem (docker-compose.yml sets `/models`).
+Model registration is confined: `POST /v1/models` registers only directories under
+`<HALOS_DATA_DIR>/models` (created at startup) or under one of the directories an operator lists
+in `HALOS_MODEL_ROOTS` (`:`-separated or a JSON list), judged after resolving symlinks, of the
+directory and of every file in it; else 422 `model_path_not_allowed`. Unset or empty, only the
+data dir's `models/` folder is allowed: an API key never makes the server read and hash an
+arbitrary directory. docker-compose.yml adds `/models` (the mounted model directory); listing
+`/` opens the whole filesystem again and the API logs a warning at startup.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Settings(BaseSettings):
 
     # model registration (POST /v1/models reads and sha256-hashes a server-side directory)
     model_roots: Annotated[list[Path] | None, NoDecode] = Field(
-        None, description="directories models may be registered from; None: anywhere (see the module docstring)"
+        None, description="directories models may be registered from, besides <data_dir>/models (module docstring)"
     )
     max_concurrent_model_hashes: int = Field(2, ge=1)  # more registrations hashing at once ⇒ 503 + Retry-After
     max_model_files: int = Field(10_000, ge=1)  # a model directory with more files ⇒ 422 model_too_large
@@ -168,8 +169,17 @@ class Settings(BaseSettings):
     def reference_cache_dir(self) -> Path:
         return self.data_dir / "reference-cache"
 
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def allowed_model_roots(self) -> list[Path]:
+        """Where `POST /v1/models` may register from: the data dir's models folder + HALOS_MODEL_ROOTS."""
+        return [self.models_dir, *(self.model_roots or [])]
+
     def ensure_dirs(self) -> None:
-        for d in (self.data_dir, self.feedback_dir, self.runs_dir, self.uploads_tmp_dir):
+        for d in (self.data_dir, self.feedback_dir, self.runs_dir, self.uploads_tmp_dir, self.models_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -22,10 +22,10 @@ router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLim
 def register_model(body: ModelCreate, request: Request, principal: ProjectDep, settings: SettingsDep,
                    session: WriteSessionDep) -> ModelOut:
     """The directory must hold `config.json`, weights (`*.safetensors` or `pytorch_model*.bin`)
-    and a tokenizer; otherwise 422 naming what is missing. With `HALOS_MODEL_ROOTS` set it must
-    lie under one of them (422 `model_path_not_allowed`). Its content hash is recorded: this reads
-    the whole directory (seconds per GB; use a long client timeout). Too many registrations
-    hashing at once ⇒ 503 `model_registration_busy` with Retry-After."""
+    and a tokenizer; otherwise 422 naming what is missing. It must lie under the data dir's
+    `models/` folder or one of `HALOS_MODEL_ROOTS` (422 `model_path_not_allowed`). Its content
+    hash is recorded: this reads the whole directory (seconds per GB; use a long client timeout).
+    Too many registrations hashing at once ⇒ 503 `model_registration_busy` with Retry-After."""
     # A sync route: FastAPI runs it in its threadpool, so hashing never blocks the event loop.
     return service.to_out(service.register_model(session, principal, body, settings,
                                                  request.app.state.model_hash_slots))

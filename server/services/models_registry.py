@@ -6,10 +6,10 @@ object), weights (`*.safetensors` or `pytorch_model*.bin`) and a tokenizer (`tok
 Then `tree_sha256` of the directory is recorded: the reference of every run on this model is
 pinned to that hash.
 
-Where: with `HALOS_MODEL_ROOTS` set, only directories under one of the roots are registered, the
-directory and every file in it judged after resolving symlinks (422 `model_path_not_allowed`),
-checked before anything else touches the path, so a refused path reveals nothing about what
-exists there. Unset: anywhere the server can read (see server/settings.py).
+Where: only directories under `<data_dir>/models` or one of `HALOS_MODEL_ROOTS` are registered
+(`Settings.allowed_model_roots`), the directory and every file in it judged after resolving
+symlinks (422 `model_path_not_allowed`), checked before anything else touches the path, so a
+refused path reveals nothing about what exists there (see server/settings.py).
 
 Cost: hashing reads the whole directory (seconds per GB; minutes for a 100 GB model), outside any
 database transaction, in the request. The route is a sync `def`, so it runs in FastAPI's
@@ -87,17 +87,17 @@ def _within(path: Path, roots: Iterable[Path]) -> bool:
 
 def _not_allowed(raw: str, roots: list[Path], what: str) -> Unprocessable:
     return Unprocessable(
-        f"{what} is outside the directories models may be registered from (HALOS_MODEL_ROOTS:"
-        f" {', '.join(map(str, roots)) or 'none'})"[:1000],
+        f"{what} is outside the directories models may be registered from ({', '.join(map(str, roots))}: the"
+        " data dir's models folder and HALOS_MODEL_ROOTS)"[:1000],
         code="model_path_not_allowed", details={"field": "path", "path": raw, "allowed_roots": [str(r) for r in roots]},
     )
 
 
-def _stat_manifest(directory: Path, raw: str, settings: Settings, roots: list[Path] | None) -> tuple[str, bool]:
+def _stat_manifest(directory: Path, raw: str, settings: Settings, roots: list[Path]) -> tuple[str, bool]:
     """(digest of every file's path/size/mtime/ctime/inode, whether a hash of it may be cached).
 
-    Refuses (422) more than `max_model_files` entries, and with roots set a file whose resolved
-    target is outside them; reads no file's content."""
+    Refuses (422) more than `max_model_files` entries, and a file whose resolved target is outside
+    the roots; reads no file's content."""
     lines: list[str] = []
     newest = 0
     for n, file in enumerate(directory.rglob("*"), start=1):  # what tree_sha256 walks
@@ -109,7 +109,7 @@ def _stat_manifest(directory: Path, raw: str, settings: Settings, roots: list[Pa
             )
         if not file.is_file():
             continue
-        if roots is not None and not _within(Path(os.path.realpath(file)), roots):
+        if not _within(Path(os.path.realpath(file)), roots):
             raise _not_allowed(raw, roots, f"{file.relative_to(directory).as_posix()!r} in {raw!r} links to a file that")
         st = file.stat()
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
@@ -156,10 +156,10 @@ def register_model(session: Session, principal: Principal, body: ModelCreate, se
         raise Unprocessable(
             "model path must be absolute", code="invalid_model_path", details={"field": "path", "path": raw[:4096]}
         )
-    roots = [Path(os.path.realpath(r)) for r in settings.model_roots] if settings.model_roots is not None else None
+    roots = [Path(os.path.realpath(r)) for r in settings.allowed_model_roots]
     try:
         directory = Path(os.path.realpath(raw))  # never raises (a symlink loop stays as given; then not a dir)
-        if roots is not None and not _within(directory, roots):
+        if not _within(directory, roots):
             raise _not_allowed(raw, roots, f"{raw!r} (symlinks resolved)")
         if not directory.is_dir():
             raise Unprocessable(

@@ -29,14 +29,30 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sft") / "tiny"
+def sft_root(tmp_path_factory) -> Path:
+    """The directory the e2e tests' SFT models are built in, shared by every test of the session."""
+    return tmp_path_factory.mktemp("sft")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sft_root_allowed(sft_root: Path) -> None:
+    """Every deployment lists sft_root in HALOS_MODEL_ROOTS, as an operator lists the directory of
+    their SFT models (without it only <data_dir>/models is allowed). Session-scoped, so module-scoped
+    deployments see it too."""
+    Deployment.model_roots = str(sft_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(sft_root: Path) -> Path:
+    path = sft_root / "tiny"
     subprocess.run([sys.executable, "-m", "halos_core.tiny", str(path)], check=True, stdout=subprocess.DEVNULL)
     return path
 
 
 class Deployment:
     """One halos deployment: a data dir, env, an API key, server (+ worker) processes."""
+
+    model_roots = ""  # HALOS_MODEL_ROOTS of every deployment: set by the session fixture above
 
     def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None):
         self.data_dir = data_dir
@@ -51,6 +67,7 @@ class Deployment:
             "HALOS_LEASE_TTL_S": "10",
             "HALOS_KILL_GRACE_S": "5",
             "PYTHONUNBUFFERED": "1",
+            "HALOS_MODEL_ROOTS": self.model_roots,
             **(extra_env or {}),
         }
         self.procs: list[subprocess.Popen] = []

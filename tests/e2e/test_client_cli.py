@@ -123,7 +123,7 @@ def test_a_bad_feedback_file_prints_the_record_report(dep: Deployment, tmp_path:
 
 def test_wait_on_a_failing_round_exits_1_with_the_reason(dep: Deployment, tiny_model_dir: Path,
                                                          tmp_path: Path) -> None:
-    model_dir = tmp_path / "sft-broken"
+    model_dir = dep.data_dir / "models" / f"sft-broken-{tmp_path.name}"  # where models may be registered
     shutil.copytree(tiny_model_dir, model_dir)
     model = ok_json(halos(dep, "models", "register", str(model_dir), "-o", "json"))
     (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")  # broken after registration

@@ -249,7 +249,7 @@ def test_wait_follows_a_real_round_to_its_checkpoint(dep: Deployment, tiny_model
 
 def test_wait_raises_job_failed_with_the_servers_reason(dep: Deployment, tiny_model_dir: Path,
                                                          tmp_path: Path) -> None:
-    model_dir = tmp_path / "sft-broken"
+    model_dir = dep.data_dir / "models" / f"sft-broken-{tmp_path.name}"  # where models may be registered
     shutil.copytree(tiny_model_dir, model_dir)
     with client_for(dep) as client:
         model = client.models.register("broken", str(model_dir))

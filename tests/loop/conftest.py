@@ -21,15 +21,22 @@ from server.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:  # noqa: ANN001
-    path = tmp_path_factory.mktemp("tiny") / "sft"
+def tiny_root(tmp_path_factory) -> Path:  # noqa: ANN001
+    """Where the tiny model lives: listed in the settings' model roots, as an operator lists theirs."""
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_root: Path) -> Path:
+    path = tiny_root / "sft"
     subprocess.run([sys.executable, "-m", "halos_core.tiny", str(path)], check=True, stdout=subprocess.DEVNULL)
     return path
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, tiny_root: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'halos.db'}",
+                    model_roots=[tiny_root],
                     broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}", rate_limit_per_minute=0, use_cpu=True,
                     heartbeat_interval_s=0.5, lease_ttl_s=30, kill_grace_s=5, max_attempts=2, retry_backoff_s=0.5,
                     max_samples_per_job=300)

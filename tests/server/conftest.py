@@ -62,6 +62,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         max_attempts=3,
         events_stream_max_s=0.5,  # an event stream of a job nobody runs ends (the client would reconnect)
         events_poll_interval_s=0.1,
+        model_roots=[tmp_path],  # the tests build model directories anywhere under tmp_path
     )
 
 

@@ -295,7 +295,7 @@ def test_model_roots_allow_inside_refuse_outside(rooted, tmp_path: Path) -> None
     outside = make_model_dir(tmp_path / "elsewhere")
     err = _err(client.post("/v1/models", json={"name": "out", "path": str(outside)}))
     assert err["code"] == "model_path_not_allowed" and err["details"]["field"] == "path"
-    assert err["details"]["allowed_roots"] == [str(roots.resolve())]
+    assert err["details"]["allowed_roots"] == [str(client.app.state.settings.models_dir.resolve()), str(roots.resolve())]
     # whether the path exists is not revealed
     missing = _err(client.post("/v1/models", json={"name": "x", "path": str(tmp_path / "nothing-here")}))
     assert missing["code"] == "model_path_not_allowed"
@@ -357,15 +357,48 @@ def test_empty_roots_refuse_everything(settings: Settings, engine, keys: dict, t
     assert err["code"] == "model_path_not_allowed"
 
 
+@pytest.mark.parametrize("env_value", [None, ""], ids=["unset", "empty"])
+def test_default_roots_are_the_data_dirs_models_folder(settings: Settings, engine, keys: dict, tmp_path: Path,  # noqa: ANN001
+                                                       monkeypatch: pytest.MonkeyPatch, env_value: str | None) -> None:
+    """Safe by default: with HALOS_MODEL_ROOTS unset (or empty) a key may register only what lies
+    under <HALOS_DATA_DIR>/models, never another directory the server can read."""
+    monkeypatch.delenv("HALOS_MODEL_ROOTS", raising=False)
+    if env_value is not None:
+        monkeypatch.setenv("HALOS_MODEL_ROOTS", env_value)
+    monkeypatch.setenv("HALOS_DATA_DIR", str(settings.data_dir))
+    from_env = Settings()
+    assert from_env.allowed_model_roots == [settings.data_dir / "models"]
+    app = create_app(settings.model_copy(update={"model_roots": from_env.model_roots}))
+    assert (settings.data_dir / "models").is_dir()  # created at startup: the operator sees where models go
+    with TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c:
+        outside = make_model_dir(tmp_path / "elsewhere")  # readable by the server, outside the data dir
+        resp = c.post("/v1/models", json={"name": "out", "path": str(outside)})
+        assert resp.status_code == 422, resp.text
+        err = _err(resp)
+        assert err["code"] == "model_path_not_allowed" and err["details"]["field"] == "path"
+        assert err["details"]["allowed_roots"] == [str((settings.data_dir / "models").resolve())]
+        for path in ("/etc", str(settings.data_dir), str(settings.data_dir / "runs")):  # nor the data dir itself
+            assert _err(c.post("/v1/models", json={"name": "x", "path": path}))["code"] == "model_path_not_allowed"
+        assert c.get("/v1/models").json()["items"] == []  # nothing half-stored
+
+        inside = make_model_dir(settings.data_dir / "models" / "sft")
+        resp = c.post("/v1/models", json={"name": "in", "path": str(inside)})
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["path"] == str(inside.resolve())
+        assert [m["name"] for m in c.get("/v1/models").json()["items"]] == ["in"]
+
+
 def test_unrestricted_roots_warn_at_startup(settings: Settings, engine, tmp_path: Path,  # noqa: ANN001
                                             caplog: pytest.LogCaptureFixture) -> None:
+    # unrestricted now takes an operator listing / explicitly (the default is <data_dir>/models)
     with caplog.at_level(logging.WARNING, logger="halos.api"):
-        create_app(settings)
+        create_app(settings.model_copy(update={"model_roots": [Path("/")]}))
     assert any("HALOS_MODEL_ROOTS" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="halos.api"):
-        create_app(settings.model_copy(update={"model_roots": [tmp_path]}))
-    assert not any("HALOS_MODEL_ROOTS" in r.getMessage() for r in caplog.records)
+    for roots in ([tmp_path], None):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="halos.api"):
+            create_app(settings.model_copy(update={"model_roots": roots}))
+        assert not any("HALOS_MODEL_ROOTS" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- 4. hashing in the request

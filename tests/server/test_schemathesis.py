@@ -161,7 +161,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root / 'halos.db'}",
                         broker_url=f"sqla+sqlite:///{root / 'broker.db'}", max_upload_bytes=256 * 1024,
                         rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True,
-                        events_stream_max_s=0.3, events_poll_interval_s=0.1)  # streams of unrun jobs end
+                        events_stream_max_s=0.3, events_poll_interval_s=0.1,  # streams of unrun jobs end
+                        model_roots=[root])  # seed_project builds its models under root
     engine = get_engine(settings)
     SQLModel.metadata.create_all(engine)
     with Session(engine, expire_on_commit=False) as session:
