@@ -174,6 +174,20 @@ def get_write_session(settings: SettingsDep, _principal: ProjectDep, read: ReadS
 
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 
+
+def get_keyless_write_session(settings: SettingsDep) -> Iterator[Session]:
+    """A writer's session for routes that an API key does not authenticate (a labelling tool's
+    webhook proves itself with the integration's secret or signature, checked by the service)."""
+    with Session(get_engine(settings), expire_on_commit=False) as session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+
+
+KeylessWriteSessionDep = Annotated[Session, Depends(get_keyless_write_session)]
+
 IdempotencyKeyDep = Annotated[
     str | None,
     Header(

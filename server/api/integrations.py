@@ -12,7 +12,15 @@ from starlette.requests import ClientDisconnect
 
 from halos_core.feedback.labelstudio import CONFIGS
 from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
+from server.api.deps import (
+    IdempotencyKeyDep,
+    KeylessWriteSessionDep,
+    ProjectDep,
+    ReadSessionDep,
+    SettingsDep,
+    WriteSessionDep,
+    error_responses,
+)
 from server.errors import BadRequest, PayloadTooLarge
 from server.models import Integration
 from halos_client.models import FeedbackOut, IntegrationCreate, IntegrationOut, WebhookResult
@@ -103,7 +111,7 @@ def seal(integration_id: Annotated[str, Path(max_length=200)], principal: Projec
     "security": [], "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
     responses=error_responses(400, 404, 413, 422))
 async def webhook(integration_id: Annotated[str, Path(max_length=200)], request: Request,
-                  session: WriteSessionDep) -> WebhookResult:
+                  session: KeylessWriteSessionDep) -> WebhookResult:
     """Deliveries from the labelling tool (no API key: the integration's secret / signature
     authenticates; a bad one ⇒ 401 and nothing recorded). Replays change nothing."""
     body = bytearray()

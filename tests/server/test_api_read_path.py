@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
 
-from server.api.deps import get_write_session
+from server.api.deps import get_keyless_write_session, get_write_session
 from server.app import create_app
 from server.db import get_engine
 from server.services.keys import create_api_key, revoke_api_key
@@ -47,7 +47,7 @@ def test_reads_and_writes_declare_their_session(app) -> None:  # noqa: ANN001
     routes = [r for r in routes if isinstance(r, APIRoute) and r.path.startswith("/v1")]
     assert len(routes) >= 15
     for route in routes:
-        writes = get_write_session in _dependencies(route.dependant)
+        writes = bool({get_write_session, get_keyless_write_session} & _dependencies(route.dependant))
         assert writes == bool(route.methods - {"GET", "HEAD"}), (route.path, route.methods)
 
 
