@@ -80,10 +80,19 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, default=_jsonable)
     if isinstance(value, float):
         return number(value, 6)
     return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """Nested API objects (e.g. a run's head moves) inside a table cell."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _steps(job: m.JobOut) -> str:
