@@ -221,7 +221,10 @@ def loop(api: Api, size: Size, model: dict[str, Any], rm_ckpt: str, train_prompt
         if control:
             labelled = coin_flips(api, labelled, seed=k)
         gate = [{"metric": "rewards/accuracy", "max_drop": 0.2}] if loss_name == "dpo" else None
-        job = api.round(run["id"], {"feedback_ids": [labelled["id"], heldout["id"]], "loss": loss, "gate": gate})
+        body = {"feedback_ids": [labelled["id"], heldout["id"]], "loss": loss, "gate": gate}
+        if loss_name == "kto":  # KTO trains on unpaired data: the held-out pairs become desirable/undesirable
+            body["conversion"] = {"type": "pairwise_to_unpaired"}
+        job = api.round(run["id"], body)
         view = api.call("GET", f"/v1/runs/{run['id']}")
         rnd = next(r for r in view["rounds"] if r["job_id"] == job["id"])
         result_eval = {m["split"]: m["data"] for m in api.call("GET", f"/v1/jobs/{job['id']}/metrics",

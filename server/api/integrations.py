@@ -21,7 +21,7 @@ from server.api.deps import (
     WriteSessionDep,
     error_responses,
 )
-from server.errors import BadRequest, PayloadTooLarge
+from server.errors import BadRequest, NotFound, PayloadTooLarge
 from server.models import Integration
 from halos_client.models import FeedbackOut, IntegrationCreate, IntegrationOut, WebhookResult
 from server.services import feedback as feedback_service
@@ -42,10 +42,14 @@ def _out(session, integration: Integration, secret: bool = False) -> Integration
 
 
 @router.get("/labelstudio/configs/{name}", response_class=PlainTextResponse, responses={
-    **error_responses(422), 200: {"content": {"application/xml": {"schema": {"type": "string"}}},
-                                  "description": "the labelling config (XML)"}})
-def labelstudio_config(name: Config) -> PlainTextResponse:
-    """The Label Studio labelling config for `pairwise` comparison or `rating` (paste it into the project)."""
+    **error_responses(404, 422), 200: {"content": {"application/xml": {"schema": {"type": "string"}}},
+                                       "description": "the labelling config (XML)"}})
+def labelstudio_config(name: Annotated[str, Path(max_length=64)]) -> PlainTextResponse:
+    """The Label Studio labelling config for `pairwise` comparison or `rating` (paste it into the
+    project). Another name ⇒ 404 `config_not_found`, listing the shipped ones."""
+    if name not in CONFIGS:
+        raise NotFound(f"no Label Studio config named {name!r}; the server ships {', '.join(CONFIGS)}",
+                       code="config_not_found", details={"name": name, "configs": list(CONFIGS)})
     return PlainTextResponse(CONFIGS[name], media_type="application/xml")
 
 

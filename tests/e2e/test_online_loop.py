@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,12 @@ def test_online_loop_small() -> None:
     spec = importlib.util.spec_from_file_location("online_loop", EXAMPLE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = module.main(["--small", "--no-control"])
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        out = module.main(["--small", "--no-control"])
+    finally:
+        sys.modules.pop(spec.name, None)
     rows = out["loop"]
     assert [r["loss"] for r in rows] == ["dpo", "kto", "dpo", "-"]
     assert all(math.isfinite(r["fresh_score"]) for r in rows)

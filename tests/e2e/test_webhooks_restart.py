@@ -59,7 +59,7 @@ def test_deliveries_survive_a_killed_server(tmp_path: Path):
                                headers={"Content-Type": "application/x-ndjson"})
             assert resp.status_code == 201, resp.text
             fb_ids.append(resp.json()["id"])
-        model_dir = tmp_path / "sft"
+        model_dir = tmp_path / "data" / "models" / "sft"  # under the default model root
         from tests.server.conftest import make_model_dir
 
         make_model_dir(model_dir)

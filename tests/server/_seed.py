@@ -3,12 +3,15 @@ the job state machine (not by writing rows behind the server's back):
 
 feedback file, registered model, run, round 1 (its job claimed and succeeded, so it has a
 checkpoint, metric points and a log file), round 2 chained on round 1 (queued, so it can still be
-cancelled). Used by the schemathesis test (so generated ids can resolve) and the isolation matrix
+cancelled), two webhook endpoints and a delivery, a prompt set, a samples file (kind `sampled`)
+and a Label Studio integration. Used by the schemathesis test (so generated ids can resolve) and the isolation matrix
 (so project A probes project B's *real* ids).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,15 +38,25 @@ class Seeded:
     model_dir: Path
     webhook_id: str = ""  # a webhook endpoint subscribed to everything
     delivery_id: str = ""  # its (pending) delivery of the feedback file's `feedback.stored` event
+    prompt_set_id: str = ""
+    samples_id: str = ""  # a feedback file of kind `sampled` (what sampling jobs make)
+    integration_id: str = ""  # a Label Studio integration (pairwise config), one annotation in its draft
+    integration_secret: str = ""
+    reward_checkpoint_id: str = ""  # a bradley_terry round's checkpoint (a reward head)
+    reward_run_ids: list[str] = field(default_factory=list)  # its run, round and job
     extra: dict[str, str] = field(default_factory=dict)
 
     def ids(self) -> set[str]:
         """Every server id of this project's objects."""
         return {self.feedback_id, self.model_id, self.run_id, self.done_job_id, self.queued_job_id,
-                self.checkpoint_id, self.webhook_id, self.delivery_id, *self.round_ids}
+                self.checkpoint_id, self.webhook_id, self.delivery_id, self.prompt_set_id, self.samples_id,
+                self.integration_id, self.reward_checkpoint_id, *self.reward_run_ids, *self.round_ids}
 
-    def id_for(self, param: str) -> str | None:
-        """This project's real id for a path/body parameter name (None: no such kind here)."""
+    def id_for(self, param: str, path: str = "") -> str | None:
+        """This project's real id for a path/body parameter name (None: no such kind here); `path`:
+        the route, where one needs a particular object of the kind (Label Studio tasks: samples)."""
+        if param == "feedback_id" and path.endswith("/labelstudio-tasks"):
+            return self.samples_id
         return {
             "feedback_id": self.feedback_id,
             "model_id": self.model_id,
@@ -54,7 +67,20 @@ class Seeded:
             "round_id": self.round_ids[0],
             "webhook_id": self.webhook_id,
             "delivery_id": self.delivery_id,
+            "prompt_set_id": self.prompt_set_id,
+            "samples_id": self.samples_id,
+            "reward_model_checkpoint_id": self.reward_checkpoint_id,
+            "integration_id": self.integration_id,
         }.get(param)
+
+
+# One annotation as Label Studio delivered it (recorded, tests/loop/test_labelstudio.py)
+LABEL_STUDIO_DELIVERY = json.loads(
+    (Path(__file__).resolve().parents[1] / "fixtures" / "labelstudio" / "webhooks_pairwise.json").read_text())[0]["payload"]
+
+
+def _jsonl(records: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
 def _ok(resp, status: int = 201) -> dict:  # noqa: ANN001
@@ -89,7 +115,29 @@ def seed_project(client: TestClient, session: Session, settings: Settings, root:
     checkpoint_id = round_checkpoint_id(session, r1["round_id"])
     r2 = _ok(client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
     assert r2["parent_checkpoint_id"] == checkpoint_id and r2["status"] == "queued", r2
+    prompts = _ok(client.post("/v1/prompts", content=_jsonl(
+        {"prompt_id": f"{tag}-p{i}", "prompt": [{"role": "user", "content": f"Tell me about topic {i}."}]}
+        for i in range(3)), headers={"Content-Type": "application/x-ndjson"}))
+    samples = _ok(client.post("/v1/feedback", content=_jsonl(
+        {"type": "sample", "prompt_id": f"{tag}-p{p}", "sample_id": str(j),
+         "prompt": [{"role": "user", "content": f"Tell me about topic {p}."}],
+         "output": [{"role": "assistant", "content": f"Answer {j} about topic {p} ({tag})."}]}
+        for p in range(2) for j in range(2)), headers={"Content-Type": "application/x-ndjson"}))
+    assert samples["kind"] == "sampled", samples
+    integration = _ok(client.post("/v1/integrations", json={"tool": "label_studio", "label_config": "pairwise",
+                                                            "name": f"ls-{tag}"}))
+    delivery_body = json.dumps(LABEL_STUDIO_DELIVERY)
+    _ok(client.post(integration["webhook_path"], content=delivery_body,
+                    headers={"X-Halos-Webhook-Secret": integration["secret"], "Content-Type": "application/json"}), 200)
+    rm_run = _ok(client.post("/v1/runs", json={"name": f"rm-{tag}", "model_id": model["id"],
+                                               "loss": {"name": "bradley_terry"}, "hyperparams": SMALL_HP}))
+    rm_round = _ok(client.post(f"/v1/runs/{rm_run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
+    work_job(session, rm_round["job_id"], "succeeded", root / f"ckpt-{tag}-rm", loss="bradley_terry", head="reward")
+    rm_checkpoint_id = round_checkpoint_id(session, rm_round["round_id"])
     return Seeded(project=tag, feedback_id=fb["id"], model_id=model["id"], run_id=run["id"],
                   round_ids=[r1["round_id"], r2["round_id"]], done_job_id=r1["job_id"],
                   queued_job_id=r2["job_id"], checkpoint_id=checkpoint_id, model_dir=model_dir,
-                  webhook_id=hook["id"], delivery_id=delivery["id"], extra={"spare_webhook_id": spare["id"]})
+                  webhook_id=hook["id"], delivery_id=delivery["id"], prompt_set_id=prompts["id"],
+                  samples_id=samples["id"], integration_id=integration["id"],
+                  integration_secret=integration["secret"], reward_checkpoint_id=rm_checkpoint_id,
+                  reward_run_ids=[rm_run["id"], rm_round["round_id"], rm_round["job_id"]], extra={"spare_webhook_id": spare["id"]})

@@ -177,17 +177,19 @@ def run(client: TestClient, model: dict) -> dict:
     return resp.json()
 
 
-def make_checkpoint_dir(path: Path, step: int = 4, examples: int = 16) -> Path:
+def make_checkpoint_dir(path: Path, step: int = 4, examples: int = 16, **manifest_extra: Any) -> Path:
+    """A complete checkpoint directory; `manifest_extra`: what its trainer would record in meta.json
+    (e.g. `head="reward"` for a bradley_terry round's)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text("{}")
     (path / "model.safetensors").write_bytes(b"\x01" * 32)
     (path / "optimizer.pt").write_bytes(b"\x02" * 32)
-    write_manifest(path, step=step, examples=examples)
+    write_manifest(path, step=step, examples=examples, **manifest_extra)
     return path
 
 
 def work_job(session: Session, job_id: str, outcome: str = "succeeded", ckpt_dir: Path | None = None,
-             step: int = 4, examples: int = 16) -> Job:
+             step: int = 4, examples: int = 16, loss: str = "dpo", **manifest_extra: Any) -> Job:
     """Do what a worker does, through the real state machine: claim, then finish with `outcome`
     (on success with a real checkpoint directory and manifest)."""
     from server import jobs
@@ -198,11 +200,11 @@ def work_job(session: Session, job_id: str, outcome: str = "succeeded", ckpt_dir
     result: RoundResult | None = None
     if outcome == "succeeded":
         assert ckpt_dir is not None
-        manifest = make_checkpoint_dir(ckpt_dir, step, examples)
+        manifest = make_checkpoint_dir(ckpt_dir, step, examples, **manifest_extra)
         from halos_core.run_dir import read_manifest
 
         result = RoundResult(job_id=job_id, final_dir=str(manifest), manifest_sha256=read_manifest(manifest).sha256,
-                             step=step, examples=examples, round_step=step, total_steps=step, loss="dpo",
+                             step=step, examples=examples, round_step=step, total_steps=step, loss=loss,
                              reference_sha256="0" * 64)
     job = jobs.finish(session, job_id, claim.lease_token,
                       jobs.Outcome(outcome, error=None if outcome == "succeeded" else f"test {outcome}", result=result),

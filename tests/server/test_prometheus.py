@@ -51,7 +51,7 @@ def test_metrics_from_the_database_and_requests_by_route(client, anon, session, 
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     s = _samples(resp.text)
     assert s[("halos_jobs", (("status", "running"),))] == 1
-    assert s[("halos_jobs", (("status", "succeeded"),))] == 1
+    assert s[("halos_jobs", (("status", "succeeded"),))] == 2  # seeded: round 1 and the reward model's round
     assert s[("halos_jobs", (("status", "failed"),))] == 2
     assert s[("halos_queue_depth", ())] == 0
     assert s[("halos_lease_expiries_total", ())] == 1 and s[("halos_retries_total", ())] == 1

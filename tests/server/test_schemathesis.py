@@ -23,6 +23,7 @@ content type, headers), no schema-valid request refused except where listed in E
 
 from __future__ import annotations
 
+import json
 import secrets
 import tempfile
 import uuid
@@ -47,7 +48,10 @@ from server.db import get_engine
 from server.models import ApiKey
 from server.services.keys import PREFIX_CHARS, get_or_create_project, hash_key
 from server.settings import Settings
-from tests.server._seed import Seeded, seed_project
+from tests.server._seed import LABEL_STUDIO_DELIVERY, Seeded, seed_project
+
+LABEL_STUDIO_EXPORT = json.loads(
+    (Path(__file__).resolve().parents[1] / "fixtures" / "labelstudio" / "export_pairwise.json").read_text())
 
 SEED = 20240611
 MAX_EXAMPLES = 25  # fuzzed cases per operation (the coverage phase adds its own, bounded, set)
@@ -84,8 +88,7 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "create_integration": "an Argilla integration needs a Standard Webhooks secret (cross-field)",
         "rollback": "the checkpoint must belong to the run",
         "webhook": "the delivery must carry the integration's secret / signature",
-        "list_prompt_sets": "a cursor is valid only as the server issued it (no prompt sets are seeded here)",
-        "labelstudio_tasks": "the feedback file must be a samples file (the seeded one is pairwise)",
+        "labelstudio_tasks": "the feedback file must be a samples file (the stateful links bring uploaded pairwise files)",
     },
 }
 
@@ -131,6 +134,7 @@ class Live:
     # a valid JSONL feedback file, as text: a `format: binary` string in the spec, and schemathesis
     # re-validates edited bodies against it (bytes would make the case count as negative)
     feedback_body: str = field(default="", repr=False)
+    prompts_body: str = field(default="", repr=False)  # a valid JSONL prompt set, as text
 
 
 LIVE_APP = _LiveApp()
@@ -176,12 +180,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
             cursors = {}
             for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs", "/v1/webhooks",
-                         "/v1/webhooks/{webhook_id}/deliveries"):
+                         "/v1/webhooks/{webhook_id}/deliveries", "/v1/prompts"):
                 page = client.get(path.format(webhook_id=seeded.webhook_id), params={"limit": 1}).json()
                 assert page["next_cursor"], (path, page)
                 cursors[path] = page["next_cursor"]
         state = Live(app=app, seeded=seeded, cursors=cursors,
-                     feedback_body=to_jsonl_bytes(pairwise_records(4, seed=11)).decode())
+                     feedback_body=to_jsonl_bytes(pairwise_records(4, seed=11)).decode(),
+                     prompts_body="".join(json.dumps({"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}]})
+                                          + "\n" for i in range(3)))
         LIVE_APP.target = app
         try:
             yield state
@@ -236,8 +242,10 @@ def realize(case: Any, live: Live, *, stateful: bool = False) -> None:
                 params[name] = (s.queued_job_id, s.done_job_id)[_pick(case, "job", 2)]
             elif name == "webhook_id" and op == "delete_webhook":
                 params[name] = s.extra["spare_webhook_id"]  # the seeded webhook stays for the other operations
-            elif s.id_for(name) is not None:
-                params[name] = s.id_for(name)
+            elif name == "name" and op == "labelstudio_config":
+                params[name] = "pairwise"
+            elif s.id_for(name, case.operation.path) is not None:
+                params[name] = s.id_for(name, case.operation.path)
         case.path_parameters = params
     if case.query and "cursor" in case.query and _positive(case, "query"):
         path = case.operation.path
@@ -255,6 +263,28 @@ def realize(case: Any, live: Live, *, stateful: bool = False) -> None:
         if new.get("parent_checkpoint_id") is not None:
             new["parent_checkpoint_id"] = s.checkpoint_id
         case.body = new
+    elif op == "create_sampling_job" and isinstance(body, dict):
+        new = {k: v for k, v in body.items() if k not in ("model_id", "run_id")}
+        new.update(prompt_set_id=s.prompt_set_id, checkpoint_id=s.checkpoint_id)
+        if isinstance(new.get("params"), dict):
+            new["params"] = {**new["params"], "n": 1}  # under the server's n x prompts cap
+        case.body = new
+    elif op == "create_labelling_job" and isinstance(body, dict):
+        case.body = {**body, "samples_id": s.samples_id, "reward_model_checkpoint_id": s.reward_checkpoint_id}
+    elif op == "rollback" and isinstance(body, dict) and "checkpoint_id" in body:
+        case.body = {**body, "checkpoint_id": s.checkpoint_id}
+    elif op == "labelstudio_import" and isinstance(body, list):
+        case.body = LABEL_STUDIO_EXPORT
+    elif op == "webhook" and isinstance(body, dict):  # a recorded Label Studio delivery, with the secret
+        case.body = LABEL_STUDIO_DELIVERY
+        case.headers = {**(case.headers or {}), "X-Halos-Webhook-Secret": s.integration_secret}
+    elif op == "upload_prompts":
+        if isinstance(body, dict) and "file" in body:  # multipart
+            case.body = {**body, "file": live.prompts_body}
+        elif isinstance(body, list):
+            case.body = [json.loads(line) for line in live.prompts_body.splitlines()]
+        elif isinstance(body, (bytes, str)):
+            case.body = live.prompts_body
     elif op == "upload_feedback":
         if isinstance(body, dict) and "file" in body:  # multipart
             case.body = {**body, "file": live.feedback_body}
