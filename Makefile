@@ -26,8 +26,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: setup
 	$(PY) scripts/demo.py
 
+# import contracts (DESIGN's package boundaries), style + bug patterns (ruff), formatting, a reason on
+# every `# noqa`, types of the contracts, server and worker (mypy)
 lint: setup
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/check_noqa.py
 
 test: setup lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -53,11 +53,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request, Response  # module level: the baseline's routes are annotated with them
 
@@ -118,14 +119,18 @@ def baseline_app(db_url: str) -> Any:
 
     @app.get("/list")
     def many(project_id: str, limit: int = 50) -> Response:
-        found = rows("SELECT * FROM job WHERE project_id = ? ORDER BY created_at DESC, id DESC LIMIT ?",
-                     project_id, limit)
+        found = rows(
+            "SELECT * FROM job WHERE project_id = ? ORDER BY created_at DESC, id DESC LIMIT ?", project_id, limit
+        )
         return Response(orjson.dumps({"items": found}, default=str), media_type="application/json")
 
     @app.get("/series/{job_id}")
     def series(job_id: str, limit: int = 10000) -> Response:
-        found = rows("SELECT step, split, attempt, data, created_at FROM metricpoint WHERE job_id = ? "
-                     "ORDER BY step LIMIT ?", job_id, limit)
+        found = rows(
+            "SELECT step, split, attempt, data, created_at FROM metricpoint WHERE job_id = ? ORDER BY step LIMIT ?",
+            job_id,
+            limit,
+        )
         for r in found:
             if isinstance(r["data"], (str, bytes)):
                 r["data"] = orjson.loads(r["data"])
@@ -154,8 +159,7 @@ def serve_baseline(db_url: str, host: str, port: int) -> None:
     import uvicorn
 
     # the same uvicorn settings as `halos serve` (server/cli.py): one process, log level info
-    uvicorn.Server(uvicorn.Config(baseline_app(db_url), host=host, port=port, log_level="info",
-                                  lifespan="on")).run()
+    uvicorn.Server(uvicorn.Config(baseline_app(db_url), host=host, port=port, log_level="info", lifespan="on")).run()
 
 
 # --------------------------------------------------------------------------- seeding
@@ -186,7 +190,7 @@ def seed(db_url: str, data_dir: Path, *, n_runs: int, jobs_per_run: int, metric_
     migrate.upgrade(settings)
     engine = make_engine(db_url)
     rng = random.Random(0)
-    t0 = datetime.now(timezone.utc) - timedelta(days=1)
+    t0 = datetime.now(UTC) - timedelta(days=1)
     try:
         with Session(engine, expire_on_commit=False) as s:
             key, secret = create_api_key(s, "bench")
@@ -194,47 +198,91 @@ def seed(db_url: str, data_dir: Path, *, n_runs: int, jobs_per_run: int, metric_
             other_key, _ = create_api_key(s, "other")  # a second project: lists must filter
             model = Model(project_id=pid, name="sft", path=str(data_dir / "sft"), sha256="0" * 64)
             s.add(model)
-            fbs = [FeedbackFile(project_id=pid, kind="pairwise", format="halos_jsonl", sha256=f"{i:064x}",
-                                size_bytes=1000 + i, n_records=10, n_prompts=10, n_train=9, n_test=1,
-                                storage_path=f"feedback/{i:064x}.jsonl", original_filename=f"f{i}.jsonl",
-                                created_at=t0 + timedelta(seconds=i)) for i in range(60)]
+            fbs = [
+                FeedbackFile(
+                    project_id=pid,
+                    kind="pairwise",
+                    format="halos_jsonl",
+                    sha256=f"{i:064x}",
+                    size_bytes=1000 + i,
+                    n_records=10,
+                    n_prompts=10,
+                    n_train=9,
+                    n_test=1,
+                    storage_path=f"feedback/{i:064x}.jsonl",
+                    original_filename=f"f{i}.jsonl",
+                    created_at=t0 + timedelta(seconds=i),
+                )
+                for i in range(60)
+            ]
             s.add_all(fbs)
             s.flush()
             first_done = None
             series_job = None
             for r in range(n_runs):
-                run = Run(project_id=pid, name=f"run-{r}", model_id=model.id, loss={"name": "dpo", "beta": 0.1},
-                          hyperparams={"batch_size": 8}, created_at=t0 + timedelta(minutes=r))
+                run = Run(
+                    project_id=pid,
+                    name=f"run-{r}",
+                    model_id=model.id,
+                    loss={"name": "dpo", "beta": 0.1},
+                    hyperparams={"batch_size": 8},
+                    created_at=t0 + timedelta(minutes=r),
+                )
                 s.add(run)
                 s.flush()
                 parent_round = parent_job = parent_ckpt = None
                 for k in range(jobs_per_run):
                     done = k < jobs_per_run - 1
                     when = t0 + timedelta(minutes=r, seconds=k)
-                    job = Job(project_id=pid, status=JobStatus.succeeded if done else JobStatus.queued,
-                              attempt=1 if done else 0, spec={"feedback": [fbs[k % len(fbs)].id]},
-                              run_dir=str(data_dir / "runs" / f"r{r}-{k}"), step=(k + 1) * 16, round_step=16,
-                              total_steps=16, examples=(k + 1) * 128,
-                              latest_metrics={"loss": round(rng.random(), 4), "lr": 1e-6, "grad_norm": 1.5},
-                              parent_job_id=parent_job.id if parent_job else None, created_at=when,
-                              queued_at=when, started_at=when if done else None,
-                              finished_at=when + timedelta(seconds=30) if done else None, updated_at=when)
+                    job = Job(
+                        project_id=pid,
+                        status=JobStatus.succeeded if done else JobStatus.queued,
+                        attempt=1 if done else 0,
+                        spec={"feedback": [fbs[k % len(fbs)].id]},
+                        run_dir=str(data_dir / "runs" / f"r{r}-{k}"),
+                        step=(k + 1) * 16,
+                        round_step=16,
+                        total_steps=16,
+                        examples=(k + 1) * 128,
+                        latest_metrics={"loss": round(rng.random(), 4), "lr": 1e-6, "grad_norm": 1.5},
+                        parent_job_id=parent_job.id if parent_job else None,
+                        created_at=when,
+                        queued_at=when,
+                        started_at=when if done else None,
+                        finished_at=when + timedelta(seconds=30) if done else None,
+                        updated_at=when,
+                    )
                     s.add(job)
                     s.flush()
-                    rnd = Round(project_id=pid, run_id=run.id, index=k + 1, job_id=job.id,
-                                parent_round_id=parent_round.id if parent_round else None,
-                                parent_checkpoint_id=parent_ckpt.id if parent_ckpt else None,
-                                feedback_ids=[fbs[k % len(fbs)].id], loss={"name": "dpo", "beta": 0.1},
-                                hyperparams={"batch_size": 8}, created_at=when)
+                    rnd = Round(
+                        project_id=pid,
+                        run_id=run.id,
+                        index=k + 1,
+                        job_id=job.id,
+                        parent_round_id=parent_round.id if parent_round else None,
+                        parent_checkpoint_id=parent_ckpt.id if parent_ckpt else None,
+                        feedback_ids=[fbs[k % len(fbs)].id],
+                        loss={"name": "dpo", "beta": 0.1},
+                        hyperparams={"batch_size": 8},
+                        created_at=when,
+                    )
                     s.add(rnd)
                     s.flush()
                     ckpt = None
                     if done:
-                        ckpt = Checkpoint(project_id=pid, run_id=run.id, round_id=rnd.id, job_id=job.id,
-                                          model_id=model.id, parent_id=parent_ckpt.id if parent_ckpt else None,
-                                          path=str(data_dir / "runs" / f"r{r}-{k}" / "final"),
-                                          manifest_sha256="1" * 64, step=job.step, examples=job.examples,
-                                          created_at=when + timedelta(seconds=30))
+                        ckpt = Checkpoint(
+                            project_id=pid,
+                            run_id=run.id,
+                            round_id=rnd.id,
+                            job_id=job.id,
+                            model_id=model.id,
+                            parent_id=parent_ckpt.id if parent_ckpt else None,
+                            path=str(data_dir / "runs" / f"r{r}-{k}" / "final"),
+                            manifest_sha256="1" * 64,
+                            step=job.step,
+                            examples=job.examples,
+                            created_at=when + timedelta(seconds=30),
+                        )
                         s.add(ckpt)
                         s.flush()
                         rnd.checkpoint_id = ckpt.id
@@ -246,21 +294,44 @@ def seed(db_url: str, data_dir: Path, *, n_runs: int, jobs_per_run: int, metric_
             # the long series: one train point per step, an eval point every 100 steps
             points = []
             for step in range(1, metric_steps + 1):
-                points.append({"job_id": series_job.id, "attempt": 1, "step": step, "split": "train",
-                               "data": {"step": step, "loss": round(0.7 - step * 1e-5, 6), "lr": 1e-6,
-                                        "grad_norm": 1.0, "tokens_per_s": 1234.5, "rewards/chosen": 0.1,
-                                        "rewards/rejected": -0.1, "rewards/accuracy": 0.75,
-                                        "rewards/margin": 0.2},
-                               "created_at": t0 + timedelta(seconds=step)})
+                points.append(
+                    {
+                        "job_id": series_job.id,
+                        "attempt": 1,
+                        "step": step,
+                        "split": "train",
+                        "data": {
+                            "step": step,
+                            "loss": round(0.7 - step * 1e-5, 6),
+                            "lr": 1e-6,
+                            "grad_norm": 1.0,
+                            "tokens_per_s": 1234.5,
+                            "rewards/chosen": 0.1,
+                            "rewards/rejected": -0.1,
+                            "rewards/accuracy": 0.75,
+                            "rewards/margin": 0.2,
+                        },
+                        "created_at": t0 + timedelta(seconds=step),
+                    }
+                )
                 if step % 100 == 0:
-                    points.append({"job_id": series_job.id, "attempt": 1, "step": step, "split": "eval",
-                                   "data": {"step": step, "loss": 0.6}, "created_at": t0 + timedelta(seconds=step)})
+                    points.append(
+                        {
+                            "job_id": series_job.id,
+                            "attempt": 1,
+                            "step": step,
+                            "split": "eval",
+                            "data": {"step": step, "loss": 0.6},
+                            "created_at": t0 + timedelta(seconds=step),
+                        }
+                    )
             for i in range(0, len(points), 2000):
-                s.execute(insert(MetricPoint), points[i:i + 2000])
+                s.execute(insert(MetricPoint), points[i : i + 2000])
             s.commit()
             del other_key
-            return Seeded(key=secret, project_id=pid, job_id=first_done.id, series_job_id=series_job.id,
-                          metric_steps=metric_steps)
+            return Seeded(
+                key=secret, project_id=pid, job_id=first_done.id, series_job_id=series_job.id, metric_steps=metric_steps
+            )
     finally:
         engine.dispose()
 
@@ -268,8 +339,10 @@ def seed(db_url: str, data_dir: Path, *, n_runs: int, jobs_per_run: int, metric_
 def write_pairwise_jsonl(path: Path, size_bytes: int, seed_: int = 0) -> int:
     """A valid HALOs pairwise JSONL of about `size_bytes` (~1.07 kB a record: 200 MiB ≈ 196k records)."""
     rng = random.Random(seed_)
-    words = ("alpha beta gamma delta river stone cloud tiger piano garden rocket candle forest mirror bridge "
-             "pepper island violin desert marble harbor meadow copper falcon").split()
+    words = (
+        "alpha beta gamma delta river stone cloud tiger piano garden rocket candle forest mirror bridge "
+        "pepper island violin desert marble harbor meadow copper falcon"
+    ).split()
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))
@@ -278,11 +351,17 @@ def write_pairwise_jsonl(path: Path, size_bytes: int, seed_: int = 0) -> int:
     written = 0
     with open(path, "w", encoding="utf-8") as fh:
         while written < size_bytes:
-            rec = {"type": "pairwise_feedback", "prompt_id": f"p{n}",
-                   "prompt": [{"role": "user", "content": text(22)}],
-                   "output_A": [{"role": "assistant", "content": text(42)}],
-                   "output_B": [{"role": "assistant", "content": text(42)}],
-                   "label": n % 2, "reward_A": 1.0, "reward_B": 0.0, "split": "test" if n % 10 == 0 else "train"}
+            rec = {
+                "type": "pairwise_feedback",
+                "prompt_id": f"p{n}",
+                "prompt": [{"role": "user", "content": text(22)}],
+                "output_A": [{"role": "assistant", "content": text(42)}],
+                "output_B": [{"role": "assistant", "content": text(42)}],
+                "label": n % 2,
+                "reward_A": 1.0,
+                "reward_B": 0.0,
+                "split": "test" if n % 10 == 0 else "train",
+            }
             line = json.dumps(rec) + "\n"
             fh.write(line)
             written += len(line)
@@ -391,13 +470,28 @@ def _ms(text: str) -> float:
 def wrk_load(base: str, paths: list[str], auth: str, conns: int, seconds: float, workdir: Path) -> Load:
     script = workdir / f"wrk-{secrets.token_hex(4)}.lua"
     script.write_text(_WRK_LUA % {"paths": ", ".join(json.dumps(p) for p in paths), "auth": auth})
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s",
-                          "-s", str(script), base + paths[0]], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            base + paths[0],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    if (m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)):
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(int(x) for x in m.groups())
     return Load(rps, _ms(pct["50"]), _ms(pct["99"]), requests, errors)
 
@@ -410,8 +504,10 @@ def python_load(base: str, paths: list[str], auth: str, conns: int, seconds: flo
         errors = 0
         stop = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": auth}, limits=limits,
-                                     timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=base, headers={"Authorization": auth}, limits=limits, timeout=30
+        ) as client:
+
             async def worker(i: int) -> None:
                 nonlocal errors
                 k = i
@@ -429,12 +525,18 @@ def python_load(base: str, paths: list[str], auth: str, conns: int, seconds: flo
     lat, errors = asyncio.run(main())
     elapsed = time.perf_counter() - t0
     lat.sort()
-    return Load(len(lat) / elapsed, 1000 * lat[len(lat) // 2], 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-                len(lat), errors)
+    return Load(
+        len(lat) / elapsed,
+        1000 * lat[len(lat) // 2],
+        1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        len(lat),
+        errors,
+    )
 
 
-def probe(base: str, path: str, auth: str, stop: threading.Event, out: list[float], errors: list[int],
-          pause_s: float = 0.01) -> None:
+def probe(
+    base: str, path: str, auth: str, stop: threading.Event, out: list[float], errors: list[int], pause_s: float = 0.01
+) -> None:
     """Sequential reads, one every `pause_s`, on one keep-alive connection: the latency another
     client sees while something else (an upload) runs."""
     import httpx
@@ -474,8 +576,9 @@ class UploadResult:
     probe_errors: int
 
 
-def upload(base: str, path: str, file: Path, auth: str, server_pid: int, probe_path: str,
-           idle_s: float) -> UploadResult:
+def upload(
+    base: str, path: str, file: Path, auth: str, server_pid: int, probe_path: str, idle_s: float
+) -> UploadResult:
     # the same reads, first with nothing else running, then during the upload
     idle: list[float] = []
     errs: list[int] = []
@@ -504,9 +607,29 @@ def upload(base: str, path: str, file: Path, auth: str, server_pid: int, probe_p
     t0 = time.perf_counter()
     size = file.stat().st_size
     if shutil.which("curl"):
-        res = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-T", str(file),
-                              "-H", "Content-Type: application/x-ndjson", "-H", f"Authorization: {auth}",
-                              "-H", "Expect:", base + path], capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-T",
+                str(file),
+                "-H",
+                "Content-Type: application/x-ndjson",
+                "-H",
+                f"Authorization: {auth}",
+                "-H",
+                "Expect:",
+                base + path,
+            ],
+            capture_output=True,
+            text=True,
+        )
         status = int(res.stdout.strip() or 0)
     else:
         import httpx
@@ -516,20 +639,29 @@ def upload(base: str, path: str, file: Path, auth: str, server_pid: int, probe_p
                 while chunk := fh.read(MiB):
                     yield chunk
 
-        status = httpx.post(base + path, content=body(), timeout=600,
-                            headers={"Content-Type": "application/x-ndjson", "Authorization": auth,
-                                     "Content-Length": str(size)}).status_code
+        status = httpx.post(
+            base + path,
+            content=body(),
+            timeout=600,
+            headers={"Content-Type": "application/x-ndjson", "Authorization": auth, "Content-Length": str(size)},
+        ).status_code
     seconds = time.perf_counter() - t0
     stop.set()
     prober.join()
     sampling.set()
     sampler.join()
     return UploadResult(
-        seconds=seconds, mib_per_s=size / MiB / seconds, status=status,
-        rss_own_growth_mib=(peak[0] - rss_before[0]) / MiB, rss_tree_growth_mib=(peak[1] - rss_before[1]) / MiB,
-        probe_idle_p50_ms=1000 * percentile(idle, 0.5), probe_idle_p99_ms=1000 * percentile(idle, 0.99),
-        probe_busy_p50_ms=1000 * percentile(busy, 0.5), probe_busy_p99_ms=1000 * percentile(busy, 0.99),
-        probe_requests=len(idle) + len(busy), probe_errors=len(errs),
+        seconds=seconds,
+        mib_per_s=size / MiB / seconds,
+        status=status,
+        rss_own_growth_mib=(peak[0] - rss_before[0]) / MiB,
+        rss_tree_growth_mib=(peak[1] - rss_before[1]) / MiB,
+        probe_idle_p50_ms=1000 * percentile(idle, 0.5),
+        probe_idle_p99_ms=1000 * percentile(idle, 0.99),
+        probe_busy_p50_ms=1000 * percentile(busy, 0.5),
+        probe_busy_p99_ms=1000 * percentile(busy, 0.99),
+        probe_requests=len(idle) + len(busy),
+        probe_errors=len(errs),
     )
 
 
@@ -549,38 +681,67 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def bench_backend(backend: str, db_url: str, args: argparse.Namespace, work: Path, upload_file: Path,
-                  load_fn: Any) -> list[Row]:
+def bench_backend(
+    backend: str, db_url: str, args: argparse.Namespace, work: Path, upload_file: Path, load_fn: Any
+) -> list[Row]:
     data_dir = work / f"data-{backend}"
     seeded = seed(db_url, data_dir, n_runs=args.runs, jobs_per_run=args.jobs_per_run, metric_steps=args.metric_steps)
     auth = f"Bearer {seeded.key}"
-    env = {**os.environ, "HALOS_DATA_DIR": str(data_dir), "HALOS_DATABASE_URL": db_url,
-           "HALOS_RATE_LIMIT_PER_MINUTE": str(10**9), "HALOS_MAX_UPLOAD_BYTES": str(upload_file.stat().st_size + MiB),
-           "BENCH_UPLOAD_DIR": str(data_dir / "tmp"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HALOS_DATA_DIR": str(data_dir),
+        "HALOS_DATABASE_URL": db_url,
+        "HALOS_RATE_LIMIT_PER_MINUTE": str(10**9),
+        "HALOS_MAX_UPLOAD_BYTES": str(upload_file.stat().st_size + MiB),
+        "BENCH_UPLOAD_DIR": str(data_dir / "tmp"),
+        "PYTHONUNBUFFERED": "1",
+    }
     py = sys.executable
     results: dict[str, dict[str, Any]] = {"project": {}, "baseline": {}}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    serve = [py, "-m", "server.cli", "serve", "--no-worker", "--no-sweeper", "--no-migrate", "--host", "127.0.0.1",
-             "--port", str(port)]
+    serve = [
+        py,
+        "-m",
+        "server.cli",
+        "serve",
+        "--no-worker",
+        "--no-sweeper",
+        "--no-migrate",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if args.workers > 1:
         serve += ["--workers", str(args.workers)]
     servers = {
-        "project": (serve, f"{base}/healthz", {
-            "job": [f"/v1/jobs/{seeded.job_id}"],
-            "list jobs": ["/v1/jobs?limit=50"], "list runs": ["/v1/runs?limit=50"],
-            "list feedback": ["/v1/feedback?limit=50"], "list models": ["/v1/models?limit=50"],
-            "series": [f"/v1/jobs/{seeded.series_job_id}/metrics?limit={seeded.metric_steps}"],
-            "upload": "/v1/feedback",
-        }),
-        "baseline": ([py, str(Path(__file__).resolve()), "--serve-baseline", db_url, "--port", str(port)],
-                     f"{base}/one/none", {
-            "job": [f"/one/{seeded.job_id}"],
-            **{k: [f"/list?project_id={seeded.project_id}&limit=50"] for k in
-               ("list jobs", "list runs", "list feedback", "list models")},
-            "series": [f"/series/{seeded.series_job_id}?limit={seeded.metric_steps}"],
-            "upload": "/upload",
-        }),
+        "project": (
+            serve,
+            f"{base}/healthz",
+            {
+                "job": [f"/v1/jobs/{seeded.job_id}"],
+                "list jobs": ["/v1/jobs?limit=50"],
+                "list runs": ["/v1/runs?limit=50"],
+                "list feedback": ["/v1/feedback?limit=50"],
+                "list models": ["/v1/models?limit=50"],
+                "series": [f"/v1/jobs/{seeded.series_job_id}/metrics?limit={seeded.metric_steps}"],
+                "upload": "/v1/feedback",
+            },
+        ),
+        "baseline": (
+            [py, str(Path(__file__).resolve()), "--serve-baseline", db_url, "--port", str(port)],
+            f"{base}/one/none",
+            {
+                "job": [f"/one/{seeded.job_id}"],
+                **{
+                    k: [f"/list?project_id={seeded.project_id}&limit=50"]
+                    for k in ("list jobs", "list runs", "list feedback", "list models")
+                },
+                "series": [f"/series/{seeded.series_job_id}?limit={seeded.metric_steps}"],
+                "upload": "/upload",
+            },
+        ),
     }
     for name, (cmd, ready, paths) in servers.items():
         print(f"[{backend}] {name}: starting", file=sys.stderr, flush=True)
@@ -591,8 +752,7 @@ def bench_backend(backend: str, db_url: str, args: argparse.Namespace, work: Pat
                 if args.warmup > 0:
                     load_fn(base, paths[label], auth, conns, min(args.warmup, seconds), work)  # warm caches/pools
                 res[f"{label} c={conns}"] = asdict(load_fn(base, paths[label], auth, conns, seconds, work))
-                print(f"[{backend}] {name} {label} c={conns}: {res[f'{label} c={conns}']}", file=sys.stderr,
-                      flush=True)
+                print(f"[{backend}] {name} {label} c={conns}: {res[f'{label} c={conns}']}", file=sys.stderr, flush=True)
 
             for conns in args.conns:
                 measure("job", conns, args.duration)
@@ -613,14 +773,17 @@ def bench_backend(backend: str, db_url: str, args: argparse.Namespace, work: Pat
         if key == "upload":
             rows.append(Row(backend, "upload", p, b, {"mib_per_s": _ratio(p["mib_per_s"], b["mib_per_s"])}))
         else:
-            rows.append(Row(backend, key, p, b, {"rps": _ratio(p["rps"], b["rps"]),
-                                                 "p99": _ratio(p["p99_ms"], b["p99_ms"])}))
+            rows.append(
+                Row(backend, key, p, b, {"rps": _ratio(p["rps"], b["rps"]), "p99": _ratio(p["p99_ms"], b["p99_ms"])})
+            )
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'backend':8} {'what':22} | {'project req/s':>13} {'p50 ms':>8} {'p99 ms':>8} | "
-             f"{'baseline req/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'req/s x':>7} {'p99 x':>6} | errors"]
+    lines = [
+        f"{'backend':8} {'what':22} | {'project req/s':>13} {'p50 ms':>8} {'p99 ms':>8} | "
+        f"{'baseline req/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'req/s x':>7} {'p99 x':>6} | errors"
+    ]
     lines.append("-" * len(lines[0]))
     uploads = []
     for r in rows:
@@ -628,12 +791,16 @@ def format_table(rows: list[Row]) -> str:
             uploads.append(r)
             continue
         p, b = r.project, r.baseline
-        lines.append(f"{r.backend:8} {r.what:22} | {p['rps']:13.1f} {p['p50_ms']:8.1f} {p['p99_ms']:8.1f} | "
-                     f"{b['rps']:14.1f} {b['p50_ms']:8.1f} {b['p99_ms']:8.1f} | {r.ratio['rps']:7.2f} "
-                     f"{r.ratio['p99']:6.2f} | {p['errors']}/{b['errors']}")
+        lines.append(
+            f"{r.backend:8} {r.what:22} | {p['rps']:13.1f} {p['p50_ms']:8.1f} {p['p99_ms']:8.1f} | "
+            f"{b['rps']:14.1f} {b['p50_ms']:8.1f} {b['p99_ms']:8.1f} | {r.ratio['rps']:7.2f} "
+            f"{r.ratio['p99']:6.2f} | {p['errors']}/{b['errors']}"
+        )
     lines.append("")
-    lines.append(f"{'backend':8} {'upload':22} | {'MiB/s':>8} {'s':>6} {'HTTP':>4} {'RSS own/tree +MiB':>17} | "
-                 f"{'reads idle p50/p99 ms':>21} {'during upload p50/p99':>21} {'p99 x':>6}")
+    lines.append(
+        f"{'backend':8} {'upload':22} | {'MiB/s':>8} {'s':>6} {'HTTP':>4} {'RSS own/tree +MiB':>17} | "
+        f"{'reads idle p50/p99 ms':>21} {'during upload p50/p99':>21} {'p99 x':>6}"
+    )
     for r in uploads:
         for who, u in (("project", r.project), ("baseline", r.baseline)):
             lines.append(
@@ -641,7 +808,8 @@ def format_table(rows: list[Row]) -> str:
                 f"{u['rss_own_growth_mib']:8.1f}/{u['rss_tree_growth_mib']:8.1f} | "
                 f"{u['probe_idle_p50_ms']:10.1f}/{u['probe_idle_p99_ms']:10.1f} "
                 f"{u['probe_busy_p50_ms']:10.1f}/{u['probe_busy_p99_ms']:10.1f} "
-                f"{_ratio(u['probe_busy_p99_ms'], u['probe_idle_p99_ms']):6.2f}")
+                f"{_ratio(u['probe_busy_p99_ms'], u['probe_idle_p99_ms']):6.2f}"
+            )
         lines.append(f"{r.backend:8} {'upload ratio':22} | {r.ratio['mib_per_s']:8.2f}x project/baseline")
     return "\n".join(lines)
 
@@ -666,7 +834,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backends", default=None, help="comma list of sqlite,postgres (default both; --quick: sqlite)")
     ap.add_argument("--postgres-url", default=DEFAULT_PG, help="an existing database to CREATE/DROP the bench's in")
     ap.add_argument("--duration", type=float, default=None, help="seconds per load run (default 8; quick 1)")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds of unmeasured load first (default 2; quick 0.5)")
+    ap.add_argument(
+        "--warmup", type=float, default=None, help="seconds of unmeasured load first (default 2; quick 0.5)"
+    )
     ap.add_argument("--conns", default="1,32,128", help="connections for the job-read rows")
     ap.add_argument("--upload-mib", type=float, default=None, help="upload size (default 200; quick 8)")
     ap.add_argument("--metric-steps", type=int, default=None, help="points of the long series (default 10000)")
@@ -722,9 +892,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rows += bench_backend("postgres", url, args, work, upload_file, load_fn)
             else:
                 raise SystemExit(f"unknown backend {backend!r}")
-        header = (f"load: {load_name}; project: halos serve, {args.workers} API process(es); "
-                  f"{args.duration:g} s per run; upload {args.upload_mib:g} MiB; series {args.metric_steps} steps; "
-                  f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        header = (
+            f"load: {load_name}; project: halos serve, {args.workers} API process(es); "
+            f"{args.duration:g} s per run; upload {args.upload_mib:g} MiB; series {args.metric_steps} steps; "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
         table = format_table(rows)
         print(header)
         print(table)

@@ -51,20 +51,27 @@ TARGET = 0.9
 # --------------------------------------------------------------------------- held-out scoring
 
 
-def pair_scores(policy_dir: Path, reference_dir: Path, heldout_file: Path, *, beta: float, max_length: int,
-                max_prompt_length: int, microbatch_size: int = 16) -> dict[str, float]:
+def pair_scores(
+    policy_dir: Path,
+    reference_dir: Path,
+    heldout_file: Path,
+    *,
+    beta: float,
+    max_length: int,
+    max_prompt_length: int,
+    microbatch_size: int = 16,
+) -> dict[str, float]:
     """Implicit-reward accuracy / margin / DPO loss of `policy_dir` against the reference on pairs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from halos_core.data.collate import concat_streams
     from halos_core.data.examples import build_examples
     from halos_core.data.loaders import Batcher
-    from halos_core.data.collate import concat_streams
     from halos_core.data.tokenize import ChatEncoder
-    from halos_core.losses import build_loss
-    from halos_core.logprobs import token_logps
-
     from halos_core.feedback import read_records
+    from halos_core.logprobs import token_logps
+    from halos_core.losses import build_loss
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     examples = build_examples([("heldout", list(read_records(heldout_file)))], "paired", seed=0).eval
@@ -82,25 +89,32 @@ def pair_scores(policy_dir: Path, reference_dir: Path, heldout_file: Path, *, be
             logps, mask = token_logps(policy, *args)
             ref = logps if same else token_logps(reference, *args)[0]
             n = mb.size
-            out = loss.compute(policy_chosen_logps=logps[:n], policy_rejected_logps=logps[n:],
-                               reference_chosen_logps=ref[:n], reference_rejected_logps=ref[n:],
-                               chosen_mask=mask[:n], rejected_mask=mask[n:])
+            out = loss.compute(
+                policy_chosen_logps=logps[:n],
+                policy_rejected_logps=logps[n:],
+                reference_chosen_logps=ref[:n],
+                reference_rejected_logps=ref[n:],
+                chosen_mask=mask[:n],
+                rejected_mask=mask[n:],
+            )
             chosen.append(out.values["chosen_rewards"])
             rejected.append(out.values["rejected_rewards"])
             losses.append(out.values["losses"])
-    c, r, l = torch.cat(chosen), torch.cat(rejected), torch.cat(losses)
+    c, r, per_example = torch.cat(chosen), torch.cat(rejected), torch.cat(losses)
     wins, ties = (c > r).float(), (c == r).float()
     return {
         "accuracy": float((wins + 0.5 * ties).mean()),
         "accuracy_strict": float(wins.mean()),
         "ties": float(ties.mean()),
         "margin": float((c - r).mean()),
-        "dpo_loss": float(l.mean()),
+        "dpo_loss": float(per_example.mean()),
         "n": len(examples),
     }
 
 
-def topic_contrast_records(n: int, seed: int, test_fraction: float = 1.0, binary: bool = False, prefix: str = "t") -> list[dict]:
+def topic_contrast_records(
+    n: int, seed: int, test_fraction: float = 1.0, binary: bool = False, prefix: str = "t"
+) -> list[dict]:
     """Pairs that differ ONLY in the topic word: the well-formed reply about the prompt's topic vs
     the same reply about another topic (binary: one of the two, alternately). Only a model that
     learned "repeat the prompt's topic" (not just "prefer the '..., thanks.' template that the
@@ -119,17 +133,29 @@ def topic_contrast_records(n: int, seed: int, test_fraction: float = 1.0, binary
         split = "test" if rng.random() < test_fraction else "train"
         if binary:
             desirable = i % 2 == 0
-            out.append({"type": "binary_feedback", "prompt_id": f"{prefix}{i}", "prompt": prompt,
-                        "output": [{"role": "assistant", "content": good if desirable else bad}],
-                        "label": int(desirable), "split": split})
+            out.append(
+                {
+                    "type": "binary_feedback",
+                    "prompt_id": f"{prefix}{i}",
+                    "prompt": prompt,
+                    "output": [{"role": "assistant", "content": good if desirable else bad}],
+                    "label": int(desirable),
+                    "split": split,
+                }
+            )
             continue
         a_good = rng.random() < 0.5
-        out.append({
-            "type": "pairwise_feedback", "prompt_id": f"{prefix}{i}", "prompt": prompt,
-            "output_A": [{"role": "assistant", "content": good if a_good else bad}],
-            "output_B": [{"role": "assistant", "content": bad if a_good else good}],
-            "label": 1 if a_good else 0, "split": split,
-        })
+        out.append(
+            {
+                "type": "pairwise_feedback",
+                "prompt_id": f"{prefix}{i}",
+                "prompt": prompt,
+                "output_A": [{"role": "assistant", "content": good if a_good else bad}],
+                "output_B": [{"role": "assistant", "content": bad if a_good else good}],
+                "label": 1 if a_good else 0,
+                "split": split,
+            }
+        )
     return out
 
 
@@ -162,33 +188,45 @@ def loss_config(loss: str, args: argparse.Namespace) -> dict:
     raise ValueError(f"learning_signal covers dpo and kto, not {loss!r}")
 
 
-def make_config(loss: str, k: int, args: argparse.Namespace, work: Path, model_dir: Path, sha: str,
-                parent: Any | None, run_dir: Path | None = None):
+def make_config(
+    loss: str,
+    k: int,
+    args: argparse.Namespace,
+    work: Path,
+    model_dir: Path,
+    sha: str,
+    parent: Any | None,
+    run_dir: Path | None = None,
+):
     from halos_core.job_spec import RunConfig
 
     fb, kind, conversion = round_feedback(loss, k, args, work)
     lr = args.kto_lr if (loss == "kto" and args.kto_lr) else args.lr
-    return RunConfig.model_validate({
-        "job_id": f"{loss}-round{k}",
-        "run_dir": str(run_dir or work / f"{loss}-round{k}"),
-        "reference_path": str(model_dir),
-        "reference_sha256": sha,
-        "init_from": str(parent.final_dir) if parent is not None else None,
-        "counters": {"step": parent.step, "examples": parent.examples} if parent is not None else {"step": 0, "examples": 0},
-        "feedback": [{"path": str(fb), "kind": kind, "file_id": f"round{k}"}],
-        "loss": loss_config(loss, args),
-        "conversion": conversion,
-        "hyperparams": {
-            "lr": lr,
-            "batch_size": args.batch_size,
-            "microbatch_size": args.microbatch_size,
-            "n_epochs": args.epochs,
-            "max_length": args.max_length,
-            "max_prompt_length": args.max_prompt_length,
-            "warmup_steps": 0,
-            "seed": args.seed + k,
-        },
-    })
+    return RunConfig.model_validate(
+        {
+            "job_id": f"{loss}-round{k}",
+            "run_dir": str(run_dir or work / f"{loss}-round{k}"),
+            "reference_path": str(model_dir),
+            "reference_sha256": sha,
+            "init_from": str(parent.final_dir) if parent is not None else None,
+            "counters": {"step": parent.step, "examples": parent.examples}
+            if parent is not None
+            else {"step": 0, "examples": 0},
+            "feedback": [{"path": str(fb), "kind": kind, "file_id": f"round{k}"}],
+            "loss": loss_config(loss, args),
+            "conversion": conversion,
+            "hyperparams": {
+                "lr": lr,
+                "batch_size": args.batch_size,
+                "microbatch_size": args.microbatch_size,
+                "n_epochs": args.epochs,
+                "max_length": args.max_length,
+                "max_prompt_length": args.max_prompt_length,
+                "warmup_steps": 0,
+                "seed": args.seed + k,
+            },
+        }
+    )
 
 
 def eval_before(cfg) -> dict[str, float]:
@@ -203,8 +241,9 @@ def eval_before(cfg) -> dict[str, float]:
         _release(trainer)
 
 
-def run_loss(loss: str, args: argparse.Namespace, work: Path, model_dir: Path, sha: str, heldout: Path,
-             topic: Path) -> list[dict]:
+def run_loss(
+    loss: str, args: argparse.Namespace, work: Path, model_dir: Path, sha: str, heldout: Path, topic: Path
+) -> list[dict]:
     from halos_core.train import run
 
     score_kw = dict(beta=args.beta, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
@@ -249,15 +288,21 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-HEADER = (f"{'loss':>5} {'round':>5} {'step':>5} | {'eval_acc':>8} {'eval_margin':>11} {'eval_loss':>9} {'n':>4} | "
-          f"{'fixed_acc':>9} {'fixed_margin':>12} {'ties':>5} | {'topic_acc':>9} | {'sec':>5}")
+HEADER = (
+    f"{'loss':>5} {'round':>5} {'step':>5} | {'eval_acc':>8} {'eval_margin':>11} {'eval_loss':>9} {'n':>4} | "
+    f"{'fixed_acc':>9} {'fixed_margin':>12} {'ties':>5} | {'topic_acc':>9} | {'sec':>5}"
+)
 
 
 def _print_row(r: dict) -> None:
     f = r["fixed"]
-    print(f"{r['loss']:>5} {r['round']:>5} {r['step']:>5} | {_fmt(r['eval_accuracy']):>8} {_fmt(r['eval_margin'], '.4f'):>11} "
-          f"{_fmt(r['eval_loss'], '.4f'):>9} {_fmt(r['eval_n'], '.0f'):>4} | {f['accuracy']:>9.3f} {f['margin']:>12.4f} "
-          f"{f['ties']:>5.2f} | {f['topic_accuracy']:>9.3f} | {r['seconds']:>5.1f}", flush=True)
+    print(
+        f"{r['loss']:>5} {r['round']:>5} {r['step']:>5} | {_fmt(r['eval_accuracy']):>8} "
+        f"{_fmt(r['eval_margin'], '.4f'):>11} "
+        f"{_fmt(r['eval_loss'], '.4f'):>9} {_fmt(r['eval_n'], '.0f'):>4} | {f['accuracy']:>9.3f} {f['margin']:>12.4f} "
+        f"{f['ties']:>5.2f} | {f['topic_accuracy']:>9.3f} | {r['seconds']:>5.1f}",
+        flush=True,
+    )
 
 
 def verdict(rows: list[dict], loss: str) -> tuple[bool, str]:
@@ -281,8 +326,13 @@ def verdict(rows: list[dict], loss: str) -> tuple[bool, str]:
     if trainer_after:
         text += " (trainer eval: " + ", ".join(f"round {k}: {v:.2f}" for k, v in sorted(trainer_after.items())) + ")"
     text += f"; >= {TARGET} first at round {reached[0]}" if reached else f"; never >= {TARGET} within 3 rounds"
-    text += f"; chained: counters {'continue' if steps_ok else 'BROKEN'}, held-out margin " + (
-        "grows every round" if grows else "does NOT grow every round") + " (" + ", ".join(f"{m:.2f}" for m in margins) + ")"
+    text += (
+        f"; chained: counters {'continue' if steps_ok else 'BROKEN'}, held-out margin "
+        + ("grows every round" if grows else "does NOT grow every round")
+        + " ("
+        + ", ".join(f"{m:.2f}" for m in margins)
+        + ")"
+    )
     return ok, text
 
 
@@ -300,11 +350,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kto-lr", type=float, default=None, help="KTO's lr (default: --lr)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (also scales the fixed-pairs rewards)")
     p.add_argument("--kto-beta", type=float, default=0.1)
-    p.add_argument("--kto-feedback", choices=("binary", "pairwise"), default="binary",
-                   help="KTO rounds on binary records, or on pairwise ones with the pairwise_to_unpaired conversion")
-    p.add_argument("--feedback", choices=("synthetic", "topic"), default="synthetic",
-                   help="training feedback: halos_core.synthetic's (the issue's rule), or harder pairs that differ "
-                        "only in the topic word")
+    p.add_argument(
+        "--kto-feedback",
+        choices=("binary", "pairwise"),
+        default="binary",
+        help="KTO rounds on binary records, or on pairwise ones with the pairwise_to_unpaired conversion",
+    )
+    p.add_argument(
+        "--feedback",
+        choices=("synthetic", "topic"),
+        default="synthetic",
+        help="training feedback: halos_core.synthetic's (the issue's rule), or harder pairs that differ "
+        "only in the topic word",
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--microbatch-size", type=int, default=8)
@@ -317,8 +375,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int)
     p.add_argument("--workdir", help="keep models, feedback and run dirs here (default: a temp dir, removed)")
     p.add_argument("--out", help="write the rows and verdicts as JSON here")
-    p.add_argument("--no-chain", action="store_true",
-                   help="negative control: every round starts from the SFT model (the chaining check must then fail)")
+    p.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="negative control: every round starts from the SFT model (the chaining check must then fail)",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when the acceptance criterion does not hold")
     return p.parse_args(argv)
 
@@ -351,25 +412,38 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp.name)
     try:
         t_start = time.perf_counter()
-        model_dir = build_tiny_model(work / "sft", seed=args.seed, hidden_size=args.hidden, layers=args.layers, heads=args.heads)
+        model_dir = build_tiny_model(
+            work / "sft", seed=args.seed, hidden_size=args.hidden, layers=args.layers, heads=args.heads
+        )
         sha = tree_sha256(model_dir)
-        heldout = write_jsonl(pairwise_records(args.heldout, seed=args.seed * 1000 + 999, test_fraction=1.0, id_prefix="h"),
-                              work / "heldout-pairs.jsonl")
-        topic = write_jsonl(topic_contrast_records(args.heldout, seed=args.seed * 1000 + 998), work / "topic-pairs.jsonl")
-        print(f"tiny Llama hidden {args.hidden}, {args.layers} layers; {args.records} records/round "
-              f"({args.test_fraction:.0%} test), lr {args.lr}, dpo beta {args.beta}, kto beta {args.kto_beta}, "
-              f"batch {args.batch_size}, {args.epochs} epoch(s)/round; fixed held-out pairs: {args.heldout}", flush=True)
+        heldout = write_jsonl(
+            pairwise_records(args.heldout, seed=args.seed * 1000 + 999, test_fraction=1.0, id_prefix="h"),
+            work / "heldout-pairs.jsonl",
+        )
+        topic = write_jsonl(
+            topic_contrast_records(args.heldout, seed=args.seed * 1000 + 998), work / "topic-pairs.jsonl"
+        )
+        print(
+            f"tiny Llama hidden {args.hidden}, {args.layers} layers; {args.records} records/round "
+            f"({args.test_fraction:.0%} test), lr {args.lr}, dpo beta {args.beta}, kto beta {args.kto_beta}, "
+            f"batch {args.batch_size}, {args.epochs} epoch(s)/round; fixed held-out pairs: {args.heldout}",
+            flush=True,
+        )
         print(HEADER, flush=True)
         rows: list[dict] = []
         for loss in losses:
             rows.extend(run_loss(loss, args, work, model_dir, sha, heldout, topic))
         verdicts = {loss: verdict(rows, loss) for loss in losses}
         total = time.perf_counter() - t_start
-        for loss, (ok, text) in verdicts.items():
+        for ok, text in verdicts.values():
             print(f"{'PASS' if ok else 'FAIL'} {text}")
         print(f"total {total:.0f}s")
-        report = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}, "rows": rows,
-                  "verdicts": {k: {"ok": ok, "text": t} for k, (ok, t) in verdicts.items()}, "seconds": total}
+        report = {
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
+            "rows": rows,
+            "verdicts": {k: {"ok": ok, "text": t} for k, (ok, t) in verdicts.items()},
+            "seconds": total,
+        }
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -52,10 +52,36 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=512, seq_min=24, seq_max=96,
-                 batch_size=8, microbatch_size=4, steps=6, dtype="float32", tie=False),
-    "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, seq_min=160, seq_max=720,
-               batch_size=32, microbatch_size=4, steps=6, dtype="bf16", tie=True),
+    "tiny": dict(
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=4,
+        intermediate=128,
+        vocab=512,
+        seq_min=24,
+        seq_max=96,
+        batch_size=8,
+        microbatch_size=4,
+        steps=6,
+        dtype="float32",
+        tie=False,
+    ),
+    "1b": dict(
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        intermediate=8192,
+        vocab=128256,
+        seq_min=160,
+        seq_max=720,
+        batch_size=32,
+        microbatch_size=4,
+        steps=6,
+        dtype="bf16",
+        tie=True,
+    ),
 }
 H100_BF16_DENSE_TFLOPS = 989.0
 TOKENIZER_VOCAB_CAP = 1024  # the local BPE tokenizer; the model's vocabulary may be larger
@@ -88,7 +114,7 @@ def _vm_hwm_bytes() -> int | None:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kB
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -104,14 +130,46 @@ def _reset_cpu_peak() -> bool:
 class TextPool:
     """Random word text whose token count is known: `text(n)` ~ n tokens of the tokenizer."""
 
-    WORDS = ("ka", "to", "mi", "ra", "ne", "su", "lo", "pe", "di", "ga", "vu", "shi", "an", "or", "el", "is",
-             "the", "and", "good", "bad", "yes", "no", "one", "two", "red", "blue", "cat", "dog", "sun", "sea")
+    WORDS = (
+        "ka",
+        "to",
+        "mi",
+        "ra",
+        "ne",
+        "su",
+        "lo",
+        "pe",
+        "di",
+        "ga",
+        "vu",
+        "shi",
+        "an",
+        "or",
+        "el",
+        "is",
+        "the",
+        "and",
+        "good",
+        "bad",
+        "yes",
+        "no",
+        "one",
+        "two",
+        "red",
+        "blue",
+        "cat",
+        "dog",
+        "sun",
+        "sea",
+    )
 
     def __init__(self, tokenizer: Any, seed: int, n_tokens: int = 20000):
         rng = random.Random(seed)
         n_words = n_tokens
         while True:
-            self.raw = " ".join("".join(rng.choice(self.WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_words))
+            self.raw = " ".join(
+                "".join(rng.choice(self.WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_words)
+            )
             # the fast tokenizer's backend directly: no "longer than model_max_length" warning
             self.offsets = tokenizer.backend_tokenizer.encode(self.raw, add_special_tokens=False).offsets
             if len(self.offsets) >= n_tokens:
@@ -125,7 +183,9 @@ class TextPool:
         return self.raw[self.offsets[start][0] : self.offsets[start + n - 1][1]].strip() or "ka"
 
 
-def make_records(kind: str, n_examples: int, pool: TextPool, seq_min: int, seq_max: int, max_prompt: int, seed: int) -> list[dict]:
+def make_records(
+    kind: str, n_examples: int, pool: TextPool, seq_min: int, seq_max: int, max_prompt: int, seed: int
+) -> list[dict]:
     """HALOs feedback records (normal form) whose rendered lengths fall in [seq_min, seq_max]."""
     rng = random.Random(seed)
 
@@ -142,21 +202,43 @@ def make_records(kind: str, n_examples: int, pool: TextPool, seq_min: int, seq_m
         for i in range(n_examples):
             prompt, (la, lb) = prompt_and_lengths(2)
             label = rng.randint(0, 1)
-            records.append({"type": "pairwise_feedback", "prompt_id": f"p{i}", "prompt": turns(prompt, "user"),
-                            "output_A": turns(pool.text(la), "assistant"), "output_B": turns(pool.text(lb), "assistant"),
-                            "label": label})
+            records.append(
+                {
+                    "type": "pairwise_feedback",
+                    "prompt_id": f"p{i}",
+                    "prompt": turns(prompt, "user"),
+                    "output_A": turns(pool.text(la), "assistant"),
+                    "output_B": turns(pool.text(lb), "assistant"),
+                    "label": label,
+                }
+            )
     elif kind == "binary":
         for i in range(n_examples):
             prompt, (length,) = prompt_and_lengths(1)
-            records.append({"type": "binary_feedback", "prompt_id": f"b{i}", "prompt": turns(prompt, "user"),
-                            "output": turns(pool.text(length), "assistant"), "label": i % 2, "reward": float(i % 2)})
+            records.append(
+                {
+                    "type": "binary_feedback",
+                    "prompt_id": f"b{i}",
+                    "prompt": turns(prompt, "user"),
+                    "output": turns(pool.text(length), "assistant"),
+                    "label": i % 2,
+                    "reward": float(i % 2),
+                }
+            )
     elif kind == "scalar":
         group = 4
         for i in range(math.ceil(n_examples / group)):
             prompt, lengths = prompt_and_lengths(group)
             for length in lengths:
-                records.append({"type": "scalar_feedback", "prompt_id": f"s{i}", "prompt": turns(prompt, "user"),
-                                "output": turns(pool.text(length), "assistant"), "reward": round(rng.random(), 4)})
+                records.append(
+                    {
+                        "type": "scalar_feedback",
+                        "prompt_id": f"s{i}",
+                        "prompt": turns(prompt, "user"),
+                        "output": turns(pool.text(length), "assistant"),
+                        "reward": round(rng.random(), 4),
+                    }
+                )
     else:
         raise ValueError(kind)
     return records
@@ -195,8 +277,12 @@ def build_model(path: Path, args: argparse.Namespace, device: str) -> tuple[Path
     head = model.get_output_embeddings().weight
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
     tied = emb.data_ptr() == head.data_ptr()
-    counts = {"params": total, "matmul_params": total if tied else total - emb.numel(), "vocab": config.vocab_size,
-              "tokenizer_vocab": len(tokenizer)}
+    counts = {
+        "params": total,
+        "matmul_params": total if tied else total - emb.numel(),
+        "vocab": config.vocab_size,
+        "tokenizer_vocab": len(tokenizer),
+    }
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -219,14 +305,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- one loss
 
 
-def bench_loss(loss: str, args: argparse.Namespace, model_dir: Path, sha: str, counts: dict, work: Path, device: str) -> dict:
+def bench_loss(
+    loss: str, args: argparse.Namespace, model_dir: Path, sha: str, counts: dict, work: Path, device: str
+) -> dict:
     import torch
+    from transformers import AutoTokenizer
 
     from halos_core.job_spec import RunConfig, hyperparams_problem
     from halos_core.synthetic import write_jsonl
     from halos_core.train import _release
     from halos_core.training import Stopped, Trainer
-    from transformers import AutoTokenizer
 
     hp = {
         "lr": args.lr,
@@ -241,18 +329,22 @@ def bench_loss(loss: str, args: argparse.Namespace, model_dir: Path, sha: str, c
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pool = TextPool(tokenizer, seed=args.seed, n_tokens=max(20000, 4 * args.seq_max))
     n_examples = (args.steps + 1) * args.batch_size
-    records = make_records(kind, n_examples, pool, args.seq_min, args.seq_max, hp["max_prompt_length"], seed=args.seed + 1)
+    records = make_records(
+        kind, n_examples, pool, args.seq_min, args.seq_max, hp["max_prompt_length"], seed=args.seed + 1
+    )
     fb = write_jsonl(records, work / f"{loss}.jsonl")
-    cfg = RunConfig.model_validate({
-        "job_id": f"bench-{loss}",
-        "run_dir": str(work / f"run-{loss}"),
-        "reference_path": str(model_dir),
-        "reference_sha256": sha,
-        "feedback": [{"path": str(fb), "kind": kind, "file_id": "f0"}],
-        "loss": {"name": loss},
-        "hyperparams": hp,
-        "mixed_precision": "bf16" if args.dtype == "bf16" else "no",
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "job_id": f"bench-{loss}",
+            "run_dir": str(work / f"run-{loss}"),
+            "reference_path": str(model_dir),
+            "reference_sha256": sha,
+            "feedback": [{"path": str(fb), "kind": kind, "file_id": "f0"}],
+            "loss": {"name": loss},
+            "hyperparams": hp,
+            "mixed_precision": "bf16" if args.dtype == "bf16" else "no",
+        }
+    )
     problem = hyperparams_problem(loss, cfg.hyperparams, 1)
     if problem:
         return {"loss": loss, "skipped": problem}
@@ -369,8 +461,15 @@ def format_table(rows: list[dict], cuda: bool) -> str:
         if "skipped" in r:
             lines.append(f"{r['loss']:>{width}} | skipped: {r['skipped']}")
             continue
-        cells = [r["loss"], str(r["steps_measured"]), f"{r['tokens_per_step']:.0f}", f"{r['tokens_per_s']:.0f}",
-                 f"{r['step_s']:.3f}", f"{r['step_s_median']:.3f}", f"{(r['peak_mem_bytes'] or 0) / 2**20:.0f}"]
+        cells = [
+            r["loss"],
+            str(r["steps_measured"]),
+            f"{r['tokens_per_step']:.0f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['step_s']:.3f}",
+            f"{r['step_s_median']:.3f}",
+            f"{(r['peak_mem_bytes'] or 0) / 2**20:.0f}",
+        ]
         if cuda:
             cells.append(f"{100 * r['mfu']:.1f}%")
         lines.append(" | ".join(f"{c:>{width if i == 0 else 9}}" for i, c in enumerate(cells)))
@@ -420,7 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, intermediate "
             f"{args.intermediate}, vocab {counts['vocab']} (tokenizer {counts['tokenizer_vocab']}), "
-            f"{counts['params'] / 1e6:.2f}M params ({counts['matmul_params'] / 1e6:.2f}M matmul), built in {build_s:.1f}s",
+            f"{counts['params'] / 1e6:.2f}M params ({counts['matmul_params'] / 1e6:.2f}M matmul), "
+            f"built in {build_s:.1f}s",
             flush=True,
         )
         print(

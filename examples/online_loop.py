@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from halos_core.synthetic import TOPICS, PROMPT_TEMPLATES, pairwise_records
+from halos_core.synthetic import PROMPT_TEMPLATES, TOPICS, pairwise_records
 
 BIN = Path(sys.executable).parent
 
@@ -62,8 +62,11 @@ class Size:
 FULL = Size(prompts=48, heldout=48, warm=192, rm_pairs=128, n=4, epochs=2)
 SMALL = Size(prompts=16, heldout=16, warm=64, rm_pairs=32, n=4, epochs=1)
 HP = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "max_length": 64, "max_prompt_length": 32}
-SCHEDULE = [("dpo", {"name": "dpo", "beta": 0.1}), ("kto", {"name": "kto", "beta": 0.1}),
-            ("dpo", {"name": "dpo", "beta": 0.1})]
+SCHEDULE = [
+    ("dpo", {"name": "dpo", "beta": 0.1}),
+    ("kto", {"name": "kto", "beta": 0.1}),
+    ("dpo", {"name": "dpo", "beta": 0.1}),
+]
 
 
 def free_port() -> int:
@@ -83,18 +86,33 @@ class Server:
         self.port = free_port()
         # model registration: the tiny model is built in <data_dir>/models (allowed by default); the
         # warm start registers a checkpoint of this server as a model, so its runs/ folder is listed too
-        self.env = {**os.environ, "HALOS_DATA_DIR": str(data_dir), "HALOS_PORT": str(self.port),
-                    "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2", "PYTHONUNBUFFERED": "1",
-                    "HALOS_MODEL_ROOTS": str((data_dir / "runs").resolve())}
+        self.env = {
+            **os.environ,
+            "HALOS_DATA_DIR": str(data_dir),
+            "HALOS_PORT": str(self.port),
+            "HALOS_HEARTBEAT_INTERVAL_S": "1",
+            "HALOS_SWEEP_INTERVAL_S": "2",
+            "PYTHONUNBUFFERED": "1",
+            "HALOS_MODEL_ROOTS": str((data_dir / "runs").resolve()),
+        }
         self.env.pop("HALOS_DATABASE_URL", None)
         self.env.pop("HALOS_BROKER_URL", None)
-        run = lambda *a: subprocess.run([str(BIN / "halos"), *a], env=self.env, check=True,  # noqa: E731
-                                        capture_output=True, text=True).stdout
+
+        def run(*args: str) -> str:
+            return subprocess.run(
+                [str(BIN / "halos"), *args], env=self.env, check=True, capture_output=True, text=True
+            ).stdout
+
         run("migrate")
         self.key = run("keys", "create", "--project", "loop").strip()
         self.log = open(data_dir / "serve.log", "w")
-        self.proc = subprocess.Popen([str(BIN / "halos"), "serve", "--port", str(self.port)], env=self.env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "halos"), "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         with httpx.Client(base_url=self.url, timeout=5) as c:
             deadline = time.monotonic() + 120
@@ -150,8 +168,13 @@ class Api:
 
 def prompts(n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    return [{"prompt_id": f"{prefix}{i}", "prompt": [{"role": "user", "content": rng.choice(PROMPT_TEMPLATES).format(
-        t=rng.choice(TOPICS))}]} for i in range(n)]
+    return [
+        {
+            "prompt_id": f"{prefix}{i}",
+            "prompt": [{"role": "user", "content": rng.choice(PROMPT_TEMPLATES).format(t=rng.choice(TOPICS))}],
+        }
+        for i in range(n)
+    ]
 
 
 def warm_start_records(n: int, seed: int) -> list[dict[str, Any]]:
@@ -159,8 +182,9 @@ def warm_start_records(n: int, seed: int) -> list[dict[str, Any]]:
     out = []
     for i, r in enumerate(pairwise_records(n, seed=seed, id_prefix="w")):
         reply = r["output_A"] if (i % 2 == 0) == (r["label"] == 1) else r["output_B"]
-        out.append({"type": "sample", "prompt_id": r["prompt_id"], "sample_id": "0", "prompt": r["prompt"],
-                    "output": reply})
+        out.append(
+            {"type": "sample", "prompt_id": r["prompt_id"], "sample_id": "0", "prompt": r["prompt"], "output": reply}
+        )
     return out
 
 
@@ -168,18 +192,29 @@ def setup(api: Api, size: Size, model_dir: Path) -> tuple[dict[str, Any], str, d
     """(warm-started model, reward model checkpoint, train prompt set, held-out pairs)."""
     base = api.call("POST", "/v1/models", json={"name": "tiny-random", "path": str(model_dir)})
     warm_fb = api.upload("/v1/feedback", warm_start_records(size.warm, seed=11))
-    warm_run = api.call("POST", "/v1/runs", json={"model_id": base["id"], "loss": {"name": "sft"},
-                                                  "hyperparams": {**HP, "lr": 2e-3, "n_epochs": 3}})
+    warm_run = api.call(
+        "POST",
+        "/v1/runs",
+        json={"model_id": base["id"], "loss": {"name": "sft"}, "hyperparams": {**HP, "lr": 2e-3, "n_epochs": 3}},
+    )
     warm = api.round(warm_run["id"], {"feedback_ids": [warm_fb["id"]]})
     warm_ckpt = api.call("GET", f"/v1/checkpoints/{warm['checkpoint_id']}")
     model = api.call("POST", "/v1/models", json={"name": "warm-start", "path": warm_ckpt["path"]})
     rm_pairs = api.upload("/v1/feedback", pairwise_records(size.rm_pairs, seed=21, id_prefix="r"))
-    rm_run = api.call("POST", "/v1/runs", json={"model_id": base["id"], "loss": {"name": "bradley_terry"},
-                                                "hyperparams": {**HP, "lr": 1e-3, "n_epochs": 2}})
+    rm_run = api.call(
+        "POST",
+        "/v1/runs",
+        json={
+            "model_id": base["id"],
+            "loss": {"name": "bradley_terry"},
+            "hyperparams": {**HP, "lr": 1e-3, "n_epochs": 2},
+        },
+    )
     rm = api.round(rm_run["id"], {"feedback_ids": [rm_pairs["id"]]})
     train_prompts = api.upload("/v1/prompts", prompts(size.prompts, seed=31, prefix="t"))
-    heldout = api.upload("/v1/feedback", [{**r, "split": "test"} for r in
-                                          pairwise_records(size.heldout, seed=41, id_prefix="h")])
+    heldout = api.upload(
+        "/v1/feedback", [{**r, "split": "test"} for r in pairwise_records(size.heldout, seed=41, id_prefix="h")]
+    )
     return model, rm["checkpoint_id"], train_prompts, heldout
 
 
@@ -192,30 +227,73 @@ def coin_flips(api: Api, fb: dict[str, Any], seed: int) -> dict[str, Any]:
     return api.upload("/v1/feedback", records)
 
 
-def loop(api: Api, size: Size, model: dict[str, Any], rm_ckpt: str, train_prompts: dict[str, Any],
-         heldout: dict[str, Any], control: bool) -> list[dict[str, float]]:
-    run = api.call("POST", "/v1/runs", json={"name": "control" if control else "loop", "model_id": model["id"],
-                                             "loss": {"name": "dpo", "beta": 0.1},
-                                             "hyperparams": {**HP, "n_epochs": size.epochs}})
+def loop(
+    api: Api,
+    size: Size,
+    model: dict[str, Any],
+    rm_ckpt: str,
+    train_prompts: dict[str, Any],
+    heldout: dict[str, Any],
+    control: bool,
+) -> list[dict[str, float]]:
+    run = api.call(
+        "POST",
+        "/v1/runs",
+        json={
+            "name": "control" if control else "loop",
+            "model_id": model["id"],
+            "loss": {"name": "dpo", "beta": 0.1},
+            "hyperparams": {**HP, "n_epochs": size.epochs},
+        },
+    )
     rows: list[dict[str, float]] = []
 
     def fresh_score(k: int) -> float:
-        sample = api.wait(api.call("POST", "/v1/sampling-jobs", json={
-            "prompt_set_id": train_prompts["id"], "run_id": run["id"],
-            "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 100 + k}})["id"])
-        scored = api.wait(api.call("POST", "/v1/labelling-jobs", json={
-            "samples_id": sample["output_feedback_id"], "reward_model_checkpoint_id": rm_ckpt})["id"])
+        sample = api.wait(
+            api.call(
+                "POST",
+                "/v1/sampling-jobs",
+                json={
+                    "prompt_set_id": train_prompts["id"],
+                    "run_id": run["id"],
+                    "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 100 + k},
+                },
+            )["id"]
+        )
+        scored = api.wait(
+            api.call(
+                "POST",
+                "/v1/labelling-jobs",
+                json={"samples_id": sample["output_feedback_id"], "reward_model_checkpoint_id": rm_ckpt},
+            )["id"]
+        )
         return float(api.output(scored)["provenance"]["stats"]["mean_score"])
 
     for k, (loss_name, loss) in enumerate(SCHEDULE, start=1):
-        sample = api.wait(api.call("POST", "/v1/sampling-jobs", json={
-            "prompt_set_id": train_prompts["id"], "run_id": run["id"],
-            "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 100 + k}})["id"])
+        sample = api.wait(
+            api.call(
+                "POST",
+                "/v1/sampling-jobs",
+                json={
+                    "prompt_set_id": train_prompts["id"],
+                    "run_id": run["id"],
+                    "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 100 + k},
+                },
+            )["id"]
+        )
         samples = api.output(sample)
-        rule = ({"type": "pairwise", "method": "max", "min_gap": 0.0} if loss_name == "dpo"
-                else {"type": "binary", "method": "median"})
-        labelled_job = api.wait(api.call("POST", "/v1/labelling-jobs", json={
-            "samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt, "label": rule})["id"])
+        rule = (
+            {"type": "pairwise", "method": "max", "min_gap": 0.0}
+            if loss_name == "dpo"
+            else {"type": "binary", "method": "median"}
+        )
+        labelled_job = api.wait(
+            api.call(
+                "POST",
+                "/v1/labelling-jobs",
+                json={"samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt, "label": rule},
+            )["id"]
+        )
         labelled = api.output(labelled_job)
         score = float(labelled["provenance"]["stats"]["mean_score"])
         if control:
@@ -227,18 +305,36 @@ def loop(api: Api, size: Size, model: dict[str, Any], rm_ckpt: str, train_prompt
         job = api.round(run["id"], body)
         view = api.call("GET", f"/v1/runs/{run['id']}")
         rnd = next(r for r in view["rounds"] if r["job_id"] == job["id"])
-        result_eval = {m["split"]: m["data"] for m in api.call("GET", f"/v1/jobs/{job['id']}/metrics",
-                                                              params={"split": "eval"})["items"]}.get("eval", {})
-        rows.append({"iteration": k, "loss": loss_name, "fresh_score": score,
-                     "accuracy_after": result_eval.get("rewards/accuracy", float("nan")),
-                     "accuracy_before": (rnd.get("promotion") or {}).get("gate", {}).get("checks", [{}])[0].get("head")
-                     if gate else None, "promoted": rnd["promoted"]})
+        result_eval = {
+            m["split"]: m["data"]
+            for m in api.call("GET", f"/v1/jobs/{job['id']}/metrics", params={"split": "eval"})["items"]
+        }.get("eval", {})
+        rows.append(
+            {
+                "iteration": k,
+                "loss": loss_name,
+                "fresh_score": score,
+                "accuracy_after": result_eval.get("rewards/accuracy", float("nan")),
+                "accuracy_before": (rnd.get("promotion") or {}).get("gate", {}).get("checks", [{}])[0].get("head")
+                if gate
+                else None,
+                "promoted": rnd["promoted"],
+            }
+        )
     # after the KTO round, its accuracy is the next DPO round's baseline (eval_before) on the same pairs
     for i, row in enumerate(rows):
         if row["loss"] == "kto" and i + 1 < len(rows) and rows[i + 1]["accuracy_before"] is not None:
             row["accuracy_after"] = rows[i + 1]["accuracy_before"]
-    rows.append({"iteration": len(SCHEDULE) + 1, "loss": "-", "fresh_score": fresh_score(len(SCHEDULE) + 1),
-                 "accuracy_after": float("nan"), "accuracy_before": None, "promoted": None})
+    rows.append(
+        {
+            "iteration": len(SCHEDULE) + 1,
+            "loss": "-",
+            "fresh_score": fresh_score(len(SCHEDULE) + 1),
+            "accuracy_after": float("nan"),
+            "accuracy_before": None,
+            "promoted": None,
+        }
+    )
     return rows
 
 
@@ -256,8 +352,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CI size")
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
-    parser.add_argument("--url", help="an existing server (with --key) on this machine, whose HALOS_MODEL_ROOTS lists"
-                                      " the temp dir and its own runs/ folder; default: start one here")
+    parser.add_argument(
+        "--url",
+        help="an existing server (with --key) on this machine, whose HALOS_MODEL_ROOTS lists"
+        " the temp dir and its own runs/ folder; default: start one here",
+    )
     parser.add_argument("--key")
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
     args = parser.parse_args(argv)

@@ -1,10 +1,10 @@
 """`AsyncClient`: `Client`'s surface for asyncio (httpx.AsyncClient), same calls, same retries.
 
-    async with AsyncClient() as client:
-        rnd = await client.rounds.create(run_id, [fb.id])
-        job = await client.jobs.wait(rnd.job_id, timeout=3600)
-        async for job in client.jobs.list(status="running"):
-            ...
+async with AsyncClient() as client:
+    rnd = await client.rounds.create(run_id, [fb.id])
+    job = await client.jobs.wait(rnd.job_id, timeout=3600)
+    async for job in client.jobs.list(status="running"):
+        ...
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying
@@ -21,7 +22,6 @@ from tenacity import AsyncRetrying
 from halos_client import calls
 from halos_client import models as m
 from halos_client.bodies import UNSET, round_body, run_body
-from halos_client.events import StreamMessage, aiter_events
 from halos_client.calls import TERMINAL_STATUSES, Call, FileSource, Upload, user_agent
 from halos_client.errors import (
     APIConnectionError,
@@ -31,28 +31,39 @@ from halos_client.errors import (
     WaitTimeout,
     error_from_response,
 )
+from halos_client.events import StreamMessage, aiter_events
 from halos_client.retry import NO_RETRIES, RetryPolicy, retrying_options
 
 T = TypeVar("T")
 log = logging.getLogger("halos_client")
 
-ProgressCallback = Callable[[m.JobOut], Union[None, Awaitable[None]]]
+ProgressCallback = Callable[[m.JobOut], None | Awaitable[None]]
 
 
 class AsyncClient:
     """See `halos_client.Client` for the arguments."""
 
-    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
-                 timeout: float | httpx.Timeout = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 transport: Optional[httpx.AsyncBaseTransport] = None,
-                 headers: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = 60.0,
+        retry: RetryPolicy = RetryPolicy(),
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.base_url = calls.resolve_base_url(base_url)
         key = calls.resolve_api_key(api_key)
-        default_headers = {"User-Agent": user_agent(), **({"Authorization": f"Bearer {key}"} if key else {}),
-                           **(headers or {})}
+        default_headers = {
+            "User-Agent": user_agent(),
+            **({"Authorization": f"Bearer {key}"} if key else {}),
+            **(headers or {}),
+        }
         self.retry = retry
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=default_headers,
-                                       transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=default_headers, transport=transport
+        )
         self.models = AsyncModels(self)
         self.feedback = AsyncFeedback(self)
         self.runs = AsyncRuns(self)
@@ -61,7 +72,7 @@ class AsyncClient:
         self.checkpoints = AsyncCheckpoints(self)
         self.losses = AsyncLosses(self)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -70,13 +81,14 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def request(self, call: Call[T], *, retry: Optional[RetryPolicy] = None) -> T:
+    async def request(self, call: Call[T], *, retry: RetryPolicy | None = None) -> T:
         retrying = AsyncRetrying(**retrying_options(retry or self.retry, call.idempotent, call.what))
         try:
             response = await retrying(self._send_once, call)
         except httpx.TransportError as exc:
-            raise APIConnectionError(f"{call.what} on {self.base_url}: {type(exc).__name__}: {exc}",
-                                     getattr(exc, "_request", None)) from exc
+            raise APIConnectionError(
+                f"{call.what} on {self.base_url}: {type(exc).__name__}: {exc}", getattr(exc, "_request", None)
+            ) from exc
         if response.is_error:
             raise error_from_response(response)
         return call.parse(response)
@@ -84,8 +96,14 @@ class AsyncClient:
     async def _send_once(self, call: Call[Any]) -> httpx.Response:
         with call.upload.files() if call.upload else nullcontext(None) as files:
             return await self._http.request(
-                call.method, call.path, params=call.params, json=call.json, files=files, headers=dict(call.headers),
-                timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT)
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                files=files,
+                headers=dict(call.headers),
+                timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
 
     async def ready(self) -> m.ReadyOut:
         return await self.request(calls.readyz(), retry=NO_RETRIES)
@@ -100,8 +118,8 @@ class AsyncClient:
                     raise
             await asyncio.sleep(poll_interval)
 
-    async def _pages(self, make: Callable[[Optional[str]], Call[Any]]) -> AsyncIterator[Any]:
-        cursor: Optional[str] = None
+    async def _pages(self, make: Callable[[str | None], Call[Any]]) -> AsyncIterator[Any]:
+        cursor: str | None = None
         while True:
             page = await self.request(make(cursor))
             for item in page.items:
@@ -117,7 +135,7 @@ class _Resource:
 
 
 class AsyncModels(_Resource):
-    async def register(self, name: str, path: str, *, idempotency_key: Optional[str] = None) -> m.ModelOut:
+    async def register(self, name: str, path: str, *, idempotency_key: str | None = None) -> m.ModelOut:
         return await self._client.request(calls.register_model(m.ModelCreate(name=name, path=path), idempotency_key))
 
     async def get(self, model_id: str) -> m.ModelOut:
@@ -128,8 +146,9 @@ class AsyncModels(_Resource):
 
 
 class AsyncFeedback(_Resource):
-    async def upload(self, file: FileSource, *, filename: Optional[str] = None,
-                     idempotency_key: Optional[str] = None) -> m.FeedbackOut:
+    async def upload(
+        self, file: FileSource, *, filename: str | None = None, idempotency_key: str | None = None
+    ) -> m.FeedbackOut:
         return await self._client.request(calls.upload_feedback(Upload(file, filename), idempotency_key))
 
     async def get(self, feedback_id: str) -> m.FeedbackOut:
@@ -140,8 +159,17 @@ class AsyncFeedback(_Resource):
 
 
 class AsyncRuns(_Resource):
-    async def create(self, model_id: str, loss: Any, *, name: Optional[str] = None, hyperparams: Any = None,
-                     conversion: Any = None, lora: Any = None, idempotency_key: Optional[str] = None) -> m.RunOut:
+    async def create(
+        self,
+        model_id: str,
+        loss: Any,
+        *,
+        name: str | None = None,
+        hyperparams: Any = None,
+        conversion: Any = None,
+        lora: Any = None,
+        idempotency_key: str | None = None,
+    ) -> m.RunOut:
         body = run_body(model_id, loss, name=name, hyperparams=hyperparams, conversion=conversion, lora=lora)
         return await self._client.request(calls.create_run(body, idempotency_key))
 
@@ -153,11 +181,24 @@ class AsyncRuns(_Resource):
 
 
 class AsyncRounds(_Resource):
-    async def create(self, run_id: str, feedback_ids: Sequence[str], *, loss: Any = None, hyperparams: Any = None,
-                     conversion: Any = UNSET, parent_checkpoint_id: Optional[str] = None,
-                     idempotency_key: Optional[str] = None) -> m.RoundOut:
-        body = round_body(feedback_ids, loss=loss, hyperparams=hyperparams, conversion=conversion,
-                          parent_checkpoint_id=parent_checkpoint_id)
+    async def create(
+        self,
+        run_id: str,
+        feedback_ids: Sequence[str],
+        *,
+        loss: Any = None,
+        hyperparams: Any = None,
+        conversion: Any = UNSET,
+        parent_checkpoint_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> m.RoundOut:
+        body = round_body(
+            feedback_ids,
+            loss=loss,
+            hyperparams=hyperparams,
+            conversion=conversion,
+            parent_checkpoint_id=parent_checkpoint_id,
+        )
         return await self._client.request(calls.create_round(run_id, body, idempotency_key))
 
     async def list(self, run_id: str) -> list[m.RoundOut]:
@@ -168,12 +209,13 @@ class AsyncJobs(_Resource):
     async def get(self, job_id: str) -> m.JobOut:
         return await self._client.request(calls.get_job(job_id))
 
-    def list(self, *, status: Optional[str] = None, page_size: int = 50) -> AsyncIterator[m.JobOut]:
+    def list(self, *, status: str | None = None, page_size: int = 50) -> AsyncIterator[m.JobOut]:
         return self._client._pages(lambda cursor: calls.list_jobs(cursor, page_size, status))
 
-    async def metrics(self, job_id: str, *, split: Optional[str] = None,
-                      page_size: int = 1000) -> AsyncIterator[m.MetricPointOut]:
-        after: Optional[int] = None
+    async def metrics(
+        self, job_id: str, *, split: str | None = None, page_size: int = 1000
+    ) -> AsyncIterator[m.MetricPointOut]:
+        after: int | None = None
         while True:
             page = await self._client.request(calls.job_metrics(job_id, after, page_size, split))
             for point in page.items:
@@ -182,7 +224,7 @@ class AsyncJobs(_Resource):
                 return
             after = page.next_after_step
 
-    async def logs(self, job_id: str, *, tail_bytes: Optional[int] = None) -> str:
+    async def logs(self, job_id: str, *, tail_bytes: int | None = None) -> str:
         return await self._client.request(calls.job_logs(job_id, tail_bytes))
 
     async def follow_logs(self, job_id: str, *, poll_interval: float = 1.0) -> AsyncIterator[str]:
@@ -198,19 +240,27 @@ class AsyncJobs(_Resource):
                 return
             await asyncio.sleep(poll_interval)
 
-    def events(self, job_id: str, *, last_event_id: Optional[str] = None,
-               metrics: bool = True) -> AsyncIterator[StreamMessage]:
+    def events(
+        self, job_id: str, *, last_event_id: str | None = None, metrics: bool = True
+    ) -> AsyncIterator[StreamMessage]:
         """The job's events (and metric points) as they happen until it has finished; see `Jobs.events`."""
         return aiter_events(self._client._http, job_id, last_event_id=last_event_id, metrics=metrics)
 
     async def cancel(self, job_id: str) -> m.JobOut:
         return await self._client.request(calls.cancel_job(job_id))
 
-    async def wait(self, job_id: str, *, timeout: Optional[float] = None, poll_interval: float = 2.0,
-                   on_progress: Optional[ProgressCallback] = None, raise_on_failure: bool = True) -> m.JobOut:
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        on_progress: ProgressCallback | None = None,
+        raise_on_failure: bool = True,
+    ) -> m.JobOut:
         """See `Client.jobs.wait`; `on_progress` may be a plain function or a coroutine function."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        job: Optional[m.JobOut] = None
+        job: m.JobOut | None = None
         while True:
             try:
                 job = await self.get(job_id)

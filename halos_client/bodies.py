@@ -7,7 +7,8 @@ Validated here with the API's own models, so a typo fails before anything is sen
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -31,8 +32,15 @@ def loss_value(loss: Any) -> Any:
     return {"name": loss} if isinstance(loss, str) else _plain(loss)
 
 
-def run_body(model_id: str, loss: Any, *, name: Optional[str] = None, hyperparams: Any = None,
-             conversion: Any = None, lora: Any = None) -> m.RunCreate:
+def run_body(
+    model_id: str,
+    loss: Any,
+    *,
+    name: str | None = None,
+    hyperparams: Any = None,
+    conversion: Any = None,
+    lora: Any = None,
+) -> m.RunCreate:
     fields: dict[str, Any] = {"model_id": model_id, "loss": loss_value(loss)}
     for key, value in (("name", name), ("hyperparams", hyperparams), ("conversion", conversion), ("lora", lora)):
         if value is not None:
@@ -40,8 +48,14 @@ def run_body(model_id: str, loss: Any, *, name: Optional[str] = None, hyperparam
     return m.RunCreate.model_validate(fields)
 
 
-def round_body(feedback_ids: Sequence[str], *, loss: Any = None, hyperparams: Any = None, conversion: Any = UNSET,
-               parent_checkpoint_id: Optional[str] = None) -> m.RoundCreate:
+def round_body(
+    feedback_ids: Sequence[str],
+    *,
+    loss: Any = None,
+    hyperparams: Any = None,
+    conversion: Any = UNSET,
+    parent_checkpoint_id: str | None = None,
+) -> m.RoundCreate:
     if isinstance(feedback_ids, str):
         raise TypeError("feedback_ids is a list of ids, not one string")
     fields: dict[str, Any] = {"feedback_ids": list(feedback_ids)}

@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Generic, Iterator, Mapping, Optional, TypeVar, Union
+from typing import IO, Any, Generic, TypeVar, Union
 from urllib.parse import quote
 
 import httpx
@@ -40,11 +41,11 @@ def user_agent() -> str:
     return f"halos-client/{version} httpx/{httpx.__version__}"
 
 
-def resolve_base_url(base_url: Optional[str]) -> str:
+def resolve_base_url(base_url: str | None) -> str:
     return (base_url or os.environ.get("HALOS_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
-def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
+def resolve_api_key(api_key: str | None) -> str | None:
     return api_key or os.environ.get("HALOS_API_KEY") or None
 
 
@@ -53,7 +54,7 @@ class Upload:
     """A file for a multipart upload, opened afresh for each try (a retry resends it whole)."""
 
     source: FileSource
-    filename: Optional[str] = None
+    filename: str | None = None
 
     @property
     def name(self) -> str:
@@ -62,7 +63,7 @@ class Upload:
         return "feedback.jsonl" if isinstance(self.source, bytes) else Path(self.source).name
 
     @contextmanager
-    def files(self) -> Iterator[dict[str, tuple[str, Union[bytes, IO[bytes]], str]]]:
+    def files(self) -> Iterator[dict[str, tuple[str, bytes | IO[bytes], str]]]:
         if isinstance(self.source, bytes):
             yield {"file": (self.name, self.source, "application/octet-stream")}
             return
@@ -76,11 +77,11 @@ class Call(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     idempotent: bool  # a resend after an ambiguous failure cannot do the work twice (see retry.py)
-    params: Optional[Mapping[str, Any]] = None
+    params: Mapping[str, Any] | None = None
     json: Any = None
-    upload: Optional[Upload] = None
+    upload: Upload | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
-    timeout: Optional[httpx.Timeout] = None
+    timeout: httpx.Timeout | None = None
 
     @property
     def what(self) -> str:
@@ -100,15 +101,16 @@ def _body(model: BaseModel) -> Any:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
-def _post(path: str, parse: Callable[[httpx.Response], T], *, deduplicated: bool, idempotency_key: Optional[str],
-          **kw: Any) -> Call[T]:
+def _post(
+    path: str, parse: Callable[[httpx.Response], T], *, deduplicated: bool, idempotency_key: str | None, **kw: Any
+) -> Call[T]:
     """A POST carrying an Idempotency-Key. `deduplicated`: the server honours the key for this
     route, so a resend after an ambiguous failure is safe; elsewhere it is only sent along."""
     key = idempotency_key or str(uuid.uuid4())
     return Call("POST", path, parse, idempotent=deduplicated, headers={"Idempotency-Key": key}, **kw)
 
 
-def _page(cursor: Optional[str], limit: int, **extra: Any) -> dict[str, Any]:
+def _page(cursor: str | None, limit: int, **extra: Any) -> dict[str, Any]:
     params = {"limit": limit, **{k: v for k, v in extra.items() if v is not None}}
     if cursor:
         params["cursor"] = cursor
@@ -118,41 +120,48 @@ def _page(cursor: Optional[str], limit: int, **extra: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models
 
 
-def register_model(body: m.ModelCreate, idempotency_key: Optional[str] = None) -> Call[m.ModelOut]:
+def register_model(body: m.ModelCreate, idempotency_key: str | None = None) -> Call[m.ModelOut]:
     # Not deduplicated by the server (a second registration is a second model): resent only when
     # the first try provably did nothing (connection refused, 429, 503 busy).
-    return _post("/v1/models", _model(m.ModelOut), deduplicated=False, idempotency_key=idempotency_key,
-                 json=_body(body), timeout=MODEL_REGISTRATION_TIMEOUT)
+    return _post(
+        "/v1/models",
+        _model(m.ModelOut),
+        deduplicated=False,
+        idempotency_key=idempotency_key,
+        json=_body(body),
+        timeout=MODEL_REGISTRATION_TIMEOUT,
+    )
 
 
 def get_model(model_id: str) -> Call[m.ModelOut]:
     return Call("GET", f"/v1/models/{_seg(model_id)}", _model(m.ModelOut), idempotent=True)
 
 
-def list_models(cursor: Optional[str], limit: int) -> Call[m.ModelList]:
+def list_models(cursor: str | None, limit: int) -> Call[m.ModelList]:
     return Call("GET", "/v1/models", _model(m.ModelList), idempotent=True, params=_page(cursor, limit))
 
 
 # --------------------------------------------------------------------------- feedback
 
 
-def upload_feedback(upload: Upload, idempotency_key: Optional[str] = None) -> Call[m.FeedbackOut]:
-    return _post("/v1/feedback", _model(m.FeedbackOut), deduplicated=True, idempotency_key=idempotency_key,
-                 upload=upload)
+def upload_feedback(upload: Upload, idempotency_key: str | None = None) -> Call[m.FeedbackOut]:
+    return _post(
+        "/v1/feedback", _model(m.FeedbackOut), deduplicated=True, idempotency_key=idempotency_key, upload=upload
+    )
 
 
 def get_feedback(feedback_id: str) -> Call[m.FeedbackOut]:
     return Call("GET", f"/v1/feedback/{_seg(feedback_id)}", _model(m.FeedbackOut), idempotent=True)
 
 
-def list_feedback(cursor: Optional[str], limit: int) -> Call[m.FeedbackList]:
+def list_feedback(cursor: str | None, limit: int) -> Call[m.FeedbackList]:
     return Call("GET", "/v1/feedback", _model(m.FeedbackList), idempotent=True, params=_page(cursor, limit))
 
 
 # --------------------------------------------------------------------------- runs and rounds
 
 
-def create_run(body: m.RunCreate, idempotency_key: Optional[str] = None) -> Call[m.RunOut]:
+def create_run(body: m.RunCreate, idempotency_key: str | None = None) -> Call[m.RunOut]:
     return _post("/v1/runs", _model(m.RunOut), deduplicated=True, idempotency_key=idempotency_key, json=_body(body))
 
 
@@ -160,13 +169,18 @@ def get_run(run_id: str) -> Call[m.RunOut]:
     return Call("GET", f"/v1/runs/{_seg(run_id)}", _model(m.RunOut), idempotent=True)
 
 
-def list_runs(cursor: Optional[str], limit: int) -> Call[m.RunList]:
+def list_runs(cursor: str | None, limit: int) -> Call[m.RunList]:
     return Call("GET", "/v1/runs", _model(m.RunList), idempotent=True, params=_page(cursor, limit))
 
 
-def create_round(run_id: str, body: m.RoundCreate, idempotency_key: Optional[str] = None) -> Call[m.RoundOut]:
-    return _post(f"/v1/runs/{_seg(run_id)}/rounds", _model(m.RoundOut), deduplicated=True,
-                 idempotency_key=idempotency_key, json=_body(body))
+def create_round(run_id: str, body: m.RoundCreate, idempotency_key: str | None = None) -> Call[m.RoundOut]:
+    return _post(
+        f"/v1/runs/{_seg(run_id)}/rounds",
+        _model(m.RoundOut),
+        deduplicated=True,
+        idempotency_key=idempotency_key,
+        json=_body(body),
+    )
 
 
 # --------------------------------------------------------------------------- jobs
@@ -176,11 +190,11 @@ def get_job(job_id: str) -> Call[m.JobOut]:
     return Call("GET", f"/v1/jobs/{_seg(job_id)}", _model(m.JobOut), idempotent=True)
 
 
-def list_jobs(cursor: Optional[str], limit: int, status: Optional[str]) -> Call[m.JobList]:
+def list_jobs(cursor: str | None, limit: int, status: str | None) -> Call[m.JobList]:
     return Call("GET", "/v1/jobs", _model(m.JobList), idempotent=True, params=_page(cursor, limit, status=status))
 
 
-def job_metrics(job_id: str, after_step: Optional[int], limit: int, split: Optional[str]) -> Call[m.MetricSeries]:
+def job_metrics(job_id: str, after_step: int | None, limit: int, split: str | None) -> Call[m.MetricSeries]:
     params: dict[str, Any] = {"limit": limit}
     if after_step is not None:
         params["after_step"] = after_step
@@ -189,15 +203,16 @@ def job_metrics(job_id: str, after_step: Optional[int], limit: int, split: Optio
     return Call("GET", f"/v1/jobs/{_seg(job_id)}/metrics", _model(m.MetricSeries), idempotent=True, params=params)
 
 
-def job_logs(job_id: str, tail_bytes: Optional[int]) -> Call[str]:
+def job_logs(job_id: str, tail_bytes: int | None) -> Call[str]:
     params = {"tail_bytes": tail_bytes} if tail_bytes else None
     return Call("GET", f"/v1/jobs/{_seg(job_id)}/logs", _text, idempotent=True, params=params)
 
 
-def cancel_job(job_id: str, idempotency_key: Optional[str] = None) -> Call[m.JobOut]:
+def cancel_job(job_id: str, idempotency_key: str | None = None) -> Call[m.JobOut]:
     # A resend after an ambiguous failure could answer 409 `job_finished` for a cancel that worked.
-    return _post(f"/v1/jobs/{_seg(job_id)}/cancel", _model(m.JobOut), deduplicated=False,
-                 idempotency_key=idempotency_key)
+    return _post(
+        f"/v1/jobs/{_seg(job_id)}/cancel", _model(m.JobOut), deduplicated=False, idempotency_key=idempotency_key
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints and health
@@ -241,4 +256,4 @@ def new_log_text(previous: str, current: str) -> str:
     at = current.rfind(marker)
     if at < 0:
         return current
-    return current[at + len(marker):]
+    return current[at + len(marker) :]

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from tenacity import Retrying
 
 from halos_client import calls
 from halos_client import models as m
+from halos_client.bodies import UNSET, round_body, run_body
 from halos_client.calls import TERMINAL_STATUSES, Call, FileSource, Upload, user_agent
 from halos_client.errors import (
     APIConnectionError,
@@ -37,7 +39,6 @@ from halos_client.errors import (
     WaitTimeout,
     error_from_response,
 )
-from halos_client.bodies import UNSET, round_body, run_body
 from halos_client.events import StreamMessage, iter_events
 from halos_client.retry import NO_RETRIES, RetryPolicy, retrying_options
 
@@ -51,13 +52,23 @@ class Client:
     (model registration gets an hour: it hashes the directory in the request). `retry`: see
     `RetryPolicy`; `NO_RETRIES` turns retries off. `transport`: an httpx transport (tests)."""
 
-    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
-                 timeout: float | httpx.Timeout = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 transport: Optional[httpx.BaseTransport] = None, headers: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = 60.0,
+        retry: RetryPolicy = RetryPolicy(),
+        transport: httpx.BaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.base_url = calls.resolve_base_url(base_url)
         key = calls.resolve_api_key(api_key)
-        default_headers = {"User-Agent": user_agent(), **({"Authorization": f"Bearer {key}"} if key else {}),
-                           **(headers or {})}
+        default_headers = {
+            "User-Agent": user_agent(),
+            **({"Authorization": f"Bearer {key}"} if key else {}),
+            **(headers or {}),
+        }
         self.retry = retry
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=default_headers, transport=transport)
         self.models = Models(self)
@@ -68,7 +79,7 @@ class Client:
         self.checkpoints = Checkpoints(self)
         self.losses = Losses(self)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,23 +88,30 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, call: Call[T], *, retry: Optional[RetryPolicy] = None) -> T:
+    def request(self, call: Call[T], *, retry: RetryPolicy | None = None) -> T:
         """Send one API call (retried per `retry`, default the client's) and parse its answer."""
         retrying = Retrying(**retrying_options(retry or self.retry, call.idempotent, call.what))
         try:
             response = retrying(self._send_once, call)
         except httpx.TransportError as exc:
-            raise APIConnectionError(f"{call.what} on {self.base_url}: {type(exc).__name__}: {exc}",
-                                     getattr(exc, "_request", None)) from exc
+            raise APIConnectionError(
+                f"{call.what} on {self.base_url}: {type(exc).__name__}: {exc}", getattr(exc, "_request", None)
+            ) from exc
         if response.is_error:
             raise error_from_response(response)
         return call.parse(response)
 
     def _send_once(self, call: Call[Any]) -> httpx.Response:
         with call.upload.files() if call.upload else nullcontext(None) as files:
-            return self._http.request(call.method, call.path, params=call.params, json=call.json, files=files,
-                                      headers=dict(call.headers),
-                                      timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            return self._http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                files=files,
+                headers=dict(call.headers),
+                timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
 
     def ready(self) -> m.ReadyOut:
         """GET /readyz once: the database and the broker answer (else `ServiceUnavailableError`)."""
@@ -110,8 +128,8 @@ class Client:
                     raise
             time.sleep(poll_interval)
 
-    def _pages(self, make: Callable[[Optional[str]], Call[Any]]) -> Iterator[Any]:
-        cursor: Optional[str] = None
+    def _pages(self, make: Callable[[str | None], Call[Any]]) -> Iterator[Any]:
+        cursor: str | None = None
         while True:
             page = self.request(make(cursor))
             yield from page.items
@@ -126,7 +144,7 @@ class _Resource:
 
 
 class Models(_Resource):
-    def register(self, name: str, path: str, *, idempotency_key: Optional[str] = None) -> m.ModelOut:
+    def register(self, name: str, path: str, *, idempotency_key: str | None = None) -> m.ModelOut:
         """Register a server-side SFT model directory (absolute path); its content hash is recorded."""
         return self._client.request(calls.register_model(m.ModelCreate(name=name, path=path), idempotency_key))
 
@@ -138,8 +156,9 @@ class Models(_Resource):
 
 
 class Feedback(_Resource):
-    def upload(self, file: FileSource, *, filename: Optional[str] = None,
-               idempotency_key: Optional[str] = None) -> m.FeedbackOut:
+    def upload(
+        self, file: FileSource, *, filename: str | None = None, idempotency_key: str | None = None
+    ) -> m.FeedbackOut:
         """Upload a feedback file (a path, streamed, or bytes). A bad file raises
         `InvalidFeedbackError` whose `.records` lists every bad record; nothing is stored."""
         return self._client.request(calls.upload_feedback(Upload(file, filename), idempotency_key))
@@ -152,8 +171,17 @@ class Feedback(_Resource):
 
 
 class Runs(_Resource):
-    def create(self, model_id: str, loss: Any, *, name: Optional[str] = None, hyperparams: Any = None,
-               conversion: Any = None, lora: Any = None, idempotency_key: Optional[str] = None) -> m.RunOut:
+    def create(
+        self,
+        model_id: str,
+        loss: Any,
+        *,
+        name: str | None = None,
+        hyperparams: Any = None,
+        conversion: Any = None,
+        lora: Any = None,
+        idempotency_key: str | None = None,
+    ) -> m.RunOut:
         """A run on a registered model. `loss`: a name (`"dpo"`), a dict or a LossConfig model."""
         body = run_body(model_id, loss, name=name, hyperparams=hyperparams, conversion=conversion, lora=lora)
         return self._client.request(calls.create_run(body, idempotency_key))
@@ -166,13 +194,26 @@ class Runs(_Resource):
 
 
 class Rounds(_Resource):
-    def create(self, run_id: str, feedback_ids: Sequence[str], *, loss: Any = None, hyperparams: Any = None,
-               conversion: Any = UNSET, parent_checkpoint_id: Optional[str] = None,
-               idempotency_key: Optional[str] = None) -> m.RoundOut:
+    def create(
+        self,
+        run_id: str,
+        feedback_ids: Sequence[str],
+        *,
+        loss: Any = None,
+        hyperparams: Any = None,
+        conversion: Any = UNSET,
+        parent_checkpoint_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> m.RoundOut:
         """Queue a round. `hyperparams`: a partial override of the run's; `conversion`: left out =
         the run's, None = no conversion for this round. Wait for it with `client.jobs.wait(r.job_id)`."""
-        body = round_body(feedback_ids, loss=loss, hyperparams=hyperparams, conversion=conversion,
-                          parent_checkpoint_id=parent_checkpoint_id)
+        body = round_body(
+            feedback_ids,
+            loss=loss,
+            hyperparams=hyperparams,
+            conversion=conversion,
+            parent_checkpoint_id=parent_checkpoint_id,
+        )
         return self._client.request(calls.create_round(run_id, body, idempotency_key))
 
     def list(self, run_id: str) -> list[m.RoundOut]:
@@ -184,13 +225,13 @@ class Jobs(_Resource):
     def get(self, job_id: str) -> m.JobOut:
         return self._client.request(calls.get_job(job_id))
 
-    def list(self, *, status: Optional[str] = None, page_size: int = 50) -> Iterator[m.JobOut]:
+    def list(self, *, status: str | None = None, page_size: int = 50) -> Iterator[m.JobOut]:
         """Newest first, every page; `status` filters (`running`, `failed`, …)."""
         return self._client._pages(lambda cursor: calls.list_jobs(cursor, page_size, status))
 
-    def metrics(self, job_id: str, *, split: Optional[str] = None, page_size: int = 1000) -> Iterator[m.MetricPointOut]:
+    def metrics(self, job_id: str, *, split: str | None = None, page_size: int = 1000) -> Iterator[m.MetricPointOut]:
         """The per-step series, ascending (one point per step and split), every page."""
-        after: Optional[int] = None
+        after: int | None = None
         while True:
             page = self._client.request(calls.job_metrics(job_id, after, page_size, split))
             yield from page.items
@@ -198,7 +239,7 @@ class Jobs(_Resource):
                 return
             after = page.next_after_step
 
-    def logs(self, job_id: str, *, tail_bytes: Optional[int] = None) -> str:
+    def logs(self, job_id: str, *, tail_bytes: int | None = None) -> str:
         """The tail of the job's training log (the server's default size unless `tail_bytes`)."""
         return self._client.request(calls.job_logs(job_id, tail_bytes))
 
@@ -216,8 +257,7 @@ class Jobs(_Resource):
                 return
             time.sleep(poll_interval)
 
-    def events(self, job_id: str, *, last_event_id: Optional[str] = None,
-               metrics: bool = True) -> Iterator[StreamMessage]:
+    def events(self, job_id: str, *, last_event_id: str | None = None, metrics: bool = True) -> Iterator[StreamMessage]:
         """The job's events (and metric points) as they happen, from the start or after
         `last_event_id`, until the job has finished (the `end` message); a dropped connection is
         resumed where it stopped (Server-Sent Events, `halos_client.events`)."""
@@ -227,8 +267,15 @@ class Jobs(_Resource):
         """Queued/waiting: cancelled at once; running: `cancelling` until the training processes are gone."""
         return self._client.request(calls.cancel_job(job_id))
 
-    def wait(self, job_id: str, *, timeout: Optional[float] = None, poll_interval: float = 2.0,
-             on_progress: Optional[Callable[[m.JobOut], None]] = None, raise_on_failure: bool = True) -> m.JobOut:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        on_progress: Callable[[m.JobOut], None] | None = None,
+        raise_on_failure: bool = True,
+    ) -> m.JobOut:
         """Poll until the job has finished and return its final state.
 
         `on_progress(job)` is called on every poll (status, progress, percent_done, eta_s,
@@ -237,7 +284,7 @@ class Jobs(_Resource):
         seconds raises `WaitTimeout`. Once the job has been seen, an unreachable server (a
         restart, a 503, a 429 past its retries) is waited out, up to `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        job: Optional[m.JobOut] = None
+        job: m.JobOut | None = None
         while True:
             try:
                 job = self.get(job_id)

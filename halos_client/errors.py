@@ -19,9 +19,9 @@ by class (`NotFoundError`) or switch on `code` (`"run_not_found"`), which is sta
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -36,7 +36,7 @@ class HalosError(Exception):
 class APIConnectionError(HalosError):
     """No HTTP answer: connection refused, reset, timed out (the httpx error is `__cause__`)."""
 
-    def __init__(self, message: str, request: Optional[httpx.Request] = None) -> None:
+    def __init__(self, message: str, request: httpx.Request | None = None) -> None:
         super().__init__(message)
         self.request = request
 
@@ -44,7 +44,7 @@ class APIConnectionError(HalosError):
 class APIError(HalosError):
     """The server answered with an error status."""
 
-    def __init__(self, status: int, info: ErrorInfo, response: Optional[httpx.Response] = None) -> None:
+    def __init__(self, status: int, info: ErrorInfo, response: httpx.Response | None = None) -> None:
         where = f"{response.request.method} {response.request.url.path}: " if response is not None else ""
         super().__init__(f"{where}{status} {info.code}: {info.message}")
         self.status = status
@@ -64,7 +64,7 @@ class APIError(HalosError):
         return self.info.details
 
     @property
-    def retry_after(self) -> Optional[float]:
+    def retry_after(self) -> float | None:
         """Seconds the server asked the client to wait (its Retry-After header; 429 and 503), if it said."""
         return retry_after_seconds(self.response) if self.response is not None else None
 
@@ -163,7 +163,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
 }
 
 
-def retry_after_seconds(response: httpx.Response) -> Optional[float]:
+def retry_after_seconds(response: httpx.Response) -> float | None:
     """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3); None if absent or garbled."""
     value = response.headers.get("retry-after")
     if value is None:
@@ -178,8 +178,8 @@ def retry_after_seconds(response: httpx.Response) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def error_from_response(response: httpx.Response) -> APIError:

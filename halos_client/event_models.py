@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
@@ -46,9 +46,22 @@ SUBSCRIPTION_ALIASES: dict[str, frozenset[str]] = {
 
 # What `event_types` accepts, spelled out so the OpenAPI spec says it (kept equal to the above by a test)
 Subscription = Literal[
-    "*", "job.finished", "job.queued", "job.waiting_for_parent", "job.started", "job.checkpoint_saved",
-    "job.eval_done", "job.attempt_crashed", "job.retry_scheduled", "job.released", "job.cancelling",
-    "job.succeeded", "job.failed", "job.cancelled", "checkpoint.created", "feedback.stored",
+    "*",
+    "job.finished",
+    "job.queued",
+    "job.waiting_for_parent",
+    "job.started",
+    "job.checkpoint_saved",
+    "job.eval_done",
+    "job.attempt_crashed",
+    "job.retry_scheduled",
+    "job.released",
+    "job.cancelling",
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "checkpoint.created",
+    "feedback.stored",
 ]
 
 
@@ -61,27 +74,30 @@ class EventOut(BaseModel):
 
     id: int
     type: EventType
-    job_id: Optional[str] = None
-    run_id: Optional[str] = None
-    subject_id: Optional[str] = Field(None, description="the object the event is about (job, checkpoint, feedback)")
-    attempt: Optional[int] = None
-    status: Optional[str] = Field(None, description="the job's status right after the event")
+    job_id: str | None = None
+    run_id: str | None = None
+    subject_id: str | None = Field(None, description="the object the event is about (job, checkpoint, feedback)")
+    attempt: int | None = None
+    status: str | None = Field(None, description="the job's status right after the event")
     data: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
 
 
 class EventList(BaseModel):
     items: list[EventOut]
-    next_cursor: Optional[int] = Field(None, description="pass as `after` for the next page; null: no more now")
+    next_cursor: int | None = Field(None, description="pass as `after` for the next page; null: no more now")
 
 
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: AnyHttpUrl = Field(description="http(s) URL that receives POSTs signed per Standard Webhooks")
-    event_types: list[Subscription] = Field(min_length=1, max_length=64, description=(
-        "event types to deliver (see EventType), `job.finished` (succeeded, failed or cancelled) or `*`"))
-    description: Optional[str] = Field(None, max_length=500)
+    event_types: list[Subscription] = Field(
+        min_length=1,
+        max_length=64,
+        description=("event types to deliver (see EventType), `job.finished` (succeeded, failed or cancelled) or `*`"),
+    )
+    description: str | None = Field(None, max_length=500)
 
     @field_validator("url")
     @classmethod
@@ -100,12 +116,13 @@ class WebhookOut(BaseModel):
     id: str
     url: str
     event_types: list[str]
-    description: Optional[str] = None
+    description: str | None = None
     created_at: datetime
-    secret_rotated_at: Optional[datetime] = Field(
-        None, description="when the secret was last rotated; the previous one signs too until "
-                          "previous_secret_expires_at")
-    previous_secret_expires_at: Optional[datetime] = None
+    secret_rotated_at: datetime | None = Field(
+        None,
+        description="when the secret was last rotated; the previous one signs too until previous_secret_expires_at",
+    )
+    previous_secret_expires_at: datetime | None = None
 
 
 class WebhookWithSecret(WebhookOut):
@@ -116,15 +133,15 @@ class WebhookWithSecret(WebhookOut):
 
 class WebhookList(BaseModel):
     items: list[WebhookOut]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 class DeliveryAttemptOut(BaseModel):
     attempt: int
     started_at: datetime
     duration_ms: int
-    status_code: Optional[int] = None
-    error: Optional[str] = None
+    status_code: int | None = None
+    error: str | None = None
     ok: bool
 
 
@@ -135,17 +152,17 @@ class DeliveryOut(BaseModel):
     type: str
     status: str = Field(description="pending | delivered | failed (gave up after webhook_max_age_s)")
     attempts: int
-    next_attempt_at: Optional[datetime] = None
-    last_status_code: Optional[int] = None
-    last_error: Optional[str] = None
+    next_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
     created_at: datetime
-    finished_at: Optional[datetime] = None
+    finished_at: datetime | None = None
     log: list[DeliveryAttemptOut] = Field(default_factory=list)
 
 
 class DeliveryList(BaseModel):
     items: list[DeliveryOut]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 # --------------------------------------------------------------------------- experiment tracking
@@ -155,16 +172,18 @@ class MlflowOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     experiment: str = Field("halos", min_length=1, max_length=200, description="MLflow experiment name")
-    tracking_uri: Optional[str] = Field(
-        None, max_length=1000,
-        description="default: the server's HALOS_MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db")
+    tracking_uri: str | None = Field(
+        None,
+        max_length=1000,
+        description="default: the server's HALOS_MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db",
+    )
 
 
 class WandbOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     project: str = Field("halos", min_length=1, max_length=200)
-    entity: Optional[str] = Field(None, max_length=200)
+    entity: str | None = Field(None, max_length=200)
     mode: Literal["online", "offline"] = Field("online", description="offline: files only, `wandb sync` later")
 
 
@@ -174,13 +193,14 @@ class TrackingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mlflow: Optional[MlflowOptions] = None
-    wandb: Optional[WandbOptions] = None
+    mlflow: MlflowOptions | None = None
+    wandb: WandbOptions | None = None
 
 
 class TrackingLinkOut(BaseModel):
     backend: str
-    tracking_run_id: Optional[str] = Field(
-        None, description="the MLflow run id / W&B run id (null until the first export)")
+    tracking_run_id: str | None = Field(
+        None, description="the MLflow run id / W&B run id (null until the first export)"
+    )
     exported_steps: dict[str, int] = Field(default_factory=dict, description="job id -> last step exported")
-    last_error: Optional[str] = None
+    last_error: str | None = None

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
@@ -27,16 +28,28 @@ class StreamMessage:
 RETRYABLE = (httpx.TransportError, httpx.RemoteProtocolError)
 
 
-def iter_events(client: httpx.Client, job_id: str, *, last_event_id: Optional[str] = None, metrics: bool = True,
-                max_reconnects: int = 100, reconnect_delay_s: float = 1.0) -> Iterator[StreamMessage]:
+def iter_events(
+    client: httpx.Client,
+    job_id: str,
+    *,
+    last_event_id: str | None = None,
+    metrics: bool = True,
+    max_reconnects: int = 100,
+    reconnect_delay_s: float = 1.0,
+) -> Iterator[StreamMessage]:
     """Every event (and metric point) of the job from the start or after `last_event_id`, until `end`.
     `client` carries the base URL and the `Authorization` header."""
     failures = 0
     while True:
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         try:
-            with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events/stream",
-                             params={"metrics": str(metrics).lower()}, headers=headers) as source:
+            with connect_sse(
+                client,
+                "GET",
+                f"/v1/jobs/{job_id}/events/stream",
+                params={"metrics": str(metrics).lower()},
+                headers=headers,
+            ) as source:
                 source.response.raise_for_status()
                 for sse in source.iter_sse():
                     if not sse.data:  # heartbeat comment
@@ -55,9 +68,15 @@ def iter_events(client: httpx.Client, job_id: str, *, last_event_id: Optional[st
         # a clean close before `end` (the server's events_stream_max_s): reconnect at once
 
 
-async def aiter_events(client: httpx.AsyncClient, job_id: str, *, last_event_id: Optional[str] = None,
-                       metrics: bool = True, max_reconnects: int = 100,
-                       reconnect_delay_s: float = 1.0) -> AsyncIterator[StreamMessage]:
+async def aiter_events(
+    client: httpx.AsyncClient,
+    job_id: str,
+    *,
+    last_event_id: str | None = None,
+    metrics: bool = True,
+    max_reconnects: int = 100,
+    reconnect_delay_s: float = 1.0,
+) -> AsyncIterator[StreamMessage]:
     """The async twin of `iter_events`."""
     import asyncio
 
@@ -65,8 +84,13 @@ async def aiter_events(client: httpx.AsyncClient, job_id: str, *, last_event_id:
     while True:
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         try:
-            async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events/stream",
-                                    params={"metrics": str(metrics).lower()}, headers=headers) as source:
+            async with aconnect_sse(
+                client,
+                "GET",
+                f"/v1/jobs/{job_id}/events/stream",
+                params={"metrics": str(metrics).lower()},
+                headers=headers,
+            ) as source:
                 source.response.raise_for_status()
                 async for sse in source.aiter_sse():
                     if not sse.data:

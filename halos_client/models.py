@@ -19,15 +19,15 @@ from __future__ import annotations
 import math
 from copy import copy
 from datetime import datetime
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from halos_client.event_models import TrackingLinkOut, TrackingOptions
 from halos_core.artefact_spec import LabelRule, SamplingParams, ScalarLabels
 from halos_core.config import Conversion, Hyperparams, LoraSettings
 from halos_core.gate import GateRule
 from halos_core.loss_registry import LossConfig
-from halos_client.event_models import TrackingLinkOut, TrackingOptions
 
 MAX_REQUEST_DEPTH = 32
 MAX_INT = 2**63 - 1
@@ -99,11 +99,11 @@ class ErrorResponse(BaseModel):
 
 class FeedbackRecordError(BaseModel):
     index: int
-    line: Optional[int] = None
+    line: int | None = None
     field: str
     code: str
     message: str
-    hint: Optional[str] = None
+    hint: str | None = None
 
 
 class FeedbackOut(_Response):
@@ -116,20 +116,23 @@ class FeedbackOut(_Response):
     n_test: int
     sha256: str
     size_bytes: int
-    filename: Optional[str] = Field(None, description="the client's file name, metadata only (escaped, truncated)")
-    source: str = Field("upload", description="upload | sampling | labelling | label_studio | "
-                        "label_studio_webhook | argilla_webhook")
-    job_id: Optional[str] = Field(None, description="the sampling / labelling job that generated it")
-    provenance: Optional[dict[str, Any]] = Field(None, description="generator / reward model / inputs it came from")
-    findings: Optional[dict[str, Any]] = Field(
-        None, description="data-quality warnings of an upload: counts per code and the first records (index, line, "
-        "code, message); pairs with identical outputs are left out of training")
+    filename: str | None = Field(None, description="the client's file name, metadata only (escaped, truncated)")
+    source: str = Field(
+        "upload", description="upload | sampling | labelling | label_studio | label_studio_webhook | argilla_webhook"
+    )
+    job_id: str | None = Field(None, description="the sampling / labelling job that generated it")
+    provenance: dict[str, Any] | None = Field(None, description="generator / reward model / inputs it came from")
+    findings: dict[str, Any] | None = Field(
+        None,
+        description="data-quality warnings of an upload: counts per code and the first records (index, line, "
+        "code, message); pairs with identical outputs are left out of training",
+    )
     created_at: datetime
 
 
 class FeedbackList(BaseModel):
     items: list[FeedbackOut]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 # --------------------------------------------------------------------------- prompt sets, sampling, labelling
@@ -143,14 +146,14 @@ class PromptSetOut(_Response):
     n_test: int
     sha256: str
     size_bytes: int
-    filename: Optional[str] = None
-    findings: Optional[dict[str, Any]] = None
+    filename: str | None = None
+    findings: dict[str, Any] | None = None
     created_at: datetime
 
 
 class PromptSetList(BaseModel):
     items: list[PromptSetOut]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 class SamplingJobCreate(_Request):
@@ -158,9 +161,9 @@ class SamplingJobCreate(_Request):
     a registered model, or a run (= its head, resolved now and recorded)."""
 
     prompt_set_id: str = ID_FIELD
-    checkpoint_id: Optional[str] = Field(None, max_length=64)
-    model_id: Optional[str] = Field(None, max_length=64)
-    run_id: Optional[str] = Field(None, max_length=64)
+    checkpoint_id: str | None = Field(None, max_length=64)
+    model_id: str | None = Field(None, max_length=64)
+    run_id: str | None = Field(None, max_length=64)
     params: SamplingParams = Field(default_factory=SamplingParams)
 
 
@@ -197,7 +200,7 @@ class ModelOut(_Response):
 
 class ModelList(BaseModel):
     items: list[ModelOut]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 # --------------------------------------------------------------------------- runs and rounds
@@ -229,30 +232,33 @@ HyperparamsPatch = _partial(Hyperparams, "HyperparamsPatch")
 
 
 class RunCreate(_Request):
-    name: Optional[str] = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=200)
     model_id: str = ID_FIELD
     loss: LossConfig
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
-    conversion: Optional[Conversion] = None
-    lora: Optional[LoraSettings] = None
-    tracking: Optional[TrackingOptions] = Field(None, description="also log this run to MLflow and/or W&B")
+    conversion: Conversion | None = None
+    lora: LoraSettings | None = None
+    tracking: TrackingOptions | None = Field(None, description="also log this run to MLflow and/or W&B")
 
 
 class RoundCreate(_Request):
     feedback_ids: list[str] = Field(min_length=1, max_length=64)
-    loss: Optional[LossConfig] = Field(None, description="override of the run's loss for this round")
-    hyperparams: Optional[HyperparamsPatch] = Field(  # type: ignore[valid-type]
+    loss: LossConfig | None = Field(None, description="override of the run's loss for this round")
+    hyperparams: HyperparamsPatch | None = Field(  # type: ignore[valid-type]
         None, description="partial override merged over the run's hyperparameters"
     )
-    conversion: Optional[Conversion] = Field(
+    conversion: Conversion | None = Field(
         None, description="absent: the run's conversion; null: no conversion for this round"
     )
-    parent_checkpoint_id: Optional[str] = Field(
+    parent_checkpoint_id: str | None = Field(
         None, max_length=64, description="default: the run's head (after the run's latest round, if it is unfinished)"
     )
-    gate: Optional[list[GateRule]] = Field(
-        None, max_length=8, description="promotion gate: eval metrics that may not drop below the head's (on this "
-        "round's eval set, scored by both); a round failing it succeeds but does not become the head")
+    gate: list[GateRule] | None = Field(
+        None,
+        max_length=8,
+        description="promotion gate: eval metrics that may not drop below the head's (on this "
+        "round's eval set, scored by both); a round failing it succeeds but does not become the head",
+    )
 
 
 class RoundOut(BaseModel):
@@ -261,37 +267,38 @@ class RoundOut(BaseModel):
     run_id: str
     job_id: str
     status: str
-    parent_checkpoint_id: Optional[str] = None
-    parent_job_id: Optional[str] = None
-    checkpoint_id: Optional[str] = None
+    parent_checkpoint_id: str | None = None
+    parent_job_id: str | None = None
+    checkpoint_id: str | None = None
     feedback_ids: list[str]
     loss: dict[str, Any]
     hyperparams: dict[str, Any]
-    conversion: Optional[dict[str, Any]] = None
-    gate: Optional[list[dict[str, Any]]] = None
-    promoted: Optional[bool] = Field(None, description="set when the round succeeded: did it become the run's head")
-    promotion: Optional[dict[str, Any]] = Field(None, description="the gate's verdict and the reason if not promoted")
+    conversion: dict[str, Any] | None = None
+    gate: list[dict[str, Any]] | None = None
+    promoted: bool | None = Field(None, description="set when the round succeeded: did it become the run's head")
+    promotion: dict[str, Any] | None = Field(None, description="the gate's verdict and the reason if not promoted")
     created_at: datetime
 
 
 class HeadMoveOut(BaseModel):
-    from_checkpoint_id: Optional[str] = None
-    to_checkpoint_id: Optional[str] = None
+    from_checkpoint_id: str | None = None
+    to_checkpoint_id: str | None = None
     reason: str = Field(description="promoted | rollback")
-    round_id: Optional[str] = None
+    round_id: str | None = None
     created_at: datetime
 
 
 class RunOut(BaseModel):
     id: str
-    name: Optional[str] = None
+    name: str | None = None
     model_id: str
     loss: dict[str, Any]
     hyperparams: dict[str, Any]
-    conversion: Optional[dict[str, Any]] = None
-    lora: Optional[dict[str, Any]] = None
-    head_checkpoint_id: Optional[str] = Field(
-        None, description="what the next round continues from and sampling uses (null: the SFT model)")
+    conversion: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+    head_checkpoint_id: str | None = Field(
+        None, description="what the next round continues from and sampling uses (null: the SFT model)"
+    )
     head_history: list[HeadMoveOut] = Field(default_factory=list)
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
@@ -299,8 +306,9 @@ class RunOut(BaseModel):
 
 
 class Rollback(_Request):
-    checkpoint_id: Optional[str] = Field(..., max_length=64,
-                                         description="a checkpoint of this run; null: back to the SFT model")
+    checkpoint_id: str | None = Field(
+        ..., max_length=64, description="a checkpoint of this run; null: back to the SFT model"
+    )
 
 
 class LossInfo(BaseModel):
@@ -311,7 +319,7 @@ class LossInfo(BaseModel):
     data: str = Field(description="paired | unpaired | grouped | sft: the batches it trains on")
     feedback_kinds: list[str] = Field(description="feedback kinds it can use without a conversion")
     needs_reference: bool
-    head: Optional[str] = Field(None, description="reward | value: a head it trains on the policy")
+    head: str | None = Field(None, description="reward | value: a head it trains on the policy")
     min_microbatch_size: int
     parameters: dict[str, Any] = Field(description="JSON schema of its parameters (with defaults)")
 
@@ -324,7 +332,7 @@ class LossList(BaseModel):
 
 class RunSummary(BaseModel):
     id: str
-    name: Optional[str] = None
+    name: str | None = None
     model_id: str
     loss: dict[str, Any]
     created_at: datetime
@@ -332,7 +340,7 @@ class RunSummary(BaseModel):
 
 class RunList(BaseModel):
     items: list[RunSummary]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 # --------------------------------------------------------------------------- jobs
@@ -341,7 +349,7 @@ class RunList(BaseModel):
 class JobProgress(BaseModel):
     step: int = Field(description="optimizer steps, cumulative across rounds")
     round_step: int = Field(description="optimizer steps within this round")
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
     examples: int
 
 
@@ -353,36 +361,38 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     progress: JobProgress
-    percent_done: Optional[float] = Field(
+    percent_done: float | None = Field(
         None, description="round_step / total_steps × 100 (100 once succeeded); null while total_steps is unknown"
     )
-    elapsed_s: Optional[float] = Field(
-        None, description="seconds since the first attempt started, until the job finished (or now); "
-        "includes retries and their backoff; null before the job has started"
+    elapsed_s: float | None = Field(
+        None,
+        description="seconds since the first attempt started, until the job finished (or now); "
+        "includes retries and their backoff; null before the job has started",
     )
-    eta_s: Optional[float] = Field(
-        None, description="estimated seconds until the round's last training step (0 once succeeded), from "
+    eta_s: float | None = Field(
+        None,
+        description="estimated seconds until the round's last training step (0 once succeeded), from "
         "the pace of the current attempt's recent steps; null when not running or not yet measurable "
-        "(fewer than two steps timed in this attempt)"
+        "(fewer than two steps timed in this attempt)",
     )
-    latest_metrics: Optional[dict[str, Any]] = None
-    error: Optional[str] = None
+    latest_metrics: dict[str, Any] | None = None
+    error: str | None = None
     created_at: datetime
-    queued_at: Optional[datetime] = None
-    started_at: Optional[datetime] = None
-    finished_at: Optional[datetime] = None
-    updated_at: Optional[datetime] = None
-    parent_job_id: Optional[str] = None
-    run_id: Optional[str] = None
-    round_id: Optional[str] = None
-    round_index: Optional[int] = None
-    checkpoint_id: Optional[str] = None
-    output_feedback_id: Optional[str] = Field(None, description="sampling / labelling job: the feedback file it made")
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    parent_job_id: str | None = None
+    run_id: str | None = None
+    round_id: str | None = None
+    round_index: int | None = None
+    checkpoint_id: str | None = None
+    output_feedback_id: str | None = Field(None, description="sampling / labelling job: the feedback file it made")
 
 
 class JobList(BaseModel):
     items: list[JobOut]
-    next_cursor: Optional[str] = None
+    next_cursor: str | None = None
 
 
 class MetricPointOut(BaseModel):
@@ -396,7 +406,7 @@ class MetricPointOut(BaseModel):
 class MetricSeries(BaseModel):
     job_id: str
     items: list[MetricPointOut]
-    next_after_step: Optional[int] = Field(
+    next_after_step: int | None = Field(
         None, description="pass as `after_step` to get the next page; null when this page is the last"
     )
 
@@ -408,10 +418,10 @@ class CheckpointOut(BaseModel):
     id: str
     run_id: str
     round_id: str
-    round_index: Optional[int] = None
+    round_index: int | None = None
     job_id: str
     model_id: str
-    parent_id: Optional[str] = None
+    parent_id: str | None = None
     path: str
     manifest_sha256: str
     step: int
@@ -422,15 +432,15 @@ class CheckpointOut(BaseModel):
 class LineageItem(BaseModel):
     checkpoint_id: str
     round_id: str
-    round_index: Optional[int] = None
+    round_index: int | None = None
     job_id: str
     step: int
     examples: int
     manifest_sha256: str
     feedback_ids: list[str]
-    loss: Optional[dict[str, Any]] = None
-    hyperparams: Optional[dict[str, Any]] = None
-    conversion: Optional[dict[str, Any]] = None
+    loss: dict[str, Any] | None = None
+    hyperparams: dict[str, Any] | None = None
+    conversion: dict[str, Any] | None = None
 
 
 class ModelRef(BaseModel):
@@ -464,20 +474,26 @@ class ReadyOut(BaseModel):
 class IntegrationCreate(_Request):
     tool: Literal["label_studio", "argilla"]
     label_config: Literal["pairwise", "rating"] = Field(
-        description="pairwise: one answer of two preferred → pairwise feedback; rating: a score → scalar feedback")
-    name: Optional[str] = Field(None, max_length=200)
-    secret: Optional[str] = Field(None, min_length=8, max_length=255,
-                                  description="Argilla: the webhook's signing secret (whsec_…); Label Studio: generated")
+        description="pairwise: one answer of two preferred → pairwise feedback; rating: a score → scalar feedback"
+    )
+    name: str | None = Field(None, max_length=200)
+    secret: str | None = Field(
+        None,
+        min_length=8,
+        max_length=255,
+        description="Argilla: the webhook's signing secret (whsec_…); Label Studio: generated",
+    )
 
 
 class IntegrationOut(BaseModel):
     id: str
     tool: str
     label_config: str
-    name: Optional[str] = None
+    name: str | None = None
     webhook_path: str = Field(description="where the tool posts its webhooks (no API key; the secret authenticates)")
-    secret: Optional[str] = Field(None, description="Label Studio: send it as header X-Halos-Webhook-Secret; shown "
-                                  "once, at creation")
+    secret: str | None = Field(
+        None, description="Label Studio: send it as header X-Halos-Webhook-Secret; shown once, at creation"
+    )
     draft: dict[str, int] = Field(default_factory=dict, description="annotations: open (to seal), deleted, sealed")
     created_at: datetime
 

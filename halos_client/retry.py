@@ -39,8 +39,13 @@ IDEMPOTENT_RETRIED_STATUSES = frozenset({502, 504})
 # The request never reached the server: resending cannot do anything twice.
 NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # The request may have reached the server (reset, read/write timeout, closed without an answer).
-MAYBE_SENT_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.ReadTimeout, httpx.WriteTimeout,
-                     httpx.RemoteProtocolError)
+MAYBE_SENT_ERRORS = (
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.RemoteProtocolError,
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,9 @@ def retryable_response(response: httpx.Response, idempotent: bool) -> bool:
 class _WaitRetryAfterOrBackoff(wait_base):
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.backoff = wait_exponential_jitter(initial=policy.backoff_s, max=policy.max_backoff_s,
-                                               jitter=policy.backoff_s)
+        self.backoff = wait_exponential_jitter(
+            initial=policy.backoff_s, max=policy.max_backoff_s, jitter=policy.backoff_s
+        )
 
     def __call__(self, state: RetryCallState) -> float:
         after = _retry_after(state)
@@ -111,14 +117,22 @@ def retrying_options(policy: RetryPolicy, idempotent: bool, what: str) -> dict[s
 
     def before_sleep(state: RetryCallState) -> None:
         sleep = state.next_action.sleep if state.next_action else 0.0
-        log.info("%s: %s; retry %d/%d in %.1f s", what, _describe(state), state.attempt_number,
-                 policy.max_attempts - 1, sleep)
+        log.info(
+            "%s: %s; retry %d/%d in %.1f s",
+            what,
+            _describe(state),
+            state.attempt_number,
+            policy.max_attempts - 1,
+            sleep,
+        )
 
     return {
         "stop": stop_after_attempt(max(1, policy.max_attempts)) | _StopIfRetryAfterTooLong(policy),
         "wait": _WaitRetryAfterOrBackoff(policy),
-        "retry": (retry_if_exception(lambda exc: retryable_exception(exc, idempotent))
-                  | retry_if_result(lambda response: retryable_response(response, idempotent))),
+        "retry": (
+            retry_if_exception(lambda exc: retryable_exception(exc, idempotent))
+            | retry_if_result(lambda response: retryable_response(response, idempotent))
+        ),
         "retry_error_callback": lambda state: state.outcome.result() if state.outcome else None,
         "before_sleep": before_sleep,
         "reraise": True,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -58,7 +58,8 @@ class SamplingParams(_Strict):
     max_prompt_length: int = Field(512, ge=8, le=65536, description="prompts are cut to their last N tokens")
     batch_size: int = Field(16, ge=1, le=1024, description="prompts per generate call")
     engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="auto: vLLM when it is installed and a GPU is present, else transformers generate")
+        "auto", description="auto: vLLM when it is installed and a GPU is present, else transformers generate"
+    )
 
 
 class PromptsInput(_Strict):
@@ -95,7 +96,7 @@ class PairwiseLabels(ScalarToPairs):
     type: Literal["pairwise"] = "pairwise"  # type: ignore[assignment]
 
 
-LabelRule = Annotated[Union[ScalarLabels, BinaryLabels, PairwiseLabels], Field(discriminator="type")]
+LabelRule = Annotated[ScalarLabels | BinaryLabels | PairwiseLabels, Field(discriminator="type")]
 LABEL_KIND = {"scalar": "scalar", "binary": "binary", "pairwise": "pairwise"}
 
 
@@ -123,7 +124,7 @@ class LabelSpec(_Strict):
 
 # --------------------------------------------------------------------------- the union, configs, result
 
-JobSpecUnion = Annotated[Union[JobSpec, SampleSpec, LabelSpec], Field(discriminator="kind")]
+JobSpecUnion = Annotated[JobSpec | SampleSpec | LabelSpec, Field(discriminator="kind")]
 _SPEC: TypeAdapter[Any] = TypeAdapter(JobSpecUnion)
 
 

@@ -31,9 +31,10 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,13 @@ def capture_rng() -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_cached)],
+        "numpy": [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -224,7 +231,9 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise CheckpointError(
+            f"{path}: refused to load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
 
 
 def load_checkpoint(path: str | Path, *, process_index: int = 0, need_optimizer: bool = True) -> LoadedCheckpoint:
@@ -262,7 +271,7 @@ def load_checkpoint(path: str | Path, *, process_index: int = 0, need_optimizer:
 # --------------------------------------------------------------------------- digests (proofs)
 
 
-def _hash_value(digest: "hashlib._Hash", value: Any) -> None:
+def _hash_value(digest: hashlib._Hash, value: Any) -> None:
     """Feed one state value canonically: a tensor as dtype, shape and raw bytes (from CPU,
     contiguous), anything else (a Python number, None) as its type and repr."""
     if isinstance(value, torch.Tensor):

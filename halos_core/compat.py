@@ -33,8 +33,9 @@ class TrainedParams:
 
 def round_params(loss_name: str, lora: LoraSettings | None) -> TrainedParams:
     """What a round with this loss and these LoRA settings trains."""
-    return TrainedParams(lora=lora_structure(lora) if lora is not None else None, head=head_kind(loss_name),
-                         loss=loss_name)
+    return TrainedParams(
+        lora=lora_structure(lora) if lora is not None else None, head=head_kind(loss_name), loss=loss_name
+    )
 
 
 def recorded_params(trainer_state: dict[str, Any] | None, meta: dict[str, Any] | None = None) -> TrainedParams:
@@ -65,14 +66,18 @@ class Incompatibility:
     def message(self, where: str) -> str:
         """`where` names the parent, e.g. "checkpoint ckpt_… (round 2)"."""
         if self.reason == "lora":
-            return (f"the parent {where} trains {_lora_words(self.have)}; this round trains {_lora_words(self.want)}"
-                    " (the run's `lora`): its weights and optimizer state cannot be continued. Continue from a"
-                    " checkpoint trained with the run's settings, or start a new run.")
-        return (f"the parent {where} trains {_head_words(self.have)}"
-                + (f" (loss {self.parent_loss!r})" if self.parent_loss else "")
-                + f"; loss {self.loss!r} trains {_head_words(self.want)}: its weights and optimizer state cannot"
-                " be continued. Use a loss that trains the same head (reward: bradley_terry; value: ppo; none:"
-                " every other loss), or start a new run for this loss.")
+            return (
+                f"the parent {where} trains {_lora_words(self.have)}; this round trains {_lora_words(self.want)}"
+                " (the run's `lora`): its weights and optimizer state cannot be continued. Continue from a"
+                " checkpoint trained with the run's settings, or start a new run."
+            )
+        return (
+            f"the parent {where} trains {_head_words(self.have)}"
+            + (f" (loss {self.parent_loss!r})" if self.parent_loss else "")
+            + f"; loss {self.loss!r} trains {_head_words(self.want)}: its weights and optimizer state cannot"
+            " be continued. Use a loss that trains the same head (reward: bradley_terry; value: ppo; none:"
+            " every other loss), or start a new run for this loss."
+        )
 
 
 def incompatibility(have: TrainedParams, want: TrainedParams) -> Incompatibility | None:

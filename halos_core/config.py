@@ -8,7 +8,7 @@ time instead of crashing on a GPU hours later.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,7 +30,7 @@ class ScalarToBinary(_Strict):
     threshold: float | None = None
 
     @model_validator(mode="after")
-    def _threshold_given(self) -> "ScalarToBinary":
+    def _threshold_given(self) -> ScalarToBinary:
         if self.method == "threshold" and self.threshold is None:
             raise ValueError("method 'threshold' needs a 'threshold' value")
         return self
@@ -52,9 +52,7 @@ class PairwiseToUnpaired(_Strict):
     frac_unique_undesirable: float = Field(1.0, gt=0, le=1)
 
 
-Conversion = Annotated[
-    Union[ScalarToBinary, ScalarToPairs, PairwiseToUnpaired], Field(discriminator="type")
-]
+Conversion = Annotated[ScalarToBinary | ScalarToPairs | PairwiseToUnpaired, Field(discriminator="type")]
 
 _CONVERSION_INPUT = {"scalar_to_binary": "scalar", "scalar_to_pairs": "scalar", "pairwise_to_unpaired": "pairwise"}
 _CONVERSION_OUTPUT = {"scalar_to_binary": "binary", "scalar_to_pairs": "pairwise", "pairwise_to_unpaired": "unpaired"}
@@ -90,6 +88,7 @@ class Hyperparams(_Strict):
         if not all(0 <= b < 1 for b in value):
             raise ValueError("adam_betas must both be in [0, 1)")
         return value
+
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1)  # intermediate checkpoint every N optimizer steps
     max_pairs_per_prompt: int | None = Field(None, ge=1)  # cap on "all pairs per prompt"

@@ -21,8 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class GateRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    metric: str = Field("rewards/accuracy", min_length=1, max_length=100,
-                        description="an eval metric of the round's loss, e.g. rewards/accuracy, rewards/margin, loss")
+    metric: str = Field(
+        "rewards/accuracy",
+        min_length=1,
+        max_length=100,
+        description="an eval metric of the round's loss, e.g. rewards/accuracy, rewards/margin, loss",
+    )
     max_drop: float = Field(0.0, ge=0, description="how much worse than the head's value it may be")
     higher_is_better: bool = True
 
@@ -40,7 +44,9 @@ def verdict(rules: list[GateRule], before: dict[str, float], after: dict[str, fl
             allowed = head - rule.max_drop if rule.higher_is_better else head + rule.max_drop
             ok = new >= allowed if rule.higher_is_better else new <= allowed
             if not ok:
-                failed.append(f"{rule.metric} {new:.4g} vs the head's {head:.4g} (allowed "
-                              f"{'>=' if rule.higher_is_better else '<='} {allowed:.4g})")
+                failed.append(
+                    f"{rule.metric} {new:.4g} vs the head's {head:.4g} (allowed "
+                    f"{'>=' if rule.higher_is_better else '<='} {allowed:.4g})"
+                )
         checks.append({"metric": rule.metric, "head": head, "round": new, "allowed": allowed, "passed": ok})
     return {"passed": not failed, "checks": checks, "reason": "; ".join(failed) or None}

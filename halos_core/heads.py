@@ -60,8 +60,12 @@ class ValueHead(nn.Module):
         self.dropout = dropout
         drop = (lambda: nn.Dropout(dropout)) if dropout else nn.Identity
         self.summary = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), drop(), nn.ReLU(),
-            nn.Linear(hidden_size, hidden_size), drop(), nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            drop(),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            drop(),
+            nn.ReLU(),
             nn.Linear(hidden_size, 1),
         )
 

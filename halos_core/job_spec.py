@@ -60,12 +60,15 @@ class JobSpec(_Strict):
     # run's head) before training (RoundResult.eval_before); the server compares (halos_core.gate)
     gate: list[GateRule] | None = None
 
-    def continue_from(self, path: str | None, checkpoint_id: str | None, step: int, examples: int) -> "JobSpec":
+    def continue_from(self, path: str | None, checkpoint_id: str | None, step: int, examples: int) -> JobSpec:
         """This spec starting from a checkpoint (the run's head; None: the SFT model, counters 0)."""
-        return self.model_copy(update={
-            "init_from": path, "init_from_checkpoint_id": checkpoint_id,
-            "counters": Counters(step=step, examples=examples),
-        })
+        return self.model_copy(
+            update={
+                "init_from": path,
+                "init_from_checkpoint_id": checkpoint_id,
+                "counters": Counters(step=step, examples=examples),
+            }
+        )
 
 
 class RunConfig(JobSpec):
@@ -81,12 +84,26 @@ class RunConfig(JobSpec):
     reference_cache_dir: str | None = None  # shared cache of reference log-probs across rounds
 
     @classmethod
-    def for_attempt(cls, spec: JobSpec, *, job_id: str, run_dir: str, resume_from: str | None = None,
-                    mixed_precision: Literal["no", "bf16"] = "no", reference_cache_dir: str | None = None) -> "RunConfig":
-        return cls.model_validate({
-            **spec.model_dump(), "job_id": job_id, "run_dir": run_dir, "resume_from": resume_from,
-            "mixed_precision": mixed_precision, "reference_cache_dir": reference_cache_dir,
-        })
+    def for_attempt(
+        cls,
+        spec: JobSpec,
+        *,
+        job_id: str,
+        run_dir: str,
+        resume_from: str | None = None,
+        mixed_precision: Literal["no", "bf16"] = "no",
+        reference_cache_dir: str | None = None,
+    ) -> RunConfig:
+        return cls.model_validate(
+            {
+                **spec.model_dump(),
+                "job_id": job_id,
+                "run_dir": run_dir,
+                "resume_from": resume_from,
+                "mixed_precision": mixed_precision,
+                "reference_cache_dir": reference_cache_dir,
+            }
+        )
 
     def job_spec(self) -> JobSpec:
         return JobSpec.model_validate(self.model_dump(include=set(JobSpec.model_fields)))

@@ -82,20 +82,37 @@ def _halos(record: Any) -> dict[str, Any]:
     """A normal-form record as the HALOs JSON record a round reads."""
     base = {"prompt_id": record.prompt_id, "prompt": [t.model_dump() for t in record.prompt], "split": record.split}
     if isinstance(record, PairwiseRecord):
-        return {"type": "pairwise_feedback", **base, "output_A": [t.model_dump() for t in record.output_A],
-                "output_B": [t.model_dump() for t in record.output_B], "label": record.label,
-                "reward_A": record.reward_A, "reward_B": record.reward_B}
+        return {
+            "type": "pairwise_feedback",
+            **base,
+            "output_A": [t.model_dump() for t in record.output_A],
+            "output_B": [t.model_dump() for t in record.output_B],
+            "label": record.label,
+            "reward_A": record.reward_A,
+            "reward_B": record.reward_B,
+        }
     if isinstance(record, BinaryRecord):
-        return {"type": "binary_feedback", **base, "output": [t.model_dump() for t in record.output],
-                "label": record.label, "reward": record.reward}
-    return {"type": "scalar_feedback", **base, "output": [t.model_dump() for t in record.output],
-            "reward": record.reward}
+        return {
+            "type": "binary_feedback",
+            **base,
+            "output": [t.model_dump() for t in record.output],
+            "label": record.label,
+            "reward": record.reward,
+        }
+    return {
+        "type": "scalar_feedback",
+        **base,
+        "output": [t.model_dump() for t in record.output],
+        "reward": record.reward,
+    }
 
 
 def label(config: LabelConfig, scores: list[float], samples: list[SampledRecord]) -> list[Any]:
     """The feedback records for `samples` scored `scores` under `config.label`."""
-    scalars = [ScalarRecord.model_construct(prompt_id=s.prompt_id, prompt=s.prompt, output=s.output, reward=r,
-                                            split=s.split) for s, r in zip(samples, scores)]
+    scalars = [
+        ScalarRecord.model_construct(prompt_id=s.prompt_id, prompt=s.prompt, output=s.output, reward=r, split=s.split)
+        for s, r in zip(samples, scores)
+    ]
     rule = config.label
     if rule.type == "binary":
         return scalar_to_binary(scalars, rule.method, rule.threshold)
@@ -114,21 +131,37 @@ def run(config: LabelConfig) -> ArtefactResult:
     total = (len(samples) + config.batch_size - 1) // config.batch_size
     for b in range(total):
         t0 = time.perf_counter()
-        batch = samples[b * config.batch_size:(b + 1) * config.batch_size]
+        batch = samples[b * config.batch_size : (b + 1) * config.batch_size]
         scores += scorer.score(batch)
         elapsed = time.perf_counter() - t0
-        run_dir.append_metrics({"step": b + 1, "round_step": b + 1, "total_steps": total, "examples": len(scores),
-                                "mean_score": statistics.fmean(scores), "samples_per_s": len(batch) / elapsed
-                                if elapsed > 0 else None, "time": time.time()})
+        run_dir.append_metrics(
+            {
+                "step": b + 1,
+                "round_step": b + 1,
+                "total_steps": total,
+                "examples": len(scores),
+                "mean_score": statistics.fmean(scores),
+                "samples_per_s": len(batch) / elapsed if elapsed > 0 else None,
+                "time": time.time(),
+            }
+        )
     records = label(config, scores, samples)
     target = run_dir.path / OUTPUT_DIR / OUTPUT_NAME
     sha, size = write_output_atomic(target, (json.dumps(_halos(r), ensure_ascii=False) for r in records))
     prompts = {r.prompt_id for r in records}
     n_test = sum(r.split == "test" for r in records)
     result = ArtefactResult(
-        job_id=config.job_id, kind="label", output_path=str(target.resolve()), sha256=sha, size_bytes=size,
-        feedback_kind=config.label.type, format="halos_jsonl", n_records=len(records), n_prompts=len(prompts),
-        n_train=len(records) - n_test, n_test=n_test,
+        job_id=config.job_id,
+        kind="label",
+        output_path=str(target.resolve()),
+        sha256=sha,
+        size_bytes=size,
+        feedback_kind=config.label.type,
+        format="halos_jsonl",
+        n_records=len(records),
+        n_prompts=len(prompts),
+        n_train=len(records) - n_test,
+        n_test=n_test,
         stats={"mean_score": statistics.fmean(scores) if scores else 0.0, "samples": float(len(samples))},
     )
     write_json_atomic(run_dir.result_json, result.to_json())
@@ -136,16 +169,20 @@ def run(config: LabelConfig) -> ArtefactResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m halos_core.label", description="Label samples with a reward model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m halos_core.label", description="Label samples with a reward model."
+    )
     parser.add_argument("--config", required=True, help="path of run.json (a LabelConfig)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = run(LabelConfig.model_validate_json(Path(args.config).read_text()))
-        print(f"halos_core.label: ok {result.n_records} {result.feedback_kind} records -> {result.output_path}",
-              flush=True)
+        print(
+            f"halos_core.label: ok {result.n_records} {result.feedback_kind} records -> {result.output_path}",
+            flush=True,
+        )
         return 0
-    except Exception:  # noqa: BLE001 - report everything, exit non-zero (signals keep their meaning)
+    except Exception:
         traceback.print_exc()
         sys.stderr.flush()
         return 1

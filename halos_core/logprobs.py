@@ -42,7 +42,9 @@ DEFAULT_CHUNK_TOKENS = 4096  # at most this many token positions (batch x time) 
 DEFAULT_CHUNK_BYTES = 512 << 20  # ... and at most this many bytes of float32 logits per chunk
 
 
-def chunk_tokens_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+def chunk_tokens_for(
+    vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> int:
     """Token positions per chunk so that one chunk's float32 logits [c, V] stay within `chunk_bytes`
     (a 128k vocabulary gets ~1k positions, a 32k one the 4096 cap)."""
     return max(1, min(max_tokens, chunk_bytes // (4 * max(1, vocab_size))))
@@ -98,7 +100,11 @@ def logit_transform(config) -> LogitTransform | None:
         model_type = getattr(cfg, "model_type", "") or model_type
         for name, identity in UNSUPPORTED_LOGIT_ATTRS.items():
             value = getattr(cfg, name, None)
-            if value is not None and value != identity and not (name == "dim_model_base" and value == getattr(cfg, "hidden_size", None)):
+            if (
+                value is not None
+                and value != identity
+                and not (name == "dim_model_base" and value == getattr(cfg, "hidden_size", None))
+            ):
                 raise UnsupportedLogits(
                     f"{type(cfg).__name__}.{name}={value!r}: the model post-processes its logits in a way "
                     "halos_core.logprobs does not support"
@@ -114,7 +120,9 @@ def logit_transform(config) -> LogitTransform | None:
     scale = found.get("logit_scale", 1.0)
     if scaling != 1.0 and not model_type.startswith("granite"):
         # Granite divides by logits_scaling; others (HyperCLOVA X) multiply by it
-        raise UnsupportedLogits(f"logits_scaling={scaling} on model type {model_type!r}: only Granite's (x / s) is supported")
+        raise UnsupportedLogits(
+            f"logits_scaling={scaling} on model type {model_type!r}: only Granite's (x / s) is supported"
+        )
     if sum([softcap is not None, scaling != 1.0, scale != 1.0]) > 1:
         raise UnsupportedLogits(f"more than one logit transform in {type(config).__name__}: {found}")
     if softcap is None and scaling == 1.0 and scale == 1.0:
@@ -201,7 +209,9 @@ def packed_token_logps(
 
 def _vocab_size(head: nn.Module) -> int:
     weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else int(getattr(head, "out_features", 0) or 0)
+    return (
+        int(weight.shape[0]) if weight is not None and weight.ndim == 2 else int(getattr(head, "out_features", 0) or 0)
+    )
 
 
 def logps_from_hidden(
@@ -273,10 +283,15 @@ class TokenLogprobModel(nn.Module):
         self.head = head
         self.logit_transform = logit_transform(getattr(lm, "config", None))  # refuses unsupported ones
 
-    def forward(self, input_ids, attention_mask, labels=None, mode: str = "logps"):  # noqa: D401
+    def forward(self, input_ids, attention_mask, labels=None, mode: str = "logps"):
         if mode == "logps":
             return token_logps(
-                self.lm, input_ids, attention_mask, labels, self.chunk_tokens, packing=self.packing,
+                self.lm,
+                input_ids,
+                attention_mask,
+                labels,
+                self.chunk_tokens,
+                packing=self.packing,
                 transform=self.logit_transform,
             )
         if self.head is None:
@@ -322,7 +337,7 @@ class ReferenceLogpCache:
         for shard in sorted(self.directory.glob("*.safetensors")):
             try:
                 self.rows.update(load_file(str(shard)))
-            except Exception:  # noqa: BLE001 - a broken shard is only a cache miss
+            except Exception:
                 continue
 
     @staticmethod

@@ -18,8 +18,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +107,8 @@ def load_adapter(model: nn.Module, checkpoint: Path) -> None:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
         raise CheckpointError(
             f"checkpoint {checkpoint}: adapters do not match this run's LoRA settings "
-            f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'…' if len(extra) > 3 else ''})"
+            f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''})"
         )
     result = set_peft_model_state_dict(model, saved)
     if getattr(result, "unexpected_keys", None):

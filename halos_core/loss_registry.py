@@ -180,7 +180,12 @@ _DECLARED: tuple[LossSpec, ...] = (
     LossSpec(SimPOLoss, "paired", "simpo:SimPO", needs_reference=False),
     LossSpec(SLiCLoss, "paired", "slic:SLiC", needs_reference=False),
     LossSpec(
-        KTOLoss, "unpaired", "kto:KTO", needs_reference=True, kl_pairs=True, min_microbatch=2,
+        KTOLoss,
+        "unpaired",
+        "kto:KTO",
+        needs_reference=True,
+        kl_pairs=True,
+        min_microbatch=2,
         min_microbatch_reason="its KL estimate pairs each prompt with another example's output",
     ),
     LossSpec(GRPOLoss, "grouped", "grpo:GRPO", needs_reference=True),
@@ -195,7 +200,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _DECLARED}
 if TYPE_CHECKING:  # type checkers see the common base; pydantic validates the real union below
     LossConfig = LossParams
 else:
-    LossConfig = Annotated[Union[tuple(spec.config for spec in _DECLARED)], Field(discriminator="name")]
+    # a union built at run time from the registry (Union[...] of a tuple; `|` cannot spell it)
+    LossConfig = Annotated[Union[tuple(spec.config for spec in _DECLARED)], Field(discriminator="name")]  # noqa: UP007 - see above
 
 
 def loss_spec(name: str) -> LossSpec:
@@ -235,6 +241,5 @@ def loss_batch_problem(loss_name: str, microbatch_size: int) -> str | None:
     """Why this loss cannot train with microbatches of `microbatch_size`, or None."""
     spec = loss_spec(loss_name)
     if microbatch_size < spec.min_microbatch:
-        return (f"{loss_name.upper()} needs microbatch_size >= {spec.min_microbatch}"
-                f" ({spec.min_microbatch_reason})")
+        return f"{loss_name.upper()} needs microbatch_size >= {spec.min_microbatch} ({spec.min_microbatch_reason})"
     return None

@@ -8,13 +8,14 @@ microbatches). `reduce` sums the pairs over processes with one collective and re
 Names in the metrics lines follow the run-directory contract:
     chosen_rewards -> rewards/chosen, rejected_rewards -> rewards/rejected,
     margins -> rewards/margin, accuracies/accuracy -> rewards/accuracy; other names unchanged.
-Token-level values ([B, T] tensors) are skipped. `rewards/margin` is derived as mean(chosen) - mean(rejected) when the loss reports no margins
+Token-level values ([B, T] tensors) are skipped. `rewards/margin` is derived as mean(chosen) - mean(rejected)
+when the loss reports no margins
 (KTO: desirable and undesirable rows are different examples).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -148,7 +148,7 @@ class RunDir:
     final = property(lambda self: self.path / "final")
     result_json = property(lambda self: self.path / "result.json")
 
-    def create(self) -> "RunDir":
+    def create(self) -> RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
         return self
@@ -186,7 +186,7 @@ class RunDir:
         `.tmp-<name>` into place. A kill between the two renames leaves no `<name>` but two complete
         copies under temp names: put the new one (else the old one) back instead of deleting both."""
         for aside in sorted(self.checkpoints.glob(f"{TMP_PREFIX}old-{CHECKPOINT_PREFIX}*")):
-            name = aside.name[len(f"{TMP_PREFIX}old-"):]
+            name = aside.name[len(f"{TMP_PREFIX}old-") :]
             target = self.checkpoints / name
             if target.exists():
                 continue

@@ -17,8 +17,8 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from halos_core.artefact_spec import OUTPUT_DIR, ArtefactResult, SampleConfig, write_output_atomic
 from halos_core.feedback.prompts import PromptRecord, read_prompts
@@ -29,7 +29,7 @@ OUTPUT_NAME = "samples.jsonl"
 
 def _batches(prompts: list[PromptRecord], size: int) -> Iterator[list[PromptRecord]]:
     for start in range(0, len(prompts), size):
-        yield prompts[start:start + size]
+        yield prompts[start : start + size]
 
 
 def run(config: SampleConfig) -> ArtefactResult:
@@ -49,24 +49,49 @@ def run(config: SampleConfig) -> ArtefactResult:
         for record, outputs in zip(batch, texts):
             n_test += record.split == "test"
             for j, text in enumerate(outputs):
-                lines.append(json.dumps({
-                    "type": "sample", "prompt_id": record.prompt_id, "sample_id": str(j),
-                    "prompt": [t.model_dump() for t in record.prompt], "output": text, "split": record.split,
-                    "dataset": config.prompts.prompt_set_id, "generator": config.generator.checkpoint_id
-                    or config.generator.model_id, "seed": params.seed,
-                }, ensure_ascii=False))
+                lines.append(
+                    json.dumps(
+                        {
+                            "type": "sample",
+                            "prompt_id": record.prompt_id,
+                            "sample_id": str(j),
+                            "prompt": [t.model_dump() for t in record.prompt],
+                            "output": text,
+                            "split": record.split,
+                            "dataset": config.prompts.prompt_set_id,
+                            "generator": config.generator.checkpoint_id or config.generator.model_id,
+                            "seed": params.seed,
+                        },
+                        ensure_ascii=False,
+                    )
+                )
         elapsed = time.perf_counter() - t0
-        run_dir.append_metrics({
-            "step": b + 1, "round_step": b + 1, "total_steps": total, "examples": len(lines),
-            "samples_per_s": len(batch) * params.n / elapsed if elapsed > 0 else None, "time": time.time(),
-        })
+        run_dir.append_metrics(
+            {
+                "step": b + 1,
+                "round_step": b + 1,
+                "total_steps": total,
+                "examples": len(lines),
+                "samples_per_s": len(batch) * params.n / elapsed if elapsed > 0 else None,
+                "time": time.time(),
+            }
+        )
     target = run_dir.path / OUTPUT_DIR / OUTPUT_NAME
     sha, size = write_output_atomic(target, lines)
     wall = time.perf_counter() - started
     result = ArtefactResult(
-        job_id=config.job_id, kind="sample", output_path=str(target.resolve()), sha256=sha, size_bytes=size,
-        feedback_kind="sampled", format="halos_sampled", n_records=len(lines), n_prompts=len(prompts),
-        n_train=len(lines) - n_test * params.n, n_test=n_test * params.n, engine=engine.name,
+        job_id=config.job_id,
+        kind="sample",
+        output_path=str(target.resolve()),
+        sha256=sha,
+        size_bytes=size,
+        feedback_kind="sampled",
+        format="halos_sampled",
+        n_records=len(lines),
+        n_prompts=len(prompts),
+        n_train=len(lines) - n_test * params.n,
+        n_test=n_test * params.n,
+        engine=engine.name,
         stats={"samples_per_s": len(lines) / wall if wall > 0 else 0.0, "seconds": wall},
     )
     write_json_atomic(run_dir.result_json, result.to_json())
@@ -82,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(SampleConfig.model_validate_json(Path(args.config).read_text()))
         print(f"halos_core.sample: ok {result.n_records} samples ({result.engine}) -> {result.output_path}", flush=True)
         return 0
-    except Exception:  # noqa: BLE001 - report everything, exit non-zero (signals keep their meaning)
+    except Exception:
         traceback.print_exc()
         sys.stderr.flush()
         return 1

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,9 @@ def build_accelerator(*, cpu: bool, gradient_accumulation_steps: int, mixed_prec
 
 def _no_ram_efficient_loading(plugin: Any = None) -> None:
     if plugin is not None and plugin.cpu_ram_efficient_loading:
-        log.warning("FSDP cpu_ram_efficient_loading is turned off: every rank loads the weights (see halos_core.sharded)")
+        log.warning(
+            "FSDP cpu_ram_efficient_loading is turned off: every rank loads the weights (see halos_core.sharded)"
+        )
         plugin.cpu_ram_efficient_loading = False
     os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
@@ -111,9 +114,13 @@ def check_supported(accelerator: Any, *, lora: bool) -> None:
         return
     version = accelerator.state.fsdp_plugin.fsdp_version
     if version != 2:
-        raise UnsupportedSharding(f"FSDP version {version} is not supported; set fsdp_version: 2 in accelerate.yaml (FSDP2)")
+        raise UnsupportedSharding(
+            f"FSDP version {version} is not supported; set fsdp_version: 2 in accelerate.yaml (FSDP2)"
+        )
     if lora:
-        raise UnsupportedSharding("LoRA with FSDP is not supported: train LoRA with DDP (settings.fsdp off), or full weights with FSDP")
+        raise UnsupportedSharding(
+            "LoRA with FSDP is not supported: train LoRA with DDP (settings.fsdp off), or full weights with FSDP"
+        )
 
 
 def configure_wrapping(accelerator: Any, lm: torch.nn.Module) -> None:
@@ -143,7 +150,9 @@ def index_keyed(state: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"optimizer state for parameters outside its param groups: {sorted(unknown)[:5]}")
     return {
-        "state": {index[name]: dict(entry) for name, entry in sorted(state["state"].items(), key=lambda kv: index[kv[0]])},
+        "state": {
+            index[name]: dict(entry) for name, entry in sorted(state["state"].items(), key=lambda kv: index[kv[0]])
+        },
         "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in state["param_groups"]],
     }
 
@@ -156,7 +165,9 @@ def fqn_keyed(state: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
         raise ValueError(f"optimizer state numbers {len(ids)} parameters, this optimizer has {len(names)}")
     return {
         "state": {names[int(i)]: dict(entry) for i, entry in state["state"].items()},
-        "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]
+        ],
     }
 
 
@@ -190,7 +201,9 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, 
     return index_keyed(get_optimizer_state_dict(model, _raw(optimizer), options=options))
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: Any, state: Mapping[str, Any], names: Sequence[str]) -> None:
+def load_full_optimizer_state(
+    model: torch.nn.Module, optimizer: Any, state: Mapping[str, Any], names: Sequence[str]
+) -> None:
     """Restore a full index-keyed optimizer state (every rank passes the same one) into the
     sharded optimizer; each rank keeps its slice. A collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -10,13 +10,40 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 TOPICS = [
-    "apple", "river", "stone", "cloud", "tiger", "piano", "garden", "rocket", "candle", "forest",
-    "mirror", "bridge", "pepper", "island", "violin", "desert", "marble", "harbor", "meadow", "copper",
-    "falcon", "lantern", "orchid", "glacier", "saddle", "thunder", "velvet", "walnut", "anchor", "blossom",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "piano",
+    "garden",
+    "rocket",
+    "candle",
+    "forest",
+    "mirror",
+    "bridge",
+    "pepper",
+    "island",
+    "violin",
+    "desert",
+    "marble",
+    "harbor",
+    "meadow",
+    "copper",
+    "falcon",
+    "lantern",
+    "orchid",
+    "glacier",
+    "saddle",
+    "thunder",
+    "velvet",
+    "walnut",
+    "anchor",
+    "blossom",
 ]
 PROMPT_TEMPLATES = ["Tell me about the {t}.", "What do you know about a {t}?", "Describe the {t} briefly."]
 
@@ -42,17 +69,19 @@ def pairwise_records(n: int, seed: int = 0, test_fraction: float = 0.0, id_prefi
         prompt, good, bad = _pair(rng, topic)
         a_is_good = rng.random() < 0.5
         out_a, out_b = (good, bad) if a_is_good else (bad, good)
-        records.append({
-            "type": "pairwise_feedback",
-            "prompt_id": f"{id_prefix}{i}",
-            "prompt": _turns(prompt, "user"),
-            "output_A": _turns(out_a, "assistant"),
-            "output_B": _turns(out_b, "assistant"),
-            "label": 1 if a_is_good else 0,
-            "reward_A": 1.0 if a_is_good else 0.0,
-            "reward_B": 0.0 if a_is_good else 1.0,
-            "split": "test" if rng.random() < test_fraction else "train",
-        })
+        records.append(
+            {
+                "type": "pairwise_feedback",
+                "prompt_id": f"{id_prefix}{i}",
+                "prompt": _turns(prompt, "user"),
+                "output_A": _turns(out_a, "assistant"),
+                "output_B": _turns(out_b, "assistant"),
+                "label": 1 if a_is_good else 0,
+                "reward_A": 1.0 if a_is_good else 0.0,
+                "reward_B": 0.0 if a_is_good else 1.0,
+                "split": "test" if rng.random() < test_fraction else "train",
+            }
+        )
     return records
 
 
@@ -64,15 +93,17 @@ def binary_records(n: int, seed: int = 0, test_fraction: float = 0.0, id_prefix:
         topic = rng.choice(TOPICS)
         prompt, good, bad = _pair(rng, topic)
         desirable = i % 2 == 0
-        records.append({
-            "type": "binary_feedback",
-            "prompt_id": f"{id_prefix}{i}",
-            "prompt": _turns(prompt, "user"),
-            "output": _turns(good if desirable else bad, "assistant"),
-            "label": 1 if desirable else 0,
-            "reward": 1.0 if desirable else 0.0,
-            "split": "test" if rng.random() < test_fraction else "train",
-        })
+        records.append(
+            {
+                "type": "binary_feedback",
+                "prompt_id": f"{id_prefix}{i}",
+                "prompt": _turns(prompt, "user"),
+                "output": _turns(good if desirable else bad, "assistant"),
+                "label": 1 if desirable else 0,
+                "reward": 1.0 if desirable else 0.0,
+                "split": "test" if rng.random() < test_fraction else "train",
+            }
+        )
     return records
 
 
@@ -83,16 +114,18 @@ def scalar_records(n_prompts: int, outputs_per_prompt: int = 4, seed: int = 0, i
     for i in range(n_prompts):
         topic = rng.choice(TOPICS)
         prompt, good, bad = _pair(rng, topic)
-        for j in range(outputs_per_prompt):
+        for _ in range(outputs_per_prompt):
             quality = rng.random()
             text = good if quality > 0.5 else bad
-            records.append({
-                "type": "scalar_feedback",
-                "prompt_id": f"{id_prefix}{i}",
-                "prompt": _turns(prompt, "user"),
-                "output": _turns(text, "assistant"),
-                "reward": round(quality, 4),
-            })
+            records.append(
+                {
+                    "type": "scalar_feedback",
+                    "prompt_id": f"{id_prefix}{i}",
+                    "prompt": _turns(prompt, "user"),
+                    "output": _turns(text, "assistant"),
+                    "reward": round(quality, 4),
+                }
+            )
     return records
 
 

@@ -32,8 +32,36 @@ CHAT_TEMPLATE = (
 )
 
 _SYLLABLES = (
-    "ka", "to", "mi", "ra", "ne", "su", "lo", "pe", "di", "ga", "vu", "shi", "an", "or", "el", "is",
-    "the", "and", "good", "bad", "yes", "no", "one", "two", "red", "blue", "cat", "dog", "sun", "sea",
+    "ka",
+    "to",
+    "mi",
+    "ra",
+    "ne",
+    "su",
+    "lo",
+    "pe",
+    "di",
+    "ga",
+    "vu",
+    "shi",
+    "an",
+    "or",
+    "el",
+    "is",
+    "the",
+    "and",
+    "good",
+    "bad",
+    "yes",
+    "no",
+    "one",
+    "two",
+    "red",
+    "blue",
+    "cat",
+    "dog",
+    "sun",
+    "sea",
 )
 
 

@@ -88,7 +88,7 @@ def _release(trainer: Any) -> None:
         acc.free_memory()
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    except Exception:  # noqa: BLE001 - best effort, only matters for in-process reuse
+    except Exception:
         pass
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.result is not None and not RunDir(cfg.run_dir).result_json.is_file():
             raise RuntimeError("result.json was not written")
         return 0
-    except Exception:  # noqa: BLE001 - report everything, exit non-zero (signals keep their meaning)
+    except Exception:
         traceback.print_exc()
         sys.stderr.flush()
         return 1

@@ -29,7 +29,7 @@ def _settings() -> Settings:
     return settings if settings is not None else Settings()
 
 
-def _configure(connection) -> None:  # noqa: ANN001
+def _configure(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -43,22 +43,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from halos_core.synthetic import pairwise_records, to_jsonl_bytes  # noqa: E402
+from halos_core.synthetic import pairwise_records, to_jsonl_bytes  # noqa: E402 - after sys.path names the checkout
 
 SKIP = 77
 FILES = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
 WORKER = "worker-cpu"
 WORKERS = 2
 STEPS = 20
-HYPERPARAMS = {"lr": 1e-3, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 4, "max_length": 64,
-               "max_prompt_length": 32, "checkpoint_every": 4, "seed": 1}
+HYPERPARAMS = {
+    "lr": 1e-3,
+    "batch_size": 8,
+    "microbatch_size": 4,
+    "warmup_steps": 4,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "checkpoint_every": 4,
+    "seed": 1,
+}
 HEALTH_TIMEOUT_S = 180
 ROUND_TIMEOUT_S = 900
 
@@ -76,8 +85,15 @@ def check(cond: Any, what: str) -> None:
         raise Failed(what)
 
 
-def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 1800,
-        check_rc: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800,
+    check_rc: bool = True,
+    quiet: bool = False,
+) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check_rc and out.returncode != 0:
         raise Failed(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -101,8 +117,10 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 def docker_ok() -> bool:
-    return shutil.which("docker") is not None and subprocess.run(
-        ["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    return (
+        shutil.which("docker") is not None
+        and subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    )
 
 
 def ensure_daemon(log_dir: Path) -> str:
@@ -129,13 +147,19 @@ def compose_command() -> list[str]:
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    raise Unavailable("neither `docker compose` nor `docker-compose` is installed (Debian: apt-get install docker-compose)")
+    raise Unavailable(
+        "neither `docker compose` nor `docker-compose` is installed (Debian: apt-get install docker-compose)"
+    )
 
 
 def pypi_reachable_from_containers(image: str) -> bool:
     probe = "import urllib.request; urllib.request.urlopen('https://pypi.org/simple/pip/', timeout=10)"
-    return subprocess.run(["docker", "run", "--rm", image, "python", "-c", probe],
-                          capture_output=True, timeout=120).returncode == 0
+    return (
+        subprocess.run(
+            ["docker", "run", "--rm", image, "python", "-c", probe], capture_output=True, timeout=120
+        ).returncode
+        == 0
+    )
 
 
 def free_port() -> int:
@@ -152,8 +176,13 @@ class Stack:
         self.clone, self.compose, self.project, self.env, self.port = clone, compose, project, env, port
 
     def __call__(self, *args: str, timeout: float = 1800, check_rc: bool = True) -> subprocess.CompletedProcess:
-        return run([*self.compose, "-p", self.project, *FILES, *args], cwd=self.clone, env=self.env,
-                   timeout=timeout, check_rc=check_rc)
+        return run(
+            [*self.compose, "-p", self.project, *FILES, *args],
+            cwd=self.clone,
+            env=self.env,
+            timeout=timeout,
+            check_rc=check_rc,
+        )
 
     def containers(self, service: str | None = None, all_states: bool = False) -> list[str]:
         filters = ["--filter", f"label=com.docker.compose.project={self.project}"]
@@ -178,13 +207,19 @@ class Stack:
         return [line.split("\t") for line in out.splitlines() if line.strip()]
 
     def healthy(self, container: str) -> bool:
-        return self.inspect(container, "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}") \
+        return (
+            self.inspect(container, "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}")
             == "running healthy"
+        )
 
     def wait_healthy(self, services: dict[str, int]) -> None:
         for service, count in services.items():
-            wait_for(lambda: len(ids := self.containers(service)) == count and all(self.healthy(c) for c in ids),
-                     HEALTH_TIMEOUT_S, f"{count} healthy {service} container(s)", interval=2)
+            wait_for(
+                lambda: len(ids := self.containers(service)) == count and all(self.healthy(c) for c in ids),
+                HEALTH_TIMEOUT_S,
+                f"{count} healthy {service} container(s)",
+                interval=2,
+            )
 
     def leftovers(self) -> dict[str, list[str]]:
         label = f"label=com.docker.compose.project={self.project}"
@@ -200,8 +235,16 @@ class Stack:
 
 def complete_checkpoint_steps(stack: Stack, job_id: str) -> list[int]:
     """Steps of the job's intermediate checkpoints whose manifest (written last) exists."""
-    out = run(["docker", "exec", stack.one("api"), "sh", "-c",
-               f"ls -d /data/runs/{job_id}/checkpoints/step-*/meta.json 2>/dev/null || true"]).stdout
+    out = run(
+        [
+            "docker",
+            "exec",
+            stack.one("api"),
+            "sh",
+            "-c",
+            f"ls -d /data/runs/{job_id}/checkpoints/step-*/meta.json 2>/dev/null || true",
+        ]
+    ).stdout
     return sorted(int(p.split("/step-")[1].split("/")[0]) for p in out.split())
 
 
@@ -229,8 +272,12 @@ def job(client: httpx.Client, job_id: str) -> dict:
 
 
 def wait_terminal(client: httpx.Client, job_id: str) -> dict:
-    return wait_for(lambda: (j := job(client, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
-                    ROUND_TIMEOUT_S, f"job {job_id} to finish", interval=2)
+    return wait_for(
+        lambda: (j := job(client, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+        ROUND_TIMEOUT_S,
+        f"job {job_id} to finish",
+        interval=2,
+    )
 
 
 def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, round_index: int, how: str) -> dict:
@@ -239,8 +286,12 @@ def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, round_index:
     Steps count on across rounds: round k ends at step k × STEPS."""
     end_step = round_index * STEPS
     wait_for(lambda: job(client, job_id)["status"] == "running", ROUND_TIMEOUT_S, f"{job_id} running")
-    steps = wait_for(lambda: complete_checkpoint_steps(stack, job_id), ROUND_TIMEOUT_S,
-                     f"a complete checkpoint of {job_id}", interval=0.3)
+    steps = wait_for(
+        lambda: complete_checkpoint_steps(stack, job_id),
+        ROUND_TIMEOUT_S,
+        f"a complete checkpoint of {job_id}",
+        interval=0.3,
+    )
     container, attempt = holder(stack, job_id)
     check(attempt == 1, f"{job_id} is still on its first attempt when killed (attempt {attempt})")
     init_pid = int(stack.inspect(container, "{{.State.Pid}}"))
@@ -250,16 +301,24 @@ def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, round_index:
     else:
         run(["docker", "kill", container])  # the default signal of `docker kill` is SIGKILL
     # its init gone = every process of its PID namespace gone: nothing of attempt 1 writes any more
-    wait_for(lambda: int(stack.inspect(container, "{{.State.Pid}}")) != init_pid, 60,
-             "the killed container's init to exit", interval=0.1)
+    wait_for(
+        lambda: int(stack.inspect(container, "{{.State.Pid}}")) != init_pid,
+        60,
+        "the killed container's init to exit",
+        interval=0.1,
+    )
     step_at_kill = last_logged_step(stack, job_id)
     check(step_at_kill < end_step, f"killed mid-round (step {step_at_kill}, the round ends at {end_step})")
     ckpt_before = max(complete_checkpoint_steps(stack, job_id))
 
     if how == "crash":
         # the restart policy starts the same container again, and it becomes healthy
-        wait_for(lambda: int(stack.inspect(container, "{{.RestartCount}}")) >= 1 and stack.healthy(container),
-                 HEALTH_TIMEOUT_S, "the crashed worker container restarted and healthy", interval=1)
+        wait_for(
+            lambda: int(stack.inspect(container, "{{.RestartCount}}")) >= 1 and stack.healthy(container),
+            HEALTH_TIMEOUT_S,
+            "the crashed worker container restarted and healthy",
+            interval=1,
+        )
         restarted_after = time.monotonic() - t_kill
     else:
         check(stack.inspect(container, "{{.State.Status}}") == "exited", "a killed container stays down")
@@ -269,24 +328,33 @@ def kill_mid_round(stack: Stack, client: httpx.Client, job_id: str, round_index:
     recovered_after = time.monotonic() - t_kill
     check(done["status"] == "succeeded", f"round {job_id} succeeded after the kill: {done}")
     check(done["attempt"] == 2 and done["progress"]["step"] == end_step, f"2 attempts, up to step {end_step}: {done}")
-    rows = stack.sql(f"SELECT attempt, host, outcome, coalesce(resumed_from_step, -1), "
-                     f"extract(epoch from started_at), extract(epoch from ended_at), coalesce(error, '') "
-                     f"FROM attempt WHERE job_id = '{job_id}' ORDER BY attempt")
+    rows = stack.sql(
+        f"SELECT attempt, host, outcome, coalesce(resumed_from_step, -1), "
+        f"extract(epoch from started_at), extract(epoch from ended_at), coalesce(error, '') "
+        f"FROM attempt WHERE job_id = '{job_id}' ORDER BY attempt"
+    )
     check([r[2] for r in rows] == ["crashed", "succeeded"], f"attempts crashed, succeeded: {rows}")
     check(rows[0][6].startswith("lease expired"), f"attempt 1 ended by its lease: {rows[0][6]}")
     check(float(rows[0][5]) <= float(rows[1][4]), f"attempts do not overlap: {rows}")
     resumed = int(rows[1][3])
-    check(resumed >= steps[0] and resumed == ckpt_before,
-          f"attempt 2 resumed from the last complete checkpoint (step {ckpt_before}), not {resumed}")
+    check(
+        resumed >= steps[0] and resumed == ckpt_before,
+        f"attempt 2 resumed from the last complete checkpoint (step {ckpt_before}), not {resumed}",
+    )
     if how == "docker-kill":
         check(not container.startswith(rows[1][1]), "the other worker took the job over")
         stack("up", "-d", "--scale", f"{WORKER}={WORKERS}")  # what an operator runs: the killed one comes back
         stack.wait_healthy({WORKER: WORKERS})
         check(stack.healthy(container), "`compose up -d` started the killed container again")
-    return {"kill": how, "killed_at_step": step_at_kill, "checkpoint_before_kill": ckpt_before,
-            "resumed_from_step": resumed, "attempt_hosts": [rows[0][1], rows[1][1]],
-            "restarted_after_s": None if restarted_after is None else round(restarted_after, 1),
-            "recovered_after_s": round(recovered_after, 1)}
+    return {
+        "kill": how,
+        "killed_at_step": step_at_kill,
+        "checkpoint_before_kill": ckpt_before,
+        "resumed_from_step": resumed,
+        "attempt_hosts": [rows[0][1], rows[1][1]],
+        "restarted_after_s": None if restarted_after is None else round(restarted_after, 1),
+        "recovered_after_s": round(recovered_after, 1),
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -300,8 +368,10 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
         if isinstance(value, dict):
             entry.update(value)
         steps.append(entry)
-        print(f"[{entry['seconds']:7.1f} s] {name}" + (f"  {json.dumps(value)}" if isinstance(value, dict) else ""),
-              flush=True)
+        print(
+            f"[{entry['seconds']:7.1f} s] {name}" + (f"  {json.dumps(value)}" if isinstance(value, dict) else ""),
+            flush=True,
+        )
         return value
 
     step("docker engine", lambda: {"engine": ensure_daemon(work)})
@@ -310,8 +380,11 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
 
     def fresh_clone() -> dict:
         run(["git", "clone", "--quiet", str(source), str(clone)])
-        return {"head": run(["git", "-C", str(clone), "log", "-1", "--format=%h %s"]).stdout.strip(),
-                "compose": " ".join(compose)}
+        return {
+            "head": run(["git", "-C", str(clone), "log", "-1", "--format=%h %s"]).stdout.strip(),
+            "compose": " ".join(compose),
+        }
+
     step("fresh clone", fresh_clone)
 
     def base_images() -> dict:
@@ -319,12 +392,15 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
         if out.returncode != 0:
             raise Unavailable(f"base images could not be pulled nor built:\n{out.stdout[-1500:]}{out.stderr[-1500:]}")
         return {"images": out.stdout.strip().splitlines()[-3:]}
+
     step("base images", base_images)
 
     project = os.environ.get("HALOS_SMOKE_PROJECT") or f"halossmoke{os.getpid()}"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HALOS_")}
-    env.update({"HALOS_API_PORT": f"127.0.0.1:{port}", "HALOS_IMAGE": os.environ.get("HALOS_IMAGE", "halos-server:smoke")})
+    env.update(
+        {"HALOS_API_PORT": f"127.0.0.1:{port}", "HALOS_IMAGE": os.environ.get("HALOS_IMAGE", "halos-server:smoke")}
+    )
 
     def wheelhouse() -> dict:
         if pypi_reachable_from_containers("python:3.11-slim-bookworm"):
@@ -333,6 +409,7 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
         env["HALOS_WHEELHOUSE"] = "1"
         torch_wheel = next(p.name for p in (clone / "wheelhouse").glob("torch-*.whl"))
         return {"pip_in_build": "wheelhouse (containers cannot reach PyPI)", "torch": torch_wheel}
+
     step("python packages for the image", wheelhouse)
 
     stack = Stack(clone, compose, project, env, port)
@@ -346,8 +423,8 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
             check(len(migrate) == 1 and stack.inspect(migrate[0], "{{.State.ExitCode}}") == "0", "migrate exited 0")
             revision = stack.sql("SELECT version_num FROM alembic_version")
             check(revision, "alembic_version has a revision")
-            return {"revision": revision[0][0],
-                    "gpu_worker_started": bool(stack.containers("worker", all_states=True))}
+            return {"revision": revision[0][0], "gpu_worker_started": bool(stack.containers("worker", all_states=True))}
+
         info = step("migrations", migrated)
         check(not info["gpu_worker_started"], "the CPU override leaves the GPU worker out")
 
@@ -357,21 +434,30 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
             created["key"] = stack("exec", "-T", "api", "halos", "keys", "create", "--project", "smoke").stdout.strip()
             check(created["key"].startswith("hk_"), f"a key alone on stdout: {created['key'][:8]}…")
             return {"prefix": created["key"][:8]}  # never the secret itself
+
         step("halos keys create", make_key)
         key = created["key"]
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                              headers={"Authorization": f"Bearer {key}"})
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=120, headers={"Authorization": f"Bearer {key}"}
+        )
 
-        step("tiny model in the data volume", lambda: {"rc": stack("exec", "-T", "api", "python", "-m",
-                                                                   "halos_core.tiny", "/data/models/tiny").returncode})
+        step(
+            "tiny model in the data volume",
+            lambda: {
+                "rc": stack("exec", "-T", "api", "python", "-m", "halos_core.tiny", "/data/models/tiny").returncode
+            },
+        )
 
         def register() -> dict:
             refused = client.post("/v1/models", json={"name": "etc", "path": "/etc"})
-            check(refused.status_code == 422 and refused.json()["error"]["code"] == "model_path_not_allowed",
-                  f"/etc refused by default: {refused.status_code} {refused.text[:300]}")
+            check(
+                refused.status_code == 422 and refused.json()["error"]["code"] == "model_path_not_allowed",
+                f"/etc refused by default: {refused.status_code} {refused.text[:300]}",
+            )
             resp = client.post("/v1/models", json={"name": "tiny", "path": "/data/models/tiny"})
             check(resp.status_code == 201, f"register /data/models/tiny: {resp.status_code} {resp.text[:300]}")
             return {"model": resp.json()["id"], "sha256": resp.json()["sha256"][:12], "refused_etc": 422}
+
         model = step("register the model", register)
 
         def feedback() -> dict:
@@ -383,11 +469,14 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
                 check(resp.json()["kind"] == "pairwise", f"pairwise feedback: {resp.json()}")
                 ids.append(resp.json()["id"])
             return {"feedback": ids}
+
         fb = step("upload pairwise feedback", feedback)["feedback"]
 
         def submit() -> dict:
-            run_resp = client.post("/v1/runs", json={"model_id": model["model"], "loss": {"name": "dpo", "beta": 0.1},
-                                                     "hyperparams": HYPERPARAMS})
+            run_resp = client.post(
+                "/v1/runs",
+                json={"model_id": model["model"], "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": HYPERPARAMS},
+            )
             check(run_resp.status_code == 201, f"create run: {run_resp.text[:300]}")
             run_id = run_resp.json()["id"]
             jobs = []
@@ -397,24 +486,35 @@ def smoke(source: Path, work: Path, keep: bool, steps: list[dict]) -> dict:
                 jobs.append(r.json()["job_id"])
             check(job(client, jobs[1])["status"] == "waiting", "round 2 waits for round 1")
             return {"run": run_id, "jobs": jobs}
+
         rounds = step("create run, submit 2 chained DPO rounds", submit)
 
-        step("round 1: worker container crashes mid-round", lambda: kill_mid_round(stack, client, rounds["jobs"][0], 1, "crash"))
-        step("round 2: docker kill of its worker mid-round", lambda: kill_mid_round(stack, client, rounds["jobs"][1], 2,
-                                                                                   "docker-kill"))
+        step(
+            "round 1: worker container crashes mid-round",
+            lambda: kill_mid_round(stack, client, rounds["jobs"][0], 1, "crash"),
+        )
+        step(
+            "round 2: docker kill of its worker mid-round",
+            lambda: kill_mid_round(stack, client, rounds["jobs"][1], 2, "docker-kill"),
+        )
 
         def lineage() -> dict:
             j1, j2 = job(client, rounds["jobs"][0]), job(client, rounds["jobs"][1])
             resp = client.get(f"/v1/checkpoints/{j2['checkpoint_id']}/lineage")
             check(resp.status_code == 200, f"lineage: {resp.text[:300]}")
             items = resp.json()["items"]
-            check([i["checkpoint_id"] for i in items] == [j2["checkpoint_id"], j1["checkpoint_id"]],
-                  f"lineage round 2 → round 1: {items}")
+            check(
+                [i["checkpoint_id"] for i in items] == [j2["checkpoint_id"], j1["checkpoint_id"]],
+                f"lineage round 2 → round 1: {items}",
+            )
             check([i["feedback_ids"] for i in items] == [[fb[1]], [fb[0]]], "each round's feedback in the lineage")
             check(resp.json()["model"]["id"] == model["model"], "the lineage ends at the registered model")
             check(items[0]["step"] == 2 * STEPS and items[1]["step"] == STEPS, f"steps carry on: {items}")
-            return {"lineage": [i["checkpoint_id"] for i in items] + [model["model"]],
-                    "steps": [i["step"] for i in items]}
+            return {
+                "lineage": [i["checkpoint_id"] for i in items] + [model["model"]],
+                "steps": [i["step"] for i in items],
+            }
+
         step("lineage", lineage)
         client.close()
     finally:

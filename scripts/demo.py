@@ -82,23 +82,34 @@ def main() -> None:
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     port = free_port()
-    env = {**os.environ, "HALOS_DATA_DIR": str(data_dir), "HALOS_PORT": str(port),
-           "HALOS_HEARTBEAT_INTERVAL_S": "1", "HALOS_SWEEP_INTERVAL_S": "2"}
+    env = {
+        **os.environ,
+        "HALOS_DATA_DIR": str(data_dir),
+        "HALOS_PORT": str(port),
+        "HALOS_HEARTBEAT_INTERVAL_S": "1",
+        "HALOS_SWEEP_INTERVAL_S": "2",
+    }
     env.pop("HALOS_DATABASE_URL", None)
     env.pop("HALOS_BROKER_URL", None)
 
     console.rule("[bold]halos-server demo")
     model_dir = data_dir / "models" / "tiny-sft"  # <data dir>/models: where models may be registered by default
-    subprocess.run([sys.executable, "-m", "halos_core.tiny", str(model_dir)], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "halos_core.tiny", str(model_dir)], env=env, check=True, stdout=subprocess.DEVNULL
+    )
     console.print(f"built a tiny SFT model in {model_dir}")
     halos("migrate", env=env)
     key = halos("keys", "create", "--project", "demo", env=env).strip()
     console.print(f"created an API key for project 'demo': {key[:12]}…")
 
     log = open(data_dir / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "halos"), "serve", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "halos"), "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base_url = f"http://127.0.0.1:{port}"
     cli_env = {**env, "HALOS_BASE_URL": base_url, "HALOS_API_KEY": key}
     try:
@@ -108,34 +119,66 @@ def main() -> None:
 
         model = show("models", "register", str(model_dir), "--name", "tiny-sft", env=cli_env)
         console.print(f"registered model {model['id']} sha256 {model['sha256'][:12]}…")
-        hp = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 4, "max_length": 64,
-              "max_prompt_length": 32, "checkpoint_every": 4}
-        run = show("runs", "create", "--model", model["id"], "--loss", "dpo", "--name", "demo",
-                   *[arg for k, v in hp.items() for arg in ("--hp", f"{k}={v}")], env=cli_env)
+        hp = {
+            "lr": 5e-4,
+            "batch_size": 8,
+            "microbatch_size": 4,
+            "warmup_steps": 4,
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "checkpoint_every": 4,
+        }
+        run = show(
+            "runs",
+            "create",
+            "--model",
+            model["id"],
+            "--loss",
+            "dpo",
+            "--name",
+            "demo",
+            *[arg for k, v in hp.items() for arg in ("--hp", f"{k}={v}")],
+            env=cli_env,
+        )
 
         rounds = []
         for index, (seed, loss) in enumerate([(1, None), (2, '{"name": "dpo", "beta": 0.1}')], start=1):
             feedback = data_dir / f"feedback-round{index}.jsonl"
-            feedback.write_bytes(to_jsonl_bytes(pairwise_records(64, seed=seed, test_fraction=0.2,
-                                                                 id_prefix=f"r{index}-")))
+            feedback.write_bytes(
+                to_jsonl_bytes(pairwise_records(64, seed=seed, test_fraction=0.2, id_prefix=f"r{index}-"))
+            )
             override = ["--loss", loss] if loss else []
             # --feedback FILE uploads the file first; --wait shows the progress bar and fails on failure
             rnd = show("rounds", "create", run["id"], "--feedback", str(feedback), *override, "--wait", env=cli_env)
             rounds.append(client.jobs.get(rnd["job_id"]))
 
         table = Table(title="per-round metrics (Python SDK: client.jobs.metrics)")
-        for col in ("round", "steps", "first loss", "last loss", "reward acc (train, last)",
-                    "eval reward acc", "eval margin", "elapsed"):
+        for col in (
+            "round",
+            "steps",
+            "first loss",
+            "last loss",
+            "reward acc (train, last)",
+            "eval reward acc",
+            "eval margin",
+            "elapsed",
+        ):
             table.add_column(col)
         for index, job in enumerate(rounds, start=1):
             series = list(client.jobs.metrics(job.id))
             train = [p.data for p in series if p.split == "train"]
             evals = [p.data for p in series if p.split == "eval"]
             ev = evals[-1] if evals else {}
-            table.add_row(str(index), str(len(train)), f"{train[0]['loss']:.4f}", f"{train[-1]['loss']:.4f}",
-                          f"{train[-1].get('rewards/accuracy', float('nan')):.2f}",
-                          f"{ev.get('rewards/accuracy', float('nan')):.2f}",
-                          f"{ev.get('rewards/margin', float('nan')):.4f}", f"{job.elapsed_s or 0:.1f} s")
+            table.add_row(
+                str(index),
+                str(len(train)),
+                f"{train[0]['loss']:.4f}",
+                f"{train[-1]['loss']:.4f}",
+                f"{train[-1].get('rewards/accuracy', float('nan')):.2f}",
+                f"{ev.get('rewards/accuracy', float('nan')):.2f}",
+                f"{ev.get('rewards/margin', float('nan')):.4f}",
+                f"{job.elapsed_s or 0:.1f} s",
+            )
         console.print(table)
 
         lineage_cmd = ["checkpoints", "lineage", rounds[-1].checkpoint_id or ""]
@@ -144,8 +187,9 @@ def main() -> None:
         client.close()
         console.print(f"[green]demo finished in {time.monotonic() - started:.0f} s[/]")
         if args.keep:
-            console.print(f"server left running; try: HALOS_BASE_URL={base_url} HALOS_API_KEY=… halos jobs list;"
-                          " Ctrl-C to stop")
+            console.print(
+                f"server left running; try: HALOS_BASE_URL={base_url} HALOS_API_KEY=… halos jobs list; Ctrl-C to stop"
+            )
             server.wait()
     finally:
         if server.poll() is None:

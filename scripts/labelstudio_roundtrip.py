@@ -32,10 +32,14 @@ CAPTURED: list[dict] = []
 
 
 class Capture(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        CAPTURED.append({"headers": {"x-halos-webhook-secret": self.headers.get("X-Halos-Webhook-Secret")},
-                         "payload": json.loads(body)})
+        CAPTURED.append(
+            {
+                "headers": {"x-halos-webhook-secret": self.headers.get("X-Halos-Webhook-Secret")},
+                "payload": json.loads(body),
+            }
+        )
         self.send_response(200)
         self.end_headers()
 
@@ -45,8 +49,14 @@ class Capture(BaseHTTPRequestHandler):
 
 def result(config: str, i: int) -> list[dict]:
     if config == "pairwise":
-        return [{"from_name": "comparison", "to_name": "answer1,answer2", "type": "pairwise",
-                 "value": {"selected": "left" if i % 2 == 0 else "right"}}]
+        return [
+            {
+                "from_name": "comparison",
+                "to_name": "answer1,answer2",
+                "type": "pairwise",
+                "value": {"selected": "left" if i % 2 == 0 else "right"},
+            }
+        ]
     return [{"from_name": "rating", "to_name": "answer", "type": "rating", "value": {"rating": 1 + i % 5}}]
 
 
@@ -65,9 +75,14 @@ def main() -> None:
     for config in ("pairwise", "rating"):
         CAPTURED.clear()
         project = ls.projects.create(title=f"halos {config} {int(time.time())}", label_config=CONFIGS[config])
-        ls.webhooks.create(url=hook_url, project=project.id, send_payload=True, send_for_all_actions=False,
-                           headers={"X-Halos-Webhook-Secret": SECRET},
-                           actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"])
+        ls.webhooks.create(
+            url=hook_url,
+            project=project.id,
+            send_payload=True,
+            send_for_all_actions=False,
+            headers={"X-Halos-Webhook-Secret": SECRET},
+            actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"],
+        )
         tasks = json.loads((FIXTURES / f"tasks_{config}.json").read_text())
         ls.projects.import_tasks(project.id, request=tasks)
         created = []
@@ -79,8 +94,10 @@ def main() -> None:
         export = ls.projects.exports.as_json(project.id) if hasattr(ls.projects.exports, "as_json") else None
         (FIXTURES / f"export_{config}.json").write_text(json.dumps(export, indent=1, default=str))
         (FIXTURES / f"webhooks_{config}.json").write_text(json.dumps(CAPTURED, indent=1))
-        print(f"{config}: {len(created)} annotations, {len(CAPTURED)} webhook deliveries, "
-              f"{len(export or [])} exported tasks")
+        print(
+            f"{config}: {len(created)} annotations, {len(CAPTURED)} webhook deliveries, "
+            f"{len(export or [])} exported tasks"
+        )
     server.shutdown()
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -15,7 +16,18 @@ from starlette.concurrency import run_in_threadpool
 
 from server import prometheus, ui
 from server.api import (
-    artefact_jobs, checkpoints, events, feedback, health, integrations, jobs, losses, models, prompts, runs, webhooks,
+    artefact_jobs,
+    checkpoints,
+    events,
+    feedback,
+    health,
+    integrations,
+    jobs,
+    losses,
+    models,
+    prompts,
+    runs,
+    webhooks,
 )
 from server.db import POOL_CAPACITY
 from server.errors import install_exception_handlers
@@ -114,12 +126,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.validation_pool = None  # set while the app runs (lifespan); None: validate in the request's thread
     app.state.model_hash_slots = threading.BoundedSemaphore(settings.max_concurrent_model_hashes)
     if settings.auth_enabled and any(Path(os.path.realpath(r)) == Path("/") for r in settings.allowed_model_roots):
-        log.warning("HALOS_MODEL_ROOTS includes /: any API key may register (make this server read and hash) any"
-                    " directory it can read; list only the directories that hold your SFT models")
+        log.warning(
+            "HALOS_MODEL_ROOTS includes /: any API key may register (make this server read and hash) any"
+            " directory it can read; list only the directories that hold your SFT models"
+        )
     install_exception_handlers(app)
     app.include_router(health.router)
-    for module in (feedback, prompts, models, losses, runs, jobs, events, checkpoints, artefact_jobs, integrations,
-                   webhooks):
+    for module in (
+        feedback,
+        prompts,
+        models,
+        losses,
+        runs,
+        jobs,
+        events,
+        checkpoints,
+        artefact_jobs,
+        integrations,
+        webhooks,
+    ):
         app.include_router(module.router)
     if settings.metrics_enabled:
         app.include_router(prometheus.router(settings))

@@ -34,7 +34,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Annotated, Optional, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import typer
 
@@ -63,22 +64,30 @@ def _set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort (not Linux)
+    except Exception:
         pass
 
 
 # --------------------------------------------------------------------------- commands
 
 
-app = typer.Typer(name="halos", help="halos-server: online preference-alignment rounds", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    name="halos",
+    help="halos-server: online preference-alignment rounds",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 keys_app = typer.Typer(help="API keys", no_args_is_help=True)
 app.add_typer(keys_app, name="keys", rich_help_panel="Server")
 
-LogLevel = Annotated[str, typer.Option("--loglevel", show_default=False,
-                                        help="DEBUG, INFO, WARNING, … [default: HALOS_LOG_LEVEL or INFO]")]
-Concurrency = Annotated[Optional[int], typer.Option("--concurrency", help="jobs the worker runs at once")]
+LogLevel = Annotated[
+    str,
+    typer.Option("--loglevel", show_default=False, help="DEBUG, INFO, WARNING, … [default: HALOS_LOG_LEVEL or INFO]"),
+]
+Concurrency = Annotated[int | None, typer.Option("--concurrency", help="jobs the worker runs at once")]
 DEFAULT_LOGLEVEL = os.environ.get("HALOS_LOG_LEVEL", "INFO")
 
 
@@ -123,12 +132,19 @@ def cmd_worker(
 
     argv = [
         "worker",
-        "--queues", "halos",
-        "--pool", "solo" if concurrency <= 1 else "threads",
-        "--concurrency", str(max(1, concurrency)),
-        "--hostname", f"halos-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", loglevel,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--queues",
+        "halos",
+        "--pool",
+        "solo" if concurrency <= 1 else "threads",
+        "--concurrency",
+        str(max(1, concurrency)),
+        "--hostname",
+        f"halos-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
     ]
     try:
         celery_app.worker_main(argv)
@@ -136,12 +152,13 @@ def cmd_worker(
         stop.set()
 
 
-def _start_worker_child(loglevel: str, concurrency: Optional[int]) -> subprocess.Popen:
+def _start_worker_child(loglevel: str, concurrency: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "worker", "--no-sweeper", "--loglevel", loglevel]
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
-    return subprocess.Popen(cmd, preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None, start_new_session=True
+    )
 
 
 def _stop_child(proc: subprocess.Popen, timeout: float) -> None:
@@ -158,10 +175,14 @@ def _stop_child(proc: subprocess.Popen, timeout: float) -> None:
 
 @app.command("serve", rich_help_panel="Server", help="HTTP API + sweeper (+ one worker unless --no-worker)")
 def cmd_serve(
-    host: Annotated[Optional[str], typer.Option("--host")] = None,
-    port: Annotated[Optional[int], typer.Option("--port")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="API processes (each with its own rate-limit "
-                                         "window and validation pool)")] = 1,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="API processes (each with its own rate-limit window and validation pool)"
+        ),
+    ] = 1,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="run the API alone (workers run elsewhere)")] = False,
     no_sweeper: Annotated[bool, typer.Option("--no-sweeper")] = False,
     no_migrate: Annotated[bool, typer.Option("--no-migrate")] = False,
@@ -179,7 +200,7 @@ def cmd_serve(
         migrate.upgrade(settings)
     from server.app import create_app
 
-    worker_proc: Optional[subprocess.Popen] = None
+    worker_proc: subprocess.Popen | None = None
     if not no_worker:  # before any thread is started (preexec_fn)
         worker_proc = _start_worker_child(loglevel, concurrency)
         log.info("started worker process %d", worker_proc.pid)
@@ -196,8 +217,15 @@ def cmd_serve(
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
-        config = uvicorn.Config(api, factory=True, host=host or settings.host, port=port or settings.port,
-                                log_level=loglevel.lower(), lifespan="on", workers=workers)
+        config = uvicorn.Config(
+            api,
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level=loglevel.lower(),
+            lifespan="on",
+            workers=workers,
+        )
         try:
             # the supervisor handles SIGINT/SIGTERM itself: it stops its API processes and returns
             Multiprocess(config, sockets=[config.bind_socket()]).run()
@@ -206,8 +234,11 @@ def cmd_serve(
             if worker_proc is not None:
                 _stop_child(worker_proc, timeout=settings.kill_grace_s + 30)
         return
-    server = uvicorn.Server(uvicorn.Config(api, host=host or settings.host, port=port or settings.port,
-                                           log_level=loglevel.lower(), lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            api, host=host or settings.host, port=port or settings.port, log_level=loglevel.lower(), lifespan="on"
+        )
+    )
     # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them to the previous handlers
     # once it has shut down; with these no-op handlers it returns instead, so the worker child
     # and the sweeper are stopped cleanly below and the exit status is 0.
@@ -271,7 +302,7 @@ def cmd_keys_revoke(
     try:
         with session_scope(settings) as session:
             result = revoke_api_key(session, key)
-    except Exception as exc:  # noqa: BLE001 - NotFound / Conflict (ambiguous prefix) from the service
+    except Exception as exc:
         log.error("%s", getattr(exc, "message", None) or exc)
         raise typer.Exit(1) from None
     if result is None or result is False:
@@ -283,7 +314,7 @@ def cmd_keys_revoke(
 add_client_commands(app)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         app(args=list(argv) if argv is not None else None, prog_name="halos")
     except SystemExit as exc:  # typer (click) always ends by exiting; hand the status back

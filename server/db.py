@@ -24,9 +24,10 @@ SQLAlchemy invalidates it and the rest of the pool so the next request reconnect
 from __future__ import annotations
 
 import select
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
@@ -76,11 +77,15 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
     `statement_timeout` (None: no statement timeout, e.g. for migrations)."""
     url = _normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=POOL_CAPACITY // 2, max_overflow=POOL_CAPACITY - POOL_CAPACITY // 2)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=POOL_CAPACITY // 2,
+            max_overflow=POOL_CAPACITY - POOL_CAPACITY // 2,
+        )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN itself
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -90,7 +95,7 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn):  # noqa: ANN001
+        def _begin(conn):
             reader = bool(conn.get_execution_options().get(READ_OPTION))
             info = conn.connection.info
             if info.get("query_only", False) != reader:  # flip the guard only when the role changes
@@ -100,8 +105,9 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
 
         return engine
     if url.startswith("postgresql"):
-        engine = create_engine(url, pool_size=10, max_overflow=POOL_CAPACITY - 10,
-                               connect_args=postgres_connect_args(statement_timeout_s))
+        engine = create_engine(
+            url, pool_size=10, max_overflow=POOL_CAPACITY - 10, connect_args=postgres_connect_args(statement_timeout_s)
+        )
         event.listen(engine, "checkout", _drop_if_closed_by_server)
         return engine
     return create_engine(url)
@@ -118,7 +124,7 @@ def _drop_if_closed_by_server(dbapi_conn: Any, _record: Any, _proxy: Any) -> Non
         raise exc.DisconnectionError("connection closed")
     try:
         fd = dbapi_conn.pgconn.socket
-    except Exception as error:  # noqa: BLE001 - no socket: the connection is unusable
+    except Exception as error:
         raise exc.DisconnectionError(str(error)) from error
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)

@@ -134,7 +134,9 @@ def validation_details(errors: Any) -> dict[str, Any]:
         items.append(
             {
                 "loc": loc,
-                "field": ".".join(str(p) for p in loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else ".".join(map(str, loc)),
+                "field": ".".join(str(p) for p in loc[1:])
+                if loc and loc[0] in ("body", "query", "path", "header")
+                else ".".join(map(str, loc)),
                 "code": str(err.get("type", "invalid")),
                 "message": str(err.get("msg", ""))[:1000],
             }

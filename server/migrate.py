@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from alembic import command
 from alembic.config import Config
@@ -26,7 +25,7 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("migrations/ not found (set HALOS_MIGRATIONS_DIR)")
 
 
-def alembic_config(settings: Optional[Settings] = None, connection=None) -> Config:  # noqa: ANN001
+def alembic_config(settings: Settings | None = None, connection=None) -> Config:
     ini = ROOT / "alembic.ini"
     cfg = Config(str(ini)) if ini.is_file() else Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
@@ -37,7 +36,7 @@ def alembic_config(settings: Optional[Settings] = None, connection=None) -> Conf
     return cfg
 
 
-def upgrade(settings: Optional[Settings] = None, revision: str = "head") -> None:
+def upgrade(settings: Settings | None = None, revision: str = "head") -> None:
     settings = settings or get_settings()
     if settings.db_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +54,7 @@ def upgrade(settings: Optional[Settings] = None, revision: str = "head") -> None
         engine.dispose()
 
 
-def current(settings: Optional[Settings] = None) -> Optional[str]:
+def current(settings: Settings | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     from server.db import make_engine

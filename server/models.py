@@ -8,16 +8,16 @@ strings (`job_…`, `fb_…`) so a user can tell from an id what it names.
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import DDL, JSON, Column, Index, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id(prefix: str) -> str:
@@ -63,7 +63,7 @@ class ApiKey(SQLModel, table=True):
     prefix: str = Field(index=True, max_length=32)  # shown to humans to tell keys apart
     key_hash: str = Field(unique=True, max_length=128)  # sha256 of the secret; the secret is never stored
     created_at: datetime = Field(default_factory=utcnow)
-    revoked_at: Optional[datetime] = None
+    revoked_at: datetime | None = None
 
 
 class AuthState(SQLModel, table=True):
@@ -78,8 +78,9 @@ class AuthState(SQLModel, table=True):
 
 
 # The row exists from the start (create_all in tests; migration 0002 inserts it too).
-event.listen(AuthState.__table__, "after_create",
-             DDL("INSERT INTO authstate (scope, generation) VALUES ('api_keys', 0)"))
+event.listen(
+    AuthState.__table__, "after_create", DDL("INSERT INTO authstate (scope, generation) VALUES ('api_keys', 0)")
+)
 
 
 class Model(SQLModel, table=True):
@@ -105,12 +106,12 @@ class FeedbackFile(SQLModel, table=True):
     n_train: int
     n_test: int
     storage_path: str  # under the data dir, named by server id / content hash, never by client name
-    original_filename: Optional[str] = Field(default=None, max_length=1024)  # metadata only
+    original_filename: str | None = Field(default=None, max_length=1024)  # metadata only
     # where it came from: upload | sampling | labelling | label_studio | label_studio_webhook | argilla_webhook
     source: str = Field(default="upload", max_length=40)
-    job_id: Optional[str] = Field(default=None, foreign_key="job.id", index=True)  # the job that generated it
-    provenance: Optional[dict] = _json_column()  # generator / reward model / inputs (server/services/artefacts.py)
-    findings: Optional[dict] = _json_column()  # data-quality warnings of the upload (halos_core.feedback.quality)
+    job_id: str | None = Field(default=None, foreign_key="job.id", index=True)  # the job that generated it
+    provenance: dict | None = _json_column()  # generator / reward model / inputs (server/services/artefacts.py)
+    findings: dict | None = _json_column()  # data-quality warnings of the upload (halos_core.feedback.quality)
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -126,8 +127,8 @@ class PromptSet(SQLModel, table=True):
     n_train: int
     n_test: int
     storage_path: str
-    original_filename: Optional[str] = Field(default=None, max_length=1024)
-    findings: Optional[dict] = _json_column()
+    original_filename: str | None = Field(default=None, max_length=1024)
+    findings: dict | None = _json_column()
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -136,27 +137,27 @@ class Run(SQLModel, table=True):
 
     id: str = Field(default_factory=lambda: new_id("run"), primary_key=True)
     project_id: str = Field(foreign_key="project.id", index=True)
-    name: Optional[str] = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
     model_id: str = Field(foreign_key="model.id")
     loss: dict = _json_column()  # default LossConfig
     hyperparams: dict = _json_column()  # default Hyperparams
-    conversion: Optional[dict] = _json_column()
-    lora: Optional[dict] = _json_column()
+    conversion: dict | None = _json_column()
+    lora: dict | None = _json_column()
     # the checkpoint the next round continues from and sampling uses (None: the SFT model); moved
     # by promotion (server/jobs/head.py) and rollback (server/services/head.py), each move a HeadMove
-    head_checkpoint_id: Optional[str] = Field(default=None, max_length=64)
+    head_checkpoint_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
 
 
 class HeadMove(SQLModel, table=True):
     """Append-only history of a run's head: promotions of rounds and rollbacks."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(foreign_key="run.id", index=True)
-    from_checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # None: the SFT model
-    to_checkpoint_id: Optional[str] = Field(default=None, max_length=64)
+    from_checkpoint_id: str | None = Field(default=None, max_length=64)  # None: the SFT model
+    to_checkpoint_id: str | None = Field(default=None, max_length=64)
     reason: str = Field(max_length=20)  # promoted | rollback
-    round_id: Optional[str] = Field(default=None, max_length=64)  # the promoted round
+    round_id: str | None = Field(default=None, max_length=64)  # the promoted round
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -168,17 +169,17 @@ class Round(SQLModel, table=True):
     run_id: str = Field(foreign_key="run.id", index=True)
     index: int  # 1, 2, … within the run
     job_id: str = Field(foreign_key="job.id", unique=True)
-    parent_round_id: Optional[str] = Field(default=None, foreign_key="round.id")
+    parent_round_id: str | None = Field(default=None, foreign_key="round.id")
     # Round <-> Checkpoint would be a foreign-key cycle; Checkpoint.round_id is the enforced direction.
-    parent_checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # None: the SFT model
+    parent_checkpoint_id: str | None = Field(default=None, max_length=64)  # None: the SFT model
     feedback_ids: list = _json_column()
     loss: dict = _json_column()
     hyperparams: dict = _json_column()
-    conversion: Optional[dict] = _json_column()
-    checkpoint_id: Optional[str] = Field(default=None, max_length=64)  # the round's output
-    gate: Optional[list] = _json_column()  # halos_core.gate.GateRule list; None: always promoted
-    promoted: Optional[bool] = None  # set when the round succeeds
-    promotion: Optional[dict] = _json_column()  # why (not) promoted: the gate's verdict, the head it started from
+    conversion: dict | None = _json_column()
+    checkpoint_id: str | None = Field(default=None, max_length=64)  # the round's output
+    gate: list | None = _json_column()  # halos_core.gate.GateRule list; None: always promoted
+    promoted: bool | None = None  # set when the round succeeds
+    promotion: dict | None = _json_column()  # why (not) promoted: the gate's verdict, the head it started from
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -193,24 +194,24 @@ class Job(SQLModel, table=True):
     status: JobStatus = Field(default=JobStatus.queued)
     attempt: int = 0  # number of attempts started
     max_attempts: int = 3
-    lease_token: Optional[str] = Field(default=None, max_length=64)
-    lease_expires_at: Optional[datetime] = None
-    not_before: Optional[datetime] = None  # retry backoff
+    lease_token: str | None = Field(default=None, max_length=64)
+    lease_expires_at: datetime | None = None
+    not_before: datetime | None = None  # retry backoff
     cancel_requested: bool = False
-    parent_job_id: Optional[str] = Field(default=None, foreign_key="job.id", index=True)  # waits for it
+    parent_job_id: str | None = Field(default=None, foreign_key="job.id", index=True)  # waits for it
     spec: dict = _json_column()  # what the runner turns into a halos_core RunConfig
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     step: int = 0
     round_step: int = 0
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
     examples: int = 0
-    latest_metrics: Optional[dict] = _json_column()
-    error: Optional[str] = None
+    latest_metrics: dict | None = _json_column()
+    error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
-    queued_at: Optional[datetime] = None
-    published_at: Optional[datetime] = None
-    started_at: Optional[datetime] = None
-    finished_at: Optional[datetime] = None
+    queued_at: datetime | None = None
+    published_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -219,17 +220,17 @@ class Attempt(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_attempt_job_attempt"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(foreign_key="job.id", index=True)
     attempt: int
     lease_token: str = Field(max_length=64)
     host: str = Field(max_length=255)
-    pid: Optional[int] = None
+    pid: int | None = None
     started_at: datetime = Field(default_factory=utcnow)
-    ended_at: Optional[datetime] = None
-    outcome: Optional[str] = Field(default=None, max_length=20)
-    error: Optional[str] = None
-    resumed_from_step: Optional[int] = None
+    ended_at: datetime | None = None
+    outcome: str | None = Field(default=None, max_length=20)
+    error: str | None = None
+    resumed_from_step: int | None = None
 
 
 class Checkpoint(SQLModel, table=True):
@@ -239,7 +240,7 @@ class Checkpoint(SQLModel, table=True):
     round_id: str = Field(foreign_key="round.id")
     job_id: str = Field(foreign_key="job.id")
     model_id: str = Field(foreign_key="model.id")  # the SFT root of the lineage
-    parent_id: Optional[str] = Field(default=None, foreign_key="checkpoint.id")  # None: parent is the SFT model
+    parent_id: str | None = Field(default=None, foreign_key="checkpoint.id")  # None: parent is the SFT model
     path: str
     manifest_sha256: str = Field(max_length=64)
     step: int
@@ -250,7 +251,7 @@ class Checkpoint(SQLModel, table=True):
 class MetricPoint(SQLModel, table=True):
     __table_args__ = (Index("ix_metricpoint_job_step", "job_id", "step"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(foreign_key="job.id")
     attempt: int
     step: int
@@ -262,14 +263,14 @@ class MetricPoint(SQLModel, table=True):
 class IdempotencyRecord(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("project_id", "endpoint", "key", name="uq_idempotency"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     project_id: str = Field(foreign_key="project.id")
     endpoint: str = Field(max_length=200)
     key: str = Field(max_length=255)
     request_hash: str = Field(max_length=64)
-    resource_id: Optional[str] = Field(default=None, max_length=64)
-    status_code: Optional[int] = None
-    response: Optional[dict] = _json_column()
+    resource_id: str | None = Field(default=None, max_length=64)
+    status_code: int | None = None
+    response: dict | None = _json_column()
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -280,7 +281,7 @@ class Integration(SQLModel, table=True):
     project_id: str = Field(foreign_key="project.id", index=True)
     tool: str = Field(max_length=20)  # label_studio | argilla
     label_config: str = Field(max_length=20)  # pairwise | rating: what an annotation means
-    name: Optional[str] = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
     secret: str = Field(max_length=255)  # shared secret (Label Studio header) / Standard Webhooks key (Argilla)
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -291,13 +292,13 @@ class DraftAnnotation(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("integration_id", "external_id", name="uq_draft_annotation"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     integration_id: str = Field(foreign_key="integration.id", index=True)
     external_id: str = Field(max_length=200)  # the tool's annotation / response id
     version: str = Field(default="", max_length=64)  # the tool's updated_at: older deliveries are ignored
     deleted: bool = False
-    record: Optional[dict] = _json_column()  # a HALOs feedback record (pairwise_feedback / scalar_feedback)
-    sealed_into: Optional[str] = Field(default=None, max_length=64)  # the feedback file it went into
+    record: dict | None = _json_column()  # a HALOs feedback record (pairwise_feedback / scalar_feedback)
+    sealed_into: str | None = Field(default=None, max_length=64)  # the feedback file it went into
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -306,7 +307,7 @@ class WebhookDelivery(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("integration_id", "delivery_id", name="uq_webhook_delivery"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     integration_id: str = Field(foreign_key="integration.id", index=True)
     delivery_id: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utcnow)
@@ -323,14 +324,14 @@ class Event(SQLModel, table=True):
 
     __table_args__ = (Index("ix_event_job_id", "job_id", "id"), Index("ix_event_project_id", "project_id", "id"))
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     project_id: str = Field(foreign_key="project.id")
     type: str = Field(max_length=40)  # job.started, job.succeeded, checkpoint.created, feedback.stored, …
-    job_id: Optional[str] = Field(default=None, foreign_key="job.id")
-    run_id: Optional[str] = Field(default=None, max_length=64)
-    subject_id: Optional[str] = Field(default=None, max_length=64)  # the object the event is about
-    attempt: Optional[int] = None
-    status: Optional[str] = Field(default=None, max_length=20)  # the job's status after the event
+    job_id: str | None = Field(default=None, foreign_key="job.id")
+    run_id: str | None = Field(default=None, max_length=64)
+    subject_id: str | None = Field(default=None, max_length=64)  # the object the event is about
+    attempt: int | None = None
+    status: str | None = Field(default=None, max_length=20)  # the job's status after the event
     data: dict = _json_column()
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -344,13 +345,13 @@ class WebhookEndpoint(SQLModel, table=True):
     project_id: str = Field(foreign_key="project.id", index=True)
     url: str = Field(max_length=2048)
     event_types: list = _json_column()
-    description: Optional[str] = Field(default=None, max_length=500)
+    description: str | None = Field(default=None, max_length=500)
     secret: str = Field(max_length=200)
-    secret_rotated_at: Optional[datetime] = None
-    previous_secret: Optional[str] = Field(default=None, max_length=200)
-    previous_secret_expires_at: Optional[datetime] = None
+    secret_rotated_at: datetime | None = None
+    previous_secret: str | None = Field(default=None, max_length=200)
+    previous_secret_expires_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
-    deleted_at: Optional[datetime] = None  # deleted endpoints keep their delivery log, get nothing new
+    deleted_at: datetime | None = None  # deleted endpoints keep their delivery log, get nothing new
 
 
 class OutboundDelivery(SQLModel, table=True):
@@ -358,8 +359,10 @@ class OutboundDelivery(SQLModel, table=True):
     `webhook-id` of every attempt (receivers deduplicate on it); `body` is fixed at insert so every
     retry sends (and signs) the same bytes."""
 
-    __table_args__ = (Index("ix_outbounddelivery_due", "status", "next_attempt_at"),
-                      Index("ix_outbounddelivery_endpoint", "endpoint_id", "created_at"))
+    __table_args__ = (
+        Index("ix_outbounddelivery_due", "status", "next_attempt_at"),
+        Index("ix_outbounddelivery_endpoint", "endpoint_id", "created_at"),
+    )
 
     id: str = Field(default_factory=lambda: new_id("msg"), primary_key=True)
     project_id: str = Field(foreign_key="project.id")
@@ -370,24 +373,24 @@ class OutboundDelivery(SQLModel, table=True):
     status: str = Field(default="pending", max_length=20)  # pending | delivered | failed
     attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utcnow)
-    lease_owner: Optional[str] = Field(default=None, max_length=64)
-    lease_expires_at: Optional[datetime] = None
-    last_status_code: Optional[int] = None
-    last_error: Optional[str] = None
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
-    finished_at: Optional[datetime] = None
+    finished_at: datetime | None = None
 
 
 class WebhookAttempt(SQLModel, table=True):
     """Append-only log of every HTTP attempt of a delivery (the delivery log of the API)."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     delivery_id: str = Field(foreign_key="outbounddelivery.id", index=True)
     attempt: int
     started_at: datetime = Field(default_factory=utcnow)
     duration_ms: int = 0
-    status_code: Optional[int] = None
-    error: Optional[str] = None
+    status_code: int | None = None
+    error: str | None = None
     ok: bool = False
 
 
@@ -397,11 +400,11 @@ class TrackingLink(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("run_id", "backend", name="uq_trackinglink_run_backend"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(foreign_key="run.id", index=True)
     backend: str = Field(max_length=20)  # mlflow | wandb
     config: dict = _json_column()  # the run's options for this backend (RunCreate.tracking)
-    tracking_run_id: Optional[str] = Field(default=None, max_length=200)
+    tracking_run_id: str | None = Field(default=None, max_length=200)
     exported: dict = _json_column()
-    last_error: Optional[str] = None
+    last_error: str | None = None
     updated_at: datetime = Field(default_factory=utcnow)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import timezone
-from typing import Any, Iterator
+from collections.abc import Iterator
+from datetime import UTC
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,15 +31,22 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from server.db import get_engine
 from halos_client.event_models import EventType
-from server.models import Attempt, Event, Job, JobStatus, MetricPoint, Round, WebhookAttempt, OutboundDelivery, utcnow
+from server.db import get_engine
+from server.models import Attempt, Event, Job, JobStatus, MetricPoint, OutboundDelivery, Round, WebhookAttempt, utcnow
 from server.settings import Settings
 
-REQUESTS = Counter("halos_http_requests_total", "HTTP requests by method, route template and status (this process)",
-                   ["method", "route", "status"])
-LATENCY = Histogram("halos_http_request_duration_seconds", "HTTP request duration by route template (this process)",
-                    ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+REQUESTS = Counter(
+    "halos_http_requests_total",
+    "HTTP requests by method, route template and status (this process)",
+    ["method", "route", "status"],
+)
+LATENCY = Histogram(
+    "halos_http_request_duration_seconds",
+    "HTTP request duration by route template (this process)",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 
 
 class RequestMetrics:
@@ -95,20 +103,26 @@ class DatabaseCollector(Collector):
             jobs.add_metric([status.value], by_status.get(status, 0))
         yield jobs
         depth, oldest = session.exec(
-            select(func.count(), func.min(Job.queued_at)).where(Job.status == JobStatus.queued)).one()
+            select(func.count(), func.min(Job.queued_at)).where(Job.status == JobStatus.queued)
+        ).one()
         yield GaugeMetricFamily("halos_queue_depth", "Jobs queued (waiting for a worker)", value=depth)
         age = (utcnow() - _aware(oldest)).total_seconds() if oldest else 0.0
         yield GaugeMetricFamily("halos_queue_oldest_age_seconds", "Age of the oldest queued job", value=age)
         attempts = CounterMetricFamily("halos_attempts", "Ended attempts by outcome", labels=["outcome"])
-        for outcome, n in session.exec(select(Attempt.outcome, func.count()).where(Attempt.outcome.is_not(None))
-                                       .group_by(Attempt.outcome)).all():
+        for outcome, n in session.exec(
+            select(Attempt.outcome, func.count()).where(Attempt.outcome.is_not(None)).group_by(Attempt.outcome)
+        ).all():
             attempts.add_metric([outcome], n)
         yield attempts
-        expiries = session.exec(select(func.count()).select_from(Attempt).where(
-            Attempt.outcome == "crashed", Attempt.error.like("lease expired%"))).one()
+        expiries = session.exec(
+            select(func.count())
+            .select_from(Attempt)
+            .where(Attempt.outcome == "crashed", Attempt.error.like("lease expired%"))
+        ).one()
         yield CounterMetricFamily("halos_lease_expiries", "Attempts ended by an expired lease", value=expiries)
-        retries = session.exec(select(func.count()).select_from(Event).where(
-            Event.type == EventType.job_retry_scheduled.value)).one()
+        retries = session.exec(
+            select(func.count()).select_from(Event).where(Event.type == EventType.job_retry_scheduled.value)
+        ).one()
         yield CounterMetricFamily("halos_retries", "Retries scheduled after a crashed attempt", value=retries)
 
     def _running(self, session: Session) -> Iterator[Metric]:
@@ -116,12 +130,15 @@ class DatabaseCollector(Collector):
         step = GaugeMetricFamily("halos_job_step", "Global step of a running job", labels=labels)
         step_time = GaugeMetricFamily("halos_job_step_seconds", "Wall time of the last optimizer step", labels=labels)
         tokens = GaugeMetricFamily("halos_job_tokens_per_second", "Training tokens/s of the last step", labels=labels)
-        since = GaugeMetricFamily("halos_job_seconds_since_last_step",
-                                  "Seconds since the running job's last step (or its start): a stuck trainer grows",
-                                  labels=labels)
+        since = GaugeMetricFamily(
+            "halos_job_seconds_since_last_step",
+            "Seconds since the running job's last step (or its start): a stuck trainer grows",
+            labels=labels,
+        )
         rows = session.exec(
             select(Job.id, Job.step, Job.latest_metrics, Job.started_at, Round.run_id)
-            .join(Round, Round.job_id == Job.id, isouter=True).where(Job.status == JobStatus.running)
+            .join(Round, Round.job_id == Job.id, isouter=True)
+            .where(Job.status == JobStatus.running)
         ).all()
         now = time.time()
         for job_id, job_step, latest, started_at, run_id in rows:
@@ -131,9 +148,10 @@ class DatabaseCollector(Collector):
             if (tps := _float(latest.get("tokens_per_s"))) is not None:
                 tokens.add_metric(lv, tps)
             last = session.exec(
-                select(MetricPoint.data, MetricPoint.created_at).where(MetricPoint.job_id == job_id,
-                                                                       MetricPoint.split == "train")
-                .order_by(MetricPoint.id.desc()).limit(2)  # type: ignore[union-attr]
+                select(MetricPoint.data, MetricPoint.created_at)
+                .where(MetricPoint.job_id == job_id, MetricPoint.split == "train")
+                .order_by(MetricPoint.id.desc())
+                .limit(2)  # type: ignore[union-attr]
             ).all()
             if len(last) == 2:
                 (d1, _), (d0, _) = last
@@ -150,18 +168,20 @@ class DatabaseCollector(Collector):
 
     def _webhooks(self, session: Session) -> Iterator[Metric]:
         deliveries = GaugeMetricFamily("halos_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
-        counts = dict(session.exec(select(OutboundDelivery.status, func.count())
-                                   .group_by(OutboundDelivery.status)).all())
+        counts = dict(
+            session.exec(select(OutboundDelivery.status, func.count()).group_by(OutboundDelivery.status)).all()
+        )
         for status in ("pending", "delivered", "failed"):
             deliveries.add_metric([status], counts.get(status, 0))
         yield deliveries
-        failures = session.exec(select(func.count()).select_from(WebhookAttempt)
-                                .where(WebhookAttempt.ok.is_(False))).one()  # type: ignore[attr-defined]
+        failures = session.exec(
+            select(func.count()).select_from(WebhookAttempt).where(WebhookAttempt.ok.is_(False))
+        ).one()  # type: ignore[attr-defined]
         yield CounterMetricFamily("halos_webhook_delivery_failures", "Failed webhook delivery attempts", value=failures)
 
 
 def _aware(when: Any) -> Any:
-    return when if when is None or when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when is None or when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def build_registry(settings: Settings) -> CollectorRegistry:

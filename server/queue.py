@@ -12,9 +12,10 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable
 from contextlib import closing
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from celery import Celery
 
@@ -66,7 +67,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def producer_app(settings: Optional[Settings] = None) -> Celery:
+def producer_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     key = settings.broker
     with _lock:
@@ -80,7 +81,7 @@ def producer_app(settings: Optional[Settings] = None) -> Celery:
         return app
 
 
-def send(job_id: str, settings: Optional[Settings] = None) -> None:
+def send(job_id: str, settings: Settings | None = None) -> None:
     """Send the task; raises on a broker error."""
     producer_app(settings).send_task(
         TASK_NAME,
@@ -91,12 +92,12 @@ def send(job_id: str, settings: Optional[Settings] = None) -> None:
     )
 
 
-def publish(job_id: str, settings: Optional[Settings] = None) -> bool:
+def publish(job_id: str, settings: Settings | None = None) -> bool:
     """Publish one job id; record `published_at`. False (logged) on a broker error."""
     return publish_many([job_id], settings) == 1
 
 
-def publish_many(job_ids: Iterable[str], settings: Optional[Settings] = None) -> int:
+def publish_many(job_ids: Iterable[str], settings: Settings | None = None) -> int:
     from server import jobs
     from server.db import session_scope
 
@@ -106,18 +107,18 @@ def publish_many(job_ids: Iterable[str], settings: Optional[Settings] = None) ->
         try:
             send(job_id, settings)
             sent.append(job_id)
-        except Exception as exc:  # noqa: BLE001 - the sweeper republishes
+        except Exception as exc:
             log.warning("publishing job %s failed (the sweeper will retry): %s", job_id, exc)
     if sent:
         try:
             with session_scope(settings) as session:
                 jobs.mark_published(session, sent)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("recording published_at for %s failed: %s", sent, exc)
     return len(sent)
 
 
-def prune_embedded_broker(settings: Optional[Settings] = None, older_than_s: float = 3600.0) -> int:
+def prune_embedded_broker(settings: Settings | None = None, older_than_s: float = 3600.0) -> int:
     """Delete long-delivered messages from the embedded SQLite broker.
 
     kombu's SQLAlchemy transport never deletes a message: delivery only marks it invisible (acks
@@ -129,7 +130,7 @@ def prune_embedded_broker(settings: Optional[Settings] = None, older_than_s: flo
     prefix = "sqla+sqlite:///"
     if not settings.broker.startswith(prefix):
         return 0
-    path = settings.broker[len(prefix):]
+    path = settings.broker[len(prefix) :]
     if not path or not os.path.exists(path):
         return 0
     cutoff = (datetime.now() - timedelta(seconds=older_than_s)).strftime("%Y-%m-%d %H:%M:%S.%f")  # kombu: local time
@@ -151,6 +152,6 @@ def reset() -> None:
         for app in _apps.values():
             try:
                 app.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         _apps.clear()

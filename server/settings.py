@@ -83,28 +83,35 @@ class Settings(BaseSettings):
     events_poll_interval_s: float = Field(1.0, gt=0, description="how often an open event stream reads the database")
     events_heartbeat_s: float = Field(15.0, gt=0, description="SSE comment sent while a stream has nothing new")
     events_stream_max_s: float = Field(
-        3600.0, gt=0, description="an open stream ends after this long (the client reconnects with Last-Event-ID)")
+        3600.0, gt=0, description="an open stream ends after this long (the client reconnects with Last-Event-ID)"
+    )
 
     # Prometheus
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus text format, no API key)")
 
     # webhooks (the outbox dispatcher runs in `halos serve` and `halos worker`)
     webhooks_enabled: bool = Field(True, description="run the webhook dispatcher loop in this process")
-    webhook_dispatch_interval_s: float = Field(1.0, gt=0, description="how often the dispatcher looks for due deliveries")
+    webhook_dispatch_interval_s: float = Field(
+        1.0, gt=0, description="how often the dispatcher looks for due deliveries"
+    )
     webhook_batch_size: int = Field(20, ge=1, description="deliveries one dispatcher claims per pass")
     webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="connect + read timeout of one delivery attempt")
     webhook_lease_s: float = Field(
-        120.0, gt=0, description="a claimed delivery not finished within this is claimed again (a dispatcher died)")
+        120.0, gt=0, description="a claimed delivery not finished within this is claimed again (a dispatcher died)"
+    )
     webhook_backoff_s: float = Field(5.0, gt=0, description="wait before the first retry; doubled per failed attempt")
     webhook_backoff_max_s: float = Field(3600.0, gt=0, description="longest wait between two attempts")
     webhook_max_age_s: float = Field(
-        3 * 24 * 3600.0, gt=0, description="a delivery still failing this long after its event is given up (failed)")
+        3 * 24 * 3600.0, gt=0, description="a delivery still failing this long after its event is given up (failed)"
+    )
     webhook_secret_grace_s: float = Field(
-        24 * 3600.0, ge=0, description="after a secret rotation, the previous secret also signs for this long")
+        24 * 3600.0, ge=0, description="after a secret rotation, the previous secret also signs for this long"
+    )
     webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="CIDRs webhooks may reach although private/loopback/link-local (e.g. 10.0.0.0/8); "
-                    "comma-separated or a JSON list; empty: only public addresses")
+        "comma-separated or a JSON list; empty: only public addresses",
+    )
 
     # experiment tracking (MLflow / Weights & Biases; per run, `tracking` in POST /v1/runs)
     tracking_enabled: bool = Field(True, description="run the tracking exporter loop in this process")

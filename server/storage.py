@@ -18,9 +18,9 @@ import os
 import tempfile
 import time
 import unicodedata
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 import anyio.to_thread
 
@@ -95,7 +95,7 @@ class _Sink:
     size: int = 0
     first_byte: bytes = b""
     _fd: int = -1
-    _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    _digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     _buffer: bytearray = field(default_factory=bytearray)
 
     def open(self) -> None:
@@ -115,7 +115,7 @@ class _Sink:
         if not self.first_byte:
             stripped = data.lstrip(_WHITESPACE)
             if stripped.startswith(_BOM):
-                stripped = stripped[len(_BOM):].lstrip(_WHITESPACE)
+                stripped = stripped[len(_BOM) :].lstrip(_WHITESPACE)
             self.first_byte = stripped[:1]
         self._digest.update(data)
         self._buffer += data
@@ -231,9 +231,7 @@ class _MultipartState:
         _, options = parse_options_header(self.disposition.decode("latin-1"))
         name = options.get(b"name")
         if name is None:
-            raise Unprocessable(
-                'a multipart part has no Content-Disposition "name"', code="invalid_multipart"
-            )
+            raise Unprocessable('a multipart part has no Content-Disposition "name"', code="invalid_multipart")
         self.part_name = name.decode("utf-8", errors="replace")
         if self.part_name == self.file_field:
             if self.file_seen:

@@ -24,7 +24,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Optional
 
 from sqlmodel import Session
 
@@ -46,8 +45,9 @@ class SweepReport:
     republished: list[str] = field(default_factory=list)
 
 
-def sweep_once(session: Session, settings: Optional[Settings] = None, now: Optional[datetime] = None,
-               *, publish: bool = True) -> SweepReport:
+def sweep_once(
+    session: Session, settings: Settings | None = None, now: datetime | None = None, *, publish: bool = True
+) -> SweepReport:
     settings = settings or get_settings()
     now = now or utcnow()
     report = SweepReport()
@@ -70,7 +70,7 @@ def purge_idempotency_records(session: Session, settings: Settings) -> int:
     return purged
 
 
-def run_forever(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None) -> None:
+def run_forever(settings: Settings | None = None, stop_event: threading.Event | None = None) -> None:
     settings = settings or get_settings()
     stop_event = stop_event or threading.Event()
     engine = get_engine(settings)
@@ -79,7 +79,7 @@ def run_forever(settings: Optional[Settings] = None, stop_event: Optional[thread
         try:
             with Session(engine, expire_on_commit=False) as session:
                 sweep_once(session, settings)
-        except Exception:  # noqa: BLE001 - a DB/broker outage must not kill the loop
+        except Exception:
             log.exception("sweeper pass failed")
         if time.monotonic() - last_prune > PRUNE_EVERY_S:
             last_prune = time.monotonic()
@@ -89,13 +89,14 @@ def run_forever(settings: Optional[Settings] = None, stop_event: Optional[thread
             try:
                 with Session(engine, expire_on_commit=False) as session:
                     purge_idempotency_records(session, settings)
-            except Exception:  # noqa: BLE001 - retried at the next period
+            except Exception:
                 log.exception("purging idempotency records failed")
         stop_event.wait(settings.sweep_interval_s)
 
 
-def start_thread(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None
-                 ) -> tuple[threading.Thread, threading.Event]:
+def start_thread(
+    settings: Settings | None = None, stop_event: threading.Event | None = None
+) -> tuple[threading.Thread, threading.Event]:
     stop_event = stop_event or threading.Event()
     thread = threading.Thread(target=run_forever, args=(settings, stop_event), name="halos-sweeper", daemon=True)
     thread.start()

@@ -46,14 +46,14 @@ app.conf.update(
 
 
 @signals.worker_shutting_down.connect
-def _on_shutting_down(sig=None, how=None, exitcode=None, **_kw) -> None:  # noqa: ANN001
+def _on_shutting_down(sig=None, how=None, exitcode=None, **_kw) -> None:
     from worker.runner import SHUTDOWN
 
     SHUTDOWN.set()
 
 
 @signals.worker_ready.connect
-def _on_ready(**_kw) -> None:  # noqa: ANN003
+def _on_ready(**_kw) -> None:
     # training groups left by a runner that died on this host (its watchdog normally handles it)
     from worker.monitor import reap_orphans
 
@@ -61,5 +61,5 @@ def _on_ready(**_kw) -> None:  # noqa: ANN003
         killed = reap_orphans(get_settings())
         if killed:
             log.warning("stopped %d orphaned training process group(s) at startup", len(killed))
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("orphan reaping at startup failed")

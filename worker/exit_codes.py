@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
-from typing import Optional
 
 from halos_core.artefact_spec import ArtefactResult, read_artefact_result, sha256_of
 from halos_core.round_result import RoundResult
@@ -36,7 +35,9 @@ _SIGNAL_PATTERNS = [
     re.compile(r"exitcode\s*:\s*-(\d+)"),
     re.compile(r"Signal (\d+) \((SIG[A-Z0-9]+)\) received by PID"),
 ]
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|AssertionError|KeyboardInterrupt)\b(:.*)?$")
+_EXC_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|AssertionError|KeyboardInterrupt)\b(:.*)?$"
+)
 
 
 def signal_name(num: int) -> str:
@@ -58,7 +59,7 @@ def read_tail(path: Path, limit: int = TAIL_BYTES, start: int = 0) -> str:
         return ""
 
 
-def rank_signal(log_tail: str) -> Optional[str]:
+def rank_signal(log_tail: str) -> str | None:
     """The signal that killed a rank, as reported by accelerate/torchrun, if any."""
     for pattern in _SIGNAL_PATTERNS:
         for match in pattern.finditer(log_tail):
@@ -86,7 +87,7 @@ def error_summary(log_tail: str) -> str:
     return f"{headline}\n--- stdout.log tail ---\n{tail}" if headline else f"--- stdout.log tail ---\n{tail}"
 
 
-def verify_artefact(run_dir: RunDir) -> tuple[Optional[ArtefactResult], Optional[str]]:
+def verify_artefact(run_dir: RunDir) -> tuple[ArtefactResult | None, str | None]:
     """(result, None) when result.json is an ArtefactResult whose output file has its sha256; else (None, why)."""
     try:
         result = read_artefact_result(run_dir.result_json)
@@ -103,7 +104,7 @@ def verify_artefact(run_dir: RunDir) -> tuple[Optional[ArtefactResult], Optional
     return result, None
 
 
-def verify_result(run_dir: RunDir, kind: str = "round") -> tuple[Optional[RoundResult | ArtefactResult], Optional[str]]:
+def verify_result(run_dir: RunDir, kind: str = "round") -> tuple[RoundResult | ArtefactResult | None, str | None]:
     """(result, None) when result.json is a valid RoundResult whose final checkpoint verifies (an
     artefact job's: `verify_artefact`); else (None, why)."""
     if kind != "round":
@@ -119,12 +120,16 @@ def verify_result(run_dir: RunDir, kind: str = "round") -> tuple[Optional[RoundR
     except CheckpointError as exc:
         return None, f"final checkpoint does not verify: {exc}"
     if result.manifest_sha256 != manifest.sha256:
-        return None, f"final checkpoint manifest sha256 {manifest.sha256[:12]}… != result.json {result.manifest_sha256[:12]}…"
+        return (
+            None,
+            f"final checkpoint manifest sha256 {manifest.sha256[:12]}… != result.json {result.manifest_sha256[:12]}…",
+        )
     return result.model_copy(update={"final_dir": str(Path(result.final_dir).resolve())}), None
 
 
-def classify(returncode: int, run_dir: RunDir, *, cancelled: bool = False, log_offset: int = 0,
-             kind: str = "round") -> Outcome:
+def classify(
+    returncode: int, run_dir: RunDir, *, cancelled: bool = False, log_offset: int = 0, kind: str = "round"
+) -> Outcome:
     if cancelled:
         return Outcome("cancelled", error="cancelled by request")
     if returncode == 0:

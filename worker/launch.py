@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -25,8 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = None,
-                      port_from_settings: bool = True) -> dict[str, Any]:
+def accelerate_config(
+    settings: Settings, *, main_process_port: int | None = None, port_from_settings: bool = True
+) -> dict[str, Any]:
     n = max(1, int(settings.num_processes))
     if settings.fsdp:
         # FSDP2; also on CPU (tests/CI): the trainer turns accelerate's MULTI_CPU into FSDP over gloo
@@ -75,8 +76,9 @@ def accelerate_config(settings: Settings, *, main_process_port: Optional[int] = 
     return config
 
 
-def write_accelerate_config(run_dir: RunDir, settings: Settings, *, main_process_port: Optional[int] = None,
-                            port_from_settings: bool = True) -> Path:
+def write_accelerate_config(
+    run_dir: RunDir, settings: Settings, *, main_process_port: int | None = None, port_from_settings: bool = True
+) -> Path:
     """`port_from_settings=False` (a worker running several jobs at once): ignore a configured
     `main_process_port`, every job gets a free port unless `main_process_port` is given."""
     path = run_dir.accelerate_yaml

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional
 
 from server import jobs
 from server.db import session_scope
@@ -53,11 +52,11 @@ class LeaseKeeper:
         self.fenced = threading.Event()  # fencing done (the kill has returned)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._target: Optional[tuple[int, dict[str, str]]] = None
+        self._target: tuple[int, dict[str, str]] | None = None
         self._threads: list[threading.Thread] = []
 
     # ---- lifecycle
-    def start(self) -> "LeaseKeeper":
+    def start(self) -> LeaseKeeper:
         for name, target in (("beat", self._beat_loop), ("fence", self._fence_loop)):
             thread = threading.Thread(target=target, name=f"lease-{name}-{self.claim.job_id}", daemon=True)
             thread.start()
@@ -109,13 +108,13 @@ class LeaseKeeper:
         return self.fenced.wait(timeout)
 
     # ---- threads
-    def beat(self) -> Optional[Heartbeat]:
+    def beat(self) -> Heartbeat | None:
         """One heartbeat (the beater's body). None when the database call failed."""
         started = time.monotonic()
         try:
             with session_scope(self.settings) as session:
                 state = jobs.heartbeat(session, self.claim.job_id, self.claim.lease_token, self.settings.lease_ttl_s)
-        except Exception as exc:  # noqa: BLE001 - the database may be briefly unreachable
+        except Exception as exc:
             log.warning("heartbeat of %s failed: %s", self.claim.job_id, exc)
             return None
         with self._lock:
@@ -154,13 +153,22 @@ class LeaseKeeper:
         try:
             if target is not None:
                 pgid, marker = target
-                log.error("job %s attempt %d: self-fencing (%s): killing group %d", self.claim.job_id,
-                          self.claim.attempt, why, pgid)
+                log.error(
+                    "job %s attempt %d: self-fencing (%s): killing group %d",
+                    self.claim.job_id,
+                    self.claim.attempt,
+                    why,
+                    pgid,
+                )
                 self.group_gone = kill_group(pgid, 0, marker=marker)
             else:
-                log.error("job %s attempt %d: self-fencing (%s); no training process running",
-                          self.claim.job_id, self.claim.attempt, why)
-        except Exception:  # noqa: BLE001 - never let the fence thread die silently
+                log.error(
+                    "job %s attempt %d: self-fencing (%s); no training process running",
+                    self.claim.job_id,
+                    self.claim.attempt,
+                    why,
+                )
+        except Exception:
             log.exception("fencing job %s failed", self.claim.job_id)
             self.group_gone = False
         finally:

@@ -13,8 +13,8 @@ the claim, stopped after finish/release); the monitor reads its state every poll
 
 Every `heartbeat_interval_s` it streams new `metrics.jsonl` lines into the database
 (`jobs.record_progress`) and reports intermediate checkpoints that became complete
-(`jobs.record_checkpoint_saved`: a `job.checkpoint_saved` event). When the launcher exits by itself, any process left in its group is
-stopped too, then the exit is mapped to an outcome by `worker.exit_codes.classify`.
+(`jobs.record_checkpoint_saved`: a `job.checkpoint_saved` event). When the launcher exits by itself, any
+process left in its group is stopped too, then the exit is mapped to an outcome by `worker.exit_codes.classify`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from halos_core.run_dir import CheckpointError, RunDir, read_manifest
 from server import jobs
@@ -53,7 +54,7 @@ class RunReport:
     """What the runner did. `outcome` is None when there is nothing to `finish` (lost / released)."""
 
     action: str  # finish | lost | released
-    outcome: Optional[Outcome] = None
+    outcome: Outcome | None = None
     detail: str = ""
     group_gone: bool = True
 
@@ -81,7 +82,7 @@ def attempt_marker(claim: Claim, settings: Settings) -> dict[str, str]:
     return {ENV_JOB: claim.job_id, ENV_ATTEMPT: str(claim.attempt), ENV_DB: db_identity(settings)}
 
 
-def find_orphans(settings: Settings, job_id: Optional[str] = None) -> dict[int, str]:
+def find_orphans(settings: Settings, job_id: str | None = None) -> dict[int, str]:
     """Process groups of training runs of THIS database whose runner process is dead: {pgid: job_id}."""
     if not os.path.isdir("/proc"):
         return {}
@@ -107,7 +108,7 @@ def find_orphans(settings: Settings, job_id: Optional[str] = None) -> dict[int, 
     return orphans
 
 
-def reap_orphans(settings: Settings, job_id: Optional[str] = None, grace_s: Optional[float] = None) -> list[int]:
+def reap_orphans(settings: Settings, job_id: str | None = None, grace_s: float | None = None) -> list[int]:
     """Stop training process groups left behind by dead runners on this host (I6 backstop)."""
     killed = []
     for pgid, orphan_job in find_orphans(settings, job_id).items():
@@ -150,8 +151,11 @@ class MetricsTail:
         self.pending += self.read()
         if len(self.pending) > self.MAX_PENDING:
             extra = len(self.pending) - self.MAX_PENDING
-            log.error("dropping %d unrecorded metric lines of %s (database unavailable too long)", extra,
-                      self.run_dir.path.name)
+            log.error(
+                "dropping %d unrecorded metric lines of %s (database unavailable too long)",
+                extra,
+                self.run_dir.path.name,
+            )
             del self.pending[:extra]
             self.dropped += extra
         done = 0
@@ -159,18 +163,23 @@ class MetricsTail:
             batch = self.pending[:MAX_RECORDS_PER_CALL]
             try:
                 record(batch, self.failures > 0)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.failures += 1
                 if _transient(exc) or self.failures < self.MAX_CONTENT_FAILURES:
-                    log.warning("recording metrics of %s failed (%d lines kept for a retry): %s",
-                                self.run_dir.path.name, len(self.pending), exc)
+                    log.warning(
+                        "recording metrics of %s failed (%d lines kept for a retry): %s",
+                        self.run_dir.path.name,
+                        len(self.pending),
+                        exc,
+                    )
                     return done
-                log.error("dropping %d metric lines of %s the database refuses: %s", len(batch),
-                          self.run_dir.path.name, exc)
+                log.error(
+                    "dropping %d metric lines of %s the database refuses: %s", len(batch), self.run_dir.path.name, exc
+                )
                 self.dropped += len(batch)
             else:
                 done += len(batch)
-            del self.pending[:len(batch)]
+            del self.pending[: len(batch)]
             self.failures = 0
         return done
 
@@ -186,9 +195,18 @@ class Supervisor:
     """Watches one launched attempt. The lease is NOT renewed here: `keeper` (worker.lease) owns
     the heartbeats and the self-fencing timer; the loop reads its state."""
 
-    def __init__(self, claim: Claim, settings: Settings, run_dir: RunDir, proc: subprocess.Popen,
-                 shutdown: threading.Event, metrics_offset: int = 0, log_offset: int = 0, *,
-                 keeper: LeaseKeeper):
+    def __init__(
+        self,
+        claim: Claim,
+        settings: Settings,
+        run_dir: RunDir,
+        proc: subprocess.Popen,
+        shutdown: threading.Event,
+        metrics_offset: int = 0,
+        log_offset: int = 0,
+        *,
+        keeper: LeaseKeeper,
+    ):
         self.claim = claim
         self.settings = settings
         self.run_dir = run_dir
@@ -214,8 +232,11 @@ class Supervisor:
         """Complete intermediate checkpoints not reported yet (meta.json is written last, so its
         presence means complete; the trainer verifies hashes when it resumes from one)."""
         try:
-            names = sorted(d.name for d in self.run_dir.checkpoints.iterdir()
-                           if d.is_dir() and d.name not in self.reported_checkpoints)
+            names = sorted(
+                d.name
+                for d in self.run_dir.checkpoints.iterdir()
+                if d.is_dir() and d.name not in self.reported_checkpoints
+            )
         except OSError:
             return
         for name in names:
@@ -225,9 +246,10 @@ class Supervisor:
                 continue  # still being written (or partial): looked at again next time
             try:
                 with session_scope(self.settings) as session:
-                    jobs.record_checkpoint_saved(session, self.claim.job_id, self.claim.lease_token, manifest.step,
-                                                 name)
-            except Exception as exc:  # noqa: BLE001 - informational; tried again at the next ingest
+                    jobs.record_checkpoint_saved(
+                        session, self.claim.job_id, self.claim.lease_token, manifest.step, name
+                    )
+            except Exception as exc:
                 log.warning("reporting checkpoint %s of %s failed: %s", name, self.claim.job_id, exc)
                 return
             self.reported_checkpoints.add(name)
@@ -270,8 +292,11 @@ class Supervisor:
         # the launcher exited by itself: nothing of its group may outlive it
         gone = True
         if job_processes(self.pgid, self.marker):
-            log.warning("job %s: processes left behind by launcher %d after it exited; stopping them",
-                        self.claim.job_id, self.pgid)
+            log.warning(
+                "job %s: processes left behind by launcher %d after it exited; stopping them",
+                self.claim.job_id,
+                self.pgid,
+            )
             gone = self._stop_group(min(self.settings.kill_grace_s, 5.0))
         self._ingest()
         outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind)
@@ -294,15 +319,18 @@ class Supervisor:
             if job_processes(self.pgid, self.marker):
                 self._stop_group(0)
             self._ingest()
-            return RunReport("finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind))
+            return RunReport(
+                "finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind)
+            )
         log.info("job %s: cancel requested; stopping group %d", self.claim.job_id, self.pgid)
         gone = self._stop_group(self.settings.kill_grace_s)
         self._ingest()
         return RunReport("finish", Outcome("cancelled", error="cancelled by request"), group_gone=gone)
 
     def _on_shutdown(self) -> RunReport:
-        log.warning("job %s: worker shutting down; stopping group %d and releasing the job",
-                    self.claim.job_id, self.pgid)
+        log.warning(
+            "job %s: worker shutting down; stopping group %d and releasing the job", self.claim.job_id, self.pgid
+        )
         gone = self._stop_group(self.settings.kill_grace_s)
         self._ingest()
         if not gone:
@@ -314,7 +342,7 @@ class Supervisor:
         try:
             with session_scope(self.settings) as session:
                 ok = jobs.release(session, self.claim.job_id, self.claim.lease_token, "worker shutting down")
-        except Exception as exc:  # noqa: BLE001 - the lease expires and the sweeper retries it
+        except Exception as exc:
             log.warning("releasing %s failed: %s", self.claim.job_id, exc)
             ok = False
         return RunReport("released" if ok else "lost", None, detail="worker shutting down")

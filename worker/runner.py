@@ -29,7 +29,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
 
 from pydantic import ValidationError
 
@@ -43,19 +42,20 @@ from server.models import utcnow
 from server.settings import Settings
 from worker import exit_codes, launch
 from worker.lease import LeaseKeeper
-from worker.slots import Slot
 from worker.monitor import RunReport, Supervisor, attempt_marker, reap_orphans, supervised_env
+from worker.slots import Slot
 
 log = logging.getLogger(__name__)
 
 # Set by the worker's shutdown hook (worker/app.py); runners notice it within a poll interval.
 SHUTDOWN = threading.Event()
 
+
 def hostname() -> str:
     return socket.gethostname()
 
 
-def build_config(claim: Claim, settings: Settings, run_dir: RunDir, resume_from: Optional[str]) -> RunConfig:
+def build_config(claim: Claim, settings: Settings, run_dir: RunDir, resume_from: str | None) -> RunConfig:
     """The attempt's run.json: the job's spec + where and how this worker runs it."""
     return RunConfig.for_attempt(
         claim.job_spec(),
@@ -81,7 +81,7 @@ def worker_error(exc: BaseException) -> Outcome:
     return Outcome("crashed", error=text)
 
 
-def worker_problem(claim: Claim, settings: Settings) -> Optional[str]:
+def worker_problem(claim: Claim, settings: Settings) -> str | None:
     """Why THIS worker cannot run the round (the API's submit-time question, `fit_problem`, asked
     with the worker's own num_processes / fsdp: the API and the workers must share them), or None.
     A spec too broken to tell is left to `build_config` ("invalid job spec")."""
@@ -94,9 +94,14 @@ def worker_problem(claim: Claim, settings: Settings) -> Optional[str]:
     problem = fit_problem(spec, settings.num_processes, settings.fsdp)
     if problem is None:
         return None
-    hint = "" if problem == LORA_FSDP_PROBLEM else (
-        f" (worker HALOS_NUM_PROCESSES={settings.num_processes}; the API and the workers must share"
-        " HALOS_NUM_PROCESSES and HALOS_FSDP)")
+    hint = (
+        ""
+        if problem == LORA_FSDP_PROBLEM
+        else (
+            f" (worker HALOS_NUM_PROCESSES={settings.num_processes}; the API and the workers must share"
+            " HALOS_NUM_PROCESSES and HALOS_FSDP)"
+        )
+    )
     return f"this worker cannot run the round: {problem}{hint}"
 
 
@@ -113,13 +118,13 @@ def _backfill_metrics(claim: Claim, settings: Settings, run_dir: RunDir, resume_
         try:
             with session_scope(settings) as session:
                 jobs.record_progress(session, claim.job_id, claim.lease_token, kept, skip_recorded=True)
-        except Exception as exc:  # noqa: BLE001 - the series is informational; training goes on
+        except Exception as exc:
             log.warning("backfilling metrics of %s failed: %s", claim.job_id, exc)
     # Tail from the end of the file, past any half-written line of the killed attempt.
     return run_dir.metrics_jsonl.stat().st_size if run_dir.metrics_jsonl.exists() else 0
 
 
-def _latest_complete(run_dir: RunDir) -> Optional[Manifest]:
+def _latest_complete(run_dir: RunDir) -> Manifest | None:
     """The newest complete checkpoint. Called right after `clean_partial_checkpoints`, which has
     just verified every checkpoint left in place (and removed the rest), so they are not hashed a
     second time here (hashing tens of GB twice before a retry is minutes of nothing)."""
@@ -127,8 +132,14 @@ def _latest_complete(run_dir: RunDir) -> Optional[Manifest]:
     return done[-1] if done else None
 
 
-def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event] = None, *,
-            keeper: Optional[LeaseKeeper] = None, slot: Optional[Slot] = None) -> RunReport:
+def run_job(
+    claim: Claim,
+    settings: Settings,
+    shutdown: threading.Event | None = None,
+    *,
+    keeper: LeaseKeeper | None = None,
+    slot: Slot | None = None,
+) -> RunReport:
     """Run one claimed attempt. `keeper` renews the lease (worker.tasks starts it right after the
     claim and stops it after finish/release); without one (tests) the runner keeps its own for
     the duration of this call. `slot` (worker.slots): the GPUs and port of this job when the
@@ -165,8 +176,13 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
     except (ValidationError, ValueError, TypeError) as exc:
         return _finish_now(Outcome("failed", error=f"invalid job spec: {exc}"))
 
-    env = {**os.environ, **launch.launch_env(settings), **(slot.env if slot is not None else {}),
-           **supervised_env(claim, settings), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **launch.launch_env(settings),
+        **(slot.env if slot is not None else {}),
+        **supervised_env(claim, settings),
+        "PYTHONUNBUFFERED": "1",
+    }
     metrics_offset = _backfill_metrics(claim, settings, run_dir, resume.step if resume else 0)
     # the setup above may have taken long (hashing): start nothing on a lease that is no longer ours
     ok, why = keeper.usable()
@@ -184,13 +200,26 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
         out.flush()
         log_offset = out.tell()
         try:
-            proc = subprocess.Popen(cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=run_dir.path,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise LaunchError(f"cannot start the trainer with {cmd[0]!r} (HALOS_PYTHON_EXECUTABLE): {exc}") from exc
     watchdog = _start_watchdog(proc.pid, settings, marker)
-    log.info("job %s attempt %d: started %s (pgid %d)%s", claim.job_id, claim.attempt, " ".join(cmd), proc.pid,
-             f", resuming from step {resume.step}" if resume else "")
+    log.info(
+        "job %s attempt %d: started %s (pgid %d)%s",
+        claim.job_id,
+        claim.attempt,
+        " ".join(cmd),
+        proc.pid,
+        f", resuming from step {resume.step}" if resume else "",
+    )
     try:
         if not keeper.attach(proc.pid, marker):
             # fenced between the check above and the start: the fence found nothing to kill
@@ -200,20 +229,23 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
             return RunReport("lost", None, detail=keeper.reason, group_gone=gone)
         try:
             with session_scope(settings) as session:
-                jobs.mark_attempt_started(session, claim.job_id, claim.lease_token,
-                                          resumed_from_step=resume.step if resume else None)
-        except Exception as exc:  # noqa: BLE001 - informational only
+                jobs.mark_attempt_started(
+                    session, claim.job_id, claim.lease_token, resumed_from_step=resume.step if resume else None
+                )
+        except Exception as exc:
             log.warning("recording the resume point of %s failed: %s", claim.job_id, exc)
         return Supervisor(claim, settings, run_dir, proc, shutdown, metrics_offset, log_offset, keeper=keeper).run()
     except Exception as exc:
         # a bug in the supervisor must not leave the training running; the job is retried
         from worker.watchdog import kill_group
 
-        log.exception("job %s attempt %d: supervising failed; stopping group %d", claim.job_id, claim.attempt,
-                      proc.pid)
+        log.exception("job %s attempt %d: supervising failed; stopping group %d", claim.job_id, claim.attempt, proc.pid)
         gone = kill_group(proc.pid, 0, marker=marker, reap=proc.poll)
-        return RunReport("finish", Outcome("crashed", error=f"worker error while supervising: {type(exc).__name__}: {exc}"),
-                         group_gone=gone)
+        return RunReport(
+            "finish",
+            Outcome("crashed", error=f"worker error while supervising: {type(exc).__name__}: {exc}"),
+            group_gone=gone,
+        )
     except BaseException:
         # an interrupt: stop the training, then let it propagate
         from worker.watchdog import kill_group
@@ -231,8 +263,9 @@ def run_job(claim: Claim, settings: Settings, shutdown: Optional[threading.Event
                 watchdog.kill()
 
 
-def _prepare(claim: Claim, settings: Settings, run_dir: RunDir, resume: Optional[Manifest],
-             slot: Optional[Slot]) -> list[str]:
+def _prepare(
+    claim: Claim, settings: Settings, run_dir: RunDir, resume: Manifest | None, slot: Slot | None
+) -> list[str]:
     """Write the attempt's run.json (+ accelerate.yaml for a round); the command that runs it."""
     if claim.kind == "round":
         config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
@@ -240,8 +273,9 @@ def _prepare(claim: Claim, settings: Settings, run_dir: RunDir, resume: Optional
         if slot is None:
             launch.write_accelerate_config(run_dir, settings)
         else:
-            launch.write_accelerate_config(run_dir, settings, main_process_port=slot.main_process_port(),
-                                           port_from_settings=False)
+            launch.write_accelerate_config(
+                run_dir, settings, main_process_port=slot.main_process_port(), port_from_settings=False
+            )
         return launch.command(settings, run_dir)
     spec = claim.any_spec()
     if not isinstance(spec, (SampleSpec, LabelSpec)) or spec.kind != claim.kind:
@@ -254,14 +288,23 @@ def _prepare(claim: Claim, settings: Settings, run_dir: RunDir, resume: Optional
     return [python, "-m", ENTRY_POINTS[claim.kind], "--config", str(run_dir.run_json)]
 
 
-def _start_watchdog(pgid: int, settings: Settings, marker: dict[str, str]) -> Optional[subprocess.Popen]:
+def _start_watchdog(pgid: int, settings: Settings, marker: dict[str, str]) -> subprocess.Popen | None:
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker.watchdog", str(os.getpid()), str(pgid), str(settings.kill_grace_s),
-             json.dumps(marker)],
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "worker.watchdog",
+                str(os.getpid()),
+                str(pgid),
+                str(settings.kill_grace_s),
+                json.dumps(marker),
+            ],
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     except OSError as exc:
         log.warning("could not start the watchdog for group %d: %s", pgid, exc)

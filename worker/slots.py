@@ -19,8 +19,8 @@ import os
 import queue
 import subprocess
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 from server.settings import Settings
 
@@ -31,7 +31,7 @@ class SlotError(RuntimeError):
     """This worker cannot give every slot its own GPUs."""
 
 
-def visible_gpus(environ: Optional[Mapping[str, str]] = None, nvidia_smi: str = "nvidia-smi") -> tuple[list[str], str]:
+def visible_gpus(environ: Mapping[str, str] | None = None, nvidia_smi: str = "nvidia-smi") -> tuple[list[str], str]:
     """(the GPU ids a process started by this worker can see, where that came from)."""
     env = os.environ if environ is None else environ
     cvd = env.get("CUDA_VISIBLE_DEVICES")
@@ -56,7 +56,7 @@ def visible_gpus(environ: Optional[Mapping[str, str]] = None, nvidia_smi: str = 
 def slot_devices(slot: int, num_processes: int, gpus: list[str]) -> list[str]:
     """The GPUs of slot `slot`: gpus[slot * n : (slot + 1) * n]."""
     n = max(1, int(num_processes))
-    chunk = gpus[slot * n:(slot + 1) * n]
+    chunk = gpus[slot * n : (slot + 1) * n]
     if slot < 0 or len(chunk) < n:
         raise SlotError(f"slot {slot} needs GPUs {slot * n}..{(slot + 1) * n - 1}; only {len(gpus)} visible")
     return chunk
@@ -78,31 +78,40 @@ def plan(concurrency: int, num_processes: int, gpus: list[str], source: str = ""
 @dataclass(frozen=True)
 class Slot:
     index: int
-    devices: Optional[list[str]] = None  # None: no restriction (concurrency 1, or CPU)
-    configured_port: Optional[int] = field(default=None, repr=False)
+    devices: list[str] | None = None  # None: no restriction (concurrency 1, or CPU)
+    configured_port: int | None = field(default=None, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)} if self.devices is not None else {}
 
-    def main_process_port(self) -> Optional[int]:
+    def main_process_port(self) -> int | None:
         """The configured port (one job at a time only); None: a free port per job."""
         return self.configured_port
 
 
 class Slots:
-    def __init__(self, settings: Settings, concurrency: int, *, environ: Optional[Mapping[str, str]] = None,
-                 nvidia_smi: str = "nvidia-smi"):
+    def __init__(
+        self,
+        settings: Settings,
+        concurrency: int,
+        *,
+        environ: Mapping[str, str] | None = None,
+        nvidia_smi: str = "nvidia-smi",
+    ):
         self.concurrency = max(1, int(concurrency))
-        self.devices: Optional[list[list[str]]] = None
+        self.devices: list[list[str]] | None = None
         if self.concurrency > 1 and not settings.use_cpu:
             gpus, source = visible_gpus(environ, nvidia_smi)
             self.devices = plan(self.concurrency, settings.num_processes, gpus, source)
         self.port = settings.main_process_port if self.concurrency == 1 else None
         if settings.main_process_port and self.concurrency > 1:
-            log.warning("HALOS_MAIN_PROCESS_PORT=%s ignored: %d jobs run at once, each gets a free port",
-                        settings.main_process_port, self.concurrency)
-        self._free: "queue.Queue[int]" = queue.Queue()
+            log.warning(
+                "HALOS_MAIN_PROCESS_PORT=%s ignored: %d jobs run at once, each gets a free port",
+                settings.main_process_port,
+                self.concurrency,
+            )
+        self._free: queue.Queue[int] = queue.Queue()
         for i in range(self.concurrency):
             self._free.put(i)
 
@@ -115,7 +124,7 @@ class Slots:
 
 
 _lock = threading.Lock()
-_current: Optional[Slots] = None
+_current: Slots | None = None
 
 
 def configure(settings: Settings, concurrency: int) -> Slots:
@@ -125,7 +134,9 @@ def configure(settings: Settings, concurrency: int) -> Slots:
     with _lock:
         _current = slots
     if slots.devices is not None:
-        log.info("job slots: %s", "; ".join(f"{i}: CUDA_VISIBLE_DEVICES={','.join(d)}" for i, d in enumerate(slots.devices)))
+        log.info(
+            "job slots: %s", "; ".join(f"{i}: CUDA_VISIBLE_DEVICES={','.join(d)}" for i, d in enumerate(slots.devices))
+        )
     return slots
 
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Optional
 
 from celery.exceptions import Reject
 
 from server import jobs, queue
 from server.db import session_scope
 from server.settings import Settings, get_settings
-from worker.app import app
 from worker import runner, slots
+from worker.app import app
 from worker.lease import LeaseKeeper
 from worker.monitor import ENV_JOB
 
@@ -37,8 +36,9 @@ def run_job(job_id: str) -> str:
     return execute(job_id, get_settings())
 
 
-def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event] = None, *,
-            job_slots: Optional[slots.Slots] = None) -> str:
+def execute(
+    job_id: str, settings: Settings, shutdown: threading.Event | None = None, *, job_slots: slots.Slots | None = None
+) -> str:
     """The task's body (callable without Celery): take a slot, claim, keep the lease, run, finish."""
     try:
         job_slots = job_slots or slots.current(settings)
@@ -53,10 +53,16 @@ def execute(job_id: str, settings: Settings, shutdown: Optional[threading.Event]
         job_slots.release(slot)
 
 
-def _claim_and_run(job_id: str, settings: Settings, shutdown: Optional[threading.Event], slot: slots.Slot) -> str:
+def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | None, slot: slots.Slot) -> str:
     with session_scope(settings) as session:
-        claim = jobs.claim(session, job_id, runner.hostname(), os.getpid(), settings.lease_ttl_s,
-                           run_dir=str((settings.runs_dir / job_id).resolve()))
+        claim = jobs.claim(
+            session,
+            job_id,
+            runner.hostname(),
+            os.getpid(),
+            settings.lease_ttl_s,
+            run_dir=str((settings.runs_dir / job_id).resolve()),
+        )
     if claim is None:
         log.info("job %s not claimable (duplicate delivery, running elsewhere, finished or in backoff)", job_id)
         return "not-claimed"
@@ -73,20 +79,32 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: Optional[threading
             # namespace, …). Finishing would let the next attempt or round start beside them (I2):
             # stop renewing and leave the job to lease expiry and the sweeper, as a warm shutdown does.
             keeper.stop()
-            log.critical("job %s attempt %d: NOT finishing with %s: processes of the attempt survived SIGKILL;"
-                         " the lease will expire and the sweeper decides. Check this host for leftover training"
-                         " processes (env %s=%s).", job_id, claim.attempt, report.outcome.status,
-                         ENV_JOB, job_id)
+            log.critical(
+                "job %s attempt %d: NOT finishing with %s: processes of the attempt survived SIGKILL;"
+                " the lease will expire and the sweeper decides. Check this host for leftover training"
+                " processes (env %s=%s).",
+                job_id,
+                claim.attempt,
+                report.outcome.status,
+                ENV_JOB,
+                job_id,
+            )
             return "group-survived"
         if report.action == "finish" and report.outcome is not None:
             ok, why = keeper.usable()
             if not ok:
-                log.error("job %s attempt %d: not finishing (%s) with %s: the lease is no longer ours",
-                          job_id, claim.attempt, why, report.outcome.status)
+                log.error(
+                    "job %s attempt %d: not finishing (%s) with %s: the lease is no longer ours",
+                    job_id,
+                    claim.attempt,
+                    why,
+                    report.outcome.status,
+                )
                 return "lost"
             with session_scope(settings) as session:
-                job = jobs.finish(session, job_id, claim.lease_token, report.outcome,
-                                  retry_backoff_s=settings.retry_backoff_s)
+                job = jobs.finish(
+                    session, job_id, claim.lease_token, report.outcome, retry_backoff_s=settings.retry_backoff_s
+                )
                 status = job.status.value
                 children = jobs.unpublished_children(session, job_id)
             keeper.stop()

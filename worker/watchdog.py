@@ -28,17 +28,17 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
-def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
+def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     """(state, ppid, pgrp, starttime) of a process, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read().decode("ascii", errors="replace")
     except OSError:
         return None
-    rest = raw[raw.rfind(")") + 2:].split()
+    rest = raw[raw.rfind(")") + 2 :].split()
     try:
         return rest[0], int(rest[1]), int(rest[2]), int(rest[19])
     except (IndexError, ValueError):
@@ -79,7 +79,7 @@ def group_alive(pgid: int) -> bool:
     return bool(group_members(pgid))
 
 
-def pid_alive(pid: int, starttime: Optional[int] = None) -> bool:
+def pid_alive(pid: int, starttime: int | None = None) -> bool:
     st = proc_stat(pid) if _have_proc() else None
     if st is None:
         if _have_proc():
@@ -116,7 +116,7 @@ def read_environ(pid: int, prefix: bytes = MARKER_PREFIX.encode()) -> dict[str, 
     return env
 
 
-def marked_pids(marker: Optional[dict[str, str]]) -> list[int]:
+def marked_pids(marker: dict[str, str] | None) -> list[int]:
     """Live processes whose environment carries every item of `marker`."""
     if not marker or not _have_proc():
         return []
@@ -134,7 +134,7 @@ def marked_pids(marker: Optional[dict[str, str]]) -> list[int]:
     return found
 
 
-def job_processes(pgid: int, marker: Optional[dict[str, str]] = None) -> set[int]:
+def job_processes(pgid: int, marker: dict[str, str] | None = None) -> set[int]:
     """The launcher's group plus every process carrying the attempt's markers."""
     pids = set(group_members(pgid)) if group_alive(pgid) else set()
     return pids | set(marked_pids(marker))
@@ -152,9 +152,16 @@ def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
             pass
 
 
-def kill_group(pgid: int, grace_s: float, *, marker: Optional[dict[str, str]] = None,
-               tick: Optional[Callable[[], None]] = None, tick_every: float = 1.0, poll: float = 0.05,
-               reap: Optional[Callable[[], None]] = None) -> bool:
+def kill_group(
+    pgid: int,
+    grace_s: float,
+    *,
+    marker: dict[str, str] | None = None,
+    tick: Callable[[], None] | None = None,
+    tick_every: float = 1.0,
+    poll: float = 0.05,
+    reap: Callable[[], None] | None = None,
+) -> bool:
     """SIGTERM the job's processes (group + marked), wait up to `grace_s`, SIGKILL what is left;
     True when nothing is left.
 
@@ -176,7 +183,7 @@ def kill_group(pgid: int, grace_s: float, *, marker: Optional[dict[str, str]] = 
                 next_tick = time.monotonic() + tick_every
                 try:
                     tick()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
             time.sleep(poll)
     deadline = time.monotonic() + 10.0

@@ -18,41 +18,68 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 
 from halos_client import models as m
 from halos_client.bodies import UNSET
-from halos_client.client import Client
 from halos_client.cli.failures import exits_on_failure, stderr
 from halos_client.cli.output import OutputFormat, emit
 from halos_client.cli.progress import JobProgress
+from halos_client.client import Client
 from halos_client.errors import JobFailed
 
 # --------------------------------------------------------------------------- shared options
 
-BaseUrl = Annotated[Optional[str], typer.Option(
-    "--base-url", envvar="HALOS_BASE_URL", show_default=False, rich_help_panel="Connection",
-    help="server root URL [default: http://127.0.0.1:8000]")]
-ApiKey = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="HALOS_API_KEY", show_default=False, rich_help_panel="Connection",
-    help="API key (prefer HALOS_API_KEY: command lines are visible to other users)")]
+BaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--base-url",
+        envvar="HALOS_BASE_URL",
+        show_default=False,
+        rich_help_panel="Connection",
+        help="server root URL [default: http://127.0.0.1:8000]",
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="HALOS_API_KEY",
+        show_default=False,
+        rich_help_panel="Connection",
+        help="API key (prefer HALOS_API_KEY: command lines are visible to other users)",
+    ),
+]
 Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="table for people, json for scripts")]
-Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="at most this many (default: all pages)")]
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="at most this many (default: all pages)")]
 Wait = Annotated[bool, typer.Option("--wait", help="wait for the job; progress on stderr; exit 1 if it fails")]
-Timeout = Annotated[Optional[float], typer.Option("--timeout", min=0, help="with --wait: give up after this many "
-                                                                           "seconds (exit 5; the job goes on)")]
+Timeout = Annotated[
+    float | None,
+    typer.Option("--timeout", min=0, help="with --wait: give up after this many seconds (exit 5; the job goes on)"),
+]
 PollInterval = Annotated[float, typer.Option("--poll-interval", min=0.1, help="seconds between status polls")]
-IdempotencyKey = Annotated[Optional[str], typer.Option(
-    "--idempotency-key", help="reuse a key to make a re-run of this command return the same object "
-    "[default: a new key per command, reused across its own retries]")]
-HyperparamOpt = Annotated[Optional[list[str]], typer.Option(
-    "--hp", metavar="KEY=VALUE", help="a hyperparameter (repeatable); VALUE is JSON, else a string: "
-    "--hp lr=5e-4 --hp batch_size=8")]
+IdempotencyKey = Annotated[
+    str | None,
+    typer.Option(
+        "--idempotency-key",
+        help="reuse a key to make a re-run of this command return the same object "
+        "[default: a new key per command, reused across its own retries]",
+    ),
+]
+HyperparamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--hp",
+        metavar="KEY=VALUE",
+        help="a hyperparameter (repeatable); VALUE is JSON, else a string: --hp lr=5e-4 --hp batch_size=8",
+    ),
+]
 
 
 def _log_retries() -> None:
@@ -67,13 +94,13 @@ def _log_retries() -> None:
 
 
 @contextmanager
-def connect(base_url: Optional[str], api_key: Optional[str]) -> Iterator[Client]:
+def connect(base_url: str | None, api_key: str | None) -> Iterator[Client]:
     _log_retries()
     with exits_on_failure(), Client(base_url, api_key) as client:
         yield client
 
 
-def _json_option(value: Optional[str], option: str) -> Any:
+def _json_option(value: str | None, option: str) -> Any:
     if value is None:
         return None
     try:
@@ -82,14 +109,14 @@ def _json_option(value: Optional[str], option: str) -> Any:
         raise typer.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
 
 
-def _loss(value: Optional[str]) -> Any:
+def _loss(value: str | None) -> Any:
     """`dpo` (a loss name, its default parameters) or a JSON object `{"name": "dpo", "beta": 0.2}`."""
     if value is None:
         return None
     return _json_option(value, "--loss") if value.lstrip().startswith("{") else value
 
 
-def _hyperparams(pairs: Optional[list[str]]) -> Optional[dict[str, Any]]:
+def _hyperparams(pairs: list[str] | None) -> dict[str, Any] | None:
     if not pairs:
         return None
     out: dict[str, Any] = {}
@@ -104,7 +131,7 @@ def _hyperparams(pairs: Optional[list[str]]) -> Optional[dict[str, Any]]:
     return out
 
 
-def _take(items: Iterator[Any], limit: Optional[int]) -> list[Any]:
+def _take(items: Iterator[Any], limit: int | None) -> list[Any]:
     return list(items if limit is None else islice(items, limit))
 
 
@@ -116,8 +143,10 @@ feedback_app = typer.Typer(help="Feedback files: upload, inspect.", no_args_is_h
 @feedback_app.command("push")
 def feedback_push(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="the feedback file")],
-    idempotency_key: IdempotencyKey = None, output: Output = OutputFormat.table,
-    base_url: BaseUrl = None, api_key: ApiKey = None,
+    idempotency_key: IdempotencyKey = None,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Upload a feedback file (HALOs JSON/JSONL, TRL, OpenAI preference JSONL). A bad file is
     refused whole; every bad record is listed (line, field, code, hint) and the exit code is 3."""
@@ -126,16 +155,18 @@ def feedback_push(
 
 
 @feedback_app.command("get")
-def feedback_get(feedback_id: str, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-                 api_key: ApiKey = None) -> None:
+def feedback_get(
+    feedback_id: str, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """One feedback file's metadata."""
     with connect(base_url, api_key) as client:
         emit(client.feedback.get(feedback_id), output)
 
 
 @feedback_app.command("list")
-def feedback_list(limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-                  api_key: ApiKey = None) -> None:
+def feedback_list(
+    limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """Feedback files, newest first."""
     with connect(base_url, api_key) as client:
         emit(_take(client.feedback.list(), limit), output)
@@ -148,10 +179,17 @@ models_app = typer.Typer(help="SFT models: register, inspect.", no_args_is_help=
 
 @models_app.command("register")
 def models_register(
-    path: Annotated[str, typer.Argument(help="the model directory as the SERVER sees it; a relative path is made "
-                                             "absolute here (for a server on this machine)")],
-    name: Annotated[Optional[str], typer.Option("--name", help="default: the directory's name")] = None,
-    output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None,
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="the model directory as the SERVER sees it; a relative path is made "
+            "absolute here (for a server on this machine)"
+        ),
+    ],
+    name: Annotated[str | None, typer.Option("--name", help="default: the directory's name")] = None,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Register an SFT model directory (config, weights, tokenizer). The server hashes it: seconds per GB."""
     absolute = path if path.startswith("/") else os.path.abspath(path)
@@ -160,16 +198,18 @@ def models_register(
 
 
 @models_app.command("get")
-def models_get(model_id: str, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-               api_key: ApiKey = None) -> None:
+def models_get(
+    model_id: str, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """One registered model."""
     with connect(base_url, api_key) as client:
         emit(client.models.get(model_id), output)
 
 
 @models_app.command("list")
-def models_list(limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-                api_key: ApiKey = None) -> None:
+def models_list(
+    limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """Registered models, newest first."""
     with connect(base_url, api_key) as client:
         emit(_take(client.models.list(), limit), output)
@@ -183,34 +223,49 @@ runs_app = typer.Typer(help="Runs: a lineage of rounds on one pinned SFT referen
 @runs_app.command("create")
 def runs_create(
     model: Annotated[str, typer.Option("--model", help="the registered model's id (mdl_…)")],
-    loss: Annotated[str, typer.Option("--loss", help='a loss name (dpo, kto, …) or JSON: \'{"name": "dpo", '
-                                                     '"beta": 0.2}\'')],
+    loss: Annotated[
+        str, typer.Option("--loss", help='a loss name (dpo, kto, …) or JSON: \'{"name": "dpo", "beta": 0.2}\'')
+    ],
     hp: HyperparamOpt = None,
-    name: Annotated[Optional[str], typer.Option("--name")] = None,
-    conversion: Annotated[Optional[str], typer.Option("--conversion", help='JSON, e.g. \'{"type": '
-                                                                          '"pairwise_to_unpaired"}\'')] = None,
-    lora: Annotated[Optional[str], typer.Option("--lora", help='JSON, e.g. \'{"r": 8}\'')] = None,
-    idempotency_key: IdempotencyKey = None, output: Output = OutputFormat.table,
-    base_url: BaseUrl = None, api_key: ApiKey = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    conversion: Annotated[
+        str | None, typer.Option("--conversion", help='JSON, e.g. \'{"type": "pairwise_to_unpaired"}\'')
+    ] = None,
+    lora: Annotated[str | None, typer.Option("--lora", help="JSON, e.g. '{\"r\": 8}'")] = None,
+    idempotency_key: IdempotencyKey = None,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Create a run: the loss and hyperparameters are the defaults its rounds may override."""
     with connect(base_url, api_key) as client:
-        emit(client.runs.create(model, _loss(loss), name=name, hyperparams=_hyperparams(hp),
-                                conversion=_json_option(conversion, "--conversion"),
-                                lora=_json_option(lora, "--lora"), idempotency_key=idempotency_key), output)
+        emit(
+            client.runs.create(
+                model,
+                _loss(loss),
+                name=name,
+                hyperparams=_hyperparams(hp),
+                conversion=_json_option(conversion, "--conversion"),
+                lora=_json_option(lora, "--lora"),
+                idempotency_key=idempotency_key,
+            ),
+            output,
+        )
 
 
 @runs_app.command("get")
-def runs_get(run_id: str, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-             api_key: ApiKey = None) -> None:
+def runs_get(
+    run_id: str, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """A run with its rounds in order."""
     with connect(base_url, api_key) as client:
         emit(client.runs.get(run_id), output)
 
 
 @runs_app.command("list")
-def runs_list(limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-              api_key: ApiKey = None) -> None:
+def runs_list(
+    limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """Runs, newest first."""
     with connect(base_url, api_key) as client:
         emit(_take(client.runs.list(), limit), output)
@@ -221,10 +276,11 @@ def runs_list(limit: Limit = None, output: Output = OutputFormat.table, base_url
 rounds_app = typer.Typer(help="Rounds: queue training on feedback, continuing the run.", no_args_is_help=True)
 
 
-def _wait_for(client: Client, job_id: str, label: str, timeout: Optional[float], poll_interval: float) -> m.JobOut:
+def _wait_for(client: Client, job_id: str, label: str, timeout: float | None, poll_interval: float) -> m.JobOut:
     with JobProgress(label) as progress:
-        return client.jobs.wait(job_id, timeout=timeout, poll_interval=poll_interval, on_progress=progress,
-                                raise_on_failure=False)
+        return client.jobs.wait(
+            job_id, timeout=timeout, poll_interval=poll_interval, on_progress=progress, raise_on_failure=False
+        )
 
 
 def _fail_if_unsuccessful(job: m.JobOut) -> None:
@@ -235,17 +291,24 @@ def _fail_if_unsuccessful(job: m.JobOut) -> None:
 @rounds_app.command("create")
 def rounds_create(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="the run's id (run_…)")],
-    feedback: Annotated[list[str], typer.Option(
-        "--feedback", help="a feedback id (fb_…), or a file to upload first (repeatable)")],
-    loss: Annotated[Optional[str], typer.Option("--loss", help="override the run's loss: a name or JSON")] = None,
+    feedback: Annotated[
+        list[str], typer.Option("--feedback", help="a feedback id (fb_…), or a file to upload first (repeatable)")
+    ],
+    loss: Annotated[str | None, typer.Option("--loss", help="override the run's loss: a name or JSON")] = None,
     hp: HyperparamOpt = None,
-    conversion: Annotated[Optional[str], typer.Option(
-        "--conversion", help="JSON, or 'none' for no conversion [default: the run's]")] = None,
-    parent: Annotated[Optional[str], typer.Option(
-        "--parent", help="start from this checkpoint [default: the run's latest round's]")] = None,
-    wait: Wait = False, timeout: Timeout = None, poll_interval: PollInterval = 2.0,
-    idempotency_key: IdempotencyKey = None, output: Output = OutputFormat.table,
-    base_url: BaseUrl = None, api_key: ApiKey = None,
+    conversion: Annotated[
+        str | None, typer.Option("--conversion", help="JSON, or 'none' for no conversion [default: the run's]")
+    ] = None,
+    parent: Annotated[
+        str | None, typer.Option("--parent", help="start from this checkpoint [default: the run's latest round's]")
+    ] = None,
+    wait: Wait = False,
+    timeout: Timeout = None,
+    poll_interval: PollInterval = 2.0,
+    idempotency_key: IdempotencyKey = None,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Queue a round. With --wait: a live progress bar on stderr, then the round as it ended;
     exit 1 with the reason when its job failed or was cancelled."""
@@ -264,9 +327,15 @@ def rounds_create(
                 feedback_ids.append(uploaded.id)
             else:
                 feedback_ids.append(item)
-        rnd = client.rounds.create(run_id, feedback_ids, loss=_loss(loss), hyperparams=_hyperparams(hp),
-                                   conversion=conversion_value, parent_checkpoint_id=parent,
-                                   idempotency_key=idempotency_key)
+        rnd = client.rounds.create(
+            run_id,
+            feedback_ids,
+            loss=_loss(loss),
+            hyperparams=_hyperparams(hp),
+            conversion=conversion_value,
+            parent_checkpoint_id=parent,
+            idempotency_key=idempotency_key,
+        )
         if not wait:
             emit(rnd, output)
             return
@@ -277,8 +346,12 @@ def rounds_create(
 
 
 @rounds_app.command("list")
-def rounds_list(run_id: Annotated[str, typer.Argument(metavar="RUN")], output: Output = OutputFormat.table,
-                base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+def rounds_list(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
     """A run's rounds in order, with their jobs' status and checkpoints."""
     with connect(base_url, api_key) as client:
         emit(client.rounds.list(run_id), output)
@@ -292,8 +365,11 @@ JobId = Annotated[str, typer.Argument(metavar="JOB", help="the job's id (job_…
 
 @jobs_app.command("list")
 def jobs_list(
-    status: Annotated[Optional[str], typer.Option("--status", help="only jobs in this status")] = None,
-    limit: Limit = None, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None,
+    status: Annotated[str | None, typer.Option("--status", help="only jobs in this status")] = None,
+    limit: Limit = None,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Jobs, newest first (every page unless --limit)."""
     with connect(base_url, api_key) as client:
@@ -301,8 +377,9 @@ def jobs_list(
 
 
 @jobs_app.command("get")
-def jobs_get(job_id: JobId, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-             api_key: ApiKey = None) -> None:
+def jobs_get(
+    job_id: JobId, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """Status, progress (percent, elapsed, ETA), latest metrics, error."""
     with connect(base_url, api_key) as client:
         emit(client.jobs.get(job_id), output)
@@ -311,8 +388,10 @@ def jobs_get(job_id: JobId, output: Output = OutputFormat.table, base_url: BaseU
 @jobs_app.command("metrics")
 def jobs_metrics(
     job_id: JobId,
-    split: Annotated[Optional[str], typer.Option("--split", help="train or eval")] = None,
-    output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None,
+    split: Annotated[str | None, typer.Option("--split", help="train or eval")] = None,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """The per-step metric series (every page)."""
     with connect(base_url, api_key) as client:
@@ -322,10 +401,12 @@ def jobs_metrics(
 @jobs_app.command("logs")
 def jobs_logs(
     job_id: JobId,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job has finished; "
-                                                                "exit 1 if it failed")] = False,
-    tail_bytes: Annotated[Optional[int], typer.Option("--tail-bytes", min=1)] = None,
-    base_url: BaseUrl = None, api_key: ApiKey = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing until the job has finished; exit 1 if it failed")
+    ] = False,
+    tail_bytes: Annotated[int | None, typer.Option("--tail-bytes", min=1)] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """The training log's tail, as plain text (no -o: the log is the output)."""
     with connect(base_url, api_key) as client:
@@ -339,16 +420,23 @@ def jobs_logs(
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: JobId, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-                api_key: ApiKey = None) -> None:
+def jobs_cancel(
+    job_id: JobId, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """Cancel: a queued job at once, a running one once its training processes are gone."""
     with connect(base_url, api_key) as client:
         emit(client.jobs.cancel(job_id), output)
 
 
 @jobs_app.command("wait")
-def jobs_wait(job_id: JobId, timeout: Timeout = None, poll_interval: PollInterval = 2.0,
-              output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+def jobs_wait(
+    job_id: JobId,
+    timeout: Timeout = None,
+    poll_interval: PollInterval = 2.0,
+    output: Output = OutputFormat.table,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
     """Wait for a job with a live progress bar on stderr; print it as it ended; exit 1 if it failed."""
     with connect(base_url, api_key) as client:
         job = _wait_for(client, job_id, job_id, timeout, poll_interval)
@@ -363,16 +451,18 @@ CheckpointId = Annotated[str, typer.Argument(metavar="CHECKPOINT", help="the che
 
 
 @checkpoints_app.command("get")
-def checkpoints_get(checkpoint_id: CheckpointId, output: Output = OutputFormat.table, base_url: BaseUrl = None,
-                    api_key: ApiKey = None) -> None:
+def checkpoints_get(
+    checkpoint_id: CheckpointId, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """One checkpoint: where it is, its manifest hash, its step."""
     with connect(base_url, api_key) as client:
         emit(client.checkpoints.get(checkpoint_id), output)
 
 
 @checkpoints_app.command("lineage")
-def checkpoints_lineage(checkpoint_id: CheckpointId, output: Output = OutputFormat.table,
-                        base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+def checkpoints_lineage(
+    checkpoint_id: CheckpointId, output: Output = OutputFormat.table, base_url: BaseUrl = None, api_key: ApiKey = None
+) -> None:
     """The checkpoint, its parents back to round 1, and the SFT model at the root."""
     with connect(base_url, api_key) as client:
         emit(client.checkpoints.lineage(checkpoint_id), output)
@@ -403,4 +493,3 @@ def add_client_commands(app: typer.Typer) -> None:
     """Mount the client command groups on `halos` (the server's CLI owns the root command)."""
     for name, group in GROUPS.items():
         app.add_typer(group, name=name, rich_help_panel="Client (HTTP API)")
-

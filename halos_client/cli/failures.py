@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
-from typing import Iterator
 
 import typer
 from pydantic import ValidationError
@@ -55,8 +55,14 @@ def feedback_report(exc: InvalidFeedbackError) -> Table:
     for header in ("line", "record", "field", "code", "problem", "hint"):
         table.add_column(header, overflow="fold")
     for rec in exc.records:
-        table.add_row("-" if rec.line is None else str(rec.line), str(rec.index), rec.field or "(record)", rec.code,
-                      rec.message, rec.hint or "")
+        table.add_row(
+            "-" if rec.line is None else str(rec.line),
+            str(rec.index),
+            rec.field or "(record)",
+            rec.code,
+            rec.message,
+            rec.hint or "",
+        )
     return table
 
 
@@ -79,14 +85,15 @@ def report(exc: BaseException) -> ExitCode:
         err.print(f"[bold red]error[/] {exc.status} {escape(exc.code)}: {escape(exc.message)}")
         for item in exc.details.get("errors") or []:
             if isinstance(item, dict):
-                err.print(f"  {escape(str(item.get('field') or item.get('loc') or ''))}: "
-                          f"{escape(str(item.get('message', '')))}")
+                err.print(
+                    f"  {escape(str(item.get('field') or item.get('loc') or ''))}: "
+                    f"{escape(str(item.get('message', '')))}"
+                )
         if isinstance(exc, (RateLimitError, ServiceUnavailableError, ServerError)):
             return ExitCode.UNAVAILABLE
         return ExitCode.REFUSED
     if isinstance(exc, APIConnectionError):
-        err.print(f"[bold red]cannot reach the server[/]: {escape(str(exc))} "
-                  "(set HALOS_BASE_URL or --base-url)")
+        err.print(f"[bold red]cannot reach the server[/]: {escape(str(exc))} (set HALOS_BASE_URL or --base-url)")
         return ExitCode.UNAVAILABLE
     if isinstance(exc, ValidationError):
         err.print("[bold red]invalid arguments[/]:")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from enum import Enum
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -116,36 +117,85 @@ def _short(text: str | None, width: int = 60) -> str:
 Column = tuple[str, Callable[[Any], Any]]
 
 COLUMNS: dict[type[BaseModel], list[Column]] = {
-    m.ModelOut: [("id", lambda o: o.id), ("name", lambda o: o.name), ("sha256", lambda o: o.sha256[:12]),
-                 ("path", lambda o: o.path), ("created", lambda o: o.created_at)],
-    m.FeedbackOut: [("id", lambda o: o.id), ("kind", lambda o: o.kind), ("format", lambda o: o.format),
-                    ("records", lambda o: o.n_records), ("train", lambda o: o.n_train), ("test", lambda o: o.n_test),
-                    ("filename", lambda o: o.filename), ("created", lambda o: o.created_at)],
-    m.RunSummary: [("id", lambda o: o.id), ("name", lambda o: o.name), ("model", lambda o: o.model_id),
-                   ("loss", lambda o: o.loss.get("name")), ("created", lambda o: o.created_at)],
-    m.RoundOut: [("round", lambda o: o.index), ("job", lambda o: o.job_id), ("status", lambda o: o.status),
-                 ("loss", lambda o: o.loss.get("name")), ("feedback", lambda o: ", ".join(o.feedback_ids)),
-                 ("parent", lambda o: o.parent_checkpoint_id), ("checkpoint", lambda o: o.checkpoint_id)],
-    m.JobOut: [("id", lambda o: o.id), ("status", lambda o: o.status), ("run", lambda o: o.run_id),
-               ("round", lambda o: o.round_index), ("step", _steps),
-               ("%", lambda o: "-" if o.percent_done is None else f"{o.percent_done:.0f}"),
-               ("loss", lambda o: _metric(o, "loss")), ("reward acc", lambda o: _metric(o, "rewards/accuracy")),
-               ("elapsed", lambda o: duration(o.elapsed_s)), ("eta", lambda o: duration(o.eta_s)),
-               ("attempt", lambda o: f"{o.attempt}/{o.max_attempts}"), ("error", lambda o: _short(o.error))],
-    m.MetricPointOut: [("step", lambda o: o.step), ("split", lambda o: o.split), ("attempt", lambda o: o.attempt),
-                       ("loss", lambda o: number(o.data.get("loss"))),
-                       ("reward acc", lambda o: number(o.data.get("rewards/accuracy"))),
-                       ("margin", lambda o: number(o.data.get("rewards/margin"))),
-                       ("lr", lambda o: number(o.data.get("lr"))),
-                       ("tokens/s", lambda o: number(o.data.get("tokens_per_s"), 5))],
-    m.LossInfo: [("name", lambda o: o.name), ("data", lambda o: o.data),
-                  ("reference", lambda o: "yes" if o.needs_reference else "no"), ("head", lambda o: o.head),
-                  ("parameters", lambda o: ", ".join(f"{k}={v.get('default')}" for k, v in
-                                                     o.parameters.get("properties", {}).items() if k != "name")),
-                  ("what", lambda o: o.summary)],
-    m.LineageItem: [("checkpoint", lambda o: o.checkpoint_id), ("round", lambda o: o.round_index),
-                    ("job", lambda o: o.job_id), ("step", lambda o: o.step), ("examples", lambda o: o.examples),
-                    ("loss", lambda o: (o.loss or {}).get("name")), ("feedback", lambda o: ", ".join(o.feedback_ids))],
+    m.ModelOut: [
+        ("id", lambda o: o.id),
+        ("name", lambda o: o.name),
+        ("sha256", lambda o: o.sha256[:12]),
+        ("path", lambda o: o.path),
+        ("created", lambda o: o.created_at),
+    ],
+    m.FeedbackOut: [
+        ("id", lambda o: o.id),
+        ("kind", lambda o: o.kind),
+        ("format", lambda o: o.format),
+        ("records", lambda o: o.n_records),
+        ("train", lambda o: o.n_train),
+        ("test", lambda o: o.n_test),
+        ("filename", lambda o: o.filename),
+        ("created", lambda o: o.created_at),
+    ],
+    m.RunSummary: [
+        ("id", lambda o: o.id),
+        ("name", lambda o: o.name),
+        ("model", lambda o: o.model_id),
+        ("loss", lambda o: o.loss.get("name")),
+        ("created", lambda o: o.created_at),
+    ],
+    m.RoundOut: [
+        ("round", lambda o: o.index),
+        ("job", lambda o: o.job_id),
+        ("status", lambda o: o.status),
+        ("loss", lambda o: o.loss.get("name")),
+        ("feedback", lambda o: ", ".join(o.feedback_ids)),
+        ("parent", lambda o: o.parent_checkpoint_id),
+        ("checkpoint", lambda o: o.checkpoint_id),
+    ],
+    m.JobOut: [
+        ("id", lambda o: o.id),
+        ("status", lambda o: o.status),
+        ("run", lambda o: o.run_id),
+        ("round", lambda o: o.round_index),
+        ("step", _steps),
+        ("%", lambda o: "-" if o.percent_done is None else f"{o.percent_done:.0f}"),
+        ("loss", lambda o: _metric(o, "loss")),
+        ("reward acc", lambda o: _metric(o, "rewards/accuracy")),
+        ("elapsed", lambda o: duration(o.elapsed_s)),
+        ("eta", lambda o: duration(o.eta_s)),
+        ("attempt", lambda o: f"{o.attempt}/{o.max_attempts}"),
+        ("error", lambda o: _short(o.error)),
+    ],
+    m.MetricPointOut: [
+        ("step", lambda o: o.step),
+        ("split", lambda o: o.split),
+        ("attempt", lambda o: o.attempt),
+        ("loss", lambda o: number(o.data.get("loss"))),
+        ("reward acc", lambda o: number(o.data.get("rewards/accuracy"))),
+        ("margin", lambda o: number(o.data.get("rewards/margin"))),
+        ("lr", lambda o: number(o.data.get("lr"))),
+        ("tokens/s", lambda o: number(o.data.get("tokens_per_s"), 5)),
+    ],
+    m.LossInfo: [
+        ("name", lambda o: o.name),
+        ("data", lambda o: o.data),
+        ("reference", lambda o: "yes" if o.needs_reference else "no"),
+        ("head", lambda o: o.head),
+        (
+            "parameters",
+            lambda o: ", ".join(
+                f"{k}={v.get('default')}" for k, v in o.parameters.get("properties", {}).items() if k != "name"
+            ),
+        ),
+        ("what", lambda o: o.summary),
+    ],
+    m.LineageItem: [
+        ("checkpoint", lambda o: o.checkpoint_id),
+        ("round", lambda o: o.round_index),
+        ("job", lambda o: o.job_id),
+        ("step", lambda o: o.step),
+        ("examples", lambda o: o.examples),
+        ("loss", lambda o: (o.loss or {}).get("name")),
+        ("feedback", lambda o: ", ".join(o.feedback_ids)),
+    ],
 }
 
 
@@ -181,8 +231,7 @@ def _object_tables(obj: BaseModel) -> list[Any]:
         return [_fields_table(obj, skip=("rounds",)), _list_table(obj.rounds) if obj.rounds else "(no rounds yet)"]
     if isinstance(obj, m.LineageOut):
         root = obj.model
-        return [_list_table(obj.items),
-                f"SFT model {root.id} '{root.name}' sha256 {root.sha256[:12]}… ({root.path})"]
+        return [_list_table(obj.items), f"SFT model {root.id} '{root.name}' sha256 {root.sha256[:12]}… ({root.path})"]
     if isinstance(obj, m.JobOut):
         job_table = _fields_table(obj, skip=("progress", "latest_metrics"))
         job_table.add_row("step", _steps(obj) + f" (cumulative {obj.progress.step}, examples {obj.progress.examples})")

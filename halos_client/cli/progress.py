@@ -7,8 +7,6 @@ changes, so a log shows how the job went without control characters.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
@@ -30,25 +28,31 @@ def _summary(job: m.JobOut) -> dict[str, str]:
 class JobProgress:
     """An `on_progress` callback for `client.jobs.wait`; use as a context manager."""
 
-    def __init__(self, label: str, console: Optional[Console] = None) -> None:
+    def __init__(self, label: str, console: Console | None = None) -> None:
         self.label = label
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
-        self._progress: Optional[Progress] = None
-        self._task: Optional[TaskID] = None
-        self._last_line: Optional[tuple[str, int, int]] = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._last_line: tuple[str, int, int] | None = None
 
-    def __enter__(self) -> "JobProgress":
+    def __enter__(self) -> JobProgress:
         if self.live:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}[/] {task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  reward acc {task.fields[acc]}  "
-                           "elapsed {task.fields[elapsed]}  ETA {task.fields[eta]}"),
-                console=self.console, transient=False,
+                TextColumn("[bold]{task.description}[/] {task.fields[status]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "loss {task.fields[loss]}  reward acc {task.fields[acc]}  "
+                    "elapsed {task.fields[elapsed]}  ETA {task.fields[eta]}"
+                ),
+                console=self.console,
+                transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task(self.label, total=None, status="…", loss="-", acc="-",
-                                                 elapsed="-", eta="-")
+            self._task = self._progress.add_task(
+                self.label, total=None, status="…", loss="-", acc="-", elapsed="-", eta="-"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -69,6 +73,9 @@ class JobProgress:
         total = job.progress.total_steps
         step = f"step {job.progress.round_step}/{total}" if total else f"step {job.progress.round_step}"
         percent = "" if job.percent_done is None else f" ({job.percent_done:.0f}%)"
-        self.console.print(f"{self.label} {fields['status']} {step}{percent} loss {fields['loss']} "
-                           f"reward acc {fields['acc']} elapsed {fields['elapsed']} ETA {fields['eta']}",
-                           highlight=False, soft_wrap=True)
+        self.console.print(
+            f"{self.label} {fields['status']} {step}{percent} loss {fields['loss']} "
+            f"reward acc {fields['acc']} elapsed {fields['elapsed']} ETA {fields['eta']}",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -12,8 +12,8 @@ With `hyperparams.packing` the log-prob passes re-lay these rows into packed row
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -38,11 +38,21 @@ class Microbatch:
         """Non-padding tokens of the trained streams (the KL stream is not counted)."""
         return int(sum(s["attention_mask"].sum().item() for k, s in self.streams.items() if k != "kl"))
 
-    def to(self, device) -> "Microbatch":
+    def to(self, device) -> Microbatch:
         moved = {k: {n: t.to(device) for n, t in s.items()} for k, s in self.streams.items()}
-        opt = lambda t: None if t is None else t.to(device)  # noqa: E731
+
+        def opt(t):  # optional tensors move too
+            return None if t is None else t.to(device)
+
         return Microbatch(
-            self.kind, moved, self.size, opt(self.desirable), opt(self.group), opt(self.scores), opt(self.advantages), self.meta
+            self.kind,
+            moved,
+            self.size,
+            opt(self.desirable),
+            opt(self.group),
+            opt(self.scores),
+            opt(self.advantages),
+            self.meta,
         )
 
 

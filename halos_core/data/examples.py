@@ -29,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 Turns = tuple[tuple[str, str], ...]  # ((role, content), ...): hashable, cheap to cache on
 Key = tuple[str, str]  # (file_id, prompt_id)

@@ -32,7 +32,7 @@ of examples consumed in this round, always a multiple of `batch_size`.
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -128,7 +128,8 @@ class TrainLoader:
         per_pass = microbatch_size * num_processes
         if batch_size % per_pass:
             raise ValueError(
-                f"batch_size {batch_size} is not divisible by microbatch_size {microbatch_size} x num_processes {num_processes}"
+                f"batch_size {batch_size} is not divisible by microbatch_size {microbatch_size} "
+                f"x num_processes {num_processes}"
             )
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
@@ -195,7 +196,13 @@ class EvalLoader:
     """
 
     def __init__(
-        self, examples: Sequence, batcher: Batcher, *, microbatch_size: int, num_processes: int = 1, process_index: int = 0
+        self,
+        examples: Sequence,
+        batcher: Batcher,
+        *,
+        microbatch_size: int,
+        num_processes: int = 1,
+        process_index: int = 0,
     ):
         self.examples = list(examples)
         self.batcher = batcher

@@ -177,7 +177,9 @@ def pack_stream(
     )
 
 
-def padding_stats(attention_mask: torch.Tensor, packed: PackedStream | None = None, attn_impl: str | None = "sdpa") -> dict:
+def padding_stats(
+    attention_mask: torch.Tensor, packed: PackedStream | None = None, attn_impl: str | None = "sdpa"
+) -> dict:
     """Token slots and pad share of the padded [B, L] layout and of the packed [R, W] one."""
     lengths = sequence_lengths(attention_mask)
     real = sum(lengths)

@@ -56,7 +56,9 @@ class ChatEncoder:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.pad_token_id = int(tokenizer.pad_token_id)
-        self._specials = {x for x in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if x is not None}
+        self._specials = {
+            x for x in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if x is not None
+        }
         self.encode = lru_cache(maxsize=cache_size)(self._encode)  # type: ignore[method-assign]
 
     # ---- template helpers

@@ -5,6 +5,7 @@ reported) and the trainer reads them with `read_records`; both see the same norm
 """
 
 from .convert import apply_conversion, pairwise_to_unpaired, scalar_to_binary, scalar_to_pairs
+from .reader import read_records, validate_file
 from .records import (
     BinaryRecord,
     FeedbackFormat,
@@ -18,23 +19,53 @@ from .records import (
     ScalarRecord,
     Turn,
 )
-from .reader import read_records, validate_file
 
 # Every `RecordError.code` validation can produce.
-ERROR_CODES = frozenset({
-    # file level
-    "empty_file", "unknown_format", "too_many_records",
-    # bytes / JSON syntax of one record
-    "invalid_utf8", "invalid_json", "too_deep", "record_too_large", "duplicate_key",
-    # fields
-    "missing_field", "wrong_type", "empty_value", "invalid_role", "invalid_label", "invalid_reward", "invalid_split",
-    # across records
-    "mixed_kinds", "mixed_formats", "conflicting_prompt", "conflicting_split",
-})
+ERROR_CODES = frozenset(
+    {
+        # file level
+        "empty_file",
+        "unknown_format",
+        "too_many_records",
+        # bytes / JSON syntax of one record
+        "invalid_utf8",
+        "invalid_json",
+        "too_deep",
+        "record_too_large",
+        "duplicate_key",
+        # fields
+        "missing_field",
+        "wrong_type",
+        "empty_value",
+        "invalid_role",
+        "invalid_label",
+        "invalid_reward",
+        "invalid_split",
+        # across records
+        "mixed_kinds",
+        "mixed_formats",
+        "conflicting_prompt",
+        "conflicting_split",
+    }
+)
 
 __all__ = [
-    "Turn", "BinaryRecord", "PairwiseRecord", "ScalarRecord", "SampledRecord", "FeedbackRecord", "FeedbackFormat",
-    "RecordError", "FeedbackValidationError", "FeedbackLimits", "FeedbackSummary", "ERROR_CODES",
-    "validate_file", "read_records",
-    "pairwise_to_unpaired", "scalar_to_binary", "scalar_to_pairs", "apply_conversion",
+    "Turn",
+    "BinaryRecord",
+    "PairwiseRecord",
+    "ScalarRecord",
+    "SampledRecord",
+    "FeedbackRecord",
+    "FeedbackFormat",
+    "RecordError",
+    "FeedbackValidationError",
+    "FeedbackLimits",
+    "FeedbackSummary",
+    "ERROR_CODES",
+    "validate_file",
+    "read_records",
+    "pairwise_to_unpaired",
+    "scalar_to_binary",
+    "scalar_to_pairs",
+    "apply_conversion",
 ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pydantic import TypeAdapter
 
@@ -31,8 +32,12 @@ def _kept_count(n: int, frac: float) -> int:
     return min(n, math.ceil(round(frac * n, 9)))
 
 
-def pairwise_to_unpaired(records: Iterable[PairwiseRecord], frac_unique_desirable: float = 1.0,
-                         frac_unique_undesirable: float = 1.0, seed: int = 0) -> list[BinaryRecord]:
+def pairwise_to_unpaired(
+    records: Iterable[PairwiseRecord],
+    frac_unique_desirable: float = 1.0,
+    frac_unique_undesirable: float = 1.0,
+    seed: int = 0,
+) -> list[BinaryRecord]:
     """Pairs -> unpaired examples, as HALOs' `UnpairedPreferenceDataLoader` does for KTO.
 
     Each pair yields a desirable example (its chosen output, label 1, reward = the chosen output's
@@ -53,8 +58,10 @@ def pairwise_to_unpaired(records: Iterable[PairwiseRecord], frac_unique_desirabl
     Output order: pairs in input order, each giving its desirable example (if kept) and then its
     undesirable one (if kept).
     """
-    for name, frac in (("frac_unique_desirable", frac_unique_desirable),
-                       ("frac_unique_undesirable", frac_unique_undesirable)):
+    for name, frac in (
+        ("frac_unique_desirable", frac_unique_desirable),
+        ("frac_unique_undesirable", frac_unique_undesirable),
+    ):
         if not (0 < frac <= 1):
             raise ValueError(f"{name} must be in (0, 1], got {frac}")
     # a pair with identical outputs carries no preference: it gives no examples (quality.py)
@@ -68,11 +75,27 @@ def pairwise_to_unpaired(records: Iterable[PairwiseRecord], frac_unique_desirabl
     out: list[BinaryRecord] = []
     for i, p in enumerate(pairs):
         if i in keep_des:
-            out.append(BinaryRecord.model_construct(prompt_id=p.prompt_id, prompt=p.prompt, output=p.chosen, label=1,
-                                                    reward=p.chosen_reward, split=p.split))
+            out.append(
+                BinaryRecord.model_construct(
+                    prompt_id=p.prompt_id,
+                    prompt=p.prompt,
+                    output=p.chosen,
+                    label=1,
+                    reward=p.chosen_reward,
+                    split=p.split,
+                )
+            )
         if i in keep_und:
-            out.append(BinaryRecord.model_construct(prompt_id=p.prompt_id, prompt=p.prompt, output=p.rejected,
-                                                    label=0, reward=p.rejected_reward, split=p.split))
+            out.append(
+                BinaryRecord.model_construct(
+                    prompt_id=p.prompt_id,
+                    prompt=p.prompt,
+                    output=p.rejected,
+                    label=0,
+                    reward=p.rejected_reward,
+                    split=p.split,
+                )
+            )
     return out
 
 
@@ -91,8 +114,9 @@ def binary_cut(rewards: Sequence[float], method: str, threshold: float | None = 
     raise ValueError(f"unknown method {method!r} (threshold, mean or median)")
 
 
-def scalar_to_binary(records: Iterable[ScalarRecord], method: str,
-                     threshold: float | None = None) -> list[BinaryRecord]:
+def scalar_to_binary(
+    records: Iterable[ScalarRecord], method: str, threshold: float | None = None
+) -> list[BinaryRecord]:
     """Scalar rewards -> binary labels: label 1 (desirable) iff reward > cut, else 0.
 
     The cut is `threshold` (method "threshold"), or the arithmetic mean / the median (for an even
@@ -107,13 +131,22 @@ def scalar_to_binary(records: Iterable[ScalarRecord], method: str,
             raise ValueError("method 'threshold' needs a threshold value")
         return []
     cut = binary_cut([r.reward for r in items], method, threshold)
-    return [BinaryRecord.model_construct(prompt_id=r.prompt_id, prompt=r.prompt, output=r.output,
-                                         label=1 if r.reward > cut else 0, reward=r.reward, split=r.split)
-            for r in items]
+    return [
+        BinaryRecord.model_construct(
+            prompt_id=r.prompt_id,
+            prompt=r.prompt,
+            output=r.output,
+            label=1 if r.reward > cut else 0,
+            reward=r.reward,
+            split=r.split,
+        )
+        for r in items
+    ]
 
 
-def scalar_to_pairs(records: Iterable[ScalarRecord], method: str, min_gap: float,
-                    seed: int = 0) -> list[PairwiseRecord]:
+def scalar_to_pairs(
+    records: Iterable[ScalarRecord], method: str, min_gap: float, seed: int = 0
+) -> list[PairwiseRecord]:
     """Scalar rewards -> at most one preference pair per prompt.
 
     Records are grouped by `prompt_id` (groups in order of first appearance). In each group the
@@ -147,8 +180,11 @@ def scalar_to_pairs(records: Iterable[ScalarRecord], method: str, min_gap: float
             continue
         best_i = max(range(len(group)), key=lambda i: (group[i].reward, -i))
         best = group[best_i]
-        candidates = [r for i, r in enumerate(group)
-                      if i != best_i and best.reward - r.reward >= min_gap and best.reward - r.reward > 0]
+        candidates = [
+            r
+            for i, r in enumerate(group)
+            if i != best_i and best.reward - r.reward >= min_gap and best.reward - r.reward > 0
+        ]
         if not candidates:
             continue
         if method == "max":
@@ -157,9 +193,18 @@ def scalar_to_pairs(records: Iterable[ScalarRecord], method: str, min_gap: float
             other = _first_max(candidates)  # the first on ties
         else:
             other = candidates[rng.randrange(len(candidates))]
-        out.append(PairwiseRecord.model_construct(
-            prompt_id=best.prompt_id, prompt=best.prompt, output_A=best.output, output_B=other.output, label=1,
-            reward_A=best.reward, reward_B=other.reward, split=best.split))
+        out.append(
+            PairwiseRecord.model_construct(
+                prompt_id=best.prompt_id,
+                prompt=best.prompt,
+                output_A=best.output,
+                output_B=other.output,
+                label=1,
+                reward_A=best.reward,
+                reward_B=other.reward,
+                split=best.split,
+            )
+        )
     return out
 
 
@@ -174,8 +219,9 @@ def _first_max(candidates: list[ScalarRecord]) -> ScalarRecord:
 _CONVERSION_ADAPTER: TypeAdapter = TypeAdapter(Conversion)
 
 
-def apply_conversion(records: Iterable[FeedbackRecord], conversion: Conversion | dict | None,
-                     seed: int = 0) -> list[FeedbackRecord]:
+def apply_conversion(
+    records: Iterable[FeedbackRecord], conversion: Conversion | dict | None, seed: int = 0
+) -> list[FeedbackRecord]:
     """Apply a round's conversion (`halos_core.config.Conversion`, or its dict form) to the records it
     applies to (scalar records for scalar_to_*, pairwise records for pairwise_to_unpaired).
 
@@ -190,8 +236,9 @@ def apply_conversion(records: Iterable[FeedbackRecord], conversion: Conversion |
     if isinstance(conversion, PairwiseToUnpaired):
         source = [r for r in items if isinstance(r, PairwiseRecord)]
         rest = [r for r in items if not isinstance(r, PairwiseRecord)]
-        converted: list = pairwise_to_unpaired(source, conversion.frac_unique_desirable,
-                                               conversion.frac_unique_undesirable, seed=seed)
+        converted: list = pairwise_to_unpaired(
+            source, conversion.frac_unique_desirable, conversion.frac_unique_undesirable, seed=seed
+        )
     elif isinstance(conversion, (ScalarToBinary, ScalarToPairs)):
         source = [r for r in items if isinstance(r, ScalarRecord)]
         rest = [r for r in items if not isinstance(r, ScalarRecord)]

@@ -46,7 +46,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from .formats import HALOS_TYPES, ROLES, detect, derived_prompt_id
+from .formats import HALOS_TYPES, ROLES, derived_prompt_id, detect
 from .records import FeedbackLimits, FeedbackSummary, Turn
 
 MAX_CHUNK = 8 << 20
@@ -64,7 +64,7 @@ class _Part(Struct, frozen=True):
 
 class _Turn(Struct, frozen=True):
     role: Role
-    content: Union[str, tuple[_Part, ...]]
+    content: str | tuple[_Part, ...]
 
 
 Turns = Union[str, Annotated[tuple[_Turn, ...], Meta(min_length=1)]]
@@ -110,13 +110,13 @@ class HalosScalar(_Record):
 
 
 class HalosSampled(_Record):
-    prompt_id: Union[NonEmpty, int]
-    sample_id: Union[NonEmpty, int]
+    prompt_id: NonEmpty | int
+    sample_id: NonEmpty | int
     output: Turns
-    type: Union[Literal["sample"], UnsetType] = UNSET
-    prompt: Union[Turns, UnsetType] = UNSET
-    instruction: Union[Turns, UnsetType] = UNSET
-    dataset: Union[str, None, UnsetType] = UNSET
+    type: Literal["sample"] | UnsetType = UNSET
+    prompt: Turns | UnsetType = UNSET
+    instruction: Turns | UnsetType = UNSET
+    dataset: str | None | UnsetType = UNSET
     split: OptSplit = UNSET
     preferred_output: Absent = UNSET
     non_preferred_output: Absent = UNSET
@@ -141,7 +141,7 @@ class TrlPreference(_Record):
 class TrlUnpaired(_Record):
     prompt: Turns
     completion: Turns
-    label: Union[bool, Literal[0, 1]]
+    label: bool | Literal[0, 1]
     prompt_id: OptId = UNSET
     split: OptSplit = UNSET
     type: Absent = UNSET
@@ -190,13 +190,15 @@ _PROMPT_OF[OpenAIPreference] = attrgetter("input.messages")
 _PROMPT_OF[HalosSampled] = _sampled_prompt
 
 
-
-
 def _normal_turns(prompt: Any, default_role: str = "user") -> list[Turn]:
     if isinstance(prompt, str):
         return [Turn.model_construct(role=default_role, content=prompt)]
-    return [Turn.model_construct(role=t.role, content=t.content if isinstance(t.content, str)
-                                 else "".join(p.text for p in t.content)) for t in prompt]
+    return [
+        Turn.model_construct(
+            role=t.role, content=t.content if isinstance(t.content, str) else "".join(p.text for p in t.content)
+        )
+        for t in prompt
+    ]
 
 
 def hash_fingerprint() -> int:
@@ -220,7 +222,7 @@ class Segment:
     values: bytes = b""
     _table: dict[int, int] = field(default_factory=dict, repr=False)
 
-    def pack(self) -> "Segment":
+    def pack(self) -> Segment:
         self.keys = array("q", self._table.keys()).tobytes()
         self.values = array("q", self._table.values()).tobytes()
         self._table = {}
@@ -261,15 +263,16 @@ def _chunks(fh: Any, start: int, end: int, limit: int) -> Any:
         if cut < 0:
             yield None
             return
-        yield buf[:cut + 1]
-        carry = buf[cut + 1:]
+        yield buf[: cut + 1]
+        carry = buf[cut + 1 :]
         if len(carry) > limit:
             yield None
             return
 
 
-def scan_segment(path: str | Path, start: int, end: int, family: str, kind: str,
-                 limits: FeedbackLimits) -> Segment | None:
+def scan_segment(
+    path: str | Path, start: int, end: int, family: str, kind: str, limits: FeedbackLimits
+) -> Segment | None:
     """Prove the lines of [start, end) valid records of (family, kind); None when it cannot."""
     if limits.max_depth < SCHEMA_DEPTH:
         return None
@@ -337,8 +340,11 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> FeedbackSum
         return None
     first = segments[0]
     assert first is not None
-    if any((s.family, s.kind, s.fingerprint) != (first.family, first.kind, first.fingerprint)
-           for s in segments if s is not None):
+    if any(
+        (s.family, s.kind, s.fingerprint) != (first.family, first.kind, first.fingerprint)
+        for s in segments
+        if s is not None
+    ):
         return None
     table: dict[int, int] = {}
     n = n_test = 0
@@ -361,8 +367,9 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> FeedbackSum
     if n == 0 or n > limits.max_records or (derived and explicit_h):
         return None  # empty / too many: the detailed report; an explicit "h-…" id might equal a derived one
     fmt = "halos_jsonl" if first.family == "halos" else first.family
-    return FeedbackSummary(kind=first.kind, format=fmt, n_records=n, n_prompts=len(table),
-                           n_train=n - n_test, n_test=n_test)
+    return FeedbackSummary(
+        kind=first.kind, format=fmt, n_records=n, n_prompts=len(table), n_train=n - n_test, n_test=n_test
+    )
 
 
 def split_points(path: str | Path, parts: int) -> list[tuple[int, int]]:

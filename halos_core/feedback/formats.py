@@ -41,15 +41,16 @@ FAMILY_KIND = {
 }
 
 FORMATS_HINT = (
-    "accepted: HALOs records with a \"type\" (binary_feedback, pairwise_feedback, scalar_feedback); HALOs sampled "
+    'accepted: HALOs records with a "type" (binary_feedback, pairwise_feedback, scalar_feedback); HALOs sampled '
     "outputs (prompt_id, sample_id, prompt, output); TRL preference (prompt, chosen, rejected); TRL unpaired "
     "(prompt, completion, label); OpenAI preference (input.messages, preferred_output, non_preferred_output)"
 )
 
 # the fields each family knows: a record sharing none of them is reported as unknown_format
 FAMILY_FIELDS = {
-    "halos": frozenset({"type", "prompt_id", "prompt", "output", "output_A", "output_B", "label", "reward",
-                        "reward_A", "reward_B"}),
+    "halos": frozenset(
+        {"type", "prompt_id", "prompt", "output", "output_A", "output_B", "label", "reward", "reward_A", "reward_B"}
+    ),
     "halos_sampled": frozenset({"type", "prompt_id", "sample_id", "prompt", "instruction", "output"}),
     "trl_preference": frozenset({"prompt", "chosen", "rejected"}),
     "trl_unpaired": frozenset({"prompt", "completion", "label"}),
@@ -89,9 +90,13 @@ def unknown_format_error(obj: dict[str, Any], index: int, line: int | None) -> R
     """The error for a record whose format cannot be recognised, with the most useful hint."""
     if "type" in obj:
         return RecordError(
-            index=index, line=line, field="type", code="unknown_format",
+            index=index,
+            line=line,
+            field="type",
+            code="unknown_format",
             message=f"unknown record type {_short(obj['type'])}",
-            hint="HALOs \"type\" must be binary_feedback, pairwise_feedback, scalar_feedback or sample")
+            hint='HALOs "type" must be binary_feedback, pairwise_feedback, scalar_feedback or sample',
+        )
     guess = None
     if "output_A" in obj or "output_B" in obj:
         guess = "pairwise_feedback"
@@ -100,14 +105,20 @@ def unknown_format_error(obj: dict[str, Any], index: int, line: int | None) -> R
     elif "output" in obj and "reward" in obj:
         guess = "scalar_feedback"
     if guess:
-        hint = f"this looks like HALOs feedback without its type: add \"type\": \"{guess}\" to every record"
+        hint = f'this looks like HALOs feedback without its type: add "type": "{guess}" to every record'
     elif "messages" in obj or "conversations" in obj:
         hint = "chat transcripts are not feedback; " + FORMATS_HINT
     else:
         hint = FORMATS_HINT
     keys = ", ".join(_short(k, 30) for k in sorted(obj)[:8]) + (", ..." if len(obj) > 8 else "") or "none"
-    return RecordError(index=index, line=line, field="", code="unknown_format",
-                       message=f"record matches no feedback format (its keys: {keys})", hint=hint)
+    return RecordError(
+        index=index,
+        line=line,
+        field="",
+        code="unknown_format",
+        message=f"record matches no feedback format (its keys: {keys})",
+        hint=hint,
+    )
 
 
 def prompt_digest(prompt: list[Turn]) -> bytes:
@@ -131,13 +142,18 @@ class _Ctx:
         self.errors: list[RecordError] = []
 
     def err(self, field: str, code: str, message: str, hint: str) -> None:
-        self.errors.append(RecordError(index=self.index, line=self.line, field=field, code=code,
-                                       message=message, hint=hint))
+        self.errors.append(
+            RecordError(index=self.index, line=self.line, field=field, code=code, message=message, hint=hint)
+        )
 
     def require(self, obj: dict[str, Any], key: str, hint: str | None = None, prefix: str = "") -> Any:
         if key not in obj:
-            self.err(prefix + key, "missing_field", f"missing required field {key!r}",
-                     hint or f"add the {key!r} field to every record")
+            self.err(
+                prefix + key,
+                "missing_field",
+                f"missing required field {key!r}",
+                hint or f"add the {key!r} field to every record",
+            )
             return _MISSING
         return obj[key]
 
@@ -167,13 +183,17 @@ def _content(ctx: _Ctx, value: Any, path: str) -> str | None:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             else:
-                ctx.err(f"{path}[{j}]", "wrong_type",
-                        "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                        "put the text in a string \"content\"")
+                ctx.err(
+                    f"{path}[{j}]",
+                    "wrong_type",
+                    'only text content parts ({"type": "text", "text": ...}) are supported',
+                    'put the text in a string "content"',
+                )
                 return None
         return "".join(texts)
-    ctx.err(path, "wrong_type", f"content must be a string, got {_type_name(value)}",
-            "every turn needs a string \"content\"")
+    ctx.err(
+        path, "wrong_type", f"content must be a string, got {_type_name(value)}", 'every turn needs a string "content"'
+    )
     return None
 
 
@@ -182,39 +202,63 @@ def _turns(ctx: _Ctx, value: Any, path: str, default_role: str) -> list[Turn] | 
     if isinstance(value, str):
         return [Turn.model_construct(role=default_role, content=value)]
     if not isinstance(value, list):
-        ctx.err(path, "wrong_type", f"must be a list of turns or a string, got {_type_name(value)}",
-                "use [{\"role\": \"" + default_role + "\", \"content\": \"...\"}] or a plain string")
+        ctx.err(
+            path,
+            "wrong_type",
+            f"must be a list of turns or a string, got {_type_name(value)}",
+            'use [{"role": "' + default_role + '", "content": "..."}] or a plain string',
+        )
         return None
     if not value:
-        ctx.err(path, "empty_value", "must contain at least one turn",
-                "give at least one {\"role\": ..., \"content\": ...} turn, or a plain string")
+        ctx.err(
+            path,
+            "empty_value",
+            "must contain at least one turn",
+            'give at least one {"role": ..., "content": ...} turn, or a plain string',
+        )
         return None
     turns: list[Turn] = []
     ok = True
     for j, turn in enumerate(value):
         tpath = f"{path}[{j}]"
         if not isinstance(turn, dict):
-            ctx.err(tpath, "wrong_type", f"a turn must be an object, got {_type_name(turn)}",
-                    "use {\"role\": ..., \"content\": ...}")
+            ctx.err(
+                tpath,
+                "wrong_type",
+                f"a turn must be an object, got {_type_name(turn)}",
+                'use {"role": ..., "content": ...}',
+            )
             ok = False
             continue
         role = turn.get("role", _MISSING)
         if role is _MISSING:
-            hint = ("ShareGPT-style turns (from/value) must be converted to role/content" if "from" in turn
-                    else "every turn needs a \"role\" (e.g. user, assistant)")
+            hint = (
+                "ShareGPT-style turns (from/value) must be converted to role/content"
+                if "from" in turn
+                else 'every turn needs a "role" (e.g. user, assistant)'
+            )
             ctx.err(tpath + ".role", "missing_field", "missing required field 'role'", hint)
             ok = False
         elif not isinstance(role, str):
-            ctx.err(tpath + ".role", "wrong_type", f"role must be a string, got {_type_name(role)}",
-                    "use a string role such as \"user\" or \"assistant\"")
+            ctx.err(
+                tpath + ".role",
+                "wrong_type",
+                f"role must be a string, got {_type_name(role)}",
+                'use a string role such as "user" or "assistant"',
+            )
             ok = False
         elif role not in ROLES:
-            ctx.err(tpath + ".role", "invalid_role", f"unknown role {_short(role)}",
-                    "roles: " + ", ".join(sorted(ROLES)))
+            ctx.err(
+                tpath + ".role", "invalid_role", f"unknown role {_short(role)}", "roles: " + ", ".join(sorted(ROLES))
+            )
             ok = False
         if "content" not in turn:
-            ctx.err(tpath + ".content", "missing_field", "missing required field 'content'",
-                    "every turn needs a string \"content\"")
+            ctx.err(
+                tpath + ".content",
+                "missing_field",
+                "missing required field 'content'",
+                'every turn needs a string "content"',
+            )
             ok = False
             continue
         content = _content(ctx, turn["content"], tpath + ".content")
@@ -235,8 +279,9 @@ def _label(ctx: _Ctx, value: Any, path: str, allow_bool: bool, hint: str) -> int
     if isinstance(value, (int, float)) and value in (0, 1):
         return int(value)
     shown = json.dumps(value) if isinstance(value, (int, float, str)) or value is None else _type_name(value)
-    ctx.err(path, "invalid_label", f"label must be {'true/false or ' if allow_bool else ''}0 or 1, got {shown[:40]}",
-            hint)
+    ctx.err(
+        path, "invalid_label", f"label must be {'true/false or ' if allow_bool else ''}0 or 1, got {shown[:40]}", hint
+    )
     return None
 
 
@@ -244,16 +289,24 @@ def _reward(ctx: _Ctx, value: Any, path: str, required: bool) -> float | None:
     if value is None and not required:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        ctx.err(path, "wrong_type", f"reward must be a number, got {_type_name(value)}",
-                "use a plain JSON number" + ("" if required else " (or leave it out)"))
+        ctx.err(
+            path,
+            "wrong_type",
+            f"reward must be a number, got {_type_name(value)}",
+            "use a plain JSON number" + ("" if required else " (or leave it out)"),
+        )
         return None
     try:
         reward = float(value)
     except OverflowError:  # an integer too large for a float
         reward = math.inf
     if not math.isfinite(reward):
-        ctx.err(path, "invalid_reward", f"reward must be a finite number, got {value}",
-                "replace NaN/Infinity rewards, or drop the record")
+        ctx.err(
+            path,
+            "invalid_reward",
+            f"reward must be a finite number, got {value}",
+            "replace NaN/Infinity rewards, or drop the record",
+        )
         return None
     return reward
 
@@ -265,8 +318,12 @@ def _split(ctx: _Ctx, obj: dict[str, Any]) -> str:
     if value in ("train", "test"):
         return value
     shown = json.dumps(value)[:40] if isinstance(value, (str, int, float)) else _type_name(value)
-    ctx.err("split", "invalid_split", f"split must be \"train\" or \"test\", got {shown}",
-            "use \"train\" or \"test\", or leave it out (train)")
+    ctx.err(
+        "split",
+        "invalid_split",
+        f'split must be "train" or "test", got {shown}',
+        'use "train" or "test", or leave it out (train)',
+    )
     return "train"
 
 
@@ -280,9 +337,12 @@ def _id(ctx: _Ctx, obj: dict[str, Any], key: str, required: bool, hint: str | No
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    ctx.err(key, "wrong_type", f"{key} must be a non-empty string or an integer, got "
-            f"{'empty string' if value == '' else _type_name(value)}",
-            "use a string or an integer id" + ("" if required else ", or leave it out"))
+    ctx.err(
+        key,
+        "wrong_type",
+        f"{key} must be a non-empty string or an integer, got {'empty string' if value == '' else _type_name(value)}",
+        "use a string or an integer id" + ("" if required else ", or leave it out"),
+    )
     return None
 
 
@@ -293,10 +353,14 @@ def _halos(ctx: _Ctx, obj: dict[str, Any], kind: str) -> FeedbackRecord | None:
     type_name = {v: k for k, v in HALOS_TYPES.items()}[kind]
     t = obj.get("type", _MISSING)
     if t is _MISSING:
-        ctx.err("type", "missing_field", "missing required field 'type'",
-                f"every record of this file needs \"type\": \"{type_name}\"")
+        ctx.err(
+            "type",
+            "missing_field",
+            "missing required field 'type'",
+            f'every record of this file needs "type": "{type_name}"',
+        )
     elif t != type_name:  # another HALOs type is reported as mixed_kinds before we get here
-        ctx.err("type", "unknown_format", f"unknown record type {_short(t)}", f"use \"type\": \"{type_name}\"")
+        ctx.err("type", "unknown_format", f"unknown record type {_short(t)}", f'use "type": "{type_name}"')
     prompt_id = _id(ctx, obj, "prompt_id", required=False)
     prompt = _req_turns(ctx, obj, "prompt", "user")
     split = _split(ctx, obj)
@@ -307,8 +371,14 @@ def _halos(ctx: _Ctx, obj: dict[str, Any], kind: str) -> FeedbackRecord | None:
         reward = _reward(ctx, obj.get("reward"), "reward", required=False)
         if ctx.errors:
             return None
-        return BinaryRecord.model_construct(prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt,
-                                            output=output, label=label, reward=reward, split=split)
+        return BinaryRecord.model_construct(
+            prompt_id=prompt_id or derived_prompt_id(prompt),
+            prompt=prompt,
+            output=output,
+            label=label,
+            reward=reward,
+            split=split,
+        )
     if kind == "pairwise":
         out_a = _req_turns(ctx, obj, "output_A", "assistant")
         out_b = _req_turns(ctx, obj, "output_B", "assistant")
@@ -317,20 +387,29 @@ def _halos(ctx: _Ctx, obj: dict[str, Any], kind: str) -> FeedbackRecord | None:
         reward_b = _reward(ctx, obj.get("reward_B"), "reward_B", required=False)
         if ctx.errors:
             return None
-        return PairwiseRecord.model_construct(prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt,
-                                              output_A=out_a, output_B=out_b, label=label, reward_A=reward_a,
-                                              reward_B=reward_b, split=split)
+        return PairwiseRecord.model_construct(
+            prompt_id=prompt_id or derived_prompt_id(prompt),
+            prompt=prompt,
+            output_A=out_a,
+            output_B=out_b,
+            label=label,
+            reward_A=reward_a,
+            reward_B=reward_b,
+            split=split,
+        )
     output = _req_turns(ctx, obj, "output", "assistant")
-    reward_v = ctx.require(obj, "reward", "scalar feedback needs a numeric \"reward\"")
+    reward_v = ctx.require(obj, "reward", 'scalar feedback needs a numeric "reward"')
     reward = None if reward_v is _MISSING else _reward(ctx, reward_v, "reward", required=True)
     if ctx.errors:
         return None
-    return ScalarRecord.model_construct(prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt,
-                                        output=output, reward=reward, split=split)
+    return ScalarRecord.model_construct(
+        prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt, output=output, reward=reward, split=split
+    )
 
 
-def _req_turns(ctx: _Ctx, obj: dict[str, Any], key: str, default_role: str, hint: str | None = None,
-               prefix: str = "") -> list[Turn] | None:
+def _req_turns(
+    ctx: _Ctx, obj: dict[str, Any], key: str, default_role: str, hint: str | None = None, prefix: str = ""
+) -> list[Turn] | None:
     value = ctx.require(obj, key, hint, prefix)
     if value is _MISSING:
         return None
@@ -346,8 +425,12 @@ def _req_label(ctx: _Ctx, obj: dict[str, Any], key: str, allow_bool: bool, hint:
 
 def _sampled(ctx: _Ctx, obj: dict[str, Any]) -> SampledRecord | None:
     if "type" in obj and obj["type"] != SAMPLE_TYPE:
-        ctx.err("type", "unknown_format", f"unknown record type {_short(obj['type'])}",
-                "sampled outputs have \"type\": \"sample\" or no type")
+        ctx.err(
+            "type",
+            "unknown_format",
+            f"unknown record type {_short(obj['type'])}",
+            'sampled outputs have "type": "sample" or no type',
+        )
     prompt_id = _id(ctx, obj, "prompt_id", required=True, hint="sampled outputs need the prompt_id they came from")
     sample_id = _id(ctx, obj, "sample_id", required=True, hint="sampled outputs need a sample_id (0..k-1 per prompt)")
     if "prompt" not in obj and "instruction" in obj:  # HALOs sample.py --alpacaeval writes the instruction only
@@ -359,18 +442,28 @@ def _sampled(ctx: _Ctx, obj: dict[str, Any]) -> SampledRecord | None:
     if dataset is None:
         dataset = ""
     elif not isinstance(dataset, str):
-        ctx.err("dataset", "wrong_type", f"dataset must be a string, got {_type_name(dataset)}",
-                "use a string dataset name, or leave it out")
+        ctx.err(
+            "dataset",
+            "wrong_type",
+            f"dataset must be a string, got {_type_name(dataset)}",
+            "use a string dataset name, or leave it out",
+        )
     split = _split(ctx, obj)
     if ctx.errors:
         return None
-    return SampledRecord.model_construct(prompt_id=prompt_id, sample_id=sample_id, prompt=prompt, output=output,
-                                         dataset=dataset, split=split)
+    return SampledRecord.model_construct(
+        prompt_id=prompt_id, sample_id=sample_id, prompt=prompt, output=output, dataset=dataset, split=split
+    )
 
 
 def _trl_preference(ctx: _Ctx, obj: dict[str, Any]) -> PairwiseRecord | None:
-    prompt = _req_turns(ctx, obj, "prompt", "user",
-                        "TRL files with an implicit prompt (prompt inside chosen/rejected) need an explicit \"prompt\"")
+    prompt = _req_turns(
+        ctx,
+        obj,
+        "prompt",
+        "user",
+        'TRL files with an implicit prompt (prompt inside chosen/rejected) need an explicit "prompt"',
+    )
     chosen = _req_turns(ctx, obj, "chosen", "assistant")
     rejected = _req_turns(ctx, obj, "rejected", "assistant")
     prompt_id = _id(ctx, obj, "prompt_id", required=False)
@@ -379,9 +472,16 @@ def _trl_preference(ctx: _Ctx, obj: dict[str, Any]) -> PairwiseRecord | None:
     split = _split(ctx, obj)
     if ctx.errors:
         return None
-    return PairwiseRecord.model_construct(prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt,
-                                          output_A=chosen, output_B=rejected, label=1, reward_A=reward_a,
-                                          reward_B=reward_b, split=split)
+    return PairwiseRecord.model_construct(
+        prompt_id=prompt_id or derived_prompt_id(prompt),
+        prompt=prompt,
+        output_A=chosen,
+        output_B=rejected,
+        label=1,
+        reward_A=reward_a,
+        reward_B=reward_b,
+        split=split,
+    )
 
 
 def _trl_unpaired(ctx: _Ctx, obj: dict[str, Any]) -> BinaryRecord | None:
@@ -392,17 +492,27 @@ def _trl_unpaired(ctx: _Ctx, obj: dict[str, Any]) -> BinaryRecord | None:
     split = _split(ctx, obj)
     if ctx.errors:
         return None
-    return BinaryRecord.model_construct(prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt,
-                                        output=completion, label=label, reward=None, split=split)
+    return BinaryRecord.model_construct(
+        prompt_id=prompt_id or derived_prompt_id(prompt),
+        prompt=prompt,
+        output=completion,
+        label=label,
+        reward=None,
+        split=split,
+    )
 
 
 def _openai_preference(ctx: _Ctx, obj: dict[str, Any]) -> PairwiseRecord | None:
     prompt = None
-    inp = ctx.require(obj, "input", "OpenAI preference records need {\"input\": {\"messages\": [...]}}")
+    inp = ctx.require(obj, "input", 'OpenAI preference records need {"input": {"messages": [...]}}')
     if inp is not _MISSING:
         if not isinstance(inp, dict):
-            ctx.err("input", "wrong_type", f"input must be an object, got {_type_name(inp)}",
-                    "use {\"input\": {\"messages\": [...]}}")
+            ctx.err(
+                "input",
+                "wrong_type",
+                f"input must be an object, got {_type_name(inp)}",
+                'use {"input": {"messages": [...]}}',
+            )
         else:
             prompt = _req_turns(ctx, inp, "messages", "user", prefix="input.")
     preferred = _req_turns(ctx, obj, "preferred_output", "assistant")
@@ -411,13 +521,21 @@ def _openai_preference(ctx: _Ctx, obj: dict[str, Any]) -> PairwiseRecord | None:
     split = _split(ctx, obj)
     if ctx.errors:
         return None
-    return PairwiseRecord.model_construct(prompt_id=prompt_id or derived_prompt_id(prompt), prompt=prompt,
-                                          output_A=preferred, output_B=non_preferred, label=1, reward_A=None,
-                                          reward_B=None, split=split)
+    return PairwiseRecord.model_construct(
+        prompt_id=prompt_id or derived_prompt_id(prompt),
+        prompt=prompt,
+        output_A=preferred,
+        output_B=non_preferred,
+        label=1,
+        reward_A=None,
+        reward_B=None,
+        split=split,
+    )
 
 
-def parse_record(obj: dict[str, Any], family: str, kind: str, index: int,
-                 line: int | None) -> tuple[FeedbackRecord | None, list[RecordError]]:
+def parse_record(
+    obj: dict[str, Any], family: str, kind: str, index: int, line: int | None
+) -> tuple[FeedbackRecord | None, list[RecordError]]:
     """The normal-form record for `obj` read as `family`, or the list of everything wrong with it."""
     ctx = _Ctx(index, line)
     if family == "halos":

@@ -19,7 +19,8 @@ export), so a malformed export gets the same record-level 422 report as a feedba
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from .records import RecordError, SampledRecord
 
@@ -64,16 +65,40 @@ def tasks_from_samples(samples: Iterable[SampledRecord], config: str) -> Iterato
         raise ValueError(f"unknown Label Studio config {config!r} ({', '.join(CONFIGS)})")
     if config == "rating":
         for s in samples:
-            yield {"data": {"prompt": _text(s.prompt), "answer": _text(s.output), "halos": {
-                "config": "rating", "prompt_id": s.prompt_id, "sample_id": s.sample_id, "split": s.split,
-                "prompt": _dump(s.prompt), "output": _dump(s.output)}}}
+            yield {
+                "data": {
+                    "prompt": _text(s.prompt),
+                    "answer": _text(s.output),
+                    "halos": {
+                        "config": "rating",
+                        "prompt_id": s.prompt_id,
+                        "sample_id": s.sample_id,
+                        "split": s.split,
+                        "prompt": _dump(s.prompt),
+                        "output": _dump(s.output),
+                    },
+                }
+            }
         return
     for prompt_id, group in itertools.groupby(samples, key=lambda s: s.prompt_id):
         items = list(group)
         for a, b in zip(items[0::2], items[1::2]):
-            yield {"data": {"prompt": _text(a.prompt), "answer1": _text(a.output), "answer2": _text(b.output), "halos": {
-                "config": "pairwise", "prompt_id": prompt_id, "sample_ids": [a.sample_id, b.sample_id],
-                "split": a.split, "prompt": _dump(a.prompt), "output_A": _dump(a.output), "output_B": _dump(b.output)}}}
+            yield {
+                "data": {
+                    "prompt": _text(a.prompt),
+                    "answer1": _text(a.output),
+                    "answer2": _text(b.output),
+                    "halos": {
+                        "config": "pairwise",
+                        "prompt_id": prompt_id,
+                        "sample_ids": [a.sample_id, b.sample_id],
+                        "split": a.split,
+                        "prompt": _dump(a.prompt),
+                        "output_A": _dump(a.output),
+                        "output_B": _dump(b.output),
+                    },
+                }
+            }
 
 
 class AnnotationProblem(ValueError):
@@ -86,8 +111,12 @@ def _halos_data(task: Any) -> dict[str, Any]:
     data = task.get("data") if isinstance(task, dict) else None
     halos = data.get("halos") if isinstance(data, dict) else None
     if not isinstance(halos, dict) or halos.get("config") not in CONFIGS:
-        raise AnnotationProblem("data.halos", "not_a_halos_task", "the task was not exported by this server "
-                                "(data.halos is missing)", "import tasks from GET /v1/feedback/{id}/labelstudio-tasks")
+        raise AnnotationProblem(
+            "data.halos",
+            "not_a_halos_task",
+            "the task was not exported by this server (data.halos is missing)",
+            "import tasks from GET /v1/feedback/{id}/labelstudio-tasks",
+        )
     return halos
 
 
@@ -95,8 +124,12 @@ def _choice(result: list[Any], kind: str) -> Any:
     for item in result:
         if isinstance(item, dict) and item.get("type") == kind and isinstance(item.get("value"), dict):
             return item["value"]
-    raise AnnotationProblem("annotations.result", "missing_choice", f"the annotation has no {kind} result",
-                            f"use the shipped {'pairwise' if kind == 'pairwise' else 'rating'} labelling config")
+    raise AnnotationProblem(
+        "annotations.result",
+        "missing_choice",
+        f"the annotation has no {kind} result",
+        f"use the shipped {'pairwise' if kind == 'pairwise' else 'rating'} labelling config",
+    )
 
 
 def record_from_annotation(task: Any, annotation: Any) -> dict[str, Any] | None:
@@ -110,19 +143,35 @@ def record_from_annotation(task: Any, annotation: Any) -> dict[str, Any] | None:
     result = annotation.get("result")
     if not isinstance(result, list):
         raise AnnotationProblem("annotations.result", "wrong_type", "annotation.result must be a list", "")
-    base = {"prompt_id": str(halos.get("prompt_id")), "prompt": halos.get("prompt"),
-            "split": halos.get("split", "train")}
+    base = {
+        "prompt_id": str(halos.get("prompt_id")),
+        "prompt": halos.get("prompt"),
+        "split": halos.get("split", "train"),
+    }
     if halos["config"] == "pairwise":
         selected = _choice(result, "pairwise").get("selected")
         if selected not in ("left", "right"):
-            raise AnnotationProblem("annotations.result.value.selected", "invalid_label",
-                                    f"selected must be 'left' or 'right', got {str(selected)[:40]!r}", "")
-        return {"type": "pairwise_feedback", **base, "output_A": halos.get("output_A"),
-                "output_B": halos.get("output_B"), "label": 1 if selected == "left" else 0}
+            raise AnnotationProblem(
+                "annotations.result.value.selected",
+                "invalid_label",
+                f"selected must be 'left' or 'right', got {str(selected)[:40]!r}",
+                "",
+            )
+        return {
+            "type": "pairwise_feedback",
+            **base,
+            "output_A": halos.get("output_A"),
+            "output_B": halos.get("output_B"),
+            "label": 1 if selected == "left" else 0,
+        }
     rating = _choice(result, "rating").get("rating")
     if isinstance(rating, bool) or not isinstance(rating, (int, float)):
-        raise AnnotationProblem("annotations.result.value.rating", "invalid_reward",
-                                f"rating must be a number, got {type(rating).__name__}", "")
+        raise AnnotationProblem(
+            "annotations.result.value.rating",
+            "invalid_reward",
+            f"rating must be a number, got {type(rating).__name__}",
+            "",
+        )
     return {"type": "scalar_feedback", **base, "output": halos.get("output"), "reward": float(rating)}
 
 
@@ -130,23 +179,46 @@ def records_from_export(tasks: Any) -> tuple[list[dict[str, Any]], list[RecordEr
     """HALOs records from Label Studio's JSON export: one per (non-cancelled) annotation; and the
     problems, one per bad task or annotation."""
     if not isinstance(tasks, list):
-        return [], [RecordError(index=0, line=None, field="", code="wrong_type",
-                                message="a Label Studio JSON export is a list of tasks",
-                                hint="export the project as JSON (not JSON-MIN, CSV or TSV)")]
+        return [], [
+            RecordError(
+                index=0,
+                line=None,
+                field="",
+                code="wrong_type",
+                message="a Label Studio JSON export is a list of tasks",
+                hint="export the project as JSON (not JSON-MIN, CSV or TSV)",
+            )
+        ]
     records: list[dict[str, Any]] = []
     errors: list[RecordError] = []
     for i, task in enumerate(tasks):
         annotations = task.get("annotations") if isinstance(task, dict) else None
         if not isinstance(annotations, list):
-            errors.append(RecordError(index=i, line=None, field="annotations", code="missing_field",
-                                      message="the task has no annotations list", hint="export with annotations"))
+            errors.append(
+                RecordError(
+                    index=i,
+                    line=None,
+                    field="annotations",
+                    code="missing_field",
+                    message="the task has no annotations list",
+                    hint="export with annotations",
+                )
+            )
             continue
         for j, annotation in enumerate(annotations):
             try:
                 record = record_from_annotation(task, annotation)
             except AnnotationProblem as exc:
-                errors.append(RecordError(index=i, line=None, field=exc.field.replace("annotations", f"annotations[{j}]"),
-                                          code=exc.code, message=exc.message, hint=exc.hint or None))
+                errors.append(
+                    RecordError(
+                        index=i,
+                        line=None,
+                        field=exc.field.replace("annotations", f"annotations[{j}]"),
+                        code=exc.code,
+                        message=exc.message,
+                        hint=exc.hint or None,
+                    )
+                )
                 continue
             if record is not None:
                 records.append(record)

@@ -27,11 +27,15 @@ from .records import FeedbackLimits, PairwiseRecord, RecordError, Turn
 MAX_EXAMPLES = 20
 
 MESSAGES = {
-    "identical_outputs": ("the pair's two outputs are identical: it carries no preference and is left out of "
-                          "training", "check the labelling tool's export: both sides of the comparison are the same"),
+    "identical_outputs": (
+        "the pair's two outputs are identical: it carries no preference and is left out of training",
+        "check the labelling tool's export: both sides of the comparison are the same",
+    ),
     "duplicate_record": ("exact duplicate of record {first}", "remove repeated records (they weigh double)"),
-    "string_prompt": ("the prompt is a plain string; it was read as one user turn",
-                      "give the prompt as [{\"role\": \"user\", \"content\": ...}] to state the roles"),
+    "string_prompt": (
+        "the prompt is a plain string; it was read as one user turn",
+        'give the prompt as [{"role": "user", "content": ...}] to state the roles',
+    ),
     "empty_output": ("the output is empty", "drop records without an output"),
 }
 
@@ -45,8 +49,9 @@ class Findings:
         self.counts[code] = self.counts.get(code, 0) + 1
         if len(self.examples) < MAX_EXAMPLES:
             message, hint = MESSAGES[code]
-            self.examples.append(RecordError(index=index, line=line, field=field_, code=code,
-                                             message=message.format(**fmt), hint=hint))
+            self.examples.append(
+                RecordError(index=index, line=line, field=field_, code=code, message=message.format(**fmt), hint=hint)
+            )
 
     @property
     def total(self) -> int:
@@ -93,8 +98,9 @@ def find(path: str | Path, limits: FeedbackLimits = READ_LIMITS) -> Findings:
                 out.add("empty_output", index, line, name)
         if walk.family is not None and _prompt_was_string(raw, walk.family):
             out.add("string_prompt", index, line, "prompt")
-        key = hashlib.blake2b(json.dumps(record.model_dump(mode="json"), sort_keys=True).encode("utf-8", "surrogatepass"),
-                              digest_size=16).digest()
+        key = hashlib.blake2b(
+            json.dumps(record.model_dump(mode="json"), sort_keys=True).encode("utf-8", "surrogatepass"), digest_size=16
+        ).digest()
         if key in seen:
             out.add("duplicate_record", index, line, "", first=seen[key])
         else:

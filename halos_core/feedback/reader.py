@@ -15,8 +15,8 @@ Checks across records:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .formats import FAMILY_FIELDS, detect, parse_record, prompt_digest, unknown_format_error
 from .records import FeedbackLimits, FeedbackRecord, FeedbackSummary, FeedbackValidationError, RecordError
@@ -59,10 +59,20 @@ class _Walk:
         limits = self.limits
         for item in self.reader:
             if item.index >= limits.max_records:
-                yield None, [RecordError(
-                    index=item.index, line=item.line, field="", code="too_many_records",
-                    message=f"file has more than {limits.max_records:,} records",
-                    hint="split the feedback into several files")], True
+                yield (
+                    None,
+                    [
+                        RecordError(
+                            index=item.index,
+                            line=item.line,
+                            field="",
+                            code="too_many_records",
+                            message=f"file has more than {limits.max_records:,} records",
+                            hint="split the feedback into several files",
+                        )
+                    ],
+                    True,
+                )
                 return
             self.records_checked = item.index + 1
             if item.error is not None:
@@ -72,10 +82,20 @@ class _Walk:
                 continue
             obj = item.value
             if not isinstance(obj, dict):
-                yield None, [RecordError(
-                    index=item.index, line=item.line, field="", code="wrong_type",
-                    message=f"a record must be a JSON object, got {type(obj).__name__}",
-                    hint="each record is one {...} object")], False
+                yield (
+                    None,
+                    [
+                        RecordError(
+                            index=item.index,
+                            line=item.line,
+                            field="",
+                            code="wrong_type",
+                            message=f"a record must be a JSON object, got {type(obj).__name__}",
+                            hint="each record is one {...} object",
+                        )
+                    ],
+                    False,
+                )
                 continue
             detected = detect(obj)
             if self.family is None:
@@ -105,17 +125,26 @@ class _Walk:
         file_fmt = self.format
         if kind != self.kind:
             return RecordError(
-                index=index, line=line, field="type" if family == "halos" else "", code="mixed_kinds",
+                index=index,
+                line=line,
+                field="type" if family == "halos" else "",
+                code="mixed_kinds",
                 message=f"{kind} record in a file of {self.kind} feedback (format {file_fmt})",
-                hint="one kind of feedback per file: upload the other records as a separate file")
+                hint="one kind of feedback per file: upload the other records as a separate file",
+            )
         return RecordError(
-            index=index, line=line, field="", code="mixed_formats",
+            index=index,
+            line=line,
+            field="",
+            code="mixed_formats",
             message=f"{_format_name(family, self.reader.container)} record in a {file_fmt} file",
-            hint="use one record format per file")
+            hint="use one record format per file",
+        )
 
     def _track(self, record: FeedbackRecord, index: int, line: int | None) -> RecordError | None:
-        key = int.from_bytes(hashlib.blake2b(record.prompt_id.encode("utf-8", "surrogatepass"),
-                                             digest_size=8).digest(), "little")
+        key = int.from_bytes(
+            hashlib.blake2b(record.prompt_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+        )
         digest = int.from_bytes(prompt_digest(record.prompt)[:8], "little")
         is_test = int(record.split == "test")
         seen = self.prompts.get(key)
@@ -125,17 +154,25 @@ class _Walk:
             first = (seen >> 1) & (2**32 - 1)
             if seen >> 33 != digest:
                 return RecordError(
-                    index=index, line=line, field="prompt", code="conflicting_prompt",
+                    index=index,
+                    line=line,
+                    field="prompt",
+                    code="conflicting_prompt",
                     message=f"prompt_id {record.prompt_id[:80]!r} has a different prompt here than in record {first}",
-                    hint="records sharing a prompt_id must have the same prompt: give different prompts different ids")
+                    hint="records sharing a prompt_id must have the same prompt: give different prompts different ids",
+                )
             if seen & 1 != is_test:
                 splits = ("train", "test") if is_test else ("test", "train")
                 return RecordError(
-                    index=index, line=line, field="split", code="conflicting_split",
+                    index=index,
+                    line=line,
+                    field="split",
+                    code="conflicting_split",
                     message=f"prompt_id {record.prompt_id[:80]!r} is {splits[0]!r} in record {first} "
-                            f"but {splits[1]!r} here",
+                    f"but {splits[1]!r} here",
                     hint="all records of one prompt must be in the same split (otherwise test prompts leak into "
-                         "training)")
+                    "training)",
+                )
         if is_test:
             self.n_test += 1
         else:
@@ -168,14 +205,25 @@ def validate_file(path: str | Path, limits: FeedbackLimits = _DEFAULT_LIMITS, *,
         if truncated:
             break
     if not errors and walk.family is None:
-        errors.append(RecordError(
-            index=0, line=None, field="", code="empty_file", message="the file holds no records",
-            hint="upload a JSON array of records or JSON Lines with one record per line"))
+        errors.append(
+            RecordError(
+                index=0,
+                line=None,
+                field="",
+                code="empty_file",
+                message="the file holds no records",
+                hint="upload a JSON array of records or JSON Lines with one record per line",
+            )
+        )
     if errors:
         raise FeedbackValidationError(errors, truncated=truncated, records_checked=walk.records_checked)
     return FeedbackSummary(
-        kind=walk.kind, format=walk.format, n_records=walk.n_train + walk.n_test, n_prompts=len(walk.prompts),
-        n_train=walk.n_train, n_test=walk.n_test,
+        kind=walk.kind,
+        format=walk.format,
+        n_records=walk.n_train + walk.n_test,
+        n_prompts=len(walk.prompts),
+        n_train=walk.n_train,
+        n_test=walk.n_test,
     )
 
 
@@ -191,6 +239,7 @@ def read_records(path: str | Path, limits: FeedbackLimits | None = None) -> Iter
             raise FeedbackValidationError(errors[:1], truncated=True, records_checked=walk.records_checked)
         yield record
     if walk.family is None:
-        raise FeedbackValidationError([RecordError(
-            index=0, line=None, field="", code="empty_file", message="the file holds no records")],
-            records_checked=walk.records_checked)
+        raise FeedbackValidationError(
+            [RecordError(index=0, line=None, field="", code="empty_file", message="the file holds no records")],
+            records_checked=walk.records_checked,
+        )

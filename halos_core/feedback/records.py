@@ -22,7 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Split = Literal["train", "test"]
 FeedbackFormat = Literal[
-    "halos_json", "halos_jsonl", "trl_preference", "trl_unpaired", "openai_preference", "halos_sampled",
+    "halos_json",
+    "halos_jsonl",
+    "trl_preference",
+    "trl_unpaired",
+    "openai_preference",
+    "halos_sampled",
 ]
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from .records import FeedbackLimits, RecordError
 
@@ -36,8 +37,7 @@ _CLOSERS = (0x5D, 0x7D)
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
-_JSONL_HINT = ("JSON Lines needs one complete record per line; a pretty-printed file must be a JSON array "
-               "of records")
+_JSONL_HINT = "JSON Lines needs one complete record per line; a pretty-printed file must be a JSON array of records"
 
 
 @dataclass
@@ -65,8 +65,9 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _err(index: int, line: int | None, code: str, message: str, hint: str | None = None,
-         field: str = "") -> RecordError:
+def _err(
+    index: int, line: int | None, code: str, message: str, hint: str | None = None, field: str = ""
+) -> RecordError:
     return RecordError(index=index, line=line, field=field, code=code, message=message, hint=hint)
 
 
@@ -119,18 +120,34 @@ def parse_value(raw: bytes, index: int, line: int | None, limits: FeedbackLimits
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return RawItem(index, line, error=_err(
-            index, line, "invalid_utf8",
-            f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start} of the record)",
-            "save the file as UTF-8 (JSON files must be UTF-8)"))
+        return RawItem(
+            index,
+            line,
+            error=_err(
+                index,
+                line,
+                "invalid_utf8",
+                f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start} of the record)",
+                "save the file as UTF-8 (JSON files must be UTF-8)",
+            ),
+        )
     if not depth_checked and depth_exceeds(raw, limits.max_depth):
         return RawItem(index, line, error=_too_deep(index, line, limits))
     try:
         value = json.loads(text, object_pairs_hook=_object_pairs)
     except _DuplicateKey as exc:
-        return RawItem(index, line, error=_err(
-            index, line, "duplicate_key", f"key {exc.key[:100]!r} appears twice in one object",
-            "keep one value per key (JSON parsers disagree on which duplicate wins)", field=exc.key[:100]))
+        return RawItem(
+            index,
+            line,
+            error=_err(
+                index,
+                line,
+                "duplicate_key",
+                f"key {exc.key[:100]!r} appears twice in one object",
+                "keep one value per key (JSON parsers disagree on which duplicate wins)",
+                field=exc.key[:100],
+            ),
+        )
     except json.JSONDecodeError as exc:
         where = f"column {exc.colno}" if line is not None else f"character {exc.pos} of the record"
         hint = _JSONL_HINT if line is not None else "check for a missing comma, quote or bracket"
@@ -142,10 +159,18 @@ def parse_value(raw: bytes, index: int, line: int | None, limits: FeedbackLimits
     if _SURROGATE_ESCAPE.search(raw):  # "\ud83d\ude00" pairs are fine, a lone "\ud800" is not Unicode
         path = _lone_surrogate(value, "")
         if path is not None:
-            return RawItem(index, line, error=_err(
-                index, line, "invalid_utf8", "string has an unpaired surrogate escape (\\ud800-\\udfff), which is "
-                "not valid Unicode", "fix the encoder that wrote the file (emoji must be escaped as surrogate pairs)",
-                field=path))
+            return RawItem(
+                index,
+                line,
+                error=_err(
+                    index,
+                    line,
+                    "invalid_utf8",
+                    "string has an unpaired surrogate escape (\\ud800-\\udfff), which is not valid Unicode",
+                    "fix the encoder that wrote the file (emoji must be escaped as surrogate pairs)",
+                    field=path,
+                ),
+            )
     return RawItem(index, line, value=value)
 
 
@@ -174,14 +199,23 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
 
 
 def _too_deep(index: int, line: int | None, limits: FeedbackLimits) -> RecordError:
-    return _err(index, line, "too_deep", f"record nests deeper than {limits.max_depth} levels",
-                "a feedback record needs only a few levels (record > list of turns > turn)")
+    return _err(
+        index,
+        line,
+        "too_deep",
+        f"record nests deeper than {limits.max_depth} levels",
+        "a feedback record needs only a few levels (record > list of turns > turn)",
+    )
 
 
 def _too_large(index: int, line: int | None, size: int, limits: FeedbackLimits) -> RecordError:
-    return _err(index, line, "record_too_large",
-                f"record is {size:,} bytes, over the limit of {limits.max_record_bytes:,} bytes",
-                "split very long conversations or outputs, or check that records are separated by newlines")
+    return _err(
+        index,
+        line,
+        "record_too_large",
+        f"record is {size:,} bytes, over the limit of {limits.max_record_bytes:,} bytes",
+        "split very long conversations or outputs, or check that records are separated by newlines",
+    )
 
 
 # --------------------------------------------------------------------------- the reader
@@ -199,8 +233,12 @@ class RawReader:
         with open(self.path, "rb") as fh:
             head = fh.read(max(CHUNK, 4))
             if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-                yield RawItem(0, 1, fatal=True, error=_err(
-                    0, 1, "invalid_utf8", "file is UTF-16 encoded", "save the file as UTF-8"))
+                yield RawItem(
+                    0,
+                    1,
+                    fatal=True,
+                    error=_err(0, 1, "invalid_utf8", "file is UTF-16 encoded", "save the file as UTF-8"),
+                )
                 return
             start = 3 if head.startswith(_BOM) else 0
             # find the first non-blank byte (reading on through leading blank space)
@@ -226,10 +264,18 @@ class RawReader:
             else:
                 line = skipped_lines + head.count(b"\n", 0, first_pos) + 1
                 shown = chr(first) if 0x20 < first < 0x7F else f"byte 0x{first:02x}"
-                yield RawItem(0, line, fatal=True, error=_err(
-                    0, line, "unknown_format",
-                    f"file is neither a JSON array nor JSON Lines (it starts with {shown!r})",
-                    "upload a JSON array of records ([{...}, {...}]) or JSON Lines (one {...} record per line)"))
+                yield RawItem(
+                    0,
+                    line,
+                    fatal=True,
+                    error=_err(
+                        0,
+                        line,
+                        "unknown_format",
+                        f"file is neither a JSON array nor JSON Lines (it starts with {shown!r})",
+                        "upload a JSON array of records ([{...}, {...}]) or JSON Lines (one {...} record per line)",
+                    ),
+                )
 
     # ----------------------------------------------------------------------- JSONL
 
@@ -349,10 +395,18 @@ class RawReader:
                     if depth <= stack_cap:
                         opener = stack.pop()
                         if _OPEN[opener] != c:
-                            yield RawItem(index, None, fatal=True, error=_err(
-                                index, None, "invalid_json",
-                                f"mismatched brackets: {chr(opener)!r} closed by {chr(c)!r}",
-                                "check the record for a missing or extra bracket"))
+                            yield RawItem(
+                                index,
+                                None,
+                                fatal=True,
+                                error=_err(
+                                    index,
+                                    None,
+                                    "invalid_json",
+                                    f"mismatched brackets: {chr(opener)!r} closed by {chr(c)!r}",
+                                    "check the record for a missing or extra bracket",
+                                ),
+                            )
                             return
                     depth -= 1
                     if depth == 0:  # the top-level array is closed
@@ -360,17 +414,37 @@ class RawReader:
                         if item is not None:
                             yield item
                         elif commas:
-                            yield RawItem(index, None, error=_err(
-                                index, None, "invalid_json", "trailing comma before ']'",
-                                "remove the comma after the last record"))
+                            yield RawItem(
+                                index,
+                                None,
+                                error=_err(
+                                    index,
+                                    None,
+                                    "invalid_json",
+                                    "trailing comma before ']'",
+                                    "remove the comma after the last record",
+                                ),
+                            )
                         yield from self._trailing(fh, buf, pos, index + (item is not None or commas > 0))
                         return
                 else:  # a comma between two records
                     commas += 1
                     item = finish(k)
-                    yield item if item is not None else RawItem(index, None, error=_err(
-                        index, None, "invalid_json", "empty record (two commas in a row or a comma after '[')",
-                        "remove the extra comma"))
+                    yield (
+                        item
+                        if item is not None
+                        else RawItem(
+                            index,
+                            None,
+                            error=_err(
+                                index,
+                                None,
+                                "invalid_json",
+                                "empty record (two commas in a row or a comma after '[')",
+                                "remove the extra comma",
+                            ),
+                        )
+                    )
                     index += 1
                     elem_start = pos
             # end of this chunk: keep the current element's bytes (up to the limit)
@@ -391,19 +465,36 @@ class RawReader:
             pos = 0
             elem_start = 0
             if not buf:
-                yield RawItem(index, None, fatal=True, error=_err(
-                    index, None, "invalid_json",
-                    "unexpected end of file inside the JSON array" + (" (inside a string)" if in_str else ""),
-                    "the file looks truncated: check that the upload completed and the array ends with ']'"))
+                yield RawItem(
+                    index,
+                    None,
+                    fatal=True,
+                    error=_err(
+                        index,
+                        None,
+                        "invalid_json",
+                        "unexpected end of file inside the JSON array" + (" (inside a string)" if in_str else ""),
+                        "the file looks truncated: check that the upload completed and the array ends with ']'",
+                    ),
+                )
                 return
 
     def _trailing(self, fh: BinaryIO, buf: bytes, pos: int, index: int) -> Iterator[RawItem]:
         while True:
             rest = buf[pos:].strip(_WS)
             if rest:
-                yield RawItem(index, None, fatal=True, error=_err(
-                    index, None, "invalid_json", "unexpected data after the closing ']' of the array",
-                    "a JSON file must hold exactly one array; for one record per line use JSON Lines"))
+                yield RawItem(
+                    index,
+                    None,
+                    fatal=True,
+                    error=_err(
+                        index,
+                        None,
+                        "invalid_json",
+                        "unexpected data after the closing ']' of the array",
+                        "a JSON file must hold exactly one array; for one record per line use JSON Lines",
+                    ),
+                )
                 return
             buf, pos = fh.read(CHUNK), 0
             if not buf:

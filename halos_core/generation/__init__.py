@@ -40,8 +40,10 @@ def pick(choice: str) -> str:
         return "hf"
     if choice == "vllm":
         if not vllm_usable():
-            raise RuntimeError("engine 'vllm' was asked for but vLLM is not installed or no GPU is present "
-                               "(pip install halos-server[vllm] on a GPU worker, or use engine 'auto'/'hf')")
+            raise RuntimeError(
+                "engine 'vllm' was asked for but vLLM is not installed or no GPU is present "
+                "(pip install halos-server[vllm] on a GPU worker, or use engine 'auto'/'hf')"
+            )
         return "vllm"
     return "vllm" if vllm_usable() else "hf"
 

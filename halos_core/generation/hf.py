@@ -41,8 +41,12 @@ def load_causal_lm(generator: Generator) -> tuple[Any, Any]:
 
 
 def render(tokenizer: Any, prompt: list[Turn], max_prompt_length: int) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": t.role, "content": t.content} for t in prompt], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": t.role, "content": t.content} for t in prompt],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)[-max_prompt_length:]
@@ -65,8 +69,12 @@ class HFEngine:
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         sample = params.temperature > 0
         kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens, "num_return_sequences": params.n, "use_cache": True,
-            "pad_token_id": pad, "eos_token_id": tok.eos_token_id, "do_sample": sample,
+            "max_new_tokens": params.max_new_tokens,
+            "num_return_sequences": params.n,
+            "use_cache": True,
+            "pad_token_id": pad,
+            "eos_token_id": tok.eos_token_id,
+            "do_sample": sample,
         }
         if sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -74,5 +82,6 @@ class HFEngine:
         out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
         # generate returns the n samples of prompt i at rows i*n .. i*n+n-1
-        return [[cut_at_stop(texts[i * params.n + j], params.stop) for j in range(params.n)]
-                for i in range(len(prompts))]
+        return [
+            [cut_at_stop(texts[i * params.n + j], params.stop) for j in range(params.n)] for i in range(len(prompts))
+        ]

@@ -42,12 +42,20 @@ class VLLMEngine:
 
         from halos_core.generation.hf import render
 
-        inputs: list[Any] = [TokensPrompt(prompt_token_ids=render(self.tokenizer, p, params.max_prompt_length))
-                             for p in prompts]
+        inputs: list[Any] = [
+            TokensPrompt(prompt_token_ids=render(self.tokenizer, p, params.max_prompt_length)) for p in prompts
+        ]
         first = batch_index * params.batch_size
-        sampling = [VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                    max_tokens=params.max_new_tokens, seed=params.seed + first + i,
-                                    stop=list(params.stop) or None)
-                    for i in range(len(prompts))]
+        sampling = [
+            VSamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=params.seed + first + i,
+                stop=list(params.stop) or None,
+            )
+            for i in range(len(prompts))
+        ]
         outs = self.llm.generate(inputs, sampling, lora_request=self.lora, use_tqdm=False)
         return [[cut_at_stop(c.text, params.stop) for c in out.outputs] for out in outs]

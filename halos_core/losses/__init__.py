@@ -13,7 +13,8 @@ torch-free server/worker must not import it.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import TypeAdapter
 

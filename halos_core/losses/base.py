@@ -173,10 +173,12 @@ class PairedLoss(Loss[C]):
         ref = forward.reference_logps(both) if self.needs_reference else None
         n = mb.size
         return {
-            "policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
+            "policy_chosen_logps": logps[:n],
+            "policy_rejected_logps": logps[n:],
             "reference_chosen_logps": None if ref is None else ref[:n],
             "reference_rejected_logps": None if ref is None else ref[n:],
-            "chosen_mask": mask[:n], "rejected_mask": mask[n:],
+            "chosen_mask": mask[:n],
+            "rejected_mask": mask[n:],
         }
 
     def compute(

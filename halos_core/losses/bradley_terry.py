@@ -11,12 +11,12 @@ scores), margins, accuracy (1.0 where r_w > r_l).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from halos_core.loss_registry import BradleyTerryLoss
-
-from typing import Any
 
 from .base import Forward, Loss, LossOutput, Microbatch, as_float, detached, safe_mean
 

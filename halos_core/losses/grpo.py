@@ -26,11 +26,11 @@ mean of |A rho_t|, the quantity the golden fixture records), clip_fraction — s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from halos_core.loss_registry import GRPOLoss
-
-from typing import Any
 
 from .base import Forward, Loss, LossOutput, Microbatch, as_float, detached, mask_like
 
@@ -45,7 +45,9 @@ def group_advantages(prompt_ids: torch.Tensor, scores: torch.Tensor, eps: float 
         raise ValueError(f"prompt_ids ({prompt_ids.shape[0]}) and scores ({scores.shape[0]}) differ in length")
     _, group = torch.unique(prompt_ids, return_inverse=True)
     n_groups = int(group.max().item()) + 1 if group.numel() else 0
-    count = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(0, group, torch.ones_like(scores))
+    count = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(
+        0, group, torch.ones_like(scores)
+    )
     mean = torch.zeros_like(count).index_add_(0, group, scores) / count
     centered = scores - mean[group]
     var = torch.zeros_like(count).index_add_(0, group, centered**2) / count
@@ -59,8 +61,14 @@ class GRPO(Loss[GRPOLoss]):
     def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
         target = mb.streams["target"]
         logps, mask = forward.policy_logps(target, grad=train)
-        return {"policy_logps": logps, "reference_logps": forward.reference_logps(target), "mask": mask,
-                "prompt_ids": mb.group, "scores": mb.scores, "advantages": mb.advantages}
+        return {
+            "policy_logps": logps,
+            "reference_logps": forward.reference_logps(target),
+            "mask": mask,
+            "prompt_ids": mb.group,
+            "scores": mb.scores,
+            "advantages": mb.advantages,
+        }
 
     def compute(
         self,
@@ -96,7 +104,10 @@ class GRPO(Loss[GRPOLoss]):
         token_losses = -(torch.min(weighted, weighted_clipped) - self.config.beta * kl)
 
         n_tokens = m.sum().clamp(min=1)
-        token_mean = lambda x: (x * m).sum() / n_tokens  # noqa: E731
+
+        def token_mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * m).sum() / n_tokens
+
         loss = token_mean(token_losses)
 
         values = {

@@ -24,7 +24,7 @@ class Humanline:
     high: float = 1.5  # log_epsilon_r
 
     @classmethod
-    def from_hyperparams(cls, hp: Hyperparams) -> "Humanline":
+    def from_hyperparams(cls, hp: Hyperparams) -> Humanline:
         if hp.humanline and hp.log_epsilon_p > hp.log_epsilon_r:
             raise ValueError(
                 f"humanline needs log_epsilon_p <= log_epsilon_r, got [{hp.log_epsilon_p}, {hp.log_epsilon_r}]"
@@ -32,7 +32,7 @@ class Humanline:
         return cls(enabled=hp.humanline, low=hp.log_epsilon_p, high=hp.log_epsilon_r)
 
     @classmethod
-    def off(cls) -> "Humanline":
+    def off(cls) -> Humanline:
         return cls(enabled=False)
 
     def clamp(self, log_ratio: torch.Tensor) -> torch.Tensor:

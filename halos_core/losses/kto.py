@@ -21,11 +21,11 @@ values: losses (desirable then undesirable, weighted), chosen_rewards, rejected_
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from halos_core.loss_registry import KTOLoss
-
-from typing import Any
 
 from .base import Forward, Loss, LossOutput, Microbatch, as_float, as_rows, detached, mask_like, safe_mean
 
@@ -45,9 +45,15 @@ class KTO(Loss[KTOLoss]):
             kl_mask = kl_mask_long.bool()
         d = mb.desirable
         return {
-            "policy_chosen_logps": logps[d], "policy_rejected_logps": logps[~d], "policy_kl_logps": kl_logps,
-            "reference_chosen_logps": ref[d], "reference_rejected_logps": ref[~d], "reference_kl_logps": kl_ref,
-            "chosen_mask": mask[d], "rejected_mask": mask[~d], "kl_mask": kl_mask,
+            "policy_chosen_logps": logps[d],
+            "policy_rejected_logps": logps[~d],
+            "policy_kl_logps": kl_logps,
+            "reference_chosen_logps": ref[d],
+            "reference_rejected_logps": ref[~d],
+            "reference_kl_logps": kl_ref,
+            "chosen_mask": mask[d],
+            "rejected_mask": mask[~d],
+            "kl_mask": kl_mask,
         }
 
     def kl_estimate(

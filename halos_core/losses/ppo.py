@@ -33,11 +33,11 @@ scalars; advantages (whitened), value_targets (G) — [B, T].
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from halos_core.loss_registry import PPOLoss
-
-from typing import Any
 
 from .base import Forward, Loss, LossOutput, Microbatch, as_float, detached, mask_like
 
@@ -92,8 +92,13 @@ class PPO(Loss[PPOLoss]):
         # HALOs: +1 for a desirable output, -1 for an undesirable one, on its last token; the
         # reference's log-probs are the behaviour policy's (offline, one step)
         rewards = torch.where(mb.desirable, 1.0, -1.0).to(device=logps.device, dtype=torch.float32)
-        return {"policy_logps": logps, "old_policy_logps": forward.reference_logps(target), "values": values,
-                "rewards": rewards, "mask": mask}
+        return {
+            "policy_logps": logps,
+            "old_policy_logps": forward.reference_logps(target),
+            "values": values,
+            "rewards": rewards,
+            "mask": mask,
+        }
 
     def compute(
         self,

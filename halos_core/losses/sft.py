@@ -21,7 +21,9 @@ from halos_core.loss_registry import SFTLoss
 from .base import LossOutput, TargetLoss, as_float, detached, mask_like
 
 
-def token_mean_nll(policy_logps: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def token_mean_nll(
+    policy_logps: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     logps = as_float(policy_logps)
     m = mask_like(mask if mask is not None else logps != 0, logps)
     nll = -(logps * m)

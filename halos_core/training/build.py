@@ -51,10 +51,12 @@ from halos_core.sharded import (
     build_accelerator,
     check_supported,
     configure_wrapping,
-    describe as describe_sharding,
     gather_optimizer_state,
     is_fsdp,
     load_full_optimizer_state,
+)
+from halos_core.sharded import (
+    describe as describe_sharding,
 )
 from halos_core.training.forward import ForwardPass
 from halos_core.training.loop import RoundPosition, Trainer, warmup_lambda
@@ -74,7 +76,7 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic: an older transformers without the switch still trains
+    except Exception:
         pass
     if accelerator is None:
         # CPU when asked by the launcher (ACCELERATE_USE_CPU) or when there is no GPU: accelerate
@@ -94,8 +96,11 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
     if main:
         log.info(
             "accelerate: %s, %d process(es), backend %s, device %s, gradient accumulation %d",
-            accelerator.distributed_type, accelerator.num_processes, accelerator.state.backend,
-            accelerator.device, accelerator.gradient_accumulation_steps,
+            accelerator.distributed_type,
+            accelerator.num_processes,
+            accelerator.state.backend,
+            accelerator.device,
+            accelerator.gradient_accumulation_steps,
         )
         run_dir.create()
         run_dir.clean_partial_checkpoints()
@@ -116,7 +121,8 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
         ckpt = load_checkpoint(config.resume_from, process_index=accelerator.process_index)
         if ckpt.trainer_state.get("job_id") not in (None, config.job_id):
             raise CheckpointError(
-                f"resume_from {config.resume_from} belongs to job {ckpt.trainer_state.get('job_id')}, not {config.job_id}"
+                f"resume_from {config.resume_from} belongs to job {ckpt.trainer_state.get('job_id')}, "
+                f"not {config.job_id}"
             )
     elif config.init_from:
         ckpt = load_checkpoint(config.init_from, process_index=accelerator.process_index)
@@ -226,7 +232,10 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
         shards = describe_sharding(model)
         log.info(
             "FSDP2 rank %d: %d units, %d of %d parameter elements held locally",
-            accelerator.process_index, shards["units"], shards["local_numel"], shards["numel"],
+            accelerator.process_index,
+            shards["units"],
+            shards["local_numel"],
+            shards["numel"],
         )
     raw_optimizer = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, warmup_lambda(hp.warmup_steps))
@@ -235,9 +244,10 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
     if config.resume_from:
         assert ckpt is not None
         ts = ckpt.trainer_state
-        if int(ts.get("total_steps", train_loader.total_steps)) != train_loader.total_steps or int(
-            ts.get("batch_size", hp.batch_size)
-        ) != hp.batch_size:
+        if (
+            int(ts.get("total_steps", train_loader.total_steps)) != train_loader.total_steps
+            or int(ts.get("batch_size", hp.batch_size)) != hp.batch_size
+        ):
             raise CheckpointError(
                 f"resume_from {config.resume_from} was written for {ts.get('total_steps')} steps of batch "
                 f"{ts.get('batch_size')}; this round has {train_loader.total_steps} of {hp.batch_size}"
@@ -275,13 +285,20 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
         restored, resumed = record, None
 
     reference_cache = (
-        ReferenceLogpCache(config.reference_cache_dir, config.reference_sha256 or reference_sha256, config.mixed_precision)
+        ReferenceLogpCache(
+            config.reference_cache_dir, config.reference_sha256 or reference_sha256, config.mixed_precision
+        )
         if loss.needs_reference
         else None
     )
     forward = ForwardPass(
-        accelerator=accelerator, model=model, reference=reference, lora=config.lora is not None,
-        reference_cache=reference_cache, packing=hp.packing, pad_token_id=int(tokenizer.pad_token_id),
+        accelerator=accelerator,
+        model=model,
+        reference=reference,
+        lora=config.lora is not None,
+        reference_cache=reference_cache,
+        packing=hp.packing,
+        pad_token_id=int(tokenizer.pad_token_id),
     )
     return Trainer(
         config=config,
@@ -341,8 +358,9 @@ def check_compatible(ckpt: LoadedCheckpoint, config: RunConfig, loss_name: str) 
         raise CheckpointError(problem.message(f"checkpoint {ckpt.path}"))
 
 
-def restore_record(source: Path | str, optimizer: Any, scheduler: Any, optimizer_state: dict[str, Any] | None = None
-                   ) -> RestoreRecord:
+def restore_record(
+    source: Path | str, optimizer: Any, scheduler: Any, optimizer_state: dict[str, Any] | None = None
+) -> RestoreRecord:
     """What was just restored, read back from the LIVE optimizer and scheduler (not the files):
     the digest of the optimizer's per-parameter state (`checkpoint.optimizer_state_digest`,
     comparable with the digest of the parent's optimizer.pt), its Adam step count and the
@@ -357,8 +375,13 @@ def restore_record(source: Path | str, optimizer: Any, scheduler: Any, optimizer
     )
 
 
-def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, weight_decay: float, global_step: int,
-                   betas: tuple[float, float] | None = None) -> None:
+def align_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    lr: float,
+    weight_decay: float,
+    global_step: int,
+    betas: tuple[float, float] | None = None,
+) -> None:
     """Key the schedule on the global step and apply this round's lr / weight decay / Adam betas.
 
     After a restore, `last_epoch` is the parent's global step already; it is set explicitly so a

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -25,8 +26,17 @@ Stream = dict[str, torch.Tensor]
 
 
 class ForwardPass:
-    def __init__(self, *, accelerator: Any, model: torch.nn.Module, reference: torch.nn.Module | None,
-                 lora: bool, reference_cache: ReferenceLogpCache | None, packing: bool, pad_token_id: int):
+    def __init__(
+        self,
+        *,
+        accelerator: Any,
+        model: torch.nn.Module,
+        reference: torch.nn.Module | None,
+        lora: bool,
+        reference_cache: ReferenceLogpCache | None,
+        packing: bool,
+        pad_token_id: int,
+    ):
         self.accelerator = accelerator
         self.model = model  # the prepared TokenLogprobModel
         self.reference = reference  # HF causal LM, frozen, kept on the CPU outside `precompute_reference`
@@ -59,14 +69,20 @@ class ForwardPass:
             if next(self.reference.parameters()).device != self.reference_device:
                 self.reference.to(self.reference_device)
             with torch.no_grad(), self.accelerator.autocast():
-                logps, _ = token_logps(self.reference, stream["input_ids"], stream["attention_mask"],
-                                       stream["labels"], packing=self.packing)
+                logps, _ = token_logps(
+                    self.reference,
+                    stream["input_ids"],
+                    stream["attention_mask"],
+                    stream["labels"],
+                    packing=self.packing,
+                )
         elif self.lora:
             # LoRA: the reference is the policy's own frozen base with the adapters switched off
             lm = self.accelerator.unwrap_model(self.model).lm
             with torch.no_grad(), self.accelerator.autocast(), adapters_disabled(lm):
-                logps, _ = token_logps(lm, stream["input_ids"], stream["attention_mask"], stream["labels"],
-                                       packing=self.packing)
+                logps, _ = token_logps(
+                    lm, stream["input_ids"], stream["attention_mask"], stream["labels"], packing=self.packing
+                )
         else:
             raise RuntimeError("reference log-probs were asked for but no reference was loaded")
         if cache is not None:
@@ -93,8 +109,13 @@ class ForwardPass:
             self.reference.to("cpu")
             torch.cuda.empty_cache()
         cache.flush(tag)
-        log.info("reference log-probs: %d rows cached (%d microbatches reused, %d computed) in %.1fs",
-                 len(cache.rows), cache.hits, cache.misses, time.perf_counter() - t0)
+        log.info(
+            "reference log-probs: %d rows cached (%d microbatches reused, %d computed) in %.1fs",
+            len(cache.rows),
+            cache.hits,
+            cache.misses,
+            time.perf_counter() - t0,
+        )
 
     # ------------------------------------------------------------------ batches
     def joint_stream(self, mb: Microbatch) -> Stream:

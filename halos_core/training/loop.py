@@ -16,9 +16,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -132,8 +133,9 @@ class Trainer:
         loader = self.train_loader
         train = (mb for step in range(self.round_step, loader.total_steps) for mb in loader.microbatches(step))
         evals = (mb for mb, _ in self.eval_loader.padded()) if self.eval_loader is not None else ()
-        self.forward.precompute_reference(itertools.chain(train, evals),
-                                          f"{self.config.job_id}-rank{self.accelerator.process_index}")
+        self.forward.precompute_reference(
+            itertools.chain(train, evals), f"{self.config.job_id}-rank{self.accelerator.process_index}"
+        )
 
     # ------------------------------------------------------------------ state
     def global_step(self) -> int:
@@ -229,15 +231,17 @@ class Trainer:
 
         eval_metrics = self.evaluate() if self.eval_loader is not None else {}
         if eval_metrics and acc.is_main_process:
-            self.run_dir.append_metrics({
-                "split": "eval",
-                "step": self.global_step(),
-                "round_step": self.round_step,
-                "total_steps": total,
-                "examples": self.global_examples(),
-                "time": time.time(),
-                **eval_metrics,
-            })
+            self.run_dir.append_metrics(
+                {
+                    "split": "eval",
+                    "step": self.global_step(),
+                    "round_step": self.round_step,
+                    "total_steps": total,
+                    "examples": self.global_examples(),
+                    "time": time.time(),
+                    **eval_metrics,
+                }
+            )
         manifest = self.save(self.run_dir.final, "final")
         result = None
         if acc.is_main_process:
@@ -257,7 +261,9 @@ class Trainer:
                 reference_param_digest=self.reference_param_digest,
                 restored=self.restored,
                 resumed=self.resumed,
-                lora=lora_structure(self.lora) | {"merged": self.lora.merge_on_export} if self.lora is not None else None,
+                lora=lora_structure(self.lora) | {"merged": self.lora.merge_on_export}
+                if self.lora is not None
+                else None,
                 head=head.kind if head is not None else None,
             )
             self.run_dir.write_result(result)

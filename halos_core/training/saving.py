@@ -15,8 +15,9 @@ The file mechanics (temp dir, fsync, manifest last, rename) are `halos_core.chec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,8 +59,8 @@ def trainer_state(trainer: Trainer, kind: str) -> dict[str, Any]:
 
 def _split_lm_and_head(full: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The wrapper's state dict (`lm.*`, `head.*`) as the LM's and the head's own."""
-    lm = {k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")}
-    head = {k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}
+    lm = {k[len("lm.") :]: v for k, v in full.items() if k.startswith("lm.")}
+    head = {k[len("head.") :]: v for k, v in full.items() if k.startswith("head.")}
     return lm, head
 
 
@@ -111,5 +112,11 @@ def save(trainer: Trainer, target: Path, kind: str) -> Manifest:
         "merged": model is not None and trainer.lora is not None,
         "head": inner.head.kind if inner.head is not None else None,
     }
-    return save_checkpoint(target, request, process_index=acc.process_index, num_processes=acc.num_processes,
-                           barrier=acc.wait_for_everyone, manifest_extra=extra)
+    return save_checkpoint(
+        target,
+        request,
+        process_index=acc.process_index,
+        num_processes=acc.num_processes,
+        barrier=acc.wait_for_everyone,
+        manifest_extra=extra,
+    )

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from server.api.deps import ProjectDep, ReadSessionDep, error_responses
 from halos_client.models import CheckpointOut, LineageOut
+from server.api.deps import ProjectDep, ReadSessionDep, error_responses
 from server.services import lineage as service
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=error_responses(401, 429))

@@ -17,19 +17,20 @@ limit (429 + Retry-After) and yields the caller's `Principal`; every service cal
 
 from __future__ import annotations
 
-from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from halos_client.models import ErrorResponse
 from server.db import get_engine, get_read_engine, session_scope
 from server.errors import PayloadTooLarge, RateLimited, Unauthorized
 from server.models import Project
-from halos_client.models import ErrorResponse
 from server.services.keys import Principal, get_or_create_project
 from server.services.ratelimit import retry_after_header
 from server.settings import Settings
@@ -138,17 +139,24 @@ async def get_principal(
     # thread-pool hop (the handler), not three.
     if not settings.auth_enabled:
         project_id = getattr(request.app.state, "default_project_id", None) or await run_in_threadpool(
-            _default_project_id, request, settings, session)  # may write (once): never on the event loop
+            _default_project_id, request, settings, session
+        )  # may write (once): never on the event loop
         principal = Principal(project_id=project_id, key_id=None)
         client = request.client.host if request.client else "local"
         limiter_key = f"anon:{client}"
     else:
         cache = request.app.state.key_cache
-        principal_or_none = (await run_blocking_db(settings, cache.authenticate, session, credentials.credentials)
-                             if credentials else None)
+        principal_or_none = (
+            await run_blocking_db(settings, cache.authenticate, session, credentials.credentials)
+            if credentials
+            else None
+        )
         if principal_or_none is None:
-            raise Unauthorized("missing, unknown or revoked API key" if credentials else
-                               "a valid API key is required (Authorization: Bearer <key>)")
+            raise Unauthorized(
+                "missing, unknown or revoked API key"
+                if credentials
+                else "a valid API key is required (Authorization: Bearer <key>)"
+            )
         principal = principal_or_none
         limiter_key = f"key:{principal.key_id}"
     wait = request.app.state.rate_limiter.hit(limiter_key)

@@ -13,42 +13,59 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Annotated, Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 from sse_starlette.sse import EventSourceResponse
 
+from halos_client.event_models import EventList
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, SettingsDep, end_reads, error_responses
 from server.db import get_read_engine
-from halos_client.event_models import EventList
 from server.services import events_view as service
 from server.services.jobs_view import get_job
 from server.settings import Settings
 
-router = APIRouter(prefix="/v1/jobs", tags=["events"], route_class=JsonBodyLimitRoute,
-                   responses=error_responses(401, 429))
+router = APIRouter(
+    prefix="/v1/jobs", tags=["events"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
+)
 
 JobId = Annotated[str, Path(max_length=200)]
 # One Server-Sent Event (the fields of a message; `data` is JSON text)
-SSE_EVENT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
-    "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
-    "description": "text/event-stream: one message per event (`event:` = its type, `data:` = EventOut JSON) and "
-                   "per metric point (`event: metric`), `id:` = '<event id>.<metric id>'; `event: end` last",
-    "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-}}
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "text/event-stream: one message per event (`event:` = its type, `data:` = EventOut JSON) and "
+        "per metric point (`event: metric`), `id:` = '<event id>.<metric id>'; `event: end` last",
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+    }
+}
 # typed `str` (default None) rather than Optional: the spec then says "a string", not "or null"
 # (a header cannot carry a JSON null). What this server sends is '<event id>.<metric id>'; anything
 # else is ignored, as EventSource servers commonly do (the stream starts at `after`).
-LastEventId = Annotated[str, Header(
-    alias="Last-Event-ID", max_length=64,
-    description="resume after this message: the `id:` ('<event id>.<metric id>') of the last one seen")]
+LastEventId = Annotated[
+    str,
+    Header(
+        alias="Last-Event-ID",
+        max_length=64,
+        description="resume after this message: the `id:` ('<event id>.<metric id>') of the last one seen",
+    ),
+]
 
 
-def _stream(settings: Settings, job_id: str, position: service.StreamPosition, metrics: bool,
-            request: Request) -> EventSourceResponse:
+def _stream(
+    settings: Settings, job_id: str, position: service.StreamPosition, metrics: bool, request: Request
+) -> EventSourceResponse:
     engine = get_read_engine(settings)  # read-only transactions: a poll never takes SQLite's write lock
 
     def read(pos: service.StreamPosition) -> service.StreamBatch:
@@ -73,21 +90,29 @@ def _stream(settings: Settings, job_id: str, position: service.StreamPosition, m
                 return  # the client reconnects with Last-Event-ID
             await asyncio.sleep(settings.events_poll_interval_s)
 
-    return EventSourceResponse(messages(), ping=settings.events_heartbeat_s,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(
+        messages(), ping=settings.events_heartbeat_s, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.get("/{job_id}/events", response_model=EventList,
-            responses={**error_responses(404, 422), 200: {
-                "description": "a page of events (JSON), or the stream with `Accept: text/event-stream`",
-                "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}})
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    responses={
+        **error_responses(404, 422),
+        200: {
+            "description": "a page of events (JSON), or the stream with `Accept: text/event-stream`",
+            "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        },
+    },
+)
 def list_events(
     job_id: JobId,
     principal: ProjectDep,
     session: ReadSessionDep,
     settings: SettingsDep,
     request: Request,
-    after: Annotated[Optional[int], Query(ge=0, le=2**62, description="events after this event id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="events after this event id")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_EVENTS_PAGE)] = 100,
     last_event_id: LastEventId = None,  # type: ignore[assignment]  # absent header: None (see LastEventId)
 ) -> Any:
@@ -103,15 +128,18 @@ def list_events(
     return service.list_events(session, principal, job_id, after, limit)
 
 
-@router.get("/{job_id}/events/stream", response_class=EventSourceResponse,
-            responses={**error_responses(404, 422), **SSE_RESPONSE})
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=EventSourceResponse,
+    responses={**error_responses(404, 422), **SSE_RESPONSE},
+)
 def stream_events(
     job_id: JobId,
     principal: ProjectDep,
     session: ReadSessionDep,
     settings: SettingsDep,
     request: Request,
-    after: Annotated[Optional[int], Query(ge=0, le=2**62, description="start after this event id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="start after this event id")] = None,
     metrics: Annotated[bool, Query(description="also send every metric point (`event: metric`)")] = True,
     last_event_id: LastEventId = None,  # type: ignore[assignment]  # absent header: None (see LastEventId)
 ) -> EventSourceResponse:

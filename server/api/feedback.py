@@ -9,10 +9,10 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
-from server.errors import BadRequest, Conflict
 from halos_client.models import FeedbackList, FeedbackOut
+from server import storage
+from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, SettingsDep, WriteSessionDep, error_responses
+from server.errors import BadRequest, Conflict
 from server.services import feedback as service
 from server.services.idempotency import REPLAY_HEADER
 
@@ -51,8 +51,9 @@ _UPLOAD_BODY = {
         **error_responses(400, 413, 415, 422),
         201: {
             "description": "Stored (also returned, with `Idempotent-Replayed: true`, for a replay)",
-            "links": {"GetFeedback": {"operationId": "get_feedback",
-                                      "parameters": {"feedback_id": "$response.body#/id"}}},
+            "links": {
+                "GetFeedback": {"operationId": "get_feedback", "parameters": {"feedback_id": "$response.body#/id"}}
+            },
         },
     },
 )
@@ -66,8 +67,9 @@ async def upload_feedback(
     filename: Annotated[
         str | None, Query(max_length=4096, description="client file name for a raw body (metadata only)")
     ] = None,
-    strict: Annotated[bool, Query(description="refuse a file with data-quality findings (422) instead of "
-                                              "storing it with warnings")] = False,
+    strict: Annotated[
+        bool, Query(description="refuse a file with data-quality findings (422) instead of storing it with warnings")
+    ] = False,
 ) -> FeedbackOut:
     """Streamed to disk with the size cap enforced while reading (413, with or without a
     Content-Length), hashed, validated record by record. An invalid file gets one 422
@@ -84,14 +86,26 @@ async def upload_feedback(
             raise BadRequest("invalid Content-Length header", code="invalid_content_length") from None
     try:
         staged = await storage.receive_upload(
-            request.stream(), request.headers.get("content-type"), tmp_dir=settings.uploads_tmp_dir,
-            max_bytes=settings.max_upload_bytes, content_length=declared, filename=filename,
+            request.stream(),
+            request.headers.get("content-type"),
+            tmp_dir=settings.uploads_tmp_dir,
+            max_bytes=settings.max_upload_bytes,
+            content_length=declared,
+            filename=filename,
         )
     except ClientDisconnect:
         raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
     try:
-        result = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key,
-                                         strict, pool=request.app.state.validation_pool)
+        result = await run_in_threadpool(
+            service.ingest,
+            session,
+            settings,
+            principal,
+            staged,
+            idempotency_key,
+            strict,
+            pool=request.app.state.validation_pool,
+        )
     finally:
         staged.discard()  # no-op when ingest published it
     if result.replayed:
@@ -100,8 +114,9 @@ async def upload_feedback(
 
 
 @router.get("/{feedback_id}", response_model=FeedbackOut, responses=error_responses(404))
-def get_feedback(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
-                 session: ReadSessionDep) -> FeedbackOut:
+def get_feedback(
+    feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: ReadSessionDep
+) -> FeedbackOut:
     return service.to_out(service.get_feedback(session, principal, feedback_id))
 
 
@@ -117,13 +132,26 @@ def list_feedback(
     return FeedbackList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{feedback_id}/content", response_class=FileResponse, responses={
-    **error_responses(404, 409),
-    200: {"description": "the stored file, streamed (JSON array or JSON Lines)",
-          "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
-                      "application/json": {"schema": {"type": "string", "format": "binary"}}}}})
-def get_feedback_content(feedback_id: Annotated[str, Path(max_length=200)], principal: ProjectDep,
-                         session: ReadSessionDep, settings: SettingsDep) -> FileResponse:
+@router.get(
+    "/{feedback_id}/content",
+    response_class=FileResponse,
+    responses={
+        **error_responses(404, 409),
+        200: {
+            "description": "the stored file, streamed (JSON array or JSON Lines)",
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+    },
+)
+def get_feedback_content(
+    feedback_id: Annotated[str, Path(max_length=200)],
+    principal: ProjectDep,
+    session: ReadSessionDep,
+    settings: SettingsDep,
+) -> FileResponse:
     """The file's bytes as stored (uploads as uploaded; generated samples / labels as the job wrote
     them), streamed; `ETag` is its sha256."""
     fb = service.get_feedback(session, principal, feedback_id)
@@ -131,5 +159,4 @@ def get_feedback_content(feedback_id: Annotated[str, Path(max_length=200)], prin
     if not path.is_file():
         raise Conflict(f"the stored content of {fb.id} is missing", code="content_missing")
     media = "application/json" if path.suffix == ".json" else "application/x-ndjson"
-    return FileResponse(path, media_type=media, headers={"ETag": f'"{fb.sha256}"'},
-                        filename=f"{fb.id}{path.suffix}")
+    return FileResponse(path, media_type=media, headers={"ETag": f'"{fb.sha256}"'}, filename=f"{fb.id}{path.suffix}")

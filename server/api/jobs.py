@@ -7,13 +7,21 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import PlainTextResponse
 
-from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import JobList, JobOut, MetricSeries
+from server.api.deps import (
+    JsonBodyLimitRoute,
+    ProjectDep,
+    ReadSessionDep,
+    SettingsDep,
+    WriteSessionDep,
+    error_responses,
+)
 from server.models import JobStatus
 from server.services import jobs_view as service
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyLimitRoute,
-                   responses=error_responses(401, 429))
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
+)
 
 JobId = Annotated[str, Path(max_length=200)]
 
@@ -51,8 +59,10 @@ def get_metrics(
 @router.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses={**error_responses(404, 422), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                                                 "description": "the tail of the training log"}},
+    responses={
+        **error_responses(404, 422),
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the tail of the training log"},
+    },
 )
 def get_logs(
     job_id: JobId,

@@ -6,33 +6,52 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
-from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import ModelCreate, ModelList, ModelOut
+from server.api.deps import (
+    JsonBodyLimitRoute,
+    ProjectDep,
+    ReadSessionDep,
+    SettingsDep,
+    WriteSessionDep,
+    error_responses,
+)
 from server.services import models_registry as service
 
-router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyLimitRoute,
-                   responses=error_responses(401, 429))
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
+)
 
 
-@router.post("", status_code=201, response_model=ModelOut, responses={
-    **error_responses(400, 413, 422, 503),
-    201: {"description": "Registered", "links": {
-        "GetModel": {"operationId": "get_model", "parameters": {"model_id": "$response.body#/id"}}}},
-})
-def register_model(body: ModelCreate, request: Request, principal: ProjectDep, settings: SettingsDep,
-                   session: WriteSessionDep) -> ModelOut:
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    responses={
+        **error_responses(400, 413, 422, 503),
+        201: {
+            "description": "Registered",
+            "links": {"GetModel": {"operationId": "get_model", "parameters": {"model_id": "$response.body#/id"}}},
+        },
+    },
+)
+def register_model(
+    body: ModelCreate, request: Request, principal: ProjectDep, settings: SettingsDep, session: WriteSessionDep
+) -> ModelOut:
     """The directory must hold `config.json`, weights (`*.safetensors` or `pytorch_model*.bin`)
     and a tokenizer; otherwise 422 naming what is missing. It must lie under the data dir's
     `models/` folder or one of `HALOS_MODEL_ROOTS` (422 `model_path_not_allowed`). Its content
     hash is recorded: this reads the whole directory (seconds per GB; use a long client timeout).
     Too many registrations hashing at once ⇒ 503 `model_registration_busy` with Retry-After."""
     # A sync route: FastAPI runs it in its threadpool, so hashing never blocks the event loop.
-    return service.to_out(service.register_model(session, principal, body, settings,
-                                                 request.app.state.model_hash_slots))
+    return service.to_out(
+        service.register_model(session, principal, body, settings, request.app.state.model_hash_slots)
+    )
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
-def get_model(model_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: ReadSessionDep) -> ModelOut:
+def get_model(
+    model_id: Annotated[str, Path(max_length=200)], principal: ProjectDep, session: ReadSessionDep
+) -> ModelOut:
     return service.to_out(service.get_model(session, principal, model_id))
 
 
@@ -45,5 +64,3 @@ def list_models(
 ) -> ModelList:
     rows, next_cursor = service.list_models(session, principal, limit, cursor)
     return ModelList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
-
-

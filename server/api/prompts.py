@@ -9,10 +9,10 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from server import storage
-from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
-from server.errors import BadRequest, Conflict
 from halos_client.models import PromptSetList, PromptSetOut
+from server import storage
+from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, SettingsDep, WriteSessionDep, error_responses
+from server.errors import BadRequest, Conflict
 from server.services import prompts as service
 from server.services.idempotency import REPLAY_HEADER
 
@@ -20,11 +20,16 @@ router = APIRouter(prefix="/v1/prompts", tags=["prompts"], responses=error_respo
 
 _UPLOAD_BODY = {
     "required": True,
-    "description": "JSON array or JSON Lines of {\"prompt_id\", \"prompt\": [turns] | string, \"split\"?} records, or "
+    "description": 'JSON array or JSON Lines of {"prompt_id", "prompt": [turns] | string, "split"?} records, or '
     "any feedback file (its prompts are taken). Multipart (`file` part) or the raw file as the body.",
     "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary"}}}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        },
         "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
         "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
         "application/jsonl": {"schema": {"type": "string", "format": "binary"}},
@@ -33,16 +38,32 @@ _UPLOAD_BODY = {
 PromptSetId = Annotated[str, Path(max_length=200)]
 
 
-@router.post("", status_code=201, response_model=PromptSetOut, summary="Upload a prompt set",
-             openapi_extra={"requestBody": _UPLOAD_BODY},
-             responses={**error_responses(400, 413, 415, 422), 201: {"description": "Stored", "links": {
-                 "GetPromptSet": {"operationId": "get_prompt_set",
-                                  "parameters": {"prompt_set_id": "$response.body#/id"}}}}})
-async def upload_prompts(request: Request, response: Response, principal: ProjectDep, settings: SettingsDep,
-                         session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None,
-                         filename: Annotated[str | None, Query(max_length=4096)] = None,
-                         strict: Annotated[bool, Query(description="refuse plain-string prompts (422)")] = False,
-                         ) -> PromptSetOut:
+@router.post(
+    "",
+    status_code=201,
+    response_model=PromptSetOut,
+    summary="Upload a prompt set",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses={
+        **error_responses(400, 413, 415, 422),
+        201: {
+            "description": "Stored",
+            "links": {
+                "GetPromptSet": {"operationId": "get_prompt_set", "parameters": {"prompt_set_id": "$response.body#/id"}}
+            },
+        },
+    },
+)
+async def upload_prompts(
+    request: Request,
+    response: Response,
+    principal: ProjectDep,
+    settings: SettingsDep,
+    session: WriteSessionDep,
+    idempotency_key: IdempotencyKeyDep = None,
+    filename: Annotated[str | None, Query(max_length=4096)] = None,
+    strict: Annotated[bool, Query(description="refuse plain-string prompts (422)")] = False,
+) -> PromptSetOut:
     """Validated record by record like feedback: one 422 `invalid_prompts` listing every bad
     record, nothing stored. Plain-string prompts are read as one user turn and reported in
     `findings` (refused with `strict=true`)."""
@@ -54,13 +75,19 @@ async def upload_prompts(request: Request, response: Response, principal: Projec
             raise BadRequest("invalid Content-Length header", code="invalid_content_length") from None
     try:
         staged = await storage.receive_upload(
-            request.stream(), request.headers.get("content-type"), tmp_dir=settings.uploads_tmp_dir,
-            max_bytes=settings.max_upload_bytes, content_length=declared, filename=filename)
+            request.stream(),
+            request.headers.get("content-type"),
+            tmp_dir=settings.uploads_tmp_dir,
+            max_bytes=settings.max_upload_bytes,
+            content_length=declared,
+            filename=filename,
+        )
     except ClientDisconnect:
         raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
     try:
-        ps, replayed = await run_in_threadpool(service.ingest, session, settings, principal, staged, idempotency_key,
-                                               strict)
+        ps, replayed = await run_in_threadpool(
+            service.ingest, session, settings, principal, staged, idempotency_key, strict
+        )
     finally:
         staged.discard()
     if replayed:
@@ -74,19 +101,33 @@ def get_prompt_set(prompt_set_id: PromptSetId, principal: ProjectDep, session: R
 
 
 @router.get("", response_model=PromptSetList, responses=error_responses(422))
-def list_prompt_sets(principal: ProjectDep, session: ReadSessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                     cursor: Annotated[str | None, Query(max_length=512)] = None) -> PromptSetList:
+def list_prompt_sets(
+    principal: ProjectDep,
+    session: ReadSessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> PromptSetList:
     rows, next_cursor = service.list_prompt_sets(session, principal, limit, cursor)
     return PromptSetList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{prompt_set_id}/content", response_class=FileResponse, responses={
-    **error_responses(404, 409),
-    200: {"description": "the stored file, streamed",
-          "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
-                      "application/json": {"schema": {"type": "string", "format": "binary"}}}}})
-def get_prompt_set_content(prompt_set_id: PromptSetId, principal: ProjectDep, session: ReadSessionDep,
-                           settings: SettingsDep) -> FileResponse:
+@router.get(
+    "/{prompt_set_id}/content",
+    response_class=FileResponse,
+    responses={
+        **error_responses(404, 409),
+        200: {
+            "description": "the stored file, streamed",
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+    },
+)
+def get_prompt_set_content(
+    prompt_set_id: PromptSetId, principal: ProjectDep, session: ReadSessionDep, settings: SettingsDep
+) -> FileResponse:
     ps = service.get_prompt_set(session, principal, prompt_set_id)
     path = settings.data_dir / ps.storage_path
     if not path.is_file():

@@ -6,25 +6,50 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from server.api.deps import IdempotencyKeyDep, JsonBodyLimitRoute, ProjectDep, ReadSessionDep, WriteSessionDep, SettingsDep, error_responses
 from halos_client.models import Rollback, RoundCreate, RoundOut, RunCreate, RunList, RunOut
-from server.services import head, run_views, runs as service
+from server.api.deps import (
+    IdempotencyKeyDep,
+    JsonBodyLimitRoute,
+    ProjectDep,
+    ReadSessionDep,
+    SettingsDep,
+    WriteSessionDep,
+    error_responses,
+)
+from server.services import head, run_views
+from server.services import runs as service
 from server.services.idempotency import REPLAY_HEADER
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRoute,
-                   responses=error_responses(401, 429))
+router = APIRouter(
+    prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
+)
 
 RunId = Annotated[str, Path(max_length=200)]
 
 
-@router.post("", status_code=201, response_model=RunOut, responses={
-    **error_responses(400, 404, 409, 413, 422),
-    201: {"description": "Created", "links": {
-        "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/id"}},
-        "CreateRound": {"operationId": "create_round", "parameters": {"run_id": "$response.body#/id"}}}},
-})
-def create_run(body: RunCreate, response: Response, principal: ProjectDep, settings: SettingsDep,
-               session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None) -> RunOut:
+@router.post(
+    "",
+    status_code=201,
+    response_model=RunOut,
+    responses={
+        **error_responses(400, 404, 409, 413, 422),
+        201: {
+            "description": "Created",
+            "links": {
+                "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/id"}},
+                "CreateRound": {"operationId": "create_round", "parameters": {"run_id": "$response.body#/id"}},
+            },
+        },
+    },
+)
+def create_run(
+    body: RunCreate,
+    response: Response,
+    principal: ProjectDep,
+    settings: SettingsDep,
+    session: WriteSessionDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> RunOut:
     """An online run on a registered model: the model is the pinned reference for every round;
     `loss`, `hyperparams`, `conversion`, `lora` are the defaults rounds may override.
     Unknown `model_id` ⇒ 404 `model_not_found`."""
@@ -51,17 +76,33 @@ def get_run(run_id: RunId, principal: ProjectDep, session: ReadSessionDep) -> Ru
     return run_views.run_view(session, service.get_run(session, principal, run_id))
 
 
-@router.post("/{run_id}/rounds", status_code=201, response_model=RoundOut, responses={
-    **error_responses(400, 404, 409, 413, 422),
-    201: {"description": "Queued (or waiting for its parent round)", "links": {
-        "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/job_id"}},
-        "GetMetrics": {"operationId": "get_metrics", "parameters": {"job_id": "$response.body#/job_id"}},
-        "GetLogs": {"operationId": "get_logs", "parameters": {"job_id": "$response.body#/job_id"}},
-        "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
-        "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/run_id"}}}},
-})
-def create_round(run_id: RunId, body: RoundCreate, response: Response, principal: ProjectDep,
-                 settings: SettingsDep, session: WriteSessionDep, idempotency_key: IdempotencyKeyDep = None) -> RoundOut:
+@router.post(
+    "/{run_id}/rounds",
+    status_code=201,
+    response_model=RoundOut,
+    responses={
+        **error_responses(400, 404, 409, 413, 422),
+        201: {
+            "description": "Queued (or waiting for its parent round)",
+            "links": {
+                "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/job_id"}},
+                "GetMetrics": {"operationId": "get_metrics", "parameters": {"job_id": "$response.body#/job_id"}},
+                "GetLogs": {"operationId": "get_logs", "parameters": {"job_id": "$response.body#/job_id"}},
+                "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
+                "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/run_id"}},
+            },
+        },
+    },
+)
+def create_round(
+    run_id: RunId,
+    body: RoundCreate,
+    response: Response,
+    principal: ProjectDep,
+    settings: SettingsDep,
+    session: WriteSessionDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> RoundOut:
     """Queue a training round on feedback files. Validated now, not on the worker: unknown
     feedback ids or an explicit parent checkpoint not of this run ⇒ 404; unknown loss, a loss
     that cannot use the feedback kinds, hyperparameters that do not fit, a parent checkpoint

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Optional
 
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
+from halos_client.event_models import EventType
 from halos_core.job_spec import JobSpec
 from halos_core.round_result import RoundResult
-from halos_client.event_models import EventType
 from server.events import job_event
 from server.jobs.head import head_checkpoint
 from server.jobs.rows import load, round_of, transition, trim
@@ -32,13 +31,13 @@ from server.models import Checkpoint, Job, JobStatus, Round, Run
 log = logging.getLogger("server.jobs")
 
 
-def round_checkpoint(session: Session, rnd: Round) -> Optional[Checkpoint]:
+def round_checkpoint(session: Session, rnd: Round) -> Checkpoint | None:
     """The checkpoint a round produced (None until it succeeded). Registered with the round's
     success in one transaction, so `Round.checkpoint_id` is the only place to look."""
     return session.get(Checkpoint, rnd.checkpoint_id) if rnd.checkpoint_id else None
 
 
-def job_checkpoint(session: Session, job: Job) -> Optional[Checkpoint]:
+def job_checkpoint(session: Session, job: Job) -> Checkpoint | None:
     rnd = round_of(session, job.id)
     return round_checkpoint(session, rnd) if rnd is not None else None
 
@@ -48,25 +47,31 @@ def parent_message(session: Session, parent: Job, reason: str, cancelled: bool) 
     "parent round 2 (job …) failed: <its error>"."""
     rnd = round_of(session, parent.id)
     if cancelled:
-        return (f"parent round {rnd.index} was cancelled (job {parent.id})" if rnd is not None
-                else f"parent job {parent.id} was cancelled")
+        return (
+            f"parent round {rnd.index} was cancelled (job {parent.id})"
+            if rnd is not None
+            else f"parent job {parent.id} was cancelled"
+        )
     label = f"parent round {rnd.index} (job {parent.id})" if rnd is not None else f"parent job {parent.id}"
     return f"{label} failed: {reason}"
 
 
-def fail_waiting_children(session: Session, parent: Job, reason: str, now: datetime, *,
-                          cancelled: bool = False) -> list[str]:
+def fail_waiting_children(
+    session: Session, parent: Job, reason: str, now: datetime, *, cancelled: bool = False
+) -> list[str]:
     """Waiting children of a failed/cancelled job fail with it (recursively down the chain)."""
     failed: list[str] = []
-    children = session.exec(
-        select(Job.id).where(Job.parent_job_id == parent.id, Job.status == JobStatus.waiting)
-    ).all()
+    children = session.exec(select(Job.id).where(Job.parent_job_id == parent.id, Job.status == JobStatus.waiting)).all()
     if not children:
         return failed
     message = trim(parent_message(session, parent, reason, cancelled))
     for child_id in children:
-        if transition(session, child_id, [JobStatus.waiting],
-                      {"status": JobStatus.failed, "error": message, "finished_at": now, "updated_at": now}):
+        if transition(
+            session,
+            child_id,
+            [JobStatus.waiting],
+            {"status": JobStatus.failed, "error": message, "finished_at": now, "updated_at": now},
+        ):
             failed.append(child_id)
             job_event(session, child_id, EventType.job_failed, data={"error": message})
             child = load(session, child_id)
@@ -99,25 +104,33 @@ def inherit(session: Session, child: Job, parent: Job) -> None:
 def promote_children(session: Session, parent: Job, now: datetime) -> list[str]:
     """waiting → queued for the children of a succeeded parent, each continuing from its checkpoint."""
     promoted: list[str] = []
-    children = session.exec(
-        select(Job.id).where(Job.parent_job_id == parent.id, Job.status == JobStatus.waiting)
-    ).all()
+    children = session.exec(select(Job.id).where(Job.parent_job_id == parent.id, Job.status == JobStatus.waiting)).all()
     for child_id in children:
         child = load(session, child_id)
         if child is None or child.status != JobStatus.waiting:
             continue
         inherit(session, child, parent)
-        if transition(session, child_id, [JobStatus.waiting],
-                      {"status": JobStatus.queued, "spec": child.spec, "queued_at": now,
-                       "published_at": None, "updated_at": now}):
+        if transition(
+            session,
+            child_id,
+            [JobStatus.waiting],
+            {"status": JobStatus.queued, "spec": child.spec, "queued_at": now, "published_at": None, "updated_at": now},
+        ):
             promoted.append(child_id)
-            job_event(session, child_id, EventType.job_queued,
-                      data={"reason": "parent succeeded", "parent_job_id": parent.id,
-                            "parent_checkpoint_id": (child.spec or {}).get("init_from_checkpoint_id")})
+            job_event(
+                session,
+                child_id,
+                EventType.job_queued,
+                data={
+                    "reason": "parent succeeded",
+                    "parent_job_id": parent.id,
+                    "parent_checkpoint_id": (child.spec or {}).get("init_from_checkpoint_id"),
+                },
+            )
     return promoted
 
 
-def register_checkpoint(session: Session, job: Job, result: RoundResult) -> Optional[Checkpoint]:
+def register_checkpoint(session: Session, job: Job, result: RoundResult) -> Checkpoint | None:
     """The round's final checkpoint, in the same transaction as its success (parent = the round's
     parent checkpoint, model = the run's SFT model)."""
     rnd = round_of(session, job.id)

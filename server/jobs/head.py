@@ -14,7 +14,6 @@ Each move is a `HeadMove` row; a round that is not promoted keeps the reason in 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Optional
 
 from pydantic import ValidationError
 from sqlmodel import Session, select
@@ -25,19 +24,26 @@ from server.jobs.rows import round_of
 from server.models import Checkpoint, HeadMove, Job, Run
 
 
-def head_checkpoint(session: Session, run: Run) -> Optional[Checkpoint]:
+def head_checkpoint(session: Session, run: Run) -> Checkpoint | None:
     """The run's head (None: the SFT model)."""
     return session.get(Checkpoint, run.head_checkpoint_id) if run.head_checkpoint_id else None
 
 
-def _name(checkpoint_id: Optional[str]) -> str:
+def _name(checkpoint_id: str | None) -> str:
     return checkpoint_id or "the SFT model"
 
 
-def move(session: Session, run: Run, to: Optional[str], reason: str, now: datetime,
-         round_id: Optional[str] = None) -> None:
-    session.add(HeadMove(run_id=run.id, from_checkpoint_id=run.head_checkpoint_id, to_checkpoint_id=to,
-                         reason=reason, round_id=round_id, created_at=now))
+def move(session: Session, run: Run, to: str | None, reason: str, now: datetime, round_id: str | None = None) -> None:
+    session.add(
+        HeadMove(
+            run_id=run.id,
+            from_checkpoint_id=run.head_checkpoint_id,
+            to_checkpoint_id=to,
+            reason=reason,
+            round_id=round_id,
+            created_at=now,
+        )
+    )
     run.head_checkpoint_id = to
     session.add(run)
 
@@ -47,22 +53,26 @@ def promote(session: Session, job: Job, ckpt: Checkpoint, result: RoundResult, n
     rnd = round_of(session, job.id)
     if rnd is None:
         return False
-    run = session.exec(select(Run).where(Run.id == rnd.run_id).with_for_update()
-                       .execution_options(populate_existing=True)).one()
+    run = session.exec(
+        select(Run).where(Run.id == rnd.run_id).with_for_update().execution_options(populate_existing=True)
+    ).one()
     try:
         rules = [GateRule.model_validate(r) for r in rnd.gate or []]
     except ValidationError as exc:  # a row no version of this code writes
         rules, check = [], {"passed": False, "checks": [], "reason": f"stored gate is invalid: {exc}"}
     else:
-        check = verdict(rules, result.eval_before, result.eval) if rules else {"passed": True, "checks": [],
-                                                                               "reason": None}
+        check = (
+            verdict(rules, result.eval_before, result.eval) if rules else {"passed": True, "checks": [], "reason": None}
+        )
     started_from = rnd.parent_checkpoint_id
     promotion = {"gate": check, "started_from": started_from, "head_at_finish": run.head_checkpoint_id}
     if not check["passed"]:
         reason = f"gate failed: {check['reason']}"
     elif run.head_checkpoint_id != started_from:
-        reason = (f"the round started from {_name(started_from)} but the head is now "
-                  f"{_name(run.head_checkpoint_id)} (moved while it ran)")
+        reason = (
+            f"the round started from {_name(started_from)} but the head is now "
+            f"{_name(run.head_checkpoint_id)} (moved while it ran)"
+        )
     else:
         reason = None
         move(session, run, ckpt.id, "promoted", now, round_id=rnd.id)

@@ -5,7 +5,7 @@ runner's reports are dropped); the job row is locked first, as for every job eve
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import Session, select
@@ -16,8 +16,9 @@ from server.jobs.rows import int_or_zero, json_safe
 from server.models import LIVE_STATUSES, Attempt, Event, Job, MetricPoint, utcnow
 
 
-def mark_attempt_started(session: Session, job_id: str, lease_token: str, *,
-                         resumed_from_step: Optional[int] = None, pid: Optional[int] = None) -> bool:
+def mark_attempt_started(
+    session: Session, job_id: str, lease_token: str, *, resumed_from_step: int | None = None, pid: int | None = None
+) -> bool:
     """Record what the runner decided for this attempt (resume point; pid of the training group)."""
     values: dict[str, Any] = {}
     if resumed_from_step is not None:
@@ -27,15 +28,17 @@ def mark_attempt_started(session: Session, job_id: str, lease_token: str, *,
     if not values:
         return True
     result = session.exec(
-        update(Attempt).where(Attempt.job_id == job_id, Attempt.lease_token == lease_token,
-                              Attempt.ended_at.is_(None)).values(**values)
+        update(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.lease_token == lease_token, Attempt.ended_at.is_(None))
+        .values(**values)
     )
     session.commit()
     return result.rowcount == 1
 
 
-def record_progress(session: Session, job_id: str, lease_token: str, metrics: list[dict[str, Any]], *,
-                    skip_recorded: bool = False) -> None:
+def record_progress(
+    session: Session, job_id: str, lease_token: str, metrics: list[dict[str, Any]], *, skip_recorded: bool = False
+) -> None:
     """Append MetricPoint rows and update the job's progress (ignored unless the lease is ours).
     Records are stored `json_safe` (NaN/Infinity → null, NUL characters dropped).
 
@@ -49,14 +52,17 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
         session.rollback()
         return
     if skip_recorded:
-        recorded = set(session.exec(select(MetricPoint.step, MetricPoint.split).where(MetricPoint.job_id == job_id)).all())
-        metrics = [r for r in metrics
-                   if (int_or_zero(r.get("step")), str(r.get("split") or "train")[:10]) not in recorded]
+        recorded = set(
+            session.exec(select(MetricPoint.step, MetricPoint.split).where(MetricPoint.job_id == job_id)).all()
+        )
+        metrics = [
+            r for r in metrics if (int_or_zero(r.get("step")), str(r.get("split") or "train")[:10]) not in recorded
+        ]
         if not metrics:
             session.rollback()
             return
     now = utcnow()
-    latest_train: Optional[dict[str, Any]] = None
+    latest_train: dict[str, Any] | None = None
     for rec in metrics:
         split = str(rec.get("split") or "train")[:10]
         step = int_or_zero(rec.get("step"))
@@ -64,8 +70,9 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
         if split == "train":
             latest_train = rec
         elif split == "eval":
-            job_event(session, job_id, EventType.job_eval_done, attempt=job.attempt,
-                      data={"step": step, "metrics": rec})
+            job_event(
+                session, job_id, EventType.job_eval_done, attempt=job.attempt, data={"step": step, "metrics": rec}
+            )
     if latest_train is not None:
         values: dict[str, Any] = {"latest_metrics": latest_train, "updated_at": now}
         for key in ("step", "examples", "round_step", "total_steps"):
@@ -78,11 +85,13 @@ def record_progress(session: Session, job_id: str, lease_token: str, metrics: li
     session.commit()
 
 
-def _held(session: Session, job_id: str, lease_token: str) -> Optional[Job]:
+def _held(session: Session, job_id: str, lease_token: str) -> Job | None:
     """The job, row-locked, if `lease_token` holds it (else None)."""
     return session.exec(
-        select(Job).where(Job.id == job_id, Job.lease_token == lease_token, Job.status.in_(list(LIVE_STATUSES)))
-        .with_for_update().execution_options(populate_existing=True)
+        select(Job)
+        .where(Job.id == job_id, Job.lease_token == lease_token, Job.status.in_(list(LIVE_STATUSES)))
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).one_or_none()
 
 

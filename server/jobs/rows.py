@@ -4,8 +4,9 @@ see the latest committed row, attempt bookkeeping, and values every database acc
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import Session, select
@@ -19,7 +20,7 @@ def seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
-def trim(text: Optional[str]) -> Optional[str]:
+def trim(text: str | None) -> str | None:
     """Error text for the database: NUL characters dropped (Postgres text rejects them; a trainer's
     log tail can hold them), at most MAX_ERROR_CHARS (the tail is kept)."""
     if text is None:
@@ -49,13 +50,11 @@ def int_or_zero(value: Any) -> int:
         return 0
 
 
-def load(session: Session, job_id: str) -> Optional[Job]:
-    return session.exec(
-        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-    ).one_or_none()
+def load(session: Session, job_id: str) -> Job | None:
+    return session.exec(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one_or_none()
 
 
-def reload_and_end(session: Session, job_id: str) -> Optional[Job]:
+def reload_and_end(session: Session, job_id: str) -> Job | None:
     """Load the job, then end the transaction the read opened (on SQLite every transaction starts
     with BEGIN IMMEDIATE and would hold the write lock until the caller's next commit)."""
     job = load(session, job_id)
@@ -63,13 +62,13 @@ def reload_and_end(session: Session, job_id: str) -> Optional[Job]:
     return job
 
 
-def round_of(session: Session, job_id: str) -> Optional[Round]:
+def round_of(session: Session, job_id: str) -> Round | None:
     return session.exec(
         select(Round).where(Round.job_id == job_id).execution_options(populate_existing=True)
     ).one_or_none()
 
 
-def close_attempt(session: Session, job_id: str, attempt: int, outcome: str, error: Optional[str], now: datetime) -> None:
+def close_attempt(session: Session, job_id: str, attempt: int, outcome: str, error: str | None, now: datetime) -> None:
     session.exec(
         update(Attempt)
         .where(Attempt.job_id == job_id, Attempt.attempt == attempt, Attempt.ended_at.is_(None))
@@ -77,8 +76,14 @@ def close_attempt(session: Session, job_id: str, attempt: int, outcome: str, err
     )
 
 
-def transition(session: Session, job_id: str, from_statuses: Iterable[JobStatus], values: dict[str, Any],
-               lease_token: Optional[str] = None, extra_where: Iterable[Any] = ()) -> bool:
+def transition(
+    session: Session,
+    job_id: str,
+    from_statuses: Iterable[JobStatus],
+    values: dict[str, Any],
+    lease_token: str | None = None,
+    extra_where: Iterable[Any] = (),
+) -> bool:
     """The one primitive: UPDATE job SET … WHERE id=? AND status IN (…) [AND lease_token=?]."""
     stmt = update(Job).where(Job.id == job_id, Job.status.in_(list(from_statuses)), *extra_where)
     if lease_token is not None:

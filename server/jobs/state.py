@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, select
@@ -72,32 +73,60 @@ def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff
     if crashes < job.max_attempts:
         delay = backoff_s * (2 ** max(crashes - 1, 0))
         session.exec(
-            update(Job).where(Job.id == job.id).values(
-                status=JobStatus.queued, lease_token=None, lease_expires_at=None,
-                not_before=now + timedelta(seconds=delay), queued_at=now, published_at=None,
-                error=trim(f"attempt {job.attempt} crashed: {error}; retry {crashes + 1}/{job.max_attempts}"
-                            f" after {delay:g}s"),
+            update(Job)
+            .where(Job.id == job.id)
+            .values(
+                status=JobStatus.queued,
+                lease_token=None,
+                lease_expires_at=None,
+                not_before=now + timedelta(seconds=delay),
+                queued_at=now,
+                published_at=None,
+                error=trim(
+                    f"attempt {job.attempt} crashed: {error}; retry {crashes + 1}/{job.max_attempts} after {delay:g}s"
+                ),
                 updated_at=now,
             )
         )
-        job_event(session, job.id, EventType.job_retry_scheduled, attempt=job.attempt,
-                  data={"at": (now + timedelta(seconds=delay)).isoformat(), "delay_s": delay,
-                        "retry": crashes + 1, "max_attempts": job.max_attempts, "reason": error})
+        job_event(
+            session,
+            job.id,
+            EventType.job_retry_scheduled,
+            attempt=job.attempt,
+            data={
+                "at": (now + timedelta(seconds=delay)).isoformat(),
+                "delay_s": delay,
+                "retry": crashes + 1,
+                "max_attempts": job.max_attempts,
+                "reason": error,
+            },
+        )
         return "queued"
     set_terminal(session, job, JobStatus.failed, f"crashed {crashes} times: {error}", now)
     return "failed"
 
 
-
-def set_terminal(session: Session, job: Job, status: JobStatus, error: Optional[str], now: datetime) -> None:
+def set_terminal(session: Session, job: Job, status: JobStatus, error: str | None, now: datetime) -> None:
     session.exec(
-        update(Job).where(Job.id == job.id).values(
-            status=status, error=trim(error), finished_at=now, lease_token=None, lease_expires_at=None,
-            not_before=None, updated_at=now,
+        update(Job)
+        .where(Job.id == job.id)
+        .values(
+            status=status,
+            error=trim(error),
+            finished_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+            not_before=None,
+            updated_at=now,
         )
     )
-    job_event(session, job.id, EventType.job_cancelled if status == JobStatus.cancelled else EventType.job_failed,
-              attempt=job.attempt or None, data={"error": trim(error)})
+    job_event(
+        session,
+        job.id,
+        EventType.job_cancelled if status == JobStatus.cancelled else EventType.job_failed,
+        attempt=job.attempt or None,
+        data={"error": trim(error)},
+    )
     if status in FAILED_STATUSES:
         reason = error or status.value
         fail_waiting_children(session, job, reason, now, cancelled=status == JobStatus.cancelled)
@@ -109,9 +138,7 @@ def default_backoff() -> float:
     return get_settings().retry_backoff_s
 
 
-
-def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None,
-           refuse_failed_parent: bool = False) -> Job:
+def submit(session: Session, job: Job, *, max_attempts: int | None = None, refuse_failed_parent: bool = False) -> Job:
     """Insert `job` as `waiting` (its parent job unfinished) or `queued`, and commit.
 
     The caller publishes the id after this returns (`server.queue.publish`). When the parent has
@@ -134,20 +161,25 @@ def submit(session: Session, job: Job, *, max_attempts: Optional[int] = None,
     job.cancel_requested = False
     job.status = JobStatus.queued
     job.updated_at = now
-    parent: Optional[Job] = None
+    parent: Job | None = None
     try:
         # no autoflush: the caller's pending Round references this job, which must be inserted first
         with session.no_autoflush:
             if job.parent_job_id:
                 parent = session.exec(
-                    select(Job).where(Job.id == job.parent_job_id).with_for_update()
+                    select(Job)
+                    .where(Job.id == job.parent_job_id)
+                    .with_for_update()
                     .execution_options(populate_existing=True)
                 ).one_or_none()
                 if parent is None:
                     raise JobNotFound(f"parent job {job.parent_job_id} does not exist")
                 if parent.status in FAILED_STATUSES:
-                    message = trim(parent_message(session, parent, parent.error or parent.status.value,
-                                                    parent.status == JobStatus.cancelled))
+                    message = trim(
+                        parent_message(
+                            session, parent, parent.error or parent.status.value, parent.status == JobStatus.cancelled
+                        )
+                    )
                     if refuse_failed_parent:
                         raise ParentFailed(parent, message)
                     job.status = JobStatus.failed
@@ -182,8 +214,16 @@ def _submitted_event(session: Session, job: Job) -> None:
         job_event(session, job.id, EventType.job_queued, data={"reason": "submitted"})
 
 
-def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_ttl: float | timedelta,
-          *, run_dir: Optional[str] = None, now: Optional[datetime] = None) -> Optional[Claim]:
+def claim(
+    session: Session,
+    job_id: str,
+    host: str,
+    pid: int | None,
+    lease_ttl: float | timedelta,
+    *,
+    run_dir: str | None = None,
+    now: datetime | None = None,
+) -> Claim | None:
     """queued → running with a new lease and Attempt row; None when not claimable (duplicate delivery,
     already running/finished, cancel requested, or still in retry backoff)."""
     now = now or utcnow()
@@ -201,17 +241,28 @@ def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_tt
         values["run_dir"] = run_dir
     try:
         ok = transition(
-            session, job_id, [JobStatus.queued], values,
+            session,
+            job_id,
+            [JobStatus.queued],
+            values,
             extra_where=[or_(Job.not_before.is_(None), Job.not_before <= now), Job.cancel_requested.is_(False)],
         )
         if not ok:
             session.rollback()
             return None
         job = load(session, job_id)
-        claimed = Claim(job_id=job.id, attempt=job.attempt, lease_token=token, run_dir=job.run_dir,
-                        spec=dict(job.spec or {}), project_id=job.project_id, kind=job.kind)
-        session.add(Attempt(job_id=job_id, attempt=job.attempt, lease_token=token, host=host[:255], pid=pid,
-                            started_at=now))
+        claimed = Claim(
+            job_id=job.id,
+            attempt=job.attempt,
+            lease_token=token,
+            run_dir=job.run_dir,
+            spec=dict(job.spec or {}),
+            project_id=job.project_id,
+            kind=job.kind,
+        )
+        session.add(
+            Attempt(job_id=job_id, attempt=job.attempt, lease_token=token, host=host[:255], pid=pid, started_at=now)
+        )
         job_event(session, job_id, EventType.job_started, attempt=job.attempt, data={"host": host[:255]})
         session.commit()
     except Exception:
@@ -220,13 +271,15 @@ def claim(session: Session, job_id: str, host: str, pid: Optional[int], lease_tt
     return claimed
 
 
-
-def heartbeat(session: Session, job_id: str, lease_token: str, lease_ttl: float | timedelta,
-              *, now: Optional[datetime] = None) -> Heartbeat:
+def heartbeat(
+    session: Session, job_id: str, lease_token: str, lease_ttl: float | timedelta, *, now: datetime | None = None
+) -> Heartbeat:
     """Renew the lease. OK; CANCEL (kill the training, then finish(cancelled)); LOST (self-fence)."""
     now = now or utcnow()
     ok = transition(
-        session, job_id, LIVE_STATUSES,
+        session,
+        job_id,
+        LIVE_STATUSES,
         {"lease_expires_at": now + timedelta(seconds=seconds(lease_ttl)), "updated_at": now},
         lease_token=lease_token,
     )
@@ -240,9 +293,15 @@ def heartbeat(session: Session, job_id: str, lease_token: str, lease_ttl: float 
     return Heartbeat.OK
 
 
-
-def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
-           retry_backoff_s: Optional[float] = None, now: Optional[datetime] = None) -> Job:
+def finish(
+    session: Session,
+    job_id: str,
+    lease_token: str,
+    outcome: Outcome,
+    *,
+    retry_backoff_s: float | None = None,
+    now: datetime | None = None,
+) -> Job:
     """End the attempt holding `lease_token`. A stale token changes nothing (returns the job as is).
 
     succeeded: registers the final Checkpoint (parent = the round's parent checkpoint, model = the
@@ -270,8 +329,14 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
             assert result is not None  # Outcome refuses a success without its result
             close_attempt(session, job_id, attempt, "succeeded", None, now)
             values: dict[str, Any] = {
-                "status": JobStatus.succeeded, "error": None, "finished_at": now, "lease_token": None,
-                "lease_expires_at": None, "not_before": None, "updated_at": now, **progress_values(result),
+                "status": JobStatus.succeeded,
+                "error": None,
+                "finished_at": now,
+                "lease_token": None,
+                "lease_expires_at": None,
+                "not_before": None,
+                "updated_at": now,
+                **progress_values(result),
             }
             if not transition(session, job_id, LIVE_STATUSES, values, lease_token=lease_token):
                 raise RuntimeError(f"job {job_id} changed under a row lock")
@@ -280,22 +345,48 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
             outputs: dict[str, Any] = {}
             if isinstance(made, Checkpoint):
                 outputs["checkpoint_id"] = made.id
-                job_event(session, job_id, EventType.checkpoint_created, attempt=attempt,
-                          data={"checkpoint_id": made.id, "round_id": made.round_id, "parent_id": made.parent_id,
-                                "step": made.step, "examples": made.examples}, subject_id=made.id)
+                job_event(
+                    session,
+                    job_id,
+                    EventType.checkpoint_created,
+                    attempt=attempt,
+                    data={
+                        "checkpoint_id": made.id,
+                        "round_id": made.round_id,
+                        "parent_id": made.parent_id,
+                        "step": made.step,
+                        "examples": made.examples,
+                    },
+                    subject_id=made.id,
+                )
             elif isinstance(made, FeedbackFile):  # a sampling / labelling job's output
                 outputs["feedback_id"] = made.id
-                job_event(session, job_id, EventType.feedback_stored, attempt=attempt, subject_id=made.id,
-                          data={"feedback_id": made.id, "kind": made.kind, "format": made.format,
-                                "sha256": made.sha256, "n_records": made.n_records, "n_train": made.n_train,
-                                "n_test": made.n_test})
-            job_event(session, job_id, EventType.job_succeeded, attempt=attempt,
-                      data={**outputs, **progress_values(result)})
+                job_event(
+                    session,
+                    job_id,
+                    EventType.feedback_stored,
+                    attempt=attempt,
+                    subject_id=made.id,
+                    data={
+                        "feedback_id": made.id,
+                        "kind": made.kind,
+                        "format": made.format,
+                        "sha256": made.sha256,
+                        "n_records": made.n_records,
+                        "n_train": made.n_train,
+                        "n_test": made.n_test,
+                    },
+                )
+            job_event(
+                session, job_id, EventType.job_succeeded, attempt=attempt, data={**outputs, **progress_values(result)}
+            )
             promote_children(session, job, now)
         elif outcome.status in ("failed", "cancelled"):
             close_attempt(session, job_id, attempt, outcome.status, outcome.error, now)
             status = JobStatus.failed if outcome.status == "failed" else JobStatus.cancelled
-            set_terminal(session, job, status, outcome.error or (None if status == JobStatus.cancelled else "failed"), now)
+            set_terminal(
+                session, job, status, outcome.error or (None if status == JobStatus.cancelled else "failed"), now
+            )
         else:  # crashed
             close_attempt(session, job_id, attempt, "crashed", outcome.error, now)
             resolve_crash(session, job, outcome.error or "crashed", now, backoff)
@@ -306,7 +397,7 @@ def finish(session: Session, job_id: str, lease_token: str, outcome: Outcome, *,
     return reload_and_end(session, job_id)
 
 
-def release(session: Session, job_id: str, lease_token: str, reason: str, *, now: Optional[datetime] = None) -> bool:
+def release(session: Session, job_id: str, lease_token: str, reason: str, *, now: datetime | None = None) -> bool:
     """Warm shutdown: running → queued without consuming a retry (cancelling → cancelled).
 
     The caller has already stopped the training process group. Returns False for a stale token.
@@ -323,10 +414,21 @@ def release(session: Session, job_id: str, lease_token: str, reason: str, *, now
         if job.status == JobStatus.cancelling or job.cancel_requested:
             set_terminal(session, job, JobStatus.cancelled, f"cancelled ({reason})", now)
         else:
-            transition(session, job_id, LIVE_STATUSES,
-                        {"status": JobStatus.queued, "lease_token": None, "lease_expires_at": None,
-                         "not_before": None, "queued_at": now, "published_at": None, "updated_at": now},
-                        lease_token=lease_token)
+            transition(
+                session,
+                job_id,
+                LIVE_STATUSES,
+                {
+                    "status": JobStatus.queued,
+                    "lease_token": None,
+                    "lease_expires_at": None,
+                    "not_before": None,
+                    "queued_at": now,
+                    "published_at": None,
+                    "updated_at": now,
+                },
+                lease_token=lease_token,
+            )
             job_event(session, job_id, EventType.job_released, attempt=job.attempt, data={"reason": reason})
         session.commit()
         return True
@@ -335,7 +437,7 @@ def release(session: Session, job_id: str, lease_token: str, reason: str, *, now
         raise
 
 
-def request_cancel(session: Session, job_id: str, *, now: Optional[datetime] = None) -> Job:
+def request_cancel(session: Session, job_id: str, *, now: datetime | None = None) -> Job:
     """waiting/queued → cancelled; running → cancelling (the runner kills and reports); else unchanged."""
     now = now or utcnow()
     try:
@@ -348,8 +450,12 @@ def request_cancel(session: Session, job_id: str, *, now: Optional[datetime] = N
             if transition(session, job_id, [job.status], {"cancel_requested": True}):
                 set_terminal(session, job, JobStatus.cancelled, "cancelled by request", now)
         elif job.status == JobStatus.running:
-            if transition(session, job_id, [JobStatus.running],
-                          {"status": JobStatus.cancelling, "cancel_requested": True, "updated_at": now}):
+            if transition(
+                session,
+                job_id,
+                [JobStatus.running],
+                {"status": JobStatus.cancelling, "cancel_requested": True, "updated_at": now},
+            ):
                 job_event(session, job_id, EventType.job_cancelling, attempt=job.attempt)
         session.commit()
     except Exception:
@@ -358,8 +464,7 @@ def request_cancel(session: Session, job_id: str, *, now: Optional[datetime] = N
     return reload_and_end(session, job_id)
 
 
-def expire_leases(session: Session, now: Optional[datetime] = None, *,
-                  retry_backoff_s: Optional[float] = None) -> list[str]:
+def expire_leases(session: Session, now: datetime | None = None, *, retry_backoff_s: float | None = None) -> list[str]:
     """running/cancelling jobs whose lease expired: the attempt is closed as crashed, the job is
     queued again (backoff) or failed.
 
@@ -378,11 +483,19 @@ def expire_leases(session: Session, now: Optional[datetime] = None, *,
         ).all()
         for job_id, token, expires in rows:
             guard = [or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)]
-            stmt_ok = session.exec(
-                update(Job).where(Job.id == job_id, Job.status.in_(list(LIVE_STATUSES)), *guard,
-                                  (Job.lease_token == token) if token is not None else Job.lease_token.is_(None))
-                .values(updated_at=now)
-            ).rowcount == 1
+            stmt_ok = (
+                session.exec(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.status.in_(list(LIVE_STATUSES)),
+                        *guard,
+                        (Job.lease_token == token) if token is not None else Job.lease_token.is_(None),
+                    )
+                    .values(updated_at=now)
+                ).rowcount
+                == 1
+            )
             if not stmt_ok:
                 continue
             job = load(session, job_id)
@@ -392,18 +505,21 @@ def expire_leases(session: Session, now: Optional[datetime] = None, *,
             changed.append(job_id)
         # waiting children whose parent already finished (the parent finished between the API's
         # check and the child's commit)
-        stuck = session.exec(
-            select(Job.id, Job.parent_job_id).where(Job.status == JobStatus.waiting)
-        ).all()
-        for child_id, parent_id in stuck:
+        stuck = session.exec(select(Job.id, Job.parent_job_id).where(Job.status == JobStatus.waiting)).all()
+        for _child_id, parent_id in stuck:
             parent = load(session, parent_id) if parent_id else None
             if parent is None:
                 continue
             if parent.status == JobStatus.succeeded:
                 changed += promote_children(session, parent, now)
             elif parent.status in FAILED_STATUSES:
-                changed += fail_waiting_children(session, parent, parent.error or parent.status.value, now,
-                                                  cancelled=parent.status == JobStatus.cancelled)
+                changed += fail_waiting_children(
+                    session,
+                    parent,
+                    parent.error or parent.status.value,
+                    now,
+                    cancelled=parent.status == JobStatus.cancelled,
+                )
         session.commit()
     except Exception:
         session.rollback()
@@ -411,8 +527,7 @@ def expire_leases(session: Session, now: Optional[datetime] = None, *,
     return changed
 
 
-def claimable_unheld(session: Session, now: Optional[datetime] = None,
-                     older_than: float | timedelta = 30.0) -> list[str]:
+def claimable_unheld(session: Session, now: datetime | None = None, older_than: float | timedelta = 30.0) -> list[str]:
     """Queued jobs past their backoff that were never published, or published more than
     `older_than` ago and still not claimed (the broker lost or dropped the message).
 
@@ -424,11 +539,13 @@ def claimable_unheld(session: Session, now: Optional[datetime] = None,
     older = seconds(older_than)
     cutoff = now - timedelta(seconds=older)
     rows = session.exec(
-        select(Job.id, Job.published_at, Job.queued_at).where(
+        select(Job.id, Job.published_at, Job.queued_at)
+        .where(
             Job.status == JobStatus.queued,
             or_(Job.not_before.is_(None), Job.not_before <= now),
             or_(Job.published_at.is_(None), Job.published_at <= cutoff),
-        ).order_by(Job.queued_at)
+        )
+        .order_by(Job.queued_at)
     ).all()
     session.commit()  # end the read transaction without expiring the caller's objects
     due = []
@@ -442,7 +559,7 @@ def claimable_unheld(session: Session, now: Optional[datetime] = None,
     return due
 
 
-def mark_published(session: Session, job_ids: str | Iterable[str], now: Optional[datetime] = None) -> None:
+def mark_published(session: Session, job_ids: str | Iterable[str], now: datetime | None = None) -> None:
     now = now or utcnow()
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
     if not ids:
@@ -454,8 +571,9 @@ def mark_published(session: Session, job_ids: str | Iterable[str], now: Optional
 def unpublished_children(session: Session, parent_job_id: str) -> list[str]:
     """Children promoted by `finish` that still need a publish."""
     ids = session.exec(
-        select(Job.id).where(Job.parent_job_id == parent_job_id, Job.status == JobStatus.queued,
-                             Job.published_at.is_(None))
+        select(Job.id).where(
+            Job.parent_job_id == parent_job_id, Job.status == JobStatus.queued, Job.published_at.is_(None)
+        )
     ).all()
     session.commit()
     return list(ids)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from halos_core.artefact_spec import ArtefactResult, LabelSpec, SampleSpec, parse_job_spec
 from halos_core.job_spec import JobSpec
@@ -30,7 +30,7 @@ class Claim:
     job_id: str
     attempt: int
     lease_token: str
-    run_dir: Optional[str]
+    run_dir: str | None
     spec: dict[str, Any]
     project_id: str = ""
     kind: str = "round"
@@ -48,8 +48,8 @@ class Outcome:
     """How an attempt ended. `succeeded` carries the job's result.json (a round's or an artefact job's)."""
 
     status: Literal["succeeded", "failed", "crashed", "cancelled"]
-    error: Optional[str] = None
-    result: Optional[RoundResult | ArtefactResult] = None
+    error: str | None = None
+    result: RoundResult | ArtefactResult | None = None
 
     def __post_init__(self) -> None:
         if self.status not in ("succeeded", "failed", "crashed", "cancelled"):

@@ -16,19 +16,19 @@ from typing import Any
 
 from sqlmodel import Session
 
+from halos_client.models import LabellingJobCreate, SamplingJobCreate
 from halos_core.artefact_spec import (
     Generator,
     LabelSpec,
     PromptsInput,
     RewardModel,
-    SampleSpec,
     SamplesInput,
+    SampleSpec,
 )
 from server import jobs
 from server.errors import Unprocessable
 from server.jobs.head import head_checkpoint
 from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, PromptSet, Round, Run
-from halos_client.models import LabellingJobCreate, SamplingJobCreate
 from server.services.common import get_owned
 from server.services.keys import Principal
 from server.services.round_checks import checkpoint_params, parent_manifest
@@ -61,17 +61,25 @@ def _checkpoint_generator(session: Session, ckpt: Checkpoint, field: str) -> Gen
     manifest = parent_manifest(ckpt.path, field)
     lora_unmerged = bool(manifest.extra.get("lora")) and not manifest.extra.get("merged")
     if lora_unmerged:  # adapter only: generate with the base (the run's SFT model) + the adapter
-        return Generator(model_path=model.path, base_path=model.path, adapter_path=str(Path(ckpt.path) / ADAPTER_DIR),
-                         checkpoint_id=ckpt.id, model_id=model.id, run_id=ckpt.run_id)
+        return Generator(
+            model_path=model.path,
+            base_path=model.path,
+            adapter_path=str(Path(ckpt.path) / ADAPTER_DIR),
+            checkpoint_id=ckpt.id,
+            model_id=model.id,
+            run_id=ckpt.run_id,
+        )
     return Generator(model_path=ckpt.path, checkpoint_id=ckpt.id, model_id=model.id, run_id=ckpt.run_id)
 
 
 def resolve_generator(session: Session, principal: Principal, body: SamplingJobCreate) -> Generator:
     given = [name for name in ("checkpoint_id", "model_id", "run_id") if getattr(body, name) is not None]
     if len(given) != 1:
-        raise Unprocessable("give exactly one of checkpoint_id, model_id, run_id (the generator)",
-                            code="invalid_generator", details={"field": given[1] if len(given) > 1 else "checkpoint_id",
-                                                               "given": given})
+        raise Unprocessable(
+            "give exactly one of checkpoint_id, model_id, run_id (the generator)",
+            code="invalid_generator",
+            details={"field": given[1] if len(given) > 1 else "checkpoint_id", "given": given},
+        )
     pid = principal.project_id
     if body.checkpoint_id is not None:
         ckpt = get_owned(session, Checkpoint, body.checkpoint_id, pid, "checkpoint", "checkpoint_id")
@@ -95,12 +103,20 @@ def create_sampling_job(session: Session, settings: Settings, principal: Princip
         raise Unprocessable(
             f"n x prompts = {body.params.n} x {prompts.n_prompts} = {total} samples is over this server's cap of "
             f"{settings.max_samples_per_job} per job (HALOS_MAX_SAMPLES_PER_JOB); split the prompt set",
-            code="too_many_samples", details={"field": "params.n", "n": body.params.n, "prompts": prompts.n_prompts,
-                                              "max_samples_per_job": settings.max_samples_per_job})
+            code="too_many_samples",
+            details={
+                "field": "params.n",
+                "n": body.params.n,
+                "prompts": prompts.n_prompts,
+                "max_samples_per_job": settings.max_samples_per_job,
+            },
+        )
     generator = resolve_generator(session, principal, body)
-    spec = SampleSpec(generator=generator, params=body.params,
-                      prompts=PromptsInput(path=str(settings.data_dir.resolve() / prompts.storage_path),
-                                           prompt_set_id=prompts.id))
+    spec = SampleSpec(
+        generator=generator,
+        params=body.params,
+        prompts=PromptsInput(path=str(settings.data_dir.resolve() / prompts.storage_path), prompt_set_id=prompts.id),
+    )
     session.commit()  # end the read transaction (SQLite: BEGIN IMMEDIATE) before submit's
     return _submit(session, settings, principal, "sample", spec)
 
@@ -109,10 +125,14 @@ def create_labelling_job(session: Session, settings: Settings, principal: Princi
     pid = principal.project_id
     samples = get_owned(session, FeedbackFile, body.samples_id, pid, "feedback", "samples_id")
     if samples.kind != "sampled":
-        raise Unprocessable(f"feedback {samples.id} is {samples.kind} feedback, not samples (kind 'sampled')",
-                            code="not_samples", details={"field": "samples_id", "kind": samples.kind})
-    ckpt = get_owned(session, Checkpoint, body.reward_model_checkpoint_id, pid, "checkpoint",
-                     "reward_model_checkpoint_id")
+        raise Unprocessable(
+            f"feedback {samples.id} is {samples.kind} feedback, not samples (kind 'sampled')",
+            code="not_samples",
+            details={"field": "samples_id", "kind": samples.kind},
+        )
+    ckpt = get_owned(
+        session, Checkpoint, body.reward_model_checkpoint_id, pid, "checkpoint", "reward_model_checkpoint_id"
+    )
     session.commit()
     manifest = parent_manifest(ckpt.path, "reward_model_checkpoint_id")
     trained = checkpoint_params(manifest)
@@ -122,19 +142,34 @@ def create_labelling_job(session: Session, settings: Settings, principal: Princi
             f"checkpoint {ckpt.id} has {what}"
             + (f" (loss {trained.loss!r})" if trained.loss else "")
             + ": a reward model is a checkpoint of a bradley_terry round",
-            code="no_reward_head", details={"field": "reward_model_checkpoint_id", "head": trained.head
-                                            if isinstance(trained.head, str) else None})
+            code="no_reward_head",
+            details={
+                "field": "reward_model_checkpoint_id",
+                "head": trained.head if isinstance(trained.head, str) else None,
+            },
+        )
     if manifest.extra.get("lora") and not manifest.extra.get("merged"):
-        raise Unprocessable(f"checkpoint {ckpt.id} holds LoRA adapters without merged weights; export the reward "
-                            "model with lora.merge_on_export", code="reward_model_unmerged",
-                            details={"field": "reward_model_checkpoint_id"})
+        raise Unprocessable(
+            f"checkpoint {ckpt.id} holds LoRA adapters without merged weights; export the reward "
+            "model with lora.merge_on_export",
+            code="reward_model_unmerged",
+            details={"field": "reward_model_checkpoint_id"},
+        )
     rnd = session.get(Round, ckpt.round_id)
     hp = (rnd.hyperparams or {}) if rnd is not None else {}
-    reward_model = RewardModel(path=ckpt.path, checkpoint_id=ckpt.id, run_id=ckpt.run_id,
-                               max_length=int(hp.get("max_length", 512)),
-                               max_prompt_length=int(hp.get("max_prompt_length", 256)))
-    spec = LabelSpec(reward_model=reward_model, label=body.label, seed=body.seed, batch_size=body.batch_size,
-                     samples=SamplesInput(path=str(settings.data_dir.resolve() / samples.storage_path),
-                                          file_id=samples.id))
+    reward_model = RewardModel(
+        path=ckpt.path,
+        checkpoint_id=ckpt.id,
+        run_id=ckpt.run_id,
+        max_length=int(hp.get("max_length", 512)),
+        max_prompt_length=int(hp.get("max_prompt_length", 256)),
+    )
+    spec = LabelSpec(
+        reward_model=reward_model,
+        label=body.label,
+        seed=body.seed,
+        batch_size=body.batch_size,
+        samples=SamplesInput(path=str(settings.data_dir.resolve() / samples.storage_path), file_id=samples.id),
+    )
     session.commit()
     return _submit(session, settings, principal, "label", spec)

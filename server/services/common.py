@@ -25,8 +25,9 @@ def plausible_id(value: str) -> bool:
     return isinstance(value, str) and bool(_ID_RE.match(value))
 
 
-def get_owned(session: Session, model: type[T], object_id: str, project_id: str, kind: str,
-              field: str | None = None) -> T:
+def get_owned(
+    session: Session, model: type[T], object_id: str, project_id: str, kind: str, field: str | None = None
+) -> T:
     """The row of `model` with this id in this project, else 404 (another project's ids look
     exactly like ids that do not exist)."""
     if not plausible_id(object_id):
@@ -58,15 +59,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Unprocessable("invalid cursor", code="invalid_cursor", details={"field": "cursor"}) from exc
 
 
-def paginate(session: Session, model: Any, project_id: str, limit: int, cursor: str | None,
-             *filters: Any) -> tuple[list[Any], str | None]:
+def paginate(
+    session: Session, model: Any, project_id: str, limit: int, cursor: str | None, *filters: Any
+) -> tuple[list[Any], str | None]:
     limit = max(1, min(limit, MAX_PAGE))
     query = select(model).where(model.project_id == project_id, *filters)
     if cursor:
         when, last_id = decode_cursor(cursor)
-        query = query.where(
-            or_(model.created_at < when, and_(model.created_at == when, model.id < last_id))
-        )
+        query = query.where(or_(model.created_at < when, and_(model.created_at == when, model.id < last_id)))
     rows = list(session.exec(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
     next_cursor = None
     if len(rows) > limit:

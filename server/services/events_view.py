@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -26,11 +26,20 @@ STREAM_METRIC_BATCH = 1000
 
 
 def event_out(e: Event) -> EventOut:
-    return EventOut(id=e.id or 0, type=EventType(e.type), job_id=e.job_id, run_id=e.run_id, subject_id=e.subject_id,
-                    attempt=e.attempt, status=e.status, data=dict(e.data or {}), created_at=e.created_at)
+    return EventOut(
+        id=e.id or 0,
+        type=EventType(e.type),
+        job_id=e.job_id,
+        run_id=e.run_id,
+        subject_id=e.subject_id,
+        attempt=e.attempt,
+        status=e.status,
+        data=dict(e.data or {}),
+        created_at=e.created_at,
+    )
 
 
-def list_events(session: Session, principal: Principal, job_id: str, after: Optional[int], limit: int) -> EventList:
+def list_events(session: Session, principal: Principal, job_id: str, after: int | None, limit: int) -> EventList:
     """The job's events in order, after event id `after`. `next_cursor` is the last id returned (pass it
     as `after`; with fewer than `limit` items there is nothing more *now*, but a running job adds more)."""
     job = get_job(session, principal, job_id)
@@ -52,7 +61,7 @@ class StreamPosition:
         return f"{self.event_id}.{self.metric_id}"
 
     @classmethod
-    def parse(cls, value: Optional[str], after: Optional[int] = None) -> "StreamPosition":
+    def parse(cls, value: str | None, after: int | None = None) -> StreamPosition:
         """`Last-Event-ID` as this server sends it ("<event>.<metric>") wins over `after` (events
         only); any other value is not one of our ids and is ignored."""
         match = LAST_EVENT_ID.fullmatch((value or "").strip())
@@ -75,13 +84,21 @@ def read_batch(session: Session, job_id: str, position: StreamPosition, metrics:
     the terminal one (written in the same transaction as the status), so the stream can end."""
     status = session.exec(select(Job.status).where(Job.id == job_id)).one()
     events = session.exec(
-        select(Event).where(Event.job_id == job_id, Event.id > position.event_id)
-        .order_by(col(Event.id)).limit(STREAM_EVENT_BATCH)
+        select(Event)
+        .where(Event.job_id == job_id, Event.id > position.event_id)
+        .order_by(col(Event.id))
+        .limit(STREAM_EVENT_BATCH)
     ).all()
-    points = session.exec(
-        select(MetricPoint).where(MetricPoint.job_id == job_id, MetricPoint.id > position.metric_id)
-        .order_by(col(MetricPoint.id)).limit(STREAM_METRIC_BATCH)
-    ).all() if metrics else []
+    points = (
+        session.exec(
+            select(MetricPoint)
+            .where(MetricPoint.job_id == job_id, MetricPoint.id > position.metric_id)
+            .order_by(col(MetricPoint.id))
+            .limit(STREAM_METRIC_BATCH)
+        ).all()
+        if metrics
+        else []
+    )
     session.commit()
     event_id, metric_id = position.event_id, position.metric_id
     items: list[tuple[str, str, dict[str, Any]]] = []
@@ -96,10 +113,24 @@ def read_batch(session: Session, job_id: str, position: StreamPosition, metrics:
             point = points[j]
             j += 1
             metric_id = point.id or metric_id
-            items.append(("metric", f"{event_id}.{metric_id}",
-                          {"job_id": job_id, "step": point.step, "split": point.split, "attempt": point.attempt,
-                           "data": dict(point.data or {}), "created_at": point.created_at.isoformat()}))
+            items.append(
+                (
+                    "metric",
+                    f"{event_id}.{metric_id}",
+                    {
+                        "job_id": job_id,
+                        "step": point.step,
+                        "split": point.split,
+                        "attempt": point.attempt,
+                        "data": dict(point.data or {}),
+                        "created_at": point.created_at.isoformat(),
+                    },
+                )
+            )
     status_text = status.value if isinstance(status, JobStatus) else str(status)
-    drained = (JobStatus(status_text) in TERMINAL_STATUSES and len(events) < STREAM_EVENT_BATCH
-               and len(points) < STREAM_METRIC_BATCH)
+    drained = (
+        JobStatus(status_text) in TERMINAL_STATUSES
+        and len(events) < STREAM_EVENT_BATCH
+        and len(points) < STREAM_METRIC_BATCH
+    )
     return StreamBatch(status_text, items, StreamPosition(event_id, metric_id), drained)

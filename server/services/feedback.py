@@ -15,11 +15,11 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from server import events, storage
 from halos_client.event_models import EventType
+from halos_client.models import FeedbackOut
+from server import events, storage
 from server.errors import Unprocessable
 from server.models import FeedbackFile
-from halos_client.models import FeedbackOut
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
@@ -40,10 +40,21 @@ class Ingested:
 
 def to_out(fb: FeedbackFile) -> FeedbackOut:
     return FeedbackOut(
-        id=fb.id, kind=fb.kind, format=fb.format, n_records=fb.n_records, n_prompts=fb.n_prompts,
-        n_train=fb.n_train, n_test=fb.n_test, sha256=fb.sha256, size_bytes=fb.size_bytes,
-        filename=fb.original_filename, source=fb.source, job_id=fb.job_id, provenance=fb.provenance,
-        findings=fb.findings, created_at=fb.created_at,
+        id=fb.id,
+        kind=fb.kind,
+        format=fb.format,
+        n_records=fb.n_records,
+        n_prompts=fb.n_prompts,
+        n_train=fb.n_train,
+        n_test=fb.n_test,
+        sha256=fb.sha256,
+        size_bytes=fb.size_bytes,
+        filename=fb.original_filename,
+        source=fb.source,
+        job_id=fb.job_id,
+        provenance=fb.provenance,
+        findings=fb.findings,
+        created_at=fb.created_at,
     )
 
 
@@ -69,9 +80,18 @@ def validate_staged(staged: StagedFile, settings: Settings, pool: ValidationPool
             "the feedback file is empty; nothing was stored",
             code="invalid_feedback",
             details={
-                "errors": [{"index": 0, "line": None, "field": "", "code": "empty_file",
-                            "message": "the file is empty", "hint": "upload a JSON array or JSONL records"}],
-                "truncated": False, "records_checked": 0,
+                "errors": [
+                    {
+                        "index": 0,
+                        "line": None,
+                        "field": "",
+                        "code": "empty_file",
+                        "message": "the file is empty",
+                        "hint": "upload a JSON array or JSONL records",
+                    }
+                ],
+                "truncated": False,
+                "records_checked": 0,
             },
         )
     limits = FeedbackLimits(
@@ -108,8 +128,12 @@ def quality_findings(staged: StagedFile, strict: bool, pool: ValidationPool | No
         raise Unprocessable(
             f"{found.total} data-quality problem(s) in the feedback file (strict=true); nothing was stored",
             code="invalid_feedback",
-            details={"errors": errors, "truncated": found.total > len(errors), "records_checked": None,
-                     "counts": found.counts},
+            details={
+                "errors": errors,
+                "truncated": found.total > len(errors),
+                "records_checked": None,
+                "counts": found.counts,
+            },
         )
     return found.to_json()
 
@@ -121,19 +145,28 @@ def _replay(session: Session, record: Any, project_id: str) -> FeedbackFile:
     return fb
 
 
-def ingest(session: Session, settings: Settings, principal: Principal, staged: StagedFile,
-           idempotency_key: str | None, strict: bool = False, source: str = "upload",
-           provenance: dict[str, Any] | None = None,
-           pool: ValidationPool | None = None) -> Ingested:
+def ingest(
+    session: Session,
+    settings: Settings,
+    principal: Principal,
+    staged: StagedFile,
+    idempotency_key: str | None,
+    strict: bool = False,
+    source: str = "upload",
+    provenance: dict[str, Any] | None = None,
+    pool: ValidationPool | None = None,
+) -> Ingested:
     """Validate and store a staged upload. Consumes `staged` (its temp file is gone afterwards)."""
     data_dir = settings.data_dir
     try:
         extra = ("strict",) if strict else ()  # (the hash of a plain upload is unchanged)
-        req_hash = idempotency.request_hash(ENDPOINT if source == "upload" else f"{ENDPOINT} ({source})",
-                                            staged.sha256, staged.filename, *extra)
+        req_hash = idempotency.request_hash(
+            ENDPOINT if source == "upload" else f"{ENDPOINT} ({source})", staged.sha256, staged.filename, *extra
+        )
         if idempotency_key is not None:  # cheap early replay: skip validation entirely
-            record = idempotency.lookup(session, principal.project_id, ENDPOINT, idempotency_key, req_hash,
-                                        settings.idempotency_ttl_hours)
+            record = idempotency.lookup(
+                session, principal.project_id, ENDPOINT, idempotency_key, req_hash, settings.idempotency_ttl_hours
+            )
             fb = _replay(session, record, principal.project_id) if record else None
             session.commit()
             if fb is not None:
@@ -144,18 +177,28 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
 
         for _ in range(3):
             if idempotency_key is not None:
-                record = idempotency.lookup(session, principal.project_id, ENDPOINT, idempotency_key, req_hash,
-                                            settings.idempotency_ttl_hours)
+                record = idempotency.lookup(
+                    session, principal.project_id, ENDPOINT, idempotency_key, req_hash, settings.idempotency_ttl_hours
+                )
                 if record is not None:
                     fb = _replay(session, record, principal.project_id)
                     session.commit()
                     return Ingested(fb, replayed=True)
             fb = FeedbackFile(
-                project_id=principal.project_id, kind=summary.kind, format=summary.format,
-                sha256=staged.sha256, size_bytes=staged.size_bytes, n_records=summary.n_records,
-                n_prompts=summary.n_prompts, n_train=summary.n_train, n_test=summary.n_test,
+                project_id=principal.project_id,
+                kind=summary.kind,
+                format=summary.format,
+                sha256=staged.sha256,
+                size_bytes=staged.size_bytes,
+                n_records=summary.n_records,
+                n_prompts=summary.n_prompts,
+                n_train=summary.n_train,
+                n_test=summary.n_test,
                 storage_path=storage.blob_relpath(staged.sha256, staged.ext),
-                original_filename=staged.filename, source=source, provenance=provenance, findings=findings,
+                original_filename=staged.filename,
+                source=source,
+                provenance=provenance,
+                findings=findings,
             )
             session.add(fb)
             if idempotency_key is not None:
@@ -165,9 +208,21 @@ def ingest(session: Session, settings: Settings, principal: Principal, staged: S
             except IntegrityError:
                 session.rollback()
                 continue  # re-read the winner's record
-            events.emit(session, principal.project_id, EventType.feedback_stored, subject_id=fb.id,
-                        data={"feedback_id": fb.id, "kind": fb.kind, "format": fb.format, "sha256": fb.sha256,
-                              "n_records": fb.n_records, "n_train": fb.n_train, "n_test": fb.n_test})
+            events.emit(
+                session,
+                principal.project_id,
+                EventType.feedback_stored,
+                subject_id=fb.id,
+                data={
+                    "feedback_id": fb.id,
+                    "kind": fb.kind,
+                    "format": fb.format,
+                    "sha256": fb.sha256,
+                    "n_records": fb.n_records,
+                    "n_train": fb.n_train,
+                    "n_test": fb.n_test,
+                },
+            )
             rel, created = storage.publish_blob(staged, data_dir)
             try:
                 session.commit()
@@ -196,8 +251,9 @@ def get_feedback(session: Session, principal: Principal, feedback_id: str) -> Fe
     return get_owned(session, FeedbackFile, feedback_id, principal.project_id, "feedback")
 
 
-def list_feedback(session: Session, principal: Principal, limit: int, cursor: str | None
-                  ) -> tuple[list[FeedbackFile], str | None]:
+def list_feedback(
+    session: Session, principal: Principal, limit: int, cursor: str | None
+) -> tuple[list[FeedbackFile], str | None]:
     return paginate(session, FeedbackFile, principal.project_id, limit, cursor)
 
 

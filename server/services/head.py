@@ -23,8 +23,9 @@ def rollback(session: Session, principal: Principal, run_id: str, checkpoint_id:
         ckpt = get_owned(session, Checkpoint, checkpoint_id, principal.project_id, "checkpoint", "checkpoint_id")
         if ckpt.run_id != run.id:
             raise not_found("checkpoint", checkpoint_id, "checkpoint_id")
-    run = session.exec(select(Run).where(Run.id == run.id).with_for_update()
-                       .execution_options(populate_existing=True)).one()
+    run = session.exec(
+        select(Run).where(Run.id == run.id).with_for_update().execution_options(populate_existing=True)
+    ).one()
     move(session, run, checkpoint_id, "rollback", utcnow())
     session.commit()
     return run

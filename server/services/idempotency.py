@@ -42,8 +42,9 @@ def _expired(record: IdempotencyRecord, ttl_hours: int) -> bool:
     return record.created_at < utcnow() - timedelta(hours=ttl_hours)
 
 
-def lookup(session: Session, project_id: str, endpoint: str, key: str, req_hash: str,
-           ttl_hours: int) -> IdempotencyRecord | None:
+def lookup(
+    session: Session, project_id: str, endpoint: str, key: str, req_hash: str, ttl_hours: int
+) -> IdempotencyRecord | None:
     """The stored record for this key if it is a replay; None if the key is new (or expired).
 
     Raises 422 `idempotency_key_reused` when the key was used for a different request.
@@ -70,12 +71,17 @@ def lookup(session: Session, project_id: str, endpoint: str, key: str, req_hash:
     return record
 
 
-def remember(session: Session, project_id: str, endpoint: str, key: str, req_hash: str,
-             resource_id: str, status_code: int) -> IdempotencyRecord:
+def remember(
+    session: Session, project_id: str, endpoint: str, key: str, req_hash: str, resource_id: str, status_code: int
+) -> IdempotencyRecord:
     """Add the record to the caller's transaction (the caller commits it with the resource)."""
     record = IdempotencyRecord(
-        project_id=project_id, endpoint=endpoint, key=key, request_hash=req_hash,
-        resource_id=resource_id, status_code=status_code,
+        project_id=project_id,
+        endpoint=endpoint,
+        key=key,
+        request_hash=req_hash,
+        resource_id=resource_id,
+        status_code=status_code,
     )
     session.add(record)
     return record

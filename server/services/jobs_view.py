@@ -7,10 +7,11 @@ Job.status is written only by `server.jobs`; this module reads it and calls
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -39,20 +40,20 @@ def get_job(session: Session, principal: Principal, job_id: str) -> Job:
 
 @dataclass(frozen=True)
 class Timing:
-    percent_done: Optional[float]
-    elapsed_s: Optional[float]
-    eta_s: Optional[float]
+    percent_done: float | None
+    elapsed_s: float | None
+    eta_s: float | None
 
 
 _TERMINAL = {s.value for s in TERMINAL_STATUSES}
 
 
-def _int(value: Any) -> Optional[int]:
+def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _point_time(point: MetricPoint) -> float:
@@ -64,8 +65,9 @@ def _point_time(point: MetricPoint) -> float:
     return _utc(point.created_at).timestamp()
 
 
-def timing(job: Job, now: datetime, attempt_started_at: Optional[datetime] = None,
-           recent_points: Sequence[MetricPoint] = ()) -> Timing:
+def timing(
+    job: Job, now: datetime, attempt_started_at: datetime | None = None, recent_points: Sequence[MetricPoint] = ()
+) -> Timing:
     """percent done, elapsed and ETA of one job.
 
     `recent_points`: the current attempt's latest train points. Only those logged after this
@@ -73,7 +75,7 @@ def timing(job: Job, now: datetime, attempt_started_at: Optional[datetime] = Non
     crashed attempt wrote, and their times would mix the crash and the backoff into the pace."""
     status = job.status.value if isinstance(job.status, JobStatus) else str(job.status)
     if status == JobStatus.succeeded.value:
-        percent: Optional[float] = 100.0
+        percent: float | None = 100.0
     elif job.total_steps:
         percent = round(min(100.0, max(0.0, 100.0 * (job.round_step or 0) / job.total_steps)), 2)
     else:
@@ -102,7 +104,6 @@ def timing(job: Job, now: datetime, attempt_started_at: Optional[datetime] = Non
     return Timing(percent_done=percent, elapsed_s=elapsed, eta_s=eta)
 
 
-
 def _timings(session: Session, jobs: list[Job], now: datetime) -> dict[str, Timing]:
     """Timing per job; a running job costs two indexed reads (its attempt, its last steps)."""
     running = [j for j in jobs if j.status == JobStatus.running and j.total_steps]
@@ -118,7 +119,8 @@ def _timings(session: Session, jobs: list[Job], now: datetime) -> dict[str, Timi
             points = session.exec(
                 select(MetricPoint)
                 .where(MetricPoint.job_id == j.id, MetricPoint.split == "train", MetricPoint.attempt == j.attempt)
-                .order_by(col(MetricPoint.step).desc()).limit(PACE_WINDOW_STEPS)
+                .order_by(col(MetricPoint.step).desc())
+                .limit(PACE_WINDOW_STEPS)
             ).all()
         out[j.id] = timing(j, now, attempt_started, points)
     return out
@@ -130,7 +132,9 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     ids = [j.id for j in jobs]
     timings = _timings(session, jobs, utcnow())
     rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
-    outputs = dict(session.exec(select(FeedbackFile.job_id, FeedbackFile.id).where(col(FeedbackFile.job_id).in_(ids))).all())
+    outputs = dict(
+        session.exec(select(FeedbackFile.job_id, FeedbackFile.id).where(col(FeedbackFile.job_id).in_(ids))).all()
+    )
     out = []
     for j in jobs:
         rnd = rounds.get(j.id)
@@ -138,15 +142,30 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
         t = timings[j.id]
         out.append(
             JobOut(
-                id=j.id, kind=j.kind, status=status, attempt=j.attempt, max_attempts=j.max_attempts,
+                id=j.id,
+                kind=j.kind,
+                status=status,
+                attempt=j.attempt,
+                max_attempts=j.max_attempts,
                 cancel_requested=bool(j.cancel_requested),
-                progress=JobProgress(step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps,
-                                     examples=j.examples or 0),
-                percent_done=t.percent_done, elapsed_s=t.elapsed_s, eta_s=t.eta_s,
-                latest_metrics=j.latest_metrics, error=j.error, created_at=j.created_at, queued_at=j.queued_at,
-                started_at=j.started_at, finished_at=j.finished_at, updated_at=j.updated_at,
-                parent_job_id=j.parent_job_id, run_id=rnd.run_id if rnd else None, round_id=rnd.id if rnd else None,
-                round_index=rnd.index if rnd else None, checkpoint_id=rnd.checkpoint_id if rnd else None,
+                progress=JobProgress(
+                    step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps, examples=j.examples or 0
+                ),
+                percent_done=t.percent_done,
+                elapsed_s=t.elapsed_s,
+                eta_s=t.eta_s,
+                latest_metrics=j.latest_metrics,
+                error=j.error,
+                created_at=j.created_at,
+                queued_at=j.queued_at,
+                started_at=j.started_at,
+                finished_at=j.finished_at,
+                updated_at=j.updated_at,
+                parent_job_id=j.parent_job_id,
+                run_id=rnd.run_id if rnd else None,
+                round_id=rnd.id if rnd else None,
+                round_index=rnd.index if rnd else None,
+                checkpoint_id=rnd.checkpoint_id if rnd else None,
                 output_feedback_id=outputs.get(j.id),
             )
         )
@@ -157,14 +176,16 @@ def job_view(session: Session, job: Job) -> JobOut:
     return job_views(session, [job])[0]
 
 
-def list_jobs(session: Session, principal: Principal, limit: int, cursor: str | None,
-              status: JobStatus | None = None) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session, principal: Principal, limit: int, cursor: str | None, status: JobStatus | None = None
+) -> tuple[list[Job], str | None]:
     filters = [Job.status == status] if status else []
     return paginate(session, Job, principal.project_id, limit, cursor, *filters)
 
 
-def metrics(session: Session, principal: Principal, job_id: str, split: str | None, after_step: int | None,
-            limit: int) -> MetricSeries:
+def metrics(
+    session: Session, principal: Principal, job_id: str, split: str | None, after_step: int | None, limit: int
+) -> MetricSeries:
     """The per-step series, ascending by step, at most `limit` steps per page.
 
     After a crash and retry the same step can have been logged by two attempts: the latest
@@ -176,15 +197,18 @@ def metrics(session: Session, principal: Principal, job_id: str, split: str | No
         filters.append(MetricPoint.split == split)
     if after_step is not None:
         filters.append(MetricPoint.step > after_step)
-    steps = list(session.exec(
-        select(MetricPoint.step).where(*filters).distinct().order_by(col(MetricPoint.step)).limit(limit + 1)
-    ).all())
+    steps = list(
+        session.exec(
+            select(MetricPoint.step).where(*filters).distinct().order_by(col(MetricPoint.step)).limit(limit + 1)
+        ).all()
+    )
     if not steps:
         return MetricSeries(job_id=job.id, items=[], next_after_step=None)
     more = len(steps) > limit
     upper = steps[min(limit, len(steps)) - 1]
     rows = session.exec(
-        select(MetricPoint).where(*filters, MetricPoint.step <= upper)
+        select(MetricPoint)
+        .where(*filters, MetricPoint.step <= upper)
         .order_by(col(MetricPoint.step), col(MetricPoint.split), col(MetricPoint.attempt), col(MetricPoint.id))
     ).all()
     latest: dict[tuple[int, str], MetricPoint] = {}
@@ -193,8 +217,12 @@ def metrics(session: Session, principal: Principal, job_id: str, split: str | No
     points = sorted(latest.values(), key=lambda r: (r.step, r.split))
     return MetricSeries(
         job_id=job.id,
-        items=[MetricPointOut(step=p.step, split=p.split, attempt=p.attempt, data=dict(p.data or {}),
-                              created_at=p.created_at) for p in points],
+        items=[
+            MetricPointOut(
+                step=p.step, split=p.split, attempt=p.attempt, data=dict(p.data or {}), created_at=p.created_at
+            )
+            for p in points
+        ],
         next_after_step=upper if more else None,
     )
 
@@ -217,17 +245,23 @@ def log_tail(settings: Settings, job: Job, tail_bytes: int) -> str:
     if len(data) == tail_bytes and size > tail_bytes:  # cut mid-line: start at the next full line
         nl = data.find(b"\n")
         if 0 <= nl < len(data) - 1:
-            data = data[nl + 1:]
+            data = data[nl + 1 :]
     return data.decode("utf-8", errors="replace")
 
 
 def cancel(session: Session, principal: Principal, job_id: str) -> Job:
     job = get_job(session, principal, job_id)
     if job.status in TERMINAL_STATUSES:
-        raise Conflict(f"job {job.id} already {job.status.value}; nothing to cancel", code="job_finished",
-                       details={"status": job.status.value})
+        raise Conflict(
+            f"job {job.id} already {job.status.value}; nothing to cancel",
+            code="job_finished",
+            details={"status": job.status.value},
+        )
     job = _request_cancel(session, job.id)
     if job.status in TERMINAL_STATUSES and job.status != JobStatus.cancelled:  # finished meanwhile
-        raise Conflict(f"job {job.id} already {job.status.value}; nothing to cancel", code="job_finished",
-                       details={"status": job.status.value})
+        raise Conflict(
+            f"job {job.id} already {job.status.value}; nothing to cancel",
+            code="job_finished",
+            details={"status": job.status.value},
+        )
     return job

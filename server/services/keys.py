@@ -116,8 +116,9 @@ def list_api_keys(session: Session, project_name: str | None = None) -> list[tup
 
 
 def _lookup(session: Session, key_hash: str) -> Principal | None:
-    row = session.execute(select(ApiKey.project_id, ApiKey.id, ApiKey.revoked_at)
-                          .where(ApiKey.key_hash == key_hash)).first()
+    row = session.execute(
+        select(ApiKey.project_id, ApiKey.id, ApiKey.revoked_at).where(ApiKey.key_hash == key_hash)
+    ).first()
     if row is None or row.revoked_at is not None:
         return None
     return Principal(project_id=row.project_id, key_id=row.id)

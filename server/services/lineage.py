@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
+from halos_client.models import CheckpointOut, LineageItem, LineageOut, ModelRef
 from server.errors import Conflict
 from server.models import Checkpoint, Model, Round
-from halos_client.models import CheckpointOut, LineageItem, LineageOut, ModelRef
 from server.services.common import get_owned
 from server.services.keys import Principal
 
@@ -20,9 +20,18 @@ def get_checkpoint(session: Session, principal: Principal, checkpoint_id: str) -
 def checkpoint_view(session: Session, ckpt: Checkpoint) -> CheckpointOut:
     rnd = session.get(Round, ckpt.round_id)
     return CheckpointOut(
-        id=ckpt.id, run_id=ckpt.run_id, round_id=ckpt.round_id, round_index=rnd.index if rnd else None,
-        job_id=ckpt.job_id, model_id=ckpt.model_id, parent_id=ckpt.parent_id, path=ckpt.path,
-        manifest_sha256=ckpt.manifest_sha256, step=ckpt.step, examples=ckpt.examples, created_at=ckpt.created_at,
+        id=ckpt.id,
+        run_id=ckpt.run_id,
+        round_id=ckpt.round_id,
+        round_index=rnd.index if rnd else None,
+        job_id=ckpt.job_id,
+        model_id=ckpt.model_id,
+        parent_id=ckpt.parent_id,
+        path=ckpt.path,
+        manifest_sha256=ckpt.manifest_sha256,
+        step=ckpt.step,
+        examples=ckpt.examples,
+        created_at=ckpt.created_at,
     )
 
 
@@ -47,16 +56,24 @@ def lineage(session: Session, principal: Principal, checkpoint_id: str) -> Linea
         r = rounds.get(c.round_id)
         items.append(
             LineageItem(
-                checkpoint_id=c.id, round_id=c.round_id, round_index=r.index if r else None, job_id=c.job_id,
-                step=c.step, examples=c.examples, manifest_sha256=c.manifest_sha256,
-                feedback_ids=list(r.feedback_ids or []) if r else [], loss=r.loss if r else None,
-                hyperparams=r.hyperparams if r else None, conversion=r.conversion if r else None,
+                checkpoint_id=c.id,
+                round_id=c.round_id,
+                round_index=r.index if r else None,
+                job_id=c.job_id,
+                step=c.step,
+                examples=c.examples,
+                manifest_sha256=c.manifest_sha256,
+                feedback_ids=list(r.feedback_ids or []) if r else [],
+                loss=r.loss if r else None,
+                hyperparams=r.hyperparams if r else None,
+                conversion=r.conversion if r else None,
             )
         )
     model = session.get(Model, chain[-1].model_id)
     if model is None:  # FK-enforced; only a hand-edited database gets here
         raise Conflict(f"the lineage's model {chain[-1].model_id} is gone", code="model_missing")
     return LineageOut(
-        checkpoint_id=start.id, items=items,
+        checkpoint_id=start.id,
+        items=items,
         model=ModelRef(id=model.id, name=model.name, path=model.path, sha256=model.sha256),
     )

@@ -31,15 +31,15 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from sqlmodel import Session
 
+from halos_client.models import ModelCreate, ModelOut
 from halos_core.run_dir import tree_sha256
 from server.errors import ServiceUnavailable, Unprocessable
 from server.models import Model
-from halos_client.models import ModelCreate, ModelOut
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings, get_settings
@@ -89,7 +89,8 @@ def _not_allowed(raw: str, roots: list[Path], what: str) -> Unprocessable:
     return Unprocessable(
         f"{what} is outside the directories models may be registered from ({', '.join(map(str, roots))}: the"
         " data dir's models folder and HALOS_MODEL_ROOTS)"[:1000],
-        code="model_path_not_allowed", details={"field": "path", "path": raw, "allowed_roots": [str(r) for r in roots]},
+        code="model_path_not_allowed",
+        details={"field": "path", "path": raw, "allowed_roots": [str(r) for r in roots]},
     )
 
 
@@ -105,22 +106,28 @@ def _stat_manifest(directory: Path, raw: str, settings: Settings, roots: list[Pa
             raise Unprocessable(
                 f"{raw!r} holds more than {settings.max_model_files} files and directories; a model directory"
                 " has a few dozen",
-                code="model_too_large", details={"field": "path", "path": raw, "max_files": settings.max_model_files},
+                code="model_too_large",
+                details={"field": "path", "path": raw, "max_files": settings.max_model_files},
             )
         if not file.is_file():
             continue
         if not _within(Path(os.path.realpath(file)), roots):
-            raise _not_allowed(raw, roots, f"{file.relative_to(directory).as_posix()!r} in {raw!r} links to a file that")
+            raise _not_allowed(
+                raw, roots, f"{file.relative_to(directory).as_posix()!r} in {raw!r} links to a file that"
+            )
         st = file.stat()
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-        lines.append(f"{file.relative_to(directory).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
-                     f"\0{st.st_ino}\0{st.st_dev}")
+        lines.append(
+            f"{file.relative_to(directory).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+            f"\0{st.st_ino}\0{st.st_dev}"
+        )
     digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
     return digest, newest < (time.time() - RACY_WINDOW_S) * 1e9
 
 
-def _hash_directory(directory: Path, manifest: str, cacheable: bool, settings: Settings,
-                    slots: threading.Semaphore | None) -> str:
+def _hash_directory(
+    directory: Path, manifest: str, cacheable: bool, settings: Settings, slots: threading.Semaphore | None
+) -> str:
     key = str(directory)
     with _hash_cache_lock:
         cached = _hash_cache.get(key)
@@ -130,8 +137,10 @@ def _hash_directory(directory: Path, manifest: str, cacheable: bool, settings: S
     if slots is not None and not slots.acquire(blocking=False):
         raise ServiceUnavailable(
             f"{settings.max_concurrent_model_hashes} model registration(s) are hashing their directories;"
-            f" retry in {BUSY_RETRY_AFTER_S} s", code="model_registration_busy",
-            details={"retry_after_s": BUSY_RETRY_AFTER_S}, headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+            f" retry in {BUSY_RETRY_AFTER_S} s",
+            code="model_registration_busy",
+            details={"retry_after_s": BUSY_RETRY_AFTER_S},
+            headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
         )
     try:
         sha256 = tree_sha256(directory)
@@ -147,8 +156,13 @@ def _hash_directory(directory: Path, manifest: str, cacheable: bool, settings: S
     return sha256
 
 
-def register_model(session: Session, principal: Principal, body: ModelCreate, settings: Settings | None = None,
-                   slots: threading.Semaphore | None = None) -> Model:
+def register_model(
+    session: Session,
+    principal: Principal,
+    body: ModelCreate,
+    settings: Settings | None = None,
+    slots: threading.Semaphore | None = None,
+) -> Model:
     """Check, hash and record a model directory. `slots` bounds the registrations hashing at once."""
     settings = settings or get_settings()
     raw = body.path
@@ -164,19 +178,22 @@ def register_model(session: Session, principal: Principal, body: ModelCreate, se
         if not directory.is_dir():
             raise Unprocessable(
                 f"model directory {raw!r} does not exist or is not a directory",
-                code="model_dir_not_found", details={"field": "path", "path": raw, "missing": ["directory"]},
+                code="model_dir_not_found",
+                details={"field": "path", "path": raw, "missing": ["directory"]},
             )
         manifest, cacheable = _stat_manifest(directory, raw, settings, roots)  # before any file is read
         missing = missing_parts(directory)
         if missing:
             raise Unprocessable(
                 f"{raw!r} is not a loadable model directory: missing {', '.join(missing)}",
-                code="invalid_model", details={"field": "path", "path": raw, "missing": missing},
+                code="invalid_model",
+                details={"field": "path", "path": raw, "missing": missing},
             )
         sha256 = _hash_directory(directory, manifest, cacheable, settings, slots)
     except (OSError, ValueError) as exc:
         raise Unprocessable(
-            f"cannot read model directory {raw!r}: {exc}"[:1000], code="model_unreadable",
+            f"cannot read model directory {raw!r}: {exc}"[:1000],
+            code="model_unreadable",
             details={"field": "path", "path": raw},
         ) from exc
     model = Model(project_id=principal.project_id, name=body.name, path=str(directory), sha256=sha256)
@@ -217,13 +234,17 @@ def lora_target_problem(model_path: str, target_modules: list[str]) -> str | Non
     if any(m == t or m.endswith("." + t) for t in target_modules for m in modules):
         return None
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()})
-    return (f"LoRA target_modules {target_modules} match no module of the model; its modules with weights are"
-            f" named {', '.join(leaves[:40])}{', …' if len(leaves) > 40 else ''}")
+    return (
+        f"LoRA target_modules {target_modules} match no module of the model; its modules with weights are"
+        f" named {', '.join(leaves[:40])}{', …' if len(leaves) > 40 else ''}"
+    )
 
 
 def get_model(session: Session, principal: Principal, model_id: str, field: str | None = None) -> Model:
     return get_owned(session, Model, model_id, principal.project_id, "model", field)
 
 
-def list_models(session: Session, principal: Principal, limit: int, cursor: str | None) -> tuple[list[Model], str | None]:
+def list_models(
+    session: Session, principal: Principal, limit: int, cursor: str | None
+) -> tuple[list[Model], str | None]:
     return paginate(session, Model, principal.project_id, limit, cursor)

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from sqlmodel import Session
 
+from halos_client.models import RoundCreate
 from halos_core.compat import TrainedParams, incompatibility, recorded_params, round_params
 from halos_core.config import Conversion, Hyperparams, LoraSettings
 from halos_core.job_spec import LORA_FSDP_PROBLEM, hyperparams_problem
@@ -31,7 +32,6 @@ from halos_core.loss_registry import LossConfig, loss_feedback_problem
 from halos_core.run_dir import CheckpointError, Manifest, read_manifest
 from server.errors import Conflict, Unprocessable, validation_details
 from server.models import FeedbackFile, Job, Round, Run
-from halos_client.models import RoundCreate
 from server.services.common import get_owned
 from server.services.keys import Principal
 from server.settings import Settings
@@ -45,29 +45,41 @@ TRAINER_STATE_FILE = "trainer_state.json"  # halos_core.checkpoint.STATE_FILE (t
 def check_hyperparams(loss_name: str, hp: Hyperparams, settings: Settings, field: str = "hyperparams") -> None:
     problem = hyperparams_problem(loss_name, hp, settings.num_processes)
     if problem:
-        raise Unprocessable(problem, code="invalid_hyperparams",
-                            details={"field": field, "reason": problem, "num_processes": settings.num_processes})
+        raise Unprocessable(
+            problem,
+            code="invalid_hyperparams",
+            details={"field": field, "reason": problem, "num_processes": settings.num_processes},
+        )
 
 
 def check_lora_fits(lora: LoraSettings | None, settings: Settings) -> None:
     if lora is not None and settings.fsdp:
-        raise Unprocessable(LORA_FSDP_PROBLEM, code="lora_not_supported",
-                            details={"field": "lora", "reason": LORA_FSDP_PROBLEM})
+        raise Unprocessable(
+            LORA_FSDP_PROBLEM, code="lora_not_supported", details={"field": "lora", "reason": LORA_FSDP_PROBLEM}
+        )
 
 
-def effective_config(run: Run, body: RoundCreate, settings: Settings) -> tuple[Any, Hyperparams, Any, LoraSettings | None]:
+def effective_config(
+    run: Run, body: RoundCreate, settings: Settings
+) -> tuple[Any, Hyperparams, Any, LoraSettings | None]:
     """(loss, hyperparams, conversion, lora) for a round: the run's defaults + the round's overrides."""
     try:
         loss = body.loss if body.loss is not None else _LOSS.validate_python(run.loss)
     except ValidationError as exc:  # a run stored by an older version
-        raise Unprocessable("the run's stored loss is no longer valid; pass `loss`", code="invalid_loss",
-                            details={"field": "loss", **validation_details(exc.errors())}) from exc
+        raise Unprocessable(
+            "the run's stored loss is no longer valid; pass `loss`",
+            code="invalid_loss",
+            details={"field": "loss", **validation_details(exc.errors())},
+        ) from exc
     patch = body.hyperparams.model_dump(exclude_unset=True) if body.hyperparams is not None else {}
     try:
         hp = Hyperparams.model_validate({**(run.hyperparams or {}), **patch})
     except ValidationError as exc:
-        raise Unprocessable("the merged hyperparameters are invalid", code="invalid_hyperparams",
-                            details={"field": "hyperparams", **validation_details(exc.errors())}) from exc
+        raise Unprocessable(
+            "the merged hyperparameters are invalid",
+            code="invalid_hyperparams",
+            details={"field": "hyperparams", **validation_details(exc.errors())},
+        ) from exc
     if "conversion" in body.model_fields_set:
         conversion = body.conversion
     else:
@@ -81,19 +93,27 @@ def feedback_files(session: Session, principal: Principal, ids: list[str]) -> li
     seen: dict[str, int] = {}
     for i, fid in enumerate(ids):
         if fid in seen:
-            raise Unprocessable(f"feedback id {fid!r} is listed twice", code="duplicate_feedback_id",
-                                details={"field": f"feedback_ids[{i}]", "id": fid})
+            raise Unprocessable(
+                f"feedback id {fid!r} is listed twice",
+                code="duplicate_feedback_id",
+                details={"field": f"feedback_ids[{i}]", "id": fid},
+            )
         seen[fid] = i
-    return [get_owned(session, FeedbackFile, fid, principal.project_id, "feedback", field=f"feedback_ids[{i}]")
-            for i, fid in enumerate(ids)]
+    return [
+        get_owned(session, FeedbackFile, fid, principal.project_id, "feedback", field=f"feedback_ids[{i}]")
+        for i, fid in enumerate(ids)
+    ]
 
 
 def check_loss_feedback(loss_name: str, files: list[FeedbackFile], conversion: Any) -> None:
     kinds = [f.kind for f in files]
     problem = loss_feedback_problem(loss_name, kinds, conversion)
     if problem:
-        raise Unprocessable(problem, code="loss_feedback_mismatch",
-                            details={"field": "loss", "reason": problem, "feedback_kinds": kinds})
+        raise Unprocessable(
+            problem,
+            code="loss_feedback_mismatch",
+            details={"field": "loss", "reason": problem, "feedback_kinds": kinds},
+        )
 
 
 def parent_manifest(path: str, field: str = "parent_checkpoint_id") -> Manifest:
@@ -127,8 +147,7 @@ def job_params(job: Job) -> TrainedParams:
         return TrainedParams()  # nothing known: the worker still checks
 
 
-def check_parent_params(have: TrainedParams, loss_name: str, lora: LoraSettings | None,
-                        parent: dict[str, Any]) -> None:
+def check_parent_params(have: TrainedParams, loss_name: str, lora: LoraSettings | None, parent: dict[str, Any]) -> None:
     """422 `parent_checkpoint_incompatible` when the parent trained other parameters than this round
     would: the worker would refuse to continue its weights and optimizer state."""
     problem = incompatibility(have, round_params(loss_name, lora))
@@ -136,15 +155,28 @@ def check_parent_params(have: TrainedParams, loss_name: str, lora: LoraSettings 
         return
     if "parent_checkpoint_id" in parent:
         where = f"checkpoint {parent['parent_checkpoint_id']}" + (
-            f" (round {parent['round_index']})" if "round_index" in parent else "")
+            f" (round {parent['round_index']})" if "round_index" in parent else ""
+        )
     else:
         where = f"round {parent.get('round_index')} (job {parent.get('parent_job_id')}, not finished yet)"
     if problem.reason == "lora":
-        details = {"field": "parent_checkpoint_id", "reason": "lora", "parent": parent,
-                   "parent_lora": problem.have, "round_lora": problem.want}
+        details = {
+            "field": "parent_checkpoint_id",
+            "reason": "lora",
+            "parent": parent,
+            "parent_lora": problem.have,
+            "round_lora": problem.want,
+        }
     else:
-        details = {"field": "loss", "reason": "head", "parent": parent, "parent_head": problem.have,
-                   "round_head": problem.want, "parent_loss": problem.parent_loss, "loss": loss_name}
+        details = {
+            "field": "loss",
+            "reason": "head",
+            "parent": parent,
+            "parent_head": problem.have,
+            "round_head": problem.want,
+            "parent_loss": problem.parent_loss,
+            "loss": loss_name,
+        }
     raise Unprocessable(problem.message(where), code="parent_checkpoint_incompatible", details=details)
 
 

@@ -16,9 +16,18 @@ from server.errors import Unprocessable, validation_details
 from server.models import Checkpoint, FeedbackFile, Model
 
 
-def round_spec(*, model: Model, parent: Checkpoint | None, files: list[FeedbackFile], data_dir: Path, loss: Any,
-               hyperparams: Hyperparams, conversion: Any, lora: LoraSettings | None,
-               gate: list[GateRule] | None = None) -> JobSpec:
+def round_spec(
+    *,
+    model: Model,
+    parent: Checkpoint | None,
+    files: list[FeedbackFile],
+    data_dir: Path,
+    loss: Any,
+    hyperparams: Hyperparams,
+    conversion: Any,
+    lora: LoraSettings | None,
+    gate: list[GateRule] | None = None,
+) -> JobSpec:
     try:
         return JobSpec(
             reference_path=model.path,
@@ -34,5 +43,8 @@ def round_spec(*, model: Model, parent: Checkpoint | None, files: list[FeedbackF
             gate=gate or None,
         )
     except ValidationError as exc:
-        raise Unprocessable("the round's configuration is invalid", code="invalid_round_config",
-                            details=validation_details(exc.errors())) from exc
+        raise Unprocessable(
+            "the round's configuration is invalid",
+            code="invalid_round_config",
+            details=validation_details(exc.errors()),
+        ) from exc

@@ -29,11 +29,22 @@ def round_views(session: Session, rounds: list[Round]) -> list[RoundOut]:
         parent_ckpt = r.parent_checkpoint_id or (parent_round.checkpoint_id if parent_round else None)
         out.append(
             RoundOut(
-                index=r.index, round_id=r.id, run_id=r.run_id, job_id=r.job_id, status=status_text(job),
-                parent_checkpoint_id=parent_ckpt, parent_job_id=job.parent_job_id if job else None,
-                checkpoint_id=r.checkpoint_id, feedback_ids=list(r.feedback_ids or []), loss=dict(r.loss or {}),
-                hyperparams=dict(r.hyperparams or {}), conversion=r.conversion, gate=r.gate, promoted=r.promoted,
-                promotion=r.promotion, created_at=r.created_at,
+                index=r.index,
+                round_id=r.id,
+                run_id=r.run_id,
+                job_id=r.job_id,
+                status=status_text(job),
+                parent_checkpoint_id=parent_ckpt,
+                parent_job_id=job.parent_job_id if job else None,
+                checkpoint_id=r.checkpoint_id,
+                feedback_ids=list(r.feedback_ids or []),
+                loss=dict(r.loss or {}),
+                hyperparams=dict(r.hyperparams or {}),
+                conversion=r.conversion,
+                gate=r.gate,
+                promoted=r.promoted,
+                promotion=r.promotion,
+                created_at=r.created_at,
             )
         )
     return out
@@ -51,21 +62,41 @@ def round_view(session: Session, rnd: Round) -> RoundOut:
 def run_view(session: Session, run: Run) -> RunOut:
     rounds = list(session.exec(select(Round).where(Round.run_id == run.id).order_by(col(Round.index))).all())
     return RunOut(
-        id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}),
-        hyperparams=dict(run.hyperparams or {}), conversion=run.conversion, lora=run.lora,
+        id=run.id,
+        name=run.name,
+        model_id=run.model_id,
+        loss=dict(run.loss or {}),
+        hyperparams=dict(run.hyperparams or {}),
+        conversion=run.conversion,
+        lora=run.lora,
         head_checkpoint_id=run.head_checkpoint_id,
-        head_history=[HeadMoveOut(from_checkpoint_id=m.from_checkpoint_id, to_checkpoint_id=m.to_checkpoint_id,
-                                  reason=m.reason, round_id=m.round_id, created_at=m.created_at)
-                      for m in session.exec(select(HeadMove).where(HeadMove.run_id == run.id)
-                                            .order_by(col(HeadMove.id))).all()],
-        created_at=run.created_at, rounds=round_views(session, rounds),
-        tracking=[TrackingLinkOut(backend=t.backend, tracking_run_id=t.tracking_run_id,
-                                  exported_steps={k: int(v) for k, v in ((t.exported or {}).get("steps") or {}).items()},
-                                  last_error=t.last_error)
-                  for t in session.exec(select(TrackingLink).where(TrackingLink.run_id == run.id)
-                                        .order_by(col(TrackingLink.backend))).all()],
+        head_history=[
+            HeadMoveOut(
+                from_checkpoint_id=m.from_checkpoint_id,
+                to_checkpoint_id=m.to_checkpoint_id,
+                reason=m.reason,
+                round_id=m.round_id,
+                created_at=m.created_at,
+            )
+            for m in session.exec(select(HeadMove).where(HeadMove.run_id == run.id).order_by(col(HeadMove.id))).all()
+        ],
+        created_at=run.created_at,
+        rounds=round_views(session, rounds),
+        tracking=[
+            TrackingLinkOut(
+                backend=t.backend,
+                tracking_run_id=t.tracking_run_id,
+                exported_steps={k: int(v) for k, v in ((t.exported or {}).get("steps") or {}).items()},
+                last_error=t.last_error,
+            )
+            for t in session.exec(
+                select(TrackingLink).where(TrackingLink.run_id == run.id).order_by(col(TrackingLink.backend))
+            ).all()
+        ],
     )
 
 
 def run_summary(run: Run) -> RunSummary:
-    return RunSummary(id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}), created_at=run.created_at)
+    return RunSummary(
+        id=run.id, name=run.name, model_id=run.model_id, loss=dict(run.loss or {}), created_at=run.created_at
+    )

@@ -21,10 +21,10 @@ import logging
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from halos_client.models import RoundCreate, RunCreate
 from server import jobs
 from server.errors import Conflict, Unprocessable, not_found
 from server.jobs import ParentFailed
-from halos_client.models import RoundCreate, RunCreate
 from server.jobs.head import head_checkpoint
 from server.models import UNFINISHED_STATUSES, Checkpoint, HeadMove, Job, JobStatus, Model, Round, Run
 from server.services import idempotency
@@ -45,8 +45,8 @@ from server.services.round_checks import (
 )
 from server.services.round_spec import round_spec
 from server.services.run_views import status_text
-from server.tracking.links import add_tracking_links
 from server.settings import Settings
+from server.tracking.links import add_tracking_links
 
 log = logging.getLogger("halos.runs")
 
@@ -79,14 +79,16 @@ def list_runs(session: Session, principal: Principal, limit: int, cursor: str | 
     return paginate(session, Run, principal.project_id, limit, cursor)
 
 
-def create_run(session: Session, settings: Settings, principal: Principal, body: RunCreate,
-               idempotency_key: str | None) -> tuple[Run, bool]:
+def create_run(
+    session: Session, settings: Settings, principal: Principal, body: RunCreate, idempotency_key: str | None
+) -> tuple[Run, bool]:
     """Create a run. Returns (run, replayed)."""
     req_hash = idempotency.request_hash(RUN_ENDPOINT, body.model_dump(mode="json", exclude_unset=True))
     for _ in range(3):
         if idempotency_key is not None:
-            record = idempotency.lookup(session, principal.project_id, RUN_ENDPOINT, idempotency_key, req_hash,
-                                        settings.idempotency_ttl_hours)
+            record = idempotency.lookup(
+                session, principal.project_id, RUN_ENDPOINT, idempotency_key, req_hash, settings.idempotency_ttl_hours
+            )
             if record is not None:
                 run = get_run(session, principal, record.resource_id or "")
                 session.commit()
@@ -95,11 +97,15 @@ def create_run(session: Session, settings: Settings, principal: Principal, body:
         check_hyperparams(body.loss.name, body.hyperparams, settings)
         check_lora_fits(body.lora, settings)
         if body.lora is not None and (problem := lora_target_problem(model.path, body.lora.target_modules)):
-            raise Unprocessable(problem, code="lora_not_applicable",
-                                details={"field": "lora.target_modules", "reason": problem})
+            raise Unprocessable(
+                problem, code="lora_not_applicable", details={"field": "lora.target_modules", "reason": problem}
+            )
         run = Run(
-            project_id=principal.project_id, name=body.name, model_id=body.model_id,
-            loss=body.loss.model_dump(mode="json"), hyperparams=body.hyperparams.model_dump(mode="json"),
+            project_id=principal.project_id,
+            name=body.name,
+            model_id=body.model_id,
+            loss=body.loss.model_dump(mode="json"),
+            hyperparams=body.hyperparams.model_dump(mode="json"),
             conversion=body.conversion.model_dump(mode="json") if body.conversion else None,
             lora=body.lora.model_dump(mode="json") if body.lora else None,
         )
@@ -116,19 +122,27 @@ def create_run(session: Session, settings: Settings, principal: Principal, body:
     raise Conflict("could not create the run because of concurrent requests; retry", code="concurrent_update")
 
 
-
 # --------------------------------------------------------------------------- rounds
 
 
 def _rolled_back_since(session: Session, run: Run, latest: Round) -> bool:
     """The head was rolled back after `latest` was created: a failed latest round no longer blocks."""
-    move = session.exec(select(HeadMove).where(HeadMove.run_id == run.id, HeadMove.reason == "rollback")
-                        .order_by(col(HeadMove.id).desc())).first()
+    move = session.exec(
+        select(HeadMove)
+        .where(HeadMove.run_id == run.id, HeadMove.reason == "rollback")
+        .order_by(col(HeadMove.id).desc())
+    ).first()
     return move is not None and move.created_at >= latest.created_at
 
 
-def create_round(session: Session, settings: Settings, principal: Principal, run_id: str, body: RoundCreate,
-                 idempotency_key: str | None) -> tuple[Round, Job, bool]:
+def create_round(
+    session: Session,
+    settings: Settings,
+    principal: Principal,
+    run_id: str,
+    body: RoundCreate,
+    idempotency_key: str | None,
+) -> tuple[Round, Job, bool]:
     """Validate and submit a round. Returns (round, job, replayed)."""
     req_hash = idempotency.request_hash(ROUND_ENDPOINT, run_id, body.model_dump(mode="json", exclude_unset=True))
     run = get_run(session, principal, run_id)
@@ -136,8 +150,9 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
     def replay() -> tuple[Round, Job, bool] | None:
         if idempotency_key is None:
             return None
-        record = idempotency.lookup(session, principal.project_id, ROUND_ENDPOINT, idempotency_key, req_hash,
-                                    settings.idempotency_ttl_hours)
+        record = idempotency.lookup(
+            session, principal.project_id, ROUND_ENDPOINT, idempotency_key, req_hash, settings.idempotency_ttl_hours
+        )
         if record is None:
             return None
         rnd = session.get(Round, record.resource_id)
@@ -153,8 +168,9 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
     # Explicit parent: ownership first (cheap), the checkpoint's files last (see below).
     explicit: Checkpoint | None = None
     if body.parent_checkpoint_id is not None:
-        explicit = get_owned(session, Checkpoint, body.parent_checkpoint_id, principal.project_id, "checkpoint",
-                             "parent_checkpoint_id")
+        explicit = get_owned(
+            session, Checkpoint, body.parent_checkpoint_id, principal.project_id, "checkpoint", "parent_checkpoint_id"
+        )
         if explicit.run_id != run.id:
             raise not_found("checkpoint", body.parent_checkpoint_id, "parent_checkpoint_id")
 
@@ -162,9 +178,12 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
     files = feedback_files(session, principal, body.feedback_ids)
     check_loss_feedback(loss.name, files, conversion)
     if body.gate and not any(f.n_test for f in files) and hp.eval_fraction <= 0:
-        raise Unprocessable("a gate compares eval metrics: the round needs an eval set (records with "
-                            "\"split\": \"test\" or hyperparams.eval_fraction > 0)", code="gate_without_eval_set",
-                            details={"field": "gate"})
+        raise Unprocessable(
+            "a gate compares eval metrics: the round needs an eval set (records with "
+            '"split": "test" or hyperparams.eval_fraction > 0)',
+            code="gate_without_eval_set",
+            details={"field": "gate"},
+        )
     if explicit is not None:
         # Complete (meta.json readable) and compatible; its files are NOT hashed here (tens of GB in
         # a request): the trainer verifies them when it loads the checkpoint and fails the job with
@@ -193,36 +212,67 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
             status = parent_job.status if parent_job is not None else None
             if parent_job is not None and status in UNFINISHED_STATUSES:
                 parent_job_id = latest.job_id
-                check_parent_params(job_params(parent_job), loss.name, lora,
-                                    {"parent_job_id": parent_job.id, "round_index": latest.index})
+                check_parent_params(
+                    job_params(parent_job),
+                    loss.name,
+                    lora,
+                    {"parent_job_id": parent_job.id, "round_index": latest.index},
+                )
             elif status == JobStatus.succeeded or _rolled_back_since(session, run, latest):
                 if status == JobStatus.succeeded and latest.checkpoint_id is None:
                     raise Conflict(
                         f"round {latest.index} succeeded but has no registered checkpoint",
-                        code="parent_checkpoint_missing", details={"round_index": latest.index, "job_id": latest.job_id},
+                        code="parent_checkpoint_missing",
+                        details={"round_index": latest.index, "job_id": latest.job_id},
                     )
                 parent_ckpt = head_checkpoint(session, run)
                 if parent_ckpt is not None:
                     parent_round_id = parent_ckpt.round_id
                     manifest = parent_manifest(parent_ckpt.path)
                     head_round = session.get(Round, parent_ckpt.round_id)
-                    check_parent_params(checkpoint_params(manifest), loss.name, lora,
-                                        {"parent_checkpoint_id": parent_ckpt.id,
-                                         "round_index": head_round.index if head_round else None})
+                    check_parent_params(
+                        checkpoint_params(manifest),
+                        loss.name,
+                        lora,
+                        {
+                            "parent_checkpoint_id": parent_ckpt.id,
+                            "round_index": head_round.index if head_round else None,
+                        },
+                    )
             else:
                 raise parent_round_failed(latest, status_text(parent_job))
 
-        job = Job(project_id=principal.project_id, kind="round", max_attempts=settings.max_attempts,
-                  parent_job_id=parent_job_id)
+        job = Job(
+            project_id=principal.project_id,
+            kind="round",
+            max_attempts=settings.max_attempts,
+            parent_job_id=parent_job_id,
+        )
         job.run_dir = str(settings.runs_dir.resolve() / job.id)
-        spec = round_spec(model=model, parent=parent_ckpt, files=files, data_dir=data_dir, loss=loss,
-                          hyperparams=hp, conversion=conversion, lora=lora, gate=body.gate)
+        spec = round_spec(
+            model=model,
+            parent=parent_ckpt,
+            files=files,
+            data_dir=data_dir,
+            loss=loss,
+            hyperparams=hp,
+            conversion=conversion,
+            lora=lora,
+            gate=body.gate,
+        )
         job.spec = spec.model_dump(mode="json")
         rnd = Round(
-            project_id=principal.project_id, run_id=run.id, index=index, job_id=job.id,
-            parent_round_id=parent_round_id, parent_checkpoint_id=parent_ckpt.id if parent_ckpt else None,
-            feedback_ids=[f.id for f in files], loss=job.spec["loss"], hyperparams=job.spec["hyperparams"],
-            conversion=job.spec["conversion"], gate=job.spec["gate"],
+            project_id=principal.project_id,
+            run_id=run.id,
+            index=index,
+            job_id=job.id,
+            parent_round_id=parent_round_id,
+            parent_checkpoint_id=parent_ckpt.id if parent_ckpt else None,
+            feedback_ids=[f.id for f in files],
+            loss=job.spec["loss"],
+            hyperparams=job.spec["hyperparams"],
+            conversion=job.spec["conversion"],
+            gate=job.spec["gate"],
         )
         session.add(rnd)
         if idempotency_key is not None:
@@ -242,4 +292,3 @@ def create_round(session: Session, settings: Settings, principal: Principal, run
                 log.exception("publishing job %s failed; the sweeper will retry", job.id)
         return rnd, job, False
     raise Conflict("could not create the round because of concurrent requests; retry", code="concurrent_update")
-

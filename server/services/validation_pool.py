@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from halos_core.feedback import FeedbackLimits, FeedbackSummary, validate_file
 from halos_core.feedback.fast import merge, plan, scan_segment
@@ -42,8 +43,7 @@ class ValidationPool:
         self.workers = max(1, workers)
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["halos_core.feedback.fast"])
-        self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
-                                             initializer=_lower_priority)
+        self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_lower_priority)
 
     def validate(self, path: Path, limits: FeedbackLimits) -> FeedbackSummary:
         """Blocks the calling thread (never the event loop) until a worker has an answer."""

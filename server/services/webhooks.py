@@ -5,14 +5,20 @@ server/webhooks/dispatcher.py."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Optional
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from halos_client.event_models import (
+    DeliveryAttemptOut,
+    DeliveryList,
+    DeliveryOut,
+    WebhookCreate,
+    WebhookOut,
+    WebhookWithSecret,
+)
 from server.errors import Unprocessable, not_found
-from halos_client.event_models import DeliveryAttemptOut, DeliveryList, DeliveryOut, WebhookCreate, WebhookOut, WebhookWithSecret
-from server.models import WebhookAttempt, OutboundDelivery, WebhookEndpoint, utcnow
+from server.models import OutboundDelivery, WebhookAttempt, WebhookEndpoint, utcnow
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
 from server.settings import Settings
@@ -22,9 +28,15 @@ MAX_LOG_ATTEMPTS = 50
 
 
 def webhook_out(w: WebhookEndpoint) -> WebhookOut:
-    return WebhookOut(id=w.id, url=w.url, event_types=list(w.event_types or []), description=w.description,
-                      created_at=w.created_at, secret_rotated_at=w.secret_rotated_at,
-                      previous_secret_expires_at=w.previous_secret_expires_at)
+    return WebhookOut(
+        id=w.id,
+        url=w.url,
+        event_types=list(w.event_types or []),
+        description=w.description,
+        created_at=w.created_at,
+        secret_rotated_at=w.secret_rotated_at,
+        previous_secret_expires_at=w.previous_secret_expires_at,
+    )
 
 
 def with_secret(w: WebhookEndpoint) -> WebhookWithSecret:
@@ -43,19 +55,27 @@ def create(session: Session, settings: Settings, principal: Principal, body: Web
     host = body.url.host or ""
     why = addresses.literal_refusal(host, settings.webhook_allowed_networks)
     if why:
-        raise Unprocessable(f"webhook URL not allowed: {why}", code="webhook_url_not_allowed",
-                            details={"field": "url", "reason": why})
-    w = WebhookEndpoint(project_id=principal.project_id, url=url, event_types=body.event_types,
-                        description=body.description, secret=signing.new_secret())
+        raise Unprocessable(
+            f"webhook URL not allowed: {why}", code="webhook_url_not_allowed", details={"field": "url", "reason": why}
+        )
+    w = WebhookEndpoint(
+        project_id=principal.project_id,
+        url=url,
+        event_types=body.event_types,
+        description=body.description,
+        secret=signing.new_secret(),
+    )
     session.add(w)
     session.commit()
     return w
 
 
-def list_webhooks(session: Session, principal: Principal, limit: int, cursor: Optional[str]
-                  ) -> tuple[list[WebhookEndpoint], Optional[str]]:
-    return paginate(session, WebhookEndpoint, principal.project_id, limit, cursor,
-                    col(WebhookEndpoint.deleted_at).is_(None))
+def list_webhooks(
+    session: Session, principal: Principal, limit: int, cursor: str | None
+) -> tuple[list[WebhookEndpoint], str | None]:
+    return paginate(
+        session, WebhookEndpoint, principal.project_id, limit, cursor, col(WebhookEndpoint.deleted_at).is_(None)
+    )
 
 
 def delete(session: Session, principal: Principal, webhook_id: str) -> None:
@@ -65,9 +85,13 @@ def delete(session: Session, principal: Principal, webhook_id: str) -> None:
     now = utcnow()
     w.deleted_at = now
     session.add(w)
-    session.exec(update(OutboundDelivery).where(  # type: ignore[call-overload]
-        OutboundDelivery.endpoint_id == w.id, OutboundDelivery.status == "pending"
-    ).values(status="failed", last_error="endpoint deleted", finished_at=now))
+    session.exec(
+        update(OutboundDelivery)
+        .where(  # type: ignore[call-overload]
+            OutboundDelivery.endpoint_id == w.id, OutboundDelivery.status == "pending"
+        )
+        .values(status="failed", last_error="endpoint deleted", finished_at=now)
+    )
     session.commit()
 
 
@@ -87,16 +111,34 @@ def rotate(session: Session, settings: Settings, principal: Principal, webhook_i
 
 def delivery_out(d: OutboundDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
     return DeliveryOut(
-        id=d.id, endpoint_id=d.endpoint_id, event_id=d.event_id, type=d.type, status=d.status, attempts=d.attempts,
-        next_attempt_at=d.next_attempt_at if d.status == "pending" else None, last_status_code=d.last_status_code,
-        last_error=d.last_error, created_at=d.created_at, finished_at=d.finished_at,
-        log=[DeliveryAttemptOut(attempt=a.attempt, started_at=a.started_at, duration_ms=a.duration_ms,
-                                status_code=a.status_code, error=a.error, ok=a.ok) for a in attempts],
+        id=d.id,
+        endpoint_id=d.endpoint_id,
+        event_id=d.event_id,
+        type=d.type,
+        status=d.status,
+        attempts=d.attempts,
+        next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+        last_status_code=d.last_status_code,
+        last_error=d.last_error,
+        created_at=d.created_at,
+        finished_at=d.finished_at,
+        log=[
+            DeliveryAttemptOut(
+                attempt=a.attempt,
+                started_at=a.started_at,
+                duration_ms=a.duration_ms,
+                status_code=a.status_code,
+                error=a.error,
+                ok=a.ok,
+            )
+            for a in attempts
+        ],
     )
 
 
-def list_deliveries(session: Session, principal: Principal, webhook_id: str, status: Optional[str], limit: int,
-                    cursor: Optional[str]) -> DeliveryList:
+def list_deliveries(
+    session: Session, principal: Principal, webhook_id: str, status: str | None, limit: int, cursor: str | None
+) -> DeliveryList:
     """Newest first, each with its attempts (at most the last MAX_LOG_ATTEMPTS)."""
     w = get_owned(session, WebhookEndpoint, webhook_id, principal.project_id, "webhook")
     filters = [OutboundDelivery.endpoint_id == w.id]
@@ -106,8 +148,9 @@ def list_deliveries(session: Session, principal: Principal, webhook_id: str, sta
     ids = [d.id for d in rows]
     logs: dict[str, list[WebhookAttempt]] = {i: [] for i in ids}
     if ids:
-        for a in session.exec(select(WebhookAttempt).where(col(WebhookAttempt.delivery_id).in_(ids))
-                              .order_by(col(WebhookAttempt.attempt))).all():
+        for a in session.exec(
+            select(WebhookAttempt).where(col(WebhookAttempt.delivery_id).in_(ids)).order_by(col(WebhookAttempt.attempt))
+        ).all():
             logs[a.delivery_id].append(a)
     session.commit()
     return DeliveryList(items=[delivery_out(d, logs[d.id][-MAX_LOG_ATTEMPTS:]) for d in rows], next_cursor=next_cursor)
@@ -119,11 +162,19 @@ def redeliver(session: Session, principal: Principal, webhook_id: str, delivery_
     d = get_owned(session, OutboundDelivery, delivery_id, principal.project_id, "delivery")
     if d.endpoint_id != w.id:
         raise not_found("delivery", delivery_id)
-    session.exec(update(OutboundDelivery).where(OutboundDelivery.id == d.id).values(  # type: ignore[call-overload]
-        status="pending", next_attempt_at=utcnow(), finished_at=None, lease_owner=None, lease_expires_at=None))
+    session.exec(
+        update(OutboundDelivery)
+        .where(OutboundDelivery.id == d.id)
+        .values(  # type: ignore[call-overload]
+            status="pending", next_attempt_at=utcnow(), finished_at=None, lease_owner=None, lease_expires_at=None
+        )
+    )
     session.commit()
     session.refresh(d)
-    attempts = list(session.exec(select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id)
-                                 .order_by(col(WebhookAttempt.attempt))).all())
+    attempts = list(
+        session.exec(
+            select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id).order_by(col(WebhookAttempt.attempt))
+        ).all()
+    )
     session.commit()
     return delivery_out(d, attempts)

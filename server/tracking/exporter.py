@@ -27,13 +27,13 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from server.db import get_engine
 from halos_client.event_models import EventType
+from server.db import get_engine
 from server.models import TERMINAL_STATUSES, Event, Job, JobStatus, MetricPoint, Round, Run, TrackingLink, utcnow
 from server.settings import Settings, get_settings
 
@@ -76,8 +76,9 @@ def final_step(session: Session, job: Job) -> float:
         return float("inf")
     if status == JobStatus.waiting:
         return -1
-    saved = session.exec(select(Event.data).where(Event.job_id == job.id,
-                                                  Event.type == EventType.job_checkpoint_saved.value)).all()
+    saved = session.exec(
+        select(Event.data).where(Event.job_id == job.id, Event.type == EventType.job_checkpoint_saved.value)
+    ).all()
     return max((int((d or {}).get("step") or 0) for d in saved), default=-1)
 
 
@@ -85,8 +86,11 @@ def final_points(session: Session, job: Job, after: int) -> list[Point]:
     upto = final_step(session, job)
     if upto <= after:
         return []
-    rows = session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id, MetricPoint.step > after)
-                        .order_by(col(MetricPoint.step), col(MetricPoint.attempt), col(MetricPoint.id))).all()
+    rows = session.exec(
+        select(MetricPoint)
+        .where(MetricPoint.job_id == job.id, MetricPoint.step > after)
+        .order_by(col(MetricPoint.step), col(MetricPoint.attempt), col(MetricPoint.id))
+    ).all()
     latest: dict[tuple[int, str], MetricPoint] = {}
     for row in rows:
         if row.step <= upto:
@@ -94,8 +98,11 @@ def final_points(session: Session, job: Job, after: int) -> list[Point]:
     order = {"train": 0, "eval": 1}
     out = []
     for (step, split), row in sorted(latest.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 2), kv[0][1])):
-        values = {k: float(v) for k, v in (row.data or {}).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "split", "time")}
+        values = {
+            k: float(v)
+            for k, v in (row.data or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "split", "time")
+        }
         out.append(Point(step, split, values, int(row.created_at.timestamp() * 1000)))
     return out
 
@@ -105,10 +112,13 @@ def lineage_tags(session: Session, run: Run, rounds: list[Round], jobs: dict[str
     for r in rounds:
         job = jobs[r.job_id]
         prefix = f"halos.round.{r.index}"
-        tags |= {f"{prefix}.round_id": r.id, f"{prefix}.job_id": r.job_id,
-                 f"{prefix}.status": JobStatus(job.status).value,
-                 f"{prefix}.parent_checkpoint_id": r.parent_checkpoint_id or "sft",
-                 f"{prefix}.feedback_ids": ",".join(r.feedback_ids or [])}
+        tags |= {
+            f"{prefix}.round_id": r.id,
+            f"{prefix}.job_id": r.job_id,
+            f"{prefix}.status": JobStatus(job.status).value,
+            f"{prefix}.parent_checkpoint_id": r.parent_checkpoint_id or "sft",
+            f"{prefix}.feedback_ids": ",".join(r.feedback_ids or []),
+        }
         if r.checkpoint_id:
             tags[f"{prefix}.checkpoint_id"] = r.checkpoint_id
     return tags
@@ -126,7 +136,7 @@ class Exporter:
         for backend in self.backends.values():
             try:
                 backend.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
+            except Exception:
                 log.warning("closing a tracking run failed", exc_info=True)
         self.backends.clear()
 
@@ -141,21 +151,33 @@ class Exporter:
             with Session(engine, expire_on_commit=False) as session:
                 try:
                     total += self._export_link(session, link_id)
-                except Exception as exc:  # noqa: BLE001 - one broken tracking server must not stop the others
+                except Exception as exc:
                     session.rollback()
                     log.warning("tracking export of link %s failed: %s", link_id, exc)
                     self.backends.pop(link_id, None)
-                    session.exec(update(TrackingLink).where(TrackingLink.id == link_id).values(  # type: ignore[call-overload]
-                        last_error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]))
+                    session.exec(
+                        update(TrackingLink)
+                        .where(TrackingLink.id == link_id)
+                        .values(  # type: ignore[call-overload]
+                            last_error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+                        )
+                    )
                     session.commit()
         return total
 
     def _claim(self, session: Session, link_id: int) -> bool:
         now = utcnow()
         stale = now - timedelta(seconds=self.settings.tracking_interval_s / 2)
-        claimed = session.exec(update(TrackingLink).where(  # type: ignore[call-overload]
-            TrackingLink.id == link_id, or_(TrackingLink.updated_at <= stale, TrackingLink.updated_at.is_(None))
-        ).values(updated_at=now)).rowcount == 1
+        claimed = (
+            session.exec(
+                update(TrackingLink)
+                .where(  # type: ignore[call-overload]
+                    TrackingLink.id == link_id, or_(TrackingLink.updated_at <= stale, TrackingLink.updated_at.is_(None))
+                )
+                .values(updated_at=now)
+            ).rowcount
+            == 1
+        )
         session.commit()
         return claimed
 
@@ -183,8 +205,13 @@ class Exporter:
             tracking_run_id = backend.open(link, run, self.settings)
             self.backends[link_id] = backend
             if tracking_run_id != link.tracking_run_id:  # stored at once: every later process resumes it
-                session.exec(update(TrackingLink).where(TrackingLink.id == link_id).values(  # type: ignore[call-overload]
-                    tracking_run_id=tracking_run_id))
+                session.exec(
+                    update(TrackingLink)
+                    .where(TrackingLink.id == link_id)
+                    .values(  # type: ignore[call-overload]
+                        tracking_run_id=tracking_run_id
+                    )
+                )
                 session.commit()
         n = 0
         for job_id, pts in new:
@@ -192,8 +219,13 @@ class Exporter:
             steps[job_id] = max(p.step for p in pts)
             n += len(pts)
         backend.set_lineage(tags)
-        session.exec(update(TrackingLink).where(TrackingLink.id == link_id).values(  # type: ignore[call-overload]
-            exported={"steps": steps, "tags": tags}, last_error=None, updated_at=utcnow()))
+        session.exec(
+            update(TrackingLink)
+            .where(TrackingLink.id == link_id)
+            .values(  # type: ignore[call-overload]
+                exported={"steps": steps, "tags": tags}, last_error=None, updated_at=utcnow()
+            )
+        )
         session.commit()
         if all(JobStatus(j.status) in TERMINAL_STATUSES for j in jobs.values()):
             backend.close()  # a later round resumes the same tracking run
@@ -201,7 +233,7 @@ class Exporter:
         return n
 
 
-def run_forever(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None) -> None:
+def run_forever(settings: Settings | None = None, stop_event: threading.Event | None = None) -> None:
     settings = settings or get_settings()
     stop_event = stop_event or threading.Event()
     exporter = Exporter(settings)
@@ -209,15 +241,16 @@ def run_forever(settings: Optional[Settings] = None, stop_event: Optional[thread
         while not stop_event.is_set():
             try:
                 exporter.export_once()
-            except Exception:  # noqa: BLE001 - a DB outage must not kill the loop
+            except Exception:
                 log.exception("tracking export pass failed")
             stop_event.wait(settings.tracking_interval_s)
     finally:
         exporter.close()
 
 
-def start_thread(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None
-                 ) -> tuple[threading.Thread, threading.Event]:
+def start_thread(
+    settings: Settings | None = None, stop_event: threading.Event | None = None
+) -> tuple[threading.Thread, threading.Event]:
     stop_event = stop_event or threading.Event()
     thread = threading.Thread(target=run_forever, args=(settings, stop_event), name="halos-tracking", daemon=True)
     thread.start()

@@ -25,8 +25,11 @@ class MlflowBackend:
         config = link.config or {}
         # default: a SQLite store under the data dir (MLflow 3 keeps its ./mlruns file store only behind
         # MLFLOW_ALLOW_FILE_STORE=true)
-        uri = (config.get("tracking_uri") or settings.mlflow_tracking_uri
-               or f"sqlite:///{(settings.data_dir / 'mlflow.db').resolve()}")
+        uri = (
+            config.get("tracking_uri")
+            or settings.mlflow_tracking_uri
+            or f"sqlite:///{(settings.data_dir / 'mlflow.db').resolve()}"
+        )
         self.client = MlflowClient(tracking_uri=uri)
         if link.tracking_run_id:
             self.run_id = link.tracking_run_id
@@ -38,11 +41,15 @@ class MlflowBackend:
         name = config.get("experiment") or "halos"
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        created = self.client.create_run(experiment_id, run_name=run.name or run.id,
-                                         tags={"halos.run_id": run.id, "halos.model_id": run.model_id})
+        created = self.client.create_run(
+            experiment_id, run_name=run.name or run.id, tags={"halos.run_id": run.id, "halos.model_id": run.model_id}
+        )
         self.run_id = created.info.run_id
-        params = {"loss": (run.loss or {}).get("name"), **{f"loss.{k}": v for k, v in (run.loss or {}).items()},
-                  **{f"hyperparams.{k}": v for k, v in (run.hyperparams or {}).items()}}
+        params = {
+            "loss": (run.loss or {}).get("name"),
+            **{f"loss.{k}": v for k, v in (run.loss or {}).items()},
+            **{f"hyperparams.{k}": v for k, v in (run.hyperparams or {}).items()},
+        }
         from mlflow.entities import Param
 
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items() if v is not None])
@@ -59,7 +66,7 @@ class MlflowBackend:
                     metrics.append(Metric(key, value, p.timestamp_ms, p.step))
                     self.logged.add((key, p.step))
         for i in range(0, len(metrics), BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
 
     def set_lineage(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

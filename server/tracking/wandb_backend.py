@@ -24,8 +24,13 @@ class WandbBackend:
         directory.mkdir(parents=True, exist_ok=True)
         run_id = link.tracking_run_id or run.id.replace("_", "-")
         self.run = wandb.init(
-            project=config.get("project") or "halos", entity=config.get("entity"), id=run_id, resume="allow",
-            mode=config.get("mode") or "online", dir=str(directory), name=run.name or run.id,
+            project=config.get("project") or "halos",
+            entity=config.get("entity"),
+            id=run_id,
+            resume="allow",
+            mode=config.get("mode") or "online",
+            dir=str(directory),
+            name=run.name or run.id,
             config={"halos_run_id": run.id, "model_id": run.model_id, "loss": run.loss, "hyperparams": run.hyperparams},
             settings=wandb.Settings(reinit="create_new", console="off", x_disable_stats=True, silent=True),
         )

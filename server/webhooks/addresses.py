@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import httpx
 
@@ -24,7 +24,7 @@ class AddressRefused(Exception):
     """The destination resolves to no address a webhook may reach."""
 
 
-def refusal(ip: IPAddress, allowed: Iterable[str]) -> Optional[str]:
+def refusal(ip: IPAddress, allowed: Iterable[str]) -> str | None:
     """Why `ip` may not be reached (None: it may)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
@@ -39,7 +39,7 @@ def refusal(ip: IPAddress, allowed: Iterable[str]) -> Optional[str]:
     return None
 
 
-def literal_refusal(host: str, allowed: Iterable[str]) -> Optional[str]:
+def literal_refusal(host: str, allowed: Iterable[str]) -> str | None:
     """For a URL given as an IP literal or `localhost`: why it can never be reached (checked when an
     endpoint is created; host names are checked again at every send)."""
     try:
@@ -66,8 +66,10 @@ def resolve_allowed(host: str, port: int, allowed: Iterable[str]) -> IPAddress:
         if why is None:
             return ip
         reasons.append(why)
-    raise AddressRefused(f"{host} resolves to no allowed address ({'; '.join(sorted(set(reasons)))});"
-                         " an operator can allow networks with HALOS_WEBHOOK_ALLOWED_NETWORKS")
+    raise AddressRefused(
+        f"{host} resolves to no allowed address ({'; '.join(sorted(set(reasons)))});"
+        " an operator can allow networks with HALOS_WEBHOOK_ALLOWED_NETWORKS"
+    )
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Optional
 
 import httpx
 from sqlalchemy import or_, update
 from sqlmodel import Session, select
 
 from server.db import get_engine
-from server.models import WebhookAttempt, OutboundDelivery, WebhookEndpoint, utcnow
+from server.models import OutboundDelivery, WebhookAttempt, WebhookEndpoint, utcnow
 from server.settings import Settings, get_settings
 from server.webhooks import addresses, signing
 
@@ -55,28 +54,36 @@ class Claimed:
 @dataclass(frozen=True)
 class Sent:
     ok: bool
-    status_code: Optional[int]
-    error: Optional[str]
+    status_code: int | None
+    error: str | None
     started_at: datetime
     duration_ms: int
 
 
-def claim(session: Session, owner: str, settings: Settings, now: Optional[datetime] = None) -> list[Claimed]:
+def claim(session: Session, owner: str, settings: Settings, now: datetime | None = None) -> list[Claimed]:
     now = now or utcnow()
     due = (
         select(OutboundDelivery.id)
-        .where(OutboundDelivery.status == "pending", OutboundDelivery.next_attempt_at <= now,
-               or_(OutboundDelivery.lease_expires_at.is_(None), OutboundDelivery.lease_expires_at < now))
+        .where(
+            OutboundDelivery.status == "pending",
+            OutboundDelivery.next_attempt_at <= now,
+            or_(OutboundDelivery.lease_expires_at.is_(None), OutboundDelivery.lease_expires_at < now),
+        )
         .order_by(OutboundDelivery.next_attempt_at)
         .limit(settings.webhook_batch_size)
         .with_for_update(skip_locked=True)
     )
     try:
-        ids = session.exec(  # type: ignore[call-overload]
-            update(OutboundDelivery).where(OutboundDelivery.id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.webhook_lease_s))
-            .returning(OutboundDelivery.id)
-        ).scalars().all()
+        ids = (
+            session.exec(  # type: ignore[call-overload]
+                update(OutboundDelivery)
+                .where(OutboundDelivery.id.in_(due.scalar_subquery()))
+                .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.webhook_lease_s))
+                .returning(OutboundDelivery.id)
+            )
+            .scalars()
+            .all()
+        )
         claimed = []
         for delivery_id in ids:
             d = session.get(OutboundDelivery, delivery_id)
@@ -84,10 +91,15 @@ def claim(session: Session, owner: str, settings: Settings, now: Optional[dateti
             if d is None or endpoint is None:
                 continue
             keys = [endpoint.secret]
-            if endpoint.previous_secret and endpoint.previous_secret_expires_at and endpoint.previous_secret_expires_at > now:
+            if (
+                endpoint.previous_secret
+                and endpoint.previous_secret_expires_at
+                and endpoint.previous_secret_expires_at > now
+            ):
                 keys.append(endpoint.previous_secret)
-            claimed.append(Claimed(d.id, d.body, endpoint.url, tuple(keys), d.attempts + 1,
-                                   endpoint.deleted_at is not None))
+            claimed.append(
+                Claimed(d.id, d.body, endpoint.url, tuple(keys), d.attempts + 1, endpoint.deleted_at is not None)
+            )
         session.commit()
         return claimed
     except Exception:
@@ -99,8 +111,10 @@ def send(claimed: Claimed, settings: Settings, client: httpx.Client) -> Sent:
     started = utcnow()
     t0 = time.monotonic()
 
-    def done(ok: bool, status: Optional[int], error: Optional[str]) -> Sent:
-        return Sent(ok, status, error[:MAX_ERROR_CHARS] if error else None, started, int((time.monotonic() - t0) * 1000))
+    def done(ok: bool, status: int | None, error: str | None) -> Sent:
+        return Sent(
+            ok, status, error[:MAX_ERROR_CHARS] if error else None, started, int((time.monotonic() - t0) * 1000)
+        )
 
     try:
         target = addresses.pinned_target(claimed.url, settings.webhook_allowed_networks)
@@ -109,8 +123,9 @@ def send(claimed: Claimed, settings: Settings, client: httpx.Client) -> Sent:
     headers = signing.headers(claimed.id, claimed.body, utcnow(), claimed.secrets)
     headers["host"] = target.host_header
     try:
-        resp = client.post(target.url, content=claimed.body.encode(), headers=headers,
-                           extensions=target.extensions or None)
+        resp = client.post(
+            target.url, content=claimed.body.encode(), headers=headers, extensions=target.extensions or None
+        )
     except httpx.HTTPError as exc:
         return done(False, None, f"{type(exc).__name__}: {exc}")
     if 200 <= resp.status_code < 300:
@@ -120,26 +135,45 @@ def send(claimed: Claimed, settings: Settings, client: httpx.Client) -> Sent:
     return done(False, resp.status_code, f"HTTP {resp.status_code}: {resp.text[:200]}")
 
 
-def record(session: Session, claimed: Claimed, sent: Sent, owner: str, settings: Settings,
-           now: Optional[datetime] = None) -> Optional[str]:
+def record(
+    session: Session, claimed: Claimed, sent: Sent, owner: str, settings: Settings, now: datetime | None = None
+) -> str | None:
     """Log the attempt and move the delivery on (only while `owner` holds its lease). Returns the
     delivery's new status, or None when the lease was lost (another dispatcher has it now)."""
     now = now or utcnow()
     try:
         d = session.exec(
-            select(OutboundDelivery).where(OutboundDelivery.id == claimed.id, OutboundDelivery.lease_owner == owner,
-                                          OutboundDelivery.status == "pending")
-            .with_for_update().execution_options(populate_existing=True)
+            select(OutboundDelivery)
+            .where(
+                OutboundDelivery.id == claimed.id,
+                OutboundDelivery.lease_owner == owner,
+                OutboundDelivery.status == "pending",
+            )
+            .with_for_update()
+            .execution_options(populate_existing=True)
         ).one_or_none()
         if d is None:
             session.rollback()
             return None
         attempts = d.attempts + 1
-        session.add(WebhookAttempt(delivery_id=d.id, attempt=attempts, started_at=sent.started_at,
-                                   duration_ms=sent.duration_ms, status_code=sent.status_code, error=sent.error,
-                                   ok=sent.ok))
-        values: dict = {"attempts": attempts, "last_status_code": sent.status_code, "last_error": sent.error,
-                        "lease_owner": None, "lease_expires_at": None}
+        session.add(
+            WebhookAttempt(
+                delivery_id=d.id,
+                attempt=attempts,
+                started_at=sent.started_at,
+                duration_ms=sent.duration_ms,
+                status_code=sent.status_code,
+                error=sent.error,
+                ok=sent.ok,
+            )
+        )
+        values: dict = {
+            "attempts": attempts,
+            "last_status_code": sent.status_code,
+            "last_error": sent.error,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
         if sent.ok:
             values |= {"status": "delivered", "finished_at": now}
         else:
@@ -159,14 +193,25 @@ def record(session: Session, claimed: Claimed, sent: Sent, owner: str, settings:
 
 
 def give_up_deleted(session: Session, claimed: Claimed, owner: str) -> None:
-    session.exec(update(OutboundDelivery).where(  # type: ignore[call-overload]
-        OutboundDelivery.id == claimed.id, OutboundDelivery.lease_owner == owner, OutboundDelivery.status == "pending"
-    ).values(status="failed", last_error="endpoint deleted", finished_at=utcnow(), lease_owner=None,
-             lease_expires_at=None))
+    session.exec(
+        update(OutboundDelivery)
+        .where(  # type: ignore[call-overload]
+            OutboundDelivery.id == claimed.id,
+            OutboundDelivery.lease_owner == owner,
+            OutboundDelivery.status == "pending",
+        )
+        .values(
+            status="failed",
+            last_error="endpoint deleted",
+            finished_at=utcnow(),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
     session.commit()
 
 
-def dispatch_once(settings: Settings, client: httpx.Client, pool: Optional[ThreadPoolExecutor] = None) -> int:
+def dispatch_once(settings: Settings, client: httpx.Client, pool: ThreadPoolExecutor | None = None) -> int:
     """One pass: claim, send, record. Returns how many deliveries were attempted."""
     owner = secrets.token_hex(8)
     engine = get_engine(settings)
@@ -183,8 +228,14 @@ def dispatch_once(settings: Settings, client: httpx.Client, pool: Optional[Threa
             sent = send(claimed, settings, client)
             status = record(session, claimed, sent, owner, settings)
             if not sent.ok:
-                log.warning("webhook %s attempt %d to %s failed: %s (now %s)", claimed.id, claimed.attempt,
-                            claimed.url, sent.error, status)
+                log.warning(
+                    "webhook %s attempt %d to %s failed: %s (now %s)",
+                    claimed.id,
+                    claimed.attempt,
+                    claimed.url,
+                    sent.error,
+                    status,
+                )
 
     if pool is None:
         for claimed in batch:
@@ -201,22 +252,23 @@ def make_client(settings: Settings) -> httpx.Client:
     return httpx.Client(timeout=httpx.Timeout(settings.webhook_timeout_s), follow_redirects=False, trust_env=False)
 
 
-def run_forever(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None) -> None:
+def run_forever(settings: Settings | None = None, stop_event: threading.Event | None = None) -> None:
     settings = settings or get_settings()
     stop_event = stop_event or threading.Event()
     with make_client(settings) as client, ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="halos-webhook") as pool:
         while not stop_event.is_set():
             try:
                 busy = dispatch_once(settings, client, pool) >= settings.webhook_batch_size
-            except Exception:  # noqa: BLE001 - a DB outage must not kill the loop
+            except Exception:
                 log.exception("webhook dispatch pass failed")
                 busy = False
             if not busy:
                 stop_event.wait(settings.webhook_dispatch_interval_s)
 
 
-def start_thread(settings: Optional[Settings] = None, stop_event: Optional[threading.Event] = None
-                 ) -> tuple[threading.Thread, threading.Event]:
+def start_thread(
+    settings: Settings | None = None, stop_event: threading.Event | None = None
+) -> tuple[threading.Thread, threading.Event]:
     stop_event = stop_event or threading.Event()
     thread = threading.Thread(target=run_forever, args=(settings, stop_event), name="halos-webhooks", daemon=True)
     thread.start()

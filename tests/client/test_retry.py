@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -31,9 +31,19 @@ from halos_client.calls import new_log_text
 from halos_client.retry import retrying_options
 
 FAST = RetryPolicy(max_attempts=4, backoff_s=0.01, max_backoff_s=0.05, retry_after_jitter_s=0.0)
-FEEDBACK = {"id": "fb_1", "kind": "pairwise", "format": "halos_jsonl", "n_records": 1, "n_prompts": 1, "n_train": 1,
-            "n_test": 0, "sha256": "0" * 64, "size_bytes": 10, "filename": "x.jsonl",
-            "created_at": "2030-01-01T00:00:00Z"}
+FEEDBACK = {
+    "id": "fb_1",
+    "kind": "pairwise",
+    "format": "halos_jsonl",
+    "n_records": 1,
+    "n_prompts": 1,
+    "n_train": 1,
+    "n_test": 0,
+    "sha256": "0" * 64,
+    "size_bytes": 10,
+    "filename": "x.jsonl",
+    "created_at": "2030-01-01T00:00:00Z",
+}
 MODEL = {"id": "mdl_1", "name": "m", "path": "/m", "sha256": "0" * 64, "created_at": "2030-01-01T00:00:00Z"}
 
 
@@ -53,13 +63,16 @@ def scripted(*answers: Callable[[httpx.Request], httpx.Response] | httpx.Respons
 
 
 def error(status: int, code: str, headers: dict | None = None, **details) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"code": code, "message": code, "details": details}},
-                          headers=headers)
+    return httpx.Response(status, json={"error": {"code": code, "message": code, "details": details}}, headers=headers)
 
 
 def test_post_keeps_its_idempotency_key_across_retries_and_a_new_call_gets_a_new_one(tmp_path) -> None:
-    transport, seen = scripted(httpx.ConnectError, error(503, "busy", {"Retry-After": "0"}),
-                               httpx.RemoteProtocolError, httpx.Response(201, json=FEEDBACK))
+    transport, seen = scripted(
+        httpx.ConnectError,
+        error(503, "busy", {"Retry-After": "0"}),
+        httpx.RemoteProtocolError,
+        httpx.Response(201, json=FEEDBACK),
+    )
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"a": 1}\n')
     with Client("http://halos", "k", transport=transport, retry=FAST) as client:
@@ -78,8 +91,9 @@ def test_a_post_the_server_does_not_deduplicate_is_not_resent_after_an_ambiguous
         with pytest.raises(APIConnectionError):
             client.models.register("m", "/m")  # the first try may have registered it
         assert len(seen) == 1
-    transport, seen = scripted(httpx.ConnectError, error(429, "rate_limited", {"Retry-After": "0"}),
-                               httpx.Response(201, json=MODEL))
+    transport, seen = scripted(
+        httpx.ConnectError, error(429, "rate_limited", {"Retry-After": "0"}), httpx.Response(201, json=MODEL)
+    )
     with Client("http://halos", transport=transport, retry=FAST) as client:
         assert client.models.register("m", "/m").id == "mdl_1"  # never reached / refused up front: safe
         assert len(seen) == 3
@@ -137,11 +151,21 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 
 
 def test_errors_are_typed_with_the_servers_code_and_details() -> None:
-    report = [{"index": 2, "line": 3, "field": "label", "code": "invalid_label", "message": "label must be 0 or 1",
-               "hint": "1 means output_A is preferred"}]
-    transport, _ = scripted(error(404, "run_not_found", id="run_x"),
-                            error(422, "invalid_feedback", errors=report, truncated=False, records_checked=3),
-                            httpx.Response(500, text="<html>oops</html>"))
+    report = [
+        {
+            "index": 2,
+            "line": 3,
+            "field": "label",
+            "code": "invalid_label",
+            "message": "label must be 0 or 1",
+            "hint": "1 means output_A is preferred",
+        }
+    ]
+    transport, _ = scripted(
+        error(404, "run_not_found", id="run_x"),
+        error(422, "invalid_feedback", errors=report, truncated=False, records_checked=3),
+        httpx.Response(500, text="<html>oops</html>"),
+    )
     with Client("http://halos", transport=transport, retry=FAST) as client:
         with pytest.raises(NotFoundError) as missing:
             client.runs.get("run_x")
@@ -155,8 +179,9 @@ def test_errors_are_typed_with_the_servers_code_and_details() -> None:
 
 
 def test_async_client_retries_the_same_way() -> None:
-    transport, seen = scripted(httpx.ConnectError, error(503, "busy", {"Retry-After": "0"}),
-                               httpx.Response(201, json=FEEDBACK))
+    transport, seen = scripted(
+        httpx.ConnectError, error(503, "busy", {"Retry-After": "0"}), httpx.Response(201, json=FEEDBACK)
+    )
 
     async def go() -> str:
         async with AsyncClient("http://halos", transport=transport, retry=FAST) as client:
@@ -176,10 +201,20 @@ def test_new_log_text() -> None:
 
 
 def _job(status: str, error: str | None = None) -> httpx.Response:
-    return httpx.Response(200, json={
-        "id": "job_1", "kind": "round", "status": status, "attempt": 1, "max_attempts": 3, "cancel_requested": False,
-        "progress": {"step": 1, "round_step": 1, "total_steps": 4, "examples": 4}, "error": error,
-        "created_at": "2030-01-01T00:00:00Z"})
+    return httpx.Response(
+        200,
+        json={
+            "id": "job_1",
+            "kind": "round",
+            "status": status,
+            "attempt": 1,
+            "max_attempts": 3,
+            "cancel_requested": False,
+            "progress": {"step": 1, "round_step": 1, "total_steps": 4, "examples": 4},
+            "error": error,
+            "created_at": "2030-01-01T00:00:00Z",
+        },
+    )
 
 
 def test_wait_rides_out_an_outage_once_it_has_seen_the_job_and_times_out() -> None:

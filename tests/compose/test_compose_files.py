@@ -43,8 +43,9 @@ def test_cpu_worker_is_the_gpu_worker_without_the_reservation() -> None:
     assert cpu["services"]["worker"] == {"profiles": ["gpu"]}  # the GPU worker is not started
     assert "deploy" not in cpu_worker and "profiles" not in cpu_worker
     differs = {"deploy", "shm_size", "environment"}
-    assert {k: v for k, v in cpu_worker.items() if k not in differs} == \
-        {k: v for k, v in gpu_worker.items() if k not in differs}
+    assert {k: v for k, v in cpu_worker.items() if k not in differs} == {
+        k: v for k, v in gpu_worker.items() if k not in differs
+    }
     gpu_env = {k: v for k, v in gpu_worker["environment"].items() if k != "HALOS_MIXED_PRECISION"}
     assert cpu_worker["environment"] == {**gpu_env, **CPU_ONLY_ENV}
     assert gpu_env == {**main["x-halos-env"], "HALOS_WORKER_CONCURRENCY": "1"}

@@ -17,16 +17,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(os.environ.get("HALOS_COMPOSE_SMOKE") != "1",
-                       reason="opt-in (15-25 minutes, needs Docker): HALOS_COMPOSE_SMOKE=1"),
+    pytest.mark.skipif(
+        os.environ.get("HALOS_COMPOSE_SMOKE") != "1",
+        reason="opt-in (15-25 minutes, needs Docker): HALOS_COMPOSE_SMOKE=1",
+    ),
 ]
 
 
 @pytest.mark.timeout(2400)
 def test_compose_stack_from_a_fresh_clone(tmp_path: Path) -> None:
     summary_file = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compose_smoke.py"), "--json", str(summary_file)],
-                          capture_output=True, text=True, timeout=2300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compose_smoke.py"), "--json", str(summary_file)],
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
     print(proc.stdout)  # one line per step with its duration (pytest -rP shows it)
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if proc.returncode == 77:

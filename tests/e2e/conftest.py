@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import psycopg
@@ -80,14 +80,16 @@ class Deployment:
 
     def spawn(self, *args: str, log_name: str) -> subprocess.Popen:
         log = open(self.data_dir / log_name, "w")
-        proc = subprocess.Popen([str(BIN / "halos"), *args], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "halos"), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.port}", timeout=60, headers={"Authorization": f"Bearer {self.key}"}
+        )
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -150,10 +152,13 @@ def scaled_out_deployment(data_dir: Path) -> Iterator[Deployment]:
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db_name}"')
     subprocess.run(["redis-cli", "-n", str(redis_db), "FLUSHDB"], check=True, capture_output=True)
-    dep = Deployment(data_dir, {
-        "HALOS_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{db_name}",
-        "HALOS_BROKER_URL": f"{REDIS_URL}/{redis_db}",
-    })
+    dep = Deployment(
+        data_dir,
+        {
+            "HALOS_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{db_name}",
+            "HALOS_BROKER_URL": f"{REDIS_URL}/{redis_db}",
+        },
+    )
     try:
         dep.halos("migrate")
         dep.key = dep.halos("keys", "create", "--project", "e2e").strip()

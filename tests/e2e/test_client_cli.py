@@ -12,8 +12,8 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -24,8 +24,18 @@ from tests.e2e.conftest import BIN, Deployment, embedded_deployment
 
 pytestmark = pytest.mark.e2e
 
-HP = ["--hp", "lr=5e-4", "--hp", "batch_size=8", "--hp", "microbatch_size=4", "--hp", "max_length=64",
-      "--hp", "max_prompt_length=32"]
+HP = [
+    "--hp",
+    "lr=5e-4",
+    "--hp",
+    "batch_size=8",
+    "--hp",
+    "microbatch_size=4",
+    "--hp",
+    "max_length=64",
+    "--hp",
+    "max_prompt_length=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,7 @@ def halos(dep: Deployment, *args: str, key: str | None = None, timeout: float = 
     return subprocess.run([str(BIN / "halos"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def ok_json(result: subprocess.CompletedProcess):  # noqa: ANN201
+def ok_json(result: subprocess.CompletedProcess):
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return json.loads(result.stdout)
 
@@ -54,12 +64,14 @@ def test_two_rounds_from_the_command_line(dep: Deployment, tiny_model_dir: Path,
     assert model["id"].startswith("mdl_") and len(model["sha256"]) == 64
     fb = ok_json(halos(dep, "feedback", "push", str(write_feedback(tmp_path / "r1.jsonl", 1)), "-o", "json"))
     assert fb["kind"] == "pairwise" and fb["filename"] == "r1.jsonl"
-    run = ok_json(halos(dep, "runs", "create", "--model", model["id"], "--loss", "dpo", *HP, "--name", "cli",
-                        "-o", "json"))
+    run = ok_json(
+        halos(dep, "runs", "create", "--model", model["id"], "--loss", "dpo", *HP, "--name", "cli", "-o", "json")
+    )
     assert run["loss"]["name"] == "dpo" and run["hyperparams"]["lr"] == 5e-4 and run["hyperparams"]["batch_size"] == 8
 
-    waited = halos(dep, "rounds", "create", run["id"], "--feedback", fb["id"], "--wait", "--poll-interval", "0.3",
-                   "-o", "json")
+    waited = halos(
+        dep, "rounds", "create", run["id"], "--feedback", fb["id"], "--wait", "--poll-interval", "0.3", "-o", "json"
+    )
     rnd = RoundOut.model_validate(ok_json(waited))
     assert rnd.status == "succeeded" and rnd.checkpoint_id and rnd.index == 1
     assert re.search(r"round 1 running step \d+/\d+", waited.stderr), waited.stderr  # progress, on stderr only
@@ -67,8 +79,9 @@ def test_two_rounds_from_the_command_line(dep: Deployment, tiny_model_dir: Path,
 
     # `-o json` is the API's object: for a finished job, exactly what GET /v1/jobs/{id} returns
     job = ok_json(halos(dep, "jobs", "get", rnd.job_id, "-o", "json"))
-    raw = httpx.get(f"http://127.0.0.1:{dep.port}/v1/jobs/{rnd.job_id}",
-                    headers={"Authorization": f"Bearer {dep.key}"}).json()
+    raw = httpx.get(
+        f"http://127.0.0.1:{dep.port}/v1/jobs/{rnd.job_id}", headers={"Authorization": f"Bearer {dep.key}"}
+    ).json()
     assert job == raw and list(job) == list(JobOut.model_fields)
     assert job["percent_done"] == 100.0 and job["eta_s"] == 0.0 and job["elapsed_s"] > 0
     listed = ok_json(halos(dep, "jobs", "list", "-o", "json"))
@@ -80,8 +93,9 @@ def test_two_rounds_from_the_command_line(dep: Deployment, tiny_model_dir: Path,
     assert ckpt["job_id"] == rnd.job_id and ckpt["model_id"] == model["id"]
 
     # round 2 on a file named on the command line (uploaded first), waited for with `jobs wait`
-    queued = halos(dep, "rounds", "create", run["id"], "--feedback", str(write_feedback(tmp_path / "r2.jsonl", 2)),
-                   "-o", "json")
+    queued = halos(
+        dep, "rounds", "create", run["id"], "--feedback", str(write_feedback(tmp_path / "r2.jsonl", 2)), "-o", "json"
+    )
     rnd2 = ok_json(queued)
     assert "uploaded" in queued.stderr and rnd2["index"] == 2 and rnd2["parent_checkpoint_id"] == rnd.checkpoint_id
     done = ok_json(halos(dep, "jobs", "wait", rnd2["job_id"], "--poll-interval", "0.3", "-o", "json"))
@@ -121,16 +135,16 @@ def test_a_bad_feedback_file_prints_the_record_report(dep: Deployment, tmp_path:
     assert ok_json(halos(dep, "feedback", "list", "-o", "json", key=key)) == []  # nothing stored
 
 
-def test_wait_on_a_failing_round_exits_1_with_the_reason(dep: Deployment, tiny_model_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_wait_on_a_failing_round_exits_1_with_the_reason(dep: Deployment, tiny_model_dir: Path, tmp_path: Path) -> None:
     model_dir = dep.data_dir / "models" / f"sft-broken-{tmp_path.name}"  # where models may be registered
     shutil.copytree(tiny_model_dir, model_dir)
     model = ok_json(halos(dep, "models", "register", str(model_dir), "-o", "json"))
     (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")  # broken after registration
     fb = ok_json(halos(dep, "feedback", "push", str(write_feedback(tmp_path / "f.jsonl", 9)), "-o", "json"))
     run = ok_json(halos(dep, "runs", "create", "--model", model["id"], "--loss", "dpo", *HP, "-o", "json"))
-    result = halos(dep, "rounds", "create", run["id"], "--feedback", fb["id"], "--wait", "--poll-interval", "0.3",
-                   "-o", "json")
+    result = halos(
+        dep, "rounds", "create", run["id"], "--feedback", fb["id"], "--wait", "--poll-interval", "0.3", "-o", "json"
+    )
     assert result.returncode == 1, result.stderr
     rnd = json.loads(result.stdout)  # the round as it ended, still on stdout for scripts
     assert rnd["status"] == "failed"
@@ -144,8 +158,11 @@ def test_wait_on_a_failing_round_exits_1_with_the_reason(dep: Deployment, tiny_m
 def test_cancel_refusals_timeouts_and_usage_errors(dep: Deployment, tiny_model_dir: Path, tmp_path: Path) -> None:
     model = ok_json(halos(dep, "models", "register", str(tiny_model_dir), "-o", "json"))
     fb = ok_json(halos(dep, "feedback", "push", str(write_feedback(tmp_path / "f.jsonl", 21)), "-o", "json"))
-    run = ok_json(halos(dep, "runs", "create", "--model", model["id"], "--loss", '{"name": "dpo", "beta": 0.2}',
-                        *HP, "-o", "json"))
+    run = ok_json(
+        halos(
+            dep, "runs", "create", "--model", model["id"], "--loss", '{"name": "dpo", "beta": 0.2}', *HP, "-o", "json"
+        )
+    )
     assert run["loss"] == {"name": "dpo", "beta": 0.2}
     first = ok_json(halos(dep, "rounds", "create", run["id"], "--feedback", fb["id"], "-o", "json"))
     second = ok_json(halos(dep, "rounds", "create", run["id"], "--feedback", fb["id"], "-o", "json"))

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 REDIS_DB = 12  # the other e2e tests use 11
 
 
-def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
+def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -45,14 +45,17 @@ def test_stream_and_outbox_across_two_api_processes(tmp_path: Path):
         conn.execute(f'CREATE DATABASE "{db}"')
     subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True, capture_output=True)
     receiver = Receiver().start()
-    dep = Deployment(tmp_path / "data", {
-        "HALOS_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{db}",
-        "HALOS_BROKER_URL": f"{REDIS_URL}/{REDIS_DB}",
-        "HALOS_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
-        "HALOS_WEBHOOK_DISPATCH_INTERVAL_S": "0.1",
-        "HALOS_WEBHOOK_BATCH_SIZE": "2",  # small batches: both dispatchers take part
-        "HALOS_EVENTS_POLL_INTERVAL_S": "0.2",
-    })
+    dep = Deployment(
+        tmp_path / "data",
+        {
+            "HALOS_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{db}",
+            "HALOS_BROKER_URL": f"{REDIS_URL}/{REDIS_DB}",
+            "HALOS_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
+            "HALOS_WEBHOOK_DISPATCH_INTERVAL_S": "0.1",
+            "HALOS_WEBHOOK_BATCH_SIZE": "2",  # small batches: both dispatchers take part
+            "HALOS_EVENTS_POLL_INTERVAL_S": "0.2",
+        },
+    )
     try:
         dep.halos("migrate")
         dep.key = dep.halos("keys", "create", "--project", "pg").strip()
@@ -61,17 +64,30 @@ def test_stream_and_outbox_across_two_api_processes(tmp_path: Path):
         dep.spawn("serve", "--no-worker", "--no-migrate", "--port", str(port2), log_name="api-2.log")
         dep.wait_ready()
         api1 = dep.client()
-        api2 = httpx.Client(base_url=f"http://127.0.0.1:{port2}", timeout=60,
-                            headers={"Authorization": f"Bearer {dep.key}"})
+        api2 = httpx.Client(
+            base_url=f"http://127.0.0.1:{port2}", timeout=60, headers={"Authorization": f"Bearer {dep.key}"}
+        )
         _wait(lambda: _ready(api2), 60, "API process 2")
         hook = api1.post("/v1/webhooks", json={"url": receiver.url, "event_types": ["*"]}).json()
         receiver.secret = hook["secret"]
 
-        fb_ids = [api1.post("/v1/feedback", content=to_jsonl_bytes(pairwise_records(8, seed=s)),
-                            headers={"Content-Type": "application/x-ndjson"}).json()["id"] for s in range(6)]
+        fb_ids = [
+            api1.post(
+                "/v1/feedback",
+                content=to_jsonl_bytes(pairwise_records(8, seed=s)),
+                headers={"Content-Type": "application/x-ndjson"},
+            ).json()["id"]
+            for s in range(6)
+        ]
         model = api1.post("/v1/models", json={"name": "sft", "path": str(make_model_dir(tmp_path / "sft"))}).json()
-        run = api1.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1},
-                                          "hyperparams": {"batch_size": 2, "microbatch_size": 2}}).json()
+        run = api1.post(
+            "/v1/runs",
+            json={
+                "model_id": model["id"],
+                "loss": {"name": "dpo", "beta": 0.1},
+                "hyperparams": {"batch_size": 2, "microbatch_size": 2},
+            },
+        ).json()
         job_id = api1.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": fb_ids[:1]}).json()["job_id"]
 
         messages: list[tuple[str, dict]] = []
@@ -93,9 +109,16 @@ def test_stream_and_outbox_across_two_api_processes(tmp_path: Path):
         assert [d for _, d in messages[:2]] == api1.get(f"/v1/jobs/{job_id}/events").json()["items"]
 
         expected = 6 + 2  # six feedback.stored, job.queued, job.cancelled
-        deliveries = _wait(lambda: (ds := api2.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["items"])
-                           and len(ds) == expected and all(d["status"] == "delivered" for d in ds) and ds,
-                           60, f"every delivery delivered\n{dep.logs()}")
+        deliveries = _wait(
+            lambda: (
+                (ds := api2.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["items"])
+                and len(ds) == expected
+                and all(d["status"] == "delivered" for d in ds)
+                and ds
+            ),
+            60,
+            f"every delivery delivered\n{dep.logs()}",
+        )
         assert sorted(r.webhook_id for r in receiver.raw) == sorted(d["id"] for d in deliveries)  # once each
         assert all(r.verified for r in receiver.raw) and receiver.duplicates == []
         assert all(d["attempts"] == 1 for d in deliveries)

@@ -34,8 +34,16 @@ from tests.e2e.conftest import embedded_deployment, wait_for_job
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-HYPERPARAMS = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 2, "max_length": 64,
-               "max_prompt_length": 32, "checkpoint_every": 2, "eval_fraction": 0.2}
+HYPERPARAMS = {
+    "lr": 5e-4,
+    "batch_size": 8,
+    "microbatch_size": 4,
+    "warmup_steps": 2,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "checkpoint_every": 2,
+    "eval_fraction": 0.2,
+}
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 METRIC_KEYS = ("loss", "rewards/accuracy", "rewards/margin")
 
@@ -61,8 +69,11 @@ class StreamReader(threading.Thread):
     def run(self) -> None:
         try:
             last_id = None
-            with httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(60, read=90),
-                              headers={"Authorization": f"Bearer {self.key}"}) as client:
+            with httpx.Client(
+                base_url=self.base_url,
+                timeout=httpx.Timeout(60, read=90),
+                headers={"Authorization": f"Bearer {self.key}"},
+            ) as client:
                 while True:
                     self.connections += 1
                     headers = {"Last-Event-ID": last_id} if last_id else {}
@@ -78,30 +89,41 @@ class StreamReader(threading.Thread):
                                 return
                             if self.connections == 1 and n >= self.cut_after:
                                 break  # drop the connection mid-stream
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             self.error = exc
 
 
-def _browser(profile: Path):  # noqa: ANN202
+def _browser(profile: Path):
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no browser: Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install -y chromium chromium-driver)")
+        pytest.skip(
+            "no browser: Debian's chromium and chromium-driver are not installed "
+            "(apt-get install -y chromium chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                "--window-size=1500,1100", f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,1100",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(arg)
     try:
         return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    except Exception as exc:  # noqa: BLE001 - a browser that cannot start is a skip with its reason
+    except Exception as exc:
         pytest.skip(f"headless chromium could not start: {exc}")
 
 
-def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
+def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -115,9 +137,14 @@ def _api_series(client: httpx.Client, job_ids: list[str]) -> dict[str, dict[str,
     points = [p for j in job_ids for p in client.get(f"/v1/jobs/{j}/metrics").json()["items"]]
     out: dict[str, dict[str, list[list[float]]]] = {}
     for key in METRIC_KEYS:
-        out[key] = {split: sorted([p["step"], p["data"][key]] for p in points
-                                  if p["split"] == split and isinstance(p["data"].get(key), (int, float)))
-                    for split in ("train", "eval")}
+        out[key] = {
+            split: sorted(
+                [p["step"], p["data"][key]]
+                for p in points
+                if p["split"] == split and isinstance(p["data"].get(key), (int, float))
+            )
+            for split in ("train", "eval")
+        }
     return out
 
 
@@ -130,9 +157,15 @@ def test_live_events_and_dashboard(tmp_path, tiny_model_dir):
             client = dep.client()
             base = f"http://127.0.0.1:{dep.port}"
             model = client.post("/v1/models", json={"name": "tiny", "path": str(tiny_model_dir)}).json()
-            run = client.post("/v1/runs", json={"name": "dashboard e2e", "model_id": model["id"],
-                                                "loss": {"name": "dpo", "beta": 0.1},
-                                                "hyperparams": HYPERPARAMS}).json()
+            run = client.post(
+                "/v1/runs",
+                json={
+                    "name": "dashboard e2e",
+                    "model_id": model["id"],
+                    "loss": {"name": "dpo", "beta": 0.1},
+                    "hyperparams": HYPERPARAMS,
+                },
+            ).json()
             fb1, fb2 = _upload(client, 1), _upload(client, 2)
             r1 = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb1]}).json()
             r2 = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb2]}).json()
@@ -146,8 +179,11 @@ def test_live_events_and_dashboard(tmp_path, tiny_model_dir):
             _wait(lambda: driver.find_elements("css selector", f"#runs li[data-run-id='{run['id']}']"), 30, "run list")
             driver.find_element("css selector", f"#runs li[data-run-id='{run['id']}']").click()
             driver.execute_script("window.__sameDocument = true;")
-            _wait(lambda: driver.execute_script("return window.halosPlotData && window.halosPlotData.run_id"), 30,
-                  "first plot")
+            _wait(
+                lambda: driver.execute_script("return window.halosPlotData && window.halosPlotData.run_id"),
+                30,
+                "first plot",
+            )
 
             job1, job2 = wait_for_job(client, r1["job_id"]), wait_for_job(client, r2["job_id"])
             assert job1["status"] == job2["status"] == "succeeded", (job1, job2, dep.logs())
@@ -163,18 +199,20 @@ def test_live_events_and_dashboard(tmp_path, tiny_model_dir):
             streamed = [m[2] for m in reader.messages if m[0] not in ("metric", "end")]
             assert streamed == api_events
             assert [e["type"] for e in api_events][:2] == ["job.waiting_for_parent", "job.queued"]
-            assert {"job.started", "job.checkpoint_saved", "job.eval_done", "checkpoint.created",
-                    "job.succeeded"} <= {e["type"] for e in api_events}
+            assert {"job.started", "job.checkpoint_saved", "job.eval_done", "checkpoint.created", "job.succeeded"} <= {
+                e["type"] for e in api_events
+            }
             with Client(base, dep.key) as sdk:  # the SDK's iterator over the same stream
                 assert [m.data for m in sdk.jobs.events(r2["job_id"], metrics=False) if m.event != "end"] == api_events
             api_points = client.get(f"/v1/jobs/{r2['job_id']}/metrics").json()["items"]
-            assert sorted((m[2]["step"], m[2]["split"]) for m in reader.messages if m[0] == "metric") == \
-                sorted((p["step"], p["split"]) for p in api_points)
+            assert sorted((m[2]["step"], m[2]["split"]) for m in reader.messages if m[0] == "metric") == sorted(
+                (p["step"], p["split"]) for p in api_points
+            )
 
             # --- the page: updated live (same document), plotted series == the API's numbers
             expected = _api_series(client, [r1["job_id"], r2["job_id"]])
 
-            def page_done():  # noqa: ANN202
+            def page_done():
                 data = driver.execute_script("return window.halosPlotData")
                 done = data and [r["status"] for r in data["rounds"]] == ["succeeded", "succeeded"]
                 return data if done and data["series"] == expected else None
@@ -184,8 +222,10 @@ def test_live_events_and_dashboard(tmp_path, tiny_model_dir):
             finally:
                 driver.save_screenshot(str(artifacts / "dashboard.png"))
             assert driver.execute_script("return window.__sameDocument === true")  # no reload happened
-            last = [max(p["step"] for p in client.get(f"/v1/jobs/{j}/metrics").json()["items"] if p["split"] == "train")
-                    for j in (r1["job_id"], r2["job_id"])]
+            last = [
+                max(p["step"] for p in client.get(f"/v1/jobs/{j}/metrics").json()["items"] if p["split"] == "train")
+                for j in (r1["job_id"], r2["job_id"])
+            ]
             assert last[1] > last[0] >= 3  # round 2 continues round 1's step count
             assert data["boundaries"] == [{"round": 1, "step": last[0]}, {"round": 2, "step": last[1]}]
             assert [p[0] for p in data["series"]["loss"]["eval"]] == last  # one eval pass at each round's end

@@ -38,8 +38,16 @@ pytestmark = pytest.mark.e2e
 
 EVERY = 4
 STEPS = 40
-HYPERPARAMS = {"lr": 1e-3, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 6, "max_length": 64,
-               "max_prompt_length": 32, "checkpoint_every": EVERY, "seed": 1}
+HYPERPARAMS = {
+    "lr": 1e-3,
+    "batch_size": 8,
+    "microbatch_size": 4,
+    "warmup_steps": 6,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "checkpoint_every": EVERY,
+    "seed": 1,
+}
 FAST = {  # short recovery timings (the defaults are 60/5/10/30 s)
     "HALOS_LEASE_TTL_S": "3",
     "HALOS_HEARTBEAT_INTERVAL_S": "0.5",
@@ -88,8 +96,11 @@ def _attempt_processes(job_id: str, attempt: int) -> set[int]:
 
 
 def _watchdogs_of(runner_pid: int) -> set[int]:
-    return {p for p in _pids() if (c := _cmdline(p))[1:3] == ["-m", "worker.watchdog"] and c[3] == str(runner_pid)
-            and _live(p)}
+    return {
+        p
+        for p in _pids()
+        if (c := _cmdline(p))[1:3] == ["-m", "worker.watchdog"] and c[3] == str(runner_pid) and _live(p)
+    }
 
 
 def _wait(pred, timeout: float, what: str, interval: float = 0.05):
@@ -117,11 +128,15 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
     with fast_embedded_deployment(tmp_path / "data") as dep:
         client = dep.client()
         serve = dep.procs[0]
-        worker_pid = _wait(lambda: next((p for p in _children(serve.pid) if "worker" in _cmdline(p)), None), 30,
-                           "the `halos worker` child of `halos serve`")
+        worker_pid = _wait(
+            lambda: next((p for p in _children(serve.pid) if "worker" in _cmdline(p)), None),
+            30,
+            "the `halos worker` child of `halos serve`",
+        )
         model = client.post("/v1/models", json={"name": "tiny", "path": str(tiny_model_dir)}).json()
-        run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1},
-                                            "hyperparams": HYPERPARAMS}).json()
+        run = client.post(
+            "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": HYPERPARAMS}
+        ).json()
         body = to_jsonl_bytes(pairwise_records(STEPS * HYPERPARAMS["batch_size"], seed=3))
         fb = client.post("/v1/feedback", content=body, headers={"Content-Type": "application/x-ndjson"})
         assert fb.status_code == 201, fb.text
@@ -137,11 +152,16 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             # leaving it to chance: freeze the runner (SIGSTOP) at the first metrics line, so the
             # lines written up to the checkpoint are never ingested by attempt 1, and SIGKILL it
             # once the first intermediate checkpoint is complete (well within the 3 s lease).
-            _wait(lambda: _train_lines(rd) if rd.metrics_jsonl.is_file() else None, 120, "the first step",
-                  interval=0.01)
+            _wait(
+                lambda: _train_lines(rd) if rd.metrics_jsonl.is_file() else None, 120, "the first step", interval=0.01
+            )
             os.kill(worker_pid, signal.SIGSTOP)
-            ckpt = _wait(lambda: (m := rd.latest_checkpoint() if rd.checkpoints.is_dir() else None) and m, 120,
-                         "the first complete intermediate checkpoint", interval=0.02)
+            ckpt = _wait(
+                lambda: (m := rd.latest_checkpoint() if rd.checkpoints.is_dir() else None) and m,
+                120,
+                "the first complete intermediate checkpoint",
+                interval=0.02,
+            )
             doomed = _attempt_processes(job_id, 1) | _watchdogs_of(worker_pid)
             config1 = RunConfig.model_validate_json(rd.run_json.read_text())
             rows = attempts(session, job_id)
@@ -157,15 +177,31 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
 
             # ---- meanwhile, the uninterrupted reference: the same run.json, launched the same way
             base = RunDir(tmp_path / "uninterrupted").create()
-            base.write_config(config1.model_copy(update={
-                "run_dir": str(base.path), "reference_cache_dir": str(tmp_path / "refcache")}))
+            base.write_config(
+                config1.model_copy(
+                    update={"run_dir": str(base.path), "reference_cache_dir": str(tmp_path / "refcache")}
+                )
+            )
             base.accelerate_yaml.write_text(rd.accelerate_yaml.read_text())
             with open(base.path / "launch.log", "wb") as log:
                 baseline = subprocess.Popen(
-                    [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(base.accelerate_yaml),
-                     "-m", "halos_core.train", "--config", str(base.run_json)],
-                    cwd=base.path, env=dep.env,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    [
+                        sys.executable,
+                        "-m",
+                        "accelerate.commands.launch",
+                        "--config_file",
+                        str(base.accelerate_yaml),
+                        "-m",
+                        "halos_core.train",
+                        "--config",
+                        str(base.run_json),
+                    ],
+                    cwd=base.path,
+                    env=dep.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
 
             # ---- I6: the watchdog stops every process of attempt 1 within the grace period
             _wait(lambda: not any(_live(p) for p in doomed), 2 + 5, "attempt 1's processes gone")
@@ -181,7 +217,11 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             _wait(running_again, 60, "the job running again (attempt 2)", interval=0.1)
             t_running = time.monotonic() - t_kill
             deadline = time.monotonic() + 180
-            while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+            while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in (
+                "succeeded",
+                "failed",
+                "cancelled",
+            ):
                 assert time.monotonic() < deadline, job
                 time.sleep(0.1)
             t_done = time.monotonic() - t_kill
@@ -203,7 +243,7 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             assert baseline.wait(timeout=180) == 0, (base.path / "launch.log").read_text()[-3000:]
             a = _by_step(_train_lines(base))
             lines = _train_lines(rd)
-            after = lines[len(pre_kill):]
+            after = lines[len(pre_kill) :]
             resumed = rows[1].resumed_from_step
             assert [m["step"] for m in after] == list(range(resumed + 1, STEPS + 1))
             b = _by_step(lines)
@@ -214,7 +254,10 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             for s in a:  # the run dir after the retry (later lines win)
                 assert all(b[s][k] == a[s][k] for k in keys), s
             # the API series: one point per step, the latest attempt's (equal to the reference)
-            api = {p["step"]: p for p in client.get(f"/v1/jobs/{job_id}/metrics", params={"split": "train"}).json()["items"]}
+            api = {
+                p["step"]: p
+                for p in client.get(f"/v1/jobs/{job_id}/metrics", params={"split": "train"}).json()["items"]
+            }
             assert all(p["data"]["loss"] == a[s]["loss"] for s, p in api.items())
             assert all(api[s]["attempt"] == 2 for s in range(resumed + 1, STEPS + 1))  # attempt 2 recorded all it ran
             # steps up to the resume point were run by attempt 1; lines its monitor had not yet
@@ -238,8 +281,10 @@ def test_q1_real_trainer_sigkill_worker_after_checkpoint(tmp_path, tiny_model_di
             engine.dispose()
             if "baseline" in locals() and baseline.poll() is None:
                 os.killpg(baseline.pid, signal.SIGKILL)
-        print(f"\n[Q1 real trainer] killed worker {worker_pid} after checkpoint step {ckpt.step} "
-              f"(training at step {killed_at}); attempt 1 processes gone after {orphans_gone:.1f}s; "
-              f"resumed from step {resumed}; recovery: kill→running {t_running:.1f}s, kill→succeeded {t_done:.1f}s; "
-              f"jobs lost={int(job['status'] != 'succeeded')}, duplicate attempts={overlapping_attempts(rows)}; "
-              f"API metric steps missing={missing_in_api}")
+        print(
+            f"\n[Q1 real trainer] killed worker {worker_pid} after checkpoint step {ckpt.step} "
+            f"(training at step {killed_at}); attempt 1 processes gone after {orphans_gone:.1f}s; "
+            f"resumed from step {resumed}; recovery: kill→running {t_running:.1f}s, kill→succeeded {t_done:.1f}s; "
+            f"jobs lost={int(job['status'] != 'succeeded')}, duplicate attempts={overlapping_attempts(rows)}; "
+            f"API metric steps missing={missing_in_api}"
+        )

@@ -23,8 +23,15 @@ from tests.e2e.conftest import embedded_deployment, scaled_out_deployment, wait_
 
 pytestmark = pytest.mark.e2e
 
-HYPERPARAMS = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "warmup_steps": 2, "max_length": 64,
-               "max_prompt_length": 32, "checkpoint_every": 2}
+HYPERPARAMS = {
+    "lr": 5e-4,
+    "batch_size": 8,
+    "microbatch_size": 4,
+    "warmup_steps": 2,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "checkpoint_every": 2,
+}
 RECORDS_PER_ROUND = 32  # → 4 optimizer steps per round
 
 
@@ -39,8 +46,9 @@ def two_rounds(dep, model_dir: Path) -> None:
     client = dep.client()
     model = client.post("/v1/models", json={"name": "tiny", "path": str(model_dir)}).json()
     assert model["sha256"] == tree_sha256(model_dir)
-    run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1},
-                                        "hyperparams": HYPERPARAMS}).json()
+    run = client.post(
+        "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": HYPERPARAMS}
+    ).json()
     fb1, fb2 = upload(client, seed=1), upload(client, seed=2)
 
     # Submit round 2 right behind round 1: it must wait for round 1 and start from its checkpoint.

@@ -16,8 +16,8 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -247,8 +247,7 @@ def test_wait_follows_a_real_round_to_its_checkpoint(dep: Deployment, tiny_model
     assert status == "succeeded" and rnd.job_id in job_ids and len(job_ids) == len(set(job_ids))
 
 
-def test_wait_raises_job_failed_with_the_servers_reason(dep: Deployment, tiny_model_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_wait_raises_job_failed_with_the_servers_reason(dep: Deployment, tiny_model_dir: Path, tmp_path: Path) -> None:
     model_dir = dep.data_dir / "models" / f"sft-broken-{tmp_path.name}"  # where models may be registered
     shutil.copytree(tiny_model_dir, model_dir)
     with client_for(dep) as client:

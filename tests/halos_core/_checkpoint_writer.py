@@ -130,8 +130,17 @@ class Writer:
             scheduler_state=self.scheduler.state_dict(),
             trainer_state=self.trainer_state(step),
         )
-        extra = {"kind": "intermediate", "job_id": self.job_id, "round_step": step, "total_steps": self.total_steps,
-                 "reference_sha256": self.reference_sha256, "parent": None, "lora": False, "merged": False, "head": None}
+        extra = {
+            "kind": "intermediate",
+            "job_id": self.job_id,
+            "round_step": step,
+            "total_steps": self.total_steps,
+            "reference_sha256": self.reference_sha256,
+            "parent": None,
+            "lora": False,
+            "merged": False,
+            "head": None,
+        }
         return save_checkpoint(target, request, manifest_extra=extra)
 
 
@@ -188,7 +197,7 @@ def _child(writer: Writer, run_dir: str, start: int, stop: int, progress: str, l
         ops = [name for name in trace if name != "|"]
         os.write(fd, f"done {len(ops)} ops: {' '.join(trace)}\n".encode())
         code = 0
-    except BaseException:  # noqa: BLE001 - report to the log, exit non-zero
+    except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
     finally:
@@ -228,7 +237,7 @@ def main(argv: list[str]) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - cosmetic
+    except Exception:
         pass
     model_dir, job_id, total_steps, sha = argv
     writer = Writer(model_dir, job_id, int(total_steps), sha or None)

@@ -83,8 +83,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def chained_eval(tmp_path: Path, model_dir: Path, sha: str, loss: dict[str, Any], rounds: int = 2,
-                 **hyperparams: Any) -> list[dict[str, float]]:
+def chained_eval(
+    tmp_path: Path, model_dir: Path, sha: str, loss: dict[str, Any], rounds: int = 2, **hyperparams: Any
+) -> list[dict[str, float]]:
     """A learning-signal check for a paired loss on the synthetic task (`halos_core.synthetic`: the
     preferred reply repeats the prompt's topic): `rounds` chained rounds, each on 32 fresh training
     pairs, all evaluated on the same 32 held-out pairs (`split: test`). Returns each round's eval
@@ -92,13 +93,27 @@ def chained_eval(tmp_path: Path, model_dir: Path, sha: str, loss: dict[str, Any]
     from halos_core.synthetic import pairwise_records, write_jsonl
     from halos_core.train import run
 
-    held_out = write_jsonl(pairwise_records(32, seed=900, test_fraction=1.0, id_prefix="h"), tmp_path / "held_out.jsonl")
+    held_out = write_jsonl(
+        pairwise_records(32, seed=900, test_fraction=1.0, id_prefix="h"), tmp_path / "held_out.jsonl"
+    )
     evals, parent = [], None
     for k in range(1, rounds + 1):
         train = write_jsonl(pairwise_records(32, seed=900 + k, id_prefix=f"r{k}-"), tmp_path / f"train{k}.jsonl")
-        chain = {"init_from": str(parent.final_dir), "counters": {"step": parent.step, "examples": parent.examples}} if parent else {}
-        cfg = make_config(tmp_path / f"round{k}", model_dir, sha, [(train, "pairwise"), (held_out, "pairwise")],
-                          loss=loss, job_id=f"round{k}", **{"lr": 3e-4, "microbatch_size": 8, **hyperparams}, **chain)
+        chain = (
+            {"init_from": str(parent.final_dir), "counters": {"step": parent.step, "examples": parent.examples}}
+            if parent
+            else {}
+        )
+        cfg = make_config(
+            tmp_path / f"round{k}",
+            model_dir,
+            sha,
+            [(train, "pairwise"), (held_out, "pairwise")],
+            loss=loss,
+            job_id=f"round{k}",
+            **{"lr": 3e-4, "microbatch_size": 8, **hyperparams},
+            **chain,
+        )
         parent = run(cfg)
         evals.append(parent.eval)
     return evals

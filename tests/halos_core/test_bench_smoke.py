@@ -28,11 +28,38 @@ def cpu_only(monkeypatch):
 def test_train_throughput_smoke(tmp_path, cpu_only, capsys):
     tp = load("train_throughput")
     out = tmp_path / "tp.json"
-    report = tp.main([
-        "--preset", "tiny", "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "300",
-        "--seq-min", "12", "--seq-max", "24", "--batch-size", "4", "--microbatch-size", "2", "--steps", "2",
-        "--losses", "dpo,kto,grpo", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(out),
-    ])
+    report = tp.main(
+        [
+            "--preset",
+            "tiny",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--vocab",
+            "300",
+            "--seq-min",
+            "12",
+            "--seq-max",
+            "24",
+            "--batch-size",
+            "4",
+            "--microbatch-size",
+            "2",
+            "--steps",
+            "2",
+            "--losses",
+            "dpo,kto,grpo",
+            "--device",
+            "cpu",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     rows = {r["loss"]: r for r in report["results"]}
@@ -53,14 +80,39 @@ def test_train_throughput_smoke(tmp_path, cpu_only, capsys):
 def test_learning_signal_smoke(tmp_path, cpu_only, capsys):
     ls = load("learning_signal")
     out = tmp_path / "ls.json"
-    report = ls.main([
-        "--losses", "dpo,kto", "--rounds", "2", "--records", "24", "--heldout", "8", "--hidden", "32", "--layers", "1",
-        "--lr", "1e-3", "--workdir", str(tmp_path / "work"), "--out", str(out),
-    ])
+    report = ls.main(
+        [
+            "--losses",
+            "dpo,kto",
+            "--rounds",
+            "2",
+            "--records",
+            "24",
+            "--heldout",
+            "8",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--lr",
+            "1e-3",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     rows = report["rows"]
-    assert [(r["loss"], r["round"]) for r in rows] == [("dpo", 0), ("dpo", 1), ("dpo", 2), ("kto", 0), ("kto", 1), ("kto", 2)]
+    assert [(r["loss"], r["round"]) for r in rows] == [
+        ("dpo", 0),
+        ("dpo", 1),
+        ("dpo", 2),
+        ("kto", 0),
+        ("kto", 1),
+        ("kto", 2),
+    ]
     for r in rows:
         if r["round"] == 0:  # the SFT model: policy == reference, every pair a tie
             assert r["fixed"]["accuracy"] == 0.5 and r["fixed"]["ties"] == 1.0 and r["step"] == 0

@@ -13,11 +13,11 @@ import torch
 
 from halos_core.checkpoint import (
     OPTIMIZER_FILE,
+    SaveRequest,
+    load_checkpoint,
     optimizer_state_digest,
     optimizer_step_count,
     param_digest,
-    SaveRequest,
-    load_checkpoint,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -44,8 +44,13 @@ def trained(tiny_model_dir, tiny_tokenizer):
 
 
 def _save(path, model, opt, sched, tok, step=3):
-    req = SaveRequest(model, tok, opt.state_dict(), sched.state_dict(),
-                      {"step": step, "examples": 24, "round_step": step, "data_position": 24, "epoch": 1.0})
+    req = SaveRequest(
+        model,
+        tok,
+        opt.state_dict(),
+        sched.state_dict(),
+        {"step": step, "examples": 24, "round_step": step, "data_position": 24, "epoch": 1.0},
+    )
     return save_checkpoint(path, req, manifest_extra={"kind": "intermediate"})
 
 
@@ -175,10 +180,16 @@ def test_digests_are_canonical_between_live_objects_and_files(tmp_path, trained,
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt2.load_state_dict(torch.load(target / OPTIMIZER_FILE, weights_only=True))
     assert optimizer_state_digest(opt2.state_dict()) == optimizer_state_digest(live)
-    assert optimizer_state_digest({"state": {}}) == optimizer_state_digest(torch.optim.AdamW(model.parameters()).state_dict())
+    assert optimizer_state_digest({"state": {}}) == optimizer_state_digest(
+        torch.optim.AdamW(model.parameters()).state_dict()
+    )
 
     # params: module, state_dict and the safetensors file agree; names are the file's
-    assert param_digest(model) == param_digest(model.state_dict()) == param_digest(load_file(str(target / "model.safetensors")))
+    assert (
+        param_digest(model)
+        == param_digest(model.state_dict())
+        == param_digest(load_file(str(target / "model.safetensors")))
+    )
     sft = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert param_digest(sft) == param_digest(load_file(str(tiny_model_dir / "model.safetensors")))
     assert param_digest(sft) != param_digest(model)
@@ -190,8 +201,15 @@ def test_param_digest_drops_tied_duplicates_like_save_pretrained(tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path / "tied")
     on_disk = load_file(str(tmp_path / "tied" / "model.safetensors"))

@@ -46,7 +46,7 @@ try:
     from transformers.utils import logging as _hf_logging
 
     _hf_logging.disable_progress_bar()
-except Exception:  # noqa: BLE001 - cosmetic
+except Exception:
     pass
 
 from ._checkpoint_writer import BATCH_SIZE, KEEP_LAST, Writer, expected_moments, expected_weights
@@ -71,7 +71,11 @@ def check_content(manifest, base: dict[str, torch.Tensor], from_pretrained: bool
     ck = load_checkpoint(manifest.path)  # verifies every sha256 first, then weights_only loads
     ts = ck.trainer_state
     assert (ts["step"], ts["round_step"], ts["examples"], ts["data_position"]) == (
-        step, step, step * BATCH_SIZE, step * BATCH_SIZE), manifest.path
+        step,
+        step,
+        step * BATCH_SIZE,
+        step * BATCH_SIZE,
+    ), manifest.path
     assert ts["job_id"] == JOB and ck.manifest.extra["round_step"] == step
     assert ck.scheduler_state["last_epoch"] == step
     assert ck.rng_state is not None
@@ -132,7 +136,12 @@ class WriterServer:
         self._stderr = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, str(WRITER), str(model_dir), JOB, str(total_steps), sha],
-            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
             bufsize=1,
         )
         assert self._read(120) == "ready"
@@ -171,7 +180,7 @@ class WriterServer:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.close()
             self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001
+        except Exception:
             self.proc.kill()
             self.proc.wait()
         self._stderr.close()
@@ -188,7 +197,9 @@ def reported_steps(progress: Path) -> list[int]:
 # --------------------------------------------------------------------------- T3
 
 
-def test_kill_during_checkpoint_save_never_loses_a_complete_checkpoint(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+def test_kill_during_checkpoint_save_never_loses_a_complete_checkpoint(
+    tmp_path, tiny_model_dir, tiny_sha, pairwise_file
+):
     started = time.monotonic()
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     probe = make_config(tmp_path / "probe", tiny_model_dir, tiny_sha, pairwise_file, job_id=JOB, n_epochs=N_EPOCHS)
@@ -214,7 +225,10 @@ def test_kill_during_checkpoint_save_never_loses_a_complete_checkpoint(tmp_path,
         # before the manifest's rename, before the directory's rename, before the fsync after it
         # (renamed, not reported), before the prune's first unlink (reported, not pruned)
         first_save = trace.split("|")[0].split()
-        targeted = [i for i, name in enumerate(first_save, 1) if name == "replace"] + [len(first_save), len(first_save) + 1]
+        targeted = [i for i, name in enumerate(first_save, 1) if name == "replace"] + [
+            len(first_save),
+            len(first_save) + 1,
+        ]
         assert len(targeted) == 4 and first_save[-1] == "fsync", first_save
         assert [m.step for m in cal.complete_checkpoints()] == [2, 3]  # pruned to keep_last
         for m in cal.complete_checkpoints():
@@ -293,8 +307,16 @@ def test_kill_during_checkpoint_save_never_loses_a_complete_checkpoint(tmp_path,
     latest = rd.latest_checkpoint()
     assert latest is not None
     s = latest.step
-    cfg = make_config(rd.path, tiny_model_dir, tiny_sha, pairwise_file, job_id=JOB, n_epochs=N_EPOCHS,
-                      checkpoint_every=1, resume_from=str(latest.path))
+    cfg = make_config(
+        rd.path,
+        tiny_model_dir,
+        tiny_sha,
+        pairwise_file,
+        job_id=JOB,
+        n_epochs=N_EPOCHS,
+        checkpoint_every=1,
+        resume_from=str(latest.path),
+    )
     metrics_before = len(read_jsonl(rd.metrics_jsonl)) if rd.metrics_jsonl.is_file() else 0
     with pytest.raises(Stopped):
         run(cfg, stop_after=s + 2)
@@ -307,15 +329,18 @@ def test_kill_during_checkpoint_save_never_loses_a_complete_checkpoint(tmp_path,
     assert optimizer_step_count(after.optimizer_state) == s + 2
     assert after.scheduler_state["last_epoch"] == s + 2
     assert after.trainer_state["data_position"] == (s + 2) * BATCH_SIZE
-    print(f"T3: resumed from step {s} of the last run dir, trained steps {s + 1}, {s + 2}; "
-          f"total {time.monotonic() - started:.1f} s")
+    print(
+        f"T3: resumed from step {s} of the last run dir, trained steps {s + 1}, {s + 2}; "
+        f"total {time.monotonic() - started:.1f} s"
+    )
 
 
 # --------------------------------------------------------------------------- torn file, intact manifest
 
 
-@pytest.mark.parametrize("damage", ["truncate model.safetensors", "truncate optimizer.pt", "empty trainer_state.json",
-                                    "delete scheduler.pt"])
+@pytest.mark.parametrize(
+    "damage", ["truncate model.safetensors", "truncate optimizer.pt", "empty trainer_state.json", "delete scheduler.pt"]
+)
 def test_torn_file_with_intact_manifest_is_not_selected(tmp_path, tiny_model_dir, tiny_sha, damage):
     """A `step-` directory whose meta.json is intact but a listed file was torn (a rename is no
     promise about contents after a crash) is refused on verify; the previous complete one is used."""

@@ -23,14 +23,26 @@ def T(role, text):
 
 def pair(pid, a, b, label=1, split="train", prompt=None, ra=None, rb=None):
     return PairwiseRecord(
-        prompt_id=pid, prompt=T("user", prompt or f"prompt {pid}"), output_A=T("assistant", a),
-        output_B=T("assistant", b), label=label, reward_A=ra, reward_B=rb, split=split,
+        prompt_id=pid,
+        prompt=T("user", prompt or f"prompt {pid}"),
+        output_A=T("assistant", a),
+        output_B=T("assistant", b),
+        label=label,
+        reward_A=ra,
+        reward_B=rb,
+        split=split,
     )
 
 
 def binary(pid, out, label, split="train", reward=None):
-    return BinaryRecord(prompt_id=pid, prompt=T("user", f"prompt {pid}"), output=T("assistant", out), label=label,
-                        reward=reward, split=split)
+    return BinaryRecord(
+        prompt_id=pid,
+        prompt=T("user", f"prompt {pid}"),
+        output=T("assistant", out),
+        label=label,
+        reward=reward,
+        split=split,
+    )
 
 
 # --------------------------------------------------------------------------- examples
@@ -79,8 +91,10 @@ def test_unpaired_sft_grouped():
     sft = build_examples([("f", [pair("p", "A", "B", 1, ra=0.2, rb=0.7)])], "sft")
     assert [e.target[0][1] for e in sft.train] == ["B"]  # highest reward (HALOs)
 
-    scal = [ScalarRecord(prompt_id="q", prompt=T("user", "q"), output=T("assistant", f"o{i}"), reward=float(i))
-            for i in range(3)]
+    scal = [
+        ScalarRecord(prompt_id="q", prompt=T("user", "q"), output=T("assistant", f"o{i}"), reward=float(i))
+        for i in range(3)
+    ]
     g = build_examples([("f", scal)], "grouped")
     assert all(isinstance(e, GroupedExample) for e in g.train)
     adv = [e.advantage for e in g.train]
@@ -115,8 +129,10 @@ def test_truncation_like_halos(tiny_tokenizer):
 
 def test_padding_to_longest_and_kl_pairs(tiny_tokenizer):
     enc = ChatEncoder(tiny_tokenizer, max_length=128, max_prompt_length=64)
-    exs = [UnpairedExample(("f", str(i)), (("user", f"q{i}"),), (("assistant", "x" * (i + 1)),), i % 2 == 0)
-           for i in range(3)]
+    exs = [
+        UnpairedExample(("f", str(i)), (("user", f"q{i}"),), (("assistant", "x" * (i + 1)),), i % 2 == 0)
+        for i in range(3)
+    ]
     mb = Batcher(enc, "unpaired", kl_pairs=True)(exs)
     tgt = mb.streams["target"]
     lengths = [len(enc.encode(e.prompt, e.output)) for e in exs]
@@ -141,8 +157,10 @@ def _loader(examples, tok, P=1, r=0, **kw):
 
 
 def _examples(n):
-    return [PairedExample(("f", str(i)), (("user", f"q{i}"),), (("assistant", "a"),), (("assistant", "b"),))
-            for i in range(n)]
+    return [
+        PairedExample(("f", str(i)), (("user", f"q{i}"),), (("assistant", "a"),), (("assistant", "b"),))
+        for i in range(n)
+    ]
 
 
 def test_sharding_is_a_partition_of_the_process_independent_global_batch(tiny_tokenizer):
@@ -175,7 +193,8 @@ def test_resume_from_data_position_and_determinism(tiny_tokenizer):
             assert (a.streams["chosen"]["input_ids"] == b.streams["chosen"]["input_ids"]).all()
     assert all(
         (a.streams["chosen"]["input_ids"] == b.streams["chosen"]["input_ids"]).all()
-        for (_, x), (_, y) in zip(full, again) for a, b in zip(x, y)
+        for (_, x), (_, y) in zip(full, again)
+        for a, b in zip(x, y)
     )
     with pytest.raises(ValueError):
         _loader(exs, tiny_tokenizer).position_to_step(5)

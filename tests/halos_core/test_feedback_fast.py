@@ -19,7 +19,7 @@ from halos_core.synthetic import binary_records, pairwise_records, scalar_record
 LIMITS = FeedbackLimits()
 
 
-def detailed(path: Path, limits: FeedbackLimits = LIMITS):  # noqa: ANN201
+def detailed(path: Path, limits: FeedbackLimits = LIMITS):
     try:
         return validate_file(path, limits, fast=False)
     except FeedbackValidationError as exc:
@@ -32,7 +32,7 @@ def write(tmp_path: Path, lines: list[str | bytes], name: str = "f.jsonl") -> Pa
     return path
 
 
-def dumps(records: list[dict], **kw) -> list[str]:  # noqa: ANN003
+def dumps(records: list[dict], **kw) -> list[str]:
     return [json.dumps(r, **kw) for r in records]
 
 
@@ -54,20 +54,34 @@ def test_takes_common_valid_files(tmp_path: Path) -> None:
     check(write(tmp_path, dumps(PAIR)), expect_fast=True)
     check(write(tmp_path, dumps(binary_records(6, seed=1))), expect_fast=True)
     check(write(tmp_path, dumps(scalar_records(3, outputs_per_prompt=3))), expect_fast=True)
-    trl = [{"prompt": "hi", "chosen": "good", "rejected": "bad"}, {"prompt": "hi", "chosen": "a", "rejected": "b"},
-           {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "z"}]}], "split": "test"}]
+    trl = [
+        {"prompt": "hi", "chosen": "good", "rejected": "bad"},
+        {"prompt": "hi", "chosen": "a", "rejected": "b"},
+        {
+            "prompt": [{"role": "user", "content": "x"}],
+            "chosen": [{"role": "assistant", "content": "y"}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "z"}]}],
+            "split": "test",
+        },
+    ]
     check(write(tmp_path, dumps(trl)), expect_fast=True)
     unpaired = [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "d", "label": 0}]
     check(write(tmp_path, dumps(unpaired)), expect_fast=True)
-    openai = [{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": "a",
-               "non_preferred_output": [{"role": "assistant", "content": "b"}]}]
+    openai = [
+        {
+            "input": {"messages": [{"role": "user", "content": "q"}]},
+            "preferred_output": "a",
+            "non_preferred_output": [{"role": "assistant", "content": "b"}],
+        }
+    ]
     check(write(tmp_path, dumps(openai)), expect_fast=True)
-    sampled = [{"prompt_id": 1, "sample_id": 0, "prompt": "p", "output": "o", "dataset": "d"},
-               {"type": "sample", "prompt_id": "1", "sample_id": 1, "instruction": "p", "output": "o2"}]
+    sampled = [
+        {"prompt_id": 1, "sample_id": 0, "prompt": "p", "output": "o", "dataset": "d"},
+        {"type": "sample", "prompt_id": "1", "sample_id": 1, "instruction": "p", "output": "o2"},
+    ]
     check(write(tmp_path, dumps(sampled)), expect_fast=True)
     # non-ASCII written raw or escaped, CRLF line ends, escaped quotes and colons in text
-    texts = [dict(PAIR[0], prompt="caf\u00e9 \U0001F600 \"q\": a:b", prompt_id="u1")]
+    texts = [dict(PAIR[0], prompt='caf\u00e9 \U0001f600 "q": a:b', prompt_id="u1")]
     check(write(tmp_path, dumps(texts) + dumps(texts, ensure_ascii=False)), expect_fast=True)
     check(write(tmp_path, [x + "\r" for x in dumps(PAIR)]), expect_fast=True)
 
@@ -89,7 +103,7 @@ def test_a_summary_across_segments_equals_the_whole(tmp_path: Path) -> None:
         assert merge(segments, LIMITS) == want and want.n_prompts == 300 and want.n_records == 600
 
 
-def rec(**changes) -> dict:  # noqa: ANN003
+def rec(**changes) -> dict:
     base = dict(PAIR[0])
     base.update(changes)
     return {k: v for k, v in base.items() if v is not DROP}
@@ -98,24 +112,34 @@ def rec(**changes) -> dict:  # noqa: ANN003
 DROP = object()
 
 INVALID_OR_TRICKY: dict[str, list[str | bytes]] = {
-    "duplicate top-level key": ['{"type": "pairwise_feedback", "label": 1, "label": 0, "prompt": "p", '
-                                '"output_A": "a", "output_B": "b"}'],
-    "duplicate key in a turn": ['{"type": "pairwise_feedback", "label": 1, "prompt": [{"role": "user", '
-                                '"content": "x", "content": "y"}], "output_A": "a", "output_B": "b"}'],
-    "duplicate key spelled with an escape": ['{"type": "pairwise_feedback", "label": 1, "lab\\u0065l": 0, '
-                                             '"prompt": "p", "output_A": "a", "output_B": "b"}'],
-    "duplicate key + escaped colon in text": ['{"type": "pairwise_feedback", "label": 1, "label": 0, '
-                                              '"prompt": "x\\u003a", "output_A": "a", "output_B": "b"}'],
+    "duplicate top-level key": [
+        '{"type": "pairwise_feedback", "label": 1, "label": 0, "prompt": "p", "output_A": "a", "output_B": "b"}'
+    ],
+    "duplicate key in a turn": [
+        '{"type": "pairwise_feedback", "label": 1, "prompt": [{"role": "user", '
+        '"content": "x", "content": "y"}], "output_A": "a", "output_B": "b"}'
+    ],
+    "duplicate key spelled with an escape": [
+        '{"type": "pairwise_feedback", "label": 1, "lab\\u0065l": 0, "prompt": "p", "output_A": "a", "output_B": "b"}'
+    ],
+    "duplicate key + escaped colon in text": [
+        '{"type": "pairwise_feedback", "label": 1, "label": 0, "prompt": "x\\u003a", "output_A": "a", "output_B": "b"}'
+    ],
     "unknown extra field": [json.dumps(rec(source="web"))],
-    "extra field nested deep": [json.dumps(rec(meta=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]))],
-    "invalid utf-8 in an extra field": [b'{"type": "pairwise_feedback", "label": 1, "prompt": "p", "output_A": "a", '
-                                        b'"output_B": "b", "x": "\xff"}'],
-    "invalid utf-8 in text": [b'{"type": "pairwise_feedback", "label": 1, "prompt": "\xc3\x28", "output_A": "a", '
-                              b'"output_B": "b"}'],
-    "lone surrogate": ['{"type": "pairwise_feedback", "label": 1, "prompt": "\\ud800", "output_A": "a", '
-                       '"output_B": "b"}'],
+    "extra field nested deep": [
+        json.dumps(rec(meta=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]))
+    ],
+    "invalid utf-8 in an extra field": [
+        b'{"type": "pairwise_feedback", "label": 1, "prompt": "p", "output_A": "a", "output_B": "b", "x": "\xff"}'
+    ],
+    "invalid utf-8 in text": [
+        b'{"type": "pairwise_feedback", "label": 1, "prompt": "\xc3\x28", "output_A": "a", "output_B": "b"}'
+    ],
+    "lone surrogate": [
+        '{"type": "pairwise_feedback", "label": 1, "prompt": "\\ud800", "output_A": "a", "output_B": "b"}'
+    ],
     "two records on one line": [json.dumps(PAIR[0]) + " " + json.dumps(PAIR[1])],
-    "record spanning lines": [json.dumps(PAIR[0])[:-1], '}'],
+    "record spanning lines": [json.dumps(PAIR[0])[:-1], "}"],
     "blank and whitespace lines": [json.dumps(PAIR[0]), "", "   ", json.dumps(PAIR[1])],
     "byte order mark": [b"\xef\xbb\xbf" + json.dumps(PAIR[0]).encode()],
     "JSON array": [json.dumps(PAIR)],
@@ -123,8 +147,9 @@ INVALID_OR_TRICKY: dict[str, list[str | bytes]] = {
     "label true": [json.dumps(rec(label=True))],
     "label 2": [json.dumps(rec(label=2))],
     "NaN reward": [json.dumps(rec(reward_A=float("nan")))],
-    "huge reward": ['{"type": "pairwise_feedback", "label": 1, "prompt": "p", "output_A": "a", "output_B": "b", '
-                    '"reward_A": 1e400}'],
+    "huge reward": [
+        '{"type": "pairwise_feedback", "label": 1, "prompt": "p", "output_A": "a", "output_B": "b", "reward_A": 1e400}'
+    ],
     "string reward": [json.dumps(rec(reward_A="1"))],
     "unknown role": [json.dumps(rec(prompt=[{"role": "human", "content": "x"}]))],
     "empty turn list": [json.dumps(rec(output_A=[]))],
@@ -135,25 +160,39 @@ INVALID_OR_TRICKY: dict[str, list[str | bytes]] = {
     "missing field": [json.dumps(rec(output_B=DROP))],
     "mixed kinds": [json.dumps(PAIR[0]), json.dumps(binary_records(1)[0])],
     "mixed formats": [json.dumps(PAIR[0]), json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})],
-    "TRL record with a type": [json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
-                               json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "type": None})],
+    "TRL record with a type": [
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "type": None}),
+    ],
     "conflicting prompt": [json.dumps(rec(prompt_id="x", prompt="a")), json.dumps(rec(prompt_id="x", prompt="b"))],
     "conflicting split": [json.dumps(rec(prompt_id="x", split="test")), json.dumps(rec(prompt_id="x", split=DROP))],
-    "split missing vs train": [json.dumps(rec(prompt_id="x", split="train")), json.dumps(rec(prompt_id="x", split=DROP))],
-    "same prompt as str and as turns": [json.dumps(rec(prompt_id="x", prompt="hi")),
-                                        json.dumps(rec(prompt_id="x", prompt=[{"role": "user", "content": "hi"}]))],
-    "derived ids, str and turns forms": [json.dumps(rec(prompt_id=DROP, prompt="hi")),
-                                         json.dumps(rec(prompt_id=DROP, prompt=[{"role": "user", "content": "hi"}])),
-                                         json.dumps(rec(prompt_id=DROP, prompt=[{"role": "user", "content": [
-                                             {"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]))],
+    "split missing vs train": [
+        json.dumps(rec(prompt_id="x", split="train")),
+        json.dumps(rec(prompt_id="x", split=DROP)),
+    ],
+    "same prompt as str and as turns": [
+        json.dumps(rec(prompt_id="x", prompt="hi")),
+        json.dumps(rec(prompt_id="x", prompt=[{"role": "user", "content": "hi"}])),
+    ],
+    "derived ids, str and turns forms": [
+        json.dumps(rec(prompt_id=DROP, prompt="hi")),
+        json.dumps(rec(prompt_id=DROP, prompt=[{"role": "user", "content": "hi"}])),
+        json.dumps(
+            rec(
+                prompt_id=DROP,
+                prompt=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+            )
+        ),
+    ],
     "int and str ids": [json.dumps(rec(prompt_id=5, prompt="a")), json.dumps(rec(prompt_id="5", prompt="b"))],
     "explicit id equal to a derived one": [
         json.dumps(rec(prompt_id=DROP, prompt="hi")),
         json.dumps(rec(prompt_id="h-" + "0" * 24, prompt="other")),
     ],
     "sampled without prompt": [json.dumps({"prompt_id": 1, "sample_id": 0, "output": "o"})],
-    "sampled with a chosen key": [json.dumps({"prompt_id": 1, "sample_id": 0, "prompt": "p", "output": "o",
-                                              "chosen": "x"})],
+    "sampled with a chosen key": [
+        json.dumps({"prompt_id": 1, "sample_id": 0, "prompt": "p", "output": "o", "chosen": "x"})
+    ],
     "not an object": ['{"type": "pairwise_feedback"}', "[1, 2]"],
 }
 
@@ -186,8 +225,15 @@ def test_random_byte_mutations(tmp_path: Path) -> None:
     import random
 
     rng = random.Random(1234)
-    base = "\n".join(dumps(pairwise_records(3, seed=2) + [dict(PAIR[1], prompt_id=DROP_ID, prompt="same")
-                                                        for DROP_ID in ("q1", "q2")])).encode() + b"\n"
+    base = (
+        "\n".join(
+            dumps(
+                pairwise_records(3, seed=2)
+                + [dict(PAIR[1], prompt_id=DROP_ID, prompt="same") for DROP_ID in ("q1", "q2")]
+            )
+        ).encode()
+        + b"\n"
+    )
     alphabet = b'{}[]":,\\u0123456789abcdefnrt label prompt_id split test train \n\r\t\xff\xc3'
     accepted = 0
     for i in range(400):

@@ -44,19 +44,29 @@ from .test_train_cli import ROOT, _assert_same_final, _assert_same_steps, _prepa
 HP = {"checkpoint_every": 3, "warmup_steps": 2}
 
 
-def launch(run_dir: RunDir, num_processes: int, fsdp: bool, cpu: bool = True, mixed_precision: str = "no",
-           timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    run_dir: RunDir, num_processes: int, fsdp: bool, cpu: bool = True, mixed_precision: str = "no", timeout: int = 300
+) -> subprocess.CompletedProcess:
     """What the worker runs: its accelerate.yaml, its environment and its command line."""
-    settings = Settings(data_dir=run_dir.path, num_processes=num_processes, fsdp=fsdp, use_cpu=cpu,
-                        mixed_precision=mixed_precision)
+    settings = Settings(
+        data_dir=run_dir.path, num_processes=num_processes, fsdp=fsdp, use_cpu=cpu, mixed_precision=mixed_precision
+    )
     conf = worker_launch.accelerate_config(settings, main_process_port=0)  # 0: accelerate picks a free port
     run_dir.accelerate_yaml.write_text(yaml.safe_dump(conf, sort_keys=True))
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP")}
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # + carried wheels
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, TOKENIZERS_PARALLELISM="false",
-               **worker_launch.launch_env(settings))
-    return subprocess.run(worker_launch.command(settings, run_dir), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, TOKENIZERS_PARALLELISM="false", **worker_launch.launch_env(settings)
+    )
+    return subprocess.run(
+        worker_launch.command(settings, run_dir),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess, num_processes: int, fsdp: bool) -> None:
@@ -99,7 +109,9 @@ def _assert_same_moments(a: Path, b: Path) -> None:
     assert oa["state"].keys() == ob["state"].keys()
     for idx in oa["state"]:
         torch.testing.assert_close(ob["state"][idx]["exp_avg"], oa["state"][idx]["exp_avg"], rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(ob["state"][idx]["exp_avg_sq"], oa["state"][idx]["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(
+            ob["state"][idx]["exp_avg_sq"], oa["state"][idx]["exp_avg_sq"], rtol=1e-4, atol=1e-10
+        )
 
 
 # --------------------------------------------------------------------------- layouts (no processes)
@@ -173,8 +185,9 @@ def test_fsdp_two_cpu_ranks_match_one_process(fsdp_runs, tiny_model_dir):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("source,resume_with,fsdp", [("fsdp", 1, False), ("one", 2, True)])
-def test_fsdp_checkpoint_resumes_across_strategies(fsdp_runs, tiny_model_dir, tiny_sha, pairwise_file,
-                                                   source, resume_with, fsdp):
+def test_fsdp_checkpoint_resumes_across_strategies(
+    fsdp_runs, tiny_model_dir, tiny_sha, pairwise_file, source, resume_with, fsdp
+):
     """FSDP(2)'s step-3 checkpoint resumes in 1 plain process, and 1 process's under FSDP(2):
     steps 4..6 and the final state equal both uninterrupted runs; the restored optimizer state
     (FSDP: gathered back from the live shards) has the digest of the optimizer.pt it came from."""
@@ -182,8 +195,9 @@ def test_fsdp_checkpoint_resumes_across_strategies(fsdp_runs, tiny_model_dir, ti
     src = {"one": one, "fsdp": two}[source]
     ckpt = src.checkpoint_path(3)
     rd = RunDir(tmp / f"{source}-to-{resume_with}").create()
-    rd.write_config(make_config(rd.path, tiny_model_dir, tiny_sha, pairwise_file, job_id=source,
-                                resume_from=str(ckpt), **HP))
+    rd.write_config(
+        make_config(rd.path, tiny_model_dir, tiny_sha, pairwise_file, job_id=source, resume_from=str(ckpt), **HP)
+    )
     _ok(launch(rd, resume_with, fsdp=fsdp), resume_with, fsdp)
     steps = _steps(rd)
     assert [m["step"] for m in steps] == [4, 5, 6]
@@ -194,7 +208,9 @@ def test_fsdp_checkpoint_resumes_across_strategies(fsdp_runs, tiny_model_dir, ti
     _assert_complete_optimizer(rd.final, tiny_model_dir, 6)
     resumed = rd.read_result().resumed
     assert resumed.optimizer_step == 3 and resumed.scheduler_last_epoch == 3
-    assert resumed.optimizer_state_digest == optimizer_state_digest(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    assert resumed.optimizer_state_digest == optimizer_state_digest(
+        torch.load(ckpt / "optimizer.pt", weights_only=True)
+    )
 
 
 @pytest.mark.e2e
@@ -204,9 +220,18 @@ def test_fsdp_round_two_restores_the_complete_optimizer_state(fsdp_runs, tiny_mo
     tmp, _, two, _ = fsdp_runs
     r1 = two.read_result()
     rd = RunDir(tmp / "round2").create()
-    rd.write_config(make_config(rd.path, tiny_model_dir, tiny_sha, pairwise_file, job_id="round2",
-                                init_from=r1.final_dir, counters={"step": r1.step, "examples": r1.examples},
-                                **HP))
+    rd.write_config(
+        make_config(
+            rd.path,
+            tiny_model_dir,
+            tiny_sha,
+            pairwise_file,
+            job_id="round2",
+            init_from=r1.final_dir,
+            counters={"step": r1.step, "examples": r1.examples},
+            **HP,
+        )
+    )
     _ok(launch(rd, 2, fsdp=True), 2, True)
     restored = rd.read_result().restored
     parent = torch.load(two.final / "optimizer.pt", weights_only=True)
@@ -285,11 +310,15 @@ def test_fsdp_on_gpus(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     _assert_complete_optimizer(fs.final, tiny_model_dir, 6)
 
     back = RunDir(tmp_path / "gf-to-1").create()
-    back.write_config(make_config(back.path, tiny_model_dir, tiny_sha, pairwise_file, job_id="gf",
-                                  resume_from=str(ckpt), **HP, **batch))
+    back.write_config(
+        make_config(
+            back.path, tiny_model_dir, tiny_sha, pairwise_file, job_id="gf", resume_from=str(ckpt), **HP, **batch
+        )
+    )
     _ok(launch(back, 1, fsdp=False, cpu=False), 1, False)
     assert back.read_result().resumed.optimizer_state_digest == optimizer_state_digest(
-        torch.load(ckpt / "optimizer.pt", weights_only=True))
+        torch.load(ckpt / "optimizer.pt", weights_only=True)
+    )
     for x, y in zip(m1[3:], _steps(back)):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5), x["step"]
 

@@ -64,8 +64,19 @@ def test_value_head_is_fp32_aligned_and_does_not_train_the_body():
 def bt_round(tmp_path_factory, tiny_model_dir, tiny_sha):
     tmp = tmp_path_factory.mktemp("bt")
     fb = write_jsonl(pairwise_records(64, seed=2, test_fraction=0.25), tmp / "pairs.jsonl")
-    res = run(make_config(tmp / "r1", tiny_model_dir, tiny_sha, fb, job_id="r1", loss={"name": "bradley_terry"},
-                          lr=1e-3, n_epochs=2, checkpoint_every=4))
+    res = run(
+        make_config(
+            tmp / "r1",
+            tiny_model_dir,
+            tiny_sha,
+            fb,
+            job_id="r1",
+            loss={"name": "bradley_terry"},
+            lr=1e-3,
+            n_epochs=2,
+            checkpoint_every=4,
+        )
+    )
     return tmp, fb, res
 
 
@@ -73,7 +84,9 @@ def test_bradley_terry_learns_a_reward_model(bt_round, tiny_model_dir):
     tmp, _, res = bt_round
     steps = _steps(tmp / "r1")
     assert res.round_step == len(steps) >= 8
-    assert steps[0]["loss"] == pytest.approx(torch.nn.functional.softplus(torch.tensor(-steps[0]["rewards/margin"])).item(), abs=0.05)
+    assert steps[0]["loss"] == pytest.approx(
+        torch.nn.functional.softplus(torch.tensor(-steps[0]["rewards/margin"])).item(), abs=0.05
+    )
     assert sum(m["loss"] for m in steps[-3:]) / 3 < sum(m["loss"] for m in steps[:3]) / 3 - 0.2
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
         assert key in steps[-1]
@@ -92,8 +105,17 @@ def test_bradley_terry_learns_a_reward_model(bt_round, tiny_model_dir):
 
 def test_bradley_terry_round_two_restores_head_and_optimizer(bt_round, tiny_model_dir, tiny_sha):
     tmp, fb, res = bt_round
-    cfg = make_config(tmp / "r2", tiny_model_dir, tiny_sha, fb, job_id="r2", loss={"name": "bradley_terry"}, lr=1e-3,
-                      init_from=str(res.final_dir), counters={"step": res.step, "examples": res.examples})
+    cfg = make_config(
+        tmp / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        fb,
+        job_id="r2",
+        loss={"name": "bradley_terry"},
+        lr=1e-3,
+        init_from=str(res.final_dir),
+        counters={"step": res.step, "examples": res.examples},
+    )
     trainer = Trainer.from_config(cfg)
     try:
         head = trainer.accelerator.unwrap_model(trainer.model).head
@@ -116,8 +138,18 @@ def test_bradley_terry_round_two_restores_head_and_optimizer(bt_round, tiny_mode
 def ppo_round(tmp_path_factory, tiny_model_dir, tiny_sha):
     tmp = tmp_path_factory.mktemp("ppo")
     fb = write_jsonl(binary_records(32, seed=3, test_fraction=0.2), tmp / "bin.jsonl")
-    res = run(make_config(tmp / "r1", tiny_model_dir, tiny_sha, [(fb, "binary")], job_id="r1",
-                          loss={"name": "ppo", "critic_coef": 1.0}, lr=1e-3, n_epochs=3))
+    res = run(
+        make_config(
+            tmp / "r1",
+            tiny_model_dir,
+            tiny_sha,
+            [(fb, "binary")],
+            job_id="r1",
+            loss={"name": "ppo", "critic_coef": 1.0},
+            lr=1e-3,
+            n_epochs=3,
+        )
+    )
     return tmp, fb, res
 
 
@@ -159,8 +191,9 @@ def test_ppo_loss_in_the_trainer_uses_reference_logps_as_old_policy(ppo_round, t
             logps, mask, values = inner(stream["input_ids"], stream["attention_mask"], stream["labels"], mode="values")
             ref = trainer.forward.reference_logps(stream)
         rewards = torch.where(mb.desirable, 1.0, -1.0)
-        expected = build_loss({"name": "ppo"}).compute(policy_logps=logps, old_policy_logps=ref, values=values,
-                                                       rewards=rewards, mask=mask)
+        expected = build_loss({"name": "ppo"}).compute(
+            policy_logps=logps, old_policy_logps=ref, values=values, rewards=rewards, mask=mask
+        )
         torch.testing.assert_close(out.loss, expected.loss)
         torch.testing.assert_close(ref, logps)  # round 1, before any step: policy == reference
     finally:
@@ -169,20 +202,36 @@ def test_ppo_loss_in_the_trainer_uses_reference_logps_as_old_policy(ppo_round, t
 
 def test_ppo_round_two_restores_value_head_and_a_headless_round_is_refused(ppo_round, tiny_model_dir, tiny_sha):
     tmp, fb, res = ppo_round
-    cfg = make_config(tmp / "r2", tiny_model_dir, tiny_sha, [(fb, "binary")], job_id="r2", loss={"name": "ppo"},
-                      init_from=str(res.final_dir), counters={"step": res.step, "examples": res.examples})
+    cfg = make_config(
+        tmp / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        [(fb, "binary")],
+        job_id="r2",
+        loss={"name": "ppo"},
+        init_from=str(res.final_dir),
+        counters={"step": res.step, "examples": res.examples},
+    )
     trainer = Trainer.from_config(cfg)
     try:
         head = trainer.accelerator.unwrap_model(trainer.model).head
         saved = load_file(str(res.final_dir / HEAD_FILE))
         assert all(torch.equal(v.detach(), saved[k]) for k, v in head.state_dict().items())
         assert optimizer_state_digest(trainer.optimizer.state_dict()) == optimizer_state_digest(
-            torch.load(res.final_dir / "optimizer.pt", weights_only=True))
+            torch.load(res.final_dir / "optimizer.pt", weights_only=True)
+        )
     finally:
         _release(trainer)
     # a KTO round cannot continue a checkpoint whose optimizer also holds a value head
-    kto = make_config(tmp / "r3", tiny_model_dir, tiny_sha, [(fb, "binary")], job_id="r3", loss={"name": "kto"},
-                      init_from=str(res.final_dir))
+    kto = make_config(
+        tmp / "r3",
+        tiny_model_dir,
+        tiny_sha,
+        [(fb, "binary")],
+        job_id="r3",
+        loss={"name": "kto"},
+        init_from=str(res.final_dir),
+    )
     with pytest.raises(CheckpointError, match="value head"):
         run(kto)
     _reset()
@@ -208,7 +257,8 @@ class Root(torch.nn.Module):
 
 torch.manual_seed(0)
 m = Root()
-fully_shard(m, mesh=init_device_mesh("cpu", (1,)), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+fully_shard(m, mesh=init_device_mesh("cpu", (1,)),
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
 x = torch.randn(2, 5, 16)
 values, rewards = m(x, "v"), m(x, "r")
 assert values.dtype == torch.float32 and values.shape == (2, 4), (values.dtype, values.shape)
@@ -229,6 +279,7 @@ def test_heads_under_fsdp_bf16_mixed_precision():
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _FSDP_BF16_HEADS], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FSDP_BF16_HEADS], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -9,8 +9,14 @@ import torch
 
 from halos_core.logprobs import TokenLogprobModel, UnsupportedLogits, logit_transform, naive_token_logps, token_logps
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-             num_key_value_heads=1)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
 
 def _gemma2():

@@ -93,7 +93,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -127,8 +129,15 @@ def big_vocab_model():
     """A one-layer Llama with a 32k vocabulary: the LM head dominates the memory of log-probs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32_000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32_000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config)
@@ -176,9 +185,11 @@ def test_chunked_logps_stay_under_the_bound_the_naive_path_exceeds(big_vocab_mod
     assert chunked.largest <= chunk_bytes
     assert chunked.peak < (bound / 2 if grad else bound / 8)
     # record the figures in the test log
-    print(f"grad={grad}: bound {bound / 2**20:.1f} MiB; naive peak {naive.peak / 2**20:.1f} MiB "
-          f"(largest {naive.largest / 2**20:.1f}); chunked peak {chunked.peak / 2**20:.1f} MiB "
-          f"(largest {chunked.largest / 2**20:.1f})")
+    print(
+        f"grad={grad}: bound {bound / 2**20:.1f} MiB; naive peak {naive.peak / 2**20:.1f} MiB "
+        f"(largest {naive.largest / 2**20:.1f}); chunked peak {chunked.peak / 2**20:.1f} MiB "
+        f"(largest {chunked.largest / 2**20:.1f})"
+    )
 
 
 def test_chunk_size_follows_the_vocabulary():

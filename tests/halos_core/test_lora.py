@@ -42,12 +42,25 @@ def sft(tiny_model_dir):
 @pytest.fixture(scope="module")
 def round1(tmp_path_factory, tiny_model_dir, tiny_sha, pairwise_file):
     rd = tmp_path_factory.mktemp("lora") / "r1"
-    res = run(make_config(rd, tiny_model_dir, tiny_sha, pairwise_file, job_id="r1", lora=LORA, checkpoint_every=2,
-                          warmup_steps=3, lr=2e-3))
+    res = run(
+        make_config(
+            rd,
+            tiny_model_dir,
+            tiny_sha,
+            pairwise_file,
+            job_id="r1",
+            lora=LORA,
+            checkpoint_every=2,
+            warmup_steps=3,
+            lr=2e-3,
+        )
+    )
     return res
 
 
-def test_reference_is_the_base_with_adapters_off_and_no_second_copy(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, sft):
+def test_reference_is_the_base_with_adapters_off_and_no_second_copy(
+    tmp_path, tiny_model_dir, tiny_sha, pairwise_file, sft
+):
     cfg = make_config(tmp_path / "run", tiny_model_dir, tiny_sha, pairwise_file, lora=LORA)
     trainer = Trainer.from_config(cfg)
     try:
@@ -92,7 +105,12 @@ def test_lora_round_checkpoints_adapters_and_exports_merged(round1, tiny_model_d
     # intermediate checkpoints: adapters + optimizer, no full weights
     for manifest in rd.complete_checkpoints():
         files = set(manifest.files)
-        assert {f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", f"{ADAPTER_DIR}/adapter_config.json", "optimizer.pt", "scheduler.pt"} <= files
+        assert {
+            f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}",
+            f"{ADAPTER_DIR}/adapter_config.json",
+            "optimizer.pt",
+            "scheduler.pt",
+        } <= files
         assert "model.safetensors" not in files
         opt = torch.load(manifest.path / "optimizer.pt", weights_only=True)
         assert len(opt["state"]) == len(load_file(str(manifest.path / ADAPTER_DIR / ADAPTER_WEIGHTS)))
@@ -103,7 +121,9 @@ def test_lora_round_checkpoints_adapters_and_exports_merged(round1, tiny_model_d
     changed = {k for k in base_w if not torch.equal(merged[k], base_w[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
     plain = AutoModelForCausalLM.from_pretrained(final).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final / ADAPTER_DIR).eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), final / ADAPTER_DIR
+    ).eval()
     ids = torch.randint(10, 500, (2, 15), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b, c = plain(ids).logits, adapted(ids).logits, sft(ids).logits
@@ -113,9 +133,18 @@ def test_lora_round_checkpoints_adapters_and_exports_merged(round1, tiny_model_d
 
 def test_lora_rounds_chain_adapters_optimizer_scheduler(round1, tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     final1 = round1.final_dir
-    cfg2 = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, pairwise_file, job_id="r2", lora=LORA,
-                       init_from=str(final1), counters={"step": round1.step, "examples": round1.examples},
-                       warmup_steps=3, lr=2e-3)
+    cfg2 = make_config(
+        tmp_path / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        pairwise_file,
+        job_id="r2",
+        lora=LORA,
+        init_from=str(final1),
+        counters={"step": round1.step, "examples": round1.examples},
+        warmup_steps=3,
+        lr=2e-3,
+    )
     trainer = Trainer.from_config(cfg2)
     try:
         lm = trainer.accelerator.unwrap_model(trainer.model).lm
@@ -130,7 +159,9 @@ def test_lora_rounds_chain_adapters_optimizer_scheduler(round1, tmp_path, tiny_m
         _release(trainer)
     result2 = RunDir(tmp_path / "r2").read_result()
     restored = result2.restored
-    assert restored.optimizer_state_digest == optimizer_state_digest(torch.load(final1 / "optimizer.pt", weights_only=True))
+    assert restored.optimizer_state_digest == optimizer_state_digest(
+        torch.load(final1 / "optimizer.pt", weights_only=True)
+    )
     assert restored.optimizer_step == 6 and restored.lr_at_start == pytest.approx(2e-3)
     assert result2.reference_param_digest == RunDir(round1.run_dir).read_result().reference_param_digest
     steps2 = _steps(tmp_path / "r2")
@@ -144,8 +175,15 @@ def test_lora_rounds_chain_adapters_optimizer_scheduler(round1, tmp_path, tiny_m
     with pytest.raises(CheckpointError, match="LoRA"):
         run(full)
     _reset()
-    other = make_config(tmp_path / "r4", tiny_model_dir, tiny_sha, pairwise_file, job_id="r4", init_from=str(final1),
-                        lora={**LORA, "r": 2})
+    other = make_config(
+        tmp_path / "r4",
+        tiny_model_dir,
+        tiny_sha,
+        pairwise_file,
+        job_id="r4",
+        init_from=str(final1),
+        lora={**LORA, "r": 2},
+    )
     with pytest.raises(CheckpointError, match="LoRA"):
         run(other)
     _reset()
@@ -164,7 +202,12 @@ def test_lora_resume_equals_uninterrupted_and_unmerged_export(tmp_path, tiny_mod
     resumed = run(cfg_b.model_copy(update={"resume_from": str(latest.path)}))
     a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
     for m, other in zip(a[3:], b[4:]):
-        assert (m["step"], m["loss"], m["grad_norm"], m["lr"]) == (other["step"], other["loss"], other["grad_norm"], other["lr"])
+        assert (m["step"], m["loss"], m["grad_norm"], m["lr"]) == (
+            other["step"],
+            other["loss"],
+            other["grad_norm"],
+            other["lr"],
+        )
     wa = load_file(str(straight.final_dir / ADAPTER_DIR / ADAPTER_WEIGHTS))
     wb = load_file(str(resumed.final_dir / ADAPTER_DIR / ADAPTER_WEIGHTS))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -21,7 +21,7 @@ def sigmoid(x: float) -> float:
 
 def _inputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
     # row 0: chosen log-ratio sum +1.0, rejected -1.0; row 1: chosen -0.5 (one masked token), rejected +2.0
-    t = lambda rows: torch.tensor(rows, dtype=D, requires_grad=requires_grad)  # noqa: E731 - local shorthand
+    t = lambda rows: torch.tensor(rows, dtype=D, requires_grad=requires_grad)
     return {
         "policy_chosen_logps": t([[-1.0, -2.0], [-0.5, 0.0]]),
         "reference_chosen_logps": t([[-1.5, -2.5], [0.0, 0.0]]),

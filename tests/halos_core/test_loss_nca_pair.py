@@ -20,7 +20,7 @@ def log_sigmoid(x: float) -> float:
 
 def _inputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
     # row 0: chosen log-ratio sum +1.0, rejected -1.0; row 1: chosen -3.0, rejected +0.5 (one masked token)
-    t = lambda rows: torch.tensor(rows, dtype=D, requires_grad=requires_grad)  # noqa: E731 - local shorthand
+    t = lambda rows: torch.tensor(rows, dtype=D, requires_grad=requires_grad)
     return {
         "policy_chosen_logps": t([[-1.0, -2.0], [-4.0, -3.0]]),
         "reference_chosen_logps": t([[-1.5, -2.5], [-2.0, -2.0]]),

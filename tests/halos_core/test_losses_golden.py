@@ -19,7 +19,9 @@ from halos_core.loss_registry import LOSSES
 from halos_core.losses import LossOutput, all_loss_classes, build_loss
 
 RTOL, ATOL = 1e-4, 1e-5
-FIXTURE = Path(os.environ.get("HALOS_GOLDEN_LOSSES") or Path(__file__).resolve().parents[1] / "fixtures" / "halos_losses.json")
+FIXTURE = Path(
+    os.environ.get("HALOS_GOLDEN_LOSSES") or Path(__file__).resolve().parents[1] / "fixtures" / "halos_losses.json"
+)
 
 
 def _load_cases() -> list[dict]:

@@ -86,7 +86,9 @@ def test_bradley_terry():
     close(chosen.grad, [-(1 - sigmoid(1)) / 2, -(1 - sigmoid(-1)) / 2])
     close(rejected.grad, -chosen.grad)
     # a [B, 1] head output is accepted
-    close(loss.compute(chosen_scores=chosen.detach()[:, None], rejected_scores=rejected.detach()[:, None]).loss, out.loss)
+    close(
+        loss.compute(chosen_scores=chosen.detach()[:, None], rejected_scores=rejected.detach()[:, None]).loss, out.loss
+    )
 
 
 # --------------------------------------------------------------------------- ppo
@@ -160,8 +162,14 @@ def test_dpo_humanline_clamps_both_bounds():
     pc, rc = t([[0.0, -1.0]]), t([[-2.0, -0.5]])  # log-ratios [2.0, -0.5] -> clamped [1.5, -0.5]
     pr, rr = t([[-4.0, -1.0]]), t([[-1.0, -1.25]])  # log-ratios [-3.0, 0.25] -> clamped [-1.0, 0.25]
     mask = t([[1, 1]])
-    kw = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
-              reference_rejected_logps=rr, chosen_mask=mask, rejected_mask=mask)
+    kw = dict(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        reference_chosen_logps=rc,
+        reference_rejected_logps=rr,
+        chosen_mask=mask,
+        rejected_mask=mask,
+    )
     plain = build_loss(DPOLoss(beta=0.1), Hyperparams()).compute(**kw)
     close(plain.values["chosen_rewards"], [0.1 * 1.5])
     close(plain.values["rejected_rewards"], [0.1 * -2.75])
@@ -178,9 +186,14 @@ def test_dpo_humanline_clamps_both_bounds():
 
 def test_humanline_clamped_tokens_get_no_gradient():
     pc = t([[0.0, -1.0]], requires_grad=True)
-    kw = dict(policy_chosen_logps=pc, policy_rejected_logps=t([[-1.0, -1.0]]),
-              reference_chosen_logps=t([[-2.0, -0.5]]), reference_rejected_logps=t([[-1.0, -1.0]]),
-              chosen_mask=t([[1, 1]]), rejected_mask=t([[1, 1]]))
+    kw = dict(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=t([[-1.0, -1.0]]),
+        reference_chosen_logps=t([[-2.0, -0.5]]),
+        reference_rejected_logps=t([[-1.0, -1.0]]),
+        chosen_mask=t([[1, 1]]),
+        rejected_mask=t([[1, 1]]),
+    )
     build_loss(DPOLoss(beta=0.1), HL).compute(**kw).loss.backward()
     assert pc.grad[0, 0] == 0 and pc.grad[0, 1] != 0
 
@@ -188,10 +201,15 @@ def test_humanline_clamped_tokens_get_no_gradient():
 def test_kto_humanline_by_hand():
     beta = 0.1
     kw = dict(
-        policy_chosen_logps=t([[0.0, -1.0]]), reference_chosen_logps=t([[-2.0, -1.5]]),  # [2.0, 0.5] -> [1.5, 0.5]
-        policy_rejected_logps=t([[-3.0, 0.0]]), reference_rejected_logps=t([[0.0, 0.0]]),  # [-3.0] -> [-1.0]
-        policy_kl_logps=t([[0.0, 0.0], [-1.5, 0.0]]), reference_kl_logps=t([[-3.0, 0.0], [-1.0, 0.0]]),
-        chosen_mask=t([[1, 1]]), rejected_mask=t([[1, 0]]), kl_mask=t([[1, 0], [1, 0]]),
+        policy_chosen_logps=t([[0.0, -1.0]]),
+        reference_chosen_logps=t([[-2.0, -1.5]]),  # [2.0, 0.5] -> [1.5, 0.5]
+        policy_rejected_logps=t([[-3.0, 0.0]]),
+        reference_rejected_logps=t([[0.0, 0.0]]),  # [-3.0] -> [-1.0]
+        policy_kl_logps=t([[0.0, 0.0], [-1.5, 0.0]]),
+        reference_kl_logps=t([[-3.0, 0.0], [-1.0, 0.0]]),
+        chosen_mask=t([[1, 1]]),
+        rejected_mask=t([[1, 0]]),
+        kl_mask=t([[1, 0], [1, 0]]),
     )
     out = build_loss(KTOLoss(beta=beta), HL).compute(**kw)
     # KL rows: [3.0] -> 1.5 and [-0.5] -> -0.5: mean 0.5
@@ -208,13 +226,20 @@ def test_kto_empty_sides_and_kl_floor():
     loss = build_loss(KTOLoss(beta=0.5, desirable_weight=2.0, undesirable_weight=1.0), Hyperparams())
     empty = torch.zeros(0, 3, dtype=D)
     kl = dict(
-        policy_kl_logps=t([[-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), reference_kl_logps=t([[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        policy_kl_logps=t([[-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        reference_kl_logps=t([[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
         kl_mask=t([[1, 0, 0], [0, 0, 0]]),
     )
     pc = t([[-1.0, -1.0, 0.0]], requires_grad=True)
-    out = loss.compute(policy_chosen_logps=pc, reference_chosen_logps=t([[-1.0, -2.0, 0.0]]),
-                       policy_rejected_logps=empty, reference_rejected_logps=empty,
-                       chosen_mask=t([[1, 1, 0]]), rejected_mask=empty, **kl)
+    out = loss.compute(
+        policy_chosen_logps=pc,
+        reference_chosen_logps=t([[-1.0, -2.0, 0.0]]),
+        policy_rejected_logps=empty,
+        reference_rejected_logps=empty,
+        chosen_mask=t([[1, 1, 0]]),
+        rejected_mask=empty,
+        **kl,
+    )
     # the only non-empty KL row has log-ratio -1: mean -1, clamped to 0 (the empty row is not counted)
     close(out.values["kl"], [0.0])
     close(out.values["losses"], [2.0 * (1 - sigmoid(0.5 * 1.0))])
@@ -223,9 +248,15 @@ def test_kto_empty_sides_and_kl_floor():
     assert torch.isfinite(pc.grad).all()
     # only undesirable rows, given as 1-D empty tensors
     none = torch.zeros(0, dtype=D)
-    out = loss.compute(policy_chosen_logps=none, reference_chosen_logps=none, chosen_mask=none,
-                       policy_rejected_logps=t([[-1.0, 0.0, 0.0]]), reference_rejected_logps=t([[-1.5, 0.0, 0.0]]),
-                       rejected_mask=t([[1, 0, 0]]), **kl)
+    out = loss.compute(
+        policy_chosen_logps=none,
+        reference_chosen_logps=none,
+        chosen_mask=none,
+        policy_rejected_logps=t([[-1.0, 0.0, 0.0]]),
+        reference_rejected_logps=t([[-1.5, 0.0, 0.0]]),
+        rejected_mask=t([[1, 0, 0]]),
+        **kl,
+    )
     close(out.values["losses"], [1 - sigmoid(0.5 * (0.0 - 0.5))])
     assert out.values["chosen_rewards"].shape == (0,)
 
@@ -233,8 +264,9 @@ def test_kto_empty_sides_and_kl_floor():
 def test_grpo_humanline_by_hand():
     beta, eps = 0.1, 0.2
     pol, ref = t([[0.0], [-3.0]]), t([[-2.0], [-1.0]])  # log-ratios 2.0 -> 1.5, -2.0 -> -1.0
-    kw = dict(policy_logps=pol, reference_logps=ref, mask=t([[1], [1]]),
-              prompt_ids=torch.tensor([7, 7]), scores=t([1.0, 0.0]))
+    kw = dict(
+        policy_logps=pol, reference_logps=ref, mask=t([[1], [1]]), prompt_ids=torch.tensor([7, 7]), scores=t([1.0, 0.0])
+    )
     out = build_loss(GRPOLoss(beta=beta, epsilon=eps), HL).compute(**kw)
     a = 0.5 / (0.5 + 0.01)  # mean .5, population std .5
     close(out.values["advantages"], [a, -a])
@@ -256,12 +288,14 @@ def test_grpo_old_policy_and_precomputed_advantages():
     adv = t([1.0, -2.0])
     out = loss.compute(policy_logps=pol, reference_logps=ref, mask=mask, advantages=adv, old_policy_logps=pol.detach())
     # ratio == 1 everywhere: token loss = -A + beta * KL(ref)
-    kl = lambda x: math.exp(-x) + x - 1  # noqa: E731  (x = pol - ref)
+    kl = lambda x: math.exp(-x) + x - 1(x=pol - ref)
     tokens = [-1.0 + beta * kl(0.5), -1.0 + beta * kl(0.0), 2.0 + beta * kl(-0.5)]
     close(out.loss, sum(tokens) / 3)
     out.loss.backward()
     # d/dlogp of -A * exp(logp - old) at ratio 1 is -A; KL part: beta * (1 - exp(ref - pol))
-    close(pol.grad, [[(-1.0 + beta * (1 - math.exp(-0.5))) / 3, -1.0 / 3], [(2.0 + beta * (1 - math.exp(0.5))) / 3, 0.0]])
+    close(
+        pol.grad, [[(-1.0 + beta * (1 - math.exp(-0.5))) / 3, -1.0 / 3], [(2.0 + beta * (1 - math.exp(0.5))) / 3, 0.0]]
+    )
 
 
 def test_group_advantages():
@@ -276,12 +310,14 @@ def test_group_advantages():
 def test_reference_free_paired_losses_accept_none():
     pc, pr = t([[-1.0, -1.0, 0.0]]), t([[-2.0, -4.0, -3.0]])
     out = build_loss({"name": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.5}).compute(
-        policy_chosen_logps=pc, policy_rejected_logps=pr)
+        policy_chosen_logps=pc, policy_rejected_logps=pr
+    )
     close(out.values["chosen_rewards"], [-1.0])
     close(out.values["rejected_rewards"], [-3.0])
     close(out.loss, math.log(1 + math.exp(-2.0 * (2.0 - 0.5))))
     out = build_loss({"name": "slic", "beta": 1.0, "lambda_coef": 0.1}).compute(
-        policy_chosen_logps=pc, policy_rejected_logps=pr)
+        policy_chosen_logps=pc, policy_rejected_logps=pr
+    )
     close(out.loss, max(0.0, 1.0 + 2.0 - 9.0) + 0.1 * 2.0)
     with pytest.raises(ValueError):
         build_loss(DPOLoss()).compute(policy_chosen_logps=pc, policy_rejected_logps=pr)
@@ -290,8 +326,13 @@ def test_reference_free_paired_losses_accept_none():
 def test_ipo_empty_row_is_finite():
     z = torch.zeros(1, 3, dtype=D)
     out = build_loss({"name": "ipo", "tau": 0.5}).compute(
-        policy_chosen_logps=z, policy_rejected_logps=z, reference_chosen_logps=z,
-        reference_rejected_logps=z, chosen_mask=z, rejected_mask=z)
+        policy_chosen_logps=z,
+        policy_rejected_logps=z,
+        reference_chosen_logps=z,
+        reference_rejected_logps=z,
+        chosen_mask=z,
+        rejected_mask=z,
+    )
     close(out.loss, 1.0)  # (0 - 0 - 1/(2 tau))^2
 
 
@@ -299,9 +340,14 @@ def test_bf16_inputs_are_upcast():
     pc = torch.tensor([[-1.0, -2.0]], dtype=torch.bfloat16, requires_grad=True)
     r = torch.tensor([[-1.5, -2.0]], dtype=torch.bfloat16)
     m = torch.ones(1, 2, dtype=torch.bool)
-    out = build_loss(DPOLoss(beta=1.0)).compute(policy_chosen_logps=pc, policy_rejected_logps=r.clone(),
-                                                reference_chosen_logps=r, reference_rejected_logps=r,
-                                                chosen_mask=m, rejected_mask=m)
+    out = build_loss(DPOLoss(beta=1.0)).compute(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=r.clone(),
+        reference_chosen_logps=r,
+        reference_rejected_logps=r,
+        chosen_mask=m,
+        rejected_mask=m,
+    )
     assert out.loss.dtype == torch.float32
     close(out.loss.double(), math.log(1 + math.exp(-0.5)), tol=1e-6)
     out.loss.backward()

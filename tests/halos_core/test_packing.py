@@ -130,7 +130,9 @@ def _seq_logps_in_one_row(model, ids, attn, labels, *, restrict: bool):
     decoder, head = decoder_and_head(model)
     mask = None if restrict else torch.ones_like(p.input_ids)
     with torch.no_grad():
-        hidden = decoder(input_ids=p.input_ids, attention_mask=mask, position_ids=p.position_ids, use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=p.input_ids, attention_mask=mask, position_ids=p.position_ids, use_cache=False
+        ).last_hidden_state
         logps, _ = logps_from_hidden(head, hidden, p.labels)
     return p.unpack_shifted(logps), p
 
@@ -141,7 +143,9 @@ def test_no_token_attends_across_a_sequence_boundary(model):
     before, p = _seq_logps_in_one_row(model, ids, attn, labels, restrict=True)
     assert p.rows == [[0, 1, 2, 3]]  # sequence 0 first, then 1, 2, 3 in the same row
     perturbed = ids.clone()
-    perturbed[0, : lengths[0]] = torch.randint(10, model.config.vocab_size, (lengths[0],), generator=torch.Generator().manual_seed(9))
+    perturbed[0, : lengths[0]] = torch.randint(
+        10, model.config.vocab_size, (lengths[0],), generator=torch.Generator().manual_seed(9)
+    )
     after, _ = _seq_logps_in_one_row(model, perturbed, attn, labels, restrict=True)
     assert not torch.equal(before[0], after[0])  # the perturbation did something
     for i in (1, 2, 3):  # ... and nothing at all to the sequences packed after it
@@ -180,7 +184,6 @@ def test_padding_fraction_packed_vs_padded(tmp_path, tiny_tokenizer):
     from halos_core.data.examples import build_examples
     from halos_core.data.loaders import Batcher
     from halos_core.data.tokenize import ChatEncoder
-
     from halos_core.feedback import read_records
 
     path = write_jsonl(_varied(pairwise_records(32, seed=3), "pairwise"), tmp_path / "pairs.jsonl")
@@ -234,8 +237,18 @@ def test_training_with_packing_equals_without(tmp_path, tiny_model_dir, tiny_sha
     runs = {}
     for on in (False, True):
         name = f"{loss}-{'packed' if on else 'padded'}"
-        cfg = make_config(tmp_path / name, tiny_model_dir, tiny_sha, feedback, job_id=name, loss={"name": loss, "beta": 0.1},
-                          max_length=160, n_epochs=2, lr=2e-3, packing=on)
+        cfg = make_config(
+            tmp_path / name,
+            tiny_model_dir,
+            tiny_sha,
+            feedback,
+            job_id=name,
+            loss={"name": loss, "beta": 0.1},
+            max_length=160,
+            n_epochs=2,
+            lr=2e-3,
+            packing=on,
+        )
         assert cfg.hyperparams.packing is on
         res = run(cfg)
         assert res.result.status == "ok"
@@ -257,8 +270,10 @@ def test_training_with_packing_equals_without(tmp_path, tiny_model_dir, tiny_sha
 
 def test_length_buckets_keep_each_step_and_group_similar_lengths():
     rng = random.Random(0)
-    examples = [SFTExample(("f", str(i)), (("user", "q" * rng.randint(1, 9)),), (("assistant", "a" * rng.randint(1, 300)),))
-                for i in range(64)]
+    examples = [
+        SFTExample(("f", str(i)), (("user", "q" * rng.randint(1, 9)),), (("assistant", "a" * rng.randint(1, 300)),))
+        for i in range(64)
+    ]
     kw = dict(batch_size=16, microbatch_size=2, num_processes=2, n_epochs=2, seed=7)
     plain = [TrainLoader(examples, None, process_index=r, **kw) for r in (0, 1)]
     bucket = [TrainLoader(examples, None, process_index=r, bucket_by_length=True, **kw) for r in (0, 1)]

@@ -33,10 +33,24 @@ HP = dict(checkpoint_every=N, warmup_steps=N + 3, lr=1e-3, batch_size=8, microba
 
 def _start(rd: RunDir) -> subprocess.Popen:
     rd.accelerate_yaml.write_text(yaml.safe_dump(accelerate_config(1)))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(rd.accelerate_yaml),
-           "-m", "halos_core.train", "--config", str(rd.run_json)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-           "ACCELERATE_USE_CPU": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(rd.accelerate_yaml),
+        "-m",
+        "halos_core.train",
+        "--config",
+        str(rd.run_json),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "true",
+    }
     log = open(rd.path / "launch.log", "ab")
     try:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -98,8 +112,9 @@ def test_sigkill_after_checkpoint_then_resume_equals_straight_run(tmp_path, tiny
     deadline = time.monotonic() + 180
     while True:
         assert time.monotonic() < deadline, "no step past the first checkpoint within 180 s"
-        assert p_killed.poll() is None, "the run ended before it could be killed:\n" + \
-            (killed.path / "launch.log").read_text()[-3000:]
+        assert p_killed.poll() is None, (
+            "the run ended before it could be killed:\n" + (killed.path / "launch.log").read_text()[-3000:]
+        )
         lines = _lines(killed)
         if lines and lines[-1]["step"] > N:
             break
@@ -128,7 +143,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_straight_run(tmp_path, tiny
     # ---- per-step numbers: the pre-kill lines and the resumed ones both equal the straight run
     a = _by_step(_lines(straight))
     all_lines = _lines(killed)
-    after = all_lines[len(pre_kill):]
+    after = all_lines[len(pre_kill) :]
     assert [m["step"] for m in after] == list(range(N + 1, 2 * N + 1))  # resumed at N+1, not at killed_at+1
     b = _by_step(all_lines)
     assert sorted(a) == sorted(b) == list(range(1, 2 * N + 1))
@@ -140,14 +155,16 @@ def test_sigkill_after_checkpoint_then_resume_equals_straight_run(tmp_path, tiny
         for key in keys:
             assert m[key] == a[m["step"]][key], (m["step"], key)
     assert [a[s]["lr"] for s in (1, N, N + 1, 2 * N)] == pytest.approx(
-        [1e-3 * min(1, k / (N + 3)) for k in (1, N, N + 1, 2 * N)])  # warmup spans the kill point
+        [1e-3 * min(1, k / (N + 3)) for k in (1, N, N + 1, 2 * N)]
+    )  # warmup spans the kill point
 
     # ---- final weights, Adam state (step 2N), scheduler: identical
     ra, rb = straight.read_result(), killed.read_result()
     assert ra.step == rb.step == 2 * N and ra.examples == rb.examples == 2 * N * 8
     assert rb.resumed.optimizer_step == N and rb.resumed.scheduler_last_epoch == N
     assert rb.resumed.optimizer_state_digest == optimizer_state_digest(
-        torch.load(latest.path / "optimizer.pt", weights_only=True))
+        torch.load(latest.path / "optimizer.pt", weights_only=True)
+    )
     wa, wb = load_file(str(straight.final / "model.safetensors")), load_file(str(killed.final / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     oa, ob = load_checkpoint(straight.final).optimizer_state, load_checkpoint(killed.final).optimizer_state
@@ -160,5 +177,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_straight_run(tmp_path, tiny
     sa = torch.load(straight.final / "scheduler.pt", weights_only=True)
     sb = torch.load(killed.final / "scheduler.pt", weights_only=True)
     assert sa["last_epoch"] == sb["last_epoch"] == 2 * N and sa["_last_lr"] == sb["_last_lr"]
-    print(f"\n[T1 sigkill] N={N}, killed after step {killed_at} (checkpoint {latest.step}), "
-          f"steps redone={killed_at - N}, wall={elapsed:.1f}s")
+    print(
+        f"\n[T1 sigkill] N={N}, killed after step {killed_at} (checkpoint {latest.step}), "
+        f"steps redone={killed_at - N}, wall={elapsed:.1f}s"
+    )

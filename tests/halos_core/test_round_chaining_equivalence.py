@@ -63,8 +63,16 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
     # ---- the chain, as the server runs it: round 2 = init_from round 1's final + its counters
     r1 = run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, d1, job_id="r1", **HP))
     assert (r1.step, r1.round_step, r1.examples) == (4, 4, 32)
-    cfg2 = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, d2, job_id="r2", init_from=str(r1.final_dir),
-                       counters={"step": r1.step, "examples": r1.examples}, **HP)
+    cfg2 = make_config(
+        tmp_path / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        d2,
+        job_id="r2",
+        init_from=str(r1.final_dir),
+        counters={"step": r1.step, "examples": r1.examples},
+        **HP,
+    )
     r2 = run(cfg2)
     assert (r2.step, r2.round_step, r2.examples) == (7, 3, 56)
     assert r2.result.restored.optimizer_step == 4 and r2.result.restored.scheduler_last_epoch == 4
@@ -74,8 +82,14 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
     trainer = Trainer.from_config(cfg)
     try:
         first = trainer.train_loader
-        second = TrainLoader(load_examples(cfg2, "paired").train, first.batcher, batch_size=first.batch_size,
-                             microbatch_size=first.microbatch_size, n_epochs=1, seed=HP["seed"])
+        second = TrainLoader(
+            load_examples(cfg2, "paired").train,
+            first.batcher,
+            batch_size=first.batch_size,
+            microbatch_size=first.microbatch_size,
+            n_epochs=1,
+            seed=HP["seed"],
+        )
         trainer.train_loader = Consecutive(first, second)
         assert (first.total_steps, second.total_steps) == (4, 3)
         one = trainer.train()
@@ -109,7 +123,7 @@ def test_round_two_from_round_one_equals_one_continuous_trainer(tmp_path, tiny_m
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(oc["state"][idx][key], ob["state"][idx][key]), (idx, key)
         assert int(ob["state"][idx]["step"]) == 7
-    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]
     assert strip(oc["param_groups"]) == strip(ob["param_groups"])
     sc = torch.load(Path(r2.final_dir) / "scheduler.pt", weights_only=True)
     sb = torch.load(Path(one.final_dir) / "scheduler.pt", weights_only=True)

@@ -19,16 +19,25 @@ def _betas(trainer: Trainer) -> set[tuple[float, float]]:
 
 def test_betas_reach_the_optimizer_of_a_first_and_a_continued_round(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     r1 = run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, pairwise_file, job_id="r1", adam_betas=(0.8, 0.95)))
-    cfg2 = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, pairwise_file, job_id="r2", adam_betas=(0.5, 0.9),
-                       init_from=str(r1.final_dir), counters={"step": r1.step, "examples": r1.examples})
+    cfg2 = make_config(
+        tmp_path / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        pairwise_file,
+        job_id="r2",
+        adam_betas=(0.5, 0.9),
+        init_from=str(r1.final_dir),
+        counters={"step": r1.step, "examples": r1.examples},
+    )
     trainer = Trainer.from_config(cfg2)
     try:
         assert trainer.restored is not None  # the parent's optimizer state was loaded (with betas 0.8/0.95) ...
         assert _betas(trainer) == {(0.5, 0.9)}  # ... and this round's betas apply from its first step
     finally:
         _release(trainer)
-    first = Trainer.from_config(make_config(tmp_path / "r3", tiny_model_dir, tiny_sha, pairwise_file, job_id="r3",
-                                            adam_betas=(0.8, 0.95)))
+    first = Trainer.from_config(
+        make_config(tmp_path / "r3", tiny_model_dir, tiny_sha, pairwise_file, job_id="r3", adam_betas=(0.8, 0.95))
+    )
     try:
         assert _betas(first) == {(0.8, 0.95)}
     finally:

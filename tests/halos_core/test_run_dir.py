@@ -2,7 +2,7 @@
 
 import os
 
-from halos_core.run_dir import RunDir, TMP_PREFIX, read_manifest, write_manifest
+from halos_core.run_dir import TMP_PREFIX, RunDir, read_manifest, write_manifest
 
 
 def _complete(path, step, payload=b"w"):

@@ -57,12 +57,27 @@ def accelerate_config(num_processes: int) -> dict:
 def launch(run_dir: RunDir, num_processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file accelerate.yaml -m halos_core.train --config run.json`."""
     run_dir.accelerate_yaml.write_text(yaml.safe_dump(accelerate_config(num_processes)))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run_dir.accelerate_yaml),
-           "-m", "halos_core.train", "--config", str(run_dir.run_json)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-           "ACCELERATE_USE_CPU": "true"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(run_dir.accelerate_yaml),
+        "-m",
+        "halos_core.train",
+        "--config",
+        str(run_dir.run_json),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True
+    )
 
 
 def _prepare(tmp_path, name, model_dir, sha, feedback, **kw) -> RunDir:
@@ -98,7 +113,9 @@ def test_failure_exits_nonzero_with_traceback_and_no_result(tmp_path, tiny_model
 def _ok(proc: subprocess.CompletedProcess, num_processes: int) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kind = "MULTI_CPU" if num_processes > 1 else "NO"
-    assert f"accelerate: DistributedType.{kind}, {num_processes} process(es), backend" in proc.stderr, proc.stderr[-3000:]
+    assert f"accelerate: DistributedType.{kind}, {num_processes} process(es), backend" in proc.stderr, proc.stderr[
+        -3000:
+    ]
 
 
 def _steps(rd: RunDir) -> list[dict]:
@@ -125,7 +142,9 @@ def _assert_same_final(a: RunDir, b: RunDir) -> None:
     for idx in oa["state"]:
         assert torch.equal(oa["state"][idx]["step"], ob["state"][idx]["step"])
         torch.testing.assert_close(ob["state"][idx]["exp_avg"], oa["state"][idx]["exp_avg"], rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(ob["state"][idx]["exp_avg_sq"], oa["state"][idx]["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(
+            ob["state"][idx]["exp_avg_sq"], oa["state"][idx]["exp_avg_sq"], rtol=1e-4, atol=1e-10
+        )
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +188,9 @@ def _complete_optimizer_state(ckpt: Path, model_dir: Path) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("source,resume_with", [("two", 1), ("one", 2)])
-def test_checkpoint_resumes_with_another_process_count(straight_runs, tiny_model_dir, tiny_sha, pairwise_file,
-                                                       source, resume_with):
+def test_checkpoint_resumes_with_another_process_count(
+    straight_runs, tiny_model_dir, tiny_sha, pairwise_file, source, resume_with
+):
     """A step-3 checkpoint written by 2 ranks resumes with 1 (and 1 -> 2); steps 4..6 and the final
     weights equal both uninterrupted runs."""
     tmp, one, two = straight_runs
@@ -180,8 +200,18 @@ def test_checkpoint_resumes_with_another_process_count(straight_runs, tiny_model
     name = f"{source}-to-{resume_with}"
     rd = RunDir(tmp / name).create()
     # a retry of the same job (resume_from must belong to it) in a fresh directory
-    rd.write_config(make_config(rd.path, tiny_model_dir, tiny_sha, pairwise_file, job_id=source,
-                                checkpoint_every=3, warmup_steps=2, resume_from=str(ckpt)))
+    rd.write_config(
+        make_config(
+            rd.path,
+            tiny_model_dir,
+            tiny_sha,
+            pairwise_file,
+            job_id=source,
+            checkpoint_every=3,
+            warmup_steps=2,
+            resume_from=str(ckpt),
+        )
+    )
     _ok(launch(rd, resume_with), resume_with)
     steps = _steps(rd)
     assert [m["step"] for m in steps] == [4, 5, 6]
@@ -192,7 +222,8 @@ def test_checkpoint_resumes_with_another_process_count(straight_runs, tiny_model
     result = rd.read_result()
     assert result.step == 6 and result.resumed.optimizer_step == 3
     assert result.resumed.optimizer_state_digest == optimizer_state_digest(
-        torch.load(ckpt / "optimizer.pt", weights_only=True))
+        torch.load(ckpt / "optimizer.pt", weights_only=True)
+    )
 
 
 @pytest.mark.e2e

@@ -37,8 +37,20 @@ def test_dpo_learns_the_rule(tmp_path, tiny_model_dir, tiny_sha):
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     assert last < first - 0.2
     assert res.eval["rewards/accuracy"] > 0.8 and res.eval["rewards/margin"] > 0
-    for key in ("step", "round_step", "total_steps", "examples", "loss", "lr", "grad_norm", "tokens_per_s",
-                "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"):
+    for key in (
+        "step",
+        "round_step",
+        "total_steps",
+        "examples",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracy",
+        "rewards/margin",
+    ):
         assert key in steps[-1]
     assert [m["step"] for m in steps] == list(range(1, len(steps) + 1))
     assert steps[-1]["examples"] == 8 * len(steps)
@@ -47,14 +59,24 @@ def test_dpo_learns_the_rule(tmp_path, tiny_model_dir, tiny_sha):
     assert result.reference_sha256 == tiny_sha
 
 
-def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
+def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(
+    tmp_path, tiny_model_dir, tiny_sha, pairwise_file
+):
     common = dict(warmup_steps=4, lr=1e-3)
     r1 = run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, pairwise_file, job_id="r1", **common))
     lr1 = [m["lr"] for m in train_steps(tmp_path / "r1")]
     assert r1.step == 6 and lr1 == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3, 4, 4, 4)])
 
-    cfg2 = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, pairwise_file, job_id="r2", init_from=str(r1.final_dir),
-                       counters={"step": r1.step, "examples": r1.examples}, **common)
+    cfg2 = make_config(
+        tmp_path / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        pairwise_file,
+        job_id="r2",
+        init_from=str(r1.final_dir),
+        counters={"step": r1.step, "examples": r1.examples},
+        **common,
+    )
     trainer = Trainer.from_config(cfg2)
     try:
         saved = load_checkpoint(r1.final_dir).optimizer_state
@@ -79,7 +101,8 @@ def test_round_chaining_restores_optimizer_keeps_reference_no_new_warmup(tmp_pat
     restored = result2.restored
     assert restored.optimizer_state_digest == optimizer_state_digest(saved_file)
     assert restored.optimizer_state_digest != optimizer_state_digest(
-        torch.load(Path(result2.final_dir) / "optimizer.pt", weights_only=True))
+        torch.load(Path(result2.final_dir) / "optimizer.pt", weights_only=True)
+    )
     assert restored.optimizer_step == r1.round_step == 6
     assert restored.scheduler_last_epoch == r1.step and restored.lr_at_start == pytest.approx(1e-3)
     assert restored.source == str(r1.final_dir)
@@ -119,7 +142,8 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir, t
     assert resumed.result.restored is None  # round 1: nothing restored from a parent
     assert resumed.result.resumed.optimizer_step == 3 and resumed.result.resumed.scheduler_last_epoch == 3
     assert resumed.result.resumed.optimizer_state_digest == optimizer_state_digest(
-        torch.load(latest.path / "optimizer.pt", weights_only=True))
+        torch.load(latest.path / "optimizer.pt", weights_only=True)
+    )
     wa, wb = weights(straight.final_dir), weights(resumed.final_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     oa, ob = load_checkpoint(straight.final_dir).optimizer_state, load_checkpoint(resumed.final_dir).optimizer_state
@@ -190,20 +214,38 @@ def test_grpo_and_csft_run(tmp_path, tiny_model_dir, tiny_sha):
 
 def test_kto_from_pairwise_with_conversion_and_eval(tmp_path, tiny_model_dir, tiny_sha):
     fb = write_jsonl(pairwise_records(24, seed=8, test_fraction=0.3), tmp_path / "pairs.jsonl")
-    res = run(make_config(tmp_path / "run", tiny_model_dir, tiny_sha, fb, loss={"name": "kto"},
-                          conversion={"type": "pairwise_to_unpaired"}))
+    res = run(
+        make_config(
+            tmp_path / "run",
+            tiny_model_dir,
+            tiny_sha,
+            fb,
+            loss={"name": "kto"},
+            conversion={"type": "pairwise_to_unpaired"},
+        )
+    )
     assert res.round_step >= 2 and "kl" in res.eval and res.eval["n"] > 0
 
 
 def test_reference_logps_computed_once_and_reused_across_rounds(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     cache_dir = tmp_path / "refcache"
-    first = run(make_config(tmp_path / "r1", tiny_model_dir, tiny_sha, pairwise_file, job_id="r1",
-                            reference_cache_dir=str(cache_dir)))
+    first = run(
+        make_config(
+            tmp_path / "r1", tiny_model_dir, tiny_sha, pairwise_file, job_id="r1", reference_cache_dir=str(cache_dir)
+        )
+    )
     shards = list(cache_dir.glob("*/*.safetensors"))
     assert len(shards) == 1 and shards[0].parent.name.startswith(tiny_sha)
-    cfg = make_config(tmp_path / "r2", tiny_model_dir, tiny_sha, pairwise_file, job_id="r2",
-                      reference_cache_dir=str(cache_dir), init_from=str(first.final_dir),
-                      counters={"step": first.step, "examples": first.examples})
+    cfg = make_config(
+        tmp_path / "r2",
+        tiny_model_dir,
+        tiny_sha,
+        pairwise_file,
+        job_id="r2",
+        reference_cache_dir=str(cache_dir),
+        init_from=str(first.final_dir),
+        counters={"step": first.step, "examples": first.examples},
+    )
     trainer = Trainer.from_config(cfg)
     try:
         trainer.train()
@@ -211,8 +253,11 @@ def test_reference_logps_computed_once_and_reused_across_rounds(tmp_path, tiny_m
     finally:
         _release(trainer)
     # a repeat of round 1 served entirely from the cache trains exactly like the fresh computation
-    again = run(make_config(tmp_path / "r3", tiny_model_dir, tiny_sha, pairwise_file, job_id="r3",
-                            reference_cache_dir=str(cache_dir)))
+    again = run(
+        make_config(
+            tmp_path / "r3", tiny_model_dir, tiny_sha, pairwise_file, job_id="r3", reference_cache_dir=str(cache_dir)
+        )
+    )
     a, b = train_steps(tmp_path / "r1"), train_steps(tmp_path / "r3")
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     assert again.step == first.step
@@ -225,11 +270,16 @@ def test_fp16_is_refused_bf16_and_fp32_accepted(tmp_path, tiny_model_dir, tiny_s
     with pytest.raises(ValidationError):
         make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision="fp16")
     for precision in ("no", "bf16"):
-        assert make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision=precision).mixed_precision == precision
+        assert (
+            make_config(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, mixed_precision=precision).mixed_precision
+            == precision
+        )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path, tiny_model_dir, tiny_sha, pairwise_file, lora):
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(
+    tmp_path, tiny_model_dir, tiny_sha, pairwise_file, lora
+):
     """hp.gradient_checkpointing recomputes the decoder layers' activations in backward: the same
     losses, gradients and weights as without it (1e-5)."""
     from halos_core.train import _release
@@ -237,8 +287,15 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path, ti
     extra = {"lora": {"r": 4, "alpha": 8}} if lora else {}
     grads, trainers = {}, {}
     for ckpt in (False, True):
-        cfg = make_config(tmp_path / f"gc{ckpt}", tiny_model_dir, tiny_sha, pairwise_file, job_id=f"gc{ckpt}",
-                          gradient_checkpointing=ckpt, **extra)
+        cfg = make_config(
+            tmp_path / f"gc{ckpt}",
+            tiny_model_dir,
+            tiny_sha,
+            pairwise_file,
+            job_id=f"gc{ckpt}",
+            gradient_checkpointing=ckpt,
+            **extra,
+        )
         trainer = Trainer.from_config(cfg)
         try:
             lm = trainer.accelerator.unwrap_model(trainer.model).lm
@@ -248,7 +305,10 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path, ti
             trainer.model.train()
             out = trainer.compute_loss(mb, train=True)
             out.loss.backward()
-            grads[ckpt] = (out.loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+            grads[ckpt] = (
+                out.loss.item(),
+                {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
+            )
             trainer.optimizer.zero_grad()
             trainers[ckpt] = trainer.train()
         finally:
@@ -261,7 +321,9 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path, ti
     a, b = train_steps(tmp_path / "gcFalse"), train_steps(tmp_path / "gcTrue")
     assert len(a) == len(b) > 1
     for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], abs=1e-5)
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5) and y["grad_norm"] == pytest.approx(
+            x["grad_norm"], abs=1e-5
+        )
     if not lora:
         wa, wb = weights(tmp_path / "gcFalse" / "final"), weights(tmp_path / "gcTrue" / "final")
         for k in wa:

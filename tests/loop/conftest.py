@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,7 +22,7 @@ from server.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:  # noqa: ANN001
+def tiny_root(tmp_path_factory) -> Path:
     """Where the tiny model lives: listed in the settings' model roots, as an operator lists theirs."""
     return tmp_path_factory.mktemp("tiny")
 
@@ -35,11 +36,20 @@ def tiny_dir(tiny_root: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, tiny_root: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'halos.db'}",
-                    model_roots=[tiny_root],
-                    broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}", rate_limit_per_minute=0, use_cpu=True,
-                    heartbeat_interval_s=0.5, lease_ttl_s=30, kill_grace_s=5, max_attempts=2, retry_backoff_s=0.5,
-                    max_samples_per_job=300)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'halos.db'}",
+        model_roots=[tiny_root],
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        rate_limit_per_minute=0,
+        use_cpu=True,
+        heartbeat_interval_s=0.5,
+        lease_ttl_s=30,
+        kill_grace_s=5,
+        max_attempts=2,
+        retry_backoff_s=0.5,
+        max_samples_per_job=300,
+    )
 
 
 @pytest.fixture
@@ -53,8 +63,10 @@ def api(settings: Settings) -> Iterator[tuple[TestClient, TestClient]]:
         _, a = create_api_key(session, "alpha")
         _, b = create_api_key(session, "beta")
     app = create_app(settings)
-    with TestClient(app, headers={"Authorization": f"Bearer {a}"}) as ca, \
-            TestClient(app, headers={"Authorization": f"Bearer {b}"}) as cb:
+    with (
+        TestClient(app, headers={"Authorization": f"Bearer {a}"}) as ca,
+        TestClient(app, headers={"Authorization": f"Bearer {b}"}) as cb,
+    ):
         yield ca, cb
     from server import queue
 

@@ -12,7 +12,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -23,7 +22,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     verified: bool
-    error: Optional[str]
+    error: str | None
     answered: int
 
 
@@ -39,7 +38,7 @@ class Receiver:
     hung: threading.Event = field(default_factory=threading.Event)
     hung_id: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
-    server: Optional[ThreadingHTTPServer] = None
+    server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
@@ -57,8 +56,13 @@ class Receiver:
             verified, error = True, None
         except WebhookVerificationError as exc:
             verified, error = False, str(exc)
-        status, extra = {"ok": (204, {}), "hang": (204, {}), "hung": (500, {}), "fail": (500, {}),
-                         "redirect": (302, {"Location": self.redirect_to})}[mode]
+        status, extra = {
+            "ok": (204, {}),
+            "hang": (204, {}),
+            "hung": (500, {}),
+            "fail": (500, {}),
+            "redirect": (302, {"Location": self.redirect_to}),
+        }[mode]
         with self.lock:
             self.raw.append(Received(webhook_id, headers, body, verified, error, status))
             if verified and status < 300:
@@ -72,11 +76,11 @@ class Receiver:
             time.sleep(self.hang_s)
         return status, extra
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 status, extra = receiver.handle({k.lower(): v for k, v in self.headers.items()}, body)
                 self.send_response(status)

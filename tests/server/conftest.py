@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,7 +25,6 @@ from server.db import get_engine
 from server.models import Job, Round
 from server.services.keys import create_api_key
 from server.settings import Settings
-
 
 PG_ADMIN_URL = os.environ.get("HALOS_TEST_POSTGRES_URL")  # e.g. postgresql://postgres@127.0.0.1:5432/postgres
 
@@ -67,7 +67,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 
 @pytest.fixture
-def engine(settings: Settings):  # noqa: ANN201
+def engine(settings: Settings):
     engine = get_engine(settings)
     SQLModel.metadata.create_all(engine)
     yield engine
@@ -75,7 +75,7 @@ def engine(settings: Settings):  # noqa: ANN201
 
 
 @pytest.fixture
-def session(engine) -> Iterator[Session]:  # noqa: ANN001
+def session(engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as s:
         yield s
 
@@ -89,7 +89,7 @@ def keys(session: Session) -> dict[str, str]:
 
 
 @pytest.fixture
-def app(settings: Settings, engine):  # noqa: ANN001, ANN201
+def app(settings: Settings, engine):
     yield create_app(settings)
     from server import queue
 
@@ -102,19 +102,19 @@ def _client(app: Any, key: str | None) -> TestClient:
 
 
 @pytest.fixture
-def client(app, keys) -> Iterator[TestClient]:  # noqa: ANN001
+def client(app, keys) -> Iterator[TestClient]:
     with _client(app, keys["alpha"]) as c:
         yield c
 
 
 @pytest.fixture
-def client_b(app, keys) -> Iterator[TestClient]:  # noqa: ANN001
+def client_b(app, keys) -> Iterator[TestClient]:
     with _client(app, keys["beta"]) as c:
         yield c
 
 
 @pytest.fixture
-def anon(app) -> Iterator[TestClient]:  # noqa: ANN001
+def anon(app) -> Iterator[TestClient]:
     with _client(app, None) as c:
         yield c
 
@@ -126,8 +126,10 @@ def jsonl(records: list[dict]) -> bytes:
     return to_jsonl_bytes(records)
 
 
-def upload(client: TestClient, body: bytes, content_type: str = "application/x-ndjson", **kw: Any):  # noqa: ANN201
-    return client.post("/v1/feedback", content=body, headers={"Content-Type": content_type, **kw.pop("headers", {})}, **kw)
+def upload(client: TestClient, body: bytes, content_type: str = "application/x-ndjson", **kw: Any):
+    return client.post(
+        "/v1/feedback", content=body, headers={"Content-Type": content_type, **kw.pop("headers", {})}, **kw
+    )
 
 
 def upload_ok(client: TestClient, records: list[dict]) -> dict:
@@ -171,8 +173,10 @@ SMALL_HP = {"batch_size": 4, "microbatch_size": 2, "max_length": 64, "max_prompt
 
 @pytest.fixture
 def run(client: TestClient, model: dict) -> dict:
-    resp = client.post("/v1/runs", json={"name": "r", "model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1},
-                                         "hyperparams": SMALL_HP})
+    resp = client.post(
+        "/v1/runs",
+        json={"name": "r", "model_id": model["id"], "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": SMALL_HP},
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
@@ -188,8 +192,16 @@ def make_checkpoint_dir(path: Path, step: int = 4, examples: int = 16, **manifes
     return path
 
 
-def work_job(session: Session, job_id: str, outcome: str = "succeeded", ckpt_dir: Path | None = None,
-             step: int = 4, examples: int = 16, loss: str = "dpo", **manifest_extra: Any) -> Job:
+def work_job(
+    session: Session,
+    job_id: str,
+    outcome: str = "succeeded",
+    ckpt_dir: Path | None = None,
+    step: int = 4,
+    examples: int = 16,
+    loss: str = "dpo",
+    **manifest_extra: Any,
+) -> Job:
     """Do what a worker does, through the real state machine: claim, then finish with `outcome`
     (on success with a real checkpoint directory and manifest)."""
     from server import jobs
@@ -203,12 +215,24 @@ def work_job(session: Session, job_id: str, outcome: str = "succeeded", ckpt_dir
         manifest = make_checkpoint_dir(ckpt_dir, step, examples, **manifest_extra)
         from halos_core.run_dir import read_manifest
 
-        result = RoundResult(job_id=job_id, final_dir=str(manifest), manifest_sha256=read_manifest(manifest).sha256,
-                             step=step, examples=examples, round_step=step, total_steps=step, loss=loss,
-                             reference_sha256="0" * 64)
-    job = jobs.finish(session, job_id, claim.lease_token,
-                      jobs.Outcome(outcome, error=None if outcome == "succeeded" else f"test {outcome}", result=result),
-                      retry_backoff_s=0)
+        result = RoundResult(
+            job_id=job_id,
+            final_dir=str(manifest),
+            manifest_sha256=read_manifest(manifest).sha256,
+            step=step,
+            examples=examples,
+            round_step=step,
+            total_steps=step,
+            loss=loss,
+            reference_sha256="0" * 64,
+        )
+    job = jobs.finish(
+        session,
+        job_id,
+        claim.lease_token,
+        jobs.Outcome(outcome, error=None if outcome == "succeeded" else f"test {outcome}", result=result),
+        retry_backoff_s=0,
+    )
     session.rollback()  # never leave a transaction open: on SQLite it would lock the app's writers out
     return job
 

@@ -9,30 +9,43 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+from halos_core.synthetic import pairwise_records
 from server.app import create_app
 from server.models import ApiKey, Checkpoint
 from server.services.keys import create_api_key, revoke_api_key
 from server.services.ratelimit import SlidingWindowLimiter
 from server.settings import Settings
 from tests.server.conftest import SMALL_HP, jsonl, make_model_dir, upload, work_job
-from halos_core.synthetic import pairwise_records
 
-PROTECTED = [("GET", "/v1/feedback"), ("POST", "/v1/feedback"), ("GET", "/v1/models"), ("POST", "/v1/models"),
-             ("GET", "/v1/runs"), ("POST", "/v1/runs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/job_x"),
-             ("GET", "/v1/checkpoints/ckpt_x/lineage")]
+PROTECTED = [
+    ("GET", "/v1/feedback"),
+    ("POST", "/v1/feedback"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/models"),
+    ("GET", "/v1/runs"),
+    ("POST", "/v1/runs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/job_x"),
+    ("GET", "/v1/checkpoints/ckpt_x/lineage"),
+]
 
 
 def test_missing_unknown_malformed_key_401(anon: TestClient) -> None:
     for method, path in PROTECTED:
-        for headers in ({}, {"Authorization": "Bearer hk_unknown"}, {"Authorization": "Basic dXNlcjpwYXNz"},
-                        {"Authorization": "Bearer"}, {"Authorization": "Bearer " + "x" * 5000}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer hk_unknown"},
+            {"Authorization": "Basic dXNlcjpwYXNz"},
+            {"Authorization": "Bearer"},
+            {"Authorization": "Bearer " + "x" * 5000},
+        ):
             resp = anon.request(method, path, headers=headers)
             assert resp.status_code == 401, (method, path, headers, resp.text)
             assert resp.json()["error"]["code"] == "unauthorized"
             assert resp.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_keys_stored_hashed_only(session: Session, settings: Settings, engine) -> None:  # noqa: ANN001
+def test_keys_stored_hashed_only(session: Session, settings: Settings, engine) -> None:
     key, secret = create_api_key(session, "gamma")
     assert secret.startswith("hk_") and len(secret) > 40
     row = session.get(ApiKey, key.id)
@@ -48,7 +61,9 @@ def test_keys_stored_hashed_only(session: Session, settings: Settings, engine) -
     assert secret[11:] not in "\n".join(dump)
     if settings.db_url.startswith("sqlite"):  # and the raw database files (WAL flushed)
         engine.dispose()
-        db_bytes = b"".join(p.read_bytes() for p in Path(settings.db_url.removeprefix("sqlite:///")).parent.glob("halos.db*"))
+        db_bytes = b"".join(
+            p.read_bytes() for p in Path(settings.db_url.removeprefix("sqlite:///")).parent.glob("halos.db*")
+        )
         assert secret.encode() not in db_bytes and secret[11:].encode() not in db_bytes
 
 
@@ -61,14 +76,14 @@ def test_revoked_key_401_at_once(client: TestClient, session: Session, keys: dic
     assert revoke_api_key(session, revoked.id).revoked_at == revoked.revoked_at  # idempotent
 
 
-def test_revoke_unknown_key(session: Session, engine) -> None:  # noqa: ANN001
+def test_revoke_unknown_key(session: Session, engine) -> None:
     from server.errors import NotFound
 
     with pytest.raises(NotFound):
         revoke_api_key(session, "key_doesnotexist")
 
 
-def test_auth_disabled_uses_default_project(settings: Settings, engine) -> None:  # noqa: ANN001
+def test_auth_disabled_uses_default_project(settings: Settings, engine) -> None:
     app = create_app(settings.model_copy(update={"auth_enabled": False}))
     with TestClient(app) as c:
         resp = upload(c, jsonl(pairwise_records(2)))
@@ -76,10 +91,12 @@ def test_auth_disabled_uses_default_project(settings: Settings, engine) -> None:
         assert c.get(f"/v1/feedback/{resp.json()['id']}").status_code == 200
 
 
-def test_rate_limit_429_retry_after(settings: Settings, engine, keys: dict) -> None:  # noqa: ANN001
+def test_rate_limit_429_retry_after(settings: Settings, engine, keys: dict) -> None:
     app = create_app(settings.model_copy(update={"rate_limit_per_minute": 3}))
-    with TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as a, \
-            TestClient(app, headers={"Authorization": f"Bearer {keys['beta']}"}) as b:
+    with (
+        TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as a,
+        TestClient(app, headers={"Authorization": f"Bearer {keys['beta']}"}) as b,
+    ):
         assert [a.get("/v1/runs").status_code for _ in range(3)] == [200, 200, 200]
         resp = a.get("/v1/runs")
         assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited"
@@ -104,12 +121,15 @@ def test_sliding_window() -> None:
 # --------------------------------------------------------------------------- S2: cross-project isolation
 
 
-def test_every_endpoint_with_an_id_answers_404_across_projects(client: TestClient, client_b: TestClient,
-                                                                 session: Session, tmp_path: Path) -> None:
+def test_every_endpoint_with_an_id_answers_404_across_projects(
+    client: TestClient, client_b: TestClient, session: Session, tmp_path: Path
+) -> None:
     # project A: feedback, model, run, two rounds (jobs), a checkpoint
     fb = upload(client, jsonl(pairwise_records(4))).json()
     model = client.post("/v1/models", json={"name": "a", "path": str(make_model_dir(tmp_path / "a"))}).json()
-    run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}).json()
+    run = client.post(
+        "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}
+    ).json()
     r1 = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}).json()
     work_job(session, r1["job_id"], "succeeded", tmp_path / "ck")
     ckpt = session.exec(select(Checkpoint)).one()
@@ -120,8 +140,9 @@ def test_every_endpoint_with_an_id_answers_404_across_projects(client: TestClien
     # project B has its own objects, so body references are otherwise valid
     b_fb = upload(client_b, jsonl(pairwise_records(4, seed=5))).json()
     b_model = client_b.post("/v1/models", json={"name": "b", "path": str(make_model_dir(tmp_path / "b"))}).json()
-    b_run = client_b.post("/v1/runs", json={"model_id": b_model["id"], "loss": {"name": "dpo"},
-                                            "hyperparams": SMALL_HP}).json()
+    b_run = client_b.post(
+        "/v1/runs", json={"model_id": b_model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}
+    ).json()
 
     calls = [
         ("GET", f"/v1/feedback/{fb['id']}", None, "feedback_not_found"),
@@ -137,21 +158,37 @@ def test_every_endpoint_with_an_id_answers_404_across_projects(client: TestClien
         # ids of A inside B's request bodies
         ("POST", "/v1/runs", {"model_id": model["id"], "loss": {"name": "dpo"}}, "model_not_found"),
         ("POST", f"/v1/runs/{b_run['id']}/rounds", {"feedback_ids": [fb["id"]]}, "feedback_not_found"),
-        ("POST", f"/v1/runs/{b_run['id']}/rounds", {"feedback_ids": [b_fb["id"]], "parent_checkpoint_id": ckpt.id},
-         "checkpoint_not_found"),
+        (
+            "POST",
+            f"/v1/runs/{b_run['id']}/rounds",
+            {"feedback_ids": [b_fb["id"]], "parent_checkpoint_id": ckpt.id},
+            "checkpoint_not_found",
+        ),
     ]
     for method, path, body, code in calls:
         resp = client_b.request(method, path, json=body)
         assert resp.status_code == 404, (method, path, resp.status_code, resp.text)
         assert resp.json()["error"]["code"] == code
         # indistinguishable from an id that never existed (I7: B cannot even detect A's objects)
-        fake = path.replace(fb["id"], "fb_" + "0" * 24).replace(model["id"], "mdl_" + "0" * 24) \
-            .replace(run["id"], "run_" + "0" * 24).replace(job_id, "job_" + "0" * 24).replace(ckpt.id, "ckpt_" + "0" * 24)
+        fake = (
+            path.replace(fb["id"], "fb_" + "0" * 24)
+            .replace(model["id"], "mdl_" + "0" * 24)
+            .replace(run["id"], "run_" + "0" * 24)
+            .replace(job_id, "job_" + "0" * 24)
+            .replace(ckpt.id, "ckpt_" + "0" * 24)
+        )
         fake_body = body
         if body:
-            fake_body = {k: (v.replace(model["id"], "mdl_" + "0" * 24).replace(ckpt.id, "ckpt_" + "0" * 24)
-                             if isinstance(v, str) else [x.replace(fb["id"], "fb_" + "0" * 24) for x in v]
-                             if isinstance(v, list) else v) for k, v in body.items()}
+            fake_body = {
+                k: (
+                    v.replace(model["id"], "mdl_" + "0" * 24).replace(ckpt.id, "ckpt_" + "0" * 24)
+                    if isinstance(v, str)
+                    else [x.replace(fb["id"], "fb_" + "0" * 24) for x in v]
+                    if isinstance(v, list)
+                    else v
+                )
+                for k, v in body.items()
+            }
         other = client_b.request(method, fake, json=fake_body)
         assert other.status_code == 404 and other.json()["error"]["code"] == code
         assert set(other.json()["error"]["details"]) == set(resp.json()["error"]["details"])

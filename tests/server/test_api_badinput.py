@@ -4,12 +4,12 @@ spec documents the error responses."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from fastapi.testclient import TestClient
 
 
-def _assert_error(resp, statuses: tuple[int, ...]) -> dict:  # noqa: ANN001
+def _assert_error(resp, statuses: tuple[int, ...]) -> dict:
     assert resp.status_code in statuses, (resp.status_code, resp.text[:500])
     body = resp.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
@@ -38,15 +38,16 @@ def test_json_bodies_hostile(client: TestClient, model: dict, run: dict) -> None
         "loss-not-object": json.dumps({**good, "loss": "dpo"}).encode(),
         "loss-no-name": json.dumps({**good, "loss": {"beta": 1}}).encode(),
     }
-    for name, body in cases.items():
+    for body in cases.values():
         resp = client.post("/v1/runs", content=body, headers=h)
         _assert_error(resp, (400, 404, 413, 422))
-    for name, body in {"rounds-deep": b'{"feedback_ids": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                       "rounds-nan": b'{"feedback_ids": ["a"], "hyperparams": {"lr": NaN}}',
-                       "rounds-ids-not-str": b'{"feedback_ids": [1, {"a": 2}]}',
-                       "rounds-100-ids": json.dumps({"feedback_ids": [f"fb_{i}" for i in range(100)]}).encode(),
-                       "rounds-parent-nul": json.dumps({"feedback_ids": ["a"], "parent_checkpoint_id": "\x00"}).encode()
-                       }.items():
+    for body in {
+        "rounds-deep": b'{"feedback_ids": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "rounds-nan": b'{"feedback_ids": ["a"], "hyperparams": {"lr": NaN}}',
+        "rounds-ids-not-str": b'{"feedback_ids": [1, {"a": 2}]}',
+        "rounds-100-ids": json.dumps({"feedback_ids": [f"fb_{i}" for i in range(100)]}).encode(),
+        "rounds-parent-nul": json.dumps({"feedback_ids": ["a"], "parent_checkpoint_id": "\x00"}).encode(),
+    }.values():
         resp = client.post(f"/v1/runs/{run['id']}/rounds", content=body, headers=h)
         _assert_error(resp, (400, 404, 413, 422))
 
@@ -69,16 +70,19 @@ def test_json_body_size_limit(client: TestClient) -> None:
             yield b"x" * 8192
         yield b'"}'
 
-    err = _assert_error(client.post("/v1/models", content=chunks(), headers={"Content-Type": "application/json"}),
-                        (413,))
+    err = _assert_error(
+        client.post("/v1/models", content=chunks(), headers={"Content-Type": "application/json"}), (413,)
+    )
     assert err["code"] == "payload_too_large"
 
 
 def test_wrong_content_type_for_json_endpoint(client: TestClient, model: dict) -> None:
     body = json.dumps({"model_id": model["id"], "loss": {"name": "dpo"}})
     _assert_error(client.post("/v1/runs", content=body, headers={"Content-Type": "text/plain"}), (415, 422))
-    _assert_error(client.post("/v1/runs", content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"}),
-                  (415, 422))
+    _assert_error(
+        client.post("/v1/runs", content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        (415, 422),
+    )
 
 
 def test_routing_errors_are_json(client: TestClient) -> None:

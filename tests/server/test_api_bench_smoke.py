@@ -9,14 +9,34 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "api_bench.py"
 
 
-def test_api_bench_quick(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_api_bench_quick(tmp_path: Path, capsys) -> None:
     spec = importlib.util.spec_from_file_location("bench_api_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    report = module.main(["--quick", "--backends", "sqlite", "--conns", "1,8", "--duration", "0.5", "--warmup", "0",
-                          "--upload-mib", "2", "--metric-steps", "200", "--idle", "0.2",
-                          "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "api.json")])
+    report = module.main(
+        [
+            "--quick",
+            "--backends",
+            "sqlite",
+            "--conns",
+            "1,8",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--upload-mib",
+            "2",
+            "--metric-steps",
+            "200",
+            "--idle",
+            "0.2",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "api.json"),
+        ]
+    )
     rows = {r["what"]: r for r in report["rows"]}
     assert {"job c=1", "job c=8", "list jobs c=32", "list feedback c=32", "series c=4", "upload"} <= set(rows)
     for what, row in rows.items():

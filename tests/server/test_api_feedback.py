@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
@@ -99,8 +99,9 @@ def test_unsupported_media_type(client: TestClient, session: Session, settings: 
     _assert_nothing_stored(session, settings)
 
 
-def test_identical_content_twice_without_key_two_rows_one_blob(client: TestClient, session: Session,
-                                                               settings: Settings) -> None:
+def test_identical_content_twice_without_key_two_rows_one_blob(
+    client: TestClient, session: Session, settings: Settings
+) -> None:
     body = jsonl(pairwise_records(3))
     a = upload(client, body).json()
     b = upload(client, body).json()
@@ -161,7 +162,7 @@ def test_many_bad_records_one_422_nothing_stored(client: TestClient, session: Se
     assert ok.status_code == 201
 
 
-def test_error_list_is_capped(app, keys, settings: Settings, session: Session) -> None:  # noqa: ANN001
+def test_error_list_is_capped(app, keys, settings: Settings, session: Session) -> None:
     capped = create_app(settings.model_copy(update={"max_validation_errors": 5}))
     records = pairwise_records(20)
     for r in records:
@@ -223,10 +224,18 @@ def test_file_of_exactly_the_limit_is_accepted_multipart(client: TestClient, set
 # --------------------------------------------------------------------------- U2 file names
 
 
-def test_hostile_filenames_stored_under_server_id(client: TestClient, session: Session, settings: Settings,
-                                                  tmp_path: Path) -> None:
-    names: list[bytes] = [b"../../x", b"/etc/passwd", b"a\x00b.jsonl", "n".encode() * 4096,
-                          "\u202etxt.exe".encode(), "משוב-ערבית-عربي.jsonl".encode(), b"..\\..\\win.ini"]
+def test_hostile_filenames_stored_under_server_id(
+    client: TestClient, session: Session, settings: Settings, tmp_path: Path
+) -> None:
+    names: list[bytes] = [
+        b"../../x",
+        b"/etc/passwd",
+        b"a\x00b.jsonl",
+        b"n" * 4096,
+        "\u202etxt.exe".encode(),
+        "משוב-ערבית-عربي.jsonl".encode(),
+        b"..\\..\\win.ini",
+    ]
     before = sorted(p.name for p in tmp_path.iterdir())
     results = []
     for i, name in enumerate(names):
@@ -236,8 +245,9 @@ def test_hostile_filenames_stored_under_server_id(client: TestClient, session: S
         assert resp.status_code == 201, (name[:40], resp.text)
         results.append(resp.json())
         # the same name as a form field and as a raw-body query parameter
-        resp2 = client.post("/v1/feedback", files={"file": ("f", body)},
-                            data={"filename": name.decode("utf-8", "replace")})
+        resp2 = client.post(
+            "/v1/feedback", files={"file": ("f", body)}, data={"filename": name.decode("utf-8", "replace")}
+        )
         assert resp2.status_code == 201, resp2.text
         results.append(resp2.json())
         resp3 = upload(client, body, params={"filename": name.decode("utf-8", "replace")[:4096]})
@@ -258,7 +268,7 @@ def test_hostile_filenames_stored_under_server_id(client: TestClient, session: S
 # --------------------------------------------------------------------------- U3 hostile JSON
 
 
-def test_hostile_json_is_4xx(app, keys, settings: Settings, session: Session) -> None:  # noqa: ANN001
+def test_hostile_json_is_4xx(app, keys, settings: Settings, session: Session) -> None:
     small = create_app(settings.model_copy(update={"max_record_bytes": 10_000, "max_upload_bytes": 2_000_000}))
     bodies = {
         "deep-array": b"[" * 20_000 + b"]" * 20_000,
@@ -311,10 +321,11 @@ def test_idempotency_keys_are_per_project(client: TestClient, client_b: TestClie
     assert b.status_code == 201 and b.json()["id"] != a["id"]
 
 
-def test_idempotency_10_concurrent(app, keys, session: Session, settings: Settings) -> None:  # noqa: ANN001
+def test_idempotency_10_concurrent(app, keys, session: Session, settings: Settings) -> None:
     body = jsonl(pairwise_records(30, seed=4))
     with TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c:
-        def post(_: int):  # noqa: ANN202
+
+        def post(_: int):
             return upload(c, body, headers={"Idempotency-Key": "concurrent-key"})
 
         with ThreadPoolExecutor(max_workers=10) as pool:

@@ -21,7 +21,7 @@ def test_readyz_with_embedded_broker(anon: TestClient) -> None:
     assert resp.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
 
 
-def test_readyz_503_when_broker_unreachable(settings: Settings, engine) -> None:  # noqa: ANN001
+def test_readyz_503_when_broker_unreachable(settings: Settings, engine) -> None:
     app = create_app(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
     with TestClient(app) as c:
         resp = c.get("/readyz")

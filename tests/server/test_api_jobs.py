@@ -15,7 +15,7 @@ from tests.server.conftest import round_checkpoint_id, work_job
 UNKNOWN_JOB = "job_000000000000000000000000"
 
 
-def _new_round(client: TestClient, run: dict, fb: dict, **extra) -> dict:  # noqa: ANN003
+def _new_round(client: TestClient, run: dict, fb: dict, **extra) -> dict:
     resp = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]], **extra})
     assert resp.status_code == 201, resp.text
     return resp.json()
@@ -43,13 +43,18 @@ def test_unknown_job_404_everywhere(client: TestClient) -> None:  # Q9
             assert resp.json()["error"]["code"] == "job_not_found"
 
 
-def test_progress_and_checkpoint_after_success(client: TestClient, session: Session, run: dict, pairwise_fb: dict,
-                                               tmp_path: Path) -> None:
+def test_progress_and_checkpoint_after_success(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     rnd = _new_round(client, run, pairwise_fb)
     session.expire_all()
     claim = jobs.claim(session, rnd["job_id"], "h", 1, 60)
-    jobs.record_progress(session, rnd["job_id"], claim.lease_token,
-                         [{"step": 1, "round_step": 1, "total_steps": 4, "examples": 4, "loss": 0.69}])
+    jobs.record_progress(
+        session,
+        rnd["job_id"],
+        claim.lease_token,
+        [{"step": 1, "round_step": 1, "total_steps": 4, "examples": 4, "loss": 0.69}],
+    )
     session.rollback()
     job = client.get(f"/v1/jobs/{rnd['job_id']}").json()
     assert job["status"] == "running" and job["attempt"] == 1 and job["started_at"]
@@ -58,10 +63,25 @@ def test_progress_and_checkpoint_after_success(client: TestClient, session: Sess
     from tests.server.conftest import make_checkpoint_dir
 
     make_checkpoint_dir(tmp_path / "ck")
-    jobs.finish(session, rnd["job_id"], claim.lease_token,
-                jobs.Outcome("succeeded", result=RoundResult(
-                    job_id=rnd["job_id"], final_dir=str(tmp_path / "ck"), manifest_sha256="m", step=4, examples=16,
-                    round_step=4, total_steps=4, loss="dpo", reference_sha256="r")))
+    jobs.finish(
+        session,
+        rnd["job_id"],
+        claim.lease_token,
+        jobs.Outcome(
+            "succeeded",
+            result=RoundResult(
+                job_id=rnd["job_id"],
+                final_dir=str(tmp_path / "ck"),
+                manifest_sha256="m",
+                step=4,
+                examples=16,
+                round_step=4,
+                total_steps=4,
+                loss="dpo",
+                reference_sha256="r",
+            ),
+        ),
+    )
     session.rollback()
     job = client.get(f"/v1/jobs/{rnd['job_id']}").json()
     assert job["status"] == "succeeded" and job["finished_at"]
@@ -71,14 +91,27 @@ def test_progress_and_checkpoint_after_success(client: TestClient, session: Sess
 def test_metrics_series(client: TestClient, session: Session, run: dict, pairwise_fb: dict) -> None:
     rnd = _new_round(client, run, pairwise_fb)
     jid = rnd["job_id"]
-    points = [(1, 1, "train", 0.9), (2, 1, "train", 0.8), (3, 1, "train", 0.7),  # attempt 1 crashed after step 3
-              (3, 2, "train", 0.65), (4, 2, "train", 0.6), (4, 2, "eval", 0.5), (5, 2, "train", 0.55)]
+    points = [
+        (1, 1, "train", 0.9),
+        (2, 1, "train", 0.8),
+        (3, 1, "train", 0.7),  # attempt 1 crashed after step 3
+        (3, 2, "train", 0.65),
+        (4, 2, "train", 0.6),
+        (4, 2, "eval", 0.5),
+        (5, 2, "train", 0.55),
+    ]
     for step, attempt, split, loss in points:
         session.add(MetricPoint(job_id=jid, attempt=attempt, step=step, split=split, data={"loss": loss, "step": step}))
     session.commit()
     series = client.get(f"/v1/jobs/{jid}/metrics").json()
     assert [(m["step"], m["split"], m["attempt"]) for m in series["items"]] == [
-        (1, "train", 1), (2, "train", 1), (3, "train", 2), (4, "eval", 2), (4, "train", 2), (5, "train", 2)]
+        (1, "train", 1),
+        (2, "train", 1),
+        (3, "train", 2),
+        (4, "eval", 2),
+        (4, "train", 2),
+        (5, "train", 2),
+    ]
     assert series["next_after_step"] is None and series["items"][2]["data"]["loss"] == 0.65
     train = client.get(f"/v1/jobs/{jid}/metrics", params={"split": "train", "after_step": 2}).json()["items"]
     assert [m["step"] for m in train] == [3, 4, 5]
@@ -127,8 +160,9 @@ def test_cancel(client: TestClient, session: Session, run: dict, pairwise_fb: di
     assert resp.status_code == 202 and resp.json()["status"] == "cancelling" and resp.json()["cancel_requested"]
 
 
-def test_cancel_succeeded_job_409(client: TestClient, session: Session, run: dict, pairwise_fb: dict,
-                                  tmp_path: Path) -> None:
+def test_cancel_succeeded_job_409(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     rnd = _new_round(client, run, pairwise_fb)
     work_job(session, rnd["job_id"], "succeeded", tmp_path / "ck")
     resp = client.post(f"/v1/jobs/{rnd['job_id']}/cancel")
@@ -138,18 +172,38 @@ def test_cancel_succeeded_job_409(client: TestClient, session: Session, run: dic
 # --------------------------------------------------------------------------- checkpoints and lineage
 
 
-def test_lineage_from_inserted_rows(client: TestClient, session: Session, model: dict, run: dict, pairwise_fb: dict,
-                                    binary_fb: dict) -> None:
+def test_lineage_from_inserted_rows(
+    client: TestClient, session: Session, model: dict, run: dict, pairwise_fb: dict, binary_fb: dict
+) -> None:
     r1 = _new_round(client, run, pairwise_fb)
     r2 = _new_round(client, run, pairwise_fb, hyperparams={"lr": 1e-5})
     rows = {r.id: r for r in (session.get(Round, r1["round_id"]), session.get(Round, r2["round_id"]))}
-    c1 = Checkpoint(project_id=rows[r1["round_id"]].project_id, run_id=run["id"], round_id=r1["round_id"],
-                    job_id=r1["job_id"], model_id=model["id"], parent_id=None, path="/ck/1",
-                    manifest_sha256="a" * 64, step=4, examples=16)
+    c1 = Checkpoint(
+        project_id=rows[r1["round_id"]].project_id,
+        run_id=run["id"],
+        round_id=r1["round_id"],
+        job_id=r1["job_id"],
+        model_id=model["id"],
+        parent_id=None,
+        path="/ck/1",
+        manifest_sha256="a" * 64,
+        step=4,
+        examples=16,
+    )
     session.add(c1)
     session.flush()
-    c2 = Checkpoint(project_id=c1.project_id, run_id=run["id"], round_id=r2["round_id"], job_id=r2["job_id"],
-                    model_id=model["id"], parent_id=c1.id, path="/ck/2", manifest_sha256="b" * 64, step=8, examples=32)
+    c2 = Checkpoint(
+        project_id=c1.project_id,
+        run_id=run["id"],
+        round_id=r2["round_id"],
+        job_id=r2["job_id"],
+        model_id=model["id"],
+        parent_id=c1.id,
+        path="/ck/2",
+        manifest_sha256="b" * 64,
+        step=8,
+        examples=32,
+    )
     session.add(c2)
     session.commit()
 
@@ -165,13 +219,25 @@ def test_lineage_from_inserted_rows(client: TestClient, session: Session, model:
     assert first["hyperparams"]["lr"] == 1e-5 and second["hyperparams"]["lr"] == 5e-6
     assert first["loss"]["name"] == "dpo" and second["feedback_ids"] == [pairwise_fb["id"]]
     assert first["job_id"] == r2["job_id"] and second["round_id"] == r1["round_id"]
-    assert set(first) == {"checkpoint_id", "round_id", "round_index", "job_id", "step", "examples", "manifest_sha256",
-                          "feedback_ids", "loss", "hyperparams", "conversion"}
+    assert set(first) == {
+        "checkpoint_id",
+        "round_id",
+        "round_index",
+        "job_id",
+        "step",
+        "examples",
+        "manifest_sha256",
+        "feedback_ids",
+        "loss",
+        "hyperparams",
+        "conversion",
+    }
     assert lin["model"] == {"id": model["id"], "name": model["name"], "path": model["path"], "sha256": model["sha256"]}
 
 
-def test_lineage_through_real_rounds(client: TestClient, session: Session, model: dict, run: dict,
-                                     pairwise_fb: dict, tmp_path: Path) -> None:
+def test_lineage_through_real_rounds(
+    client: TestClient, session: Session, model: dict, run: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     r1 = _new_round(client, run, pairwise_fb)
     r2 = _new_round(client, run, pairwise_fb)
     work_job(session, r1["job_id"], "succeeded", tmp_path / "c1", step=4)

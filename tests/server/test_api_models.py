@@ -29,7 +29,7 @@ def test_symlinked_path_is_resolved(client: TestClient, tmp_path: Path) -> None:
     assert m["path"] == str(d.resolve())
 
 
-def _err(resp) -> dict:  # noqa: ANN001
+def _err(resp) -> dict:
     assert resp.status_code == 422, resp.text
     return resp.json()["error"]
 
@@ -40,7 +40,10 @@ def test_path_must_be_absolute_and_exist(client: TestClient, tmp_path: Path) -> 
     err = _err(client.post("/v1/models", json={"name": "x", "path": str(tmp_path / "missing")}))
     assert err["code"] == "model_dir_not_found" and err["details"]["field"] == "path"
     (tmp_path / "file").write_text("x")
-    assert _err(client.post("/v1/models", json={"name": "x", "path": str(tmp_path / "file")}))["code"] == "model_dir_not_found"
+    assert (
+        _err(client.post("/v1/models", json={"name": "x", "path": str(tmp_path / "file")}))["code"]
+        == "model_dir_not_found"
+    )
 
 
 def test_empty_dir_names_everything_missing(client: TestClient, tmp_path: Path) -> None:
@@ -63,7 +66,7 @@ def test_empty_dir_names_everything_missing(client: TestClient, tmp_path: Path) 
         (lambda d: ((d / "tokenizer.json").unlink(), (d / "tokenizer_config.json").write_text("{}")), "tokenizer"),
     ],
 )
-def test_each_missing_part_is_named(client: TestClient, tmp_path: Path, mutate, missing_word: str) -> None:  # noqa: ANN001
+def test_each_missing_part_is_named(client: TestClient, tmp_path: Path, mutate, missing_word: str) -> None:
     d = make_model_dir(tmp_path / "m")
     mutate(d)
     err = _err(client.post("/v1/models", json={"name": "x", "path": str(d)}))
@@ -84,8 +87,14 @@ def test_alternative_layouts_accepted(client: TestClient, tmp_path: Path) -> Non
 
 def test_bad_bodies(client: TestClient, tmp_path: Path) -> None:
     d = str(make_model_dir(tmp_path / "m"))
-    for body in ({"name": "", "path": d}, {"name": "x"}, {"name": "x", "path": d + "\x00/x"},
-                 {"name": "x\x00", "path": d}, {"name": "x", "path": d, "extra": 1}, {"name": "x" * 201, "path": d}):
+    for body in (
+        {"name": "", "path": d},
+        {"name": "x"},
+        {"name": "x", "path": d + "\x00/x"},
+        {"name": "x\x00", "path": d},
+        {"name": "x", "path": d, "extra": 1},
+        {"name": "x" * 201, "path": d},
+    ):
         resp = client.post("/v1/models", json=body)
         assert resp.status_code == 422, body
         assert resp.json()["error"]["code"] == "validation_error"

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
 
+from halos_core.synthetic import pairwise_records
 from server.api.deps import get_keyless_write_session, get_write_session
 from server.app import create_app
 from server.db import get_engine
@@ -26,17 +27,16 @@ from server.services.keys import create_api_key, revoke_api_key
 from server.settings import Settings
 from tests.server.conftest import SMALL_HP, make_model_dir, upload_ok
 from tests.worker.support import REPO, fresh_pg_database, pg_available
-from halos_core.synthetic import pairwise_records
 
 
-def _dependencies(dependant) -> set:  # noqa: ANN001
+def _dependencies(dependant) -> set:
     found = {dependant.call}
     for sub in dependant.dependencies:
         found |= _dependencies(sub)
     return found
 
 
-def test_reads_and_writes_declare_their_session(app) -> None:  # noqa: ANN001
+def test_reads_and_writes_declare_their_session(app) -> None:
     try:
         from fastapi.routing import iter_route_contexts
     except ImportError:  # older FastAPI: app.routes is already flat
@@ -51,20 +51,32 @@ def test_reads_and_writes_declare_their_session(app) -> None:  # noqa: ANN001
         assert writes == bool(route.methods - {"GET", "HEAD"}), (route.path, route.methods)
 
 
-def test_reads_answer_while_a_writer_holds_the_sqlite_lock(client: TestClient, settings: Settings,
-                                                            tmp_path: Path) -> None:
+def test_reads_answer_while_a_writer_holds_the_sqlite_lock(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
     if not settings.db_url.startswith("sqlite"):
         pytest.skip("SQLite's write lock")
     fb = upload_ok(client, pairwise_records(4))
     model = client.post("/v1/models", json={"name": "m", "path": str(make_model_dir(tmp_path / "m"))}).json()
-    run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}).json()
+    run = client.post(
+        "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}
+    ).json()
     job_id = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}).json()["job_id"]
     holder = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"), isolation_level=None, timeout=0)
     holder.execute("BEGIN IMMEDIATE")  # e.g. a worker's heartbeat, or a long write
     try:
-        paths = ["/v1/feedback", f"/v1/feedback/{fb['id']}", "/v1/models", f"/v1/models/{model['id']}", "/v1/runs",
-                 f"/v1/runs/{run['id']}", "/v1/jobs", f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/metrics",
-                 f"/v1/jobs/{job_id}/logs"]
+        paths = [
+            "/v1/feedback",
+            f"/v1/feedback/{fb['id']}",
+            "/v1/models",
+            f"/v1/models/{model['id']}",
+            "/v1/runs",
+            f"/v1/runs/{run['id']}",
+            "/v1/jobs",
+            f"/v1/jobs/{job_id}",
+            f"/v1/jobs/{job_id}/metrics",
+            f"/v1/jobs/{job_id}/logs",
+        ]
         started = time.monotonic()
         for path in paths:
             resp = client.get(path)
@@ -76,7 +88,7 @@ def test_reads_answer_while_a_writer_holds_the_sqlite_lock(client: TestClient, s
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202  # writers go on once it is free
 
 
-def test_revocation_reaches_every_process_at_once(settings: Settings, engine, session: Session) -> None:  # noqa: ANN001
+def test_revocation_reaches_every_process_at_once(settings: Settings, engine, session: Session) -> None:
     """Two API processes' worth of state (two apps, two key caches) on one database."""
     _, secret = create_api_key(session, "gamma")
     headers = {"Authorization": f"Bearer {secret}"}
@@ -97,16 +109,33 @@ def _free_port() -> int:
 
 
 def test_serve_workers_processes_and_cli_revocation(tmp_path: Path) -> None:
-    env = {**os.environ, "HALOS_DATA_DIR": str(tmp_path / "data"), "HALOS_RATE_LIMIT_PER_MINUTE": "0",
-           "HALOS_VALIDATION_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "HALOS_DATA_DIR": str(tmp_path / "data"),
+        "HALOS_RATE_LIMIT_PER_MINUTE": "0",
+        "HALOS_VALIDATION_WORKERS": "1",
+    }
     env.pop("HALOS_DATABASE_URL", None)
     cli = [sys.executable, "-m", "server.cli"]
-    secret = subprocess.run(cli + ["keys", "create", "--project", "p"], env=env, cwd=REPO, capture_output=True,
-                            text=True, check=True, timeout=120).stdout.strip()
+    secret = subprocess.run(
+        cli + ["keys", "create", "--project", "p"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
     port = _free_port()
-    proc = subprocess.Popen(cli + ["serve", "--workers", "2", "--no-worker", "--no-sweeper", "--port", str(port)],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cli + ["serve", "--workers", "2", "--no-worker", "--no-sweeper", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {secret}"}
     try:
@@ -121,8 +150,9 @@ def test_serve_workers_processes_and_cli_revocation(tmp_path: Path) -> None:
             time.sleep(0.2)
         # fresh connections, so both API processes answer some of them (and cache the key)
         assert {httpx.get(base + "/v1/runs", headers=headers).status_code for _ in range(20)} == {200}
-        subprocess.run(cli + ["keys", "revoke", secret[:11]], env=env, cwd=REPO, check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            cli + ["keys", "revoke", secret[:11]], env=env, cwd=REPO, check=True, capture_output=True, timeout=120
+        )
         assert {httpx.get(base + "/v1/runs", headers=headers).status_code for _ in range(20)} == {401}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -138,8 +168,12 @@ def test_postgres_connections_dropped_by_the_server_are_replaced(tmp_path: Path)
     import psycopg
 
     with fresh_pg_database() as url:
-        settings = Settings(data_dir=tmp_path / "data", database_url=url, rate_limit_per_minute=0,
-                            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=url,
+            rate_limit_per_minute=0,
+            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        )
         engine = get_engine(settings)
         SQLModel.metadata.create_all(engine)
         with Session(engine, expire_on_commit=False) as s:
@@ -150,8 +184,11 @@ def test_postgres_connections_dropped_by_the_server_are_replaced(tmp_path: Path)
                     assert client.get("/v1/runs").status_code == 200
                 name = url.rsplit("/", 1)[1]
                 with psycopg.connect(url, autocommit=True) as admin:  # e.g. a restart or a DBA
-                    killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+                    killed = admin.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()",
+                        (name,),
+                    ).fetchone()[0]
                 assert killed >= 1
                 time.sleep(0.2)  # the goodbye reaches the pooled sockets
                 for _ in range(5):

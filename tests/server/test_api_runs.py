@@ -26,11 +26,11 @@ def _job(session: Session, job_id: str) -> Job:
     return job
 
 
-def _round(client: TestClient, run_id: str, **body):  # noqa: ANN003, ANN202
+def _round(client: TestClient, run_id: str, **body):
     return client.post(f"/v1/runs/{run_id}/rounds", json=body)
 
 
-def _err(resp, status: int = 422) -> dict:  # noqa: ANN001
+def _err(resp, status: int = 422) -> dict:
     assert resp.status_code == status, resp.text
     return resp.json()["error"]
 
@@ -39,9 +39,16 @@ def _err(resp, status: int = 422) -> dict:  # noqa: ANN001
 
 
 def test_create_get_list_run(client: TestClient, model: dict) -> None:
-    resp = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "kto"},
-                                         "hyperparams": {"batch_size": 8, "microbatch_size": 2},
-                                         "conversion": {"type": "pairwise_to_unpaired"}, "lora": {"r": 4}})
+    resp = client.post(
+        "/v1/runs",
+        json={
+            "model_id": model["id"],
+            "loss": {"name": "kto"},
+            "hyperparams": {"batch_size": 8, "microbatch_size": 2},
+            "conversion": {"type": "pairwise_to_unpaired"},
+            "lora": {"r": 4},
+        },
+    )
     assert resp.status_code == 201, resp.text
     run = resp.json()
     assert run["loss"] == {"name": "kto", "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
@@ -61,14 +68,33 @@ def test_run_validation(client: TestClient, client_b: TestClient, model: dict, t
     assert err["code"] == "validation_error" and "loss" in err["message"]
     err = _err(client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo", "beta": -1}}))
     assert "beta" in err["message"]
-    err = _err(client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"},
-                                             "hyperparams": {"batch_size": 30, "microbatch_size": 8}}))
+    err = _err(
+        client.post(
+            "/v1/runs",
+            json={
+                "model_id": model["id"],
+                "loss": {"name": "dpo"},
+                "hyperparams": {"batch_size": 30, "microbatch_size": 8},
+            },
+        )
+    )
     assert err["code"] == "invalid_hyperparams" and "divisible" in err["message"]
-    err = _err(client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "kto"},
-                                             "hyperparams": {"batch_size": 8, "microbatch_size": 1}}))
+    err = _err(
+        client.post(
+            "/v1/runs",
+            json={
+                "model_id": model["id"],
+                "loss": {"name": "kto"},
+                "hyperparams": {"batch_size": 8, "microbatch_size": 1},
+            },
+        )
+    )
     assert err["code"] == "invalid_hyperparams" and "KTO" in err["message"]
-    err = _err(client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"},
-                                             "hyperparams": {"learning_rate": 1}}))
+    err = _err(
+        client.post(
+            "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": {"learning_rate": 1}}
+        )
+    )
     assert err["code"] == "validation_error"
 
 
@@ -86,8 +112,9 @@ def test_run_idempotency(client: TestClient, model: dict) -> None:
 # --------------------------------------------------------------------------- rounds: the happy path
 
 
-def test_round_spec_and_publish(client: TestClient, session: Session, settings: Settings, model: dict, run: dict,
-                                pairwise_fb: dict) -> None:
+def test_round_spec_and_publish(
+    client: TestClient, session: Session, settings: Settings, model: dict, run: dict, pairwise_fb: dict
+) -> None:
     resp = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"lr": 1e-4})
     assert resp.status_code == 201, resp.text
     rnd = resp.json()
@@ -103,15 +130,17 @@ def test_round_spec_and_publish(client: TestClient, session: Session, settings: 
     [fin] = spec["feedback"]
     assert fin["file_id"] == pairwise_fb["id"] and fin["kind"] == "pairwise" and Path(fin["path"]).is_file()
     assert spec["loss"]["name"] == "dpo" and spec["hyperparams"]["lr"] == 1e-4 and spec["lora"] is None
-    cfg = RunConfig.model_validate({"job_id": job.id, "run_dir": job.run_dir,
-                                    **{k: v for k, v in spec.items() if k != "init_from_checkpoint_id"}})
+    cfg = RunConfig.model_validate(
+        {"job_id": job.id, "run_dir": job.run_dir, **{k: v for k, v in spec.items() if k != "init_from_checkpoint_id"}}
+    )
     assert cfg.reference_sha256 == model["sha256"]
     got = client.get(f"/v1/runs/{run['id']}").json()
     assert [r["round_id"] for r in got["rounds"]] == [rnd["round_id"]]
 
 
-def test_round_waits_for_unfinished_parent_then_chains(client: TestClient, session: Session, run: dict,
-                                                       pairwise_fb: dict, tmp_path: Path) -> None:
+def test_round_waits_for_unfinished_parent_then_chains(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     r2 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     assert r2["index"] == 2 and r2["status"] == "waiting" and r2["parent_job_id"] == r1["job_id"]
@@ -136,8 +165,9 @@ def test_round_waits_for_unfinished_parent_then_chains(client: TestClient, sessi
     assert spec3["init_from_checkpoint_id"] == ck2
 
 
-def test_parent_failed_or_cancelled_409(client: TestClient, session: Session, run: dict, pairwise_fb: dict,
-                                        tmp_path: Path) -> None:
+def test_parent_failed_or_cancelled_409(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     work_job(session, r1["job_id"], "succeeded", tmp_path / "ck1")
     ck1 = round_checkpoint_id(session, r1["round_id"])
@@ -153,15 +183,16 @@ def test_parent_failed_or_cancelled_409(client: TestClient, session: Session, ru
     assert err["code"] == "parent_round_failed" and err["details"]["status"] == "cancelled"
 
 
-def test_parent_failing_between_check_and_submit_is_409(client: TestClient, session: Session, run: dict,
-                                                        pairwise_fb: dict, monkeypatch) -> None:  # noqa: ANN001
+def test_parent_failing_between_check_and_submit_is_409(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict, monkeypatch
+) -> None:
     """The race: the latest round is running when the API checks it and fails before the insert."""
     from server.services import runs as runs_service
 
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     real = runs_service._submit
 
-    def parent_fails_first(ses, job, settings):  # noqa: ANN001, ANN202
+    def parent_fails_first(ses, job, settings):
         # (in the request's own transaction: on SQLite it holds the write lock, another session
         # would wait for it; the effect on submit's locked re-read of the parent is the same)
         with ses.no_autoflush:
@@ -171,8 +202,11 @@ def test_parent_failing_between_check_and_submit_is_409(client: TestClient, sess
     monkeypatch.setattr(runs_service, "_submit", parent_fails_first)
     resp = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]])
     err = _err(resp, 409)
-    assert err["code"] == "parent_round_failed" and err["details"] == {"round_index": 1, "job_id": r1["job_id"],
-                                                                       "status": "failed"}
+    assert err["code"] == "parent_round_failed" and err["details"] == {
+        "round_index": 1,
+        "job_id": r1["job_id"],
+        "status": "failed",
+    }
     monkeypatch.undo()
     session.expire_all()
     assert [r.index for r in session.exec(select(Round).where(Round.run_id == run["id"])).all()] == [1]
@@ -180,18 +214,31 @@ def test_parent_failing_between_check_and_submit_is_409(client: TestClient, sess
     session.rollback()
 
 
-def test_explicit_parent_checks(client: TestClient, client_b: TestClient, session: Session, model: dict, run: dict,
-                                pairwise_fb: dict, tmp_path: Path) -> None:
+def test_explicit_parent_checks(
+    client: TestClient,
+    client_b: TestClient,
+    session: Session,
+    model: dict,
+    run: dict,
+    pairwise_fb: dict,
+    tmp_path: Path,
+) -> None:
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     work_job(session, r1["job_id"], "succeeded", tmp_path / "ck1", step=6, examples=24)
     ck1 = round_checkpoint_id(session, r1["round_id"])
 
     # a checkpoint of another run of the same project ⇒ 404
-    other = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}).json()
+    other = client.post(
+        "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}
+    ).json()
     err = _err(_round(client, other["id"], feedback_ids=[pairwise_fb["id"]], parent_checkpoint_id=ck1), 404)
     assert err["code"] == "checkpoint_not_found" and err["details"]["field"] == "parent_checkpoint_id"
-    err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]],
-                      parent_checkpoint_id="ckpt_000000000000000000000000"), 404)
+    err = _err(
+        _round(
+            client, run["id"], feedback_ids=[pairwise_fb["id"]], parent_checkpoint_id="ckpt_000000000000000000000000"
+        ),
+        404,
+    )
     assert err["code"] == "checkpoint_not_found"
 
     ok = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]], parent_checkpoint_id=ck1)
@@ -239,18 +286,36 @@ def test_round_loss_checks(client: TestClient, run: dict, pairwise_fb: dict, bin
     assert err["code"] == "loss_feedback_mismatch" and "pairwise_to_unpaired" in err["message"]
     err = _err(_round(client, run["id"], feedback_ids=[scalar_fb["id"]]))
     assert err["code"] == "loss_feedback_mismatch" and "scalar_to_pairs" in err["message"]
-    ok = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]], loss={"name": "kto"},
-                conversion={"type": "pairwise_to_unpaired"})
+    ok = _round(
+        client,
+        run["id"],
+        feedback_ids=[pairwise_fb["id"]],
+        loss={"name": "kto"},
+        conversion={"type": "pairwise_to_unpaired"},
+    )
     assert ok.status_code == 201, ok.text
     assert ok.json()["loss"]["name"] == "kto" and ok.json()["conversion"]["type"] == "pairwise_to_unpaired"
 
 
-def test_round_hyperparams_checks(app, keys, client: TestClient, run: dict, pairwise_fb: dict,  # noqa: ANN001
-                                  settings: Settings) -> None:
+def test_round_hyperparams_checks(
+    app, keys, client: TestClient, run: dict, pairwise_fb: dict, settings: Settings
+) -> None:
     err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"batch_size": 5}))
-    assert err["code"] == "invalid_hyperparams" and "divisible" in err["message"] and err["details"]["field"] == "hyperparams"
-    err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], loss={"name": "kto"},
-                      conversion={"type": "pairwise_to_unpaired"}, hyperparams={"microbatch_size": 1}))
+    assert (
+        err["code"] == "invalid_hyperparams"
+        and "divisible" in err["message"]
+        and err["details"]["field"] == "hyperparams"
+    )
+    err = _err(
+        _round(
+            client,
+            run["id"],
+            feedback_ids=[pairwise_fb["id"]],
+            loss={"name": "kto"},
+            conversion={"type": "pairwise_to_unpaired"},
+            hyperparams={"microbatch_size": 1},
+        )
+    )
     assert err["code"] == "invalid_hyperparams" and "KTO" in err["message"]
     err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"lr": None}))
     assert err["code"] == "validation_error"
@@ -264,8 +329,15 @@ def test_round_hyperparams_checks(app, keys, client: TestClient, run: dict, pair
 
 
 def test_round_conversion_null_drops_runs_conversion(client: TestClient, model: dict, pairwise_fb: dict) -> None:
-    run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "kto"}, "hyperparams": SMALL_HP,
-                                        "conversion": {"type": "pairwise_to_unpaired"}}).json()
+    run = client.post(
+        "/v1/runs",
+        json={
+            "model_id": model["id"],
+            "loss": {"name": "kto"},
+            "hyperparams": SMALL_HP,
+            "conversion": {"type": "pairwise_to_unpaired"},
+        },
+    ).json()
     assert _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).status_code == 201
     err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], conversion=None))
     assert err["code"] == "loss_feedback_mismatch"
@@ -279,26 +351,34 @@ def test_round_unknown_run_404(client: TestClient, pairwise_fb: dict) -> None:
 # --------------------------------------------------------------------------- rounds: idempotency
 
 
-def test_round_idempotency_sequential_and_reuse(client: TestClient, session: Session, run: dict,
-                                                pairwise_fb: dict) -> None:
+def test_round_idempotency_sequential_and_reuse(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict
+) -> None:
     h = {"Idempotency-Key": "round-1"}
     a = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [pairwise_fb["id"]]}, headers=h)
     b = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [pairwise_fb["id"]]}, headers=h)
     assert a.status_code == b.status_code == 201
     assert a.json()["round_id"] == b.json()["round_id"] and b.headers["Idempotent-Replayed"] == "true"
-    c = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [pairwise_fb["id"]],
-                                                           "hyperparams": {"lr": 1e-3}}, headers=h)
+    c = client.post(
+        f"/v1/runs/{run['id']}/rounds",
+        json={"feedback_ids": [pairwise_fb["id"]], "hyperparams": {"lr": 1e-3}},
+        headers=h,
+    )
     assert _err(c)["code"] == "idempotency_key_reused"
     n = session.exec(select(func.count()).select_from(Round)).one()
     session.rollback()
     assert n == 1
 
 
-def test_round_idempotency_10_concurrent(app, keys, session: Session, run: dict, pairwise_fb: dict) -> None:  # noqa: ANN001
+def test_round_idempotency_10_concurrent(app, keys, session: Session, run: dict, pairwise_fb: dict) -> None:
     with TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c:
-        def post(_: int):  # noqa: ANN202
-            return c.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [pairwise_fb["id"]]},
-                          headers={"Idempotency-Key": "same-round"})
+
+        def post(_: int):
+            return c.post(
+                f"/v1/runs/{run['id']}/rounds",
+                json={"feedback_ids": [pairwise_fb["id"]]},
+                headers={"Idempotency-Key": "same-round"},
+            )
 
         with ThreadPoolExecutor(max_workers=10) as pool:
             responses = list(pool.map(post, range(10)))

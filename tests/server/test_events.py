@@ -48,8 +48,17 @@ def _types(session: Session, job_id: str) -> list[tuple[str, str | None, int | N
 def _result(tmp: Path) -> RoundResult:
     d = tmp / "final"
     d.mkdir(parents=True, exist_ok=True)
-    return RoundResult(job_id="job_x", final_dir=str(d), manifest_sha256="ab" * 32, step=6, examples=24,
-                       round_step=6, total_steps=6, loss="dpo", reference_sha256="cd" * 32)
+    return RoundResult(
+        job_id="job_x",
+        final_dir=str(d),
+        manifest_sha256="ab" * 32,
+        step=6,
+        examples=24,
+        round_step=6,
+        total_steps=6,
+        loss="dpo",
+        reference_sha256="cd" * 32,
+    )
 
 
 def test_lifecycle_with_a_crash_and_retry_in_order(env):
@@ -57,8 +66,12 @@ def test_lifecycle_with_a_crash_and_retry_in_order(env):
     job = add_round(session, run, tmp)
     child = add_round(session, run, tmp, parent=job)
     c1 = jobs.claim(session, job.id, "host-a", 1, TTL)
-    jobs.record_progress(session, job.id, c1.lease_token, [
-        {"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"split": "eval", "step": 2, "loss": 0.65}])
+    jobs.record_progress(
+        session,
+        job.id,
+        c1.lease_token,
+        [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"split": "eval", "step": 2, "loss": 0.65}],
+    )
     assert jobs.record_checkpoint_saved(session, job.id, c1.lease_token, 2, "step-000002")
     jobs.finish(session, job.id, c1.lease_token, Outcome("crashed", error="killed by signal 9"), retry_backoff_s=0)
     c2 = jobs.claim(session, job.id, "host-b", 2, TTL)
@@ -93,8 +106,10 @@ def test_lifecycle_with_a_crash_and_retry_in_order(env):
     assert succeeded.data["step"] == 6
 
     # the child waited for its parent, then was queued from the parent's checkpoint in the same commit
-    assert [(t, s) for t, s, _ in _types(session, child.id)] == [("job.waiting_for_parent", "waiting"),
-                                                                  ("job.queued", "queued")]
+    assert [(t, s) for t, s, _ in _types(session, child.id)] == [
+        ("job.waiting_for_parent", "waiting"),
+        ("job.queued", "queued"),
+    ]
     queued = _events(session, child.id)[1]
     assert queued.data["parent_job_id"] == job.id and queued.data["parent_checkpoint_id"] == ckpt_id
 
@@ -122,10 +137,18 @@ def test_expired_leases_crash_retry_then_fail_and_fail_the_waiting_children(env)
         jobs.claim(session, job.id, "h", 1, TTL, now=utcnow() + timedelta(hours=attempt))
         jobs.expire_leases(session, utcnow() + timedelta(hours=attempt, minutes=5), retry_backoff_s=0)
     types = [t for t, _, _ in _types(session, job.id)]
-    assert types == ["job.queued",
-                     "job.started", "job.attempt_crashed", "job.retry_scheduled",
-                     "job.started", "job.attempt_crashed", "job.retry_scheduled",
-                     "job.started", "job.attempt_crashed", "job.failed"]
+    assert types == [
+        "job.queued",
+        "job.started",
+        "job.attempt_crashed",
+        "job.retry_scheduled",
+        "job.started",
+        "job.attempt_crashed",
+        "job.retry_scheduled",
+        "job.started",
+        "job.attempt_crashed",
+        "job.failed",
+    ]
     failed = _events(session, job.id)[-1]
     assert failed.status == "failed" and "crashed 3 times" in failed.data["error"]
     assert _events(session, job.id)[2].data["reason"].startswith("lease expired")
@@ -144,16 +167,25 @@ def test_cancel_events(env):
     jobs.request_cancel(session, running.id)
     jobs.request_cancel(session, running.id)  # a second request changes nothing, writes nothing
     jobs.finish(session, running.id, c.lease_token, Outcome("cancelled", error="cancelled by request"))
-    assert [t for t, _, _ in _types(session, running.id)] == ["job.queued", "job.started", "job.cancelling",
-                                                             "job.cancelled"]
+    assert [t for t, _, _ in _types(session, running.id)] == [
+        "job.queued",
+        "job.started",
+        "job.cancelling",
+        "job.cancelled",
+    ]
 
 
 def test_outbox_rows_are_written_with_their_event_and_signed_bodies_verify(env):
     session, run, tmp = env
-    finished = WebhookEndpoint(project_id=run.project_id, url="https://hooks.example.com/a",
-                               event_types=["job.finished"], secret=signing.new_secret())
-    everything = WebhookEndpoint(project_id=run.project_id, url="https://hooks.example.com/b", event_types=["*"],
-                                 secret=signing.new_secret())
+    finished = WebhookEndpoint(
+        project_id=run.project_id,
+        url="https://hooks.example.com/a",
+        event_types=["job.finished"],
+        secret=signing.new_secret(),
+    )
+    everything = WebhookEndpoint(
+        project_id=run.project_id, url="https://hooks.example.com/b", event_types=["*"], secret=signing.new_secret()
+    )
     session.add_all([finished, everything])
     session.commit()
     job = add_round(session, run, tmp)
@@ -182,15 +214,16 @@ def test_a_rolled_back_transition_leaves_no_event(env):
     with pytest.raises(jobs.ParentFailed):
         from server.models import Job
 
-        jobs.submit(session, Job(project_id=run.project_id, spec={}, parent_job_id=parent.id),
-                    refuse_failed_parent=True)
+        jobs.submit(
+            session, Job(project_id=run.project_id, spec={}, parent_job_id=parent.id), refuse_failed_parent=True
+        )
     assert len(list(session.exec(select(Event)).all())) == n
 
 
 # --------------------------------------------------------------------------- API
 
 
-def test_events_api_pages_and_the_stream_resumes(client, session, settings, tmp_path):  # noqa: ANN001
+def test_events_api_pages_and_the_stream_resumes(client, session, settings, tmp_path):
     from tests.server._seed import seed_project
 
     seeded = seed_project(client, session, settings, tmp_path / "seed", tag="ev")
@@ -202,7 +235,7 @@ def test_events_api_pages_and_the_stream_resumes(client, session, settings, tmp_
     assert first["items"] + rest["items"] == all_events
     assert client.get(f"/v1/jobs/{job_id}/events", params={"after": all_events[-1]["id"]}).json()["items"] == []
 
-    def read_stream(headers=None):  # noqa: ANN001, ANN202
+    def read_stream(headers=None):
         from httpx_sse import EventSource
 
         with client.stream("GET", f"/v1/jobs/{job_id}/events/stream", headers=headers or {}) as resp:
@@ -227,7 +260,7 @@ def test_events_api_pages_and_the_stream_resumes(client, session, settings, tmp_
     assert "feedback.stored" in {d["type"] for d in deliveries}
 
 
-def test_client_iter_events_follows_to_the_end_and_resumes(client, session, settings, tmp_path):  # noqa: ANN001
+def test_client_iter_events_follows_to_the_end_and_resumes(client, session, settings, tmp_path):
     from halos_client.events import iter_events
     from tests.server._seed import seed_project
 
@@ -240,4 +273,3 @@ def test_client_iter_events_follows_to_the_end_and_resumes(client, session, sett
     seen_event = int(messages[1].id.split(".")[0])  # "<event id>.<metric id>"
     assert [m.data["id"] for m in rest if m.event != "end"] == [e["id"] for e in api if e["id"] > seen_event]
     assert all(m.event != "metric" for m in rest)
-

@@ -27,20 +27,19 @@ from server import sweeper
 from server.app import create_app
 from server.errors import Unprocessable
 from server.models import IdempotencyRecord, utcnow
-from server.services import models_registry
-from server.services import round_checks
+from server.services import models_registry, round_checks
 from server.settings import Settings
 from tests.server.conftest import SMALL_HP, make_model_dir, round_checkpoint_id, work_job
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _err(resp, status: int = 422) -> dict:  # noqa: ANN001
+def _err(resp, status: int = 422) -> dict:
     assert resp.status_code == status, resp.text
     return resp.json()["error"]
 
 
-def _round(client: TestClient, run_id: str, **body: Any):  # noqa: ANN202
+def _round(client: TestClient, run_id: str, **body: Any):
     return client.post(f"/v1/runs/{run_id}/rounds", json=body)
 
 
@@ -56,7 +55,8 @@ def _run(client: TestClient, model: dict, loss: str, lora: dict | None = None) -
 def _trainer_state(loss: str, lora: LoraSettings | None) -> dict:
     """trainer_state.json as halos_core.training writes it (the fields check_compatible reads)."""
     head = {"reward": {"kind": "reward", "hidden_size": 8}, "value": {"kind": "value", "hidden_size": 8}}.get(
-        {"bradley_terry": "reward", "ppo": "value"}.get(loss, ""))
+        {"bradley_terry": "reward", "ppo": "value"}.get(loss, "")
+    )
     return {"step": 4, "examples": 16, "loss": loss, "lora": lora_structure(lora) if lora else None, "head": head}
 
 
@@ -73,8 +73,9 @@ def _succeed(session: Session, job_id: str, path: Path, state: dict | None = Non
 # --------------------------------------------------------------------------- 1. parent parameters
 
 
-def test_head_mismatch_with_the_finished_default_parent(client: TestClient, session: Session, model: dict,
-                                                       pairwise_fb: dict, binary_fb: dict, tmp_path: Path) -> None:
+def test_head_mismatch_with_the_finished_default_parent(
+    client: TestClient, session: Session, model: dict, pairwise_fb: dict, binary_fb: dict, tmp_path: Path
+) -> None:
     run = _run(client, model, "dpo")
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     _succeed(session, r1["job_id"], tmp_path / "ck1", _trainer_state("dpo", None), lora=False, merged=False, head=None)
@@ -91,21 +92,26 @@ def test_head_mismatch_with_the_finished_default_parent(client: TestClient, sess
     assert ok.status_code == 201, ok.text
 
 
-def test_reward_model_run_keeps_its_head(client: TestClient, session: Session, model: dict, pairwise_fb: dict,
-                                         tmp_path: Path) -> None:
+def test_reward_model_run_keeps_its_head(
+    client: TestClient, session: Session, model: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     run = _run(client, model, "bradley_terry")
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     _succeed(session, r1["job_id"], tmp_path / "ck1", _trainer_state("bradley_terry", None))
     assert _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).status_code == 201
     ck1 = round_checkpoint_id(session, r1["round_id"])
-    err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], loss={"name": "dpo"},
-                      parent_checkpoint_id=ck1))
+    err = _err(
+        _round(client, run["id"], feedback_ids=[pairwise_fb["id"]], loss={"name": "dpo"}, parent_checkpoint_id=ck1)
+    )
     assert err["code"] == "parent_checkpoint_incompatible" and err["details"]["field"] == "loss"
-    assert err["details"]["parent"] == {"parent_checkpoint_id": ck1} and err["details"]["parent_loss"] == "bradley_terry"
+    assert (
+        err["details"]["parent"] == {"parent_checkpoint_id": ck1} and err["details"]["parent_loss"] == "bradley_terry"
+    )
 
 
-def test_head_mismatch_with_an_unfinished_parent(client: TestClient, model: dict, pairwise_fb: dict,
-                                                 binary_fb: dict) -> None:
+def test_head_mismatch_with_an_unfinished_parent(
+    client: TestClient, model: dict, pairwise_fb: dict, binary_fb: dict
+) -> None:
     run = _run(client, model, "dpo")
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()  # queued: no checkpoint yet
     err = _err(_round(client, run["id"], feedback_ids=[binary_fb["id"]], loss={"name": "ppo"}))
@@ -116,8 +122,9 @@ def test_head_mismatch_with_an_unfinished_parent(client: TestClient, model: dict
     assert ok.status_code == 201 and ok.json()["status"] == "waiting", ok.text
 
 
-def test_lora_mismatch_is_refused(client: TestClient, session: Session, model: dict, pairwise_fb: dict,
-                                  tmp_path: Path) -> None:
+def test_lora_mismatch_is_refused(
+    client: TestClient, session: Session, model: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     run = _run(client, model, "dpo", lora={"r": 8})
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     # round 1's checkpoint was written with other adapter shapes (e.g. by an older server)
@@ -130,17 +137,23 @@ def test_lora_mismatch_is_refused(client: TestClient, session: Session, model: d
         assert "LoRA" in err["message"]
 
 
-def test_lora_structure_ignores_target_order_and_dropout(client: TestClient, session: Session, model: dict,
-                                                         pairwise_fb: dict, tmp_path: Path) -> None:
+def test_lora_structure_ignores_target_order_and_dropout(
+    client: TestClient, session: Session, model: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     run = _run(client, model, "dpo", lora={"r": 8, "dropout": 0.1, "target_modules": ["v_proj", "q_proj"]})
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
-    _succeed(session, r1["job_id"], tmp_path / "ck1",
-             _trainer_state("dpo", LoraSettings(r=8, target_modules=["q_proj", "v_proj"])))
+    _succeed(
+        session,
+        r1["job_id"],
+        tmp_path / "ck1",
+        _trainer_state("dpo", LoraSettings(r=8, target_modules=["q_proj", "v_proj"])),
+    )
     assert _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).status_code == 201
 
 
-def test_meta_json_fallback(client: TestClient, session: Session, model: dict, pairwise_fb: dict,
-                            tmp_path: Path) -> None:
+def test_meta_json_fallback(
+    client: TestClient, session: Session, model: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     """No trainer_state.json: meta.json's `lora` (bool) and `head` decide."""
     run = _run(client, model, "dpo")
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
@@ -149,12 +162,15 @@ def test_meta_json_fallback(client: TestClient, session: Session, model: dict, p
     assert err["code"] == "parent_checkpoint_incompatible" and err["details"]["parent_lora"] is True
 
 
-def test_unrecorded_parameters_are_left_to_the_worker(client: TestClient, session: Session, model: dict,
-                                                     pairwise_fb: dict, tmp_path: Path) -> None:
+def test_unrecorded_parameters_are_left_to_the_worker(
+    client: TestClient, session: Session, model: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     run = _run(client, model, "dpo")
     r1 = _round(client, run["id"], feedback_ids=[pairwise_fb["id"]]).json()
     _succeed(session, r1["job_id"], tmp_path / "ck1", {"step": 4, "round_step": 4})  # the fake trainer's state
-    assert _round(client, run["id"], feedback_ids=[pairwise_fb["id"]], loss={"name": "bradley_terry"}).status_code == 201
+    assert (
+        _round(client, run["id"], feedback_ids=[pairwise_fb["id"]], loss={"name": "bradley_terry"}).status_code == 201
+    )
 
 
 def test_server_refuses_exactly_what_the_trainer_refuses(tmp_path: Path) -> None:
@@ -162,19 +178,28 @@ def test_server_refuses_exactly_what_the_trainer_refuses(tmp_path: Path) -> None
     checks that both read a checkpoint's files the same way), on trainer_state.json files built with
     the trainer's own helpers, for every pair of (loss, LoRA settings)."""
     trainer = pytest.importorskip("halos_core.training")
-    from halos_core.run_dir import CheckpointError
     from halos_core.heads import build_head
     from halos_core.lora import structure
+    from halos_core.run_dir import CheckpointError
 
     losses = ["dpo", "kto", "sft", "bradley_terry", "ppo"]
-    loras = [None, LoraSettings(), LoraSettings(r=4), LoraSettings(alpha=8), LoraSettings(target_modules=["q_proj"]),
-             LoraSettings(dropout=0.2, merge_on_export=False)]
+    loras = [
+        None,
+        LoraSettings(),
+        LoraSettings(r=4),
+        LoraSettings(alpha=8),
+        LoraSettings(target_modules=["q_proj"]),
+        LoraSettings(dropout=0.2, merge_on_export=False),
+    ]
     combos = [(loss, lora) for loss in losses for lora in loras]
     refused = 0
     for i, (parent_loss, parent_lora) in enumerate(combos):
         head = build_head(parent_loss, 8)
-        state = {"loss": parent_loss, "lora": structure(parent_lora) if parent_lora else None,
-                 "head": head.describe() if head is not None else None}
+        state = {
+            "loss": parent_loss,
+            "lora": structure(parent_lora) if parent_lora else None,
+            "head": head.describe() if head is not None else None,
+        }
         path = tmp_path / f"ck{i}"
         path.mkdir()
         (path / "trainer_state.json").write_text(json.dumps(state))
@@ -182,8 +207,9 @@ def test_server_refuses_exactly_what_the_trainer_refuses(tmp_path: Path) -> None
         have = round_checks.checkpoint_params(read_manifest(path))
         for loss, lora in combos:
             try:
-                trainer.check_compatible(SimpleNamespace(trainer_state=state, path=path), SimpleNamespace(lora=lora),
-                                         loss)
+                trainer.check_compatible(
+                    SimpleNamespace(trainer_state=state, path=path), SimpleNamespace(lora=lora), loss
+                )
                 worker_ok = True
             except CheckpointError:
                 worker_ok = False
@@ -208,21 +234,33 @@ def _write_safetensors(path: Path, names: list[str]) -> None:
 
 def test_lora_targets_the_model_lacks(client: TestClient, tmp_path: Path) -> None:
     d = make_model_dir(tmp_path / "llama")
-    _write_safetensors(d / "model.safetensors", [
-        "model.embed_tokens.weight", "model.norm.weight",
-        *(f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
-        *(f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")),
-    ])
+    _write_safetensors(
+        d / "model.safetensors",
+        [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            *(
+                f"model.layers.{i}.self_attn.{p}.weight"
+                for i in range(2)
+                for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+            ),
+            *(f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")),
+        ],
+    )
     model = client.post("/v1/models", json={"name": "llama", "path": str(d)}).json()
-    err = _err(client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"},
-                                             "lora": {"target_modules": ["c_attn", "c_proj"]}}))
+    err = _err(
+        client.post(
+            "/v1/runs",
+            json={"model_id": model["id"], "loss": {"name": "dpo"}, "lora": {"target_modules": ["c_attn", "c_proj"]}},
+        )
+    )
     assert err["code"] == "lora_not_applicable" and err["details"]["field"] == "lora.target_modules"
     assert "c_attn" in err["message"] and "q_proj" in err["message"]
     for targets in (LORA_TARGETS, ["gate_proj", "nonexistent"], ["self_attn.q_proj"], ["lm_head"]):
-        resp = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"},
-                                             "lora": {"target_modules": targets}})
+        resp = client.post(
+            "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "lora": {"target_modules": targets}}
+        )
         assert resp.status_code == 201, (targets, resp.text)
-
 
 
 def test_lora_on_fsdp_workers_is_refused_at_submit(client: TestClient, settings, tmp_path: Path) -> None:
@@ -232,18 +270,28 @@ def test_lora_on_fsdp_workers_is_refused_at_submit(client: TestClient, settings,
     assert err["code"] == "lora_not_supported" and err["details"]["field"] == "lora"
     assert client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}}).status_code == 201
 
+
 # --------------------------------------------------------------------------- 2. idempotency purge
 
 
-def test_sweeper_purges_expired_idempotency_keys(app, client: TestClient, session: Session, model: dict,  # noqa: ANN001
-                                                 settings: Settings) -> None:
+def test_sweeper_purges_expired_idempotency_keys(
+    app, client: TestClient, session: Session, model: dict, settings: Settings
+) -> None:
     body = {"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}
     live = client.post("/v1/runs", json=body, headers={"Idempotency-Key": "live"})
     assert live.status_code == 201
     project_id = session.exec(select(IdempotencyRecord)).one().project_id
-    session.add(IdempotencyRecord(project_id=project_id, endpoint="POST /v1/runs", key="old", request_hash="x" * 64,
-                                  resource_id=live.json()["id"], status_code=201,
-                                  created_at=utcnow() - timedelta(hours=settings.idempotency_ttl_hours, minutes=1)))
+    session.add(
+        IdempotencyRecord(
+            project_id=project_id,
+            endpoint="POST /v1/runs",
+            key="old",
+            request_hash="x" * 64,
+            resource_id=live.json()["id"],
+            status_code=201,
+            created_at=utcnow() - timedelta(hours=settings.idempotency_ttl_hours, minutes=1),
+        )
+    )
     session.commit()
 
     fast = settings.model_copy(update={"sweep_interval_s": 0.05})
@@ -265,7 +313,7 @@ def test_sweeper_purges_expired_idempotency_keys(app, client: TestClient, sessio
     assert sweeper.purge_idempotency_records(session, settings) == 0  # nothing left to purge
 
 
-def test_purge_runs_at_most_hourly(settings: Settings, engine, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_purge_runs_at_most_hourly(settings: Settings, engine, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
     monkeypatch.setattr(sweeper, "purge_idempotency_records", lambda s, st: calls.append(time.monotonic()) or 0)
     thread, stop = sweeper.start_thread(settings.model_copy(update={"sweep_interval_s": 0.02}))
@@ -279,7 +327,7 @@ def test_purge_runs_at_most_hourly(settings: Settings, engine, monkeypatch: pyte
 
 
 @pytest.fixture
-def rooted(settings: Settings, engine, keys: dict, tmp_path: Path):  # noqa: ANN001, ANN201
+def rooted(settings: Settings, engine, keys: dict, tmp_path: Path):
     roots = tmp_path / "models"
     roots.mkdir()
     app = create_app(settings.model_copy(update={"model_roots": [roots]}))
@@ -287,7 +335,7 @@ def rooted(settings: Settings, engine, keys: dict, tmp_path: Path):  # noqa: ANN
         yield c, roots
 
 
-def test_model_roots_allow_inside_refuse_outside(rooted, tmp_path: Path) -> None:  # noqa: ANN001
+def test_model_roots_allow_inside_refuse_outside(rooted, tmp_path: Path) -> None:
     client, roots = rooted
     inside = make_model_dir(roots / "sft")
     assert client.post("/v1/models", json={"name": "in", "path": str(inside)}).status_code == 201
@@ -295,7 +343,10 @@ def test_model_roots_allow_inside_refuse_outside(rooted, tmp_path: Path) -> None
     outside = make_model_dir(tmp_path / "elsewhere")
     err = _err(client.post("/v1/models", json={"name": "out", "path": str(outside)}))
     assert err["code"] == "model_path_not_allowed" and err["details"]["field"] == "path"
-    assert err["details"]["allowed_roots"] == [str(client.app.state.settings.models_dir.resolve()), str(roots.resolve())]
+    assert err["details"]["allowed_roots"] == [
+        str(client.app.state.settings.models_dir.resolve()),
+        str(roots.resolve()),
+    ]
     # whether the path exists is not revealed
     missing = _err(client.post("/v1/models", json={"name": "x", "path": str(tmp_path / "nothing-here")}))
     assert missing["code"] == "model_path_not_allowed"
@@ -307,7 +358,7 @@ def test_model_roots_allow_inside_refuse_outside(rooted, tmp_path: Path) -> None
     assert _err(client.post("/v1/models", json={"name": "x", "path": str(evil)}))["code"] == "model_path_not_allowed"
 
 
-def test_model_roots_resolve_symlinks(rooted, tmp_path: Path) -> None:  # noqa: ANN001
+def test_model_roots_resolve_symlinks(rooted, tmp_path: Path) -> None:
     client, roots = rooted
     outside = make_model_dir(tmp_path / "elsewhere")
     (roots / "link-out").symlink_to(outside)
@@ -333,7 +384,9 @@ def test_model_roots_resolve_symlinks(rooted, tmp_path: Path) -> None:  # noqa: 
     (roots / "loop-a").symlink_to(roots / "loop-b")
     (roots / "loop-b").symlink_to(roots / "loop-a")
     assert _err(client.post("/v1/models", json={"name": "x", "path": str(roots / "loop-a")}))["code"] in (
-        "model_dir_not_found", "model_path_not_allowed")
+        "model_dir_not_found",
+        "model_path_not_allowed",
+    )
 
 
 def test_model_roots_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -350,7 +403,7 @@ def test_model_roots_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().model_roots is None
 
 
-def test_empty_roots_refuse_everything(settings: Settings, engine, keys: dict, tmp_path: Path) -> None:  # noqa: ANN001
+def test_empty_roots_refuse_everything(settings: Settings, engine, keys: dict, tmp_path: Path) -> None:
     app = create_app(settings.model_copy(update={"model_roots": []}))
     with TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c:
         err = _err(c.post("/v1/models", json={"name": "x", "path": str(make_model_dir(tmp_path / "m"))}))
@@ -358,8 +411,9 @@ def test_empty_roots_refuse_everything(settings: Settings, engine, keys: dict, t
 
 
 @pytest.mark.parametrize("env_value", [None, ""], ids=["unset", "empty"])
-def test_default_roots_are_the_data_dirs_models_folder(settings: Settings, engine, keys: dict, tmp_path: Path,  # noqa: ANN001
-                                                       monkeypatch: pytest.MonkeyPatch, env_value: str | None) -> None:
+def test_default_roots_are_the_data_dirs_models_folder(
+    settings: Settings, engine, keys: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env_value: str | None
+) -> None:
     """Safe by default: with HALOS_MODEL_ROOTS unset (or empty) a key may register only what lies
     under <HALOS_DATA_DIR>/models, never another directory the server can read."""
     monkeypatch.delenv("HALOS_MODEL_ROOTS", raising=False)
@@ -388,8 +442,9 @@ def test_default_roots_are_the_data_dirs_models_folder(settings: Settings, engin
         assert [m["name"] for m in c.get("/v1/models").json()["items"]] == ["in"]
 
 
-def test_unrestricted_roots_warn_at_startup(settings: Settings, engine, tmp_path: Path,  # noqa: ANN001
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_unrestricted_roots_warn_at_startup(
+    settings: Settings, engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # unrestricted now takes an operator listing / explicitly (the default is <data_dir>/models)
     with caplog.at_level(logging.WARNING, logger="halos.api"):
         create_app(settings.model_copy(update={"model_roots": [Path("/")]}))
@@ -411,12 +466,12 @@ def test_register_route_is_sync_so_it_runs_in_the_threadpool() -> None:
 
 
 @pytest.fixture
-def blocked_hash(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def blocked_hash(monkeypatch: pytest.MonkeyPatch):
     """tree_sha256 that waits for `release` (a slow, huge directory)."""
     started, release = threading.Event(), threading.Event()
     real = models_registry.tree_sha256
 
-    def slow(directory):  # noqa: ANN001, ANN202
+    def slow(directory):
         started.set()
         assert release.wait(20)
         return real(directory)
@@ -426,7 +481,7 @@ def blocked_hash(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     release.set()
 
 
-def test_hashing_never_blocks_other_requests(client: TestClient, tmp_path: Path, blocked_hash) -> None:  # noqa: ANN001
+def test_hashing_never_blocks_other_requests(client: TestClient, tmp_path: Path, blocked_hash) -> None:
     started, release = blocked_hash
     d = make_model_dir(tmp_path / "huge")
     with ThreadPoolExecutor(2) as pool:
@@ -440,8 +495,7 @@ def test_hashing_never_blocks_other_requests(client: TestClient, tmp_path: Path,
         assert registering.result(timeout=20).status_code == 201
 
 
-def test_concurrent_hashing_is_bounded(settings: Settings, engine, keys: dict, tmp_path: Path,  # noqa: ANN001
-                                       blocked_hash) -> None:  # noqa: ANN001
+def test_concurrent_hashing_is_bounded(settings: Settings, engine, keys: dict, tmp_path: Path, blocked_hash) -> None:
     started, release = blocked_hash
     app = create_app(settings.model_copy(update={"max_concurrent_model_hashes": 1}))
     with TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c, ThreadPoolExecutor(1) as pool:
@@ -455,8 +509,9 @@ def test_concurrent_hashing_is_bounded(settings: Settings, engine, keys: dict, t
         assert c.post("/v1/models", json={"name": "b", "path": str(tmp_path / "b")}).status_code == 201
 
 
-def test_too_many_files_refused_before_reading(settings: Settings, engine, keys: dict, tmp_path: Path,  # noqa: ANN001
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_too_many_files_refused_before_reading(
+    settings: Settings, engine, keys: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     d = make_model_dir(tmp_path / "crowded")
     for i in range(10):
         (d / f"shard-{i}.bin").write_bytes(b"x")
@@ -467,8 +522,9 @@ def test_too_many_files_refused_before_reading(settings: Settings, engine, keys:
     assert err["code"] == "model_too_large" and err["details"]["max_files"] == 5
 
 
-def test_unchanged_directory_is_not_hashed_again(client: TestClient, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unchanged_directory_is_not_hashed_again(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(models_registry, "_hash_cache", OrderedDict())
     monkeypatch.setattr(models_registry, "RACY_WINDOW_S", -3600.0)  # trust files written just now (test only)
     calls: list[str] = []
@@ -483,8 +539,9 @@ def test_unchanged_directory_is_not_hashed_again(client: TestClient, tmp_path: P
     assert len(calls) == 2 and third["sha256"] != first["sha256"]
 
 
-def test_recently_written_files_are_always_hashed(client: TestClient, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recently_written_files_are_always_hashed(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(models_registry, "_hash_cache", OrderedDict())
     calls: list[str] = []
     real = models_registry.tree_sha256

@@ -21,9 +21,19 @@ def _finish_with_eval(session: Session, job_id: str, ckpt_dir: Path, before: dic
     claim = jobs.claim(session, job_id, "test-host", 1, 60)
     assert claim is not None
     manifest = make_checkpoint_dir(ckpt_dir, step, step * 4)
-    result = RoundResult(job_id=job_id, final_dir=str(manifest), manifest_sha256=read_manifest(manifest).sha256,
-                         step=step, examples=step * 4, round_step=2, total_steps=2, loss="dpo",
-                         reference_sha256="0" * 64, eval=after, eval_before=before)
+    result = RoundResult(
+        job_id=job_id,
+        final_dir=str(manifest),
+        manifest_sha256=read_manifest(manifest).sha256,
+        step=step,
+        examples=step * 4,
+        round_step=2,
+        total_steps=2,
+        loss="dpo",
+        reference_sha256="0" * 64,
+        eval=after,
+        eval_before=before,
+    )
     jobs.finish(session, job_id, claim.lease_token, jobs.Outcome("succeeded", result=result), retry_backoff_s=0)
     session.rollback()
 
@@ -68,7 +78,12 @@ def test_gate_promotion_rollback(client: TestClient, session: Session, run: dict
     back = client.post(f"/v1/runs/{run['id']}/rollback", json={"checkpoint_id": ck2})
     assert back.status_code == 200 and back.json()["head_checkpoint_id"] == ck2
     assert back.json()["head_history"][-1] | {"created_at": None} == {
-        "from_checkpoint_id": ck1, "to_checkpoint_id": ck2, "reason": "rollback", "round_id": None, "created_at": None}
+        "from_checkpoint_id": ck1,
+        "to_checkpoint_id": ck2,
+        "reason": "rollback",
+        "round_id": None,
+        "created_at": None,
+    }
     r4 = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}).json()
     spec4 = session.get(Job, r4["job_id"]).spec
     assert r4["parent_checkpoint_id"] == ck2 and spec4["init_from"] == str(tmp_path / "ck2")
@@ -78,14 +93,16 @@ def test_gate_promotion_rollback(client: TestClient, session: Session, run: dict
     sft = client.post(f"/v1/runs/{run['id']}/rollback", json={"checkpoint_id": None}).json()
     assert sft["head_checkpoint_id"] is None
     # a checkpoint of another run ⇒ 404
-    other = client.post("/v1/runs", json={"model_id": run["model_id"], "loss": {"name": "dpo"},
-                                          "hyperparams": run["hyperparams"]}).json()
+    other = client.post(
+        "/v1/runs", json={"model_id": run["model_id"], "loss": {"name": "dpo"}, "hyperparams": run["hyperparams"]}
+    ).json()
     err = client.post(f"/v1/runs/{other['id']}/rollback", json={"checkpoint_id": ck1})
     assert err.status_code == 404 and err.json()["error"]["details"]["field"] == "checkpoint_id"
 
 
-def test_running_round_not_promoted_after_rollback(client: TestClient, session: Session, run: dict,
-                                                   pairwise_fb: dict, tmp_path: Path) -> None:
+def test_running_round_not_promoted_after_rollback(
+    client: TestClient, session: Session, run: dict, pairwise_fb: dict, tmp_path: Path
+) -> None:
     r1 = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [pairwise_fb["id"]]}).json()
     work_job(session, r1["job_id"], "succeeded", tmp_path / "ck1")
     ck1 = round_checkpoint_id(session, r1["round_id"])
@@ -106,8 +123,7 @@ def test_findings_warn_and_strict(client: TestClient) -> None:
     resp = upload(client, body)
     assert resp.status_code == 201, resp.text
     findings = resp.json()["findings"]
-    assert findings["counts"] == {"duplicate_record": 1, "empty_output": 1, "identical_outputs": 1,
-                                  "string_prompt": 1}
+    assert findings["counts"] == {"duplicate_record": 1, "empty_output": 1, "identical_outputs": 1, "string_prompt": 1}
     assert findings["left_out_of_training"] == 1
     first = {e["code"]: e for e in findings["examples"]}
     assert first["identical_outputs"]["index"] == 4 and first["identical_outputs"]["line"] == 5

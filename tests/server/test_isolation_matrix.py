@@ -16,20 +16,21 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, inspect, select, table, column
+from sqlalchemy import column, create_engine, inspect, select, table
 from sqlmodel import Session
 
+from halos_core.synthetic import pairwise_records
 from server.app import create_app
 from server.services.keys import PREFIX_CHARS
 from server.settings import Settings
 from tests.server._seed import Seeded, seed_project
-from halos_core.synthetic import pairwise_records
 from tests.server.conftest import SMALL_HP, jsonl
 
 # path or body parameter -> the kind of object it names (its 404 code is `<kind>_not_found`)
@@ -62,13 +63,14 @@ ID_LIKE = re.compile(r"(^|_)ids?$")
 # path parameter, or with ids in the body): only the id under test is foreign, so nothing but the
 # isolation check can refuse the request.
 BODIES: dict[str, Callable[[Seeded], dict[str, Any]]] = {
-    "create_run": lambda own: {"model_id": own.model_id, "loss": {"name": "dpo", "beta": 0.1},
-                               "hyperparams": SMALL_HP},
+    "create_run": lambda own: {"model_id": own.model_id, "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": SMALL_HP},
     "create_round": lambda own: {"feedback_ids": [own.feedback_id]},
-    "create_sampling_job": lambda own: {"prompt_set_id": own.prompt_set_id, "checkpoint_id": own.checkpoint_id,
-                                        "params": {"n": 2, "max_new_tokens": 8}},
-    "create_labelling_job": lambda own: {"samples_id": own.samples_id,
-                                         "reward_model_checkpoint_id": own.checkpoint_id},
+    "create_sampling_job": lambda own: {
+        "prompt_set_id": own.prompt_set_id,
+        "checkpoint_id": own.checkpoint_id,
+        "params": {"n": 2, "max_new_tokens": 8},
+    },
+    "create_labelling_job": lambda own: {"samples_id": own.samples_id, "reward_model_checkpoint_id": own.checkpoint_id},
     "rollback": lambda own: {"checkpoint_id": own.checkpoint_id},
 }
 # Body fields of which a request gives exactly one (the sampling job's generator): the one under
@@ -85,11 +87,23 @@ def _with_field(body: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
     out[name] = value
     return out
 
+
 # A real Label Studio export (recorded, tests/loop/test_labelstudio.py)
-LABEL_STUDIO_EXPORT = (Path(__file__).resolve().parents[1] / "fixtures" / "labelstudio" / "export_pairwise.json").read_bytes()
+LABEL_STUDIO_EXPORT = (
+    Path(__file__).resolve().parents[1] / "fixtures" / "labelstudio" / "export_pairwise.json"
+).read_bytes()
 SERVER_ID = re.compile(r"[a-z]+_[0-9a-f]{24}")
-NEVER = {"feedback": "fb_", "model": "mdl_", "run": "run_", "job": "job_", "checkpoint": "ckpt_", "webhook": "whk_",
-         "delivery": "msg_", "prompt_set": "ps_", "integration": "intg_"}
+NEVER = {
+    "feedback": "fb_",
+    "model": "mdl_",
+    "run": "run_",
+    "job": "job_",
+    "checkpoint": "ckpt_",
+    "webhook": "whk_",
+    "delivery": "msg_",
+    "prompt_set": "ps_",
+    "integration": "intg_",
+}
 
 
 def _never_existed(kind: str) -> str:
@@ -168,8 +182,9 @@ def body_id_fields(spec: dict[str, Any], operation: dict[str, Any]) -> list[str]
 
 
 @pytest.fixture
-def projects(client: TestClient, client_b: TestClient, session: Session, settings: Settings,
-             tmp_path: Path) -> tuple[Seeded, Seeded]:
+def projects(
+    client: TestClient, client_b: TestClient, session: Session, settings: Settings, tmp_path: Path
+) -> tuple[Seeded, Seeded]:
     a = seed_project(client, session, settings, tmp_path / "a", tag="a", seed=0)
     b = seed_project(client_b, session, settings, tmp_path / "b", tag="b", seed=100)
     return a, b
@@ -197,8 +212,9 @@ def _assert_404(resp: Any, kinds: set[str], what: str) -> dict[str, Any]:
     return body
 
 
-def _same_as_never_existed(client: TestClient, method: str, path: str, body: Any, real: dict[str, Any],
-                           what: str, kinds: set[str]) -> None:
+def _same_as_never_existed(
+    client: TestClient, method: str, path: str, body: Any, real: dict[str, Any], what: str, kinds: set[str]
+) -> None:
     """The answer for the foreign id is the answer for an id that never existed (I7: A cannot even
     detect B's objects): same status, code, details keys, and message once the id is blanked."""
     resp = client.request(method, path, json=body)
@@ -214,8 +230,11 @@ def _snapshot(client: TestClient, owner: Seeded, get_routes: list[str]) -> dict[
     out = {}
     for path in get_routes:
         for job_id in (owner.queued_job_id, owner.done_job_id):
-            url = re.sub(r"{([^}:]+)(?::[^}]*)?}", lambda m: job_id if m.group(1) == "job_id"
-                         else str(owner.id_for(m.group(1), path)), path)
+            url = re.sub(
+                r"{([^}:]+)(?::[^}]*)?}",
+                lambda m: job_id if m.group(1) == "job_id" else str(owner.id_for(m.group(1), path)),
+                path,
+            )
             resp = client.get(url)
             out[url] = (resp.status_code, resp.text)
     return out
@@ -224,9 +243,9 @@ def _snapshot(client: TestClient, owner: Seeded, get_routes: list[str]) -> dict[
 # --------------------------------------------------------------------------- S2
 
 
-def test_every_route_with_an_id_answers_404_to_another_project(app: FastAPI, client: TestClient,
-                                                                 client_b: TestClient,
-                                                                 projects: tuple[Seeded, Seeded]) -> None:
+def test_every_route_with_an_id_answers_404_to_another_project(
+    app: FastAPI, client: TestClient, client_b: TestClient, projects: tuple[Seeded, Seeded]
+) -> None:
     a, b = projects
     spec = app.openapi()
     served = served_routes(app)
@@ -246,9 +265,11 @@ def test_every_route_with_an_id_answers_404_to_another_project(app: FastAPI, cli
         unknown = [p for p in params if p not in ID_KINDS]
         assert not unknown, f"{method} {path}: path parameter(s) {unknown} not covered by the S2 matrix (ID_KINDS)"
         needs_body = (operation.get("requestBody") or {}).get("required") or (
-            (method, path) not in documented and method in ("POST", "PUT", "PATCH"))  # hidden: body unknown
-        assert not needs_body or op_id in BODIES, \
+            (method, path) not in documented and method in ("POST", "PUT", "PATCH")
+        )  # hidden: body unknown
+        assert not needs_body or op_id in BODIES, (
             f"{method} {path}: needs a request body the S2 matrix does not know (BODIES)"
+        )
         plan.append((method, path, params, BODIES[op_id] if needs_body else None))
 
     get_routes = sorted(p for m, p in with_params if m == "GET")
@@ -278,10 +299,14 @@ def test_every_route_with_an_id_answers_404_to_another_project(app: FastAPI, cli
                 if not fields:
                     continue
                 op_id = operation.get("operationId")
-                assert op_id in BODIES, f"{method.upper()} {path}: body ids {fields} not covered by the S2 matrix (BODIES)"
+                assert op_id in BODIES, (
+                    f"{method.upper()} {path}: body ids {fields} not covered by the S2 matrix (BODIES)"
+                )
                 url = path.format(**{p: own.id_for(p, path) for p in _params(path)})
                 for f in fields:
-                    assert f in ID_KINDS, f"{method.upper()} {path}: body field {f!r} not covered by the S2 matrix (ID_KINDS)"
+                    assert f in ID_KINDS, (
+                        f"{method.upper()} {path}: body field {f!r} not covered by the S2 matrix (ID_KINDS)"
+                    )
                     kind = ID_KINDS[f]
                     foreign = owner.id_for(f[:-1] if f.endswith("_ids") else f)
                     never = _never_existed(kind)
@@ -321,8 +346,9 @@ def _all_pages(client: TestClient, path: str, params: dict[str, Any]) -> list[di
     raise AssertionError(f"{path}: more than 100 pages")
 
 
-def test_lists_never_show_another_projects_objects(app: FastAPI, client: TestClient, client_b: TestClient,
-                                                    projects: tuple[Seeded, Seeded]) -> None:
+def test_lists_never_show_another_projects_objects(
+    app: FastAPI, client: TestClient, client_b: TestClient, projects: tuple[Seeded, Seeded]
+) -> None:
     a, b = projects
     spec = app.openapi()
     lists = _list_routes(spec)
@@ -335,7 +361,8 @@ def test_lists_never_show_another_projects_objects(app: FastAPI, client: TestCli
                 variants.append({"limit": 1})  # walk every page: cursors stay in the project
             for pname, p in query_params.items():  # every value of every enumerated filter
                 for value in _resolve(spec, p.get("schema", {})).get("enum", []) + [
-                        v for s in _resolve(spec, p.get("schema", {})).get("anyOf", []) for v in s.get("enum", [])]:
+                    v for s in _resolve(spec, p.get("schema", {})).get("anyOf", []) for v in s.get("enum", [])
+                ]:
                     variants.append({pname: value})
             seen_own = False
             for params in variants:
@@ -355,35 +382,50 @@ def test_lists_never_show_another_projects_objects(app: FastAPI, client: TestCli
 
 # Requests of the caller's own, per operationId, for the operations that take an Idempotency-Key.
 IDEMPOTENT: dict[str, Callable[[Seeded], dict[str, Any]]] = {
-    "upload_feedback": lambda own: {"content": jsonl(pairwise_records(3, seed=42)),  # same bytes for both
-                                    "headers": {"Content-Type": "application/x-ndjson"}},
+    "upload_feedback": lambda own: {
+        "content": jsonl(pairwise_records(3, seed=42)),  # same bytes for both
+        "headers": {"Content-Type": "application/x-ndjson"},
+    },
     "create_run": lambda own: {"json": BODIES["create_run"](own)},
     "create_round": lambda own: {"json": BODIES["create_round"](own)},
-    "upload_prompts": lambda own: {"content": b'{"prompt_id": "shared", "prompt": [{"role": "user", "content": "Hi"}]}\n',
-                                   "headers": {"Content-Type": "application/x-ndjson"}},
-    "labelstudio_import": lambda own: {"content": LABEL_STUDIO_EXPORT,  # same bytes for both projects
-                                       "headers": {"Content-Type": "application/json"}},
+    "upload_prompts": lambda own: {
+        "content": b'{"prompt_id": "shared", "prompt": [{"role": "user", "content": "Hi"}]}\n',
+        "headers": {"Content-Type": "application/x-ndjson"},
+    },
+    "labelstudio_import": lambda own: {
+        "content": LABEL_STUDIO_EXPORT,  # same bytes for both projects
+        "headers": {"Content-Type": "application/json"},
+    },
 }
 
 
-def test_idempotency_keys_are_per_project(app: FastAPI, client: TestClient, client_b: TestClient,
-                                          projects: tuple[Seeded, Seeded]) -> None:
+def test_idempotency_keys_are_per_project(
+    app: FastAPI, client: TestClient, client_b: TestClient, projects: tuple[Seeded, Seeded]
+) -> None:
     """B used an Idempotency-Key; A using the same key gets its own new resource — never B's
     (a replay) and never a 422 "key reused" (which would tell A that B used it)."""
     a, b = projects
     spec = app.openapi()
-    ops = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()
-           if any(p["in"] == "header" and p["name"].lower() == "idempotency-key" for p in op.get("parameters", []))]
+    ops = [
+        (path, method, op)
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if any(p["in"] == "header" and p["name"].lower() == "idempotency-key" for p in op.get("parameters", []))
+    ]
     assert ops, "no operation takes an Idempotency-Key?"
     for path, method, op in ops:
         op_id = op.get("operationId")
-        assert op_id in IDEMPOTENT, f"{method.upper()} {path}: idempotent request not covered by the S2 matrix (IDEMPOTENT)"
+        assert op_id in IDEMPOTENT, (
+            f"{method.upper()} {path}: idempotent request not covered by the S2 matrix (IDEMPOTENT)"
+        )
         key = f"shared-{op_id}"
 
         def send(c: TestClient, who: Seeded) -> Any:
             req = IDEMPOTENT[op_id](who)
             url = path.format(**{p: who.id_for(p) for p in _params(path)})
-            return c.request(method.upper(), url, **{**req, "headers": {**req.get("headers", {}), "Idempotency-Key": key}})
+            return c.request(
+                method.upper(), url, **{**req, "headers": {**req.get("headers", {}), "Idempotency-Key": key}}
+            )
 
         theirs = send(client_b, b)
         assert theirs.status_code == 201, (op_id, theirs.text)
@@ -426,12 +468,18 @@ def test_cli_keys_are_stored_hashed_and_a_revoked_key_is_refused_at_once(tmp_pat
         assert secret not in out.stderr and other not in out.stderr
 
     # the API in process on the same database (explicit, so no HALOS_* of this process interferes)
-    settings = Settings(data_dir=data, database_url=f"sqlite:///{(data / 'halos.db').resolve()}",
-                        broker_url=f"sqla+sqlite:///{(data / 'broker.db').resolve()}",
-                        auth_enabled=True, rate_limit_per_minute=0)
+    settings = Settings(
+        data_dir=data,
+        database_url=f"sqlite:///{(data / 'halos.db').resolve()}",
+        broker_url=f"sqla+sqlite:///{(data / 'broker.db').resolve()}",
+        auth_enabled=True,
+        rate_limit_per_minute=0,
+    )
     app = create_app(settings)
-    with TestClient(app, headers={"Authorization": f"Bearer {secret}"}) as client, \
-            TestClient(app, headers={"Authorization": f"Bearer {other}"}) as client2:
+    with (
+        TestClient(app, headers={"Authorization": f"Bearer {secret}"}) as client,
+        TestClient(app, headers={"Authorization": f"Bearer {other}"}) as client2,
+    ):
         assert client.get("/v1/runs").status_code == 200
         assert client2.get("/v1/runs").status_code == 200
 

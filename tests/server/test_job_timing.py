@@ -6,7 +6,7 @@ a line of the crashed attempt) and the real API, plus the edge cases of `jobs_vi
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,23 +18,29 @@ from server.services.jobs_view import timing
 
 
 def _train(step: int, at: datetime, total: int = 10, round_step: int | None = None) -> dict:
-    return {"step": step, "round_step": step if round_step is None else round_step, "total_steps": total,
-            "examples": step * 4, "loss": 1.0 / step, "time": at.timestamp()}
+    return {
+        "step": step,
+        "round_step": step if round_step is None else round_step,
+        "total_steps": total,
+        "examples": step * 4,
+        "loss": 1.0 / step,
+        "time": at.timestamp(),
+    }
 
 
-def test_timing_through_a_crash_and_a_retry(client: TestClient, session: Session, run: dict,
-                                            pairwise_fb: dict) -> None:
+def test_timing_through_a_crash_and_a_retry(client: TestClient, session: Session, run: dict, pairwise_fb: dict) -> None:
     rnd = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [pairwise_fb["id"]]}).json()
     job_id = rnd["job_id"]
     queued = client.get(f"/v1/jobs/{job_id}").json()
     assert (queued["percent_done"], queued["elapsed_s"], queued["eta_s"]) == (None, None, None)
 
-    t0 = datetime.now(timezone.utc) - timedelta(seconds=3000)
+    t0 = datetime.now(UTC) - timedelta(seconds=3000)
     first = jobs.claim(session, job_id, "host", 1, 60, now=t0)
     assert first is not None
     # attempt 1: a step every second, then it dies after step 4
-    jobs.record_progress(session, job_id, first.lease_token,
-                         [_train(s, t0 + timedelta(seconds=10 + s)) for s in (1, 2, 3, 4)])
+    jobs.record_progress(
+        session, job_id, first.lease_token, [_train(s, t0 + timedelta(seconds=10 + s)) for s in (1, 2, 3, 4)]
+    )
     running = client.get(f"/v1/jobs/{job_id}").json()
     assert running["status"] == "running" and running["percent_done"] == 40.0
     assert running["eta_s"] == pytest.approx(6 * 1.0 - 1.0)  # 6 steps left at 1 s/step, minus ≤ one step since
@@ -48,11 +54,13 @@ def test_timing_through_a_crash_and_a_retry(client: TestClient, session: Session
     assert second is not None and second.attempt == 2
     # The retry first backfills the line attempt 1 wrote for step 5 but never recorded (logged at
     # t0+15, before this attempt began: it must not count towards the pace) ...
-    jobs.record_progress(session, job_id, second.lease_token, [_train(5, t0 + timedelta(seconds=15))],
-                         skip_recorded=True)
+    jobs.record_progress(
+        session, job_id, second.lease_token, [_train(5, t0 + timedelta(seconds=15))], skip_recorded=True
+    )
     # ... then trains on at 2 s/step
-    jobs.record_progress(session, job_id, second.lease_token,
-                         [_train(s, t0 + timedelta(seconds=2000 + 2 * s)) for s in (6, 7, 8)])
+    jobs.record_progress(
+        session, job_id, second.lease_token, [_train(s, t0 + timedelta(seconds=2000 + 2 * s)) for s in (6, 7, 8)]
+    )
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["attempt"] == 2 and job["percent_done"] == 80.0
     # 2 steps left at 2 s/step; the last step is long past, so at most one step's time is taken off
@@ -70,12 +78,14 @@ def _point(step: int, at: datetime, attempt: int = 1, total: int = 10) -> Metric
     return MetricPoint(job_id="job_x", attempt=attempt, step=step, split="train", data=_train(step, at, total))
 
 
-NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def test_succeeded_failed_and_cancelled() -> None:
     started, finished = NOW - timedelta(seconds=100), NOW - timedelta(seconds=40)
-    done = timing(_job(JobStatus.succeeded, started_at=started, finished_at=finished, round_step=10, total_steps=10), NOW)
+    done = timing(
+        _job(JobStatus.succeeded, started_at=started, finished_at=finished, round_step=10, total_steps=10), NOW
+    )
     assert (done.percent_done, done.elapsed_s, done.eta_s) == (100.0, 60.0, 0.0)
     failed = timing(_job(JobStatus.failed, started_at=started, finished_at=finished, round_step=3, total_steps=10), NOW)
     assert (failed.percent_done, failed.elapsed_s, failed.eta_s) == (30.0, 60.0, None)

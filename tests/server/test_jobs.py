@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import Session, SQLModel, select
 
+from halos_core.round_result import RoundResult
 from server import jobs
 from server.db import make_engine
-from halos_core.round_result import RoundResult
 from server.jobs import Heartbeat, Outcome
 from server.models import Attempt, Checkpoint, Job, JobStatus, MetricPoint, Round, utcnow
 from tests.worker.support import (
@@ -52,8 +52,17 @@ def _claim(session: Session, job_id: str, now=None):
 def _final(tmp: Path, name: str) -> RoundResult:
     d = tmp / name
     d.mkdir(parents=True, exist_ok=True)
-    return RoundResult(job_id="job_x", final_dir=str(d), manifest_sha256="ab" * 32, step=10, examples=40,
-                       round_step=10, total_steps=10, loss="dpo", reference_sha256="cd" * 32)
+    return RoundResult(
+        job_id="job_x",
+        final_dir=str(d),
+        manifest_sha256="ab" * 32,
+        step=10,
+        examples=40,
+        round_step=10,
+        total_steps=10,
+        loss="dpo",
+        reference_sha256="cd" * 32,
+    )
 
 
 # --------------------------------------------------------------------------- submit / claim
@@ -71,7 +80,9 @@ def test_submit_and_claim_is_exclusive(env):
     j = reload(session, job.id)
     assert j.status == JobStatus.running and j.lease_token == c.lease_token and j.lease_expires_at > utcnow()
     rows = attempts(session, job.id)
-    assert [(a.attempt, a.lease_token, a.host, a.pid, a.ended_at) for a in rows] == [(1, c.lease_token, "host-a", 123, None)]
+    assert [(a.attempt, a.lease_token, a.host, a.pid, a.ended_at) for a in rows] == [
+        (1, c.lease_token, "host-a", 123, None)
+    ]
 
 
 def test_claim_unknown_terminal_and_cancelled_jobs_is_none(env):
@@ -105,11 +116,16 @@ def test_record_progress(env):
     session, run, tmp = env
     job = add_round(session, run, tmp)
     c = _claim(session, job.id)
-    jobs.record_progress(session, job.id, c.lease_token, [
-        {"step": 1, "round_step": 1, "total_steps": 4, "examples": 8, "loss": 0.7},
-        {"step": 2, "round_step": 2, "total_steps": 4, "examples": 16, "loss": 0.6},
-        {"step": 2, "split": "eval", "loss": 0.65},
-    ])
+    jobs.record_progress(
+        session,
+        job.id,
+        c.lease_token,
+        [
+            {"step": 1, "round_step": 1, "total_steps": 4, "examples": 8, "loss": 0.7},
+            {"step": 2, "round_step": 2, "total_steps": 4, "examples": 16, "loss": 0.6},
+            {"step": 2, "split": "eval", "loss": 0.65},
+        ],
+    )
     j = reload(session, job.id)
     assert (j.step, j.round_step, j.total_steps, j.examples) == (2, 2, 4, 16)
     assert j.latest_metrics["loss"] == 0.6
@@ -119,14 +135,16 @@ def test_record_progress(env):
     assert reload(session, job.id).step == 2
 
 
-def _nan_and_nul_scenario(session: Session, run, tmp: Path) -> None:  # noqa: ANN001
+def _nan_and_nul_scenario(session: Session, run, tmp: Path) -> None:
     """Reviewer's t_nan_pg / t_nul_pg: an fp16 overflow step's `grad_norm: Infinity` (json.loads
     of metrics.jsonl) and NUL bytes in a trainer's log tail."""
     job = add_round(session, run, tmp)
     c = _claim(session, job.id)
-    lines = ['{"step": 1, "round_step": 1, "loss": 0.7, "grad_norm": Infinity}',
-             '{"step": 2, "round_step": 2, "loss": NaN, "grad_norm": 1.0, "nested": {"x": [-Infinity, 1.5]}}',
-             '{"step": 3, "round_step": 3, "loss": 0.5, "grad_norm": -Infinity, "note": "a\\u0000b"}']
+    lines = [
+        '{"step": 1, "round_step": 1, "loss": 0.7, "grad_norm": Infinity}',
+        '{"step": 2, "round_step": 2, "loss": NaN, "grad_norm": 1.0, "nested": {"x": [-Infinity, 1.5]}}',
+        '{"step": 3, "round_step": 3, "loss": 0.5, "grad_norm": -Infinity, "note": "a\\u0000b"}',
+    ]
     jobs.record_progress(session, job.id, c.lease_token, [json.loads(line) for line in lines])
     points = session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id).order_by(MetricPoint.step)).all()
     session.commit()
@@ -136,8 +154,12 @@ def _nan_and_nul_scenario(session: Session, run, tmp: Path) -> None:  # noqa: AN
     j = reload(session, job.id)
     assert j.step == 3 and j.latest_metrics["grad_norm"] is None
     tail = b"\0\0\0\0".decode("utf-8", "replace")
-    done = jobs.finish(session, job.id, c.lease_token, Outcome("failed", error="training exited with code 1: "
-                                                                        + tail + "RuntimeError: boom"))
+    done = jobs.finish(
+        session,
+        job.id,
+        c.lease_token,
+        Outcome("failed", error="training exited with code 1: " + tail + "RuntimeError: boom"),
+    )
     assert done.status == JobStatus.failed and done.error == "training exited with code 1: RuntimeError: boom"
     assert attempts(session, job.id)[0].error == done.error
 
@@ -244,7 +266,10 @@ def test_failure_and_cancel_fail_waiting_children(env):
     assert jobs.request_cancel(session, m1.id).status == JobStatus.cancelling
     jobs.finish(session, m1.id, c.lease_token, Outcome("cancelled", error="cancelled by request"))
     assert reload(session, m2.id).error == f"parent round 6 was cancelled (job {m1.id})"
-    assert reload(session, m3.id).error == f"parent round 7 (job {m2.id}) failed: parent round 6 was cancelled (job {m1.id})"
+    assert (
+        reload(session, m3.id).error
+        == f"parent round 7 (job {m2.id}) failed: parent round 6 was cancelled (job {m1.id})"
+    )
     m4 = add_round(session, run, tmp, parent=m1)  # submitted after the cancel
     assert reload(session, m4.id).error == f"parent round 6 was cancelled (job {m1.id})"
     with pytest.raises(jobs.ParentFailed) as refused:
@@ -256,7 +281,9 @@ def test_illegal_transitions_change_nothing(env):
     session, run, tmp = env
     job = add_round(session, run, tmp)
     # finish / release / heartbeat without a lease
-    assert jobs.finish(session, job.id, "nope", Outcome("succeeded", result=_final(tmp, "f0"))).status == JobStatus.queued
+    assert (
+        jobs.finish(session, job.id, "nope", Outcome("succeeded", result=_final(tmp, "f0"))).status == JobStatus.queued
+    )
     assert jobs.release(session, job.id, "nope", "x") is False
     assert jobs.heartbeat(session, job.id, "nope", TTL) == Heartbeat.LOST
     c = _claim(session, job.id)
@@ -395,7 +422,7 @@ def _insert_queued(engine, n: int) -> list[str]:
     return ids
 
 
-def _claimer(url: str, ids: list[str], seed: int, out) -> None:  # noqa: ANN001
+def _claimer(url: str, ids: list[str], seed: int, out) -> None:
     engine = make_engine(url)
     order = list(ids)
     random.Random(seed).shuffle(order)
@@ -406,7 +433,7 @@ def _claimer(url: str, ids: list[str], seed: int, out) -> None:  # noqa: ANN001
                 c = jobs.claim(session, job_id, f"claimer-{seed}", seed, TTL)
                 if c is not None:
                     claimed.append(job_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 session.rollback()
                 errors.append(repr(exc)[:200])
     engine.dispose()
@@ -417,8 +444,10 @@ def _check_claims(engine, ids: list[str], results: list) -> None:
     claimed = [j for r in results for j in r[0]]
     errors = [e for r in results for e in r[1]]
     locked = [e for e in errors if "locked" in e]
-    print(f"\nQ7: {len(ids)} jobs, {len(results)} claimers, {len(claimed)} claims, "
-          f"{len(claimed) - len(set(claimed))} duplicates, {len(errors)} errors ({len(locked)} 'database is locked')")
+    print(
+        f"\nQ7: {len(ids)} jobs, {len(results)} claimers, {len(claimed)} claims, "
+        f"{len(claimed) - len(set(claimed))} duplicates, {len(errors)} errors ({len(locked)} 'database is locked')"
+    )
     assert not errors and not locked
     assert sorted(claimed) == sorted(ids)  # every job claimed exactly once
     with Session(engine) as session:
@@ -513,8 +542,11 @@ def test_long_queued_jobs_are_republished_less_often(env):
     session, run, tmp = env
     now = utcnow()
     job = add_round(session, run, tmp)
-    session.exec(update(Job).where(Job.id == job.id).values(queued_at=now - timedelta(hours=2),
-                                                           published_at=now - timedelta(seconds=60)))
+    session.exec(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(queued_at=now - timedelta(hours=2), published_at=now - timedelta(seconds=60))
+    )
     session.commit()
     assert jobs.claimable_unheld(session, now, 30) == []  # next publish after 10 x 30 s
     session.exec(update(Job).where(Job.id == job.id).values(published_at=now - timedelta(seconds=301)))

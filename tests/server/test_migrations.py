@@ -66,8 +66,14 @@ def test_alembic_command_line_uses_settings(tmp_path: Path):
     """What the docker-compose `migrate` service runs: `alembic upgrade head` with HALOS_* env."""
     env = {**os.environ, "HALOS_DATA_DIR": str(tmp_path / "d")}
     env.pop("HALOS_DATABASE_URL", None)
-    subprocess.run([sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "upgrade", "head"],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "upgrade", "head"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert "job" in _tables(f"sqlite:///{tmp_path / 'd' / 'halos.db'}")
 
 

@@ -23,27 +23,43 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def test_metrics_from_the_database_and_requests_by_route(client, anon, session, settings, tmp_path):  # noqa: ANN001
+def test_metrics_from_the_database_and_requests_by_route(client, anon, session, settings, tmp_path):
     seeded = seed_project(client, session, settings, tmp_path / "seed", tag="prom")
     # a running job that made two steps 1.5 s apart, its last one 20 s ago (a stalled trainer shows)
     now = time.time()
     claim = jobs.claim(session, seeded.queued_job_id, "h", 1, 60)
-    jobs.record_progress(session, seeded.queued_job_id, claim.lease_token, [
-        {"step": 5, "time": now - 21.5, "tokens_per_s": 100.0, "loss": 0.5},
-        {"step": 6, "time": now - 20.0, "tokens_per_s": 120.0, "loss": 0.4}])
+    jobs.record_progress(
+        session,
+        seeded.queued_job_id,
+        claim.lease_token,
+        [
+            {"step": 5, "time": now - 21.5, "tokens_per_s": 100.0, "loss": 0.5},
+            {"step": 6, "time": now - 20.0, "tokens_per_s": 120.0, "loss": 0.4},
+        ],
+    )
     # a second round whose lease expires: one lease expiry, one retry
     r3 = client.post(f"/v1/runs/{seeded.run_id}/rounds", json={"feedback_ids": [seeded.feedback_id]}).json()
-    jobs.finish(session, seeded.queued_job_id, claim.lease_token,
-                jobs.Outcome("failed", error="x"))  # round 3 was waiting on round 2: it fails too
-    r4_job = client.post(f"/v1/runs/{seeded.run_id}/rounds",
-                         json={"feedback_ids": [seeded.feedback_id], "parent_checkpoint_id": seeded.checkpoint_id})
+    jobs.finish(
+        session, seeded.queued_job_id, claim.lease_token, jobs.Outcome("failed", error="x")
+    )  # round 3 was waiting on round 2: it fails too
+    r4_job = client.post(
+        f"/v1/runs/{seeded.run_id}/rounds",
+        json={"feedback_ids": [seeded.feedback_id], "parent_checkpoint_id": seeded.checkpoint_id},
+    )
     assert r4_job.status_code == 201, r4_job.text
     job4 = r4_job.json()["job_id"]
     jobs.claim(session, job4, "h", 1, 1, now=utcnow() - timedelta(minutes=5))
     jobs.expire_leases(session, utcnow(), retry_backoff_s=0)
     claim4 = jobs.claim(session, job4, "h", 1, 60)
-    jobs.record_progress(session, job4, claim4.lease_token, [
-        {"step": 5, "time": now - 21.5, "tokens_per_s": 100.0}, {"step": 6, "time": now - 20.0, "tokens_per_s": 120.0}])
+    jobs.record_progress(
+        session,
+        job4,
+        claim4.lease_token,
+        [
+            {"step": 5, "time": now - 21.5, "tokens_per_s": 100.0},
+            {"step": 6, "time": now - 20.0, "tokens_per_s": 120.0},
+        ],
+    )
     assert r3["status"] == "waiting"
     client.get(f"/v1/jobs/{seeded.done_job_id}")
 
@@ -69,7 +85,7 @@ def test_metrics_from_the_database_and_requests_by_route(client, anon, session, 
     assert not any(seeded.done_job_id in str(k) for k in s if k[0].startswith("halos_http"))
 
 
-def test_queue_depth_and_age_and_disabled(client, session, settings, tmp_path):  # noqa: ANN001
+def test_queue_depth_and_age_and_disabled(client, session, settings, tmp_path):
     seeded = seed_project(client, session, settings, tmp_path / "seed", tag="q")
     time.sleep(0.2)
     s = _samples(client.get("/metrics").text)

@@ -29,16 +29,17 @@ import tempfile
 import uuid
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hypothesis
-from hypothesis.errors import FlakyStrategyDefinition
 import pytest
 import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis.errors import FlakyStrategyDefinition
 from schemathesis import Config, GenerationMode
 from sqlmodel import Session, SQLModel
 
@@ -51,7 +52,8 @@ from server.settings import Settings
 from tests.server._seed import LABEL_STUDIO_DELIVERY, Seeded, seed_project
 
 LABEL_STUDIO_EXPORT = json.loads(
-    (Path(__file__).resolve().parents[1] / "fixtures" / "labelstudio" / "export_pairwise.json").read_text())
+    (Path(__file__).resolve().parents[1] / "fixtures" / "labelstudio" / "export_pairwise.json").read_text()
+)
 
 SEED = 20240611
 MAX_EXAMPLES = 25  # fuzzed cases per operation (the coverage phase adds its own, bounded, set)
@@ -88,7 +90,7 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "create_integration": "an Argilla integration needs a Standard Webhooks secret (cross-field)",
         "rollback": "the checkpoint must belong to the run",
         "webhook": "the delivery must carry the integration's secret / signature",
-        "labelstudio_tasks": "the feedback file must be a samples file (the stateful links bring uploaded pairwise files)",
+        "labelstudio_tasks": "the feedback file must be a samples file (stateful links bring uploaded pairwise files)",
     },
 }
 
@@ -102,17 +104,19 @@ def _spec() -> dict[str, Any]:
 # examples (with their headers) while collecting. Stored like `create_api_key` does (hash only).
 SECRET = "hk_" + secrets.token_urlsafe(32)
 
-CONFIG = Config.from_dict({
-    "seed": SEED,
-    # a busy CI box must not turn slowness into failures (no deadline either: schemathesis' default)
-    "suppress-health-check": ["too_slow", "filter_too_much"],
-    "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
-    "checks": {"enabled": True},
-    "operations": [
-        {"include-operation-id": sorted(ops), "checks": {check: {"enabled": False}}}
-        for check, ops in EXCLUSIONS.items()
-    ],
-})
+CONFIG = Config.from_dict(
+    {
+        "seed": SEED,
+        # a busy CI box must not turn slowness into failures (no deadline either: schemathesis' default)
+        "suppress-health-check": ["too_slow", "filter_too_much"],
+        "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
+        "checks": {"enabled": True},
+        "operations": [
+            {"include-operation-id": sorted(ops), "checks": {check: {"enabled": False}}}
+            for check, ops in EXCLUSIONS.items()
+        ],
+    }
+)
 
 
 class _LiveApp:
@@ -162,11 +166,19 @@ class _ApiKey:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("schemathesis")
-    settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root / 'halos.db'}",
-                        broker_url=f"sqla+sqlite:///{root / 'broker.db'}", max_upload_bytes=256 * 1024,
-                        rate_limit_per_minute=0, num_processes=1, max_attempts=3, auth_enabled=True,
-                        events_stream_max_s=0.3, events_poll_interval_s=0.1,  # streams of unrun jobs end
-                        model_roots=[root])  # seed_project builds its models under root
+    settings = Settings(
+        data_dir=root / "data",
+        database_url=f"sqlite:///{root / 'halos.db'}",
+        broker_url=f"sqla+sqlite:///{root / 'broker.db'}",
+        max_upload_bytes=256 * 1024,
+        rate_limit_per_minute=0,
+        num_processes=1,
+        max_attempts=3,
+        auth_enabled=True,
+        events_stream_max_s=0.3,
+        events_poll_interval_s=0.1,  # streams of unrun jobs end
+        model_roots=[root],
+    )  # seed_project builds its models under root
     engine = get_engine(settings)
     SQLModel.metadata.create_all(engine)
     with Session(engine, expire_on_commit=False) as session:
@@ -179,15 +191,28 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             # a second object of each listed kind, so `limit=1` pages have a next cursor
             seed_project(client, session, settings, root / "seed2", tag="alpha2", seed=7)
             cursors = {}
-            for path in ("/v1/feedback", "/v1/models", "/v1/runs", "/v1/jobs", "/v1/webhooks",
-                         "/v1/webhooks/{webhook_id}/deliveries", "/v1/prompts"):
+            for path in (
+                "/v1/feedback",
+                "/v1/models",
+                "/v1/runs",
+                "/v1/jobs",
+                "/v1/webhooks",
+                "/v1/webhooks/{webhook_id}/deliveries",
+                "/v1/prompts",
+            ):
                 page = client.get(path.format(webhook_id=seeded.webhook_id), params={"limit": 1}).json()
                 assert page["next_cursor"], (path, page)
                 cursors[path] = page["next_cursor"]
-        state = Live(app=app, seeded=seeded, cursors=cursors,
-                     feedback_body=to_jsonl_bytes(pairwise_records(4, seed=11)).decode(),
-                     prompts_body="".join(json.dumps({"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}]})
-                                          + "\n" for i in range(3)))
+        state = Live(
+            app=app,
+            seeded=seeded,
+            cursors=cursors,
+            feedback_body=to_jsonl_bytes(pairwise_records(4, seed=11)).decode(),
+            prompts_body="".join(
+                json.dumps({"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}]}) + "\n"
+                for i in range(3)
+            ),
+        )
         LIVE_APP.target = app
         try:
             yield state
@@ -314,9 +339,11 @@ def test_every_operation_was_checked_on_a_success() -> None:
     labels = {result.ok().label for result in schema.get_all_operations()}
     if set(ANSWERS) != labels:
         pytest.skip("needs every test_api case of this module in the same session")
-    no_success = {label: dict(codes) for label, codes in ANSWERS.items()
-                  if not any(200 <= c < 300 for c in codes)
-                  and label != "GET /readyz"}  # its 200 depends on the broker, not on the request
+    no_success = {
+        label: dict(codes)
+        for label, codes in ANSWERS.items()
+        if not any(200 <= c < 300 for c in codes) and label != "GET /readyz"
+    }  # its 200 depends on the broker, not on the request
     assert not no_success, no_success
 
 
@@ -339,10 +366,17 @@ def test_stateful_links(live: Live) -> None:
     # replay), and an inconsistent-generation stop ends the run with what it has seen — every
     # response so far must still be free of server errors, and links must have been followed.
     try:
-        Machine.run(settings=hypothesis.settings(
-            max_examples=STATEFUL_SCENARIOS, stateful_step_count=STATEFUL_STEPS, deadline=None, database=None,
-            derandomize=True, suppress_health_check=list(hypothesis.HealthCheck),
-            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate]))
+        Machine.run(
+            settings=hypothesis.settings(
+                max_examples=STATEFUL_SCENARIOS,
+                stateful_step_count=STATEFUL_STEPS,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(hypothesis.HealthCheck),
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+            )
+        )
     except FlakyStrategyDefinition:
         pass
     assert not [a for a in answers if a[1] >= 500], str(sorted(Counter(answers).items()))

@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -17,10 +17,10 @@ from server.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 async def _chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
-def _run(coro):  # noqa: ANN001, ANN202
+def _run(coro):
     return asyncio.run(coro)
 
 
@@ -72,14 +72,23 @@ def test_stream_error_midway_removes_temp(tmp_path: Path) -> None:
 
 def test_multipart_streams_file_part_and_filename_field(tmp_path: Path) -> None:
     data = b'{"x": 1}\n' * 50
-    body = _multipart("bnd", [("filename", None, "mine.jsonl".encode()), ("file", "../../etc/passwd", data)])
-    staged = _run(storage.receive_multipart(_chunks(body, 13), "multipart/form-data; boundary=bnd",
-                                            tmp_dir=tmp_path, max_bytes=len(data)))
+    body = _multipart("bnd", [("filename", None, b"mine.jsonl"), ("file", "../../etc/passwd", data)])
+    staged = _run(
+        storage.receive_multipart(
+            _chunks(body, 13), "multipart/form-data; boundary=bnd", tmp_dir=tmp_path, max_bytes=len(data)
+        )
+    )
     assert staged.path.read_bytes() == data
     assert staged.sha256 == hashlib.sha256(data).hexdigest()
     assert staged.filename == "mine.jsonl"  # the explicit metadata field wins
-    staged2 = _run(storage.receive_multipart(_chunks(_multipart("b2", [("file", "a/b.json", b"[]")])),
-                                             "multipart/form-data; boundary=b2", tmp_dir=tmp_path, max_bytes=10))
+    staged2 = _run(
+        storage.receive_multipart(
+            _chunks(_multipart("b2", [("file", "a/b.json", b"[]")])),
+            "multipart/form-data; boundary=b2",
+            tmp_dir=tmp_path,
+            max_bytes=10,
+        )
+    )
     assert staged2.filename == "a/b.json" and staged2.ext == "json"
 
 
@@ -89,10 +98,16 @@ def test_multipart_errors_leave_nothing(tmp_path: Path) -> None:
         (_multipart("bnd", [("other", None, b"1")]), Unprocessable, "missing_file"),
         (_multipart("bnd", [("file", "a", b"1"), ("file", "b", b"2")]), Unprocessable, "invalid_multipart"),
         (_multipart("bnd", [("file", "a", b"x" * 200)]), PayloadTooLarge, "payload_too_large"),
-        (_multipart("bnd", [("filename", None, b"n" * (storage.MAX_FIELD_BYTES + 1)), ("file", "a", b"1")]),
-         PayloadTooLarge, "payload_too_large"),
-        (b"--bnd\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc", Unprocessable,
-         "invalid_multipart"),
+        (
+            _multipart("bnd", [("filename", None, b"n" * (storage.MAX_FIELD_BYTES + 1)), ("file", "a", b"1")]),
+            PayloadTooLarge,
+            "payload_too_large",
+        ),
+        (
+            b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',
+            Unprocessable,
+            "invalid_multipart",
+        ),
         (b"garbage without boundary", Unprocessable, None),
     ]
     for body, exc_type, code in cases:

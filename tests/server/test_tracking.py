@@ -12,13 +12,13 @@ import pytest
 from sqlmodel import select
 
 from halos_core.round_result import RoundResult
+from halos_core.synthetic import pairwise_records
 from server import jobs
 from server.jobs import Outcome
 from server.models import TrackingLink
 from server.tracking.exporter import Exporter
 from tests.server._seed import _ok
 from tests.server.conftest import SMALL_HP, make_model_dir, upload_ok
-from halos_core.synthetic import pairwise_records
 
 
 def _same(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
@@ -26,34 +26,68 @@ def _same(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> No
     assert [v for _, v in got] == pytest.approx([v for _, v in expected])
 
 
-def _train_round(session, tmp: Path, job_id: str, first: int, *, crash_after: int | None = None, exporter=None):  # noqa: ANN001
+def _train_round(session, tmp: Path, job_id: str, first: int, *, crash_after: int | None = None, exporter=None):
     """Steps first..first+3 (loss = 1/step, attempt 2 writes loss + 100 for the steps it redoes)."""
     c = jobs.claim(session, job_id, "h", 1, 60)
     steps = range(first, first + 4)
     if crash_after is not None:
-        jobs.record_progress(session, job_id, c.lease_token,
-                             [{"step": s, "loss": 1 / s, "rewards/accuracy": 0.5} for s in steps if s <= crash_after])
+        jobs.record_progress(
+            session,
+            job_id,
+            c.lease_token,
+            [{"step": s, "loss": 1 / s, "rewards/accuracy": 0.5} for s in steps if s <= crash_after],
+        )
         jobs.record_checkpoint_saved(session, job_id, c.lease_token, first + 1, "step")
         if exporter:
             exporter.export_once()  # exports up to the checkpoint only
         jobs.finish(session, job_id, c.lease_token, Outcome("crashed", error="killed"), retry_backoff_s=0)
         c = jobs.claim(session, job_id, "h", 1, 60)
         steps = range(first + 2, first + 4)  # resumed from the checkpoint at first+1
-    jobs.record_progress(session, job_id, c.lease_token,
-                         [{"step": s, "loss": 1 / s + (100 if crash_after else 0), "rewards/accuracy": 0.5}
-                          for s in steps] + [{"split": "eval", "step": first + 3, "loss": 0.25}])
+    jobs.record_progress(
+        session,
+        job_id,
+        c.lease_token,
+        [{"step": s, "loss": 1 / s + (100 if crash_after else 0), "rewards/accuracy": 0.5} for s in steps]
+        + [{"split": "eval", "step": first + 3, "loss": 0.25}],
+    )
     d = tmp / job_id
     d.mkdir(parents=True)
-    jobs.finish(session, job_id, c.lease_token, Outcome("succeeded", result=RoundResult(
-        job_id=job_id, final_dir=str(d), manifest_sha256="ab" * 32, step=first + 3, examples=4, round_step=4,
-        total_steps=4, loss="dpo", reference_sha256="cd" * 32)))
+    jobs.finish(
+        session,
+        job_id,
+        c.lease_token,
+        Outcome(
+            "succeeded",
+            result=RoundResult(
+                job_id=job_id,
+                final_dir=str(d),
+                manifest_sha256="ab" * 32,
+                step=first + 3,
+                examples=4,
+                round_step=4,
+                total_steps=4,
+                loss="dpo",
+                reference_sha256="cd" * 32,
+            ),
+        ),
+    )
 
 
-def _two_rounds(client, session, settings, tmp_path, tracking):  # noqa: ANN001, ANN202
+def _two_rounds(client, session, settings, tmp_path, tracking):
     model_dir = make_model_dir(tmp_path / "sft")
     model = _ok(client.post("/v1/models", json={"name": "sft", "path": str(model_dir)}))
-    run = _ok(client.post("/v1/runs", json={"name": "tracked", "model_id": model["id"], "loss": {"name": "dpo"},
-                                            "hyperparams": SMALL_HP, "tracking": tracking}))
+    run = _ok(
+        client.post(
+            "/v1/runs",
+            json={
+                "name": "tracked",
+                "model_id": model["id"],
+                "loss": {"name": "dpo"},
+                "hyperparams": SMALL_HP,
+                "tracking": tracking,
+            },
+        )
+    )
     fb = upload_ok(client, pairwise_records(8, seed=3))
     r1 = _ok(client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
     r2 = _ok(client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
@@ -70,7 +104,7 @@ def _two_rounds(client, session, settings, tmp_path, tracking):  # noqa: ANN001,
 
 
 @pytest.mark.parametrize("store", ["file", "default"])
-def test_mlflow_one_run_across_rounds_and_retries(client, session, settings, tmp_path, monkeypatch, store):  # noqa: ANN001
+def test_mlflow_one_run_across_rounds_and_retries(client, session, settings, tmp_path, monkeypatch, store):
     pytest.importorskip("mlflow", reason="pip install 'halos-server[mlflow]'")
     from mlflow.tracking import MlflowClient
 
@@ -127,8 +161,8 @@ def _wandb_history(root: Path) -> list[dict]:
             if left < 7:  # a block's tail too short for a record header is padding
                 pos += left
                 continue
-            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
             if kind == 1:
                 records.append(chunk)
             elif kind in (2, 3):
@@ -144,7 +178,7 @@ def _wandb_history(root: Path) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_one_run_across_rounds_and_retries(client, session, settings, tmp_path):  # noqa: ANN001
+def test_wandb_offline_one_run_across_rounds_and_retries(client, session, settings, tmp_path):
     pytest.importorskip("wandb", reason="pip install 'halos-server[wandb]'")
     settings.wandb_dir = tmp_path / "wandb"
     run, r1, r2 = _two_rounds(client, session, settings, tmp_path, {"wandb": {"project": "p", "mode": "offline"}})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -22,45 +22,48 @@ from tests.server._receiver import Receiver
 
 
 @pytest.fixture
-def receiver():  # noqa: ANN201
+def receiver():
     r = Receiver().start()
     yield r
     r.stop()
 
 
-def _hook(client, url: str, types=("feedback.stored",)) -> dict:  # noqa: ANN001
+def _hook(client, url: str, types=("feedback.stored",)) -> dict:
     resp = client.post("/v1/webhooks", json={"url": url, "event_types": list(types)})
     assert resp.status_code == 201, resp.text
     return resp.json()
 
 
-def _upload(client) -> str:  # noqa: ANN001
+def _upload(client) -> str:
     from halos_core.synthetic import pairwise_records, to_jsonl_bytes
 
-    resp = client.post("/v1/feedback", content=to_jsonl_bytes(pairwise_records(4, seed=len(str(client)))),
-                       headers={"Content-Type": "application/x-ndjson"})
+    resp = client.post(
+        "/v1/feedback",
+        content=to_jsonl_bytes(pairwise_records(4, seed=len(str(client)))),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()["id"]
 
 
-def _deliveries(client, hook_id: str) -> list[dict]:  # noqa: ANN001
+def _deliveries(client, hook_id: str) -> list[dict]:
     return client.get(f"/v1/webhooks/{hook_id}/deliveries").json()["items"]
 
 
-def _dispatch(settings, rounds: int = 1) -> None:  # noqa: ANN001
+def _dispatch(settings, rounds: int = 1) -> None:
     with dispatcher.make_client(settings) as http:
         for _ in range(rounds):
             dispatcher.dispatch_once(settings, http)
 
 
-def _due_now(session) -> None:  # noqa: ANN001
+def _due_now(session) -> None:
     for d in session.exec(select(OutboundDelivery)).all():
-        d.next_attempt_at = datetime.now(timezone.utc) - timedelta(seconds=1)
+        d.next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
         session.add(d)
     session.commit()
 
 
-def test_api_create_list_rotate_delete_and_validation(client, settings):  # noqa: ANN001
+def test_api_create_list_rotate_delete_and_validation(client, settings):
     hook = _hook(client, "https://hooks.example.com/x", ["job.finished", "feedback.stored"])
     assert hook["secret"].startswith("whsec_") and hook["event_types"] == ["feedback.stored", "job.finished"]
     listed = client.get("/v1/webhooks").json()["items"]
@@ -69,8 +72,13 @@ def test_api_create_list_rotate_delete_and_validation(client, settings):  # noqa
     assert rotated["secret"] != hook["secret"] and rotated["previous_secret_expires_at"]
     bad = client.post("/v1/webhooks", json={"url": "https://x.example.com", "event_types": ["job.nope"]})
     assert bad.status_code == 422 and "event_types.0" in bad.text and "job.finished" in bad.text
-    for url in ("http://127.0.0.1:9/x", "http://localhost/x", "http://169.254.169.254/latest", "http://[::1]/x",
-                "http://10.1.2.3/x"):
+    for url in (
+        "http://127.0.0.1:9/x",
+        "http://localhost/x",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+        "http://10.1.2.3/x",
+    ):
         resp = client.post("/v1/webhooks", json={"url": url, "event_types": ["*"]})
         assert resp.status_code == 422 and resp.json()["error"]["code"] == "webhook_url_not_allowed", (url, resp.text)
     assert client.delete(f"/v1/webhooks/{hook['id']}").status_code == 204
@@ -78,7 +86,7 @@ def test_api_create_list_rotate_delete_and_validation(client, settings):  # noqa
     assert client.get("/v1/webhooks").json()["items"] == []
 
 
-def test_signed_delivery_backoff_log_and_rotation(client, session, settings, receiver):  # noqa: ANN001
+def test_signed_delivery_backoff_log_and_rotation(client, session, settings, receiver):
     settings.webhook_allowed_networks = ["127.0.0.1/32"]
     settings.webhook_backoff_s = 30
     hook = _hook(client, receiver.url)
@@ -88,7 +96,7 @@ def test_signed_delivery_backoff_log_and_rotation(client, session, settings, rec
     _dispatch(settings)
     [d] = _deliveries(client, hook["id"])
     assert d["status"] == "pending" and d["attempts"] == 1 and d["last_status_code"] == 500
-    due_in = (datetime.fromisoformat(d["next_attempt_at"]) - datetime.now(timezone.utc)).total_seconds()
+    due_in = (datetime.fromisoformat(d["next_attempt_at"]) - datetime.now(UTC)).total_seconds()
     assert 20 < due_in <= 33  # the first backoff (+ up to 10% jitter)
     _dispatch(settings)  # not due yet: nothing sent
     assert len(receiver.raw) == 1
@@ -112,7 +120,7 @@ def test_signed_delivery_backoff_log_and_rotation(client, session, settings, rec
         assert Webhook(secret).verify(last.body, last.headers)
 
 
-def test_gives_up_after_max_age(client, session, settings, receiver):  # noqa: ANN001
+def test_gives_up_after_max_age(client, session, settings, receiver):
     settings.webhook_allowed_networks = ["127.0.0.1/32"]
     settings.webhook_max_age_s = 1
     hook = _hook(client, receiver.url)
@@ -158,19 +166,33 @@ def test_loopback_refused_without_the_allow_list_and_redirects_not_followed(clie
 
 def test_the_guard_checks_resolved_addresses(monkeypatch):
     allowed: list[str] = []
-    for ip in ("127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
-               "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1", "fc00::1"):
+    for ip in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+        "100.64.0.1",
+        "224.0.0.1",
+        "fc00::1",
+    ):
         assert addresses.refusal(ipaddress.ip_address(ip), allowed), ip
     assert addresses.refusal(ipaddress.ip_address("93.184.216.34"), allowed) is None
     assert addresses.refusal(ipaddress.ip_address("10.0.0.1"), ["10.0.0.0/8"]) is None
     # a public-looking name that resolves to a private address is refused (DNS rebinding), and the
     # request would go to exactly the address that was checked
-    monkeypatch.setattr(addresses.socket, "getaddrinfo",
-                        lambda host, port, **kw: [(2, 1, 6, "", ("10.9.9.9", port))])
+    monkeypatch.setattr(addresses.socket, "getaddrinfo", lambda host, port, **kw: [(2, 1, 6, "", ("10.9.9.9", port))])
     with pytest.raises(addresses.AddressRefused, match="private"):
         addresses.pinned_target("https://hooks.example.com/x", [])
-    monkeypatch.setattr(addresses.socket, "getaddrinfo",
-                        lambda host, port, **kw: [(2, 1, 6, "", ("10.9.9.9", port)), (2, 1, 6, "", ("93.184.216.34", port))])
+    monkeypatch.setattr(
+        addresses.socket,
+        "getaddrinfo",
+        lambda host, port, **kw: [(2, 1, 6, "", ("10.9.9.9", port)), (2, 1, 6, "", ("93.184.216.34", port))],
+    )
     target = addresses.pinned_target("https://hooks.example.com:8443/x?y=1", [])
     assert str(target.url) == "https://93.184.216.34:8443/x?y=1"
     assert target.host_header == "hooks.example.com:8443" and target.extensions == {"sni_hostname": "hooks.example.com"}
@@ -194,7 +216,7 @@ def test_tampered_stale_and_replayed_deliveries_are_rejected(client, settings, r
 
     class Later(datetime):  # the receiver's clock 10 minutes after the delivery: stale
         @classmethod
-        def now(cls, tz=None):  # noqa: ANN001, ANN206
+        def now(cls, tz=None):
             return datetime.now(tz) + timedelta(minutes=10)
 
     monkeypatch.setattr(sw, "datetime", Later)

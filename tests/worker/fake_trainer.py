@@ -92,11 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     overlap = [p["pid"] for p in previous if _alive(p["pid"])]
     rank = int(os.environ.get("RANK", "0"))
     with open(starts, "a") as fh:
-        fh.write(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "rank": rank,
-                             "attempt": os.environ.get("HALOS_SUPERVISED_ATTEMPT"),
-                             "resume_round_step": start, "resume_from": config.resume_from,
-                             "init_from": config.init_from, "overlap": overlap if rank == 0 else [],
-                             "t": time.time()}) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "pgid": os.getpgid(0),
+                    "sid": os.getsid(0),
+                    "rank": rank,
+                    "attempt": os.environ.get("HALOS_SUPERVISED_ATTEMPT"),
+                    "resume_round_step": start,
+                    "resume_from": config.resume_from,
+                    "init_from": config.init_from,
+                    "overlap": overlap if rank == 0 else [],
+                    "t": time.time(),
+                }
+            )
+            + "\n"
+        )
     if rank != 0:  # other ranks (torchrun): take part in nothing, live as long as the run
         time.sleep((steps - start) * pause + 2)
         return 0
@@ -120,8 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         if rs == at and mode == "exit0":
             return 0
         step, examples = base_step + rs, base_examples + rs * per_step
-        rd.append_metrics({"step": step, "round_step": rs, "total_steps": base_step + steps, "examples": examples,
-                           "epoch": 0, "loss": 1.0 / rs, "lr": 1e-5, "grad_norm": 0.5})
+        rd.append_metrics(
+            {
+                "step": step,
+                "round_step": rs,
+                "total_steps": base_step + steps,
+                "examples": examples,
+                "epoch": 0,
+                "loss": 1.0 / rs,
+                "lr": 1e-5,
+                "grad_norm": 0.5,
+            }
+        )
         if rs % every == 0 and rs < steps:
             _write_checkpoint(rd.checkpoint_path(step), step, examples, rs)
 
@@ -136,9 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     manifest = read_manifest(final)
-    rd.write_result(RoundResult(job_id=config.job_id, final_dir=str(final.resolve()), manifest_sha256=manifest.sha256,
-                                step=step, examples=examples, round_step=steps, total_steps=step, loss=config.loss.name,
-                                reference_sha256=config.reference_sha256))
+    rd.write_result(
+        RoundResult(
+            job_id=config.job_id,
+            final_dir=str(final.resolve()),
+            manifest_sha256=manifest.sha256,
+            step=step,
+            examples=examples,
+            round_step=steps,
+            total_steps=step,
+            loss=config.loss.name,
+            reference_sha256=config.reference_sha256,
+        )
+    )
     return 0
 
 

@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -49,8 +50,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env["HALOS_DATA_DIR"] = str(settings.data_dir)
     env["HALOS_DATABASE_URL"] = settings.db_url
     env["HALOS_BROKER_URL"] = settings.broker
-    for key in ("lease_ttl_s", "heartbeat_interval_s", "sweep_interval_s", "kill_grace_s", "republish_after_s",
-                "retry_backoff_s", "max_attempts", "trainer_module", "redis_visibility_timeout_s"):
+    for key in (
+        "lease_ttl_s",
+        "heartbeat_interval_s",
+        "sweep_interval_s",
+        "kill_grace_s",
+        "republish_after_s",
+        "retry_backoff_s",
+        "max_attempts",
+        "trainer_module",
+        "redis_visibility_timeout_s",
+    ):
         env[f"HALOS_{key.upper()}"] = str(getattr(settings, key))
     env["HALOS_USE_CPU"] = "true" if settings.use_cpu else "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -96,8 +106,9 @@ def make_spec(feedback_path: Path, reference: str, **hp: Any) -> dict[str, Any]:
     }
 
 
-def add_round(session: Session, run: Run, root: Path, fake: Optional[dict] = None, *,
-              parent: Optional[Job] = None, submit: bool = True) -> Job:
+def add_round(
+    session: Session, run: Run, root: Path, fake: dict | None = None, *, parent: Job | None = None, submit: bool = True
+) -> Job:
     """A Round + its Job as the API creates them (`jobs.submit`, no publish)."""
     idx = len(session.exec(select(Round).where(Round.run_id == run.id)).all()) + 1
     fb = root / "feedback" / f"{run.id}-{idx}.json"
@@ -106,9 +117,16 @@ def add_round(session: Session, run: Run, root: Path, fake: Optional[dict] = Non
     model = session.get(Model, run.model_id)
     job = Job(project_id=run.project_id, spec=make_spec(fb, model.path), parent_job_id=parent.id if parent else None)
     parent_round = session.exec(select(Round).where(Round.job_id == parent.id)).one() if parent else None
-    rnd = Round(project_id=run.project_id, run_id=run.id, index=idx, job_id=job.id,
-                parent_round_id=parent_round.id if parent_round else None, feedback_ids=["fb_test"],
-                loss={"name": "dpo"}, hyperparams={})
+    rnd = Round(
+        project_id=run.project_id,
+        run_id=run.id,
+        index=idx,
+        job_id=job.id,
+        parent_round_id=parent_round.id if parent_round else None,
+        feedback_ids=["fb_test"],
+        loss={"name": "dpo"},
+        hyperparams={},
+    )
     session.add(rnd)
     if submit:
         jobs.submit(session, job, max_attempts=3)
@@ -121,13 +139,19 @@ def add_round(session: Session, run: Run, root: Path, fake: Optional[dict] = Non
 def reload(session: Session, job_id: str) -> Job:
     """Fresh row; the read transaction is ended at once (on SQLite it holds the write lock)."""
     job = session.get(Job, job_id, populate_existing=True)  # (expire_all would make other objects lazy-load
-    session.commit()                                          #  later, opening a transaction that holds the lock)
+    session.commit()  #  later, opening a transaction that holds the lock)
     return job
 
 
 def attempts(session: Session, job_id: str) -> list[Attempt]:
-    rows = list(session.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.attempt)
-                             .execution_options(populate_existing=True)).all())
+    rows = list(
+        session.exec(
+            select(Attempt)
+            .where(Attempt.job_id == job_id)
+            .order_by(Attempt.attempt)
+            .execution_options(populate_existing=True)
+        ).all()
+    )
     session.commit()
     return rows
 
@@ -153,8 +177,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 
 def wait_status(session: Session, job_id: str, statuses: set[JobStatus], timeout: float) -> Job:
-    return wait_for(lambda: (j := reload(session, job_id)).status in statuses and j, timeout,
-                    what=f"job {job_id} to reach {sorted(s.value for s in statuses)}")
+    return wait_for(
+        lambda: (j := reload(session, job_id)).status in statuses and j,
+        timeout,
+        what=f"job {job_id} to reach {sorted(s.value for s in statuses)}",
+    )
 
 
 TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
@@ -181,19 +208,27 @@ def trainer_starts(run_dir: Path) -> list[dict]:
 class WorkerProc:
     """`halos worker` as a real subprocess (its own process group, so the test can kill it)."""
 
-    def __init__(self, settings: Settings, log_path: Path, *, sweeper: bool = True, concurrency: int = 1,
-                 extra_env: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        *,
+        sweeper: bool = True,
+        concurrency: int = 1,
+        extra_env: dict[str, str] | None = None,
+    ):
         cmd = [sys.executable, "-m", "server.cli", "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)]
         if not sweeper:
             cmd.append("--no-sweeper")
         env = {**settings_env(settings), **(extra_env or {})}
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.pid = self.proc.pid
 
-    def wait_ready(self, timeout: float = 60) -> "WorkerProc":
+    def wait_ready(self, timeout: float = 60) -> WorkerProc:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -209,7 +244,7 @@ class WorkerProc:
         if self.proc.poll() is None:
             os.kill(self.pid, sig)
 
-    def stop(self, timeout: float = 30) -> Optional[int]:
+    def stop(self, timeout: float = 30) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -230,7 +265,7 @@ def pg_available() -> bool:
 
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
             return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 

@@ -42,17 +42,31 @@ def test_keys_create_prints_the_key_alone_and_revoke(tmp_path: Path):
     env = {**os.environ, "HALOS_DATA_DIR": str(tmp_path / "data")}
     env.pop("HALOS_DATABASE_URL", None)
     env.pop("HALOS_BROKER_URL", None)
-    out = subprocess.run(HALOS + ["keys", "create", "--project", "demo"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        HALOS + ["keys", "create", "--project", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     lines = out.stdout.splitlines()
     assert len(lines) == 1 and lines[0].strip() == lines[0] and len(lines[0]) >= 20
     key = lines[0]
     subprocess.run(HALOS + ["migrate"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
-    missing = subprocess.run(HALOS + ["keys", "revoke", "key_doesnotexist"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        HALOS + ["keys", "revoke", "key_doesnotexist"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    revoked = subprocess.run(HALOS + ["keys", "revoke", key], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120)
+    revoked = subprocess.run(
+        HALOS + ["keys", "revoke", key], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout == ""
 
@@ -62,9 +76,16 @@ def test_serve_runs_api_sweeper_and_worker_and_stops_them(make_env):
     env: Env = make_env("serve")
     port = _free_port()
     log = open(env.root / "serve.log", "wb")
-    proc = subprocess.Popen(HALOS + ["serve", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                            env=settings_env(env.settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        HALOS + ["serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=settings_env(env.settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
+
         def healthy() -> bool:
             assert proc.poll() is None, (env.root / "serve.log").read_text()[-3000:]
             try:
@@ -105,9 +126,9 @@ def test_compose_and_dockerfile_agree_with_settings_and_cli():
     fields = set(Settings.model_fields)
     services = compose["services"]
     for name, svc in services.items():
-        for key in (svc.get("environment") or {}):
+        for key in svc.get("environment") or {}:
             if key.startswith("HALOS_"):
-                assert key[len("HALOS_"):].lower() in fields, f"{name}: {key} is not a setting"
+                assert key[len("HALOS_") :].lower() in fields, f"{name}: {key} is not a setting"
         cmd = svc.get("command")
         if isinstance(cmd, list) and cmd[0] == "halos":
             parsed = CliRunner().invoke(app, [*cmd[1:], "--help"])  # options are parsed before --help acts

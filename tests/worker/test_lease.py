@@ -40,7 +40,7 @@ class Sweeper:
                 sweeper.sweep_once(session, self.settings, publish=False)
             self.stop.wait(self.every)
 
-    def __enter__(self) -> "Sweeper":
+    def __enter__(self) -> Sweeper:
         self.thread.start()
         return self
 
@@ -54,7 +54,7 @@ def _slow_hashing(monkeypatch, seconds: float) -> Counter:
     calls: Counter = Counter()
     real = rd.sha256_file
 
-    def slow(path, chunk=1 << 20):  # noqa: ANN001
+    def slow(path, chunk=1 << 20):
         calls[str(Path(path).resolve())] += 1
         time.sleep(seconds)
         return real(path, chunk)
@@ -110,14 +110,14 @@ def test_fence_fires_while_database_calls_hang(make_env, monkeypatch):
     real_hb, real_rp = jobs.heartbeat, jobs.record_progress
     hung = {}
 
-    def heartbeat(*a, **kw):  # noqa: ANN002, ANN003
+    def heartbeat(*a, **kw):
         if hang.is_set():  # once the trainer runs, the next heartbeat hangs
             hung.setdefault("since", time.monotonic())
             release.wait(20)
             raise OSError("connection timed out")
         return real_hb(*a, **kw)
 
-    def record_progress(*a, **kw):  # noqa: ANN002, ANN003
+    def record_progress(*a, **kw):
         if "since" in hung:
             release.wait(20)
             raise OSError("connection timed out")
@@ -169,7 +169,7 @@ def test_transient_setup_errors_crash_and_retry_at_once(make_env, monkeypatch):
     env = make_env("enospc", retry_backoff_s=0.0)
     job = add_round(env.session, env.run, env.root, {"steps": 2})
 
-    def full(self, config):  # noqa: ANN001
+    def full(self, config):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(RunDir, "write_config", full)
@@ -178,7 +178,7 @@ def test_transient_setup_errors_crash_and_retry_at_once(make_env, monkeypatch):
     assert "worker error: OSError: [Errno 28] No space left on device" in j.error
     assert [a.outcome for a in attempts(env.session, job.id)] == ["crashed"]
 
-    def broken(*a, **kw):  # noqa: ANN002, ANN003
+    def broken(*a, **kw):
         raise RuntimeError("reaping failed")
 
     monkeypatch.setattr("worker.runner.reap_orphans", broken)
@@ -196,8 +196,9 @@ def test_worker_rechecks_the_submit_time_checks_against_its_own_settings(make_en
     job = add_round(env.session, env.run, env.root, {"steps": 2})  # batch_size 1, microbatch 1
     assert tasks.execute(job.id, env.settings) == "failed"
     j = reload(env.session, job.id)
-    assert j.error.startswith("this worker cannot run the round: batch_size 1 is not divisible by microbatch_size 1"
-                              " x num_processes 2"), j.error
+    assert j.error.startswith(
+        "this worker cannot run the round: batch_size 1 is not divisible by microbatch_size 1 x num_processes 2"
+    ), j.error
     assert "HALOS_NUM_PROCESSES=2" in j.error and j.attempt == 1
     assert trainer_starts(env.settings.runs_dir / job.id) == []
 
@@ -208,8 +209,10 @@ def test_worker_rechecks_the_submit_time_checks_against_its_own_settings(make_en
     fsdp.session.commit()
     assert tasks.execute(job.id, fsdp.settings) == "failed"
     j = reload(fsdp.session, job.id)
-    assert j.error == "this worker cannot run the round: LoRA runs are not supported with FSDP workers (HALOS_FSDP=true);" \
-                      " use DDP or full fine-tuning"
+    assert (
+        j.error == "this worker cannot run the round: LoRA runs are not supported with FSDP workers (HALOS_FSDP=true);"
+        " use DDP or full fine-tuning"
+    )
     assert trainer_starts(fsdp.settings.runs_dir / job.id) == []
 
 
@@ -231,8 +234,9 @@ def test_survivors_of_a_self_exited_trainer_block_finish(make_env, monkeypatch):
     import worker.monitor as monitor
 
     real = monitor.job_processes
-    monkeypatch.setattr(monitor, "job_processes",
-                        lambda pgid, marker=None: real(pgid, marker) or {999_999_999})  # an unkillable leftover
+    monkeypatch.setattr(
+        monitor, "job_processes", lambda pgid, marker=None: real(pgid, marker) or {999_999_999}
+    )  # an unkillable leftover
     monkeypatch.setattr(monitor, "kill_group", lambda *a, **kw: False)
     assert tasks.execute(job.id, env.settings) == "group-survived"
     j = reload(env.session, job.id)

@@ -4,7 +4,6 @@ exit-code table, the accelerate config, resume selection, orphan detection."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -32,8 +31,9 @@ def _start(env: Env, fake: dict, **hp):
         spec = {**job.spec, "hyperparams": {**job.spec["hyperparams"], **hp}}
         env.session.exec(update(Job).where(Job.id == job.id).values(spec=spec))
         env.session.commit()
-    claim = jobs.claim(env.session, job.id, "test-host", 1, env.settings.lease_ttl_s,
-                       run_dir=str(env.settings.runs_dir / job.id))
+    claim = jobs.claim(
+        env.session, job.id, "test-host", 1, env.settings.lease_ttl_s, run_dir=str(env.settings.runs_dir / job.id)
+    )
     box: dict = {}
     stop = threading.Event()
     thread = threading.Thread(target=lambda: box.setdefault("report", runner.run_job(claim, env.settings, stop)))
@@ -128,8 +128,13 @@ def test_resume_picks_the_latest_complete_checkpoint_and_cleans_partials(env):
     write_manifest(corrupt, 7, 7)
     (corrupt / "w").write_text("tampered")
     jobs.claim(env.session, job.id, "h", 1, 30)
-    jobs.finish(env.session, job.id, jobs.get(env.session, job.id).lease_token,
-                jobs.Outcome("crashed", error="test"), retry_backoff_s=0)
+    jobs.finish(
+        env.session,
+        job.id,
+        jobs.get(env.session, job.id).lease_token,
+        jobs.Outcome("crashed", error="test"),
+        retry_backoff_s=0,
+    )
     claim = jobs.claim(env.session, job.id, "h", 1, 30, run_dir=str(rd.path))
     assert claim.attempt == 2
     report = runner.run_job(claim, env.settings, threading.Event())
@@ -174,21 +179,37 @@ def test_exit_code_table(tmp_path: Path):
     rd.stdout_log.write_text("old attempt: died with <Signals.SIGKILL: 9>.\n")
     offset = rd.stdout_log.stat().st_size
     with open(rd.stdout_log, "a") as fh:
-        fh.write("Traceback (most recent call last):\n  File x\nKeyError: 'input_ids'\n"
-                 "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.\n")
+        fh.write(
+            "Traceback (most recent call last):\n  File x\nKeyError: 'input_ids'\n"
+            "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.\n"
+        )
     failed = exit_codes.classify(1, rd, log_offset=offset)
     assert failed.status == "failed" and failed.error.startswith("training exited with code 1: KeyError: 'input_ids'")
     with open(rd.stdout_log, "a") as fh:
         fh.write("subprocess.CalledProcessError: Command '[...]' died with <Signals.SIGKILL: 9>.\n")
-    assert exit_codes.classify(1, rd, log_offset=offset).error == "a training process was killed by SIGKILL (out of memory?)"
+    assert (
+        exit_codes.classify(1, rd, log_offset=offset).error
+        == "a training process was killed by SIGKILL (out of memory?)"
+    )
     assert exit_codes.rank_signal("  exitcode  : -6 (pid: 1234)") == "SIGABRT"
     # a complete final checkpoint + result.json
     final = rd.final
     final.mkdir()
     (final / "model.safetensors").write_bytes(b"w")
     m = write_manifest(final, 5, 20)
-    rd.write_result(RoundResult(job_id="job_x", final_dir=str(final), manifest_sha256=m.sha256, step=5, examples=20,
-                                round_step=5, total_steps=5, loss="dpo", reference_sha256="r"))
+    rd.write_result(
+        RoundResult(
+            job_id="job_x",
+            final_dir=str(final),
+            manifest_sha256=m.sha256,
+            step=5,
+            examples=20,
+            round_step=5,
+            total_steps=5,
+            loss="dpo",
+            reference_sha256="r",
+        )
+    )
     ok = exit_codes.classify(0, rd)
     assert ok.status == "succeeded" and ok.result.manifest_sha256 == m.sha256
     (final / "model.safetensors").write_bytes(b"tampered")
@@ -205,7 +226,11 @@ def test_accelerate_config_and_command(tmp_path: Path):
     gpu4 = Settings(data_dir=tmp_path, num_processes=4, mixed_precision="bf16")
     cfg = launch.accelerate_config(gpu4, main_process_port=29555)
     assert (cfg["distributed_type"], cfg["num_processes"], cfg["mixed_precision"], cfg["main_process_port"]) == (
-        "MULTI_GPU", 4, "bf16", 29555)
+        "MULTI_GPU",
+        4,
+        "bf16",
+        29555,
+    )
     cpu2 = launch.accelerate_config(Settings(data_dir=tmp_path, num_processes=2, use_cpu=True))
     assert cpu2["distributed_type"] == "MULTI_GPU" and cpu2["use_cpu"] is True  # torchrun ranks + gloo
     assert launch.launch_env(Settings(data_dir=tmp_path, use_cpu=True)) == {"ACCELERATE_USE_CPU": "true"}
@@ -216,8 +241,16 @@ def test_accelerate_config_and_command(tmp_path: Path):
     assert fsdp_cpu["distributed_type"] == "FSDP" and fsdp_cpu["use_cpu"] is True  # FSDP2 over gloo (the trainer)
     launch.write_accelerate_config(rd, cpu)
     assert yaml.safe_load(rd.accelerate_yaml.read_text())["use_cpu"] is True
-    assert launch.command(cpu, rd)[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(rd.accelerate_yaml),
-                                           "-m", "halos_core.train", "--config", str(rd.run_json)]
+    assert launch.command(cpu, rd)[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(rd.accelerate_yaml),
+        "-m",
+        "halos_core.train",
+        "--config",
+        str(rd.run_json),
+    ]
 
 
 def test_orphans_are_found_only_for_this_database_and_dead_runners(env):
@@ -226,10 +259,16 @@ def test_orphans_are_found_only_for_this_database_and_dead_runners(env):
     dead_runner = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_runner.wait()
     base = settings_env(env.settings)
-    mine = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                            env={**base, ENV_DB: db_identity(env.settings), ENV_JOB: "job_x", ENV_RUNNER: f"{dead_runner.pid}:1"})
-    other_db = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                                env={**base, ENV_DB: "someone-elses", ENV_JOB: "job_y", ENV_RUNNER: f"{dead_runner.pid}:1"})
+    mine = subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=True,
+        env={**base, ENV_DB: db_identity(env.settings), ENV_JOB: "job_x", ENV_RUNNER: f"{dead_runner.pid}:1"},
+    )
+    other_db = subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=True,
+        env={**base, ENV_DB: "someone-elses", ENV_JOB: "job_y", ENV_RUNNER: f"{dead_runner.pid}:1"},
+    )
     try:
         time.sleep(0.3)
         assert find_orphans(env.settings) == {mine.pid: "job_x"}
@@ -256,7 +295,7 @@ def test_metrics_tail_keeps_lines_until_recorded(tmp_path: Path):
     recorded: list[tuple[int, bool]] = []
     outcomes: list = []
 
-    def record(batch, retry):  # noqa: ANN001
+    def record(batch, retry):
         exc = outcomes.pop(0) if outcomes else None
         if exc is not None:
             raise exc
@@ -311,8 +350,11 @@ def test_the_real_trainer_verifies_init_from_before_loading():
 
     tree = ast.parse((REPO / "halos_core" / "checkpoint.py").read_text())
     loader = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "load_checkpoint")
-    assert any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "read_manifest"
-               and any(k.arg == "verify" and getattr(k.value, "value", None) is True for k in c.keywords)
-               for c in ast.walk(loader))
+    assert any(
+        isinstance(c, ast.Call)
+        and getattr(c.func, "id", None) == "read_manifest"
+        and any(k.arg == "verify" and getattr(k.value, "value", None) is True for k in c.keywords)
+        for c in ast.walk(loader)
+    )
     trainer = (REPO / "halos_core" / "training" / "build.py").read_text()
     assert "load_checkpoint(config.init_from" in trainer

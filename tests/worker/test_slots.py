@@ -34,8 +34,10 @@ def test_visible_gpus_from_the_environment_or_nvidia_smi(tmp_path: Path):
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,3"})[0] == ["0"]  # CUDA stops at an invalid id
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""})[0] == []
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n"
-                   "echo '  MIG 1g.10gb Device 0: (UUID: MIG-x)'\n")
+    smi.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n"
+        "echo '  MIG 1g.10gb Device 0: (UUID: MIG-x)'\n"
+    )
     smi.chmod(0o755)
     assert visible_gpus({}, nvidia_smi=str(smi))[0] == ["0", "1"]
     assert visible_gpus({}, nvidia_smi=str(tmp_path / "missing"))[0] == []
@@ -64,8 +66,14 @@ def test_slots_assign_disjoint_gpus_and_free_ports(tmp_path: Path):
 def test_worker_refuses_to_start_without_a_gpu_set_per_job(tmp_path: Path):
     settings = Settings(data_dir=tmp_path / "data", use_cpu=False, num_processes=1)
     env = {**settings_env(settings), "HALOS_USE_CPU": "false", "CUDA_VISIBLE_DEVICES": "0"}
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "worker", "--concurrency", "2", "--no-sweeper"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "worker", "--concurrency", "2", "--no-sweeper"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "refusing to start the worker: worker concurrency 2 x HALOS_NUM_PROCESSES 1 needs 2 GPUs" in proc.stderr
 
@@ -74,12 +82,14 @@ def test_the_trainer_sees_only_its_slots_gpus(make_env, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     env = make_env("slot")
     job = add_round(env.session, env.run, env.root, {"steps": 30, "sleep": 0.1})
-    claim = jobs.claim(env.session, job.id, "h", 1, env.settings.lease_ttl_s,
-                       run_dir=str(env.settings.runs_dir / job.id))
+    claim = jobs.claim(
+        env.session, job.id, "h", 1, env.settings.lease_ttl_s, run_dir=str(env.settings.runs_dir / job.id)
+    )
     box: dict = {}
     stop = threading.Event()
-    thread = threading.Thread(target=lambda: box.setdefault(
-        "report", runner.run_job(claim, env.settings, stop, slot=Slot(1, ["6", "7"]))))
+    thread = threading.Thread(
+        target=lambda: box.setdefault("report", runner.run_job(claim, env.settings, stop, slot=Slot(1, ["6", "7"])))
+    )
     thread.start()
     try:
         start = wait_for(lambda: trainer_starts(env.settings.runs_dir / job.id), 60, what="trainer start")[0]

@@ -144,8 +144,13 @@ def test_q4_commit_without_publish_runs_within_the_sweeper_period(shared):
     j = wait_status(s, job.id, TERMINAL, 60)
     assert j.status == JobStatus.succeeded
     assert recovery <= env.settings.sweep_interval_s + 3.0
-    report("Q4", trials=1, recovery_s=f"{recovery:.1f}", jobs_lost=0,
-           duplicate_attempts=overlapping_attempts(attempts(s, job.id)) + len(attempts(s, job.id)) - 1)
+    report(
+        "Q4",
+        trials=1,
+        recovery_s=f"{recovery:.1f}",
+        jobs_lost=0,
+        duplicate_attempts=overlapping_attempts(attempts(s, job.id)) + len(attempts(s, job.id)) - 1,
+    )
 
 
 def test_q5_cancel_kills_grandchildren_within_grace(shared):
@@ -160,8 +165,12 @@ def test_q5_cancel_kills_grandchildren_within_grace(shared):
     assert all(pid_alive(p) for p in pids)
     t0 = time.monotonic()
     assert jobs.request_cancel(s, job.id).status == JobStatus.cancelling
-    wait_for(lambda: not any(pid_alive(p) for p in pids), env.settings.kill_grace_s + 5, interval=0.05,
-             what="all descendants gone")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in pids),
+        env.settings.kill_grace_s + 5,
+        interval=0.05,
+        what="all descendants gone",
+    )
     gone = time.monotonic() - t0
     j = wait_status(s, job.id, TERMINAL, 30)
     assert j.status == JobStatus.cancelled
@@ -169,8 +178,14 @@ def test_q5_cancel_kills_grandchildren_within_grace(shared):
     assert gone <= env.settings.heartbeat_interval_s + env.settings.kill_grace_s + 2.0
     assert [a.outcome for a in attempts(s, job.id)] == ["cancelled"]
     _no_orphans(env, job.id)
-    report("Q5", trials=1, descendants=len(pids), all_gone_after_s=f"{gone:.1f}",
-           grace_s=env.settings.kill_grace_s, jobs_lost=0)
+    report(
+        "Q5",
+        trials=1,
+        descendants=len(pids),
+        all_gone_after_s=f"{gone:.1f}",
+        grace_s=env.settings.kill_grace_s,
+        jobs_lost=0,
+    )
 
 
 def test_q6_trainer_always_killed_fails_after_max_attempts(shared):
@@ -188,8 +203,14 @@ def test_q6_trainer_always_killed_fails_after_max_attempts(shared):
     time.sleep(env.settings.sweep_interval_s * 2)
     assert len(attempts(s, job.id)) == 3 and reload(s, job.id).status == JobStatus.failed  # no loop
     _no_orphans(env, job.id)
-    report("Q6", trials=1, attempts=len(rows), seconds_to_failed=f"{elapsed:.1f}", jobs_lost=0,
-           duplicate_attempts=overlapping_attempts(rows))
+    report(
+        "Q6",
+        trials=1,
+        attempts=len(rows),
+        seconds_to_failed=f"{elapsed:.1f}",
+        jobs_lost=0,
+        duplicate_attempts=overlapping_attempts(rows),
+    )
 
 
 # --------------------------------------------------------------------------- Q1: SIGKILL the worker
@@ -223,8 +244,12 @@ def test_q1_sigkill_worker_mid_job_resumes_on_restarted_worker(make_env):
         w1.kill(signal.SIGKILL)  # the worker process and its runner (solo pool: one process)
         w1.stop()
         # its watchdog stops every process of the orphaned attempt within the grace period (I6)
-        wait_for(lambda: not any(pid_alive(p) for p in doomed),
-                 env.settings.kill_grace_s + 3, interval=0.05, what="orphaned trainer gone")
+        wait_for(
+            lambda: not any(pid_alive(p) for p in doomed),
+            env.settings.kill_grace_s + 3,
+            interval=0.05,
+            what="orphaned trainer gone",
+        )
         orphan_gone = time.monotonic() - t_kill
         assert find_orphans(env.settings) == {}
         w2 = WorkerProc(env.settings, env.root / "w2.log").wait_ready()
@@ -248,11 +273,21 @@ def test_q1_sigkill_worker_mid_job_resumes_on_restarted_worker(make_env):
         _no_orphans(env, job.id)
         recoveries.append(recovery)
         dups += overlapping_attempts(rows)
-        report(f"Q1 trial {trial}", processes_killed=len(doomed) - 1, killed_after_ckpt_step=ckpt_step,
-               resumed_from=rows[1].resumed_from_step,
-               orphan_gone_s=f"{orphan_gone:.1f}", recovery_s=f"{recovery:.1f}")
-    report("Q1", trials=trials, recovery_s=" / ".join(f"{r:.1f}" for r in recoveries), jobs_lost=lost,
-           duplicate_attempts=dups)
+        report(
+            f"Q1 trial {trial}",
+            processes_killed=len(doomed) - 1,
+            killed_after_ckpt_step=ckpt_step,
+            resumed_from=rows[1].resumed_from_step,
+            orphan_gone_s=f"{orphan_gone:.1f}",
+            recovery_s=f"{recovery:.1f}",
+        )
+    report(
+        "Q1",
+        trials=trials,
+        recovery_s=" / ".join(f"{r:.1f}" for r in recoveries),
+        jobs_lost=lost,
+        duplicate_attempts=dups,
+    )
 
 
 # --------------------------------------------------------------------------- Q8: warm shutdown
@@ -291,8 +326,15 @@ def test_q8_sigterm_worker_releases_and_another_worker_resumes(make_env):
     assert len(starts) == 2 and starts[1]["overlap"] == []
     assert j.error is None or "crash" not in j.error  # the release consumed no retry
     _no_orphans(env, job.id)
-    report("Q8", trials=1, released_after_ckpt_step=ckpt_step, resumed_from=rows[1].resumed_from_step,
-           recovery_s=f"{recovery:.1f}", jobs_lost=0, duplicate_attempts=overlapping_attempts(rows))
+    report(
+        "Q8",
+        trials=1,
+        released_after_ckpt_step=ckpt_step,
+        resumed_from=rows[1].resumed_from_step,
+        recovery_s=f"{recovery:.1f}",
+        jobs_lost=0,
+        duplicate_attempts=overlapping_attempts(rows),
+    )
 
 
 def test_worker_concurrency_two_runs_jobs_side_by_side(make_env):

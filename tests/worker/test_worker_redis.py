@@ -48,9 +48,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
         def up() -> bool:
             try:
@@ -111,8 +125,10 @@ def test_q2_job_longer_than_visibility_timeout_runs_once(tmp_path, pg_redis):
     redeliveries = sum(w.log_path.read_text().count(f"job {job.id} not claimable") for w in workers)
     assert j.status == JobStatus.succeeded, j.error
     assert len(rows) == 1 and rows[0].outcome == "succeeded"
-    print(f"\n[Q2] trials=1, job_s={elapsed:.1f}, visibility_timeout_s=10, redeliveries_absorbed={redeliveries}, "
-          f"attempts={len(rows)}, jobs_lost=0, duplicate_attempts={len(rows) - 1}")
+    print(
+        f"\n[Q2] trials=1, job_s={elapsed:.1f}, visibility_timeout_s=10, redeliveries_absorbed={redeliveries}, "
+        f"attempts={len(rows)}, jobs_lost=0, duplicate_attempts={len(rows) - 1}"
+    )
     s.close()
     engine.dispose()
 
@@ -138,7 +154,9 @@ def test_q3_redis_restart_with_jobs_queued_and_running(tmp_path, pg_redis):
     assert [j.status for j in final] == [JobStatus.succeeded] * 3, [j.error for j in final]
     assert all(len(r) == 1 for r in rows.values()), {k: [a.outcome for a in v] for k, v in rows.items()}
     dups = sum(len(r) - 1 + overlapping_attempts(r) for r in rows.values())
-    print(f"\n[Q3] trials=1, jobs=3 (1 running, 2 queued at the restart), all_done_after_restart_s={recovered:.1f}, "
-          f"jobs_lost=0, duplicate_attempts={dups}")
+    print(
+        f"\n[Q3] trials=1, jobs=3 (1 running, 2 queued at the restart), all_done_after_restart_s={recovered:.1f}, "
+        f"jobs_lost=0, duplicate_attempts={dups}"
+    )
     s.close()
     engine.dispose()
