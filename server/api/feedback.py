@@ -141,7 +141,7 @@ def list_feedback(
             "description": "the stored file, streamed (JSON array or JSON Lines)",
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
             },
         },
     },

@@ -120,7 +120,7 @@ def list_prompt_sets(
             "description": "the stored file, streamed",
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
             },
         },
     },

@@ -79,7 +79,9 @@ def test_stream_and_outbox_across_two_api_processes(tmp_path: Path):
             ).json()["id"]
             for s in range(6)
         ]
-        model = api1.post("/v1/models", json={"name": "sft", "path": str(make_model_dir(tmp_path / "sft"))}).json()
+        model = api1.post(
+            "/v1/models", json={"name": "sft", "path": str(make_model_dir(tmp_path / "data" / "models" / "sft"))}
+        ).json()
         run = api1.post(
             "/v1/runs",
             json={

@@ -288,7 +288,7 @@ def test_grpo_old_policy_and_precomputed_advantages():
     adv = t([1.0, -2.0])
     out = loss.compute(policy_logps=pol, reference_logps=ref, mask=mask, advantages=adv, old_policy_logps=pol.detach())
     # ratio == 1 everywhere: token loss = -A + beta * KL(ref)
-    kl = lambda x: math.exp(-x) + x - 1(x=pol - ref)
+    kl = lambda x: math.exp(-x) + x - 1  # x = pol - ref
     tokens = [-1.0 + beta * kl(0.5), -1.0 + beta * kl(0.0), 2.0 + beta * kl(-0.5)]
     close(out.loss, sum(tokens) / 3)
     out.loss.backward()
