@@ -138,9 +138,11 @@ async def get_principal(
     # Async, with its database reads in run_blocking_db: on SQLite a request then costs one
     # thread-pool hop (the handler), not three.
     if not settings.auth_enabled:
-        project_id: str = getattr(request.app.state, "default_project_id", None) or await run_in_threadpool(
-            _default_project_id, request, settings, session
-        )  # may write (once): never on the event loop
+        project_id = getattr(request.app.state, "default_project_id", None)
+        if not project_id:  # may write (once): never on the event loop
+            # (annotated: inferred from `project_id`'s type, run_in_threadpool's result would be Optional)
+            created: str = await run_in_threadpool(_default_project_id, request, settings, session)
+            project_id = created
         principal = Principal(project_id=project_id, key_id=None)
         client = request.client.host if request.client else "local"
         limiter_key = f"anon:{client}"

@@ -311,7 +311,7 @@ def seal(session: Session, settings: Settings, principal: Principal, integration
             select(DraftAnnotation)
             .where(
                 DraftAnnotation.integration_id == integration.id,
-                DraftAnnotation.deleted.is_(False),  # type: ignore[attr-defined]
+                col(DraftAnnotation.deleted).is_(False),
                 col(DraftAnnotation.sealed_into).is_(None),
             )
             .order_by(col(DraftAnnotation.id))

@@ -97,7 +97,9 @@ def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey:
 
 
 def _bump_generation(session: Session) -> None:
-    bumped = session.execute(text(f"UPDATE authstate SET generation = generation + 1 WHERE scope = '{KEY_SCOPE}'"))
+    bumped = session.connection().execute(
+        text(f"UPDATE authstate SET generation = generation + 1 WHERE scope = '{KEY_SCOPE}'")
+    )
     if bumped.rowcount == 0:  # a database made without the row: create it past every generation seen (0)
         session.add(AuthState(scope=KEY_SCOPE, generation=1))
 
