@@ -140,7 +140,7 @@ async def get_principal(
     if not settings.auth_enabled:
         project_id = getattr(request.app.state, "default_project_id", None)
         if not project_id:  # may write (once): never on the event loop
-            # (annotated: inferred from `project_id`'s type, run_in_threadpool's result would be Optional)
+            # a name of its own: assigned to `project_id`, mypy would infer the call's result as Optional
             created: str = await run_in_threadpool(_default_project_id, request, settings, session)
             project_id = created
         principal = Principal(project_id=project_id, key_id=None)
