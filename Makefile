@@ -33,6 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) scripts/check_noqa.py
+	$(VENV)/bin/mypy
 
 test: setup lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -84,7 +84,7 @@ class AsyncClient:
     async def request(self, call: Call[T], *, retry: RetryPolicy | None = None) -> T:
         retrying = AsyncRetrying(**retrying_options(retry or self.retry, call.idempotent, call.what))
         try:
-            response = await retrying(self._send_once, call)
+            response: httpx.Response = await retrying(self._send_once, call)
         except httpx.TransportError as exc:
             raise APIConnectionError(
                 f"{call.what} on {self.base_url}: {type(exc).__name__}: {exc}", getattr(exc, "_request", None)

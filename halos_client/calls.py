@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from halos_client import models as m
 
 T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -88,8 +89,8 @@ class Call(Generic[T]):
         return f"{self.method} {self.path}"
 
 
-def _model(cls: type[T]) -> Callable[[httpx.Response], T]:
-    return lambda response: cls.model_validate(response.json())  # type: ignore[attr-defined]
+def _model(cls: type[ModelT]) -> Callable[[httpx.Response], ModelT]:
+    return lambda response: cls.model_validate(response.json())
 
 
 def _text(response: httpx.Response) -> str:

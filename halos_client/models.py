@@ -244,7 +244,7 @@ class RunCreate(_Request):
 class RoundCreate(_Request):
     feedback_ids: list[str] = Field(min_length=1, max_length=64)
     loss: LossConfig | None = Field(None, description="override of the run's loss for this round")
-    hyperparams: HyperparamsPatch | None = Field(  # type: ignore[valid-type]
+    hyperparams: HyperparamsPatch | None = Field(  # type: ignore[valid-type]  # a class built at import (_partial)
         None, description="partial override merged over the run's hyperparameters"
     )
     conversion: Conversion | None = Field(

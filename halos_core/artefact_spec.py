@@ -86,14 +86,14 @@ class ScalarLabels(_Strict):
 class BinaryLabels(ScalarToBinary):
     """desirable iff score > cut (threshold / mean / median of the file's scores): binary_feedback."""
 
-    type: Literal["binary"] = "binary"  # type: ignore[assignment]
+    type: Literal["binary"] = "binary"  # type: ignore[assignment]  # the discriminator: replaces the parent's
 
 
 class PairwiseLabels(ScalarToPairs):
     """At most one pair per prompt: the best sample against a random / the lowest (max gap) / the
     closest (min gap) other one whose score gap is at least `min_gap`: pairwise_feedback."""
 
-    type: Literal["pairwise"] = "pairwise"  # type: ignore[assignment]
+    type: Literal["pairwise"] = "pairwise"  # type: ignore[assignment]  # the discriminator: replaces the parent's
 
 
 LabelRule = Annotated[ScalarLabels | BinaryLabels | PairwiseLabels, Field(discriminator="type")]

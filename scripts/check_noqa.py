@@ -1,4 +1,5 @@
-"""Lint: every `# noqa` in the project's Python files says why (`# noqa: E402 - after sys.path ...`).
+"""Lint: every `# noqa` and `# type: ignore` in the project's Python files says why
+(`# noqa: E402 - after sys.path ...`, `# type: ignore[attr-defined]  # set by SQLModel ...`).
 
 A bare suppression hides a rule for a reason nobody wrote down; this makes the reason part of the
 line. Run by `make lint`; exit 1 lists the offending lines."""
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 NOQA = re.compile(r"#\s*noqa(?::\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*)?(?P<rest>.*)$")
+TYPE_IGNORE = re.compile(r"#\s*type:\s*ignore(?:\[[\w\-, ]*\])?(?P<rest>.*)$")
 
 
 def main() -> int:
@@ -18,11 +20,12 @@ def main() -> int:
     for path in files:
         with open(path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, 1):
-                match = NOQA.search(line)
-                if match and not re.search(r"\w", match.group("rest")):
-                    bare.append(f"{path}:{number}: {line.strip()}")
+                for kind, pattern in (("# noqa", NOQA), ("# type: ignore", TYPE_IGNORE)):
+                    match = pattern.search(line)
+                    if match and not re.search(r"\w", match.group("rest")):
+                        bare.append(f"{kind} without a reason: {path}:{number}: {line.strip()}")
     for line in bare:
-        print(f"# noqa without a reason: {line}")
+        print(line)
     return 1 if bare else 0
 
 

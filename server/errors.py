@@ -191,7 +191,7 @@ def install_exception_handlers(app: Any) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if status == 413:
             message = "request body too large"
-        headers = dict(exc.headers) if getattr(exc, "headers", None) else {}
+        headers = dict(exc.headers or {})
         if status == 405:  # Starlette lists only the first matching route's methods
             headers["Allow"] = ", ".join(_allowed_methods(_request))
         return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType, subscription_matches
 from server.models import Event, Job, JobStatus, OutboundDelivery, Round, WebhookEndpoint, utcnow
@@ -55,8 +55,11 @@ def emit(
     )
     session.add(event)
     session.flush([event])
+    assert event.id is not None  # flushed: the database assigned it
     endpoints = session.exec(
-        select(WebhookEndpoint).where(WebhookEndpoint.project_id == project_id, WebhookEndpoint.deleted_at.is_(None))
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.project_id == project_id, col(WebhookEndpoint.deleted_at).is_(None)
+        )
     ).all()
     for endpoint in endpoints:
         if subscription_matches(list(endpoint.event_types or []), type.value):

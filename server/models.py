@@ -79,7 +79,9 @@ class AuthState(SQLModel, table=True):
 
 # The row exists from the start (create_all in tests; migration 0002 inserts it too).
 event.listen(
-    AuthState.__table__, "after_create", DDL("INSERT INTO authstate (scope, generation) VALUES ('api_keys', 0)")
+    AuthState.__table__,  # type: ignore[attr-defined]  # set by SQLModel on table models; its stubs do not declare it
+    "after_create",
+    DDL("INSERT INTO authstate (scope, generation) VALUES ('api_keys', 0)"),
 )
 
 

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType
 from server.db import get_engine
@@ -110,14 +110,14 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily("halos_queue_oldest_age_seconds", "Age of the oldest queued job", value=age)
         attempts = CounterMetricFamily("halos_attempts", "Ended attempts by outcome", labels=["outcome"])
         for outcome, n in session.exec(
-            select(Attempt.outcome, func.count()).where(Attempt.outcome.is_not(None)).group_by(Attempt.outcome)
+            select(Attempt.outcome, func.count()).where(col(Attempt.outcome).is_not(None)).group_by(Attempt.outcome)
         ).all():
-            attempts.add_metric([outcome], n)
+            attempts.add_metric([outcome or ""], n)  # never None (filtered above)
         yield attempts
         expiries = session.exec(
             select(func.count())
             .select_from(Attempt)
-            .where(Attempt.outcome == "crashed", Attempt.error.like("lease expired%"))
+            .where(Attempt.outcome == "crashed", col(Attempt.error).like("lease expired%"))
         ).one()
         yield CounterMetricFamily("halos_lease_expiries", "Attempts ended by an expired lease", value=expiries)
         retries = session.exec(
@@ -136,7 +136,9 @@ class DatabaseCollector(Collector):
             labels=labels,
         )
         rows = session.exec(
-            select(Job.id, Job.step, Job.latest_metrics, Job.started_at, Round.run_id)
+            select(  # type: ignore[call-overload]  # sqlmodel's select() is typed for at most 4 columns
+                Job.id, Job.step, Job.latest_metrics, Job.started_at, Round.run_id
+            )
             .join(Round, Round.job_id == Job.id, isouter=True)
             .where(Job.status == JobStatus.running)
         ).all()
@@ -150,15 +152,15 @@ class DatabaseCollector(Collector):
             last = session.exec(
                 select(MetricPoint.data, MetricPoint.created_at)
                 .where(MetricPoint.job_id == job_id, MetricPoint.split == "train")
-                .order_by(MetricPoint.id.desc())
-                .limit(2)  # type: ignore[union-attr]
+                .order_by(col(MetricPoint.id).desc())
+                .limit(2)
             ).all()
             if len(last) == 2:
                 (d1, _), (d0, _) = last
                 t1, t0 = _float((d1 or {}).get("time")), _float((d0 or {}).get("time"))
                 s1, s0 = _float((d1 or {}).get("step")), _float((d0 or {}).get("step"))
-                if None not in (t1, t0, s1, s0) and s1 > s0:  # type: ignore[operator]
-                    step_time.add_metric(lv, (t1 - t0) / (s1 - s0))  # type: ignore[operator]
+                if t1 is not None and t0 is not None and s1 is not None and s0 is not None and s1 > s0:
+                    step_time.add_metric(lv, (t1 - t0) / (s1 - s0))
             if last:
                 t_last = _float((last[0][0] or {}).get("time")) or _aware(last[0][1]).timestamp()
             else:
@@ -175,8 +177,8 @@ class DatabaseCollector(Collector):
             deliveries.add_metric([status], counts.get(status, 0))
         yield deliveries
         failures = session.exec(
-            select(func.count()).select_from(WebhookAttempt).where(WebhookAttempt.ok.is_(False))
-        ).one()  # type: ignore[attr-defined]
+            select(func.count()).select_from(WebhookAttempt).where(col(WebhookAttempt.ok).is_(False))
+        ).one()
         yield CounterMetricFamily("halos_webhook_delivery_failures", "Failed webhook delivery attempts", value=failures)
 
 

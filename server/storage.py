@@ -21,10 +21,14 @@ import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
 from server.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 RAW_CONTENT_TYPES = frozenset({"application/json", "application/x-ndjson", "application/jsonl"})
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small `filename` field
@@ -289,7 +293,7 @@ async def receive_multipart(
         raise Unprocessable("multipart/form-data without a valid boundary", code="invalid_multipart")
 
     state = _MultipartState(file_field, filename_field)
-    callbacks = {
+    callbacks: MultipartCallbacks = {
         "on_part_begin": state.on_part_begin,
         "on_part_data": state.on_part_data,
         "on_part_end": state.on_part_end,
@@ -303,7 +307,7 @@ async def receive_multipart(
     received = 0
     try:
         try:
-            parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+            parser = MultipartParser(boundary, callbacks)
             async for chunk in chunks:
                 received += len(chunk)
                 if received > body_limit:

@@ -282,8 +282,8 @@ def _prepare(
         raise ValueError(f"job kind {claim.kind!r} with a {spec.kind!r} spec")
     # a retry starts over: what an earlier attempt wrote is not trusted
     run_dir.metrics_jsonl.unlink(missing_ok=True)
-    config = config_for_attempt(spec, job_id=claim.job_id, run_dir=str(run_dir.path.resolve()))
-    write_json_atomic(run_dir.run_json, config.model_dump(mode="json"))
+    attempt_config = config_for_attempt(spec, job_id=claim.job_id, run_dir=str(run_dir.path.resolve()))
+    write_json_atomic(run_dir.run_json, attempt_config.model_dump(mode="json"))
     python = settings.python_executable or sys.executable
     return [python, "-m", ENTRY_POINTS[claim.kind], "--config", str(run_dir.run_json)]
 

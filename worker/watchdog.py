@@ -160,7 +160,7 @@ def kill_group(
     tick: Callable[[], None] | None = None,
     tick_every: float = 1.0,
     poll: float = 0.05,
-    reap: Callable[[], None] | None = None,
+    reap: Callable[[], object] | None = None,
 ) -> bool:
     """SIGTERM the job's processes (group + marked), wait up to `grace_s`, SIGKILL what is left;
     True when nothing is left.

@@ -199,17 +199,21 @@ COLUMNS: dict[type[BaseModel], list[Column]] = {
 }
 
 
-def _list_table(items: list[BaseModel]) -> Table:
+def _list_table(items: Sequence[BaseModel]) -> Table:
     columns = COLUMNS.get(type(items[0]))
     if columns is None:  # a type without a column set: every top-level field
         names = list(type(items[0]).model_fields)
-        columns = [(n, (lambda o, n=n: getattr(o, n))) for n in names]
+        columns = [(n, _attribute(n)) for n in names]
     table = Table(show_edge=False, pad_edge=False)
     for header, _ in columns:
         table.add_column(header, no_wrap=header in ID_COLUMNS, overflow="fold")
     for item in items:
         table.add_row(*(_cell(get(item)) for _, get in columns))
     return table
+
+
+def _attribute(name: str) -> Callable[[Any], Any]:
+    return lambda o: getattr(o, name)
 
 
 def _fields_table(obj: BaseModel, skip: tuple[str, ...] = ()) -> Table:

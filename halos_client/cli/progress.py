@@ -7,6 +7,8 @@ changes, so a log shows how the job went without control characters.
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
@@ -60,7 +62,7 @@ class JobProgress:
             self._progress.stop()
 
     def __call__(self, job: m.JobOut) -> None:
-        fields = _summary(job)
+        fields: dict[str, Any] = _summary(job)  # rich types **fields against update's named arguments
         if self._progress is not None and self._task is not None:
             total = job.progress.total_steps
             done = total if job.status == "succeeded" and total else job.progress.round_step

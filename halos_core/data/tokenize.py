@@ -59,7 +59,7 @@ class ChatEncoder:
         self._specials = {
             x for x in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if x is not None
         }
-        self.encode = lru_cache(maxsize=cache_size)(self._encode)  # type: ignore[method-assign]
+        self.encode = lru_cache(maxsize=cache_size)(self._encode)  # type: ignore[method-assign]  # a per-instance cache
 
     # ---- template helpers
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:

@@ -52,7 +52,7 @@ from .records import FeedbackLimits, FeedbackSummary, Turn
 MAX_CHUNK = 8 << 20
 SCHEMA_DEPTH = 5  # record > list of turns > turn > list of content parts > part
 
-Role = Literal.__getitem__(tuple(sorted(ROLES)))  # type: ignore[attr-defined]
+Role = Literal.__getitem__(tuple(sorted(ROLES)))  # type: ignore[attr-defined]  # a Literal built from ROLES
 NonEmpty = Annotated[str, Meta(min_length=1)]
 Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 

@@ -17,7 +17,7 @@ limit (429 + Retry-After) and yields the caller's `Principal`; every service cal
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
@@ -138,9 +138,11 @@ async def get_principal(
     # Async, with its database reads in run_blocking_db: on SQLite a request then costs one
     # thread-pool hop (the handler), not three.
     if not settings.auth_enabled:
-        project_id = getattr(request.app.state, "default_project_id", None) or await run_in_threadpool(
-            _default_project_id, request, settings, session
-        )  # may write (once): never on the event loop
+        project_id = getattr(request.app.state, "default_project_id", None)
+        if not project_id:  # may write (once): never on the event loop
+            # a name of its own: assigned to `project_id`, mypy would infer the call's result as Optional
+            created: str = await run_in_threadpool(_default_project_id, request, settings, session)
+            project_id = created
         principal = Principal(project_id=project_id, key_id=None)
         client = request.client.host if request.client else "local"
         limiter_key = f"anon:{client}"
@@ -229,7 +231,7 @@ class JsonBodyLimitRoute(APIRoute):
     Checked up front from Content-Length and counted while reading (chunked bodies), before
     FastAPI parses the JSON, so a huge body never sits in memory."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         limit = MAX_JSON_BODY_BYTES
 

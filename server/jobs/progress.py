@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType
 from server.events import job_event
@@ -29,7 +29,7 @@ def mark_attempt_started(
         return True
     result = session.exec(
         update(Attempt)
-        .where(Attempt.job_id == job_id, Attempt.lease_token == lease_token, Attempt.ended_at.is_(None))
+        .where(col(Attempt.job_id) == job_id, col(Attempt.lease_token) == lease_token, col(Attempt.ended_at).is_(None))
         .values(**values)
     )
     session.commit()
@@ -81,7 +81,7 @@ def record_progress(
                     values[key] = int(latest_train[key])
                 except (TypeError, ValueError):
                     pass
-        session.exec(update(Job).where(Job.id == job_id, Job.lease_token == lease_token).values(**values))
+        session.exec(update(Job).where(col(Job.id) == job_id, col(Job.lease_token) == lease_token).values(**values))
     session.commit()
 
 
@@ -89,7 +89,7 @@ def _held(session: Session, job_id: str, lease_token: str) -> Job | None:
     """The job, row-locked, if `lease_token` holds it (else None)."""
     return session.exec(
         select(Job)
-        .where(Job.id == job_id, Job.lease_token == lease_token, Job.status.in_(list(LIVE_STATUSES)))
+        .where(Job.id == job_id, Job.lease_token == lease_token, col(Job.status).in_(list(LIVE_STATUSES)))
         .with_for_update()
         .execution_options(populate_existing=True)
     ).one_or_none()

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from server.models import Attempt, Job, JobStatus, Round, utcnow
 
@@ -20,6 +20,10 @@ def seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+@overload
+def trim(text: str) -> str: ...
+@overload
+def trim(text: None) -> None: ...
 def trim(text: str | None) -> str | None:
     """Error text for the database: NUL characters dropped (Postgres text rejects them; a trainer's
     log tail can hold them), at most MAX_ERROR_CHARS (the tail is kept)."""
@@ -71,7 +75,7 @@ def round_of(session: Session, job_id: str) -> Round | None:
 def close_attempt(session: Session, job_id: str, attempt: int, outcome: str, error: str | None, now: datetime) -> None:
     session.exec(
         update(Attempt)
-        .where(Attempt.job_id == job_id, Attempt.attempt == attempt, Attempt.ended_at.is_(None))
+        .where(col(Attempt.job_id) == job_id, col(Attempt.attempt) == attempt, col(Attempt.ended_at).is_(None))
         .values(ended_at=now, outcome=outcome, error=trim(error))
     )
 
@@ -85,9 +89,9 @@ def transition(
     extra_where: Iterable[Any] = (),
 ) -> bool:
     """The one primitive: UPDATE job SET … WHERE id=? AND status IN (…) [AND lease_token=?]."""
-    stmt = update(Job).where(Job.id == job_id, Job.status.in_(list(from_statuses)), *extra_where)
+    stmt = update(Job).where(col(Job.id) == job_id, col(Job.status).in_(list(from_statuses)), *extra_where)
     if lease_token is not None:
-        stmt = stmt.where(Job.lease_token == lease_token)
+        stmt = stmt.where(col(Job.lease_token) == lease_token)
     values = {**values, "updated_at": values.get("updated_at") or utcnow()}
     result = session.exec(stmt.values(**values))
     return result.rowcount == 1

@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType
 from server.events import job_event
@@ -63,6 +63,14 @@ def crash_count(session: Session, job_id: str) -> int:
     ).one()
 
 
+def _updated(session: Session, job_id: str) -> Job:
+    """The row this transaction has just updated (and so holds locked): it exists."""
+    job = load(session, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
 def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff_s: float) -> str:
     """Called with the attempt already closed as `crashed` and the job row guarded by the caller."""
     job_event(session, job.id, EventType.job_attempt_crashed, attempt=job.attempt, data={"reason": error})
@@ -74,7 +82,7 @@ def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff
         delay = backoff_s * (2 ** max(crashes - 1, 0))
         session.exec(
             update(Job)
-            .where(Job.id == job.id)
+            .where(col(Job.id) == job.id)
             .values(
                 status=JobStatus.queued,
                 lease_token=None,
@@ -109,7 +117,7 @@ def resolve_crash(session: Session, job: Job, error: str, now: datetime, backoff
 def set_terminal(session: Session, job: Job, status: JobStatus, error: str | None, now: datetime) -> None:
     session.exec(
         update(Job)
-        .where(Job.id == job.id)
+        .where(col(Job.id) == job.id)
         .values(
             status=status,
             error=trim(error),
@@ -245,12 +253,15 @@ def claim(
             job_id,
             [JobStatus.queued],
             values,
-            extra_where=[or_(Job.not_before.is_(None), Job.not_before <= now), Job.cancel_requested.is_(False)],
+            extra_where=[
+                or_(col(Job.not_before).is_(None), col(Job.not_before) <= now),
+                col(Job.cancel_requested).is_(False),
+            ],
         )
         if not ok:
             session.rollback()
             return None
-        job = load(session, job_id)
+        job = _updated(session, job_id)
         claimed = Claim(
             job_id=job.id,
             attempt=job.attempt,
@@ -394,7 +405,7 @@ def finish(
     except Exception:
         session.rollback()
         raise
-    return reload_and_end(session, job_id)
+    return get(session, job_id)
 
 
 def release(session: Session, job_id: str, lease_token: str, reason: str, *, now: datetime | None = None) -> bool:
@@ -461,7 +472,7 @@ def request_cancel(session: Session, job_id: str, *, now: datetime | None = None
     except Exception:
         session.rollback()
         raise
-    return reload_and_end(session, job_id)
+    return get(session, job_id)
 
 
 def expire_leases(session: Session, now: datetime | None = None, *, retry_backoff_s: float | None = None) -> list[str]:
@@ -477,20 +488,20 @@ def expire_leases(session: Session, now: datetime | None = None, *, retry_backof
     try:
         rows = session.exec(
             select(Job.id, Job.lease_token, Job.lease_expires_at).where(
-                Job.status.in_(list(LIVE_STATUSES)),
-                or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+                col(Job.status).in_(list(LIVE_STATUSES)),
+                or_(col(Job.lease_expires_at).is_(None), col(Job.lease_expires_at) < now),
             )
         ).all()
         for job_id, token, expires in rows:
-            guard = [or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)]
+            guard = [or_(col(Job.lease_expires_at).is_(None), col(Job.lease_expires_at) < now)]
             stmt_ok = (
                 session.exec(
                     update(Job)
                     .where(
-                        Job.id == job_id,
-                        Job.status.in_(list(LIVE_STATUSES)),
+                        col(Job.id) == job_id,
+                        col(Job.status).in_(list(LIVE_STATUSES)),
                         *guard,
-                        (Job.lease_token == token) if token is not None else Job.lease_token.is_(None),
+                        (col(Job.lease_token) == token) if token is not None else col(Job.lease_token).is_(None),
                     )
                     .values(updated_at=now)
                 ).rowcount
@@ -498,7 +509,7 @@ def expire_leases(session: Session, now: datetime | None = None, *, retry_backof
             )
             if not stmt_ok:
                 continue
-            job = load(session, job_id)
+            job = _updated(session, job_id)
             error = f"lease expired at {expires.isoformat() if expires else '?'} (worker lost or stalled)"
             close_attempt(session, job_id, job.attempt, "crashed", error, now)
             resolve_crash(session, job, error, now, backoff)
@@ -542,10 +553,10 @@ def claimable_unheld(session: Session, now: datetime | None = None, older_than: 
         select(Job.id, Job.published_at, Job.queued_at)
         .where(
             Job.status == JobStatus.queued,
-            or_(Job.not_before.is_(None), Job.not_before <= now),
-            or_(Job.published_at.is_(None), Job.published_at <= cutoff),
+            or_(col(Job.not_before).is_(None), col(Job.not_before) <= now),
+            or_(col(Job.published_at).is_(None), col(Job.published_at) <= cutoff),
         )
-        .order_by(Job.queued_at)
+        .order_by(col(Job.queued_at))
     ).all()
     session.commit()  # end the read transaction without expiring the caller's objects
     due = []
@@ -564,7 +575,7 @@ def mark_published(session: Session, job_ids: str | Iterable[str], now: datetime
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
     if not ids:
         return
-    session.exec(update(Job).where(Job.id.in_(ids)).values(published_at=now))
+    session.exec(update(Job).where(col(Job.id).in_(ids)).values(published_at=now))
     session.commit()
 
 
@@ -572,7 +583,7 @@ def unpublished_children(session: Session, parent_job_id: str) -> list[str]:
     """Children promoted by `finish` that still need a publish."""
     ids = session.exec(
         select(Job.id).where(
-            Job.parent_job_id == parent_job_id, Job.status == JobStatus.queued, Job.published_at.is_(None)
+            Job.parent_job_id == parent_job_id, Job.status == JobStatus.queued, col(Job.published_at).is_(None)
         )
     ).all()
     session.commit()

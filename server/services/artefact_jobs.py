@@ -91,9 +91,9 @@ def resolve_generator(session: Session, principal: Principal, body: SamplingJobC
     head = head_checkpoint(session, run)
     if head is not None:
         return _checkpoint_generator(session, head, "run_id")
-    model = session.get(Model, run.model_id)
-    assert model is not None  # FK-enforced
-    return Generator(model_path=model.path, model_id=model.id, run_id=run.id)
+    base = session.get(Model, run.model_id)
+    assert base is not None  # FK-enforced
+    return Generator(model_path=base.path, model_id=base.id, run_id=run.id)
 
 
 def create_sampling_job(session: Session, settings: Settings, principal: Principal, body: SamplingJobCreate) -> Job:

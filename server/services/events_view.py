@@ -45,7 +45,7 @@ def list_events(session: Session, principal: Principal, job_id: str, after: int 
     job = get_job(session, principal, job_id)
     limit = max(1, min(limit, MAX_EVENTS_PAGE))
     rows = session.exec(
-        select(Event).where(Event.job_id == job.id, Event.id > (after or 0)).order_by(col(Event.id)).limit(limit)
+        select(Event).where(Event.job_id == job.id, col(Event.id) > (after or 0)).order_by(col(Event.id)).limit(limit)
     ).all()
     session.commit()
     items = [event_out(e) for e in rows]
@@ -85,14 +85,14 @@ def read_batch(session: Session, job_id: str, position: StreamPosition, metrics:
     status = session.exec(select(Job.status).where(Job.id == job_id)).one()
     events = session.exec(
         select(Event)
-        .where(Event.job_id == job_id, Event.id > position.event_id)
+        .where(Event.job_id == job_id, col(Event.id) > position.event_id)
         .order_by(col(Event.id))
         .limit(STREAM_EVENT_BATCH)
     ).all()
     points = (
         session.exec(
             select(MetricPoint)
-            .where(MetricPoint.job_id == job_id, MetricPoint.id > position.metric_id)
+            .where(MetricPoint.job_id == job_id, col(MetricPoint.id) > position.metric_id)
             .order_by(col(MetricPoint.id))
             .limit(STREAM_METRIC_BATCH)
         ).all()

@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from server.errors import Unprocessable
 from server.models import IdempotencyRecord, utcnow
@@ -89,6 +89,6 @@ def remember(
 
 def purge_expired(session: Session, ttl_hours: int) -> int:
     cutoff = utcnow() - timedelta(hours=ttl_hours)
-    result = session.exec(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < cutoff))  # type: ignore[call-overload]
+    result = session.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))
     session.commit()
     return int(result.rowcount or 0)

@@ -201,11 +201,16 @@ def _label_studio_changes(integration: Integration, payload: Any) -> list[Change
     return []  # other events (tasks, projects) are not ours to record
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object of the payload, or {} where it is missing or not an object."""
+    return value if isinstance(value, dict) else {}
+
+
 def _argilla_record(integration: Integration, response: dict[str, Any]) -> dict[str, Any]:
-    record = response.get("record") if isinstance(response.get("record"), dict) else {}
-    fields = record.get("fields") if isinstance(record.get("fields"), dict) else {}
-    metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    values = response.get("values") if isinstance(response.get("values"), dict) else {}
+    record = _object(response.get("record"))
+    fields = _object(record.get("fields"))
+    metadata = _object(record.get("metadata"))
+    values = _object(response.get("values"))
     prompt = fields.get("prompt")
     if not isinstance(prompt, str):
         raise Unprocessable(
@@ -306,7 +311,7 @@ def seal(session: Session, settings: Settings, principal: Principal, integration
             select(DraftAnnotation)
             .where(
                 DraftAnnotation.integration_id == integration.id,
-                DraftAnnotation.deleted.is_(False),  # type: ignore[attr-defined]
+                col(DraftAnnotation.deleted).is_(False),
                 col(DraftAnnotation.sealed_into).is_(None),
             )
             .order_by(col(DraftAnnotation.id))

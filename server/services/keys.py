@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from server.errors import Conflict, NotFound
 from server.models import ApiKey, AuthState, Project, utcnow
@@ -97,7 +97,9 @@ def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey:
 
 
 def _bump_generation(session: Session) -> None:
-    bumped = session.execute(text(f"UPDATE authstate SET generation = generation + 1 WHERE scope = '{KEY_SCOPE}'"))
+    bumped = session.connection().execute(
+        text(f"UPDATE authstate SET generation = generation + 1 WHERE scope = '{KEY_SCOPE}'")
+    )
     if bumped.rowcount == 0:  # a database made without the row: create it past every generation seen (0)
         session.add(AuthState(scope=KEY_SCOPE, generation=1))
 
@@ -112,7 +114,7 @@ def list_api_keys(session: Session, project_name: str | None = None) -> list[tup
     query = select(ApiKey, Project).where(ApiKey.project_id == Project.id)
     if project_name is not None:
         query = query.where(Project.name == project_name)
-    return [(k, p) for k, p in session.exec(query.order_by(ApiKey.created_at)).all()]
+    return [(k, p) for k, p in session.exec(query.order_by(col(ApiKey.created_at))).all()]
 
 
 def _lookup(session: Session, key_hash: str) -> Principal | None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import cast
 
 from sqlmodel import Session
 
-from halos_core.feedback import read_records
+from halos_core.feedback import SampledRecord, read_records
 from halos_core.feedback.labelstudio import records_from_export, tasks_from_samples
 from server.errors import Unprocessable
 from server.models import FeedbackFile
@@ -32,7 +33,8 @@ def tasks_json(settings: Settings, fb: FeedbackFile, config: str) -> Iterator[by
 
     def generate() -> Iterator[bytes]:
         yield b"["
-        for i, task in enumerate(tasks_from_samples(read_records(path), config)):  # type: ignore[arg-type]
+        samples = cast(Iterator[SampledRecord], read_records(path))  # a samples file (its kind checked above)
+        for i, task in enumerate(tasks_from_samples(samples, config)):
             yield (b"," if i else b"") + json.dumps(task, ensure_ascii=False).encode()
         yield b"]"
 

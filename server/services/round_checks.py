@@ -71,7 +71,7 @@ def effective_config(
             code="invalid_loss",
             details={"field": "loss", **validation_details(exc.errors())},
         ) from exc
-    patch = body.hyperparams.model_dump(exclude_unset=True) if body.hyperparams is not None else {}
+    patch: dict[str, Any] = body.hyperparams.model_dump(exclude_unset=True) if body.hyperparams is not None else {}
     try:
         hp = Hyperparams.model_validate({**(run.hyperparams or {}), **patch})
     except ValidationError as exc:

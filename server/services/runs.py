@@ -283,6 +283,7 @@ def create_round(
             session.rollback()  # a concurrent round took this index, or the same key won: look again
             continue
         except ParentFailed as exc:  # the parent failed between the check above and the insert
+            assert latest is not None  # only a job with a parent (the latest round's) is refused
             raise parent_round_failed(latest, exc.status) from exc
         session.commit()  # end the read transaction submit's refresh opened (SQLite: it holds the write lock)
         if job.status == JobStatus.queued:

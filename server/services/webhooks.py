@@ -87,9 +87,7 @@ def delete(session: Session, principal: Principal, webhook_id: str) -> None:
     session.add(w)
     session.exec(
         update(OutboundDelivery)
-        .where(  # type: ignore[call-overload]
-            OutboundDelivery.endpoint_id == w.id, OutboundDelivery.status == "pending"
-        )
+        .where(col(OutboundDelivery.endpoint_id) == w.id, col(OutboundDelivery.status) == "pending")
         .values(status="failed", last_error="endpoint deleted", finished_at=now)
     )
     session.commit()
@@ -164,10 +162,8 @@ def redeliver(session: Session, principal: Principal, webhook_id: str, delivery_
         raise not_found("delivery", delivery_id)
     session.exec(
         update(OutboundDelivery)
-        .where(OutboundDelivery.id == d.id)
-        .values(  # type: ignore[call-overload]
-            status="pending", next_attempt_at=utcnow(), finished_at=None, lease_owner=None, lease_expires_at=None
-        )
+        .where(col(OutboundDelivery.id) == d.id)
+        .values(status="pending", next_attempt_at=utcnow(), finished_at=None, lease_owner=None, lease_expires_at=None)
     )
     session.commit()
     session.refresh(d)

@@ -144,7 +144,7 @@ class Exporter:
         """One pass over every link; returns how many points were exported."""
         engine = get_engine(self.settings)
         with Session(engine, expire_on_commit=False) as session:
-            link_ids = list(session.exec(select(TrackingLink.id)).all())
+            link_ids = [i for i in session.exec(select(TrackingLink.id)).all() if i is not None]  # primary keys
             session.commit()
         total = 0
         for link_id in link_ids:
@@ -157,10 +157,8 @@ class Exporter:
                     self.backends.pop(link_id, None)
                     session.exec(
                         update(TrackingLink)
-                        .where(TrackingLink.id == link_id)
-                        .values(  # type: ignore[call-overload]
-                            last_error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-                        )
+                        .where(col(TrackingLink.id) == link_id)
+                        .values(last_error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
                     )
                     session.commit()
         return total
@@ -171,8 +169,9 @@ class Exporter:
         claimed = (
             session.exec(
                 update(TrackingLink)
-                .where(  # type: ignore[call-overload]
-                    TrackingLink.id == link_id, or_(TrackingLink.updated_at <= stale, TrackingLink.updated_at.is_(None))
+                .where(
+                    col(TrackingLink.id) == link_id,
+                    or_(col(TrackingLink.updated_at) <= stale, col(TrackingLink.updated_at).is_(None)),
                 )
                 .values(updated_at=now)
             ).rowcount
@@ -206,11 +205,7 @@ class Exporter:
             self.backends[link_id] = backend
             if tracking_run_id != link.tracking_run_id:  # stored at once: every later process resumes it
                 session.exec(
-                    update(TrackingLink)
-                    .where(TrackingLink.id == link_id)
-                    .values(  # type: ignore[call-overload]
-                        tracking_run_id=tracking_run_id
-                    )
+                    update(TrackingLink).where(col(TrackingLink.id) == link_id).values(tracking_run_id=tracking_run_id)
                 )
                 session.commit()
         n = 0
@@ -221,10 +216,8 @@ class Exporter:
         backend.set_lineage(tags)
         session.exec(
             update(TrackingLink)
-            .where(TrackingLink.id == link_id)
-            .values(  # type: ignore[call-overload]
-                exported={"steps": steps, "tags": tags}, last_error=None, updated_at=utcnow()
-            )
+            .where(col(TrackingLink.id) == link_id)
+            .values(exported={"steps": steps, "tags": tags}, last_error=None, updated_at=utcnow())
         )
         session.commit()
         if all(JobStatus(j.status) in TERMINAL_STATUSES for j in jobs.values()):

@@ -61,7 +61,7 @@ def resolve_allowed(host: str, port: int, allowed: Iterable[str]) -> IPAddress:
         raise AddressRefused(f"cannot resolve {host!r}: {exc}") from exc
     reasons = []
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # IPv4/IPv6 (SOCK_STREAM): a str
         why = refusal(ip, allowed)
         if why is None:
             return ip

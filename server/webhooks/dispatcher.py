@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy import or_, update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from server.db import get_engine
 from server.models import OutboundDelivery, WebhookAttempt, WebhookEndpoint, utcnow
@@ -67,19 +67,19 @@ def claim(session: Session, owner: str, settings: Settings, now: datetime | None
         .where(
             OutboundDelivery.status == "pending",
             OutboundDelivery.next_attempt_at <= now,
-            or_(OutboundDelivery.lease_expires_at.is_(None), OutboundDelivery.lease_expires_at < now),
+            or_(col(OutboundDelivery.lease_expires_at).is_(None), col(OutboundDelivery.lease_expires_at) < now),
         )
-        .order_by(OutboundDelivery.next_attempt_at)
+        .order_by(col(OutboundDelivery.next_attempt_at))
         .limit(settings.webhook_batch_size)
         .with_for_update(skip_locked=True)
     )
     try:
         ids = (
-            session.exec(  # type: ignore[call-overload]
+            session.exec(
                 update(OutboundDelivery)
-                .where(OutboundDelivery.id.in_(due.scalar_subquery()))
+                .where(col(OutboundDelivery.id).in_(due.scalar_subquery()))
                 .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.webhook_lease_s))
-                .returning(OutboundDelivery.id)
+                .returning(col(OutboundDelivery.id))
             )
             .scalars()
             .all()
@@ -184,7 +184,7 @@ def record(
                 values |= {"status": "failed", "finished_at": now}
             else:
                 values["next_attempt_at"] = next_at
-        session.exec(update(OutboundDelivery).where(OutboundDelivery.id == d.id).values(**values))  # type: ignore[call-overload]
+        session.exec(update(OutboundDelivery).where(col(OutboundDelivery.id) == d.id).values(**values))
         session.commit()
         return values.get("status", "pending")
     except Exception:
@@ -195,10 +195,10 @@ def record(
 def give_up_deleted(session: Session, claimed: Claimed, owner: str) -> None:
     session.exec(
         update(OutboundDelivery)
-        .where(  # type: ignore[call-overload]
-            OutboundDelivery.id == claimed.id,
-            OutboundDelivery.lease_owner == owner,
-            OutboundDelivery.status == "pending",
+        .where(
+            col(OutboundDelivery.id) == claimed.id,
+            col(OutboundDelivery.lease_owner) == owner,
+            col(OutboundDelivery.status) == "pending",
         )
         .values(
             status="failed",

@@ -129,7 +129,7 @@ def test_attempts_are_bounded_and_the_last_answer_is_raised() -> None:
     with Client("http://halos", transport=transport, retry=FAST) as client:
         with pytest.raises(Exception) as caught:
             client.models.get("mdl_1")
-        assert len(seen) == FAST.max_attempts and caught.value.status == 503  # type: ignore[attr-defined]
+        assert len(seen) == FAST.max_attempts and caught.value.status == 503  # type: ignore[attr-defined]  # an APIStatusError
     transport, seen = scripted(httpx.ConnectError)
     with Client("http://halos", transport=transport, retry=FAST) as client:
         with pytest.raises(APIConnectionError):

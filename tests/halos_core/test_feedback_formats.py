@@ -308,7 +308,7 @@ def test_derived_prompt_ids_group_equal_prompts_and_separate_different_ones():
 def test_normal_form_is_frozen_and_strict():
     r = HALOS_BINARY_NORMAL[0]
     with pytest.raises(ValidationError):
-        r.label = 0  # type: ignore[misc]
+        r.label = 0  # type: ignore[misc]  # the point: a frozen record refuses it
     with pytest.raises(ValidationError):
         BinaryRecord(prompt_id="x", prompt=[U("q")], output=[A("a")], label=2)
     with pytest.raises(ValidationError):

@@ -352,7 +352,7 @@ def test_stateful_links(live: Live) -> None:
 
     answers: list[tuple[str, int]] = []
 
-    class Machine(base):  # type: ignore[valid-type, misc]
+    class Machine(base):  # type: ignore[valid-type, misc]  # a class schemathesis builds at runtime
         def before_call(self, case: Any) -> None:
             realize(case, live, stateful=True)
 
