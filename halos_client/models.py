@@ -269,7 +269,7 @@ class RetentionKept(BaseModel):
     checkpoint_id: str
     round_index: int | None = None
     state: Literal["whole", "optimizer_pruned", "pruned"]
-    reasons: list[str] = Field(description="head | pinned | needed_by_job:<id> | recent")
+    reasons: list[str] = Field(description="head | pinned | needed_by_job:<id> | recent | outside_data_dir")
 
 
 class RetentionPlan(BaseModel):

@@ -74,7 +74,7 @@ class _Decision:
     reasons: list[str]
 
 
-def _decide(session: Session, run: Run, policy: RetentionPolicy) -> list[_Decision]:
+def _decide(session: Session, run: Run, policy: RetentionPolicy, data_dir: Path) -> list[_Decision]:
     rows = session.exec(
         select(Checkpoint, Round.index)
         .join(Round, col(Round.id) == col(Checkpoint.round_id))
@@ -95,6 +95,8 @@ def _decide(session: Session, run: Run, policy: RetentionPolicy) -> list[_Decisi
             reasons.append(f"needed_by_job:{needed[ckpt.id]}")
         if rank < keep:
             reasons.append("recent")
+        if not files.inside(files.resolve(data_dir, ckpt.path), data_dir):
+            reasons.append("outside_data_dir")  # not the server's to remove (files.execute would refuse)
         target = WHOLE if reasons else (OPTIMIZER_PRUNED if rank < weights else PRUNED)
         out.append(_Decision(ckpt, index, target, reasons))
     return out
@@ -109,7 +111,7 @@ def plan(session: Session, run: Run, settings: Settings) -> RetentionPlan:
     """What the policy would remove now (nothing is changed)."""
     policy = effective_policy(run, settings)
     actions, kept = [], []
-    for d in _decide(session, run, policy):
+    for d in _decide(session, run, policy, settings.data_dir):
         if _RANK[d.target] > _RANK[d.ckpt.state]:
             actions.append(
                 RetentionAction(

@@ -404,3 +404,48 @@ def test_upload_with_same_bytes_during_a_delete_keeps_the_blob(client, client_b,
     # the removal re-checks the blob's users: in use again, it was kept
     assert client_b.get(f"/v1/feedback/{uploaded['b']['id']}/content").status_code == 200
     _assert_fsck_ok(session, settings)
+
+
+KILLED_DELETE = """
+import os, signal, sys
+from sqlmodel import Session
+from server.db import get_engine
+from server.services.keys import Principal
+from server.settings import Settings
+from server.storage_lifecycle import deletion, files
+
+real = files.execute
+
+def execute_then_die(actions, data_dir):
+    real(actions[:1], data_dir)  # the first directory goes, then the process is SIGKILLed
+    os.kill(os.getpid(), signal.SIGKILL)
+
+files.execute = execute_then_die
+settings = Settings()
+with Session(get_engine(settings), expire_on_commit=False) as session:
+    deletion.delete_run(session, settings, Principal(project_id=sys.argv[1], key_id=None), sys.argv[2])
+"""
+
+
+def test_a_delete_sigkilled_half_way_is_finished_by_the_sweeper(client, session, settings, model, fb):
+    """A real process deleting a run is SIGKILLed after removing the first of its directories."""
+    run = _new_run(client, model)
+    made = [_trained_round(client, session, settings, run["id"], fb["id"], step=4 * (i + 1)) for i in range(2)]
+    project_id = session.exec(select(Run)).first().project_id
+    session.rollback()
+    env = {**os.environ, "HALOS_DATA_DIR": str(settings.data_dir), "HALOS_DATABASE_URL": settings.db_url}
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_DELETE, project_id, run["id"]], env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    left = [r["job_id"] for r, _ in made if (settings.runs_dir / r["job_id"]).exists()]
+    assert len(left) == 1  # half-way: one run directory removed, one still there
+    assert client.get(f"/v1/runs/{run['id']}").status_code == 404  # the rows were committed first
+    assert {client.get(f"/v1/checkpoints/{c}").json()["state"] for _, c in made} == {"pruned"}
+    assert not fsck(session, settings).ok
+
+    from server.storage_lifecycle import maintenance
+
+    assert len(maintenance.finish_intents(session, settings)) == 1
+    assert not any((settings.runs_dir / r["job_id"]).exists() for r, _ in made)
+    _assert_fsck_ok(session, settings)
