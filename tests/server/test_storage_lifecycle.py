@@ -449,3 +449,35 @@ def test_a_delete_sigkilled_half_way_is_finished_by_the_sweeper(client, session,
     assert len(maintenance.finish_intents(session, settings)) == 1
     assert not any((settings.runs_dir / r["job_id"]).exists() for r, _ in made)
     _assert_fsck_ok(session, settings)
+
+
+def test_the_sdk_calls_the_storage_routes(client, keys, session, settings, model, fb):
+    """halos_client.Client over the same app: usage, retention, pin, deletions (idempotent)."""
+    from halos_client import Client
+    from halos_client.errors import ConflictError
+
+    import httpx
+
+    class Via(httpx.BaseTransport):  # the SDK's requests through the test client (the real app)
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            r = client.request(
+                request.method, request.url.raw_path.decode(), headers=request.headers, content=request.read()
+            )
+            return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+    sdk = Client("http://testserver", keys["alpha"], transport=Via())
+    run = _new_run(client, model)
+    _r1, c1 = _trained_round(client, session, settings, run["id"], fb["id"], step=4)
+    assert sdk.usage().counts["checkpoints_whole"] == 1
+    assert sdk.checkpoints.pin(c1).pinned is True and sdk.checkpoints.unpin(c1).pinned is False
+    plan = sdk.runs.set_retention(run["id"], keep_rounds=1)
+    assert plan.policy.keep_rounds == 1 and sdk.runs.retention(run["id"]).dry_run is True
+    assert sdk.runs.apply_retention(run["id"]).dry_run is False
+    with pytest.raises(ConflictError):
+        sdk.models.delete(model["id"])
+    sdk.runs.delete(run["id"])
+    sdk.runs.delete(run["id"])
+    sdk.models.delete(model["id"])
+    sdk.feedback.delete(fb["id"])
+    assert sdk.feedback.get(fb["id"]).deleted_at is not None
+    _assert_fsck_ok(session, settings)
