@@ -108,17 +108,15 @@ def worker_problem(claim: Claim, settings: Settings) -> str | None:
 
 def storage_problem(claim: Claim, settings: Settings) -> str | None:
     """The submit-time storage admission asked again right before the launch (the disk may have
-    filled since): the reference cache is trimmed first, then a round that still does not fit fails
-    with the figures instead of dying on ENOSPC half-way through a save."""
+    filled since): the reference cache is trimmed to its cap first, then a round that does not fit
+    fails with the figures instead of dying on ENOSPC half-way through a save."""
     if claim.kind != "round":
         return None
     try:
         spec = claim.job_spec()
     except ValidationError:
         return None
-    if usage.launch_problem(spec, settings) is None:
-        return None
-    usage.evict_reference_cache(settings)
+    usage.evict_reference_cache(settings)  # the cap holds at every launch, not only at the sweeper's pass
     return usage.launch_problem(spec, settings)
 
 
