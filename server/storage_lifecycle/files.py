@@ -130,11 +130,15 @@ def finish(session: Session, intent_ids: list[int], settings: Settings) -> None:
     for intent_id in intent_ids:
         intent = session.get(DeletionIntent, intent_id)
         if intent is None or intent.finished_at is not None:
+            session.commit()
             continue
         actions = [a for a in intent.actions or [] if not (a.get("blob") and blob_still_used(session, a["blob"]))]
+        session.commit()  # no transaction (on SQLite: no write lock) is held while GBs are removed
         execute(actions, data_dir)
-        intent.finished_at = utcnow()
-        session.add(intent)
+        intent = session.get(DeletionIntent, intent_id)
+        if intent is not None:
+            intent.finished_at = utcnow()
+            session.add(intent)
         session.commit()
 
 
