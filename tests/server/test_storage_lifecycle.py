@@ -453,10 +453,10 @@ def test_a_delete_sigkilled_half_way_is_finished_by_the_sweeper(client, session,
 
 def test_the_sdk_calls_the_storage_routes(client, keys, session, settings, model, fb):
     """halos_client.Client over the same app: usage, retention, pin, deletions (idempotent)."""
+    import httpx
+
     from halos_client import Client
     from halos_client.errors import ConflictError
-
-    import httpx
 
     class Via(httpx.BaseTransport):  # the SDK's requests through the test client (the real app)
         def handle_request(self, request: httpx.Request) -> httpx.Response:
