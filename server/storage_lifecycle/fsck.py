@@ -68,17 +68,19 @@ def fsck(session: Session, settings: Settings, *, verify_blobs: bool = True) -> 
     report.checked["checkpoints"] = len(ckpts)
 
     blobs = 0
-    for table, kind in ((FeedbackFile, "feedback"), (PromptSet, "prompt set")):
-        for row in session.exec(select(table)).all():
-            path = files.resolve(data_dir, row.storage_path)
-            if row.deleted_at is not None:
-                continue
-            accounted.add(path.resolve())
-            blobs += 1
-            if not path.is_file():
-                report.problems.append(f"{kind} {row.id}: its bytes {path} are missing")
-            elif verify_blobs and sha256_file(path) != row.sha256:
-                report.problems.append(f"{kind} {row.id}: {path} does not hash to its sha256")
+    stored: list[FeedbackFile | PromptSet] = [*session.exec(select(FeedbackFile)).all()]
+    stored += session.exec(select(PromptSet)).all()
+    for row in stored:
+        kind = "feedback" if isinstance(row, FeedbackFile) else "prompt set"
+        path = files.resolve(data_dir, row.storage_path)
+        if row.deleted_at is not None:
+            continue
+        accounted.add(path.resolve())
+        blobs += 1
+        if not path.is_file():
+            report.problems.append(f"{kind} {row.id}: its bytes {path} are missing")
+        elif verify_blobs and sha256_file(path) != row.sha256:
+            report.problems.append(f"{kind} {row.id}: {path} does not hash to its sha256")
     report.checked["blobs"] = blobs
 
     feedback_dir = settings.feedback_dir
