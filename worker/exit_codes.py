@@ -9,7 +9,7 @@
 |   rank killed by a signal as reported by the      |                                           |
 |   launcher ("died with <Signals.SIGKILL: 9>",     |                                           |
 |   torchrun "exitcode: -9")                        |                                           |
-| > 0 after "No space left on device" (ENOSPC)    | failed, "out of disk space …" + the tail  |
+| > 0 after "No space left on device" (ENOSPC)      | failed, "out of disk space …" + the tail  |
 | > 0 otherwise                                     | failed, error = the traceback tail        |
 
 `accelerate launch` itself exits 1 when a rank dies from a signal (it raises CalledProcessError),
