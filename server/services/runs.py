@@ -266,7 +266,7 @@ def create_round(
             gate=body.gate,
         )
         job.spec = spec.model_dump(mode="json")
-        check_admission(spec, settings)  # 507 before anything is inserted
+        check_admission(session, spec, settings)  # 507 before anything is inserted
         rnd = Round(
             project_id=principal.project_id,
             run_id=run.id,

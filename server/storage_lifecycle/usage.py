@@ -8,8 +8,9 @@ Admission: a round's output is estimated from its model's weights (bytes and dty
 config.json): a full-weight checkpoint holds the weights in fp32 plus AdamW's two fp32 moments
 (12 bytes per parameter); a LoRA round's final holds the merged weights (or only adapters), its
 intermediates only adapters. The final plus `INTERMEDIATE_KEPT` intermediates (when
-`checkpoint_every` is set) must fit in the free space minus `storage_reserve_bytes`: else the API
-refuses the round with 507 and the worker re-checks before launching.
+`checkpoint_every` is set), plus the estimates of the rounds queued or waiting before it, must fit
+in the free space minus `storage_reserve_bytes`: else the API refuses the round with 507. The
+worker re-checks the round alone before launching it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from halos_client.models import UsageOut
 from halos_core.job_spec import JobSpec
 from halos_core.run_dir import RunDir
 from server.errors import InsufficientStorage
-from server.models import Checkpoint, FeedbackFile, Job, PromptSet, Run
+from server.models import PENDING_STATUSES, Checkpoint, FeedbackFile, Job, PromptSet, Run
 from server.settings import Settings
 from server.storage_lifecycle import files
 
@@ -73,31 +74,48 @@ def estimate_round_bytes(spec: JobSpec) -> int:
     return final + adapters * intermediates
 
 
-def admission_problem(spec: JobSpec, settings: Settings) -> dict[str, Any] | None:
-    """None when the round fits, else the figures of why not."""
+def admission_problem(spec: JobSpec, settings: Settings, pending_bytes: int = 0) -> dict[str, Any] | None:
+    """None when the round fits (with `pending_bytes` promised to rounds not started yet), else the
+    figures of why not."""
     if not settings.storage_admission:
         return None
     estimate = estimate_round_bytes(spec)
     free = files.free_bytes(settings.data_dir)
-    if estimate <= free - settings.storage_reserve_bytes:
+    if estimate + pending_bytes <= free - settings.storage_reserve_bytes:
         return None
     return {
         "estimated_bytes": estimate,
+        "pending_bytes": pending_bytes,
         "free_bytes": free,
         "reserve_bytes": settings.storage_reserve_bytes,
         "data_dir": str(settings.data_dir),
     }
 
 
-def check_admission(spec: JobSpec, settings: Settings) -> None:
+def pending_round_bytes(session: Session) -> int:
+    """Estimated output of every round that has not started yet (waiting / queued, all projects:
+    they share the disk). Running rounds are not counted: what they write is on disk already."""
+    total = 0
+    specs = session.exec(select(Job.spec).where(Job.kind == "round", col(Job.status).in_(list(PENDING_STATUSES)))).all()
+    for spec in specs:
+        try:
+            total += estimate_round_bytes(JobSpec.model_validate(spec))
+        except ValueError:  # a spec no version of this code writes: the worker fails that job
+            continue
+    return total
+
+
+def check_admission(session: Session, spec: JobSpec, settings: Settings) -> None:
     """507 `insufficient_storage` at submit time."""
-    problem = admission_problem(spec, settings)
+    if not settings.storage_admission:
+        return
+    problem = admission_problem(spec, settings, pending_round_bytes(session))
     if problem is not None:
         raise InsufficientStorage(
-            f"the round's checkpoints need about {problem['estimated_bytes']} bytes but the data dir has "
-            f"{problem['free_bytes']} free and keeps {problem['reserve_bytes']} in reserve "
-            "(HALOS_STORAGE_RESERVE_BYTES); free space: apply retention (POST /v1/runs/{id}/retention/apply), "
-            "delete runs or feedback, or see GET /v1/usage",
+            f"the round's checkpoints need about {problem['estimated_bytes']} bytes (and rounds not started yet "
+            f"{problem['pending_bytes']}) but the data dir has {problem['free_bytes']} free and keeps "
+            f"{problem['reserve_bytes']} in reserve (HALOS_STORAGE_RESERVE_BYTES); free space: apply retention "
+            "(POST /v1/runs/{id}/retention/apply), delete runs or feedback, or see GET /v1/usage",
             details=problem,
         )
 

@@ -285,26 +285,40 @@ def test_usage_readyz_and_gauges(client, anon, session, settings, model, fb):
     )
 
 
-def test_admission_refuses_a_round_that_does_not_fit(client, session, settings, model, fb):
+def test_admission_refuses_a_round_that_does_not_fit(client, session, settings, model, fb, monkeypatch):
+    # The data dir's free space is pinned (the disk is shared: its free space moves while the test
+    # runs); the real ENOSPC behaviour is tests/halos_core/test_checkpoint_enospc.py's.
+    monkeypatch.setattr(files, "free_bytes", lambda path: 1000)
+    settings.storage_reserve_bytes = 600  # 400 bytes usable
     run = _new_run(client, model)
-    settings.storage_reserve_bytes = files.free_bytes(settings.data_dir)  # nothing fits on top of the reserve
+    # 64 bytes of fp32 weights (make_model_dir) = 16 parameters x 12 bytes (weights + AdamW's 2 moments)
+    first = _round(client, run["id"], fb["id"])  # 192 <= 400
+    _round(client, run["id"], fb["id"])  # 192 + 192 queued/waiting <= 400
     resp = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]})
     assert resp.status_code == 507, resp.text
     err = resp.json()["error"]
     assert err["code"] == "insufficient_storage"
-    # 64 bytes of fp32 weights (make_model_dir) = 16 parameters x 12 bytes
-    assert err["details"]["estimated_bytes"] == 16 * 12 and err["details"]["free_bytes"] > 0
-    assert client.get(f"/v1/runs/{run['id']}").json()["rounds"] == []  # nothing inserted
+    assert err["details"] == {
+        "estimated_bytes": 192,
+        "pending_bytes": 384,
+        "free_bytes": 1000,
+        "reserve_bytes": 600,
+        "data_dir": str(settings.data_dir),
+    }
+    assert len(client.get(f"/v1/runs/{run['id']}").json()["rounds"]) == 2  # nothing inserted
+    settings.storage_admission = False
+    assert client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}).status_code == 201
+    settings.storage_admission = True
 
-    settings.storage_reserve_bytes = 0
-    rnd = _round(client, run["id"], fb["id"])
-    settings.storage_reserve_bytes = files.free_bytes(settings.data_dir)  # the disk filled since submit
+    # the disk filled since submit: the worker's re-check before the launch fails the round
     from worker import runner
 
-    claim = jobs.claim(session, rnd["job_id"], "test-host", 1, 60)
+    claim = jobs.claim(session, first["job_id"], "test-host", 1, 60)
+    assert runner.storage_problem(claim, settings) is None  # 192 <= 400: its own estimate only
+    monkeypatch.setattr(files, "free_bytes", lambda path: 700)
     problem = runner.storage_problem(claim, settings)
     session.rollback()
-    assert problem is not None and problem.startswith("insufficient storage")
+    assert problem is not None and problem.startswith("insufficient storage") and "192" in problem
 
 
 def test_reference_cache_lru_cap(settings):
