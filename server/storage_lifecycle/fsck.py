@@ -37,51 +37,58 @@ class FsckReport:
 
 
 def fsck(session: Session, settings: Settings, *, verify_blobs: bool = True) -> FsckReport:
+    """The rows are read first, in one short transaction; the disk is checked after it ended (hashing
+    every checkpoint takes minutes; on SQLite an open write transaction would hold the API's writers)."""
+    ckpts = [(c.id, c.path, c.state) for c in session.exec(select(Checkpoint)).all()]
+    blobs = [
+        ("feedback", r.id, r.storage_path, r.sha256)
+        for r in session.exec(select(FeedbackFile)).all()
+        if not r.deleted_at
+    ]
+    blobs += [
+        ("prompt set", r.id, r.storage_path, r.sha256)
+        for r in session.exec(select(PromptSet)).all()
+        if not r.deleted_at
+    ]
+    jobs = {j.id: (j.kind, j.status) for j in session.exec(select(Job)).all()}
+    open_intents = list(session.exec(select(DeletionIntent.id).where(col(DeletionIntent.finished_at).is_(None))).all())
+    session.commit()
+
     report = FsckReport()
     data_dir = settings.data_dir
     accounted: set[Path] = set()  # directories / files rows account for
-
-    ckpts = session.exec(select(Checkpoint)).all()
-    for c in ckpts:
-        path = files.resolve(data_dir, c.path)
-        if c.state == "pruned":
+    for ckpt_id, stored, state in ckpts:
+        path = files.resolve(data_dir, stored)
+        if state == "pruned":
             if path.exists():
-                report.problems.append(f"checkpoint {c.id} is pruned but {path} still exists")
+                report.problems.append(f"checkpoint {ckpt_id} is pruned but {path} still exists")
             continue
         accounted.add(path.resolve())
         try:
             manifest = read_manifest(path, verify=True)
         except CheckpointError as exc:
-            report.problems.append(f"checkpoint {c.id} ({c.state}) does not verify: {exc}")
+            report.problems.append(f"checkpoint {ckpt_id} ({state}) does not verify: {exc}")
             continue
         listed = set(manifest.files)
-        has_optimizer = OPTIMIZER_STATE_FILES[0] in listed
-        if c.state == "optimizer_pruned" and (
+        if state == "optimizer_pruned" and (
             any(n in listed for n in OPTIMIZER_STATE_FILES) or any((path / n).exists() for n in OPTIMIZER_STATE_FILES)
         ):
-            report.problems.append(f"checkpoint {c.id} is optimizer_pruned but still holds its optimizer state")
-        if c.state == "whole" and not has_optimizer and (manifest.extra.get("dropped") or []):
-            report.problems.append(f"checkpoint {c.id} is whole but its optimizer state was dropped")
+            report.problems.append(f"checkpoint {ckpt_id} is optimizer_pruned but still holds its optimizer state")
+        if state == "whole" and manifest.extra.get("dropped"):
+            report.problems.append(f"checkpoint {ckpt_id} is whole but its optimizer state was dropped")
         on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != META_FILE}
         for extra in sorted(on_disk - listed):
-            report.problems.append(f"checkpoint {c.id}: {extra} is not in its manifest")
+            report.problems.append(f"checkpoint {ckpt_id}: {extra} is not in its manifest")
     report.checked["checkpoints"] = len(ckpts)
 
-    blobs = 0
-    stored: list[FeedbackFile | PromptSet] = [*session.exec(select(FeedbackFile)).all()]
-    stored += session.exec(select(PromptSet)).all()
-    for row in stored:
-        kind = "feedback" if isinstance(row, FeedbackFile) else "prompt set"
-        path = files.resolve(data_dir, row.storage_path)
-        if row.deleted_at is not None:
-            continue
+    for kind, row_id, stored, sha256 in blobs:
+        path = files.resolve(data_dir, stored)
         accounted.add(path.resolve())
-        blobs += 1
         if not path.is_file():
-            report.problems.append(f"{kind} {row.id}: its bytes {path} are missing")
-        elif verify_blobs and sha256_file(path) != row.sha256:
-            report.problems.append(f"{kind} {row.id}: {path} does not hash to its sha256")
-    report.checked["blobs"] = blobs
+            report.problems.append(f"{kind} {row_id}: its bytes {path} are missing")
+        elif verify_blobs and sha256_file(path) != sha256:
+            report.problems.append(f"{kind} {row_id}: {path} does not hash to its sha256")
+    report.checked["blobs"] = len(blobs)
 
     feedback_dir = settings.feedback_dir
     if feedback_dir.is_dir():
@@ -89,24 +96,21 @@ def fsck(session: Session, settings: Settings, *, verify_blobs: bool = True) -> 
             if blob.resolve() not in accounted:
                 report.problems.append(f"{blob} is stored but no live feedback file or prompt set uses it")
 
-    jobs = {j.id: j for j in session.exec(select(Job)).all()}
     runs_dir = settings.runs_dir
     if runs_dir.is_dir():
         for entry in sorted(runs_dir.iterdir()):
-            job = jobs.get(entry.name)
-            if job is None:
+            if entry.name not in jobs:
                 report.problems.append(f"{entry} belongs to no job")
                 continue
+            kind, status = jobs[entry.name]
             rd = RunDir(entry)
-            if job.kind == "round" and job.status == JobStatus.succeeded and rd.checkpoints.is_dir():
-                if any(rd.checkpoints.iterdir()):
-                    report.problems.append(f"{rd.checkpoints}: intermediate checkpoints of a succeeded round")
-            if rd.final.exists() and rd.final.resolve() not in accounted and job.status == JobStatus.succeeded:
+            succeeded = status == JobStatus.succeeded
+            if kind == "round" and succeeded and rd.checkpoints.is_dir() and any(rd.checkpoints.iterdir()):
+                report.problems.append(f"{rd.checkpoints}: intermediate checkpoints of a succeeded round")
+            if succeeded and rd.final.exists() and rd.final.resolve() not in accounted:
                 report.problems.append(f"{rd.final}: a final checkpoint no live checkpoint row accounts for")
     report.checked["run_dirs"] = len(jobs)
 
-    open_intents = session.exec(select(DeletionIntent.id).where(col(DeletionIntent.finished_at).is_(None))).all()
     for intent_id in open_intents:
         report.problems.append(f"deletion intent {intent_id} is unfinished (the sweeper finishes it)")
-    session.commit()
     return report
