@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,18 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def _gone_already(function: Any, path: str, exc_info: Any) -> None:
+    """shutil.rmtree's error handler: a file another remover (the sweeper finishing the same intent)
+    deleted first is not an error; anything else is."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
 def rmtree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=_gone_already)
 
 
 def execute(actions: Iterable[dict[str, Any]], data_dir: Path) -> None:
@@ -142,12 +150,16 @@ def finish(session: Session, intent_ids: list[int], settings: Settings) -> None:
         session.commit()
 
 
-def finish_open_intents(session: Session, settings: Settings) -> list[int]:
-    """The sweeper's part: intents a killed process committed but did not finish."""
+def finish_open_intents(session: Session, settings: Settings, min_age_s: float = 0.0) -> list[int]:
+    """The sweeper's part: intents a killed process committed but did not finish. `min_age_s`: leave
+    younger ones to the request that is carrying them out right now."""
+    cutoff = utcnow() - timedelta(seconds=min_age_s)
     ids = [
         i
         for i in session.exec(
-            select(DeletionIntent.id).where(col(DeletionIntent.finished_at).is_(None)).order_by(col(DeletionIntent.id))
+            select(DeletionIntent.id)
+            .where(col(DeletionIntent.finished_at).is_(None), col(DeletionIntent.created_at) <= cutoff)
+            .order_by(col(DeletionIntent.id))
         ).all()
         if i is not None
     ]

@@ -1,6 +1,7 @@
 """The sweeper's storage pass.
 
-Every sweep: finish deletion intents a killed process left open (cheap: one indexed query).
+Every sweep: finish deletion intents a killed process left open (cheap: one indexed query), once
+they are `INTENT_GRACE_S` old (a younger one is most likely being carried out by its request).
 Every `retention_interval_s` (0: never from here): apply every run's retention, remove the
 intermediate checkpoints of succeeded rounds a worker died before removing, and trim the reference
 log-prob cache to its cap.
@@ -18,8 +19,11 @@ from server.storage_lifecycle import files, retention, usage
 log = logging.getLogger("halos.storage")
 
 
-def finish_intents(session: Session, settings: Settings) -> list[int]:
-    return files.finish_open_intents(session, settings)
+INTENT_GRACE_S = 60.0  # an intent younger than this may still be carried out by the request that wrote it
+
+
+def finish_intents(session: Session, settings: Settings, min_age_s: float = INTENT_GRACE_S) -> list[int]:
+    return files.finish_open_intents(session, settings, min_age_s)
 
 
 def periodic(session: Session, settings: Settings) -> dict[str, int]:

@@ -248,7 +248,7 @@ def test_a_removal_killed_half_way_is_finished_by_the_sweeper(client, session, s
 
     from server.storage_lifecycle import maintenance
 
-    assert maintenance.finish_intents(session, settings)  # the sweeper's pass
+    assert maintenance.finish_intents(session, settings, min_age_s=0)  # the sweeper's pass
     assert not _ckpt_dir(settings, r1["job_id"]).exists()
     assert session.exec(select(DeletionIntent).where(DeletionIntent.finished_at.is_(None))).all() == []
     _assert_fsck_ok(session, settings)
@@ -397,7 +397,7 @@ def test_fsck_after_random_rounds_prunes_deletions_and_kills(client, session, se
             except KeyboardInterrupt:
                 pass
             monkeypatch.setattr(files, "execute", real_execute)
-            maintenance.finish_intents(session, settings)
+            maintenance.finish_intents(session, settings, min_age_s=0)
         _assert_fsck_ok(session, settings)
     assert ckpts, "the sequence trained no round"
 
@@ -460,7 +460,8 @@ def test_a_delete_sigkilled_half_way_is_finished_by_the_sweeper(client, session,
 
     from server.storage_lifecycle import maintenance
 
-    assert len(maintenance.finish_intents(session, settings)) == 1
+    assert maintenance.finish_intents(session, settings) == []  # younger than the grace: maybe still in flight
+    assert len(maintenance.finish_intents(session, settings, min_age_s=0)) == 1
     assert not any((settings.runs_dir / r["job_id"]).exists() for r, _ in made)
     _assert_fsck_ok(session, settings)
 
