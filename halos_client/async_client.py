@@ -105,6 +105,9 @@ class AsyncClient:
                 timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
 
+    async def usage(self) -> m.UsageOut:
+        return await self.request(calls.get_usage())
+
     async def ready(self) -> m.ReadyOut:
         return await self.request(calls.readyz(), retry=NO_RETRIES)
 
@@ -144,6 +147,9 @@ class AsyncModels(_Resource):
     def list(self, *, page_size: int = 50) -> AsyncIterator[m.ModelOut]:
         return self._client._pages(lambda cursor: calls.list_models(cursor, page_size))
 
+    async def delete(self, model_id: str) -> None:
+        await self._client.request(calls.delete_model(model_id))
+
 
 class AsyncFeedback(_Resource):
     async def upload(
@@ -156,6 +162,9 @@ class AsyncFeedback(_Resource):
 
     def list(self, *, page_size: int = 50) -> AsyncIterator[m.FeedbackOut]:
         return self._client._pages(lambda cursor: calls.list_feedback(cursor, page_size))
+
+    async def delete(self, feedback_id: str) -> None:
+        await self._client.request(calls.delete_feedback(feedback_id))
 
 
 class AsyncRuns(_Resource):
@@ -178,6 +187,21 @@ class AsyncRuns(_Resource):
 
     def list(self, *, page_size: int = 50) -> AsyncIterator[m.RunSummary]:
         return self._client._pages(lambda cursor: calls.list_runs(cursor, page_size))
+
+    async def delete(self, run_id: str) -> None:
+        await self._client.request(calls.delete_run(run_id))
+
+    async def retention(self, run_id: str) -> m.RetentionPlan:
+        return await self._client.request(calls.retention_plan(run_id))
+
+    async def set_retention(
+        self, run_id: str, *, keep_rounds: int | None = None, keep_weights_rounds: int | None = None
+    ) -> m.RetentionPlan:
+        body = m.RetentionPolicy(keep_rounds=keep_rounds, keep_weights_rounds=keep_weights_rounds)
+        return await self._client.request(calls.set_retention(run_id, body))
+
+    async def apply_retention(self, run_id: str) -> m.RetentionPlan:
+        return await self._client.request(calls.apply_retention(run_id))
 
 
 class AsyncRounds(_Resource):
@@ -296,3 +320,9 @@ class AsyncCheckpoints(_Resource):
 
     async def lineage(self, checkpoint_id: str) -> m.LineageOut:
         return await self._client.request(calls.checkpoint_lineage(checkpoint_id))
+
+    async def pin(self, checkpoint_id: str) -> m.CheckpointOut:
+        return await self._client.request(calls.pin_checkpoint(checkpoint_id, True))
+
+    async def unpin(self, checkpoint_id: str) -> m.CheckpointOut:
+        return await self._client.request(calls.pin_checkpoint(checkpoint_id, False))

@@ -97,6 +97,10 @@ def _text(response: httpx.Response) -> str:
     return response.text
 
 
+def _none(response: httpx.Response) -> None:
+    return None
+
+
 def _body(model: BaseModel) -> Any:
     # exclude_unset keeps "absent" and "null" apart (a round's `conversion`: absent = the run's, null = none)
     return model.model_dump(mode="json", exclude_unset=True)
@@ -229,6 +233,48 @@ def checkpoint_lineage(checkpoint_id: str) -> Call[m.LineageOut]:
 
 def list_losses() -> Call[m.LossList]:
     return Call("GET", "/v1/losses", _model(m.LossList), idempotent=True)
+
+
+# --------------------------------------------------------------------------- storage
+# Deletions, pins and retention are idempotent on the server (a repeat changes nothing more):
+# a resend after an ambiguous failure is safe.
+
+
+def _delete(path: str) -> Call[None]:
+    return Call("DELETE", path, _none, idempotent=True)
+
+
+def delete_feedback(feedback_id: str) -> Call[None]:
+    return _delete(f"/v1/feedback/{_seg(feedback_id)}")
+
+
+def delete_run(run_id: str) -> Call[None]:
+    return _delete(f"/v1/runs/{_seg(run_id)}")
+
+
+def delete_model(model_id: str) -> Call[None]:
+    return _delete(f"/v1/models/{_seg(model_id)}")
+
+
+def pin_checkpoint(checkpoint_id: str, pinned: bool) -> Call[m.CheckpointOut]:
+    method = "PUT" if pinned else "DELETE"
+    return Call(method, f"/v1/checkpoints/{_seg(checkpoint_id)}/pin", _model(m.CheckpointOut), idempotent=True)
+
+
+def retention_plan(run_id: str) -> Call[m.RetentionPlan]:
+    return Call("GET", f"/v1/runs/{_seg(run_id)}/retention", _model(m.RetentionPlan), idempotent=True)
+
+
+def set_retention(run_id: str, body: m.RetentionPolicy) -> Call[m.RetentionPlan]:
+    return Call("PUT", f"/v1/runs/{_seg(run_id)}/retention", _model(m.RetentionPlan), idempotent=True, json=_body(body))
+
+
+def apply_retention(run_id: str) -> Call[m.RetentionPlan]:
+    return Call("POST", f"/v1/runs/{_seg(run_id)}/retention/apply", _model(m.RetentionPlan), idempotent=True)
+
+
+def get_usage() -> Call[m.UsageOut]:
+    return Call("GET", "/v1/usage", _model(m.UsageOut), idempotent=True)
 
 
 def readyz() -> Call[m.ReadyOut]:

@@ -113,6 +113,10 @@ class Client:
                 timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
 
+    def usage(self) -> m.UsageOut:
+        """GET /v1/usage: the project's bytes on disk by kind, and the data dir's free space."""
+        return self.request(calls.get_usage())
+
     def ready(self) -> m.ReadyOut:
         """GET /readyz once: the database and the broker answer (else `ServiceUnavailableError`)."""
         return self.request(calls.readyz(), retry=NO_RETRIES)
@@ -154,6 +158,10 @@ class Models(_Resource):
     def list(self, *, page_size: int = 50) -> Iterator[m.ModelOut]:
         return self._client._pages(lambda cursor: calls.list_models(cursor, page_size))
 
+    def delete(self, model_id: str) -> None:
+        """End the registration (the directory stays); 409 `ConflictError` while a run uses it."""
+        self._client.request(calls.delete_model(model_id))
+
 
 class Feedback(_Resource):
     def upload(
@@ -168,6 +176,10 @@ class Feedback(_Resource):
 
     def list(self, *, page_size: int = 50) -> Iterator[m.FeedbackOut]:
         return self._client._pages(lambda cursor: calls.list_feedback(cursor, page_size))
+
+    def delete(self, feedback_id: str) -> None:
+        """Delete the file's bytes (a tombstone row stays); 409 while an unfinished job uses it."""
+        self._client.request(calls.delete_feedback(feedback_id))
 
 
 class Runs(_Resource):
@@ -191,6 +203,23 @@ class Runs(_Resource):
 
     def list(self, *, page_size: int = 50) -> Iterator[m.RunSummary]:
         return self._client._pages(lambda cursor: calls.list_runs(cursor, page_size))
+
+    def delete(self, run_id: str) -> None:
+        """Delete the run's checkpoints and run directories; 409 while a job of the run is unfinished."""
+        self._client.request(calls.delete_run(run_id))
+
+    def retention(self, run_id: str) -> m.RetentionPlan:
+        """Dry run: what the run's retention would remove now, and what it keeps and why."""
+        return self._client.request(calls.retention_plan(run_id))
+
+    def set_retention(
+        self, run_id: str, *, keep_rounds: int | None = None, keep_weights_rounds: int | None = None
+    ) -> m.RetentionPlan:
+        body = m.RetentionPolicy(keep_rounds=keep_rounds, keep_weights_rounds=keep_weights_rounds)
+        return self._client.request(calls.set_retention(run_id, body))
+
+    def apply_retention(self, run_id: str) -> m.RetentionPlan:
+        return self._client.request(calls.apply_retention(run_id))
 
 
 class Rounds(_Resource):
@@ -320,3 +349,10 @@ class Checkpoints(_Resource):
     def lineage(self, checkpoint_id: str) -> m.LineageOut:
         """This checkpoint, its parents back to round 1, and the SFT model at the root."""
         return self._client.request(calls.checkpoint_lineage(checkpoint_id))
+
+    def pin(self, checkpoint_id: str) -> m.CheckpointOut:
+        """Keep it whole whatever the run's retention says."""
+        return self._client.request(calls.pin_checkpoint(checkpoint_id, True))
+
+    def unpin(self, checkpoint_id: str) -> m.CheckpointOut:
+        return self._client.request(calls.pin_checkpoint(checkpoint_id, False))

@@ -128,6 +128,9 @@ class FeedbackOut(_Response):
         "code, message); pairs with identical outputs are left out of training",
     )
     created_at: datetime
+    deleted_at: datetime | None = Field(
+        None, description="set once deleted: the bytes are gone, the row stays (a tombstone with its sha256)"
+    )
 
 
 class FeedbackList(BaseModel):
@@ -149,6 +152,7 @@ class PromptSetOut(_Response):
     filename: str | None = None
     findings: dict[str, Any] | None = None
     created_at: datetime
+    deleted_at: datetime | None = Field(None, description="set once deleted (a tombstone: the bytes are gone)")
 
 
 class PromptSetList(BaseModel):
@@ -231,6 +235,64 @@ def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
 HyperparamsPatch = _partial(Hyperparams, "HyperparamsPatch")
 
 
+class RetentionPolicy(_Request):
+    """Which checkpoints of a run stay whole (server settings `HALOS_RETENTION_*` are the defaults)."""
+
+    keep_rounds: int | None = Field(
+        None, ge=1, le=10_000, description="the newest K rounds' checkpoints stay whole (weights + optimizer)"
+    )
+    keep_weights_rounds: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="older checkpoints up to this many rounds back keep their weights (optimizer state "
+        "dropped); older still are pruned entirely (the lineage row stays)",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetentionPolicy:
+        if self.keep_rounds is not None and self.keep_weights_rounds is not None:
+            if self.keep_weights_rounds < self.keep_rounds:
+                raise ValueError("keep_weights_rounds must be >= keep_rounds")
+        return self
+
+
+class RetentionAction(BaseModel):
+    checkpoint_id: str
+    round_index: int | None = None
+    from_state: Literal["whole", "optimizer_pruned", "pruned"]
+    to_state: Literal["optimizer_pruned", "pruned"]
+    bytes: int = Field(description="bytes this removes")
+
+
+class RetentionKept(BaseModel):
+    checkpoint_id: str
+    round_index: int | None = None
+    state: Literal["whole", "optimizer_pruned", "pruned"]
+    reasons: list[str] = Field(description="head | pinned | needed_by_job:<id> | recent | outside_data_dir")
+
+
+class RetentionPlan(BaseModel):
+    run_id: str
+    dry_run: bool
+    policy: RetentionPolicy = Field(description="the policy in effect (the run's overrides over the defaults)")
+    actions: list[RetentionAction]
+    bytes: int = Field(description="bytes the actions remove (dry run: would remove)")
+    kept: list[RetentionKept] = Field(default_factory=list, description="checkpoints kept whole, and why")
+
+
+class UsageOut(BaseModel):
+    project_id: str
+    bytes: dict[str, int] = Field(
+        description="feedback, prompt_sets, checkpoints_whole, checkpoints_optimizer_pruned, intermediate_checkpoints, "
+        "run_logs (everything else in this project's run directories); reference_cache is shared by all projects"
+    )
+    counts: dict[str, int] = Field(description="feedback, feedback_deleted, checkpoints by state, pinned")
+    total_bytes: int = Field(description="sum of this project's bytes (without the shared reference cache)")
+    data_dir_free_bytes: int
+    reserve_bytes: int = Field(description="free space a new round must leave (HALOS_STORAGE_RESERVE_BYTES)")
+
+
 class RunCreate(_Request):
     name: str | None = Field(None, max_length=200)
     model_id: str = ID_FIELD
@@ -239,6 +301,7 @@ class RunCreate(_Request):
     conversion: Conversion | None = None
     lora: LoraSettings | None = None
     tracking: TrackingOptions | None = Field(None, description="also log this run to MLflow and/or W&B")
+    retention: RetentionPolicy | None = Field(None, description="overrides of the server's retention defaults")
 
 
 class RoundCreate(_Request):
@@ -303,6 +366,7 @@ class RunOut(BaseModel):
     created_at: datetime
     rounds: list[RoundOut] = Field(default_factory=list)
     tracking: list[TrackingLinkOut] = Field(default_factory=list, description="its MLflow / W&B runs")
+    retention: RetentionPolicy | None = Field(None, description="the run's own retention overrides (null: defaults)")
 
 
 class Rollback(_Request):
@@ -427,6 +491,14 @@ class CheckpointOut(BaseModel):
     step: int
     examples: int
     created_at: datetime
+    state: Literal["whole", "optimizer_pruned", "pruned"] = Field(
+        "whole",
+        description="whole; optimizer_pruned: weights loadable and evaluable, no round can continue from it; "
+        "pruned: no files left (the row and its hashes stay)",
+    )
+    pinned: bool = Field(False, description="kept whole by retention (PUT/DELETE /v1/checkpoints/{id}/pin)")
+    can_continue: bool = Field(True, description="a round may continue from it (its optimizer state is there)")
+    pruned_at: datetime | None = None
 
 
 class LineageItem(BaseModel):
@@ -441,6 +513,7 @@ class LineageItem(BaseModel):
     loss: dict[str, Any] | None = None
     hyperparams: dict[str, Any] | None = None
     conversion: dict[str, Any] | None = None
+    state: Literal["whole", "optimizer_pruned", "pruned"] = "whole"
 
 
 class ModelRef(BaseModel):
@@ -466,6 +539,7 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+    data_dir_free_bytes: int | None = Field(None, description="free space of the data dir's filesystem")
 
 
 # --------------------------------------------------------------------------- labelling tools

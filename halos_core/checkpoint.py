@@ -155,6 +155,28 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
+    try:
+        manifest = _write_and_publish(target, tmp, request, main, process_index, num_processes, barrier, manifest_extra)
+    except BaseException:
+        # ENOSPC (or any failure) half-way: the temp directory goes, `target` and every other
+        # checkpoint are as they were (the rename into place is the last step)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier()
+    return manifest
+
+
+def _write_and_publish(
+    target: Path,
+    tmp: Path,
+    request: SaveRequest,
+    main: bool,
+    process_index: int,
+    num_processes: int,
+    barrier: Callable[[], None],
+    manifest_extra: dict[str, Any] | None,
+) -> Manifest | None:
     # every rank's RNG (rank 0's in rng.pt)
     _torch_save(capture_rng(), tmp / rng_file(process_index))
     barrier()
@@ -192,7 +214,6 @@ def save_checkpoint(
         if aside.exists():
             shutil.rmtree(aside, ignore_errors=True)
         manifest = read_manifest(target, verify=False)
-    barrier()
     return manifest
 
 

@@ -337,7 +337,8 @@ class ReferenceLogpCache:
         for shard in sorted(self.directory.glob("*.safetensors")):
             try:
                 self.rows.update(load_file(str(shard)))
-            except Exception:
+                os.utime(shard)  # its mtime is its last use: the server evicts least recently used shards
+            except Exception:  # evicted under us, or unreadable: a miss, recomputed
                 continue
 
     @staticmethod

@@ -123,6 +123,31 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     return Manifest(directory, step, examples, files, extra)
 
 
+# what a checkpoint needs only to continue training (dropped first by the storage lifecycle's
+# retention: the weights stay loadable and evaluable; halos_core.checkpoint writes these names)
+OPTIMIZER_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+def drop_from_manifest(directory: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Rewrite `directory`'s meta.json without `names` (recorded under "dropped"), atomically, then
+    delete those files. Idempotent: a second call (after a kill between the two steps) finds them
+    unlisted and only deletes what is left. Returns the names removed from the manifest."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    meta = json.loads(meta_path.read_text())
+    files = dict(meta.get("files") or {})
+    dropped = [n for n in names if n in files]
+    if dropped:
+        for name in dropped:
+            del files[name]
+        meta["files"] = files
+        meta["dropped"] = sorted(set(meta.get("dropped") or []) | set(dropped))
+        write_json_atomic(meta_path, meta)
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
+    return dropped
+
+
 def tree_sha256(directory: str | Path) -> str:
     """Content hash of a model directory (sorted relative paths + file hashes)."""
     directory = Path(directory)

@@ -27,6 +27,7 @@ from server.api import (
     models,
     prompts,
     runs,
+    storage,
     webhooks,
 )
 from server.db import POOL_CAPACITY
@@ -144,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         artefact_jobs,
         integrations,
         webhooks,
+        storage,
     ):
         app.include_router(module.router)
     if settings.metrics_enabled:

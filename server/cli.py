@@ -15,6 +15,10 @@
         `alembic upgrade head` on HALOS_DATABASE_URL.
     halos check
         Exit 0 when the database and the broker answer (the compose file's worker health check).
+    halos fsck [--finish] [--no-blob-hashes]
+        Does the data dir agree with the database? Every whole checkpoint verifies against its
+        manifest, no file is left that no row accounts for; exit 1 with the list of problems
+        (JSON on stdout). --finish first completes removals a kill interrupted.
     halos keys create --project NAME      prints the new API key, alone, on stdout
     halos keys revoke KEY_ID_OR_PREFIX
     halos feedback|models|runs|rounds|jobs|checkpoints …
@@ -266,6 +270,34 @@ def cmd_check(loglevel: LogLevel = DEFAULT_LOGLEVEL) -> None:
     checks = {"database": check_database(settings), "broker": check_broker(settings)}
     sys.stdout.write(json.dumps(checks) + "\n")
     if any(v != "ok" for v in checks.values()):
+        raise typer.Exit(1)
+
+
+@app.command("fsck", rich_help_panel="Server", help="check the data dir against the database; exit 1 on problems")
+def cmd_fsck(
+    finish: Annotated[
+        bool, typer.Option("--finish", help="first finish removals a killed process left half-done")
+    ] = False,
+    blob_hashes: Annotated[
+        bool, typer.Option("--blob-hashes/--no-blob-hashes", help="hash every feedback / prompt-set blob")
+    ] = True,
+    loglevel: LogLevel = DEFAULT_LOGLEVEL,
+) -> None:
+    """Every checkpoint the database calls whole (or optimizer_pruned) verifies against its manifest
+    (sha256 of every file: reads every checkpoint), and no file is left that no row accounts for.
+    Prints {"ok", "checked", "problems"} as JSON; exit 1 when there are problems."""
+    _setup_logging(loglevel)
+    from server.db import session_scope
+    from server.storage_lifecycle import files
+    from server.storage_lifecycle.fsck import fsck
+
+    settings = get_settings()
+    with session_scope(settings) as session:
+        if finish:
+            files.finish_open_intents(session, settings)
+        report = fsck(session, settings, verify_blobs=blob_hashes)
+    sys.stdout.write(json.dumps({"ok": report.ok, "checked": report.checked, "problems": report.problems}) + "\n")
+    if not report.ok:
         raise typer.Exit(1)
 
 

@@ -89,6 +89,12 @@ class ServiceUnavailable(ApiError):
     status, code = 503, "not_ready"
 
 
+class InsufficientStorage(ApiError):
+    """507: what was asked for would not fit on the data dir's disk (server/storage_lifecycle/usage.py)."""
+
+    status, code = 507, "insufficient_storage"
+
+
 def not_found(kind: str, object_id: str, field: str | None = None) -> NotFound:
     """A 404 for an id that does not exist *in the caller's project* (other projects look the same)."""
     details: dict[str, Any] = {"id": str(object_id)[:200]}

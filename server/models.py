@@ -94,6 +94,9 @@ class Model(SQLModel, table=True):
     path: str
     sha256: str = Field(max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
+    # DELETE /v1/models/{id}: the registration ends (the directory is the operator's, never removed);
+    # the row stays for the lineage of the runs that used it
+    deleted_at: datetime | None = None
 
 
 class FeedbackFile(SQLModel, table=True):
@@ -115,6 +118,8 @@ class FeedbackFile(SQLModel, table=True):
     provenance: dict | None = _json_column()  # generator / reward model / inputs (server/services/artefacts.py)
     findings: dict | None = _json_column()  # data-quality warnings of the upload (halos_core.feedback.quality)
     created_at: datetime = Field(default_factory=utcnow)
+    # a tombstone: the bytes are gone (DELETE /v1/feedback/{id}), the row keeps sha256 for the lineage
+    deleted_at: datetime | None = None
 
 
 class PromptSet(SQLModel, table=True):
@@ -132,6 +137,7 @@ class PromptSet(SQLModel, table=True):
     original_filename: str | None = Field(default=None, max_length=1024)
     findings: dict | None = _json_column()
     created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None  # a tombstone, like FeedbackFile.deleted_at
 
 
 class Run(SQLModel, table=True):
@@ -148,7 +154,10 @@ class Run(SQLModel, table=True):
     # the checkpoint the next round continues from and sampling uses (None: the SFT model); moved
     # by promotion (server/jobs/head.py) and rollback (server/services/head.py), each move a HeadMove
     head_checkpoint_id: str | None = Field(default=None, max_length=64)
+    retention: dict | None = _json_column()  # halos_client RetentionPolicy overrides; None: the settings'
     created_at: datetime = Field(default_factory=utcnow)
+    # DELETE /v1/runs/{id}: its checkpoints and run directories are removed, the rows stay (lineage)
+    deleted_at: datetime | None = None
 
 
 class HeadMove(SQLModel, table=True):
@@ -248,6 +257,28 @@ class Checkpoint(SQLModel, table=True):
     step: int
     examples: int
     created_at: datetime = Field(default_factory=utcnow)
+    # storage lifecycle (server/storage_lifecycle): whole | optimizer_pruned (weights loadable, no
+    # round continues from it) | pruned (no files; the row and its hashes stay)
+    state: str = Field(default="whole", max_length=20)
+    pinned: bool = False  # never pruned by retention
+    pruned_at: datetime | None = None
+
+
+class DeletionIntent(SQLModel, table=True):
+    """Bytes the database already stopped pointing at, still to be removed from disk. Written in the
+    transaction that tombstones / prunes the rows; the storage lifecycle removes the paths and sets
+    `finished_at`; the sweeper finishes intents a killed process left behind (removal is idempotent)."""
+
+    __table_args__ = (Index("ix_deletionintent_open", "finished_at", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: str | None = Field(default=None, max_length=64)
+    kind: str = Field(max_length=40)  # feedback | prompt_set | run | checkpoint_optimizer | checkpoint_weights
+    subject_id: str = Field(max_length=64)
+    # [{"op": "rmtree"|"unlink"|"drop_optimizer", "path": absolute path}]
+    actions: list = _json_column()
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
 
 
 class MetricPoint(SQLModel, table=True):

@@ -94,6 +94,7 @@ class DatabaseCollector(Collector):
             yield from self._jobs(session)
             yield from self._running(session)
             yield from self._webhooks(session)
+            yield from self._storage(session)
             session.commit()
 
     def _jobs(self, session: Session) -> Iterator[Metric]:
@@ -168,6 +169,9 @@ class DatabaseCollector(Collector):
             since.add_metric(lv, max(0.0, now - t_last))
         yield from (step, step_time, tokens, since)
 
+    def _storage(self, session: Session) -> Iterator[Metric]:
+        yield from _storage_metrics(session, self.settings)
+
     def _webhooks(self, session: Session) -> Iterator[Metric]:
         deliveries = GaugeMetricFamily("halos_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
         counts = dict(
@@ -180,6 +184,30 @@ class DatabaseCollector(Collector):
             select(func.count()).select_from(WebhookAttempt).where(col(WebhookAttempt.ok).is_(False))
         ).one()
         yield CounterMetricFamily("halos_webhook_delivery_failures", "Failed webhook delivery attempts", value=failures)
+
+
+def _storage_metrics(session: Session, settings: Settings) -> Iterator[Metric]:
+    """Bytes on disk by project and kind (measured; cached for usage.GAUGE_TTL_S), the shared
+    reference cache, and the data dir's free space."""
+    from server.storage_lifecycle import files, usage
+
+    by_kind = GaugeMetricFamily(
+        "halos_storage_bytes", "Bytes in the data dir by project and kind (GET /v1/usage)", labels=["project", "kind"]
+    )
+    for project, kinds in usage.all_usage(session, settings).items():
+        for kind, n in sorted(kinds.items()):
+            by_kind.add_metric([project, kind], n)
+    yield by_kind
+    yield GaugeMetricFamily(
+        "halos_reference_cache_bytes",
+        "Bytes of the reference log-prob cache (capped by HALOS_REFERENCE_CACHE_MAX_BYTES)",
+        value=files.tree_bytes(settings.reference_cache_dir),
+    )
+    yield GaugeMetricFamily(
+        "halos_data_dir_free_bytes",
+        "Free bytes on the data dir's filesystem",
+        value=files.free_bytes(settings.data_dir),
+    )
 
 
 def _aware(when: Any) -> Any:

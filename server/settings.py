@@ -86,6 +86,26 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="an open stream ends after this long (the client reconnects with Last-Event-ID)"
     )
 
+    # storage lifecycle (server/storage_lifecycle; README "Storage")
+    retention_keep_rounds: int = Field(
+        3, ge=1, description="the newest K rounds' checkpoints of a run stay whole (a run may override it)"
+    )
+    retention_keep_weights_rounds: int = Field(
+        10, ge=1, description="checkpoints up to this many rounds back keep their weights (optimizer state dropped)"
+    )
+    retention_interval_s: float = Field(
+        300.0,
+        ge=0,
+        description="how often the sweeper applies every run's retention (0: only after rounds / on request)",
+    )
+    storage_reserve_bytes: int = Field(
+        1 << 30, ge=0, description="free space a round's estimated output must leave on the data dir's filesystem"
+    )
+    storage_admission: bool = Field(True, description="refuse rounds (507) whose estimated output does not fit")
+    reference_cache_max_bytes: int = Field(
+        10 << 30, ge=0, description="cap of the reference log-prob cache, least recently used shards evicted (0: none)"
+    )
+
     # Prometheus
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus text format, no API key)")
 

@@ -9,6 +9,10 @@ Every `sweep_interval_s`:
    publish (a broker that lost the message). Duplicate messages are harmless: the claim is a
    conditional UPDATE.
 
+3. storage: deletion intents a killed process left open are finished (server/storage_lifecycle);
+   every `retention_interval_s`, every run's retention is applied, intermediate checkpoints of
+   succeeded rounds are removed and the reference log-prob cache is trimmed to its cap.
+
 Besides, at most every `PRUNE_EVERY_S` the embedded broker's delivered messages are pruned, and
 at most every `PURGE_IDEMPOTENCY_EVERY_S` idempotency records older than `idempotency_ttl_hours`
 are deleted (`idempotency.purge_expired`; a lookup already ignores them, this bounds the table).
@@ -32,6 +36,7 @@ from server.db import get_engine
 from server.models import utcnow
 from server.services import idempotency
 from server.settings import Settings, get_settings
+from server.storage_lifecycle import maintenance
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +79,21 @@ def run_forever(settings: Settings | None = None, stop_event: threading.Event | 
     settings = settings or get_settings()
     stop_event = stop_event or threading.Event()
     engine = get_engine(settings)
-    last_prune = last_purge = float("-inf")  # both run on the first pass (monotonic() may start near 0)
+    last_prune = last_purge = last_storage = float("-inf")  # all run on the first pass (monotonic() may start near 0)
     while not stop_event.is_set():
         try:
             with Session(engine, expire_on_commit=False) as session:
                 sweep_once(session, settings)
         except Exception:
             log.exception("sweeper pass failed")
+        try:
+            with Session(engine, expire_on_commit=False) as session:
+                maintenance.finish_intents(session, settings)
+                if settings.retention_interval_s and time.monotonic() - last_storage > settings.retention_interval_s:
+                    last_storage = time.monotonic()
+                    maintenance.periodic(session, settings)
+        except Exception:
+            log.exception("storage pass failed")
         if time.monotonic() - last_prune > PRUNE_EVERY_S:
             last_prune = time.monotonic()
             queue.prune_embedded_broker(settings)

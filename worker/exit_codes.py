@@ -9,6 +9,7 @@
 |   rank killed by a signal as reported by the      |                                           |
 |   launcher ("died with <Signals.SIGKILL: 9>",     |                                           |
 |   torchrun "exitcode: -9")                        |                                           |
+| > 0 after "No space left on device" (ENOSPC)      | failed, "out of disk space …" + the tail  |
 | > 0 otherwise                                     | failed, error = the traceback tail        |
 
 `accelerate launch` itself exits 1 when a rank dies from a signal (it raises CalledProcessError),
@@ -27,6 +28,7 @@ from halos_core.run_dir import CheckpointError, RunDir, read_manifest
 from server.jobs import Outcome
 
 TAIL_BYTES = 64 * 1024
+_ENOSPC = "No space left on device"  # strerror(ENOSPC): Python ("[Errno 28] …") and safetensors ("… (os error 28)")
 ERROR_TAIL_CHARS = 4000
 
 _SIGNAL_PATTERNS = [
@@ -144,4 +146,10 @@ def classify(
     if sig is not None:
         hint = " (out of memory?)" if sig == "SIGKILL" else ""
         return Outcome("crashed", error=f"a training process was killed by {sig}{hint}")
+    if _ENOSPC in tail:  # a save found the disk full: the earlier checkpoints are intact (I4)
+        return Outcome(
+            "failed",
+            error=f"out of disk space on the data dir while training (free space: GET /v1/usage, runs' retention, "
+            f"DELETE of runs / feedback); training exited with code {returncode}: {error_summary(tail)}",
+        )
     return Outcome("failed", error=f"training exited with code {returncode}: {error_summary(tail)}")

@@ -40,6 +40,7 @@ from server.db import session_scope
 from server.jobs import Claim, Outcome
 from server.models import utcnow
 from server.settings import Settings
+from server.storage_lifecycle import usage
 from worker import exit_codes, launch
 from worker.lease import LeaseKeeper
 from worker.monitor import RunReport, Supervisor, attempt_marker, reap_orphans, supervised_env
@@ -105,6 +106,20 @@ def worker_problem(claim: Claim, settings: Settings) -> str | None:
     return f"this worker cannot run the round: {problem}{hint}"
 
 
+def storage_problem(claim: Claim, settings: Settings) -> str | None:
+    """The submit-time storage admission asked again right before the launch (the disk may have
+    filled since): the reference cache is trimmed to its cap first, then a round that does not fit
+    fails with the figures instead of dying on ENOSPC half-way through a save."""
+    if claim.kind != "round":
+        return None
+    try:
+        spec = claim.job_spec()
+    except ValidationError:
+        return None
+    usage.evict_reference_cache(settings)  # the cap holds at every launch, not only at the sweeper's pass
+    return usage.launch_problem(spec, settings)
+
+
 def _finish_now(outcome: Outcome) -> RunReport:
     return RunReport("finish", outcome)
 
@@ -156,7 +171,7 @@ def run_job(
     # earlier attempts of this job on this host must be gone before this one starts (I2, I6)
     reap_orphans(settings, job_id=claim.job_id)
     # the API checked the round against ITS settings; this worker may be configured otherwise
-    problem = worker_problem(claim, settings)
+    problem = worker_problem(claim, settings) or storage_problem(claim, settings)
     if problem:
         return _finish_now(Outcome("failed", error=problem))
     removed = run_dir.clean_partial_checkpoints()

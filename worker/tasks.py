@@ -20,6 +20,7 @@ from celery.exceptions import Reject
 from server import jobs, queue
 from server.db import session_scope
 from server.settings import Settings, get_settings
+from server.storage_lifecycle import retention
 from worker import runner, slots
 from worker.app import app
 from worker.lease import LeaseKeeper
@@ -111,6 +112,12 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
             log.info("job %s attempt %d: %s -> %s", job_id, claim.attempt, report.outcome.status, status)
             if children:
                 queue.publish_many(children, settings)
+            if status == "succeeded" and claim.kind == "round":
+                try:
+                    with session_scope(settings) as session:
+                        retention.after_round_success(session, settings, job_id)
+                except Exception:  # the sweeper's retention pass does it later
+                    log.exception("job %s: removing intermediates / applying retention failed", job_id)
             return status
         keeper.stop()
         if report.action == "released":

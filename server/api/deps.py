@@ -221,6 +221,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Validation failed",
         429: "Rate limit exceeded (see Retry-After)",
         503: "Not ready",
+        507: "Insufficient storage: the estimated output does not fit the data dir's free space minus its reserve",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}
 

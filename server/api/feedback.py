@@ -14,7 +14,9 @@ from server import storage
 from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, SettingsDep, WriteSessionDep, error_responses
 from server.errors import BadRequest, Conflict
 from server.services import feedback as service
+from server.services.common import refuse_deleted
 from server.services.idempotency import REPLAY_HEADER
+from server.storage_lifecycle import deletion
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"], responses=error_responses(401, 429))
 
@@ -155,8 +157,23 @@ def get_feedback_content(
     """The file's bytes as stored (uploads as uploaded; generated samples / labels as the job wrote
     them), streamed; `ETag` is its sha256."""
     fb = service.get_feedback(session, principal, feedback_id)
+    refuse_deleted(fb, "feedback")
     path = service.content_path(settings, fb)
     if not path.is_file():
         raise Conflict(f"the stored content of {fb.id} is missing", code="content_missing")
     media = "application/json" if path.suffix == ".json" else "application/x-ndjson"
     return FileResponse(path, media_type=media, headers={"ETag": f'"{fb.sha256}"'}, filename=f"{fb.id}{path.suffix}")
+
+
+@router.delete("/{feedback_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+def delete_feedback(
+    feedback_id: Annotated[str, Path(max_length=200)],
+    principal: ProjectDep,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+) -> Response:
+    """Delete the file's bytes (personal data included); the row stays as a tombstone with its sha256
+    (`deleted_at`), so the lineage of rounds trained on it still names it. 409 `feedback_in_use`
+    while an unfinished round / labelling job uses it; deleting again is a 204."""
+    deletion.delete_feedback(session, settings, principal, feedback_id)
+    return Response(status_code=204)

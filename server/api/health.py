@@ -12,6 +12,7 @@ from server.api.deps import SettingsDep, error_responses
 from server.db import get_read_engine
 from server.errors import ServiceUnavailable
 from server.settings import Settings
+from server.storage_lifecycle.files import free_bytes
 
 log = logging.getLogger("halos.api")
 router = APIRouter(tags=["health"])
@@ -47,8 +48,18 @@ def check_broker(settings: Settings) -> str:
 @router.get("/readyz", response_model=ReadyOut, responses=error_responses(503))
 def readyz(settings: SettingsDep) -> ReadyOut:
     """200 when a database query and a broker connection succeed; else 503 `not_ready` with the
-    failing checks in `details.checks`."""
+    failing checks in `details.checks`. `data_dir_free_bytes`: free space of the data dir's
+    filesystem (a full disk does not make the API unready: it is how space is freed)."""
     checks = {"database": check_database(settings), "broker": check_broker(settings)}
+    free = data_dir_free(settings)
     if any(v != "ok" for v in checks.values()):
-        raise ServiceUnavailable("not ready", details={"checks": checks})
-    return ReadyOut(status="ready", checks=checks)
+        raise ServiceUnavailable("not ready", details={"checks": checks, "data_dir_free_bytes": free})
+    return ReadyOut(status="ready", checks=checks, data_dir_free_bytes=free)
+
+
+def data_dir_free(settings: Settings) -> int | None:
+    try:
+        return free_bytes(settings.data_dir)
+    except OSError as exc:
+        log.warning("readyz: free space of %s unknown: %s", settings.data_dir, exc)
+        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from halos_client.models import ModelCreate, ModelList, ModelOut
 from server.api.deps import (
@@ -16,6 +16,7 @@ from server.api.deps import (
     error_responses,
 )
 from server.services import models_registry as service
+from server.storage_lifecycle import deletion
 
 router = APIRouter(
     prefix="/v1/models", tags=["models"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
@@ -64,3 +65,16 @@ def list_models(
 ) -> ModelList:
     rows, next_cursor = service.list_models(session, principal, limit, cursor)
     return ModelList(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+def delete_model(
+    model_id: Annotated[str, Path(max_length=200)],
+    principal: ProjectDep,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+) -> Response:
+    """End the model's registration (its directory is the operator's and stays on disk). 409
+    `model_in_use` while a run (not deleted) or an unfinished job uses it; deleting again is a 204."""
+    deletion.delete_model(session, settings, principal, model_id)
+    return Response(status_code=204)

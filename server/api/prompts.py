@@ -14,7 +14,9 @@ from server import storage
 from server.api.deps import IdempotencyKeyDep, ProjectDep, ReadSessionDep, SettingsDep, WriteSessionDep, error_responses
 from server.errors import BadRequest, Conflict
 from server.services import prompts as service
+from server.services.common import refuse_deleted
 from server.services.idempotency import REPLAY_HEADER
+from server.storage_lifecycle import deletion
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"], responses=error_responses(401, 429))
 
@@ -129,8 +131,19 @@ def get_prompt_set_content(
     prompt_set_id: PromptSetId, principal: ProjectDep, session: ReadSessionDep, settings: SettingsDep
 ) -> FileResponse:
     ps = service.get_prompt_set(session, principal, prompt_set_id)
+    refuse_deleted(ps, "prompt_set")
     path = settings.data_dir / ps.storage_path
     if not path.is_file():
         raise Conflict(f"the stored content of {ps.id} is missing", code="content_missing")
     media = "application/json" if path.suffix == ".json" else "application/x-ndjson"
     return FileResponse(path, media_type=media, headers={"ETag": f'"{ps.sha256}"'}, filename=f"{ps.id}{path.suffix}")
+
+
+@router.delete("/{prompt_set_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+def delete_prompt_set(
+    prompt_set_id: PromptSetId, principal: ProjectDep, session: WriteSessionDep, settings: SettingsDep
+) -> Response:
+    """Delete the prompt set's bytes; the row stays as a tombstone (`deleted_at`). 409
+    `prompt_set_in_use` while an unfinished sampling job uses it; deleting again is a 204."""
+    deletion.delete_prompt_set(session, settings, principal, prompt_set_id)
+    return Response(status_code=204)

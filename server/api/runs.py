@@ -6,7 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from halos_client.models import Rollback, RoundCreate, RoundOut, RunCreate, RunList, RunOut
+from halos_client.models import (
+    RetentionPlan,
+    RetentionPolicy,
+    Rollback,
+    RoundCreate,
+    RoundOut,
+    RunCreate,
+    RunList,
+    RunOut,
+)
 from server.api.deps import (
     IdempotencyKeyDep,
     JsonBodyLimitRoute,
@@ -19,6 +28,7 @@ from server.api.deps import (
 from server.services import head, run_views
 from server.services import runs as service
 from server.services.idempotency import REPLAY_HEADER
+from server.storage_lifecycle import deletion, retention
 
 router = APIRouter(
     prefix="/v1/runs", tags=["runs"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
@@ -81,7 +91,7 @@ def get_run(run_id: RunId, principal: ProjectDep, session: ReadSessionDep) -> Ru
     status_code=201,
     response_model=RoundOut,
     responses={
-        **error_responses(400, 404, 409, 413, 422),
+        **error_responses(400, 404, 409, 413, 422, 507),
         201: {
             "description": "Queued (or waiting for its parent round)",
             "links": {
@@ -121,3 +131,43 @@ def rollback(run_id: RunId, body: Rollback, principal: ProjectDep, session: Writ
     The next round continues from it, with its optimizer state; the move is in `head_history`.
     A checkpoint of another run ⇒ 404."""
     return run_views.run_view(session, head.rollback(session, principal, run_id, body.checkpoint_id))
+
+
+@router.delete("/{run_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+def delete_run(run_id: RunId, principal: ProjectDep, session: WriteSessionDep, settings: SettingsDep) -> Response:
+    """Delete the run's checkpoints and run directories; the rows stay for the record (every
+    checkpoint `pruned`) and the run answers 404 afterwards. 409 `run_in_use` while a job of the run
+    (or a sampling / labelling job using one of its checkpoints) is unfinished; deleting again is a 204."""
+    deletion.delete_run(session, settings, principal, run_id)
+    return Response(status_code=204)
+
+
+@router.get("/{run_id}/retention", response_model=RetentionPlan, responses=error_responses(404))
+def retention_plan(
+    run_id: RunId, principal: ProjectDep, session: ReadSessionDep, settings: SettingsDep
+) -> RetentionPlan:
+    """Dry run: what the run's retention policy would remove now, checkpoint by checkpoint, and how
+    many bytes; and which checkpoints are kept whole and why (head, pinned, needed by a job, recent)."""
+    return retention.plan(session, service.get_run(session, principal, run_id), settings)
+
+
+@router.put("/{run_id}/retention", response_model=RetentionPlan, responses=error_responses(400, 404, 413, 422))
+def set_retention(
+    run_id: RunId, body: RetentionPolicy, principal: ProjectDep, session: WriteSessionDep, settings: SettingsDep
+) -> RetentionPlan:
+    """Set the run's own retention (fields left null take the server's defaults); answers the dry
+    run under the new policy. Nothing is removed until the policy is applied (by the sweeper, after
+    the run's next round, or `POST /v1/runs/{id}/retention/apply`)."""
+    run = service.get_run(session, principal, run_id)
+    run.retention = body.model_dump(mode="json", exclude_none=True) or None
+    session.add(run)
+    session.commit()
+    return retention.plan(session, run, settings)
+
+
+@router.post("/{run_id}/retention/apply", response_model=RetentionPlan, responses=error_responses(404))
+def apply_retention(
+    run_id: RunId, principal: ProjectDep, session: WriteSessionDep, settings: SettingsDep
+) -> RetentionPlan:
+    """Apply the run's retention now; answers what was removed (`dry_run: false`)."""
+    return retention.apply(session, service.get_run(session, principal, run_id), settings)

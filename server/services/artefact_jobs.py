@@ -29,10 +29,11 @@ from server import jobs
 from server.errors import Unprocessable
 from server.jobs.head import head_checkpoint
 from server.models import Checkpoint, FeedbackFile, Job, JobStatus, Model, PromptSet, Round, Run
-from server.services.common import get_owned
+from server.services.common import get_owned, refuse_deleted
 from server.services.keys import Principal
 from server.services.round_checks import checkpoint_params, parent_manifest
 from server.settings import Settings
+from server.storage_lifecycle.retention import require_weights
 
 log = logging.getLogger("halos.jobs")
 
@@ -58,6 +59,7 @@ def _submit(session: Session, settings: Settings, principal: Principal, kind: st
 def _checkpoint_generator(session: Session, ckpt: Checkpoint, field: str) -> Generator:
     model = session.get(Model, ckpt.model_id)
     assert model is not None  # FK-enforced
+    require_weights(ckpt, field)
     manifest = parent_manifest(ckpt.path, field)
     lora_unmerged = bool(manifest.extra.get("lora")) and not manifest.extra.get("merged")
     if lora_unmerged:  # adapter only: generate with the base (the run's SFT model) + the adapter
@@ -98,6 +100,7 @@ def resolve_generator(session: Session, principal: Principal, body: SamplingJobC
 
 def create_sampling_job(session: Session, settings: Settings, principal: Principal, body: SamplingJobCreate) -> Job:
     prompts = get_owned(session, PromptSet, body.prompt_set_id, principal.project_id, "prompt_set", "prompt_set_id")
+    refuse_deleted(prompts, "prompt_set", "prompt_set_id")
     total = body.params.n * prompts.n_prompts
     if total > settings.max_samples_per_job:
         raise Unprocessable(
@@ -124,6 +127,7 @@ def create_sampling_job(session: Session, settings: Settings, principal: Princip
 def create_labelling_job(session: Session, settings: Settings, principal: Principal, body: LabellingJobCreate) -> Job:
     pid = principal.project_id
     samples = get_owned(session, FeedbackFile, body.samples_id, pid, "feedback", "samples_id")
+    refuse_deleted(samples, "feedback", "samples_id")
     if samples.kind != "sampled":
         raise Unprocessable(
             f"feedback {samples.id} is {samples.kind} feedback, not samples (kind 'sampled')",
@@ -133,6 +137,7 @@ def create_labelling_job(session: Session, settings: Settings, principal: Princi
     ckpt = get_owned(
         session, Checkpoint, body.reward_model_checkpoint_id, pid, "checkpoint", "reward_model_checkpoint_id"
     )
+    require_weights(ckpt, "reward_model_checkpoint_id")
     session.commit()
     manifest = parent_manifest(ckpt.path, "reward_model_checkpoint_id")
     trained = checkpoint_params(manifest)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import and_, or_
 from sqlmodel import Session, select
 
-from server.errors import Unprocessable, not_found
+from server.errors import Conflict, Unprocessable, not_found
 
 T = TypeVar("T")
 
@@ -25,8 +25,20 @@ def plausible_id(value: str) -> bool:
     return isinstance(value, str) and bool(_ID_RE.match(value))
 
 
+# Tables whose deleted rows are gone for the API (a deleted run or model is a 404); deleted feedback
+# files and prompt sets stay readable as tombstones (server/storage_lifecycle/deletion.py).
+_GONE_WHEN_DELETED = frozenset({"run", "model"})
+
+
 def get_owned(
-    session: Session, model: type[T], object_id: str, project_id: str, kind: str, field: str | None = None
+    session: Session,
+    model: type[T],
+    object_id: str,
+    project_id: str,
+    kind: str,
+    field: str | None = None,
+    *,
+    include_deleted: bool = False,
 ) -> T:
     """The row of `model` with this id in this project, else 404 (another project's ids look
     exactly like ids that do not exist)."""
@@ -35,7 +47,22 @@ def get_owned(
     row = session.get(model, object_id)
     if row is None or getattr(row, "project_id", None) != project_id:
         raise not_found(kind, object_id, field)
+    if (
+        not include_deleted
+        and getattr(model, "__tablename__", None) in _GONE_WHEN_DELETED
+        and getattr(row, "deleted_at", None) is not None
+    ):
+        raise not_found(kind, object_id, field)
     return row
+
+
+def refuse_deleted(row: Any, kind: str, field: str | None = None) -> None:
+    """409 `<kind>_deleted` for a tombstone (a feedback file or prompt set whose bytes are gone)."""
+    if getattr(row, "deleted_at", None) is not None:
+        details: dict[str, Any] = {"id": row.id}
+        if field is not None:
+            details["field"] = field
+        raise Conflict(f"{kind} {row.id} was deleted", code=f"{kind}_deleted", details=details)
 
 
 # --------------------------------------------------------------------------- cursor pagination

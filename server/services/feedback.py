@@ -55,6 +55,7 @@ def to_out(fb: FeedbackFile) -> FeedbackOut:
         provenance=fb.provenance,
         findings=fb.findings,
         created_at=fb.created_at,
+        deleted_at=fb.deleted_at,
     )
 
 

@@ -15,6 +15,7 @@ from server.jobs.head import move
 from server.models import Checkpoint, Run, utcnow
 from server.services.common import get_owned
 from server.services.keys import Principal
+from server.storage_lifecycle.retention import require_continuable
 
 
 def rollback(session: Session, principal: Principal, run_id: str, checkpoint_id: str | None) -> Run:
@@ -23,6 +24,7 @@ def rollback(session: Session, principal: Principal, run_id: str, checkpoint_id:
         ckpt = get_owned(session, Checkpoint, checkpoint_id, principal.project_id, "checkpoint", "checkpoint_id")
         if ckpt.run_id != run.id:
             raise not_found("checkpoint", checkpoint_id, "checkpoint_id")
+        require_continuable(ckpt, "checkpoint_id")  # the head is what the next round continues from
     run = session.exec(
         select(Run).where(Run.id == run.id).with_for_update().execution_options(populate_existing=True)
     ).one()

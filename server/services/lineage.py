@@ -9,6 +9,7 @@ from server.errors import Conflict
 from server.models import Checkpoint, Model, Round
 from server.services.common import get_owned
 from server.services.keys import Principal
+from server.storage_lifecycle.retention import can_continue
 
 MAX_DEPTH = 10_000  # a lineage longer than this is a cycle in hand-edited data, not a real run
 
@@ -32,6 +33,10 @@ def checkpoint_view(session: Session, ckpt: Checkpoint) -> CheckpointOut:
         step=ckpt.step,
         examples=ckpt.examples,
         created_at=ckpt.created_at,
+        state=ckpt.state,  # type: ignore[arg-type]  # whole | optimizer_pruned | pruned (the column's contract)
+        pinned=ckpt.pinned,
+        can_continue=can_continue(ckpt),
+        pruned_at=ckpt.pruned_at,
     )
 
 
@@ -67,6 +72,7 @@ def lineage(session: Session, principal: Principal, checkpoint_id: str) -> Linea
                 loss=r.loss if r else None,
                 hyperparams=r.hyperparams if r else None,
                 conversion=r.conversion if r else None,
+                state=c.state,  # type: ignore[arg-type]  # the column's contract
             )
         )
     model = session.get(Model, chain[-1].model_id)

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from halos_client.models import ModelCreate, ModelOut
 from halos_core.run_dir import tree_sha256
@@ -247,4 +247,4 @@ def get_model(session: Session, principal: Principal, model_id: str, field: str 
 def list_models(
     session: Session, principal: Principal, limit: int, cursor: str | None
 ) -> tuple[list[Model], str | None]:
-    return paginate(session, Model, principal.project_id, limit, cursor)
+    return paginate(session, Model, principal.project_id, limit, cursor, col(Model.deleted_at).is_(None))

@@ -34,6 +34,7 @@ def to_out(ps: PromptSet) -> PromptSetOut:
         filename=ps.original_filename,
         findings=ps.findings,
         created_at=ps.created_at,
+        deleted_at=ps.deleted_at,
     )
 
 

@@ -32,7 +32,7 @@ from halos_core.loss_registry import LossConfig, loss_feedback_problem
 from halos_core.run_dir import CheckpointError, Manifest, read_manifest
 from server.errors import Conflict, Unprocessable, validation_details
 from server.models import FeedbackFile, Job, Round, Run
-from server.services.common import get_owned
+from server.services.common import get_owned, refuse_deleted
 from server.services.keys import Principal
 from server.settings import Settings
 
@@ -99,10 +99,12 @@ def feedback_files(session: Session, principal: Principal, ids: list[str]) -> li
                 details={"field": f"feedback_ids[{i}]", "id": fid},
             )
         seen[fid] = i
-    return [
-        get_owned(session, FeedbackFile, fid, principal.project_id, "feedback", field=f"feedback_ids[{i}]")
-        for i, fid in enumerate(ids)
-    ]
+    out = []
+    for i, fid in enumerate(ids):
+        fb = get_owned(session, FeedbackFile, fid, principal.project_id, "feedback", field=f"feedback_ids[{i}]")
+        refuse_deleted(fb, "feedback", f"feedback_ids[{i}]")
+        out.append(fb)
+    return out
 
 
 def check_loss_feedback(loss_name: str, files: list[FeedbackFile], conversion: Any) -> None:

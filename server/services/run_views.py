@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session, col, select
 
 from halos_client.event_models import TrackingLinkOut
-from halos_client.models import HeadMoveOut, RoundOut, RunOut, RunSummary
+from halos_client.models import HeadMoveOut, RetentionPolicy, RoundOut, RunOut, RunSummary
 from server.models import HeadMove, Job, JobStatus, Round, Run, TrackingLink
 
 
@@ -82,6 +82,7 @@ def run_view(session: Session, run: Run) -> RunOut:
         ],
         created_at=run.created_at,
         rounds=round_views(session, rounds),
+        retention=RetentionPolicy.model_validate(run.retention) if run.retention else None,
         tracking=[
             TrackingLinkOut(
                 backend=t.backend,

@@ -46,6 +46,8 @@ from server.services.round_checks import (
 from server.services.round_spec import round_spec
 from server.services.run_views import status_text
 from server.settings import Settings
+from server.storage_lifecycle.retention import require_continuable
+from server.storage_lifecycle.usage import check_admission
 from server.tracking.links import add_tracking_links
 
 log = logging.getLogger("halos.runs")
@@ -76,7 +78,7 @@ def get_run(session: Session, principal: Principal, run_id: str) -> Run:
 
 
 def list_runs(session: Session, principal: Principal, limit: int, cursor: str | None) -> tuple[list[Run], str | None]:
-    return paginate(session, Run, principal.project_id, limit, cursor)
+    return paginate(session, Run, principal.project_id, limit, cursor, col(Run.deleted_at).is_(None))
 
 
 def create_run(
@@ -108,6 +110,7 @@ def create_run(
             hyperparams=body.hyperparams.model_dump(mode="json"),
             conversion=body.conversion.model_dump(mode="json") if body.conversion else None,
             lora=body.lora.model_dump(mode="json") if body.lora else None,
+            retention=body.retention.model_dump(mode="json", exclude_none=True) if body.retention else None,
         )
         session.add(run)
         add_tracking_links(session, run, body.tracking)
@@ -173,6 +176,7 @@ def create_round(
         )
         if explicit.run_id != run.id:
             raise not_found("checkpoint", body.parent_checkpoint_id, "parent_checkpoint_id")
+        require_continuable(explicit, "parent_checkpoint_id")
 
     loss, hp, conversion, lora = effective_config(run, body, settings)
     files = feedback_files(session, principal, body.feedback_ids)
@@ -227,6 +231,7 @@ def create_round(
                     )
                 parent_ckpt = head_checkpoint(session, run)
                 if parent_ckpt is not None:
+                    require_continuable(parent_ckpt, "parent_checkpoint_id")
                     parent_round_id = parent_ckpt.round_id
                     manifest = parent_manifest(parent_ckpt.path)
                     head_round = session.get(Round, parent_ckpt.round_id)
@@ -261,6 +266,7 @@ def create_round(
             gate=body.gate,
         )
         job.spec = spec.model_dump(mode="json")
+        check_admission(session, spec, settings)  # 507 before anything is inserted
         rnd = Round(
             project_id=principal.project_id,
             run_id=run.id,

@@ -63,6 +63,7 @@ class Seeded:
             self.reward_checkpoint_id,
             *self.reward_run_ids,
             *self.round_ids,
+            *self.extra.values(),
         }
 
     def id_for(self, param: str, path: str = "") -> str | None:
@@ -197,6 +198,21 @@ def seed_project(
     rm_round = _ok(client.post(f"/v1/runs/{rm_run['id']}/rounds", json={"feedback_ids": [fb["id"]]}))
     work_job(session, rm_round["job_id"], "succeeded", root / f"ckpt-{tag}-rm", loss="bradley_terry", head="reward")
     rm_checkpoint_id = round_checkpoint_id(session, rm_round["round_id"])
+    # objects nothing uses, for the DELETE routes (the seeded ones stay for every other operation)
+    spare_fb = upload_ok(client, pairwise_records(4, seed=seed + 2))
+    spare_ps = _ok(
+        client.post(
+            "/v1/prompts",
+            content=_jsonl({"prompt_id": f"{tag}-spare", "prompt": "A spare prompt."} for _ in range(1)),
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+    )
+    spare_model = _ok(
+        client.post("/v1/models", json={"name": f"spare-{tag}", "path": str(make_model_dir(root / f"spare-{tag}"))})
+    )
+    spare_run = _ok(
+        client.post("/v1/runs", json={"name": f"spare-{tag}", "model_id": model["id"], "loss": {"name": "dpo"}})
+    )
     return Seeded(
         project=tag,
         feedback_id=fb["id"],
@@ -215,5 +231,11 @@ def seed_project(
         integration_secret=integration["secret"],
         reward_checkpoint_id=rm_checkpoint_id,
         reward_run_ids=[rm_run["id"], rm_round["round_id"], rm_round["job_id"]],
-        extra={"spare_webhook_id": spare["id"]},
+        extra={
+            "spare_webhook_id": spare["id"],
+            "spare_feedback_id": spare_fb["id"],
+            "spare_prompt_set_id": spare_ps["id"],
+            "spare_model_id": spare_model["id"],
+            "spare_run_id": spare_run["id"],
+        },
     )

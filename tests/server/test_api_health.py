@@ -18,7 +18,12 @@ def test_healthz_needs_no_key(anon: TestClient) -> None:
 def test_readyz_with_embedded_broker(anon: TestClient) -> None:
     resp = anon.get("/readyz")
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    body = resp.json()
+    assert {k: body[k] for k in ("status", "checks")} == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok"},
+    }
+    assert body["data_dir_free_bytes"] > 0  # the data dir's filesystem (issue 12)
 
 
 def test_readyz_503_when_broker_unreachable(settings: Settings, engine) -> None:

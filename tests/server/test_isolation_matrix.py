@@ -72,6 +72,7 @@ BODIES: dict[str, Callable[[Seeded], dict[str, Any]]] = {
     },
     "create_labelling_job": lambda own: {"samples_id": own.samples_id, "reward_model_checkpoint_id": own.checkpoint_id},
     "rollback": lambda own: {"checkpoint_id": own.checkpoint_id},
+    "set_retention": lambda own: {"keep_rounds": 2},
 }
 # Body fields of which a request gives exactly one (the sampling job's generator): the one under
 # test replaces the others.

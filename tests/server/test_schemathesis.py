@@ -89,9 +89,19 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "create_labelling_job": "referenced samples and reward-model checkpoint must exist",
         "create_integration": "an Argilla integration needs a Standard Webhooks secret (cross-field)",
         "rollback": "the checkpoint must belong to the run",
+        "set_retention": "keep_weights_rounds must be >= keep_rounds (cross-field)",
         "webhook": "the delivery must carry the integration's secret / signature",
         "labelstudio_tasks": "the feedback file must be a samples file (stateful links bring uploaded pairwise files)",
     },
+}
+
+
+# DELETE operations get the seed's spare objects (nothing uses them: a 204), never the seeded ones
+SPARE_FOR_DELETE = {
+    "delete_feedback": ("feedback_id", "spare_feedback_id"),
+    "delete_prompt_set": ("prompt_set_id", "spare_prompt_set_id"),
+    "delete_model": ("model_id", "spare_model_id"),
+    "delete_run": ("run_id", "spare_run_id"),
 }
 
 
@@ -267,6 +277,8 @@ def realize(case: Any, live: Live, *, stateful: bool = False) -> None:
                 params[name] = (s.queued_job_id, s.done_job_id)[_pick(case, "job", 2)]
             elif name == "webhook_id" and op == "delete_webhook":
                 params[name] = s.extra["spare_webhook_id"]  # the seeded webhook stays for the other operations
+            elif op in SPARE_FOR_DELETE and name == SPARE_FOR_DELETE[op][0]:
+                params[name] = s.extra[SPARE_FOR_DELETE[op][1]]  # deleting the seeded object would break the rest
             elif name == "name" and op == "labelstudio_config":
                 params[name] = "pairwise"
             elif s.id_for(name, case.operation.path) is not None:

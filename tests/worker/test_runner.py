@@ -171,6 +171,16 @@ def test_previous_attempts_complete_result_is_reported_not_retrained(env):
 # --------------------------------------------------------------------------- pure functions
 
 
+def test_enospc_fails_with_the_reason(tmp_path: Path):
+    rd = RunDir(tmp_path / "r").create()
+    rd.stdout_log.write_text(
+        "Traceback (most recent call last):\n  File x\nOSError: [Errno 28] No space left on device\n"
+    )
+    outcome = exit_codes.classify(1, rd)
+    assert outcome.status == "failed" and outcome.error.startswith("out of disk space on the data dir")
+    assert "OSError: [Errno 28]" in outcome.error
+
+
 def test_exit_code_table(tmp_path: Path):
     rd = RunDir(tmp_path / "r").create()
     assert exit_codes.classify(0, rd).status == "crashed"  # no result.json

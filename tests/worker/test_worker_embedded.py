@@ -314,6 +314,11 @@ def test_q8_sigterm_worker_releases_and_another_worker_resumes(make_env):
         wait_for(lambda: len(attempts(s, job.id)) >= 2, 60, what="second attempt")
         recovery = time.monotonic() - t_term
         j = wait_status(s, job.id, TERMINAL, 90)
+        if j.status == JobStatus.succeeded:
+            # issue 12: the worker removes a succeeded round's intermediate checkpoints after its finish
+            rd = RunDir(_run_dir(env, job.id))
+            wait_for(lambda: not rd.checkpoints.exists(), 20, what="intermediate checkpoints removed")
+            assert read_manifest(rd.final).step == j.step  # the final checkpoint stays
     finally:
         wa.stop()
         wb.stop()
