@@ -33,7 +33,7 @@ def checkpoint_view(session: Session, ckpt: Checkpoint) -> CheckpointOut:
         step=ckpt.step,
         examples=ckpt.examples,
         created_at=ckpt.created_at,
-        state=ckpt.state,  # type: ignore[arg-type]  # whole | optimizer_pruned | pruned (the column's contract)
+        state=ckpt.state,
         pinned=ckpt.pinned,
         can_continue=can_continue(ckpt),
         pruned_at=ckpt.pruned_at,
@@ -72,7 +72,7 @@ def lineage(session: Session, principal: Principal, checkpoint_id: str) -> Linea
                 loss=r.loss if r else None,
                 hyperparams=r.hyperparams if r else None,
                 conversion=r.conversion if r else None,
-                state=c.state,  # type: ignore[arg-type]  # the column's contract
+                state=c.state,
             )
         )
     model = session.get(Model, chain[-1].model_id)

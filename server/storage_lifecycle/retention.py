@@ -117,8 +117,8 @@ def plan(session: Session, run: Run, settings: Settings) -> RetentionPlan:
                 RetentionAction(
                     checkpoint_id=d.ckpt.id,
                     round_index=d.round_index,
-                    from_state=d.ckpt.state,  # type: ignore[arg-type]  # one of the three states (the column's contract)
-                    to_state=d.target,  # type: ignore[arg-type]  # OPTIMIZER_PRUNED or PRUNED here
+                    from_state=d.ckpt.state,
+                    to_state=d.target,
                     bytes=_action_bytes(d.ckpt, d.target, settings.data_dir),
                 )
             )
@@ -127,7 +127,7 @@ def plan(session: Session, run: Run, settings: Settings) -> RetentionPlan:
                 RetentionKept(
                     checkpoint_id=d.ckpt.id,
                     round_index=d.round_index,
-                    state=d.ckpt.state,  # type: ignore[arg-type]  # one of the three states
+                    state=d.ckpt.state,
                     reasons=d.reasons,
                 )
             )
