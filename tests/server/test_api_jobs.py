@@ -231,7 +231,9 @@ def test_lineage_from_inserted_rows(
         "loss",
         "hyperparams",
         "conversion",
+        "state",  # whole | optimizer_pruned | pruned (storage lifecycle)
     }
+    assert first["state"] == "whole"
     assert lin["model"] == {"id": model["id"], "name": model["name"], "path": model["path"], "sha256": model["sha256"]}
 
 
