@@ -86,7 +86,7 @@ class ForwardPass:
         else:
             raise RuntimeError("reference log-probs were asked for but no reference was loaded")
         if cache is not None:
-            cache.put(stream, logps)
+            return cache.put_and_get(stream, logps)
         return logps
 
     def reference_streams(self, mb: Microbatch) -> list[Stream]:
@@ -94,6 +94,15 @@ class ForwardPass:
         if mb.kind == "paired":
             return [self.joint_stream(mb)]
         return [mb.streams[k] for k in ("target", "kl") if k in mb.streams]
+
+    @property
+    def reference_up_front(self) -> bool:
+        """Whether the round's reference log-probs are computed before its first step. Only on an
+        accelerator: there the pass exists so that the reference can leave device memory before
+        the policy trains. On the CPU nothing moves, and a pass up front only delays the first
+        step (tens of seconds): each batch's rows are computed when the batch first comes (same
+        modules, same batch, same values) and served from the cache after."""
+        return self.accelerator.device.type != "cpu"
 
     def precompute_reference(self, microbatches: Iterable[Microbatch], tag: str) -> None:
         """Fill the reference cache for `microbatches`, then move the reference off the accelerator:
@@ -108,13 +117,20 @@ class ForwardPass:
         if self.reference is not None and self.accelerator.device.type != "cpu":
             self.reference.to("cpu")
             torch.cuda.empty_cache()
+        self.flush_reference(tag, time.perf_counter() - t0)
+
+    def flush_reference(self, tag: str, seconds: float | None = None) -> None:
+        """Persist the rows computed in this process (one shard named `tag`) for later rounds."""
+        cache = self.reference_cache
+        if cache is None:
+            return
         cache.flush(tag)
         log.info(
-            "reference log-probs: %d rows cached (%d microbatches reused, %d computed) in %.1fs",
+            "reference log-probs: %d rows cached (%d microbatches reused, %d computed)%s",
             len(cache.rows),
             cache.hits,
             cache.misses,
-            time.perf_counter() - t0,
+            f" in {seconds:.1f}s" if seconds is not None else "",
         )
 
     # ------------------------------------------------------------------ batches
