@@ -50,7 +50,9 @@ def build_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     from halos_core.tiny import build_tiny_model
 
-    build_tiny_model(path, seed=args.seed, vocab_size=args.vocab, hidden_size=args.hidden, layers=args.layers, heads=args.heads)
+    build_tiny_model(
+        path, seed=args.seed, vocab_size=args.vocab, hidden_size=args.hidden, layers=args.layers, heads=args.heads
+    )
     params = 0
     with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
         for key in fh.keys():
@@ -144,7 +146,12 @@ def run_round(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with open(run_dir.stdout_log, "ab") as out:
         t0 = time.time()
         proc = subprocess.Popen(
-            cmd, cwd=run_dir.path, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            cmd,
+            cwd=run_dir.path,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
         )
         try:
