@@ -260,6 +260,9 @@ class TokenLogprobModel(nn.Module):
     the distributed wrapper's gradient hooks and autocast in the path.
 
         forward(ids, mask, labels)                    -> (logps [B, L-1], mask [B, L-1])
+        forward(ids, mask, labels, mode="paired_logps") -> the same for a joint stream (rows i and
+                                                          B/2+i: a pair), each prompt run once
+                                                          (halos_core.prefix_sharing)
         forward(ids, mask, labels, mode="values")     -> (logps, mask, values [B, L-1])  (value head)
         forward(ids, mask, mode="reward")             -> rewards [B]                      (reward head;
                                                           the LM head is not run at all)
@@ -293,6 +296,12 @@ class TokenLogprobModel(nn.Module):
                 self.chunk_tokens,
                 packing=self.packing,
                 transform=self.logit_transform,
+            )
+        if mode == "paired_logps":
+            from halos_core.prefix_sharing import shared_prefix_token_logps
+
+            return shared_prefix_token_logps(
+                self.lm, input_ids, attention_mask, labels, self.chunk_tokens, transform=self.logit_transform
             )
         if self.head is None:
             raise ValueError(f"mode {mode!r} needs a head")

@@ -19,6 +19,7 @@ import torch
 from halos_core.data.collate import Microbatch, concat_streams
 from halos_core.logprobs import ReferenceLogpCache, token_logps
 from halos_core.lora import adapters_disabled
+from halos_core.prefix_sharing import shared_prefix_token_logps
 
 log = logging.getLogger("halos_core.training")
 
@@ -36,6 +37,7 @@ class ForwardPass:
         reference_cache: ReferenceLogpCache | None,
         packing: bool,
         pad_token_id: int,
+        prefix_sharing: bool = False,
     ):
         self.accelerator = accelerator
         self.model = model  # the prepared TokenLogprobModel
@@ -43,6 +45,7 @@ class ForwardPass:
         self.lora = lora
         self.reference_cache = reference_cache
         self.packing = packing
+        self.prefix_sharing = prefix_sharing  # joint streams of paired losses: each prompt run once
         self.pad_token_id = pad_token_id
         self.reference_device = accelerator.device
 
@@ -55,11 +58,12 @@ class ForwardPass:
         with torch.no_grad(), self.accelerator.autocast():
             return inner(stream["input_ids"], stream["attention_mask"], stream["labels"], mode=mode)
 
-    def policy_logps(self, stream: Stream, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.policy_outputs(stream, grad)
+    def policy_logps(self, stream: Stream, grad: bool, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy_outputs(stream, grad, "paired_logps" if paired and self.prefix_sharing else "logps")
 
     # ------------------------------------------------------------------ the reference
-    def reference_logps(self, stream: Stream) -> torch.Tensor:
+    def reference_logps(self, stream: Stream, paired: bool = False) -> torch.Tensor:
+        shared = paired and self.prefix_sharing
         cache = self.reference_cache
         if cache is not None:
             cached = cache.get(stream)
@@ -69,25 +73,23 @@ class ForwardPass:
             if next(self.reference.parameters()).device != self.reference_device:
                 self.reference.to(self.reference_device)
             with torch.no_grad(), self.accelerator.autocast():
-                logps, _ = token_logps(
-                    self.reference,
-                    stream["input_ids"],
-                    stream["attention_mask"],
-                    stream["labels"],
-                    packing=self.packing,
-                )
+                logps, _ = self._logps(self.reference, stream, shared)
         elif self.lora:
             # LoRA: the reference is the policy's own frozen base with the adapters switched off
             lm = self.accelerator.unwrap_model(self.model).lm
             with torch.no_grad(), self.accelerator.autocast(), adapters_disabled(lm):
-                logps, _ = token_logps(
-                    lm, stream["input_ids"], stream["attention_mask"], stream["labels"], packing=self.packing
-                )
+                logps, _ = self._logps(lm, stream, shared)
         else:
             raise RuntimeError("reference log-probs were asked for but no reference was loaded")
         if cache is not None:
             return cache.put_and_get(stream, logps)
         return logps
+
+    def _logps(self, lm: torch.nn.Module, stream: Stream, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, labels = stream["input_ids"], stream["attention_mask"], stream["labels"]
+        if shared:
+            return shared_prefix_token_logps(lm, ids, mask, labels)
+        return token_logps(lm, ids, mask, labels, packing=self.packing)
 
     def reference_streams(self, mb: Microbatch) -> list[Stream]:
         """The batches the losses run through the reference for this microbatch (same padding)."""
@@ -113,7 +115,7 @@ class ForwardPass:
         t0 = time.perf_counter()
         for mb in microbatches:
             for stream in self.reference_streams(mb.to(self.accelerator.device)):
-                self.reference_logps(stream)
+                self.reference_logps(stream, paired=mb.kind == "paired")
         if self.reference is not None and self.accelerator.device.type != "cpu":
             self.reference.to("cpu")
             torch.cuda.empty_cache()

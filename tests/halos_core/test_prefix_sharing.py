@@ -26,9 +26,9 @@ def joint(tmp_path_factory, tiny_model_dir, tiny_sha):
         mb = trainer.train_loader.microbatches(0)[0]
         stream = trainer.forward.joint_stream(mb)
         lm = trainer.accelerator.unwrap_model(trainer.model).lm
-        yield lm, stream
     finally:
-        _release(trainer)
+        _release(trainer)  # now: later tests build trainers of their own
+    return lm, stream
 
 
 def _grads(lm, fn, stream):
@@ -100,3 +100,52 @@ def test_other_attention_implementations_are_refused(joint):
             shared_prefix_token_logps(lm, stream["input_ids"], stream["attention_mask"], stream["labels"])
     finally:
         lm.config._attn_implementation = before
+
+
+def test_a_round_with_prefix_sharing_trains_like_one_without(tmp_path, tiny_model_dir, tiny_sha, monkeypatch):
+    """hyperparams.prefix_sharing: the policy and the reference run each pair's prompt once; the
+    round's losses, gradient norms and eval stay within float tolerance of the unshared round, and
+    its reference rows live apart in the cache (an unshared round keeps reading exact rows)."""
+    import halos_core.prefix_sharing as ps
+    from halos_core.config import Hyperparams
+    from halos_core.job_spec import hyperparams_problem
+    from halos_core.train import run
+
+    from .conftest import read_jsonl
+
+    calls = []
+    real = ps.shared_prefix_token_logps
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ps, "shared_prefix_token_logps", counting)
+    monkeypatch.setattr("halos_core.training.forward.shared_prefix_token_logps", counting)
+    fb = write_jsonl(pairwise_records(40, seed=6, test_fraction=0.25), tmp_path / "pairs.jsonl")
+    cache = tmp_path / "cache"
+    results, steps = {}, {}
+    for shared in (False, True):
+        cfg = make_config(
+            tmp_path / f"run{shared}",
+            tiny_model_dir,
+            tiny_sha,
+            fb,
+            job_id=f"run{shared}",
+            reference_cache_dir=str(cache),
+            prefix_sharing=shared,
+        )
+        results[shared] = run(cfg)
+        steps[shared] = [m for m in read_jsonl(tmp_path / f"run{shared}" / "metrics.jsonl") if "split" not in m]
+    n = len(steps[False])
+    assert n == len(steps[True]) > 1
+    # every training step ran the shared policy forward (with grad), plus the reference and eval without
+    assert calls.count(True) == 2 * n and calls.count(False) > 0  # 2 microbatches per step
+    for a, b in zip(steps[False], steps[True]):
+        for key in ("loss", "grad_norm", "rewards/margin"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    for key, value in results[False].eval.items():
+        assert results[True].eval[key] == pytest.approx(value, abs=1e-4), key
+    assert sorted(p.name.split("-", 1)[1] for p in cache.iterdir()) == ["no", "no-prefix-shared"]
+    hp = Hyperparams(prefix_sharing=True, packing=True, batch_size=8, microbatch_size=4)
+    assert "cannot be combined" in hyperparams_problem("dpo", hp, 1)
