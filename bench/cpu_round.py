@@ -3,6 +3,7 @@
     .venv/bin/python bench/cpu_round.py                          # the workload (~2-3 min on 2 cores)
     .venv/bin/python bench/cpu_round.py --pairs 16 --hidden 32 --layers 1 --heads 2   # smoke (tests)
     .venv/bin/python bench/cpu_round.py --out round.json --workdir /tmp/cpu-round
+    .venv/bin/python bench/cpu_round.py --prefix-sharing         # hyperparams.prefix_sharing
 
 The workload: a random-weight Llama built locally by the project's tiny-model builder
 (`halos_core.tiny.build_tiny_model`; default shape "small": hidden 512, 9 layers, 8 heads (no
@@ -121,6 +122,7 @@ def run_round(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "max_length": args.max_length,
                 "max_prompt_length": args.max_length // 2,
                 "seed": args.seed,
+                **({"prefix_sharing": True} if args.prefix_sharing else {}),
             },
         }
     )
@@ -180,6 +182,7 @@ def run_round(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "max_length": args.max_length,
         "batch_size": args.batch_size,
         "dtype": "float32",
+        "prefix_sharing": bool(args.prefix_sharing),
         "steps": len(steps),
         "wall_s": round(t_end - t0, 2),
         "first_step_s": round(steps[0]["time"] - t0, 2) if steps else None,
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-sharing", action="store_true", help="hyperparams.prefix_sharing (opt-in)")
     p.add_argument("--workdir", help="keep the model, data and run dir here (default: a temporary dir)")
     p.add_argument("--out", help="write the report as JSON")
     args = p.parse_args(argv)
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"round: {report['pairs']} pairs, max_length {report['max_length']}, batch {report['batch_size']}, "
-        f"fp32, {report['steps']} steps, {report['tokens_per_step']} tokens/step"
+        f"fp32, {report['steps']} steps, {report['tokens_per_step']} tokens/step, "
+        f"prefix sharing {report['prefix_sharing']}"
     )
     print(f"command: {report['command']}")
     print(
