@@ -102,10 +102,12 @@ def test_other_attention_implementations_are_refused(joint):
         lm.config._attn_implementation = before
 
 
-def test_a_round_with_prefix_sharing_trains_like_one_without(tmp_path, tiny_model_dir, tiny_sha, monkeypatch):
-    """hyperparams.prefix_sharing: the policy and the reference run each pair's prompt once; the
-    round's losses, gradient norms and eval stay within float tolerance of the unshared round, and
-    its reference rows live apart in the cache (an unshared round keeps reading exact rows)."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_round_with_prefix_sharing_trains_like_one_without(tmp_path, tiny_model_dir, tiny_sha, monkeypatch, lora):
+    """hyperparams.prefix_sharing: the policy and the reference (with LoRA: the base, adapters off)
+    run each pair's prompt once; the round's losses, gradient norms and eval stay within float
+    tolerance of the unshared round, and its reference rows live apart in the cache (an unshared
+    round keeps reading exact rows)."""
     import halos_core.prefix_sharing as ps
     from halos_core.config import Hyperparams
     from halos_core.job_spec import hyperparams_problem
@@ -134,6 +136,7 @@ def test_a_round_with_prefix_sharing_trains_like_one_without(tmp_path, tiny_mode
             job_id=f"run{shared}",
             reference_cache_dir=str(cache),
             prefix_sharing=shared,
+            **({"lora": {"r": 4, "alpha": 8}} if lora else {}),
         )
         results[shared] = run(cfg)
         steps[shared] = [m for m in read_jsonl(tmp_path / f"run{shared}" / "metrics.jsonl") if "split" not in m]
