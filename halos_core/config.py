@@ -98,6 +98,9 @@ class Hyperparams(_Strict):
     eval_fraction: float = Field(0.0, ge=0, lt=1)  # held-out share when no record says split=test
     packing: bool = False  # log-prob passes on packed sequences (halos_core.data.packing); same results
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory; same results)
+    # paired losses: each pair's prompt runs once (halos_core.prefix_sharing); log-probs equal the
+    # unshared path within float tolerance, not bit for bit, hence opt-in
+    prefix_sharing: bool = False
 
     def gradient_accumulation_steps(self, num_processes: int) -> int:
         per_step = self.microbatch_size * num_processes

@@ -119,6 +119,8 @@ def hyperparams_problem(loss_name: str, hp: Hyperparams, num_processes: int) -> 
         return problem
     if hp.max_prompt_length >= hp.max_length:
         return "max_prompt_length must be smaller than max_length"
+    if hp.prefix_sharing and hp.packing:
+        return "prefix_sharing and packing cannot be combined (each lays the batch out its own way)"
     return None
 
 

@@ -260,6 +260,9 @@ class TokenLogprobModel(nn.Module):
     the distributed wrapper's gradient hooks and autocast in the path.
 
         forward(ids, mask, labels)                    -> (logps [B, L-1], mask [B, L-1])
+        forward(ids, mask, labels, mode="paired_logps") -> the same for a joint stream (rows i and
+                                                          B/2+i: a pair), each prompt run once
+                                                          (halos_core.prefix_sharing)
         forward(ids, mask, labels, mode="values")     -> (logps, mask, values [B, L-1])  (value head)
         forward(ids, mask, mode="reward")             -> rewards [B]                      (reward head;
                                                           the LM head is not run at all)
@@ -294,6 +297,12 @@ class TokenLogprobModel(nn.Module):
                 packing=self.packing,
                 transform=self.logit_transform,
             )
+        if mode == "paired_logps":
+            from halos_core.prefix_sharing import shared_prefix_token_logps
+
+            return shared_prefix_token_logps(
+                self.lm, input_ids, attention_mask, labels, self.chunk_tokens, transform=self.logit_transform
+            )
         if self.head is None:
             raise ValueError(f"mode {mode!r} needs a head")
         decoder, lm_head = decoder_and_head(self.lm)
@@ -313,8 +322,8 @@ class ReferenceLogpCache:
     """Reference token log-probs per sequence, keyed by its token ids and label mask.
 
     The reference (the SFT model) is fixed for a whole run, so its log-probs of a sequence never
-    change: they are computed once (the trainer fills the cache for the round up front and then
-    moves the reference off the accelerator) and, when `directory` is given, persisted under
+    change: they are computed once (on the CPU as each batch comes; on an accelerator up front for
+    the round, after which the reference leaves the device) and, when `directory` is given, persisted under
     `directory/<reference sha256>-<precision>/` as safetensors shards so later rounds reuse them.
     Rows are stored unpadded ([n_tokens - 1] float32).
     """
@@ -360,6 +369,15 @@ class ReferenceLogpCache:
             self.misses += 1
             return None
         self.hits += 1
+        return self._assemble(stream, keys)
+
+    def put_and_get(self, stream: dict[str, torch.Tensor], logps: torch.Tensor) -> torch.Tensor:
+        """Store freshly computed `logps` and return them as the cache serves them (rows cut at
+        their length, 0.0 beyond): a batch computed now and one served later are the same tensor."""
+        self.put(stream, logps)
+        return self._assemble(stream, self.keys(stream))
+
+    def _assemble(self, stream: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
         batch, length = stream["input_ids"].shape
         out = torch.zeros((batch, max(length - 1, 0)), dtype=torch.float32)
         for i, k in enumerate(keys):

@@ -1,10 +1,10 @@
 """Entry point of one training round.
 
     run(config) -> RunResult                       in-process (tests)
-    python -m halos_core.train --config run.json   what `accelerate launch` runs
+    python -m halos_core.train --config run.json   what the worker runs (one process), or `accelerate launch` runs
 
 All settings come from run.json (a `halos_core.job_spec.RunConfig`); nothing is read from the
-environment except what `accelerate launch` itself sets (ranks, world size, device).
+environment except what `accelerate launch` itself sets (ranks, world size, device) when it starts the round.
 
 Exit status: 0 after result.json was written (rank 0); 1 on any exception, after printing the
 traceback (the worker reports its tail). SIGTERM/SIGINT keep their default meaning (the process

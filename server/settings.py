@@ -62,8 +62,10 @@ class Settings(BaseSettings):
     use_cpu: bool = False  # force accelerate onto the CPU even when CUDA is present
     fsdp: bool = False
     worker_concurrency: int = 1  # jobs one worker runs at once
-    python_executable: str | None = None  # interpreter for `-m accelerate.commands.launch`; default: this one
-    trainer_module: str = "halos_core.train"  # `accelerate launch -m <this> --config run.json` (tests: a fake trainer)
+    python_executable: str | None = None  # interpreter of the trainer (or of `accelerate launch`); default: this one
+    trainer_module: str = (
+        "halos_core.train"  # `[accelerate launch] -m <this> --config run.json` (tests: a fake trainer)
+    )
     main_process_port: int | None = None  # multi-process rendezvous port; default: a free port per job
 
     # Postgres statement_timeout of the API's and workers' connections (capped at lease_ttl_s / 4,

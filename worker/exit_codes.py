@@ -139,10 +139,10 @@ def classify(
         if result is not None:
             return Outcome("succeeded", result=result)
         return Outcome("crashed", error=why)
-    if returncode < 0:
-        return Outcome("crashed", error=f"training process killed by {signal_name(-returncode)}")
-    tail = read_tail(run_dir.stdout_log, start=log_offset)
-    sig = rank_signal(tail)
+    # one process runs without a launcher (worker.launch.command): its own death by a signal reads
+    # the same as a rank's death reported by `accelerate launch`
+    tail = read_tail(run_dir.stdout_log, start=log_offset) if returncode > 0 else ""
+    sig = signal_name(-returncode) if returncode < 0 else rank_signal(tail)
     if sig is not None:
         hint = " (out of memory?)" if sig == "SIGKILL" else ""
         return Outcome("crashed", error=f"a training process was killed by {sig}{hint}")

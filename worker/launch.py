@@ -1,7 +1,8 @@
-"""The `accelerate launch` command line and its config file, from the worker's settings.
+"""The trainer's command line and `accelerate launch`'s config file, from the worker's settings.
 
     python -m accelerate.commands.launch --config_file accelerate.yaml \
-        -m <settings.trainer_module> --config run.json
+        -m <settings.trainer_module> --config run.json          # several processes, or FSDP
+    python -m <settings.trainer_module> --config run.json       # one process (`needs_launcher`)
 
 The worker never imports accelerate (or torch): it only writes the YAML accelerate reads.
 """
@@ -94,8 +95,17 @@ def launch_env(settings: Settings) -> dict[str, str]:
     return {"ACCELERATE_USE_CPU": "true"} if settings.use_cpu else {}
 
 
+def needs_launcher(settings: Settings) -> bool:
+    """Whether a round needs `accelerate launch`: several processes (it starts the ranks) or FSDP
+    (it exports the FSDP settings the trainer reads). One process without FSDP does not: the
+    launcher would only be a second interpreter (its own imports, memory and start-up time) that
+    starts the trainer with `distributed_type: NO`, which is what the trainer does on its own."""
+    return max(1, int(settings.num_processes)) > 1 or bool(settings.fsdp)
+
+
 def command(settings: Settings, run_dir: RunDir) -> list[str]:
     python = settings.python_executable or sys.executable
-    args = [python, "-m", "accelerate.commands.launch", "--config_file", str(run_dir.accelerate_yaml)]
-    args += ["-m", settings.trainer_module, "--config", str(run_dir.run_json)]
-    return args
+    trainer = ["-m", settings.trainer_module, "--config", str(run_dir.run_json)]
+    if not needs_launcher(settings):
+        return [python, *trainer]
+    return [python, "-m", "accelerate.commands.launch", "--config_file", str(run_dir.accelerate_yaml), *trainer]

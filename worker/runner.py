@@ -7,8 +7,9 @@
 3. Attempt > 1: `resume_from` = the latest COMPLETE checkpoint of this round (I3).
 4. `run.json` (RunConfig from the job spec + worker settings) and `accelerate.yaml`.
 5. `python -m accelerate.commands.launch --config_file accelerate.yaml -m <trainer> --config run.json`
-   in its own session (process group), output appended to stdout.log, plus a watchdog that
-   stops the group if this process dies.
+   (several processes or FSDP; one process: `python -m <trainer> --config run.json`, no second
+   interpreter, `worker.launch.command`) in its own session (process group), output appended to
+   stdout.log, plus a watchdog that stops the group if this process dies.
    Sampling and labelling jobs (`Job.kind` sample / label, `halos_core.artefact_spec`) take the
    same path with their own run.json and `python -m halos_core.<entry> --config run.json` (one
    process, no accelerate); a retry starts them over (their output is written atomically at the end).

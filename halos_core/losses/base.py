@@ -44,14 +44,15 @@ class LossOutput:
 class Forward(Protocol):
     """What the trainer offers a loss to build its inputs (halos_core.training.forward)."""
 
-    def policy_logps(self, stream: Stream, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] token log-probs of the policy and their mask."""
+    def policy_logps(self, stream: Stream, grad: bool, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] token log-probs of the policy and their mask. `paired`: `stream` is a joint stream
+        (`joint_stream`), whose pairs may share their prompt's computation."""
 
     def policy_outputs(self, stream: Stream, grad: bool, mode: str) -> Any:
         """The policy wrapper's other modes: "reward" -> [B] scores, "values" -> (logps, mask, values)."""
 
-    def reference_logps(self, stream: Stream) -> torch.Tensor:
-        """[B, T] token log-probs of the frozen reference (cached across rounds)."""
+    def reference_logps(self, stream: Stream, paired: bool = False) -> torch.Tensor:
+        """[B, T] token log-probs of the frozen reference (cached across rounds); `paired` as above."""
 
     def joint_stream(self, mb: Microbatch) -> Stream:
         """A paired microbatch's chosen rows then rejected rows as one padded batch."""
@@ -169,8 +170,8 @@ class PairedLoss(Loss[C]):
 
     def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
         both = forward.joint_stream(mb)
-        logps, mask = forward.policy_logps(both, grad=train)
-        ref = forward.reference_logps(both) if self.needs_reference else None
+        logps, mask = forward.policy_logps(both, grad=train, paired=True)
+        ref = forward.reference_logps(both, paired=True) if self.needs_reference else None
         n = mb.size
         return {
             "policy_chosen_logps": logps[:n],

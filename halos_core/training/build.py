@@ -286,7 +286,11 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
 
     reference_cache = (
         ReferenceLogpCache(
-            config.reference_cache_dir, config.reference_sha256 or reference_sha256, config.mixed_precision
+            config.reference_cache_dir,
+            config.reference_sha256 or reference_sha256,
+            # rows computed with prefix sharing equal the unshared ones only within float tolerance:
+            # kept apart, so a round without it reads exactly what the unshared path computes
+            config.mixed_precision + ("-prefix-shared" if hp.prefix_sharing else ""),
         )
         if loss.needs_reference
         else None
@@ -299,6 +303,7 @@ def build_trainer(config: RunConfig, *, accelerator: Any = None, keep_last: int 
         reference_cache=reference_cache,
         packing=hp.packing,
         pad_token_id=int(tokenizer.pad_token_id),
+        prefix_sharing=hp.prefix_sharing,
     )
     return Trainer(
         config=config,

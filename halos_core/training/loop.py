@@ -133,9 +133,10 @@ class Trainer:
         loader = self.train_loader
         train = (mb for step in range(self.round_step, loader.total_steps) for mb in loader.microbatches(step))
         evals = (mb for mb, _ in self.eval_loader.padded()) if self.eval_loader is not None else ()
-        self.forward.precompute_reference(
-            itertools.chain(train, evals), f"{self.config.job_id}-rank{self.accelerator.process_index}"
-        )
+        self.forward.precompute_reference(itertools.chain(train, evals), self._cache_tag())
+
+    def _cache_tag(self) -> str:
+        return f"{self.config.job_id}-rank{self.accelerator.process_index}"
 
     # ------------------------------------------------------------------ state
     def global_step(self) -> int:
@@ -171,7 +172,8 @@ class Trainer:
         """Run the round to the end (or raise `Stopped` after round step `stop_after`). Returns the
         result written to result.json (None on processes other than the main one)."""
         acc, hp, loader = self.accelerator, self.hp, self.train_loader
-        self.precompute_reference()
+        if self.forward.reference_up_front:
+            self.precompute_reference()
         eval_before = self.baseline_eval()
         if self.rng_state is not None:
             restore_rng(self.rng_state)
@@ -242,6 +244,9 @@ class Trainer:
                     **eval_metrics,
                 }
             )
+        if self.loss.needs_reference and not self.forward.reference_up_front:
+            # the rows computed batch by batch (train and eval) for later rounds
+            self.forward.flush_reference(self._cache_tag())
         manifest = self.save(self.run_dir.final, "final")
         result = None
         if acc.is_main_process:

@@ -123,3 +123,24 @@ def test_learning_signal_smoke(tmp_path, cpu_only, capsys):
     assert dpo[2]["step"] == dpo[1]["step"] + dpo[2]["round_step"]  # counters carried across rounds
     assert dpo[1]["eval_accuracy"] is not None
     assert "PASS" in printed or "FAIL" in printed
+
+
+def test_cpu_round_smoke(tmp_path, cpu_only, capsys):
+    """bench/cpu_round.py at a tiny size: a real round through the worker's launch command."""
+    cr = load("cpu_round")
+    out = tmp_path / "round.json"
+    work = tmp_path / "work"
+    args = ["--steps", "2", "--hidden", "32", "--layers", "1", "--heads", "2", "--max-length", "64"]
+    report = cr.main([*args, "--workdir", str(work), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["pairs"] == 16 and report["steps"] == 2 and report["model"]["layers"] == 1
+    assert 0 < report["first_step_s"] <= report["wall_s"] and report["step_s"] > 0
+    assert report["peak_tree_rss_gib"] > 0 and report["peak_hwm_gib_max"] > 0
+    assert "halos_core.train" in report["command"] and "first optimizer step after" in printed
+    # the round really finished: result.json and the final checkpoint, the reference cache persisted
+    run_dir = Path(report["run_dir"])
+    assert (run_dir / "result.json").is_file() and (run_dir / "final").is_dir()
+    assert list((work / "data" / "reference-cache").glob("*/*.safetensors"))
+    with pytest.raises(SystemExit):  # a used workdir would start with a warm reference cache
+        cr.main([*args, "--workdir", str(work)])

@@ -263,6 +263,54 @@ def test_reference_logps_computed_once_and_reused_across_rounds(tmp_path, tiny_m
     assert again.step == first.step
 
 
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_reference_per_batch_on_cpu_trains_exactly_like_the_pass_up_front(
+    tmp_path, tiny_model_dir, tiny_sha, monkeypatch, loss
+):
+    """On the CPU the reference log-probs are computed as each batch comes (no pass before the
+    first step, issue 11); the round is bit-for-bit the round with the pass up front, the eval
+    included, and the rows computed on the way still reach the cache directory for later rounds."""
+    from halos_core.training.forward import ForwardPass
+
+    fb = write_jsonl(pairwise_records(40, seed=4, test_fraction=0.25), tmp_path / "pairs.jsonl")
+    extra = {"conversion": {"type": "pairwise_to_unpaired"}} if loss == "kto" else {}
+    runs = {}
+    for mode in ("up_front", "per_batch"):
+        cfg = make_config(
+            tmp_path / mode,
+            tiny_model_dir,
+            tiny_sha,
+            fb,
+            loss={"name": loss},
+            job_id=mode,
+            reference_cache_dir=str(tmp_path / f"cache-{mode}"),
+            **extra,
+        )
+        with monkeypatch.context() as m:
+            if mode == "up_front":
+                m.setattr(ForwardPass, "reference_up_front", property(lambda self: True))
+            else:
+
+                def no_pass(*args, **kwargs):
+                    raise AssertionError("the reference pass ran before the first step")
+
+                m.setattr(ForwardPass, "precompute_reference", no_pass)
+            runs[mode] = run(cfg)
+    a, b = (train_steps(tmp_path / m) for m in ("up_front", "per_batch"))
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/margin") if loss == "dpo" else ("loss", "grad_norm", "kl")
+    assert len(a) == len(b) > 1
+    assert [[m[k] for k in keys] for m in a] == [[m[k] for k in keys] for m in b]
+    assert runs["up_front"].eval == runs["per_batch"].eval and runs["per_batch"].eval["n"] > 0
+    wa, wb = weights(tmp_path / "up_front" / "final"), weights(tmp_path / "per_batch" / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = {}
+    for mode in ("up_front", "per_batch"):
+        (shard,) = (tmp_path / f"cache-{mode}").glob("*/*.safetensors")
+        rows[mode] = load_file(str(shard))
+    assert rows["up_front"].keys() == rows["per_batch"].keys()
+    assert all(torch.equal(rows["up_front"][k], rows["per_batch"][k]) for k in rows["up_front"])
+
+
 def test_fp16_is_refused_bf16_and_fp32_accepted(tmp_path, tiny_model_dir, tiny_sha, pairwise_file):
     """fp16 would need a loss scaler (unsaved state, skipped steps that still advance the schedule)."""
     from pydantic import ValidationError

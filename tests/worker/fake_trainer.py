@@ -1,6 +1,7 @@
 """A stand-in for `python -m halos_core.train --config run.json`, for the queue tests.
 
-Launched through the real `accelerate launch` by the real runner (settings.trainer_module). It
+Launched by the real runner (settings.trainer_module): directly with one process, through the real
+`accelerate launch` with several (worker.launch.command). It
 honours the run-directory contract (halos_core/run_dir.py): metrics.jsonl lines, complete
 checkpoints (files, then meta.json via write_manifest, under a temp name renamed into place),
 resume from `resume_from`, final/ and result.json last.

@@ -184,7 +184,9 @@ def test_enospc_fails_with_the_reason(tmp_path: Path):
 def test_exit_code_table(tmp_path: Path):
     rd = RunDir(tmp_path / "r").create()
     assert exit_codes.classify(0, rd).status == "crashed"  # no result.json
-    assert exit_codes.classify(-9, rd).error == "training process killed by SIGKILL"
+    # the trainer itself killed (one process, no launcher) reads like a rank killed under the launcher
+    assert exit_codes.classify(-9, rd).error == "a training process was killed by SIGKILL (out of memory?)"
+    assert exit_codes.classify(-15, rd).error == "a training process was killed by SIGTERM"
     assert exit_codes.classify(3, rd, cancelled=True).status == "cancelled"
     rd.stdout_log.write_text("old attempt: died with <Signals.SIGKILL: 9>.\n")
     offset = rd.stdout_log.stat().st_size
@@ -251,16 +253,21 @@ def test_accelerate_config_and_command(tmp_path: Path):
     assert fsdp_cpu["distributed_type"] == "FSDP" and fsdp_cpu["use_cpu"] is True  # FSDP2 over gloo (the trainer)
     launch.write_accelerate_config(rd, cpu)
     assert yaml.safe_load(rd.accelerate_yaml.read_text())["use_cpu"] is True
-    assert launch.command(cpu, rd)[1:] == [
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(rd.accelerate_yaml),
-        "-m",
-        "halos_core.train",
-        "--config",
-        str(rd.run_json),
-    ]
+    # one process without FSDP: the trainer itself, no `accelerate launch` interpreter in between
+    assert launch.command(cpu, rd)[1:] == ["-m", "halos_core.train", "--config", str(rd.run_json)]
+    multi = Settings(data_dir=tmp_path, num_processes=2, use_cpu=True)
+    fsdp1 = Settings(data_dir=tmp_path, num_processes=1, fsdp=True, use_cpu=True)
+    for launched in (multi, fsdp1):  # the launcher starts the ranks / exports the FSDP settings
+        assert launch.command(launched, rd)[1:] == [
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(rd.accelerate_yaml),
+            "-m",
+            "halos_core.train",
+            "--config",
+            str(rd.run_json),
+        ]
 
 
 def test_orphans_are_found_only_for_this_database_and_dead_runners(env):
