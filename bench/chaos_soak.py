@@ -169,7 +169,9 @@ class PrivatePostgres:
 
     def _ctl(self, action: str) -> None:
         opts = f"-p {self.port} -k {self.sock} -c fsync=off -c max_connections=200"
-        self._as_pg("pg_ctl", "-D", str(self.dir), "-o", opts, "-w", "-t", "60", "-m", "fast", action)
+        # -l: the server must not inherit our pipes (pg_ctl's caller would wait for their EOF forever)
+        logfile = str(self.sock / "postgres.log")
+        self._as_pg("pg_ctl", "-D", str(self.dir), "-l", logfile, "-o", opts, "-w", "-t", "60", "-m", "fast", action)
 
     def restart(self) -> None:
         self._ctl("restart")
@@ -309,6 +311,7 @@ class Load:
         self.rng = random.Random(seed)
         self.jobs: dict[str, JobRecord] = {}
         self.idem_replays = 0
+        self.new_runs = 0  # a round refused with 409 (latest round failed / cancelled): a new run instead
         self.idem_mismatch: list[str] = []
         self.client_errors: list[str] = []
         self.stop = threading.Event()
@@ -336,13 +339,8 @@ class Load:
     def setup(self) -> list[str]:
         model = self.call("POST", "/v1/models", key="model", json={"name": "tiny", "path": str(self.model_dir)})
         assert model.status_code in (200, 201), model.text
-        runs = []
-        for i in range(self.streams):
-            body = {"model_id": model.json()["id"], "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": HYPERPARAMS}
-            r = self.call("POST", "/v1/runs", key=f"run-{i}", json=body)
-            assert r.status_code in (200, 201), r.text
-            runs.append(r.json()["id"])
-        return runs
+        self.model_id = model.json()["id"]
+        return [self.new_run() for _ in range(self.streams)]
 
     def upload(self, seed: int) -> str:
         body = to_jsonl_bytes(pairwise_records(RECORDS, seed=seed, id_prefix="p"))
@@ -358,9 +356,19 @@ class Load:
                     self.idem_mismatch.append(key)
         return first.json()["id"]
 
+    def new_run(self) -> str:
+        body = {"model_id": self.model_id, "loss": {"name": "dpo", "beta": 0.1}, "hyperparams": HYPERPARAMS}
+        r = self.call("POST", "/v1/runs", key=f"run-{secrets.token_hex(6)}", json=body)
+        assert r.status_code in (200, 201), r.text
+        return r.json()["id"]
+
     def submit(self, run_id: str, fb_id: str, parent: str | None) -> str | None:
         key = f"round-{secrets.token_hex(6)}"
         r = self.call("POST", f"/v1/runs/{run_id}/rounds", key=key, json={"feedback_ids": [fb_id]})
+        if r.status_code == 409:  # the run's latest round failed / was cancelled: the user starts a new run
+            with self.lock:
+                self.new_runs += 1
+            return None
         if r.status_code != 201 and r.status_code != 200:
             with self.lock:
                 self.client_errors.append(f"round: {r.status_code} {r.text[:200]}")
@@ -380,6 +388,9 @@ class Load:
                 seed += 1
                 chained = self.rng.random() < 0.5
                 j1 = self.submit(run_id, self.upload(seed), None)
+                if j1 is None:
+                    run_id = self.new_run()
+                    continue
                 jobs = [j1]
                 if chained and j1:
                     seed += 1
@@ -396,7 +407,7 @@ class Load:
                         if self.status(j) in TERMINAL:
                             break
                         time.sleep(1)
-            except Exception as exc:  # noqa: BLE001 - a load error is recorded and the stream goes on
+            except Exception as exc:  # a load error is recorded and the stream goes on
                 with self.lock:
                     self.client_errors.append(repr(exc)[:300])
                 time.sleep(1)
@@ -585,16 +596,14 @@ class Soak:
             return f"{self.pg.terminate_backends()} backends terminated"
         if fault == "disk-full":
             filler = self.data_dir / "filler.bin"
-            with open(filler, "wb") as fh:
-                chunk = b"\0" * (1 << 20)
-                with contextlib.suppress(OSError):
-                    while True:
-                        fh.write(chunk)
-                        fh.flush()
-                with contextlib.suppress(OSError):
-                    while True:  # the last partial MiB
-                        fh.write(b"\0" * 4096)
-                        fh.flush()
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for size in (1 << 20, 4096, 1):  # unbuffered, down to the last byte
+                    with contextlib.suppress(OSError):
+                        while os.write(fd, b"\0" * size):
+                            pass
+            finally:
+                os.close(fd)
             time.sleep(self.rng.uniform(2, 6))
             filler.unlink()
             return "data dir full for a few seconds"
@@ -606,7 +615,7 @@ class Soak:
         while time.monotonic() < deadline:
             try:
                 now = jobs_snapshot(self.pg.url)
-            except Exception:  # noqa: BLE001 - Postgres may be restarting: keep polling
+            except Exception:  # Postgres may be restarting: keep polling
                 time.sleep(0.3)
                 continue
             pending = [
@@ -649,8 +658,11 @@ class Soak:
 
     def run_trials(self) -> None:
         faults = list(self.args.faults)
-        plan = [f for f in faults for _ in range(self.args.trials)]
-        self.rng.shuffle(plan)
+        plan = []
+        for _ in range(self.args.trials):  # shuffled blocks of every kind: a --duration cut stays balanced
+            block = faults[:]
+            self.rng.shuffle(block)
+            plan += block
         t_end = time.monotonic() + self.args.duration
         for n, fault in enumerate(plan, 1):
             if time.monotonic() > t_end:
@@ -660,7 +672,7 @@ class Soak:
             time.sleep(self.rng.uniform(0, 4))  # a random moment of the running rounds
             try:
                 before = self.running_jobs()
-            except Exception:  # noqa: BLE001 - not expected: Postgres is up between trials
+            except Exception:  # not expected: Postgres is up between trials
                 before = {}
             unfinished = {j for j, v in jobs_snapshot(self.pg.url).items() if v[0] not in TERMINAL}
             t0 = time.monotonic()
@@ -704,6 +716,7 @@ class Soak:
         rows = {k: dict(trials=0, lost=0, doubled=0, orphans=0, stuck=0, corrupt=0, failed_reason=0) for k in kinds}
         rows["(no fault)"] = dict(trials=0, lost=0, doubled=0, orphans=0, stuck=0, corrupt=0, failed_reason=0)
         problems: list[str] = []
+        notes: list[str] = []
         for t in self.trials:
             rows[t.fault]["trials"] += 1
             rows[t.fault]["orphans"] += len(t.orphans)
@@ -727,6 +740,7 @@ class Soak:
                 disk = any(trial_fault[n] == "disk-full" for n in rec.faults)
                 if disk and status == "failed" and any(s in error.lower() for s in ("space", "storage", "enospc")):
                     rows[kind]["failed_reason"] += 1
+                    notes.append(f"failed with a reason {j}: {error[:200]}")
                 else:
                     rows[kind]["lost"] += 1
                     problems.append(f"lost {j}: {status} {error[:200]}")
@@ -746,9 +760,7 @@ class Soak:
                 kind = trial_fault[rec.faults[-1]] if rec and rec.faults else "(no fault)"
                 rows[kind]["corrupt"] += 1
                 problems.append(f"corrupt {ckpt} ({job}): {exc}")
-        if not rows["(no fault)"]["trials"] and not any(
-            v for k, v in rows["(no fault)"].items() if k != "trials"
-        ):
+        if not rows["(no fault)"]["trials"] and not any(v for k, v in rows["(no fault)"].items() if k != "trials"):
             del rows["(no fault)"]
 
         n_jobs = len(self.load.jobs)
@@ -756,12 +768,23 @@ class Soak:
         print()
         print(
             f"chaos soak: {len(self.trials)} trials, {n_jobs} jobs accepted ({outcome}), "
-            f"{len(cancelled_by_client)} cancelled by the client, {self.load.idem_replays} idempotent upload "
+            f"{len(cancelled_by_client)} cancelled by the client, "
+            f"{self.load.new_runs} rounds refused 409 (new run), {self.load.idem_replays} idempotent upload "
             f"replays ({len(self.load.idem_mismatch)} answered a different id), data dir "
             f"{'tmpfs ' + str(self.args.tmpfs_mb) + ' MiB' if self.tmpfs else 'plain directory'}, "
             f"{self.args.workers} workers, 2 API processes"
         )
-        head = ("fault", "trials", "lost", "doubled", "orphans", "stuck", "corrupt", "failed_reason", "recovery s (median / max)")
+        head = (
+            "fault",
+            "trials",
+            "lost",
+            "doubled",
+            "orphans",
+            "stuck",
+            "corrupt",
+            "failed_reason",
+            "recovery s (median / max)",
+        )
         lines = [head]
         for k, r in rows.items():
             recs = [t.recovery_s for t in self.trials if t.fault == k and t.recovery_s is not None]
@@ -770,7 +793,11 @@ class Soak:
             if unrec:
                 rec_s += f" ({unrec} not recovered in 180 s)"
             lines.append(
-                (k, *(str(r[c]) for c in ("trials", "lost", "doubled", "orphans", "stuck", "corrupt", "failed_reason")), rec_s)
+                (
+                    k,
+                    *(str(r[c]) for c in ("trials", "lost", "doubled", "orphans", "stuck", "corrupt", "failed_reason")),
+                    rec_s,
+                )
             )
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         for idx, line in enumerate(lines):
@@ -781,6 +808,8 @@ class Soak:
             problems.append(f"idempotent replays answered another id: {self.load.idem_mismatch}")
         if self.load.client_errors:
             print(f"\nclient errors ({len(self.load.client_errors)}):", *self.load.client_errors[:10], sep="\n  ")
+        if notes:
+            print("\nnotes:", *notes[:20], sep="\n  ")
         if problems:
             print("\nproblems:", *problems, sep="\n  ")
         summary = {"trials": len(self.trials), "rows": rows, "problems": problems}
