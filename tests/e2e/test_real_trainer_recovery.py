@@ -1,14 +1,14 @@
 """docs/RELIABILITY.md Q1 with the REAL trainer: `halos serve` (embedded: SQLite + embedded broker, its own
 `halos worker` child and sweeper), a DPO round on the tiny model through the real
-`accelerate launch -m halos_core.train`, SIGKILL of the worker (solo pool: the worker process IS
+trainer (`python -m halos_core.train`: one process, no launcher), SIGKILL of the worker (solo pool: the worker process IS
 the runner) once the round's first intermediate checkpoint is complete.
 
 The serve process does not restart its worker child, so a replacement `halos worker` is started.
 Asserted: the job ends `succeeded` (I1) with exactly 2 attempts that do not overlap (I2), the
 second resumed from >= the checkpoint seen before the kill (I3), every process of attempt 1
 (trainer — and its launcher when several ranks train —, watchdog) is gone within the kill grace
-(I6), and the training is exactly that of an uninterrupted launch of the same run.json: per-step losses (run dir and API) and bit-identical
-final weights and Adam state.
+(I6), and the training is exactly that of an uninterrupted launch of the same run.json: per-step
+losses (run dir and API) and bit-identical final weights and Adam state.
 """
 
 from __future__ import annotations
