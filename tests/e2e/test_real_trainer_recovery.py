@@ -1,6 +1,6 @@
 """docs/RELIABILITY.md Q1 with the REAL trainer: `halos serve` (embedded: SQLite + embedded broker, its own
-`halos worker` child and sweeper), a DPO round on the tiny model through the real
-trainer (`python -m halos_core.train`: one process, no launcher), SIGKILL of the worker (solo pool: the worker process IS
+`halos worker` child and sweeper), a DPO round on the tiny model through the real trainer
+(`python -m halos_core.train`: one process, no launcher), SIGKILL of the worker (solo pool: the worker process IS
 the runner) once the round's first intermediate checkpoint is complete.
 
 The serve process does not restart its worker child, so a replacement `halos worker` is started.
