@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from halos_core.tiny import SYLLABLES  # noqa: E402 - after sys.path names the checkout
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden=64,
@@ -130,38 +132,7 @@ def _reset_cpu_peak() -> bool:
 class TextPool:
     """Random word text whose token count is known: `text(n)` ~ n tokens of the tokenizer."""
 
-    WORDS = (
-        "ka",
-        "to",
-        "mi",
-        "ra",
-        "ne",
-        "su",
-        "lo",
-        "pe",
-        "di",
-        "ga",
-        "vu",
-        "shi",
-        "an",
-        "or",
-        "el",
-        "is",
-        "the",
-        "and",
-        "good",
-        "bad",
-        "yes",
-        "no",
-        "one",
-        "two",
-        "red",
-        "blue",
-        "cat",
-        "dog",
-        "sun",
-        "sea",
-    )
+    WORDS = SYLLABLES
 
     def __init__(self, tokenizer: Any, seed: int, n_tokens: int = 20000):
         rng = random.Random(seed)

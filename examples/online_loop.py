@@ -248,8 +248,9 @@ def loop(
     )
     rows: list[dict[str, float]] = []
 
-    def fresh_score(k: int) -> float:
-        sample = api.wait(
+    def sample_head(k: int) -> dict[str, Any]:
+        """Samples of the run's head (the sampling job's finished job)."""
+        return api.wait(
             api.call(
                 "POST",
                 "/v1/sampling-jobs",
@@ -260,28 +261,19 @@ def loop(
                 },
             )["id"]
         )
+
+    def fresh_score(k: int) -> float:
         scored = api.wait(
             api.call(
                 "POST",
                 "/v1/labelling-jobs",
-                json={"samples_id": sample["output_feedback_id"], "reward_model_checkpoint_id": rm_ckpt},
+                json={"samples_id": sample_head(k)["output_feedback_id"], "reward_model_checkpoint_id": rm_ckpt},
             )["id"]
         )
         return float(api.output(scored)["provenance"]["stats"]["mean_score"])
 
     for k, (loss_name, loss) in enumerate(SCHEDULE, start=1):
-        sample = api.wait(
-            api.call(
-                "POST",
-                "/v1/sampling-jobs",
-                json={
-                    "prompt_set_id": train_prompts["id"],
-                    "run_id": run["id"],
-                    "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 100 + k},
-                },
-            )["id"]
-        )
-        samples = api.output(sample)
+        samples = api.output(sample_head(k))
         rule = (
             {"type": "pairwise", "method": "max", "min_gap": 0.0}
             if loss_name == "dpo"

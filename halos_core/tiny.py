@@ -31,7 +31,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-_SYLLABLES = (
+# word pieces of the random text the tiny tokenizer is trained on (bench/ reuses them)
+SYLLABLES = (
     "ka",
     "to",
     "mi",
@@ -71,7 +72,7 @@ def _corpus(seed: int, lines: int = 2000) -> list[str]:
     for _ in range(lines):
         words = []
         for _ in range(rng.randint(3, 14)):
-            words.append("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))))
+            words.append("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))))
         sentence = " ".join(words)
         if rng.random() < 0.3:
             sentence = sentence.capitalize() + rng.choice([".", "?", "!", ","])
