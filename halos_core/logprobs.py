@@ -29,8 +29,10 @@ chunked path applies the same transform to each chunk's logits (in float32) — 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -401,9 +403,14 @@ class ReferenceLogpCache:
             return
         from safetensors.torch import save_file
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{name}.safetensors"
         tmp = self.directory / f".tmp-{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in self.new.items()}, str(tmp))
-        os.replace(tmp, target)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in self.new.items()}, str(tmp))
+            os.replace(tmp, target)
+        except OSError as exc:  # a cache: a full disk costs later rounds a recomputation, not this round
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            warnings.warn(f"reference cache shard {target} not written: {exc}", stacklevel=2)
         self.new = {}

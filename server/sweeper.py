@@ -89,11 +89,15 @@ def run_forever(settings: Settings | None = None, stop_event: threading.Event | 
         try:
             with Session(engine, expire_on_commit=False) as session:
                 maintenance.finish_intents(session, settings)
-                if settings.retention_interval_s and time.monotonic() - last_storage > settings.retention_interval_s:
-                    last_storage = time.monotonic()
+        except Exception:
+            log.exception("storage pass (open removals) failed")
+        try:
+            if settings.retention_interval_s and time.monotonic() - last_storage > settings.retention_interval_s:
+                last_storage = time.monotonic()
+                with Session(engine, expire_on_commit=False) as session:
                     maintenance.periodic(session, settings)
         except Exception:
-            log.exception("storage pass failed")
+            log.exception("storage pass (retention, cache) failed")
         if time.monotonic() - last_prune > PRUNE_EVERY_S:
             last_prune = time.monotonic()
             queue.prune_embedded_broker(settings)

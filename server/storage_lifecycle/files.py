@@ -142,7 +142,14 @@ def finish(session: Session, intent_ids: list[int], settings: Settings) -> None:
             continue
         actions = [a for a in intent.actions or [] if not (a.get("blob") and blob_still_used(session, a["blob"]))]
         session.commit()  # no transaction (on SQLite: no write lock) is held while GBs are removed
-        execute(actions, data_dir)
+        try:
+            execute(actions, data_dir)
+        except Exception:
+            # the rows already say what is gone; the bytes stay until a later sweeper pass removes
+            # them (the intent stays open: fsck lists it). One stuck removal must not block the rest.
+            log.exception("storage: removal %s failed; it stays open for the sweeper", intent_id)
+            session.rollback()
+            continue
         intent = session.get(DeletionIntent, intent_id)
         if intent is not None:
             intent.finished_at = utcnow()

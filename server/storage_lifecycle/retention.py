@@ -158,7 +158,9 @@ def apply(session: Session, run: Run, settings: Settings) -> RetentionPlan:
     """Prune what the policy says, now, deciding in the transaction that prunes (a job submitted since
     a dry run protects its checkpoint)."""
     session.rollback()
-    run = session.get(Run, run.id) or run
+    # the run's row lock (Postgres; SQLite serialises writers anyway) orders this prune with a pin,
+    # a rollback or a promotion of the same run: what the plan reads below is what they committed
+    run = _locked_run(session, run.id) or run
     current = plan(session, run, settings)
     intents = []
     by_id = {a.checkpoint_id: a for a in current.actions}
@@ -190,7 +192,15 @@ def apply_all(session: Session, settings: Settings) -> int:
     return pruned
 
 
+def _locked_run(session: Session, run_id: str) -> Run | None:
+    return session.exec(
+        select(Run).where(col(Run.id) == run_id).with_for_update().execution_options(populate_existing=True)
+    ).first()
+
+
 def set_pinned(session: Session, ckpt: Checkpoint, pinned: bool) -> Checkpoint:
+    _locked_run(session, ckpt.run_id)  # not between a retention pass's plan and its prune (see apply)
+    session.refresh(ckpt)
     ckpt.pinned = pinned
     session.add(ckpt)
     session.commit()

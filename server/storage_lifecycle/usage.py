@@ -240,6 +240,8 @@ def evict_reference_cache(settings: Settings) -> int:
     shards = []
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
+            if name.startswith(".tmp-"):  # a shard being written (renamed into place when complete)
+                continue
             path = Path(dirpath) / name
             try:
                 st = path.stat()

@@ -196,3 +196,17 @@ def test_chunk_size_follows_the_vocabulary():
     assert chunk_tokens_for(512) == DEFAULT_CHUNK_TOKENS
     assert chunk_tokens_for(128_256) == (512 << 20) // (4 * 128_256) == 1046
     assert chunk_tokens_for(10**9) == 1
+
+
+def test_a_cache_shard_that_cannot_be_written_does_not_fail_the_round(tmp_path):
+    """The shard is written after the round trained: a full disk there costs later rounds a
+    recomputation (a warning), never the finished round."""
+    from halos_core.logprobs import ReferenceLogpCache
+
+    cache = ReferenceLogpCache(str(tmp_path), reference_sha256="ab", precision="no")
+    cache.new["k"] = torch.zeros(3)
+    cache.directory.parent.mkdir(parents=True, exist_ok=True)
+    cache.directory.write_text("a file where the shard directory should be")  # mkdir fails: OSError
+    with pytest.warns(UserWarning, match="not written"):
+        cache.flush("round")
+    assert cache.new == {} and not list(tmp_path.glob("**/.tmp-*"))

@@ -336,6 +336,43 @@ def test_reference_cache_lru_cap(settings):
     assert usage.evict_reference_cache(settings) == 0
 
 
+def test_reference_cache_eviction_skips_a_shard_being_written(settings):
+    cache = settings.reference_cache_dir / "ref-no"
+    cache.mkdir(parents=True)
+    writing = cache / ".tmp-round.safetensors"  # the trainer renames it into place when complete
+    writing.write_bytes(b"\x00" * 500)
+    os.utime(writing, (1000, 1000))  # oldest of all
+    settings.reference_cache_max_bytes = 100
+    assert usage.evict_reference_cache(settings) == 0 and writing.exists()
+
+
+def test_a_removal_that_fails_does_not_block_the_others(session, settings, monkeypatch):
+    """One stuck removal (here: a directory the remover may not empty) stays open for a later pass;
+    the removals after it are carried out, and finishing never raises into the request or sweeper."""
+    stuck, fine = settings.data_dir / "stuck", settings.data_dir / "fine"
+    for d in (stuck, fine):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f.bin").write_bytes(b"x")
+    first = files.add_intent(session, "test", "a", [{"op": "rmtree", "path": str(stuck)}], project_id=None)
+    second = files.add_intent(session, "test", "b", [{"op": "rmtree", "path": str(fine)}], project_id=None)
+    session.commit()
+    real_rmtree = files.rmtree
+
+    def failing(path: Path) -> None:
+        if path == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmtree(path)
+
+    monkeypatch.setattr(files, "rmtree", failing)
+    files.finish(session, [first.id, second.id], settings)
+    monkeypatch.undo()
+    assert stuck.exists() and not fine.exists()
+    assert session.get(DeletionIntent, first.id).finished_at is None  # open: fsck lists it, the sweeper retries
+    assert session.get(DeletionIntent, second.id).finished_at is not None
+    files.finish_open_intents(session, settings)  # the sweeper's next pass, the cause gone
+    assert not stuck.exists() and session.get(DeletionIntent, first.id).finished_at is not None
+
+
 # --------------------------------------------------------------------------- fsck
 
 
