@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import bindparam
+from sqlalchemy import select as core_select  # sqlmodel's `select` is typed for at most four columns
 from sqlmodel import Session, col, select
 
 from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
@@ -126,18 +128,47 @@ def _timings(session: Session, jobs: list[Job], now: datetime) -> dict[str, Timi
     return out
 
 
+@dataclass(frozen=True)
+class _Links:
+    """What a job view shows of the rows around the job: its round (a training job) and the
+    feedback file it generated (a labelling job)."""
+
+    run_id: str | None = None
+    round_id: str | None = None
+    round_index: int | None = None
+    checkpoint_id: str | None = None
+    output_feedback_id: str | None = None
+
+
+_NO_LINKS = _Links()
+
+
+# One statement of plain columns for a whole page (a job has at most one round; the outer joins keep
+# jobs that have neither), built once and run on the Core connection: every job read runs it, and
+# building the expression and loading ORM rows cost several times more than the query itself.
+_LINKS = (
+    core_select(
+        col(Job.id), col(Round.run_id), col(Round.id), col(Round.index), col(Round.checkpoint_id), col(FeedbackFile.id)
+    )
+    .outerjoin(Round, col(Round.job_id) == col(Job.id))
+    .outerjoin(FeedbackFile, col(FeedbackFile.job_id) == col(Job.id))
+    .where(col(Job.id).in_(bindparam("ids", expanding=True)))
+)
+
+
+def _links(session: Session, ids: list[str]) -> dict[str, _Links]:
+    rows = session.connection().execute(_LINKS, {"ids": ids}).all()
+    return {row[0]: _Links(*row[1:]) for row in rows}
+
+
 def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     if not jobs:
         return []
-    ids = [j.id for j in jobs]
     timings = _timings(session, jobs, utcnow())
-    rounds = {r.job_id: r for r in session.exec(select(Round).where(col(Round.job_id).in_(ids))).all()}
-    outputs = dict(
-        session.exec(select(FeedbackFile.job_id, FeedbackFile.id).where(col(FeedbackFile.job_id).in_(ids))).all()
-    )
+    links = _links(session, [j.id for j in jobs])
     out = []
     for j in jobs:
-        rnd = rounds.get(j.id)
+        rnd = links.get(j.id, _NO_LINKS)
         status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
         t = timings[j.id]
         out.append(
@@ -162,11 +193,11 @@ def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
                 finished_at=j.finished_at,
                 updated_at=j.updated_at,
                 parent_job_id=j.parent_job_id,
-                run_id=rnd.run_id if rnd else None,
-                round_id=rnd.id if rnd else None,
-                round_index=rnd.index if rnd else None,
-                checkpoint_id=rnd.checkpoint_id if rnd else None,
-                output_feedback_id=outputs.get(j.id),
+                run_id=rnd.run_id,
+                round_id=rnd.round_id,
+                round_index=rnd.round_index,
+                checkpoint_id=rnd.checkpoint_id,
+                output_feedback_id=rnd.output_feedback_id,
             )
         )
     return out
