@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import PlainTextResponse
-from sqlmodel import Session
 
 from halos_client.models import JobList, JobOut, MetricSeries
 from server.api.deps import (
@@ -20,7 +19,6 @@ from server.api.deps import (
 )
 from server.models import JobStatus
 from server.services import jobs_view as service
-from server.services.keys import Principal
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyLimitRoute, responses=error_responses(401, 429)
@@ -45,11 +43,7 @@ def list_jobs(
 async def get_job(job_id: JobId, principal: ProjectDep, session: ReadSessionDep, settings: SettingsDep) -> JobOut:
     # What clients poll: async, so that on SQLite the read runs here instead of costing a hop to
     # the thread pool (run_blocking_db sends it there for a networked database).
-    return await run_blocking_db(settings, _job, session, principal, job_id)
-
-
-def _job(session: Session, principal: Principal, job_id: str) -> JobOut:
-    return service.job_view(session, service.get_job(session, principal, job_id))
+    return await run_blocking_db(settings, service.job_view_by_id, session, principal, job_id)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries, responses=error_responses(404, 422))

@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
 from server.errors import Conflict
 from server.models import TERMINAL_STATUSES, Attempt, FeedbackFile, Job, JobStatus, MetricPoint, Round, utcnow
-from server.services.common import get_owned, paginate
+from server.services.common import get_owned, not_found, paginate, plausible_id
 from server.services.keys import Principal
 from server.settings import Settings
 
@@ -161,50 +161,68 @@ def _links(session: Session, ids: list[str]) -> dict[str, _Links]:
     return {row[0]: _Links(*row[1:]) for row in rows}
 
 
+def _job_out(j: Job, t: Timing, rnd: _Links) -> JobOut:
+    status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
+    return JobOut(
+        id=j.id,
+        kind=j.kind,
+        status=status,
+        attempt=j.attempt,
+        max_attempts=j.max_attempts,
+        cancel_requested=bool(j.cancel_requested),
+        progress=JobProgress(
+            step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps, examples=j.examples or 0
+        ),
+        percent_done=t.percent_done,
+        elapsed_s=t.elapsed_s,
+        eta_s=t.eta_s,
+        latest_metrics=j.latest_metrics,
+        error=j.error,
+        created_at=j.created_at,
+        queued_at=j.queued_at,
+        started_at=j.started_at,
+        finished_at=j.finished_at,
+        updated_at=j.updated_at,
+        parent_job_id=j.parent_job_id,
+        run_id=rnd.run_id,
+        round_id=rnd.round_id,
+        round_index=rnd.round_index,
+        checkpoint_id=rnd.checkpoint_id,
+        output_feedback_id=rnd.output_feedback_id,
+    )
+
+
 def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     if not jobs:
         return []
     timings = _timings(session, jobs, utcnow())
     links = _links(session, [j.id for j in jobs])
-    out = []
-    for j in jobs:
-        rnd = links.get(j.id, _NO_LINKS)
-        status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
-        t = timings[j.id]
-        out.append(
-            JobOut(
-                id=j.id,
-                kind=j.kind,
-                status=status,
-                attempt=j.attempt,
-                max_attempts=j.max_attempts,
-                cancel_requested=bool(j.cancel_requested),
-                progress=JobProgress(
-                    step=j.step or 0, round_step=j.round_step or 0, total_steps=j.total_steps, examples=j.examples or 0
-                ),
-                percent_done=t.percent_done,
-                elapsed_s=t.elapsed_s,
-                eta_s=t.eta_s,
-                latest_metrics=j.latest_metrics,
-                error=j.error,
-                created_at=j.created_at,
-                queued_at=j.queued_at,
-                started_at=j.started_at,
-                finished_at=j.finished_at,
-                updated_at=j.updated_at,
-                parent_job_id=j.parent_job_id,
-                run_id=rnd.run_id,
-                round_id=rnd.round_id,
-                round_index=rnd.round_index,
-                checkpoint_id=rnd.checkpoint_id,
-                output_feedback_id=rnd.output_feedback_id,
-            )
-        )
-    return out
+    return [_job_out(j, timings[j.id], links.get(j.id, _NO_LINKS)) for j in jobs]
 
 
 def job_view(session: Session, job: Job) -> JobOut:
     return job_views(session, [job])[0]
+
+
+_JOB_COLUMNS = list(Job.__table__.columns)  # type: ignore[attr-defined]  # (SQLModel declares no __table__)
+_ONE_JOB = (
+    core_select(*_JOB_COLUMNS, col(Round.run_id), col(Round.id), col(Round.index), col(Round.checkpoint_id))
+    .add_columns(col(FeedbackFile.id))
+    .outerjoin(Round, col(Round.job_id) == col(Job.id))
+    .outerjoin(FeedbackFile, col(FeedbackFile.job_id) == col(Job.id))
+    .where(col(Job.id) == bindparam("id"))
+)
+
+
+def job_view_by_id(session: Session, principal: Principal, job_id: str) -> JobOut:
+    """`job_view(get_job(…))` in one prebuilt statement on the Core connection: the read that
+    clients poll, so it skips the ORM's identity map and a second query."""
+    row = session.connection().execute(_ONE_JOB, {"id": job_id}).first() if plausible_id(job_id) else None
+    if row is None or row.project_id != principal.project_id:
+        raise not_found("job", job_id)
+    n = len(_JOB_COLUMNS)
+    job = Job(**{c.key: row[i] for i, c in enumerate(_JOB_COLUMNS)})
+    return _job_out(job, _timings(session, [job], utcnow())[job.id], _Links(*row[n:]))
 
 
 def list_jobs(
