@@ -110,9 +110,10 @@ class RunConfig(JobSpec):
 
 
 def hyperparams_problem(loss_name: str, hp: Hyperparams, num_processes: int) -> str | None:
-    """Why these hyperparameters cannot run with this loss on `num_processes` processes, or None."""
+    """Why these hyperparameters cannot run with this loss on `num_processes` processes per node
+    (x `hp.nodes` nodes), or None."""
     try:
-        hp.gradient_accumulation_steps(num_processes)
+        hp.gradient_accumulation_steps(num_processes * hp.nodes)
     except ValueError as exc:
         return str(exc)
     if problem := loss_batch_problem(loss_name, hp.microbatch_size):
