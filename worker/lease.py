@@ -113,7 +113,13 @@ class LeaseKeeper:
         started = time.monotonic()
         try:
             with session_scope(self.settings) as session:
-                state = jobs.heartbeat(session, self.claim.job_id, self.claim.lease_token, self.settings.lease_ttl_s)
+                state = jobs.heartbeat(
+                    session,
+                    self.claim.job_id,
+                    self.claim.lease_token,
+                    self.settings.lease_ttl_s,
+                    member_token=self.claim.member_token,
+                )
         except Exception as exc:
             log.warning("heartbeat of %s failed: %s", self.claim.job_id, exc)
             return None
@@ -123,7 +129,11 @@ class LeaseKeeper:
             if self.state not in (Heartbeat.LOST, Heartbeat.CANCEL) or state == Heartbeat.LOST:
                 self.state = state
         if state == Heartbeat.LOST:
-            self.fence("lease lost: another attempt owns the job")
+            self.fence(
+                "lease lost: the gang's attempt ended (another node failed or stopped, or the gang was released)"
+                if self.claim.gang
+                else "lease lost: another attempt owns the job"
+            )
         return state
 
     def _beat_loop(self) -> None:
