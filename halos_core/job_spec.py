@@ -115,7 +115,12 @@ def hyperparams_problem(loss_name: str, hp: Hyperparams, num_processes: int) -> 
     try:
         hp.gradient_accumulation_steps(num_processes * hp.nodes)
     except ValueError as exc:
-        return str(exc)
+        if hp.nodes == 1:
+            return str(exc)
+        return (
+            f"batch_size {hp.batch_size} is not divisible by microbatch_size {hp.microbatch_size}"
+            f" x num_processes {num_processes} x nodes {hp.nodes}"
+        )
     if problem := loss_batch_problem(loss_name, hp.microbatch_size):
         return problem
     if hp.max_prompt_length >= hp.max_length:
