@@ -121,7 +121,8 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
                     why,
                     report.outcome.status,
                 )
-                return "lost"
+                report = runner.RunReport("lost", None, detail=why, group_gone=report.group_gone)
+        if report.action == "finish" and report.outcome is not None:
             with session_scope(settings) as session:
                 job = jobs.finish(
                     session,

@@ -687,10 +687,11 @@ def mark_gang_ready(session: Session, claim: Claim, resume_from: str | None, *, 
 
 
 def leave_gang(session: Session, claim: Claim, outcome: str, *, now: datetime | None = None) -> str | None:
-    """A member stops without finishing the attempt: its trainer exited 0 (rank 0 of the process
-    group, on whichever node, writes the result; the member that sees it finishes) or it was
-    fenced. When the last member leaves and the attempt still holds the job with no result
-    reported, the attempt crashed (retried). Returns the job's status when it changed it."""
+    """A member stops without finishing the attempt: its trainer exited 0 (`done`: the process
+    group's rank 0 writes the result on whichever node; node 0's worker reports it) or it was
+    stopped otherwise (`lost`: fenced). A member stopped while its attempt still holds the job
+    crashes the attempt for all (retried), and so does the last `done` member when no result
+    was reported. Returns the job's status when it changed it."""
     if claim.member_token is None:
         return None
     now = now or utcnow()
@@ -699,15 +700,19 @@ def leave_gang(session: Session, claim: Claim, outcome: str, *, now: datetime | 
             select(Job).where(Job.id == claim.job_id).with_for_update().execution_options(populate_existing=True)
         ).one_or_none()
         gang.end_member(session, claim.member_token, outcome, now)
-        if (
-            job is None
-            or job.lease_token != claim.lease_token
-            or job.status not in LIVE_STATUSES
-            or gang.open_members(session, job.id, job.attempt)
-        ):
+        if job is None or job.lease_token != claim.lease_token or job.status not in LIVE_STATUSES:
             session.commit()
             return None
-        error = f"every node of the gang stopped ({outcome}) without reporting the round's result"
+        if outcome != "done":
+            # this node's trainer was stopped while the attempt still holds the job (its worker
+            # fenced itself): the other nodes cannot go on without it, and must not wait for a
+            # collective's timeout to notice
+            error = f"node {claim.rank} of {claim.nodes} stopped ({outcome})"
+        elif gang.open_members(session, job.id, job.attempt):
+            session.commit()
+            return None
+        else:
+            error = "every node of the gang stopped without reporting the round's result"
         close_attempt(session, job.id, job.attempt, "crashed", error, now)
         status = resolve_crash(session, job, error, now, default_backoff())
         session.commit()

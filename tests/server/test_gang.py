@@ -165,6 +165,19 @@ def test_every_member_leaving_without_a_result_crashes_the_attempt(env):
     assert "without reporting the round's result" in reload(session, job.id).error
 
 
+def test_a_member_stopped_while_the_attempt_holds_the_job_fails_it_for_all(env):
+    """A node whose worker fenced itself (its heartbeats failed) while the others still train:
+    the attempt is crashed at once instead of leaving them to a collective's timeout."""
+    session, run, tmp, _ = env
+    job = _gang_round(session, run, tmp, nodes=2)
+    a = _claim(session, job.id, "w-a")
+    b = _claim(session, job.id, "w-b")
+    assert jobs.leave_gang(session, b, "lost") == "queued"
+    assert "node 1 of 2 stopped (lost)" in reload(session, job.id).error
+    assert jobs.heartbeat(session, job.id, a.lease_token, TTL, member_token=a.member_token) == Heartbeat.LOST
+    assert jobs.leave_gang(session, a, "lost") is None  # the attempt already ended: nothing more
+
+
 def test_an_incomplete_gang_is_released_after_the_formation_timeout(env):
     session, run, tmp, _ = env
     job = _gang_round(session, run, tmp, nodes=3)

@@ -66,7 +66,11 @@ def _processes(job_id: str, attempt: int, node: str | None = None) -> set[int]:
     return found
 
 
-def test_two_worker_processes_run_a_two_node_round_and_recover_from_a_killed_node(tmp_path_factory):
+@pytest.mark.parametrize("victim", ["rank", "worker"])
+def test_two_worker_processes_run_a_two_node_round_and_recover_from_a_killed_node(tmp_path_factory, victim):
+    """victim `rank`: node 1's trainer dies (its worker finishes the attempt as crashed); `worker`:
+    node 1's worker dies (its watchdog stops its trainer; the sweeper crashes the attempt when
+    node 1's own lease expires) and a replacement worker is started for the retry."""
     env = Env(tmp_path_factory.mktemp("gang"), lease_ttl_s=6.0)
     extra = {"HALOS_NODE_ADDRESS": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     workers = [WorkerProc(env.settings, env.root / f"worker{i}.log", extra_env=extra).wait_ready() for i in range(2)]
@@ -85,13 +89,20 @@ def test_two_worker_processes_run_a_two_node_round_and_recover_from_a_killed_nod
         assert node1, "node 1's rank is not running"
         attempt1 = _processes(job.id, 1)
         t0 = time.monotonic()
-        for pid in node1:
-            os.kill(pid, signal.SIGKILL)
+        if victim == "rank":
+            for pid in node1:
+                os.kill(pid, signal.SIGKILL)
+        else:
+            node1_worker = next(w for w in workers if w.pid == next(m.pid for m in members if m.rank == 1))
+            node1_worker.kill()
+            workers.append(WorkerProc(env.settings, env.root / "worker2.log", extra_env=extra).wait_ready())
 
         j = wait_status(s, job.id, TERMINAL, 180)
-        assert j.status == JobStatus.succeeded, (j.error, workers[0].log_tail(), workers[1].log_tail())
+        assert j.status == JobStatus.succeeded, (j.error, *(w.log_tail() for w in workers))
         rows = attempts(s, job.id)
         assert [a.outcome for a in rows] == ["crashed", "succeeded"], [(a.outcome, a.error) for a in rows]
+        if victim == "worker":
+            assert "node 1 of 2" in rows[0].error and "lost its lease" in rows[0].error
         assert overlapping_attempts(rows) == 0
         assert rows[1].resumed_from_step is not None and rows[1].resumed_from_step >= seen
         starts = trainer_starts(rd.path)
@@ -117,7 +128,7 @@ def test_two_worker_processes_run_a_two_node_round_and_recover_from_a_killed_nod
 
         wait_for(all_ended, 30, what="every member ended")
         assert not {p for p in attempt1 if _live(p)} and not _processes(job.id, 1)
-        print(f"\n[gang node kill] recovered in {time.monotonic() - t0:.1f}s, resumed from step {seen}")
+        print(f"\n[gang node kill: {victim}] recovered in {time.monotonic() - t0:.1f}s, resumed from step {seen}")
     finally:
         for w in workers:
             w.stop()
