@@ -78,7 +78,7 @@ def nodes_of(spec: Mapping[str, Any] | None) -> int:
 def lock_formation(session: Session) -> None:
     """Serialise gang formation (SQLite already serialises every writing transaction)."""
     if session.get_bind().dialect.name == "postgresql":
-        session.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_FORMATION_LOCK))  # type: ignore[call-overload]
+        session.connection().execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FORMATION_LOCK})
 
 
 def no_live_members(job_id: str, now: datetime) -> Any:
