@@ -160,10 +160,14 @@ class LeaseKeeper:
             self.reason = why
             self.fired.set()
             target = self._target
+        # a gang member told by the database that its attempt ended: the end (another node's failure,
+        # the round's success, a released gang) is recorded already; stopping here is routine
+        level = logging.WARNING if self.claim.gang and self.state == Heartbeat.LOST else logging.ERROR
         try:
             if target is not None:
                 pgid, marker = target
-                log.error(
+                log.log(
+                    level,
                     "job %s attempt %d: self-fencing (%s): killing group %d",
                     self.claim.job_id,
                     self.claim.attempt,
@@ -172,7 +176,8 @@ class LeaseKeeper:
                 )
                 self.group_gone = kill_group(pgid, 0, marker=marker)
             else:
-                log.error(
+                log.log(
+                    level,
                     "job %s attempt %d: self-fencing (%s); no training process running",
                     self.claim.job_id,
                     self.claim.attempt,
