@@ -101,6 +101,9 @@ class Hyperparams(_Strict):
     # paired losses: each pair's prompt runs once (halos_core.prefix_sharing); log-probs equal the
     # unshared path within float tolerance, not bit for bit, hence opt-in
     prefix_sharing: bool = False
+    # worker machines the round runs on at once (each runs the worker's num_processes ranks): the
+    # global batch stays `batch_size`, split over nodes x num_processes ranks (README "Multi-node rounds")
+    nodes: int = Field(1, ge=1)
 
     def gradient_accumulation_steps(self, num_processes: int) -> int:
         per_step = self.microbatch_size * num_processes

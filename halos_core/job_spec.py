@@ -110,11 +110,17 @@ class RunConfig(JobSpec):
 
 
 def hyperparams_problem(loss_name: str, hp: Hyperparams, num_processes: int) -> str | None:
-    """Why these hyperparameters cannot run with this loss on `num_processes` processes, or None."""
+    """Why these hyperparameters cannot run with this loss on `num_processes` processes per node
+    (x `hp.nodes` nodes), or None."""
     try:
-        hp.gradient_accumulation_steps(num_processes)
+        hp.gradient_accumulation_steps(num_processes * hp.nodes)
     except ValueError as exc:
-        return str(exc)
+        if hp.nodes == 1:
+            return str(exc)
+        return (
+            f"batch_size {hp.batch_size} is not divisible by microbatch_size {hp.microbatch_size}"
+            f" x num_processes {num_processes} x nodes {hp.nodes}"
+        )
     if problem := loss_batch_problem(loss_name, hp.microbatch_size):
         return problem
     if hp.max_prompt_length >= hp.max_length:

@@ -8,6 +8,7 @@
       checkpoints/step-000512/   intermediate checkpoints; meta.json written LAST marks one complete
       final/            the round's exported checkpoint (same layout, meta.json last)
       result.json       rank 0 on clean exit
+      accelerate-node<r>.yaml, stdout-node<r>.log   node r > 0 of a multi-node attempt (its worker)
 
 A checkpoint directory is complete only when its `meta.json` exists and every file it lists has
 the recorded sha256. Directories are written under a temporary name and renamed into place, so a
@@ -172,6 +173,14 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     final = property(lambda self: self.path / "final")
     result_json = property(lambda self: self.path / "result.json")
+
+    # a multi-node attempt: every node launches from this directory (a shared filesystem); node 0
+    # uses the files above, node r > 0 its own launcher config and output
+    def node_accelerate_yaml(self, rank: int) -> Path:
+        return self.accelerate_yaml if rank == 0 else self.path / f"accelerate-node{rank}.yaml"
+
+    def node_log(self, rank: int) -> Path:
+        return self.stdout_log if rank == 0 else self.path / f"stdout-node{rank}.log"
 
     def create(self) -> RunDir:
         self.path.mkdir(parents=True, exist_ok=True)

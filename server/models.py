@@ -244,6 +244,38 @@ class Attempt(SQLModel, table=True):
     resumed_from_step: int | None = None
 
 
+class GangMember(SQLModel, table=True):
+    """One worker of a multi-node attempt (a round with `hyperparams.nodes` > 1; server/jobs/gang.py).
+
+    The attempt's workers share the job's lease token (the attempt's); each member also holds its
+    own `token` and lease, renewed by its heartbeats: a member whose lease expires fails the attempt
+    for all. A new attempt of the job starts only when every member of the previous one has ended
+    or its lease has expired (no two attempts' trainers overlap, I2). Rank 0's row holds the gang's
+    rendezvous address, when the gang became full (`formed_at`) and what it resumes from.
+    """
+
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "rank", name="uq_gangmember_job_attempt_rank"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="job.id", index=True)
+    attempt: int
+    rank: int  # the worker's machine rank: 0 opened the gang and prepares the run directory
+    size: int  # the gang's number of nodes
+    token: str = Field(max_length=64, unique=True)
+    host: str = Field(max_length=255)
+    pid: int | None = None
+    lease_expires_at: datetime
+    joined_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+    outcome: str | None = Field(default=None, max_length=20)  # done | crashed | failed | released | lost | ...
+    # rank 0 only
+    address: str | None = Field(default=None, max_length=255)  # c10d rendezvous endpoint host
+    port: int | None = None
+    formed_at: datetime | None = None  # every member has joined
+    ready_at: datetime | None = None  # rank 0 prepared the run directory and launched
+    resume_from: str | None = None  # the checkpoint every node resumes from (None: the round's start)
+
+
 class Checkpoint(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("ckpt"), primary_key=True)
     project_id: str = Field(foreign_key="project.id", index=True)

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         "halos_core.train"  # `[accelerate launch] -m <this> --config run.json` (tests: a fake trainer)
     )
     main_process_port: int | None = None  # multi-process rendezvous port; default: a free port per job
+    # multi-node rounds (`hyperparams.nodes` > 1; server/jobs/gang.py, README "Multi-node rounds")
+    max_nodes: int = Field(1, ge=1)  # the most worker machines one round may ask for (1: multi-node off)
+    node_address: str | None = None  # where the other nodes reach this worker's rendezvous; default: its FQDN
+    gang_form_timeout_s: float = Field(300.0, gt=0)  # a gang not complete by then is released (re-queued)
 
     # Postgres statement_timeout of the API's and workers' connections (capped at lease_ttl_s / 4,
     # at least 1 s; 0 disables; migrations run without one)

@@ -56,7 +56,9 @@ def sweep_once(
     settings = settings or get_settings()
     now = now or utcnow()
     report = SweepReport()
-    report.expired = jobs.expire_leases(session, now, retry_backoff_s=settings.retry_backoff_s)
+    report.expired = jobs.expire_leases(
+        session, now, retry_backoff_s=settings.retry_backoff_s, gang_form_timeout_s=settings.gang_form_timeout_s
+    )
     if report.expired:
         log.warning("sweeper: lease expired / resolved: %s", report.expired)
     candidates = jobs.claimable_unheld(session, now, older_than=settings.republish_after_s)

@@ -130,8 +130,15 @@ def verify_result(run_dir: RunDir, kind: str = "round") -> tuple[RoundResult | A
 
 
 def classify(
-    returncode: int, run_dir: RunDir, *, cancelled: bool = False, log_offset: int = 0, kind: str = "round"
+    returncode: int,
+    run_dir: RunDir,
+    *,
+    cancelled: bool = False,
+    log_offset: int = 0,
+    kind: str = "round",
+    log: Path | None = None,
 ) -> Outcome:
+    """`log`: the launcher's output (default stdout.log; a multi-node attempt's node r > 0 has its own)."""
     if cancelled:
         return Outcome("cancelled", error="cancelled by request")
     if returncode == 0:
@@ -141,7 +148,7 @@ def classify(
         return Outcome("crashed", error=why)
     # one process runs without a launcher (worker.launch.command): its own death by a signal reads
     # the same as a rank's death reported by `accelerate launch`
-    tail = read_tail(run_dir.stdout_log, start=log_offset) if returncode > 0 else ""
+    tail = read_tail(log or run_dir.stdout_log, start=log_offset) if returncode > 0 else ""
     sig = signal_name(-returncode) if returncode < 0 else rank_signal(tail)
     if sig is not None:
         hint = " (out of memory?)" if sig == "SIGKILL" else ""

@@ -113,7 +113,13 @@ class LeaseKeeper:
         started = time.monotonic()
         try:
             with session_scope(self.settings) as session:
-                state = jobs.heartbeat(session, self.claim.job_id, self.claim.lease_token, self.settings.lease_ttl_s)
+                state = jobs.heartbeat(
+                    session,
+                    self.claim.job_id,
+                    self.claim.lease_token,
+                    self.settings.lease_ttl_s,
+                    member_token=self.claim.member_token,
+                )
         except Exception as exc:
             log.warning("heartbeat of %s failed: %s", self.claim.job_id, exc)
             return None
@@ -123,7 +129,11 @@ class LeaseKeeper:
             if self.state not in (Heartbeat.LOST, Heartbeat.CANCEL) or state == Heartbeat.LOST:
                 self.state = state
         if state == Heartbeat.LOST:
-            self.fence("lease lost: another attempt owns the job")
+            self.fence(
+                "lease lost: the gang's attempt ended (another node failed or stopped, or the gang was released)"
+                if self.claim.gang
+                else "lease lost: another attempt owns the job"
+            )
         return state
 
     def _beat_loop(self) -> None:
@@ -150,10 +160,14 @@ class LeaseKeeper:
             self.reason = why
             self.fired.set()
             target = self._target
+        # a gang member told by the database that its attempt ended: the end (another node's failure,
+        # the round's success, a released gang) is recorded already; stopping here is routine
+        level = logging.WARNING if self.claim.gang and self.state == Heartbeat.LOST else logging.ERROR
         try:
             if target is not None:
                 pgid, marker = target
-                log.error(
+                log.log(
+                    level,
                     "job %s attempt %d: self-fencing (%s): killing group %d",
                     self.claim.job_id,
                     self.claim.attempt,
@@ -162,7 +176,8 @@ class LeaseKeeper:
                 )
                 self.group_gone = kill_group(pgid, 0, marker=marker)
             else:
-                log.error(
+                log.log(
+                    level,
                     "job %s attempt %d: self-fencing (%s); no training process running",
                     self.claim.job_id,
                     self.claim.attempt,

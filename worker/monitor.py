@@ -47,13 +47,14 @@ ENV_JOB = f"{MARKER_PREFIX}JOB_ID"
 ENV_ATTEMPT = f"{MARKER_PREFIX}ATTEMPT"
 ENV_DB = f"{MARKER_PREFIX}DB"
 ENV_RUNNER = f"{MARKER_PREFIX}RUNNER"  # "<pid>:<starttime>"
+ENV_NODE = f"{MARKER_PREFIX}NODE"  # a multi-node attempt's machine rank: one host may run several nodes
 
 
 @dataclass
 class RunReport:
     """What the runner did. `outcome` is None when there is nothing to `finish` (lost / released)."""
 
-    action: str  # finish | lost | released
+    action: str  # finish | lost | released | left (a node > 0 of a gang whose trainer exited 0)
     outcome: Outcome | None = None
     detail: str = ""
     group_gone: bool = True
@@ -69,17 +70,16 @@ def runner_identity() -> str:
 
 
 def supervised_env(claim: Claim, settings: Settings) -> dict[str, str]:
-    return {
-        ENV_JOB: claim.job_id,
-        ENV_ATTEMPT: str(claim.attempt),
-        ENV_DB: db_identity(settings),
-        ENV_RUNNER: runner_identity(),
-    }
+    return {**attempt_marker(claim, settings), ENV_RUNNER: runner_identity()}
 
 
 def attempt_marker(claim: Claim, settings: Settings) -> dict[str, str]:
-    """The environment items that identify this attempt's processes (ranks live in other sessions)."""
-    return {ENV_JOB: claim.job_id, ENV_ATTEMPT: str(claim.attempt), ENV_DB: db_identity(settings)}
+    """The environment items that identify this attempt's processes (ranks live in other sessions);
+    a gang member's also name its node, so it never signals another node's trainer on the same host."""
+    marker = {ENV_JOB: claim.job_id, ENV_ATTEMPT: str(claim.attempt), ENV_DB: db_identity(settings)}
+    if claim.gang:
+        marker[ENV_NODE] = str(claim.rank)
+    return marker
 
 
 def find_orphans(settings: Settings, job_id: str | None = None) -> dict[int, str]:
@@ -218,6 +218,10 @@ class Supervisor:
         self.log_offset = log_offset
         self.keeper = keeper
         self.reported_checkpoints: set[str] = set()
+        # a multi-node attempt: node 0's worker reports the shared run directory's progress (the
+        # process group's rank 0 writes it from whichever node it runs on); the others only watch
+        self.node_rank = claim.rank if claim.gang else 0
+        self.log_path = run_dir.node_log(self.node_rank)
 
     # ---- database calls (each in its own short transaction)
     def _record(self, batch: list[dict[str, Any]], retry: bool) -> None:
@@ -225,6 +229,8 @@ class Supervisor:
             jobs.record_progress(session, self.claim.job_id, self.claim.lease_token, batch, skip_recorded=retry)
 
     def _ingest(self) -> None:
+        if self.node_rank:
+            return
         self.metrics.ingest(self._record)
         self._report_checkpoints()
 
@@ -299,7 +305,12 @@ class Supervisor:
             )
             gone = self._stop_group(min(self.settings.kill_grace_s, 5.0))
         self._ingest()
-        outcome = exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind)
+        if self.node_rank and rc == 0:
+            # node 0's worker reports the result (the ranks' last barrier follows result.json)
+            return RunReport("left", None, detail=f"node {self.node_rank} done", group_gone=gone)
+        outcome = exit_codes.classify(
+            rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind, log=self.log_path
+        )
         return RunReport("finish", outcome, group_gone=gone)
 
     def _fenced(self) -> RunReport:
@@ -319,8 +330,13 @@ class Supervisor:
             if job_processes(self.pgid, self.marker):
                 self._stop_group(0)
             self._ingest()
+            if self.node_rank and rc == 0:
+                return RunReport("left", None, detail=f"node {self.node_rank} done")
             return RunReport(
-                "finish", exit_codes.classify(rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind)
+                "finish",
+                exit_codes.classify(
+                    rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind, log=self.log_path
+                ),
             )
         log.info("job %s: cancel requested; stopping group %d", self.claim.job_id, self.pgid)
         gone = self._stop_group(self.settings.kill_grace_s)
@@ -341,7 +357,13 @@ class Supervisor:
             self.keeper.detach()  # reaped: a fence after the release must not signal a reused pgid
         try:
             with session_scope(self.settings) as session:
-                ok = jobs.release(session, self.claim.job_id, self.claim.lease_token, "worker shutting down")
+                ok = jobs.release(
+                    session,
+                    self.claim.job_id,
+                    self.claim.lease_token,
+                    "worker shutting down",
+                    member_token=self.claim.member_token,
+                )
         except Exception as exc:
             log.warning("releasing %s failed: %s", self.claim.job_id, exc)
             ok = False

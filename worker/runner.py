@@ -15,6 +15,12 @@
    process, no accelerate); a retry starts them over (their output is written atomically at the end).
 6. `worker.monitor.Supervisor` until it exits / is cancelled / loses its lease / we shut down.
 
+A multi-node attempt (`claim.gang`, server/jobs/gang.py) first waits until every node has joined
+(`wait_for_gang`). Node 0 then does 1-5 for the shared run directory (which must be on a
+filesystem every node mounts at the same path) and records the checkpoint it resumes from; node
+r > 0 waits for that, writes its own `accelerate-node<r>.yaml` and launches its ranks with rank
+0's run.json (`_run_node`); every node's launcher meets at the c10d rendezvous (worker/launch.py).
+
 The lease is renewed throughout by a `worker.lease.LeaseKeeper` (the task starts it right after
 the claim): steps 1-3 may hash many GB. Right before the launch the runner checks that the lease
 is still ours (and not cancelled) and hands the process group to the keeper's fence.
@@ -29,16 +35,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from halos_core.artefact_spec import ENTRY_POINTS, LabelSpec, SampleSpec, config_for_attempt
 from halos_core.job_spec import LORA_FSDP_PROBLEM, RunConfig, fit_problem
-from halos_core.run_dir import Manifest, RunDir, write_json_atomic
-from server import jobs
+from halos_core.run_dir import Manifest, RunDir, read_manifest, write_json_atomic
+from server import jobs, queue
 from server.db import session_scope
-from server.jobs import Claim, Outcome
+from server.jobs import Claim, GangState, Outcome
 from server.models import utcnow
 from server.settings import Settings
 from server.storage_lifecycle import usage
@@ -172,9 +179,17 @@ def run_job(
     # earlier attempts of this job on this host must be gone before this one starts (I2, I6)
     reap_orphans(settings, job_id=claim.job_id)
     # the API checked the round against ITS settings; this worker may be configured otherwise
-    problem = worker_problem(claim, settings) or storage_problem(claim, settings)
+    problem = worker_problem(claim, settings) or (storage_problem(claim, settings) if claim.rank == 0 else None)
     if problem:
         return _finish_now(Outcome("failed", error=problem))
+    if claim.gang:
+        # all or nothing: nobody prepares or launches before every node has joined; node r > 0
+        # then waits for node 0 to have prepared the run directory and picked the resume point
+        waited = wait_for_gang(claim, settings, keeper, shutdown, ready=claim.rank > 0)
+        if isinstance(waited, RunReport):
+            return waited
+        if claim.rank > 0:
+            return _run_node(claim, settings, run_dir, waited, keeper, shutdown, slot)
     removed = run_dir.clean_partial_checkpoints()
     if removed:
         log.warning("job %s: removed partial checkpoints %s", claim.job_id, [p.name for p in removed])
@@ -191,7 +206,98 @@ def run_job(
         cmd = _prepare(claim, settings, run_dir, resume, slot)
     except (ValidationError, ValueError, TypeError) as exc:
         return _finish_now(Outcome("failed", error=f"invalid job spec: {exc}"))
+    if claim.gang:
+        with session_scope(settings) as session:
+            jobs.mark_gang_ready(session, claim, str(resume.path.resolve()) if resume else None)
+    metrics_offset = _backfill_metrics(claim, settings, run_dir, resume.step if resume else 0)
+    return _launch(
+        claim, settings, run_dir, cmd, resume.step if resume else None, metrics_offset, keeper, shutdown, slot
+    )
 
+
+def _run_node(
+    claim: Claim,
+    settings: Settings,
+    run_dir: RunDir,
+    gang: GangState,
+    keeper: LeaseKeeper,
+    shutdown: threading.Event,
+    slot: Slot | None,
+) -> RunReport:
+    """Node r > 0 of a multi-node attempt: node 0's worker has prepared the shared run directory
+    (partial checkpoints removed, run.json with the checkpoint every node resumes from); this node
+    only writes its launcher config and starts its ranks."""
+    node = _node(claim)
+    launch.write_accelerate_config(run_dir, settings, node=node)
+    resume_step = read_manifest(gang.resume_from, verify=False).step if gang.resume_from else None
+    return _launch(
+        claim, settings, run_dir, launch.command(settings, run_dir, node), resume_step, 0, keeper, shutdown, slot
+    )
+
+
+def _node(claim: Claim) -> launch.Node:
+    address, port = claim.rendezvous or ("127.0.0.1", 0)
+    return launch.Node(rank=claim.rank, nodes=claim.nodes, address=address, port=port)
+
+
+def wait_for_gang(
+    claim: Claim, settings: Settings, keeper: LeaseKeeper, shutdown: threading.Event, *, ready: bool
+) -> GangState | RunReport:
+    """Until every node has joined (and, with `ready`, node 0 has prepared the run directory).
+
+    Node 0 republishes the job for the missing nodes every `republish_after_s` (a worker taking
+    the message joins). Past `gang_form_timeout_s` the incomplete gang is released (the job is
+    queued again, no retry consumed): no worker waits for a gang that cannot form."""
+    poll = max(0.05, min(1.0, settings.heartbeat_interval_s / 2))
+    started = time.monotonic()
+    next_publish = started + settings.republish_after_s
+    while True:
+        ok, why = keeper.usable()
+        if not ok:
+            return RunReport("lost", None, detail=why)
+        if keeper.cancel_requested:
+            return _finish_now(Outcome("cancelled", error="cancelled by request"))
+        try:
+            if shutdown.is_set():
+                with session_scope(settings) as session:
+                    released = jobs.release(
+                        session,
+                        claim.job_id,
+                        claim.lease_token,
+                        "worker shutting down",
+                        member_token=claim.member_token,
+                    )
+                return RunReport("released" if released else "lost", None, detail="worker shutting down")
+            with session_scope(settings) as session:
+                state = jobs.gang_state(session, claim)
+            if state is None or not state.live:
+                return RunReport("lost", None, detail="the gang's attempt ended")
+            if state.formed and (state.ready or not ready):
+                return state
+            if not state.formed and time.monotonic() - started > settings.gang_form_timeout_s:
+                with session_scope(settings) as session:
+                    if jobs.release_unformed(session, claim, form_timeout_s=settings.gang_form_timeout_s):
+                        return RunReport("released", None, detail=f"gang incomplete ({state.joined}/{state.size})")
+            if not state.formed and claim.rank == 0 and time.monotonic() >= next_publish:
+                next_publish = time.monotonic() + settings.republish_after_s
+                queue.publish_many([claim.job_id] * (state.size - state.joined), settings)
+        except Exception as exc:  # the database is unreachable: the keeper fences if it lasts
+            log.warning("job %s: waiting for the gang: %s", claim.job_id, exc)
+        shutdown.wait(poll)
+
+
+def _launch(
+    claim: Claim,
+    settings: Settings,
+    run_dir: RunDir,
+    cmd: list[str],
+    resume_step: int | None,
+    metrics_offset: int,
+    keeper: LeaseKeeper,
+    shutdown: threading.Event,
+    slot: Slot | None,
+) -> RunReport:
+    """Start the trainer (its own process group, output appended to this node's log) and supervise it."""
     env = {
         **os.environ,
         **launch.launch_env(settings),
@@ -199,7 +305,6 @@ def run_job(
         **supervised_env(claim, settings),
         "PYTHONUNBUFFERED": "1",
     }
-    metrics_offset = _backfill_metrics(claim, settings, run_dir, resume.step if resume else 0)
     # the setup above may have taken long (hashing): start nothing on a lease that is no longer ours
     ok, why = keeper.usable()
     if not ok:
@@ -208,10 +313,12 @@ def run_job(
     if keeper.cancel_requested:
         return _finish_now(Outcome("cancelled", error="cancelled by request"))
     marker = attempt_marker(claim, settings)
-    with open(run_dir.stdout_log, "ab") as out:
+    node = f" node {claim.rank}/{claim.nodes}" if claim.gang else ""
+    resuming = f" resuming from step {resume_step}" if resume_step is not None else ""
+    with open(run_dir.node_log(claim.rank if claim.gang else 0), "ab") as out:
         out.write(
-            f"\n===== halos: job {claim.job_id} attempt {claim.attempt} on {hostname()} at {utcnow().isoformat()}"
-            f"{f' resuming from step {resume.step}' if resume else ''} =====\n".encode()
+            f"\n===== halos: job {claim.job_id} attempt {claim.attempt}{node} on {hostname()} at"
+            f" {utcnow().isoformat()}{resuming} =====\n".encode()
         )
         out.flush()
         log_offset = out.tell()
@@ -234,7 +341,7 @@ def run_job(
         claim.attempt,
         " ".join(cmd),
         proc.pid,
-        f", resuming from step {resume.step}" if resume else "",
+        f", resuming from step {resume_step}" if resume_step is not None else "",
     )
     try:
         if not keeper.attach(proc.pid, marker):
@@ -244,10 +351,9 @@ def run_job(
             gone = kill_group(proc.pid, 0, marker=marker, reap=proc.poll)
             return RunReport("lost", None, detail=keeper.reason, group_gone=gone)
         try:
-            with session_scope(settings) as session:
-                jobs.mark_attempt_started(
-                    session, claim.job_id, claim.lease_token, resumed_from_step=resume.step if resume else None
-                )
+            if claim.rank == 0:
+                with session_scope(settings) as session:
+                    jobs.mark_attempt_started(session, claim.job_id, claim.lease_token, resumed_from_step=resume_step)
         except Exception as exc:
             log.warning("recording the resume point of %s failed: %s", claim.job_id, exc)
         return Supervisor(claim, settings, run_dir, proc, shutdown, metrics_offset, log_offset, keeper=keeper).run()
@@ -286,6 +392,10 @@ def _prepare(
     if claim.kind == "round":
         config = build_config(claim, settings, run_dir, str(resume.path.resolve()) if resume else None)
         run_dir.write_config(config)
+        if claim.gang:
+            node = _node(claim)
+            launch.write_accelerate_config(run_dir, settings, node=node)
+            return launch.command(settings, run_dir, node)
         if slot is None:
             launch.write_accelerate_config(run_dir, settings)
         else:

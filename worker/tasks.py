@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 
 from celery.exceptions import Reject
@@ -21,7 +22,7 @@ from server import jobs, queue
 from server.db import session_scope
 from server.settings import Settings, get_settings
 from server.storage_lifecycle import retention
-from worker import runner, slots
+from worker import launch, runner, slots
 from worker.app import app
 from worker.lease import LeaseKeeper
 from worker.monitor import ENV_JOB
@@ -54,6 +55,15 @@ def execute(
         job_slots.release(slot)
 
 
+def node_offer(settings: Settings, slot: slots.Slot) -> jobs.NodeOffer:
+    """Where the other nodes of a gang this worker opens reach its rendezvous."""
+    return jobs.NodeOffer(
+        address=settings.node_address or socket.getfqdn(),
+        port=slot.main_process_port() or launch.free_port(),
+        form_timeout_s=settings.gang_form_timeout_s,
+    )
+
+
 def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | None, slot: slots.Slot) -> str:
     with session_scope(settings) as session:
         claim = jobs.claim(
@@ -63,11 +73,21 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
             os.getpid(),
             settings.lease_ttl_s,
             run_dir=str((settings.runs_dir / job_id).resolve()),
+            node=node_offer(settings, slot),
         )
     if claim is None:
         log.info("job %s not claimable (duplicate delivery, running elsewhere, finished or in backoff)", job_id)
         return "not-claimed"
-    log.info("job %s: attempt %d claimed", job_id, claim.attempt)
+    if claim.job_id != job_id:
+        # this worker joined an older gang still forming: this message's job needs another worker
+        queue.publish(job_id, settings)
+    if claim.gang:
+        log.info("job %s: attempt %d, node %d of %d", claim.job_id, claim.attempt, claim.rank, claim.nodes)
+        if claim.rank == 0:  # messages for the workers the gang still needs
+            queue.publish_many([claim.job_id] * (claim.nodes - 1), settings)
+    else:
+        log.info("job %s: attempt %d claimed", job_id, claim.attempt)
+    job_id = claim.job_id
     keeper = LeaseKeeper(claim, settings).start()
     try:
         try:
@@ -101,10 +121,16 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
                     why,
                     report.outcome.status,
                 )
-                return "lost"
+                report = runner.RunReport("lost", None, detail=why, group_gone=report.group_gone)
+        if report.action == "finish" and report.outcome is not None:
             with session_scope(settings) as session:
                 job = jobs.finish(
-                    session, job_id, claim.lease_token, report.outcome, retry_backoff_s=settings.retry_backoff_s
+                    session,
+                    job_id,
+                    claim.lease_token,
+                    report.outcome,
+                    retry_backoff_s=settings.retry_backoff_s,
+                    member_token=claim.member_token,
                 )
                 status = job.status.value
                 children = jobs.unpublished_children(session, job_id)
@@ -123,6 +149,15 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
         if report.action == "released":
             # another worker may take it now (this one is shutting down and will not)
             queue.publish(job_id, settings)
+        elif claim.gang and report.group_gone:
+            # this node's trainer is gone (exited 0, or fenced): it no longer holds up a retry
+            try:
+                with session_scope(settings) as session:
+                    changed = jobs.leave_gang(session, claim, "done" if report.action == "left" else report.action)
+                if changed == "queued":
+                    queue.publish(job_id, settings)
+            except Exception:  # its member lease expires instead
+                log.exception("job %s: leaving the gang failed", job_id)
         log.warning("job %s attempt %d: %s (%s)", job_id, claim.attempt, report.action, report.detail)
         return report.action
     finally:

@@ -37,7 +37,9 @@ from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType
 from server.events import job_event
+from server.jobs import gang
 from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
+from server.jobs.gang import GangState, NodeOffer
 from server.jobs.outputs import progress_values, record_success
 from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim
 from server.jobs.types import Claim, Heartbeat, JobNotFound, Outcome, ParentFailed
@@ -49,6 +51,7 @@ from server.models import (
     Attempt,
     Checkpoint,
     FeedbackFile,
+    GangMember,
     Job,
     JobStatus,
     utcnow,
@@ -230,11 +233,32 @@ def claim(
     lease_ttl: float | timedelta,
     *,
     run_dir: str | None = None,
+    node: NodeOffer | None = None,
     now: datetime | None = None,
 ) -> Claim | None:
     """queued → running with a new lease and Attempt row; None when not claimable (duplicate delivery,
-    already running/finished, cancel requested, or still in retry backoff)."""
+    already running/finished, cancel requested, or still in retry backoff).
+
+    A multi-node round (server/jobs/gang.py) needs `node` (a caller without one gets None): the
+    worker joins the oldest gang still forming — possibly ANOTHER job's: the Claim names the job
+    it joined — or, when none is forming, opens this job's gang as rank 0."""
     now = now or utcnow()
+    try:
+        spec = session.exec(select(Job.spec).where(Job.id == job_id)).one_or_none()
+        nodes = gang.nodes_of(spec)
+        if nodes > 1:
+            if node is None:
+                session.rollback()
+                return None
+            gang.lock_formation(session)
+            forming = gang.oldest_forming(session, now, node.form_timeout_s)
+            if forming is not None:
+                joined = gang.join(session, forming, host, pid, lease_ttl, now)
+                session.commit()
+                return joined
+    except Exception:
+        session.rollback()
+        raise
     token = secrets.token_hex(16)
     values: dict[str, Any] = {
         "status": JobStatus.running,
@@ -256,6 +280,7 @@ def claim(
             extra_where=[
                 or_(col(Job.not_before).is_(None), col(Job.not_before) <= now),
                 col(Job.cancel_requested).is_(False),
+                *([gang.no_live_members(job_id, now)] if nodes > 1 else []),
             ],
         )
         if not ok:
@@ -274,7 +299,12 @@ def claim(
         session.add(
             Attempt(job_id=job_id, attempt=job.attempt, lease_token=token, host=host[:255], pid=pid, started_at=now)
         )
-        job_event(session, job_id, EventType.job_started, attempt=job.attempt, data={"host": host[:255]})
+        data: dict[str, Any] = {"host": host[:255]}
+        if nodes > 1:
+            rank0 = gang.add_member(session, job, 0, nodes, host, pid, lease_ttl, now, node)
+            claimed = gang.gang_claim(job, rank0, rank0)
+            data["nodes"] = nodes
+        job_event(session, job_id, EventType.job_started, attempt=job.attempt, data=data)
         session.commit()
     except Exception:
         session.rollback()
@@ -283,9 +313,16 @@ def claim(
 
 
 def heartbeat(
-    session: Session, job_id: str, lease_token: str, lease_ttl: float | timedelta, *, now: datetime | None = None
+    session: Session,
+    job_id: str,
+    lease_token: str,
+    lease_ttl: float | timedelta,
+    *,
+    member_token: str | None = None,
+    now: datetime | None = None,
 ) -> Heartbeat:
-    """Renew the lease. OK; CANCEL (kill the training, then finish(cancelled)); LOST (self-fence)."""
+    """Renew the lease (and a gang member's own). OK; CANCEL (kill the training, then
+    finish(cancelled)); LOST (self-fence: the attempt ended, or this member was ended)."""
     now = now or utcnow()
     ok = transition(
         session,
@@ -294,6 +331,8 @@ def heartbeat(
         {"lease_expires_at": now + timedelta(seconds=seconds(lease_ttl)), "updated_at": now},
         lease_token=lease_token,
     )
+    if ok and member_token is not None:
+        ok = gang.renew(session, member_token, lease_ttl, now)
     if not ok:
         session.rollback()
         return Heartbeat.LOST
@@ -311,6 +350,7 @@ def finish(
     outcome: Outcome,
     *,
     retry_backoff_s: float | None = None,
+    member_token: str | None = None,
     now: datetime | None = None,
 ) -> Job:
     """End the attempt holding `lease_token`. A stale token changes nothing (returns the job as is).
@@ -321,6 +361,8 @@ def finish(
     (publish them after this returns: `unpublished_children`); a sampling / labelling job's output
     becomes a stored feedback file (server/jobs/outputs.py). failed/cancelled: waiting children fail too.
     crashed: a new queued attempt with backoff, or failed after `max_attempts` crashes.
+    A gang member (`member_token`) ends the attempt for every member (the others' heartbeats
+    answer LOST) and its own member row with it.
     """
     now = now or utcnow()
     backoff = default_backoff() if retry_backoff_s is None else retry_backoff_s
@@ -332,9 +374,13 @@ def finish(
             raise JobNotFound(job_id)
         if job.lease_token != lease_token or job.status not in LIVE_STATUSES:
             log.warning("finish(%s, %s) ignored: lease not held (status %s)", job_id, outcome.status, job.status)
+            if member_token is not None:  # this member has stopped: it no longer holds up a retry
+                gang.end_member(session, member_token, "lost", now)
             session.commit()
             return job
         attempt = job.attempt
+        if member_token is not None:
+            gang.end_member(session, member_token, outcome.status, now)
         if outcome.status == "succeeded":
             result = outcome.result
             assert result is not None  # Outcome refuses a success without its result
@@ -408,18 +454,29 @@ def finish(
     return get(session, job_id)
 
 
-def release(session: Session, job_id: str, lease_token: str, reason: str, *, now: datetime | None = None) -> bool:
+def release(
+    session: Session,
+    job_id: str,
+    lease_token: str,
+    reason: str,
+    *,
+    member_token: str | None = None,
+    now: datetime | None = None,
+) -> bool:
     """Warm shutdown: running → queued without consuming a retry (cancelling → cancelled).
 
     The caller has already stopped the training process group. Returns False for a stale token.
+    A gang member releases the attempt for all (the others fence on their next heartbeat).
     """
     now = now or utcnow()
     try:
         job = session.exec(
             select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
         ).one_or_none()
+        if member_token is not None:
+            gang.end_member(session, member_token, "released", now)
         if job is None or job.lease_token != lease_token or job.status not in LIVE_STATUSES:
-            session.rollback()
+            session.commit()
             return False
         close_attempt(session, job_id, job.attempt, "released", reason, now)
         if job.status == JobStatus.cancelling or job.cancel_requested:
@@ -475,9 +532,16 @@ def request_cancel(session: Session, job_id: str, *, now: datetime | None = None
     return get(session, job_id)
 
 
-def expire_leases(session: Session, now: datetime | None = None, *, retry_backoff_s: float | None = None) -> list[str]:
+def expire_leases(
+    session: Session,
+    now: datetime | None = None,
+    *,
+    retry_backoff_s: float | None = None,
+    gang_form_timeout_s: float | None = None,
+) -> list[str]:
     """running/cancelling jobs whose lease expired: the attempt is closed as crashed, the job is
-    queued again (backoff) or failed.
+    queued again (backoff) or failed. So is a multi-node attempt one of whose members' own lease
+    expired; a gang still forming past `gang_form_timeout_s` is released (queued, no retry consumed).
 
     Also resolves any `waiting` job whose parent is already
     terminal (a child inserted while its parent was finishing). Returns the ids it changed.
@@ -514,6 +578,7 @@ def expire_leases(session: Session, now: datetime | None = None, *, retry_backof
             close_attempt(session, job_id, job.attempt, "crashed", error, now)
             resolve_crash(session, job, error, now, backoff)
             changed.append(job_id)
+        changed += _expire_gangs(session, now, backoff, gang_form_timeout_s)
         # waiting children whose parent already finished (the parent finished between the API's
         # check and the child's commit)
         stuck = session.exec(select(Job.id, Job.parent_job_id).where(Job.status == JobStatus.waiting)).all()
@@ -536,6 +601,125 @@ def expire_leases(session: Session, now: datetime | None = None, *, retry_backof
         session.rollback()
         raise
     return changed
+
+
+def _expire_gangs(session: Session, now: datetime, backoff: float, form_timeout_s: float | None) -> list[str]:
+    changed: list[str] = []
+    if form_timeout_s is None:
+        from server.settings import get_settings
+
+        form_timeout_s = get_settings().gang_form_timeout_s
+    for job_id, attempt in gang.stale_forming(session, now, form_timeout_s):
+        job = load(session, job_id)
+        rank0 = gang.rank0_of(session, job_id, attempt)
+        if job is not None and rank0 is not None and job.attempt == attempt and job.status in LIVE_STATUSES:
+            gang.requeue_unformed(session, job, rank0, now)
+            changed.append(job_id)
+    for member in gang.expired_members(session, now):
+        job = load(session, member.job_id)
+        if job is None or job.attempt != member.attempt or job.status not in LIVE_STATUSES:
+            continue
+        error = (
+            f"node {member.rank} of {member.size} ({member.host}) lost its lease at"
+            f" {member.lease_expires_at.isoformat()} (worker lost or stalled)"
+        )
+        gang.end_member(session, member.token, "lost", now)
+        close_attempt(session, job.id, job.attempt, "crashed", error, now)
+        resolve_crash(session, job, error, now, backoff)
+        changed.append(job.id)
+    return changed
+
+
+def release_unformed(session: Session, claim: Claim, *, form_timeout_s: float, now: datetime | None = None) -> bool:
+    """A member waiting for its gang: release the attempt when the gang is still incomplete past
+    its formation deadline (queued again, no retry consumed). True when it did."""
+    now = now or utcnow()
+    try:
+        gang.lock_formation(session)
+        job = load(session, claim.job_id)
+        rank0 = gang.rank0_of(session, claim.job_id, claim.attempt)
+        if (
+            job is None
+            or rank0 is None
+            or job.attempt != claim.attempt
+            or job.lease_token != claim.lease_token
+            or job.status not in LIVE_STATUSES
+            or rank0.formed_at is not None
+            or rank0.joined_at > now - timedelta(seconds=form_timeout_s)
+        ):
+            session.rollback()
+            return False
+        gang.requeue_unformed(session, job, rank0, now)
+        session.commit()
+        return True
+    except Exception:
+        session.rollback()
+        raise
+
+
+def gang_state(session: Session, claim: Claim) -> GangState | None:
+    """A member's view of its gang (None: not a gang member)."""
+    if claim.member_token is None:
+        return None
+    job = load(session, claim.job_id)
+    member = session.exec(
+        select(GangMember).where(GangMember.token == claim.member_token).execution_options(populate_existing=True)
+    ).one_or_none()
+    state = gang.state_of(session, job, member)
+    session.commit()
+    return state
+
+
+def mark_gang_ready(session: Session, claim: Claim, resume_from: str | None, *, now: datetime | None = None) -> bool:
+    """Rank 0 prepared the run directory (and picked the checkpoint every node resumes from)."""
+    now = now or utcnow()
+    result = session.exec(
+        update(GangMember)
+        .where(
+            col(GangMember.token) == claim.member_token,
+            col(GangMember.rank) == 0,
+            col(GangMember.ended_at).is_(None),
+        )
+        .values(ready_at=now, resume_from=resume_from)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def leave_gang(session: Session, claim: Claim, outcome: str, *, now: datetime | None = None) -> str | None:
+    """A member stops without finishing the attempt: its trainer exited 0 (`done`: the process
+    group's rank 0 writes the result on whichever node; node 0's worker reports it) or it was
+    stopped otherwise (`lost`: fenced). A member stopped while its attempt still holds the job
+    crashes the attempt for all (retried), and so does the last `done` member when no result
+    was reported. Returns the job's status when it changed it."""
+    if claim.member_token is None:
+        return None
+    now = now or utcnow()
+    try:
+        job = session.exec(
+            select(Job).where(Job.id == claim.job_id).with_for_update().execution_options(populate_existing=True)
+        ).one_or_none()
+        gang.end_member(session, claim.member_token, outcome, now)
+        if job is None or job.lease_token != claim.lease_token or job.status not in LIVE_STATUSES:
+            session.commit()
+            return None
+        if outcome != "done":
+            # this node's trainer was stopped while the attempt still holds the job (its worker
+            # fenced itself): the other nodes cannot go on without it, and must not wait for a
+            # collective's timeout to notice
+            error = f"node {claim.rank} of {claim.nodes} stopped ({outcome})"
+        elif gang.open_members(session, job.id, job.attempt):
+            session.commit()
+            return None
+        else:
+            error = "every node of the gang stopped without reporting the round's result"
+        close_attempt(session, job.id, job.attempt, "crashed", error, now)
+        status = resolve_crash(session, job, error, now, default_backoff())
+        session.commit()
+        return status
+    except Exception:
+        session.rollback()
+        raise
 
 
 def claimable_unheld(session: Session, now: datetime | None = None, older_than: float | timedelta = 30.0) -> list[str]:

@@ -34,6 +34,16 @@ class Claim:
     spec: dict[str, Any]
     project_id: str = ""
     kind: str = "round"
+    # multi-node attempts (server/jobs/gang.py): this worker's machine rank among `nodes`, its own
+    # member lease token, and the c10d rendezvous endpoint (rank 0's address and port)
+    nodes: int = 1
+    rank: int = 0
+    member_token: str | None = None
+    rendezvous: tuple[str, int] | None = None
+
+    @property
+    def gang(self) -> bool:
+        return self.member_token is not None
 
     def job_spec(self) -> JobSpec:
         return JobSpec.model_validate(self.spec)

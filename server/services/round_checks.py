@@ -4,8 +4,9 @@ submit time, never on a GPU. Each check raises the API error a client sees.
 - every feedback id exists in the project (404 `feedback_not_found`, naming `feedback_ids[i]`);
 - the loss is a known one (the pydantic discriminated union answers 422 for an unknown `name`);
 - the loss can use the feedback kinds after the conversion (422 `loss_feedback_mismatch`);
-- the round fits the workers (`halos_core.job_spec.fit_problem` with the API's settings: batch
-  divisible by microbatch x num_processes, the loss's batch constraints, no LoRA with FSDP;
+- the round fits the workers (`halos_core.job_spec.fit_problem` with the API's settings: at most
+  `max_nodes` nodes, batch divisible by microbatch x num_processes x nodes, the loss's batch
+  constraints, no LoRA with FSDP;
   422 `invalid_hyperparams` / `lora_not_supported`); the worker asks the same question again at
   claim time with its own settings;
 - an explicit parent checkpoint is complete: its `meta.json` is readable (422
@@ -43,6 +44,16 @@ TRAINER_STATE_FILE = "trainer_state.json"  # halos_core.checkpoint.STATE_FILE (t
 
 
 def check_hyperparams(loss_name: str, hp: Hyperparams, settings: Settings, field: str = "hyperparams") -> None:
+    if hp.nodes > settings.max_nodes:
+        # a gang that can never form would hold workers until it times out, again and again
+        reason = (
+            f"nodes {hp.nodes} is more than this deployment runs one round on (HALOS_MAX_NODES={settings.max_nodes})"
+        )
+        raise Unprocessable(
+            reason,
+            code="invalid_hyperparams",
+            details={"field": f"{field}.nodes", "reason": reason, "max_nodes": settings.max_nodes},
+        )
     problem = hyperparams_problem(loss_name, hp, settings.num_processes)
     if problem:
         raise Unprocessable(

@@ -326,6 +326,25 @@ def test_round_hyperparams_checks(
     with TestClient(two, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c:
         err = _err(_round(c, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"microbatch_size": 4}))
     assert err["code"] == "invalid_hyperparams" and "num_processes 2" in err["message"]
+    # multi-node rounds: at most HALOS_MAX_NODES nodes (default 1), and the batch divides over every rank
+    err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"nodes": 2}))
+    assert err["code"] == "invalid_hyperparams" and err["details"] == {
+        "field": "hyperparams.nodes",
+        "reason": err["message"],
+        "max_nodes": 1,
+    }
+    assert "HALOS_MAX_NODES=1" in err["message"]
+    err = _err(_round(client, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"nodes": 0}))
+    assert err["code"] == "validation_error"
+    multi = create_app(settings.model_copy(update={"max_nodes": 4}))
+    with TestClient(multi, headers={"Authorization": f"Bearer {keys['alpha']}"}) as c:
+        err = _err(
+            _round(c, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"nodes": 4, "microbatch_size": 2})
+        )
+        assert err["code"] == "invalid_hyperparams" and "x num_processes 1 x nodes 4" in err["message"]
+        ok = _round(c, run["id"], feedback_ids=[pairwise_fb["id"]], hyperparams={"nodes": 2, "microbatch_size": 2})
+        assert ok.status_code == 201, ok.text
+        assert ok.json()["hyperparams"]["nodes"] == 2
 
 
 def test_round_conversion_null_drops_runs_conversion(client: TestClient, model: dict, pairwise_fb: dict) -> None:

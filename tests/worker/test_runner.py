@@ -375,3 +375,29 @@ def test_the_real_trainer_verifies_init_from_before_loading():
     )
     trainer = (REPO / "halos_core" / "training" / "build.py").read_text()
     assert "load_checkpoint(config.init_from" in trainer
+
+
+def test_multi_node_accelerate_config_and_command(tmp_path: Path):
+    """Node r of a k-node gang: accelerate's multi-node launch with torchrun's c10d rendezvous at
+    node 0's endpoint, k x num_processes ranks in all; node 0 hosts the rendezvous store."""
+    from server.settings import Settings
+
+    rd = RunDir(tmp_path / "r").create()
+    gpu2 = Settings(data_dir=tmp_path, num_processes=2)
+    for rank in (0, 1):
+        node = launch.Node(rank=rank, nodes=3, address="10.1.2.3", port=29500)
+        path = launch.write_accelerate_config(rd, gpu2, node=node)
+        assert path == (rd.accelerate_yaml if rank == 0 else rd.path / f"accelerate-node{rank}.yaml")
+        cfg = yaml.safe_load(path.read_text())
+        assert (cfg["num_machines"], cfg["machine_rank"], cfg["num_processes"]) == (3, rank, 6)
+        assert (cfg["rdzv_backend"], cfg["same_network"], cfg["distributed_type"]) == ("c10d", False, "MULTI_GPU")
+        assert (cfg["main_process_ip"], cfg["main_process_port"]) == ("10.1.2.3", 29500)
+        cmd = launch.command(gpu2, rd, node)
+        assert cmd[cmd.index("--config_file") + 1] == str(path)
+        assert cmd[cmd.index("--rdzv_conf") + 1] == f"is_host={'true' if rank == 0 else 'false'}"
+        assert cmd[-2:] == ["--config", str(rd.run_json)]  # every node reads node 0's run.json
+    # one process per node still goes through the launcher (the rendezvous); FSDP keeps its settings
+    one = Settings(data_dir=tmp_path, use_cpu=True)
+    assert "accelerate.commands.launch" in launch.command(one, rd, launch.Node(1, 2, "127.0.0.1", 1))
+    fsdp = launch.accelerate_config(Settings(data_dir=tmp_path, fsdp=True), node=launch.Node(0, 2, "h", 1))
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
