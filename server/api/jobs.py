@@ -35,8 +35,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobList:
-    rows, next_cursor = service.list_jobs(session, principal, limit, cursor, status)
-    return JobList(items=service.job_views(session, rows), next_cursor=next_cursor)
+    items, next_cursor = service.list_job_views(session, principal, limit, cursor, status)
+    return JobList(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -86,17 +87,27 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Unprocessable("invalid cursor", code="invalid_cursor", details={"field": "cursor"}) from exc
 
 
+def newest_first(query: Any, model: Any, cursor: str | None, limit: int) -> Any:
+    """`query` restricted to the page after `cursor`, newest first, one row more than the page (so
+    that `split_page` knows whether another page follows)."""
+    if cursor:
+        when, last_id = decode_cursor(cursor)
+        query = query.where(or_(model.created_at < when, and_(model.created_at == when, model.id < last_id)))
+    return query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+
+
+def split_page(rows: list[T], limit: int, key: Callable[[T], Any] = lambda row: row) -> tuple[list[T], str | None]:
+    """The page and the next page's cursor (None on the last page); `key(row)` has the row's
+    `created_at` and `id`."""
+    if len(rows) <= limit:
+        return rows, None
+    last = key(rows[limit - 1])
+    return rows[:limit], encode_cursor(last.created_at, last.id)
+
+
 def paginate(
     session: Session, model: Any, project_id: str, limit: int, cursor: str | None, *filters: Any
 ) -> tuple[list[Any], str | None]:
     limit = max(1, min(limit, MAX_PAGE))
-    query = select(model).where(model.project_id == project_id, *filters)
-    if cursor:
-        when, last_id = decode_cursor(cursor)
-        query = query.where(or_(model.created_at < when, and_(model.created_at == when, model.id < last_id)))
-    rows = list(session.exec(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
-    return rows, next_cursor
+    query = newest_first(select(model).where(model.project_id == project_id, *filters), model, cursor, limit)
+    return split_page(list(session.exec(query)), limit)

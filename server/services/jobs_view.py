@@ -11,16 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
-from sqlalchemy import bindparam
+from sqlalchemy import Row, bindparam
 from sqlalchemy import select as core_select  # sqlmodel's `select` is typed for at most four columns
 from sqlmodel import Session, col, select
 
 from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
 from server.errors import Conflict
 from server.models import TERMINAL_STATUSES, Attempt, FeedbackFile, Job, JobStatus, MetricPoint, Round, utcnow
-from server.services.common import get_owned, not_found, paginate, plausible_id
+from server.services.common import MAX_PAGE, get_owned, newest_first, not_found, plausible_id, split_page
 from server.services.keys import Principal
 from server.settings import Settings
 
@@ -38,6 +38,30 @@ def _request_cancel(session: Session, job_id: str) -> Job:
 
 def get_job(session: Session, principal: Principal, job_id: str) -> Job:
     return get_owned(session, Job, job_id, principal.project_id, "job")
+
+
+class JobFields(Protocol):
+    """What a job view reads of a job: a `Job` row object, or a row of `_JOBS_WITH_LINKS` (plain
+    columns: a page of views without building ORM objects, which costs more than the query)."""
+
+    id: str
+    kind: str
+    status: JobStatus
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    parent_job_id: str | None
+    step: int
+    round_step: int
+    total_steps: int | None
+    examples: int
+    latest_metrics: dict | None
+    error: str | None
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,7 @@ def _point_time(point: MetricPoint) -> float:
 
 
 def timing(
-    job: Job, now: datetime, attempt_started_at: datetime | None = None, recent_points: Sequence[MetricPoint] = ()
+    job: JobFields, now: datetime, attempt_started_at: datetime | None = None, recent_points: Sequence[MetricPoint] = ()
 ) -> Timing:
     """percent done, elapsed and ETA of one job.
 
@@ -106,7 +130,7 @@ def timing(
     return Timing(percent_done=percent, elapsed_s=elapsed, eta_s=eta)
 
 
-def _timings(session: Session, jobs: list[Job], now: datetime) -> dict[str, Timing]:
+def _timings(session: Session, jobs: Sequence[JobFields], now: datetime) -> dict[str, Timing]:
     """Timing per job; a running job costs two indexed reads (its attempt, its last steps)."""
     running = [j for j in jobs if j.status == JobStatus.running and j.total_steps]
     started: dict[tuple[str, int], datetime] = {}
@@ -143,15 +167,30 @@ class _Links:
 _NO_LINKS = _Links()
 
 
-# One statement of plain columns for a whole page (a job has at most one round; the outer joins keep
-# jobs that have neither), built once and run on the Core connection: every job read runs it, and
-# building the expression and loading ORM rows cost several times more than the query itself.
+# The feedback file a job generated (a labelling job's output; one per job, the newest if ever more):
+# a subquery, so that a page never holds a job twice.
+_OUTPUT_FEEDBACK = (
+    core_select(col(FeedbackFile.id))
+    .where(col(FeedbackFile.job_id) == col(Job.id))
+    .order_by(col(FeedbackFile.created_at).desc())
+    .limit(1)
+    .correlate(Job)
+    .scalar_subquery()
+)
+_LINK_COLUMNS: tuple[Any, ...] = (  # labelled: a row of _JOBS_WITH_LINKS reads the job's own columns by name
+    col(Round.run_id).label("link_run_id"),
+    col(Round.id).label("link_round_id"),
+    col(Round.index).label("link_round_index"),
+    col(Round.checkpoint_id).label("link_checkpoint_id"),
+    _OUTPUT_FEEDBACK.label("link_output_feedback_id"),
+)
+
+# One statement of plain columns for a whole page (a job has at most one round), built once and run on
+# the Core connection: every job read runs it, and building the expression and loading ORM rows cost
+# several times more than the query itself.
 _LINKS = (
-    core_select(
-        col(Job.id), col(Round.run_id), col(Round.id), col(Round.index), col(Round.checkpoint_id), col(FeedbackFile.id)
-    )
+    core_select(col(Job.id), *_LINK_COLUMNS)
     .outerjoin(Round, col(Round.job_id) == col(Job.id))
-    .outerjoin(FeedbackFile, col(FeedbackFile.job_id) == col(Job.id))
     .where(col(Job.id).in_(bindparam("ids", expanding=True)))
 )
 
@@ -161,7 +200,7 @@ def _links(session: Session, ids: list[str]) -> dict[str, _Links]:
     return {row[0]: _Links(*row[1:]) for row in rows}
 
 
-def _job_out(j: Job, t: Timing, rnd: _Links) -> JobOut:
+def _job_out(j: JobFields, t: Timing, rnd: _Links) -> JobOut:
     status = j.status.value if isinstance(j.status, JobStatus) else str(j.status)
     return JobOut(
         id=j.id,
@@ -205,13 +244,33 @@ def job_view(session: Session, job: Job) -> JobOut:
 
 
 _JOB_COLUMNS = list(Job.__table__.columns)  # type: ignore[attr-defined]  # (SQLModel declares no __table__)
-_ONE_JOB = (
-    core_select(*_JOB_COLUMNS, col(Round.run_id), col(Round.id), col(Round.index), col(Round.checkpoint_id))
-    .add_columns(col(FeedbackFile.id))
-    .outerjoin(Round, col(Round.job_id) == col(Job.id))
-    .outerjoin(FeedbackFile, col(FeedbackFile.job_id) == col(Job.id))
-    .where(col(Job.id) == bindparam("id"))
-)
+# A job's columns and its links (see _LINKS): the statement behind the job routes that clients poll.
+_JOBS_WITH_LINKS = core_select(*_JOB_COLUMNS, *_LINK_COLUMNS).outerjoin(Round, col(Round.job_id) == col(Job.id))
+_ONE_JOB = _JOBS_WITH_LINKS.where(col(Job.id) == bindparam("id"))
+
+
+def _jobs_from_rows(rows: Sequence[Row]) -> list[tuple[JobFields, _Links]]:
+    n = len(_JOB_COLUMNS)
+    return [(cast(JobFields, row), _Links(*row[n:])) for row in rows]
+
+
+def _views(session: Session, jobs: list[tuple[JobFields, _Links]]) -> list[JobOut]:
+    timings = _timings(session, [j for j, _ in jobs], utcnow())
+    return [_job_out(j, timings[j.id], links) for j, links in jobs]
+
+
+def list_job_views(
+    session: Session, principal: Principal, limit: int, cursor: str | None, status: JobStatus | None = None
+) -> tuple[list[JobOut], str | None]:
+    """A page of the project's jobs, newest first (cursor pagination as `common.paginate`), as views
+    read in one statement (as `job_view_by_id`)."""
+    limit = max(1, min(limit, MAX_PAGE))
+    query = _JOBS_WITH_LINKS.where(col(Job.project_id) == principal.project_id)
+    if status is not None:
+        query = query.where(col(Job.status) == status)
+    rows = session.connection().execute(newest_first(query, Job, cursor, limit)).all()
+    jobs, next_cursor = split_page(_jobs_from_rows(rows), limit, key=lambda pair: pair[0])
+    return _views(session, jobs), next_cursor
 
 
 def job_view_by_id(session: Session, principal: Principal, job_id: str) -> JobOut:
@@ -220,16 +279,7 @@ def job_view_by_id(session: Session, principal: Principal, job_id: str) -> JobOu
     row = session.connection().execute(_ONE_JOB, {"id": job_id}).first() if plausible_id(job_id) else None
     if row is None or row.project_id != principal.project_id:
         raise not_found("job", job_id)
-    n = len(_JOB_COLUMNS)
-    job = Job(**{c.key: row[i] for i, c in enumerate(_JOB_COLUMNS)})
-    return _job_out(job, _timings(session, [job], utcnow())[job.id], _Links(*row[n:]))
-
-
-def list_jobs(
-    session: Session, principal: Principal, limit: int, cursor: str | None, status: JobStatus | None = None
-) -> tuple[list[Job], str | None]:
-    filters = [Job.status == status] if status else []
-    return paginate(session, Job, principal.project_id, limit, cursor, *filters)
+    return _views(session, _jobs_from_rows([row]))[0]
 
 
 def metrics(

@@ -35,6 +35,22 @@ def test_get_job(client: TestClient, run: dict, pairwise_fb: dict) -> None:
     assert client.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
 
 
+def test_job_list_pages_every_job_once_newest_first(client: TestClient, run: dict, pairwise_fb: dict) -> None:
+    made = [_new_round(client, run, pairwise_fb)["job_id"] for _ in range(5)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = client.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        pages += 1
+        for item in page["items"]:  # a page shows what the single-job view shows
+            assert item == client.get(f"/v1/jobs/{item['id']}").json() | {"elapsed_s": item["elapsed_s"]}
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == made[::-1] and pages == 3
+    assert client.get("/v1/jobs", params={"cursor": "garbage"}).status_code == 422
+
+
 def test_unknown_job_404_everywhere(client: TestClient) -> None:  # Q9
     for method, path in [("GET", ""), ("GET", "/metrics"), ("GET", "/logs"), ("POST", "/cancel")]:
         for job_id in (UNKNOWN_JOB, "garbage", "job_%00"):
