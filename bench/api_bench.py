@@ -754,11 +754,14 @@ def bench_backend(
                 res[f"{label} c={conns}"] = asdict(load_fn(base, paths[label], auth, conns, seconds, work))
                 print(f"[{backend}] {name} {label} c={conns}: {res[f'{label} c={conns}']}", file=sys.stderr, flush=True)
 
-            for conns in args.conns:
-                measure("job", conns, args.duration)
-            for label in ("list jobs", "list runs", "list feedback", "list models"):
-                measure(label, 32, args.duration / 2)
-            measure("series", 4, args.duration * 2)  # a 10k-point page is slow: give it time for a few
+            if "reads" in args.only:
+                for conns in args.conns:
+                    measure("job", conns, args.duration)
+                for label in ("list jobs", "list runs", "list feedback", "list models"):
+                    measure(label, 32, args.duration / 2)
+                measure("series", 4, args.duration * 2)  # a 10k-point page is slow: give it time for a few
+            if "upload" not in args.only:
+                continue
             # a small upload first (first-use costs: pools, imports), then the measured one
             small = work / "small.jsonl"
             if not small.exists():
@@ -843,6 +846,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--jobs-per-run", type=int, default=10)
     ap.add_argument("--idle", type=float, default=None, help="seconds of idle probing before the upload")
+    ap.add_argument(
+        "--only",
+        default="reads,upload",
+        help="comma list of the parts to run: reads (job/list/series rows), upload (default both)",
+    )
     ap.add_argument("--workers", type=int, default=1, help="API processes of the project (halos serve --workers)")
     ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="keep databases, logs and the upload file here")
@@ -860,6 +868,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if q:
         args.runs, args.jobs_per_run = min(args.runs, 6), min(args.jobs_per_run, 10)
     args.conns = [int(c) for c in str(args.conns).split(",")]
+    args.only = set(args.only.split(","))
+    if not args.only or not args.only <= {"reads", "upload"}:
+        raise SystemExit(f"--only: a comma list of reads, upload; got {','.join(sorted(args.only))!r}")
     return args
 
 

@@ -1,32 +1,33 @@
 """Feedback validation off the API's event loop and interpreter: a small pool of worker processes.
 
-An upload is staged to a temp file first (`server.storage`); then this pool proves it valid with
-the compiled fast path (`halos_core.feedback.fast`), the file cut into one line-aligned segment per
-worker for files over `PARALLEL_MIN_BYTES`, and the segments merged in a worker too. Whatever the
-fast path cannot prove goes to the detailed scanner (`validate_file(fast=False)`) in a worker,
-which returns the summary or raises `FeedbackValidationError` with the record-level report.
+An upload is staged to a temp file first (`server.storage`); then this pool proves it valid and
+finds its data-quality findings with the compiled fast path (`halos_core.feedback.fast`), the file
+cut into one line-aligned segment per worker for files over `PARALLEL_MIN_BYTES`, and the segments
+merged in a worker too. Whatever the fast path cannot prove goes to the detailed scanner and
+`quality.find` (`quality.detailed_check`) in a worker, which returns the summary and the findings
+or raises `FeedbackValidationError` with the record-level report.
 
 - Workers come from a forkserver: safe to start from a threaded server, and all of them share one
   hash secret, which the segments' prompt tables rely on (`Segment.fingerprint` checks it).
 - Workers run at a lower CPU priority (nice +10): on a busy box, other requests' handling in the
   API process goes first, and a big upload only takes what is left.
-- Memory: a worker reads at most `max_record_bytes` (≤ 8 MiB) at a time plus a table of one small
-  entry per distinct prompt_id; the API process holds only the temp file's path.
+- Memory: a worker reads at most `max_record_bytes` (≤ 8 MiB) at a time plus two tables of one
+  small entry per distinct prompt_id and per distinct record (the detailed pass keeps the same);
+  the API process holds the temp file's path and, between the segments and their merge, their
+  tables packed (16 bytes an entry).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
 
-from halos_core.feedback import FeedbackLimits, FeedbackSummary, validate_file
+from halos_core.feedback import FeedbackLimits, FeedbackSummary
 from halos_core.feedback.fast import merge, plan, scan_segment
+from halos_core.feedback.quality import Findings, detailed_check
 
-T = TypeVar("T")
 PARALLEL_MIN_BYTES = 16 * 1024 * 1024  # below this one segment: a pool round trip costs more than it saves
 WORKER_NICE = 10
 
@@ -45,8 +46,9 @@ class ValidationPool:
         context.set_forkserver_preload(["halos_core.feedback.fast"])
         self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_lower_priority)
 
-    def validate(self, path: Path, limits: FeedbackLimits) -> FeedbackSummary:
-        """Blocks the calling thread (never the event loop) until a worker has an answer."""
+    def check(self, path: Path, limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings]:
+        """`quality.check` in the workers: blocks the calling thread (never the event loop) until
+        they have an answer."""
         parts = self.workers if os.path.getsize(path) >= PARALLEL_MIN_BYTES else 1
         planned = self._executor.submit(plan, path, parts).result()
         if planned is not None:
@@ -54,14 +56,10 @@ class ValidationPool:
             futures = [self._executor.submit(scan_segment, path, start, end, *fmt, limits) for start, end in ranges]
             segments = [f.result() for f in futures]
             if all(s is not None for s in segments):
-                summary = self._executor.submit(merge, segments, limits).result()
-                if summary is not None:
-                    return summary
-        return self._executor.submit(validate_file, path, limits, fast=False).result()
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a worker (a picklable, module-level `fn`); blocks the calling thread."""
-        return self._executor.submit(fn, *args).result()
+                checked = self._executor.submit(merge, segments, limits).result()
+                if checked is not None:
+                    return checked
+        return self._executor.submit(detailed_check, path, limits).result()
 
     def warm_up(self) -> None:
         """Start every worker now (at API startup), not during the first upload."""
