@@ -561,7 +561,9 @@ def _quality(seg: Segment, shape: _Shape, normal: _Normal) -> None:
     if shape.pair:
         same = list(map(eq, outputs[0], outputs[1]))
         if True in same:
-            found += [(base + i, _RANK_IDENTICAL, "identical_outputs", "output_B", -1, 0) for i, s in enumerate(same) if s]
+            found += [
+                (base + i, _RANK_IDENTICAL, "identical_outputs", "output_B", -1, 0) for i, s in enumerate(same) if s
+            ]
     for pos, ((_, name), column, contents) in enumerate(zip(shape.outputs, outputs, normal.contents)):
         if "" in contents or any(map(str.isspace, contents)):
             found += [
