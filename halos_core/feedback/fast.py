@@ -55,7 +55,7 @@ import os
 import sys
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, eq
@@ -365,11 +365,15 @@ class Segment:
         state["_table"], state["_records"] = {}, {}
         return state
 
-    def table(self) -> dict[int, int]:
-        return self._table or dict(zip(array("q", self.keys), array("q", self.values)))
+    def prompt_items(self) -> Iterable[tuple[int, int]]:
+        """(prompt_id hash, prompt and split hash) pairs, without building a dict of the packed table."""
+        return self._table.items() if self._table else zip(array("q", self.keys), array("q", self.values))
 
-    def record_table(self) -> dict[int, int]:
-        return self._records or dict(zip(array("q", self.record_keys), array("q", self.record_firsts)))
+    def record_items(self) -> Iterable[tuple[int, int]]:
+        """(record hash, its first index here) pairs."""
+        if self._records:
+            return self._records.items()
+        return zip(array("q", self.record_keys), array("q", self.record_firsts))
 
     def line(self, index: int) -> int:
         """The 1-based line (within the segment) of record `index`."""
@@ -604,15 +608,11 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> tuple[Feedb
     derived = explicit_h = False
     for seg in segments:
         assert seg is not None
-        part = seg.table() if table else None
-        if part is None:
-            table = seg.table()
-        else:
-            small, big = (part, table) if len(part) < len(table) else (table, part)
-            for key in filter(big.__contains__, small):
-                if table[key] != part[key]:
-                    return None
-            table.update(part)
+        if table:  # (one pass over the packed pairs: no second dict of them)
+            get = table.get
+            if any(get(key, value) != value for key, value in seg.prompt_items()):
+                return None
+        table.update(seg.prompt_items())
         n += seg.n
         n_test += seg.n_test
         derived = derived or seg.derived
@@ -634,8 +634,8 @@ def _merge_findings(segments: list[Segment]) -> Findings:
     for k, seg in enumerate(segments):
         for code, count in seg.counts.items():
             counts[code] = counts.get(code, 0) + count
-        records = seg.record_table()
-        again = list(filter(seen.__contains__, records)) if seen else []  # first here, but not in the file
+        # records first seen in this segment, but not first in the file: (index here, record hash)
+        again = [(first, key) for key, first in seg.record_items() if key in seen] if seen else []
         if again:
             counts["duplicate_record"] = counts.get("duplicate_record", 0) + len(again)
         if len(examples) < MAX_EXAMPLES:
@@ -643,11 +643,11 @@ def _merge_findings(segments: list[Segment]) -> Findings:
                 (i, rank, code, f, seen.get(key, offset + first) if first >= 0 else -1)
                 for i, rank, code, f, first, key in seg.examples
             ]
-            found += [(records[key], _RANK_DUPLICATE, "duplicate_record", "", seen[key]) for key in again]
+            found += [(first, _RANK_DUPLICATE, "duplicate_record", "", seen[key]) for first, key in again]
             for i, rank, code, f, dup_of in sorted(found)[: MAX_EXAMPLES - len(examples)]:
                 examples.append((offset + i, rank, line_offset + seg.line(i), code, f, dup_of))
         if k + 1 < len(segments):
-            seen.update({key: offset + first for key, first in records.items() if key not in seen})
+            seen.update([(key, offset + first) for key, first in seg.record_items() if key not in seen])
         offset += seg.n
         line_offset += seg.n + seg.n_blank
     return Findings(counts=counts, examples=[finding(c, i, line, f, first) for i, _, line, c, f, first in examples])
