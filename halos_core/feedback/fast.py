@@ -237,29 +237,28 @@ def _norm(turns: Any, role: str) -> Any:
 _NEG_ZERO = ("-0.0",)  # json.dumps writes -0.0 apart from 0.0, but they are equal (and hash equal)
 
 
-def _opt(values: list[Any], negative: bool) -> list[Any]:
+def _opt(values: list[Any]) -> list[Any]:
     """An optional number: missing (UNSET) and null are both None in the normal form."""
     if UNSET in values:
         values = [None if v is UNSET else v for v in values]
-    return _floats(values, negative)
+    return _floats(values)
 
 
-def _floats(values: list[Any], negative: bool) -> list[Any]:
-    """`negative`: the chunk may hold a negative number (else there is no -0.0 to look for)."""
-    if negative and 0.0 in values:
+def _floats(values: list[Any]) -> list[Any]:
+    if 0.0 in values:
         values = [_NEG_ZERO if v == 0.0 and type(v) is float and math.copysign(1.0, v) < 0 else v for v in values]
     return values
 
 
-def _as_is(values: list[Any], negative: bool) -> list[Any]:
+def _as_is(values: list[Any]) -> list[Any]:
     return values
 
 
-def _str_id(values: list[Any], negative: bool) -> list[Any]:
+def _str_id(values: list[Any]) -> list[Any]:
     return [v if type(v) is str else str(v) for v in values]
 
 
-def _dataset(values: list[Any], negative: bool) -> list[Any]:
+def _dataset(values: list[Any]) -> list[Any]:
     return [v if type(v) is str else "" for v in values]  # missing / null: ""
 
 
@@ -269,7 +268,7 @@ class _Shape:
 
     prompt: Callable[[Any], Any]  # the prompt as written
     outputs: tuple[tuple[str, str], ...]  # (attribute, the normal form's field name, used in findings)
-    extras: tuple[tuple[str, Callable[[list[Any], bool], list[Any]]], ...]  # the normal form's other fields
+    extras: tuple[tuple[str, Callable[[list[Any]], list[Any]]], ...]  # the normal form's other fields
     turn_keys: tuple[str, ...]  # attributes that hold turns (prompt included)
 
     @property
@@ -451,7 +450,7 @@ def scan_segment(
             if encoded.count(b":") != chunk.count(b":"):
                 return None  # a duplicate key, or a field outside the format
             _count_blank_lines(seg, lines, len(records))
-            normal = _normal_form(shape, records, encoded)
+            normal = _normal_form(shape, records)
             if normal is None or not _track(seg, normal):
                 return None
             _quality(seg, shape, normal)
@@ -493,7 +492,7 @@ class _Normal:
     string_prompts: list[int]  # indices in the chunk of the records whose prompt was a string
 
 
-def _normal_form(shape: _Shape, records: list[Any], encoded: bytes) -> _Normal | None:
+def _normal_form(shape: _Shape, records: list[Any]) -> _Normal | None:
     ids = list(map(_get_id, records))
     if not set(map(type, ids)) <= {str}:
         ids = [None if v is None or v is UNSET else v if type(v) is str else str(v) for v in ids]
@@ -513,8 +512,7 @@ def _normal_form(shape: _Shape, records: list[Any], encoded: bytes) -> _Normal |
         prompts=prompts,
         outputs=outputs,
         contents=contents,
-        # a negative number is written `"key":-` in the re-encoding (and `":-` is rare inside text)
-        extras=[norm(list(map(attrgetter(a), records)), b'":-' in encoded) for a, norm in shape.extras],
+        extras=[norm(list(map(attrgetter(a), records))) for a, norm in shape.extras],
         is_test=list(map(eq, map(_get_split, records), repeat("test"))),  # missing / null / "train": train
         string_prompts=string_prompts,
     )
