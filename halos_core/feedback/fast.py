@@ -651,21 +651,22 @@ def _merge_findings(segments: list[Segment]) -> Findings:
     return Findings(counts=counts, examples=[finding(c, i, line, f, first) for i, _, line, c, f, first in examples])
 
 
-def split_points(path: str | Path, parts: int) -> list[tuple[int, int]]:
-    """[start, end) byte ranges of about equal size that begin at line starts."""
-    size = os.path.getsize(path)
-    bounds = [0]
+def split_points(path: str | Path, parts: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """[a, b) byte ranges of about equal size covering [start, end) (default: the whole file) that
+    begin at line starts (`start` must be one)."""
+    end = os.path.getsize(path) if end is None else end
+    bounds = [start]
     with open(path, "rb") as fh:
         for i in range(1, parts):
-            target = max(bounds[-1], size * i // parts)
+            target = max(bounds[-1], start + (end - start) * i // parts)
             fh.seek(target)
             fh.readline()  # to the start of the next line
             pos = fh.tell()
-            if pos >= size:
+            if pos >= end:
                 break
             if pos > bounds[-1]:
                 bounds.append(pos)
-    bounds.append(size)
+    bounds.append(end)
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
@@ -675,6 +676,15 @@ def plan(path: str | Path, parts: int) -> tuple[tuple[str, str], list[tuple[int,
     if fmt is None or fmt not in SCHEMAS:
         return None
     return fmt, split_points(path, parts)
+
+
+def scan_range(path: str | Path, start: int, end: int, limits: FeedbackLimits) -> Segment | None:
+    """`scan_segment` of [start, end) in the format of the file's first record (for segments cut
+    while the file is still being written: its first line is complete by then)."""
+    fmt = first_record_format(path)
+    if fmt is None or fmt not in SCHEMAS:
+        return None
+    return scan_segment(path, start, end, *fmt, limits)
 
 
 def fast_check(path: str | Path, limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings] | None:

@@ -23,7 +23,7 @@ from server.models import FeedbackFile
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
-from server.services.validation_pool import ValidationPool
+from server.services.validation_pool import Pipeline, ValidationPool
 from server.settings import Settings
 from server.storage import StagedFile
 
@@ -73,12 +73,25 @@ def _record_error(err: Any) -> dict[str, Any]:
     }
 
 
-def check_staged(staged: StagedFile, settings: Settings, pool: ValidationPool | None = None) -> tuple[Any, Findings]:
+def feedback_limits(settings: Settings) -> Any:
+    from halos_core.feedback import FeedbackLimits
+
+    return FeedbackLimits(
+        max_errors=settings.max_validation_errors,
+        max_depth=settings.max_json_depth,
+        max_record_bytes=settings.max_record_bytes,
+        max_records=settings.max_records_per_file,
+    )
+
+
+def check_staged(
+    staged: StagedFile, settings: Settings, pool: ValidationPool | None = None, pipeline: Pipeline | None = None
+) -> tuple[Any, Findings]:
     """Validate the temp file and find its data-quality findings (in `pool`'s worker processes when
-    given, else in this thread: a pass over the whole file must not hold the API's interpreter);
-    422 `invalid_feedback` listing every bad record (capped at `max_validation_errors`) when it is
-    not a valid feedback file."""
-    from halos_core.feedback import FeedbackLimits, FeedbackValidationError
+    given — with what `pipeline` started while the file arrived —, else in this thread: a pass over
+    the whole file must not hold the API's interpreter); 422 `invalid_feedback` listing every bad
+    record (capped at `max_validation_errors`) when it is not a valid feedback file."""
+    from halos_core.feedback import FeedbackValidationError
     from halos_core.feedback.quality import check
 
     if staged.size_bytes == 0:
@@ -100,15 +113,10 @@ def check_staged(staged: StagedFile, settings: Settings, pool: ValidationPool | 
                 "records_checked": 0,
             },
         )
-    limits = FeedbackLimits(
-        max_errors=settings.max_validation_errors,
-        max_depth=settings.max_json_depth,
-        max_record_bytes=settings.max_record_bytes,
-        max_records=settings.max_records_per_file,
-    )
+    limits = feedback_limits(settings)
     try:
         if pool is not None:
-            return pool.check(staged.path, limits)
+            return pool.check(staged.path, limits, pipeline)
         return check(staged.path, limits)
     except FeedbackValidationError as exc:
         errors = [_record_error(e) for e in exc.errors]
@@ -157,6 +165,7 @@ def ingest(
     source: str = "upload",
     provenance: dict[str, Any] | None = None,
     pool: ValidationPool | None = None,
+    pipeline: Pipeline | None = None,
 ) -> Ingested:
     """Validate and store a staged upload. Consumes `staged` (its temp file is gone afterwards)."""
     data_dir = settings.data_dir
@@ -174,7 +183,7 @@ def ingest(
             if fb is not None:
                 return Ingested(fb, replayed=True)
 
-        summary, found = check_staged(staged, settings, pool)  # no transaction is open while this runs
+        summary, found = check_staged(staged, settings, pool, pipeline)  # no transaction is open while this runs
         findings = quality_findings(found, strict)
 
         for _ in range(3):
