@@ -3,14 +3,16 @@ scanner (`reader.validate_file`'s `_Walk`) as the authority.
 
 `scan_segment` decodes whole chunks of lines with a typed msgspec decoder (one per format) and
 returns a partial result, or None when it cannot *prove* the segment valid; `merge` combines the
-segments of a file into the `FeedbackSummary` the detailed scanner would return, or None. None
+segments of a file into the `FeedbackSummary` the detailed scanner would return and the findings
+`quality.find` would return, or None. None
 never means "invalid": the caller then runs the detailed scanner, which produces the summary or
 the record-level report. So the fast path may be conservative (a valid file it does not handle,
 e.g. records with fields outside their format, only costs time) but must never accept a file the
 detailed scanner rejects, nor summarise one differently. What stands for each check:
 
 - one record per non-empty line: each line is decoded on its own (trailing data is an error);
-  blank or whitespace-only lines, a byte-order mark, or anything but `{` first ⇒ None;
+  empty lines are skipped (and counted for the findings' line numbers); whitespace-only lines, a
+  byte-order mark, or anything but `{` first ⇒ None;
 - record size: chunks hold at most `max_record_bytes` bytes and end at a newline, so no line is
   longer; a longer line ⇒ None;
 - JSON syntax, strict UTF-8, unpaired surrogate escapes, NaN/Infinity: msgspec refuses them;
