@@ -608,10 +608,8 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> tuple[Feedb
     derived = explicit_h = False
     for seg in segments:
         assert seg is not None
-        if table:  # (one pass over the packed pairs: no second dict of them)
-            get = table.get
-            if any(get(key, value) != value for key, value in seg.prompt_items()):
-                return None
+        if table and not _agrees(table, seg.prompt_items()):  # (one pass over the packed pairs: no second dict)
+            return None
         table.update(seg.prompt_items())
         n += seg.n
         n_test += seg.n_test
@@ -623,7 +621,13 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> tuple[Feedb
     summary = FeedbackSummary(
         kind=first.kind, format=fmt, n_records=n, n_prompts=len(table), n_train=n - n_test, n_test=n_test
     )
+    del table  # (the findings' table of records comes next: one of the two at a time)
     return summary, _merge_findings([s for s in segments if s is not None])
+
+
+def _agrees(table: dict[int, int], items: Iterable[tuple[int, int]]) -> bool:
+    get = table.get
+    return all(get(key, value) == value for key, value in items)
 
 
 def _merge_findings(segments: list[Segment]) -> Findings:
