@@ -631,7 +631,7 @@ def _agrees(table: dict[int, int], items: Iterable[tuple[int, int]]) -> bool:
 
 
 def _merge_findings(segments: list[Segment]) -> Findings:
-    seen: dict[int, int] = {}  # record hash -> its first index in the file
+    seen: set[int] = set()  # the record hashes of the segments before this one
     counts: dict[str, int] = {}
     examples: list[tuple[int, int, int, str, str, int]] = []  # (index, rank, line, code, field, first)
     offset = line_offset = 0
@@ -643,18 +643,34 @@ def _merge_findings(segments: list[Segment]) -> Findings:
         if again:
             counts["duplicate_record"] = counts.get("duplicate_record", 0) + len(again)
         if len(examples) < MAX_EXAMPLES:
-            found = [
-                (i, rank, code, f, seen.get(key, offset + first) if first >= 0 else -1)
-                for i, rank, code, f, first, key in seg.examples
-            ]
-            found += [(first, _RANK_DUPLICATE, "duplicate_record", "", seen[key]) for first, key in again]
-            for i, rank, code, f, dup_of in sorted(found)[: MAX_EXAMPLES - len(examples)]:
+            found = list(seg.examples)
+            found += [(first, _RANK_DUPLICATE, "duplicate_record", "", first, key) for first, key in again]
+            found = sorted(found)[: MAX_EXAMPLES - len(examples)]
+            # a duplicate's first copy: in an earlier segment when there is one, else in this one
+            earlier = _first_indices(segments[:k], {key for *_, first, key in found if first >= 0 and key in seen})
+            for i, rank, code, f, first, key in found:
+                dup_of = -1 if first < 0 else earlier[key] if key in earlier else offset + first
                 examples.append((offset + i, rank, line_offset + seg.line(i), code, f, dup_of))
         if k + 1 < len(segments):
-            seen.update([(key, offset + first) for key, first in seg.record_items() if key not in seen])
+            seen.update(key for key, _ in seg.record_items())
         offset += seg.n
         line_offset += seg.n + seg.n_blank
     return Findings(counts=counts, examples=[finding(c, i, line, f, first) for i, _, line, c, f, first in examples])
+
+
+def _first_indices(segments: list[Segment], keys: set[int]) -> dict[int, int]:
+    """Record hash -> the file index of its first copy in `segments` (the file's first ones), for
+    the few records whose examples are shown: `seen` keeps only the hashes, not the indices."""
+    out: dict[int, int] = {}
+    offset = 0
+    for seg in segments:
+        if len(out) == len(keys):
+            break
+        for key, first in seg.record_items():
+            if key in keys and key not in out:
+                out[key] = offset + first
+        offset += seg.n
+    return out
 
 
 def split_points(path: str | Path, parts: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
