@@ -754,11 +754,14 @@ def bench_backend(
                 res[f"{label} c={conns}"] = asdict(load_fn(base, paths[label], auth, conns, seconds, work))
                 print(f"[{backend}] {name} {label} c={conns}: {res[f'{label} c={conns}']}", file=sys.stderr, flush=True)
 
-            for conns in args.conns:
-                measure("job", conns, args.duration)
-            for label in ("list jobs", "list runs", "list feedback", "list models"):
-                measure(label, 32, args.duration / 2)
-            measure("series", 4, args.duration * 2)  # a 10k-point page is slow: give it time for a few
+            if "reads" in args.only:
+                for conns in args.conns:
+                    measure("job", conns, args.duration)
+                for label in ("list jobs", "list runs", "list feedback", "list models"):
+                    measure(label, 32, args.duration / 2)
+                measure("series", 4, args.duration * 2)  # a 10k-point page is slow: give it time for a few
+            if "upload" not in args.only:
+                continue
             # a small upload first (first-use costs: pools, imports), then the measured one
             small = work / "small.jsonl"
             if not small.exists():
@@ -843,6 +846,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--jobs-per-run", type=int, default=10)
     ap.add_argument("--idle", type=float, default=None, help="seconds of idle probing before the upload")
+    ap.add_argument(
+        "--only",
+        default="reads,upload",
+        help="comma list of the parts to run: reads (job/list/series rows), upload (default both), "
+        "validator (the upload file's validation + data-quality pass alone, in this process)",
+    )
     ap.add_argument("--workers", type=int, default=1, help="API processes of the project (halos serve --workers)")
     ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="keep databases, logs and the upload file here")
@@ -860,7 +869,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if q:
         args.runs, args.jobs_per_run = min(args.runs, 6), min(args.jobs_per_run, 10)
     args.conns = [int(c) for c in str(args.conns).split(",")]
+    args.only = set(args.only.split(","))
+    if not args.only or not args.only <= {"reads", "upload", "validator"}:
+        raise SystemExit(f"--only: a comma list of reads, upload, validator; got {','.join(sorted(args.only))!r}")
     return args
+
+
+def validator_alone(path: Path) -> None:
+    """What the validation workers do for one upload, in one process: `quality.check` (validation
+    + data-quality findings) on the whole file; MiB per second of this process's CPU time."""
+    from halos_core.feedback import FeedbackLimits
+    from halos_core.feedback.quality import check
+
+    size = path.stat().st_size / MiB
+    for _ in range(2):
+        cpu, wall = time.process_time(), time.perf_counter()
+        summary, found = check(path, FeedbackLimits())
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        print(
+            f"validator alone (quality.check, one process): {size / cpu:.1f} MiB/s of CPU ({cpu:.2f} s CPU, "
+            f"{wall:.2f} s wall), {summary.n_records} records, findings {found.counts or 'none'}; "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -883,8 +913,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not upload_file.exists():
             n = write_pairwise_jsonl(upload_file, int(args.upload_mib * MiB))
             print(f"wrote {upload_file} ({n} records)", file=sys.stderr)
+        if "validator" in args.only:
+            validator_alone(upload_file)
         rows: list[Row] = []
-        for backend in args.backends:
+        for backend in args.backends if args.only & {"reads", "upload"} else []:
             if backend == "sqlite":
                 rows += bench_backend("sqlite", f"sqlite:///{work / 'bench.db'}", args, work, upload_file, load_fn)
             elif backend == "postgres":
@@ -898,8 +930,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
         table = format_table(rows)
-        print(header)
-        print(table)
+        if rows:
+            print(header)
+            print(table)
         report = {"header": header, "rows": [asdict(r) for r in rows], "table": table}
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))

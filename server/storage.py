@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,8 +95,10 @@ class _Sink:
 
     tmp_dir: Path
     max_bytes: int
+    on_flush: Callable[[Path, int, bytes], None] | None = None  # (path, offset, bytes) once written
     path: Path | None = None
     size: int = 0
+    _written: int = 0
     first_byte: bytes = b""
     _fd: int = -1
     _digest: hashlib._Hash = field(default_factory=hashlib.sha256)
@@ -130,6 +132,10 @@ class _Sink:
         if self._buffer:
             chunk, self._buffer = bytes(self._buffer), bytearray()
             await anyio.to_thread.run_sync(_write_all, self._fd, chunk)
+            offset, self._written = self._written, self._written + len(chunk)
+            if self.on_flush is not None:
+                assert self.path is not None
+                self.on_flush(self.path, offset, chunk)
 
     async def finish(self, filename: str | None) -> StagedFile:
         await self._flush()
@@ -175,10 +181,12 @@ async def receive_raw(
     max_bytes: int,
     content_length: int | None = None,
     filename: str | None = None,
+    on_flush: Callable[[Path, int, bytes], None] | None = None,
 ) -> StagedFile:
-    """Stream a raw request body (the whole body is the file) into a temp file."""
+    """Stream a raw request body (the whole body is the file) into a temp file; `on_flush` sees
+    each piece once it is written (e.g. to start validating the complete part of the file)."""
     _check_declared_length(content_length, max_bytes)
-    sink = _Sink(tmp_dir, max_bytes)
+    sink = _Sink(tmp_dir, max_bytes, on_flush)
     sink.open()
     try:
         async for chunk in chunks:
@@ -276,6 +284,7 @@ async def receive_multipart(
     content_length: int | None = None,
     file_field: str = "file",
     filename_field: str = "filename",
+    on_flush: Callable[[Path, int, bytes], None] | None = None,
 ) -> StagedFile:
     """Stream a multipart/form-data body: the `file` part goes to a temp file, nothing is spooled.
 
@@ -302,7 +311,7 @@ async def receive_multipart(
         "on_header_end": state.on_header_end,
         "on_headers_finished": state.on_headers_finished,
     }
-    sink = _Sink(tmp_dir, max_bytes)
+    sink = _Sink(tmp_dir, max_bytes, on_flush)
     sink.open()
     received = 0
     try:
@@ -347,16 +356,27 @@ async def receive_upload(
     max_bytes: int,
     content_length: int | None = None,
     filename: str | None = None,
+    on_flush: Callable[[Path, int, bytes], None] | None = None,
 ) -> StagedFile:
     """Dispatch on the media type: multipart/form-data or a raw JSON / JSONL body."""
     kind = media_type(content_type)
     if kind == "multipart/form-data":
         return await receive_multipart(
-            chunks, content_type or "", tmp_dir=tmp_dir, max_bytes=max_bytes, content_length=content_length
+            chunks,
+            content_type or "",
+            tmp_dir=tmp_dir,
+            max_bytes=max_bytes,
+            content_length=content_length,
+            on_flush=on_flush,
         )
     if kind in RAW_CONTENT_TYPES:
         return await receive_raw(
-            chunks, tmp_dir=tmp_dir, max_bytes=max_bytes, content_length=content_length, filename=filename
+            chunks,
+            tmp_dir=tmp_dir,
+            max_bytes=max_bytes,
+            content_length=content_length,
+            filename=filename,
+            on_flush=on_flush,
         )
     raise UnsupportedMediaType(
         f"unsupported Content-Type {kind or '(none)'!r}",

@@ -3,14 +3,16 @@ scanner (`reader.validate_file`'s `_Walk`) as the authority.
 
 `scan_segment` decodes whole chunks of lines with a typed msgspec decoder (one per format) and
 returns a partial result, or None when it cannot *prove* the segment valid; `merge` combines the
-segments of a file into the `FeedbackSummary` the detailed scanner would return, or None. None
+segments of a file into the `FeedbackSummary` the detailed scanner would return and the findings
+`quality.find` would return, or None. None
 never means "invalid": the caller then runs the detailed scanner, which produces the summary or
 the record-level report. So the fast path may be conservative (a valid file it does not handle,
 e.g. records with fields outside their format, only costs time) but must never accept a file the
 detailed scanner rejects, nor summarise one differently. What stands for each check:
 
 - one record per non-empty line: each line is decoded on its own (trailing data is an error);
-  blank or whitespace-only lines, a byte-order mark, or anything but `{` first ⇒ None;
+  empty lines are skipped (and counted for the findings' line numbers); whitespace-only lines, a
+  byte-order mark, or anything but `{` first ⇒ None;
 - record size: chunks hold at most `max_record_bytes` bytes and end at a newline, so no line is
   longer; a longer line ⇒ None;
 - JSON syntax, strict UTF-8, unpaired surrogate escapes, NaN/Infinity: msgspec refuses them;
@@ -29,14 +31,33 @@ detailed scanner rejects, nor summarise one differently. What stands for each ch
   compared by the hash of the prompt as written (a str and an equal one-turn list compare
   unequal ⇒ None, never a wrong accept); records without an id get `formats.derived_prompt_id`,
   exactly as the detailed scanner does. `n_prompts` counts distinct ids.
+
+The same pass finds the data-quality findings (`quality.find`'s, identical: same counts, same
+first examples with the same index, line and message) on the decoded structs, normalised the way
+`formats.parse_record` normalises (a string prompt/output is one turn, content parts are joined,
+ids are strings, a missing split is "train", a missing reward null):
+
+- identical_outputs: the two outputs' normal forms are equal; empty_output: every turn's content
+  is blank (`str.strip`); string_prompt: the prompt (sampled: the instruction when there is no
+  prompt; OpenAI: input.messages) was a string;
+- duplicate_record: records with equal normal forms, compared by a 64-bit hash of the normal form
+  (`hash` of a tuple of its values; -0.0 and 0.0 rewards kept apart, as `json.dumps` keeps them);
+  the detailed pass compares 128-bit digests. A segment keeps one table entry per distinct record;
+  `merge` finds the duplicates across segments and keeps the first example of each code in file
+  order.
+- a chunk without string turns or content parts is in normal form already and is checked with
+  whole-list operations; other chunks are normalised record by record.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, eq
@@ -47,6 +68,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from .formats import HALOS_TYPES, ROLES, derived_prompt_id, detect
+from .quality import MAX_EXAMPLES, Findings, finding
 from .records import FeedbackLimits, FeedbackSummary, Turn
 
 MAX_CHUNK = 8 << 20
@@ -57,12 +79,12 @@ NonEmpty = Annotated[str, Meta(min_length=1)]
 Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 
 
-class _Part(Struct, frozen=True):
+class _Part(Struct, frozen=True, gc=False):
     type: Literal["text"]
     text: str
 
 
-class _Turn(Struct, frozen=True):
+class _Turn(Struct, frozen=True, gc=False):
     role: Role
     content: str | tuple[_Part, ...]
 
@@ -74,7 +96,7 @@ OptReward = Union[Finite, None, UnsetType]
 Absent = UnsetType  # a key that must not be there (it would make `detect` pick another format)
 
 
-class _Record(Struct, frozen=True, omit_defaults=True):
+class _Record(Struct, frozen=True, omit_defaults=True, gc=False):
     pass
 
 
@@ -151,7 +173,7 @@ class TrlUnpaired(_Record):
     rejected: Absent = UNSET
 
 
-class _OpenAIInput(Struct, frozen=True):
+class _OpenAIInput(Struct, frozen=True, gc=False):
     messages: Turns
 
 
@@ -201,6 +223,103 @@ def _normal_turns(prompt: Any, default_role: str = "user") -> list[Turn]:
     ]
 
 
+def _norm(turns: Any, role: str) -> Any:
+    """A prompt/output as written -> its normal form as a tuple of `_Turn`s with string content
+    (equal and hash-equal to a decoded tuple of such turns)."""
+    if type(turns) is str:
+        return (_Turn(role, turns),)  # type: ignore[arg-type]  # a role of ROLES
+    for t in turns:
+        if type(t.content) is not str:
+            return tuple(
+                t if type(t.content) is str else _Turn(t.role, "".join(p.text for p in t.content)) for t in turns
+            )
+    return turns
+
+
+_NEG_ZERO = ("-0.0",)  # json.dumps writes -0.0 apart from 0.0, but they are equal (and hash equal)
+
+
+def _opt(values: list[Any]) -> list[Any]:
+    """An optional number: missing (UNSET) and null are both None in the normal form."""
+    if UNSET in values:
+        values = [None if v is UNSET else v for v in values]
+    return _floats(values)
+
+
+def _floats(values: list[Any]) -> list[Any]:
+    if 0.0 in values:
+        values = [_NEG_ZERO if v == 0.0 and type(v) is float and math.copysign(1.0, v) < 0 else v for v in values]
+    return values
+
+
+def _as_is(values: list[Any]) -> list[Any]:
+    return values
+
+
+def _str_id(values: list[Any]) -> list[Any]:
+    return [v if type(v) is str else str(v) for v in values]
+
+
+def _dataset(values: list[Any]) -> list[Any]:
+    return [v if type(v) is str else "" for v in values]  # missing / null: ""
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Where a format's records keep what the data-quality checks and the normal form need."""
+
+    prompt: Callable[[Any], Any]  # the prompt as written
+    outputs: tuple[tuple[str, str], ...]  # (attribute, the normal form's field name, used in findings)
+    extras: tuple[tuple[str, Callable[[list[Any]], list[Any]]], ...]  # the normal form's other fields
+    turn_keys: tuple[str, ...]  # attributes that hold turns (prompt included)
+
+    @property
+    def pair(self) -> bool:
+        return len(self.outputs) == 2
+
+    @property
+    def string_turns(self) -> tuple[bytes, ...]:
+        return tuple(b'"%s":"' % k.encode() for k in self.turn_keys)
+
+
+_P = attrgetter("prompt")
+_SHAPES: dict[type, _Shape] = {
+    HalosBinary: _Shape(_P, (("output", "output"),), (("label", _as_is), ("reward", _opt)), ("prompt", "output")),
+    HalosPairwise: _Shape(
+        _P,
+        (("output_A", "output_A"), ("output_B", "output_B")),
+        (("label", _as_is), ("reward_A", _opt), ("reward_B", _opt)),
+        ("prompt", "output_A", "output_B"),
+    ),
+    HalosScalar: _Shape(_P, (("output", "output"),), (("reward", _floats),), ("prompt", "output")),
+    HalosSampled: _Shape(
+        _sampled_prompt,
+        (("output", "output"),),
+        (("sample_id", _str_id), ("dataset", _dataset)),
+        ("prompt", "instruction", "output"),
+    ),
+    TrlPreference: _Shape(
+        _P,
+        (("chosen", "output_A"), ("rejected", "output_B")),
+        (("score_chosen", _opt), ("score_rejected", _opt)),  # label: always 1
+        ("prompt", "chosen", "rejected"),
+    ),
+    TrlUnpaired: _Shape(
+        _P, (("completion", "output"),), (("label", _as_is),), ("prompt", "completion")
+    ),  # true == 1 and hash(true) == hash(1): the normal form's int label
+    OpenAIPreference: _Shape(
+        attrgetter("input.messages"),
+        (("preferred_output", "output_A"), ("non_preferred_output", "output_B")),
+        (),
+        ("messages", "preferred_output", "non_preferred_output"),
+    ),
+}
+assert set(_SHAPES) == set(SCHEMAS.values())
+
+# the order of one record's findings in quality.find
+_RANK_IDENTICAL, _RANK_EMPTY, _RANK_STRING_PROMPT, _RANK_DUPLICATE = 0, 1, 3, 4
+
+
 def hash_fingerprint() -> int:
     """Differs between interpreters with different hash secrets: segments are comparable only when
     they were hashed by processes that share it (forked from one parent, e.g. a forkserver pool)."""
@@ -209,7 +328,9 @@ def hash_fingerprint() -> int:
 
 @dataclass
 class Segment:
-    """What one byte range of a file contributes (picklable; the table as packed int64 arrays)."""
+    """What one byte range of a file contributes (picklable; the tables as packed int64 arrays).
+
+    Indices and lines are the segment's own (0-based records, 1-based lines); `merge` shifts them."""
 
     family: str
     kind: str
@@ -220,16 +341,50 @@ class Segment:
     explicit_h: bool = False  # some explicit prompt_id looks like a derived one ("h-…")
     keys: bytes = b""
     values: bytes = b""
+    # data-quality findings: counts and the first examples within the segment, as
+    # (index, rank in its record, code, field, first index of a duplicate or -1, record hash);
+    # one (record hash -> first index) entry per distinct record; blank lines as (first record
+    # index after them, blank lines before that record) and in all
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[int, int, str, str, int, int]] = field(default_factory=list)
+    record_keys: bytes = b""
+    record_firsts: bytes = b""
+    blanks: list[tuple[int, int]] = field(default_factory=list)
+    n_blank: int = 0
     _table: dict[int, int] = field(default_factory=dict, repr=False)
+    _records: dict[int, int] = field(default_factory=dict, repr=False)
 
-    def pack(self) -> Segment:
-        self.keys = array("q", self._table.keys()).tobytes()
-        self.values = array("q", self._table.values()).tobytes()
-        self._table = {}
-        return self
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to the pool's caller) with the tables packed: 16 bytes an entry, not ~100."""
+        state = dict(self.__dict__)
+        table, records = state.pop("_table"), state.pop("_records")
+        if table or records:
+            state["keys"] = array("q", table.keys()).tobytes()
+            state["values"] = array("q", table.values()).tobytes()
+            state["record_keys"] = array("q", records.keys()).tobytes()
+            state["record_firsts"] = array("q", records.values()).tobytes()
+        state["_table"], state["_records"] = {}, {}
+        return state
 
-    def table(self) -> dict[int, int]:
-        return dict(zip(array("q", self.keys), array("q", self.values)))
+    def prompt_items(self) -> Iterable[tuple[int, int]]:
+        """(prompt_id hash, prompt and split hash) pairs, without building a dict of the packed table."""
+        return self._table.items() if self._table else zip(array("q", self.keys), array("q", self.values))
+
+    def record_items(self) -> Iterable[tuple[int, int]]:
+        """(record hash, its first index here) pairs."""
+        if self._records:
+            return self._records.items()
+        return zip(array("q", self.record_keys), array("q", self.record_firsts))
+
+    def line(self, index: int) -> int:
+        """The 1-based line (within the segment) of record `index`."""
+        at = bisect_right(self.blanks, (index, sys.maxsize)) - 1
+        return index + 1 + (self.blanks[at][1] if at >= 0 else 0)
+
+    def note(self, index: int, rank: int, code: str, field_: str, first: int = -1, key: int = 0) -> None:
+        self.counts[code] = self.counts.get(code, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append((index, rank, code, field_, first, key))
 
 
 def first_record_format(path: str | Path) -> tuple[str, str] | None:
@@ -246,81 +401,149 @@ def first_record_format(path: str | Path) -> tuple[str, str] | None:
 
 
 def _chunks(fh: Any, start: int, end: int, limit: int) -> Any:
-    """Pieces of [start, end) that end at a newline and hold at most `limit` bytes; None when a
-    line is longer than that."""
+    """Pieces of [start, end) that end at a newline and hold at most `limit` bytes (the last one
+    gets a newline if the file lacks it); None when a line is longer than that."""
     fh.seek(start)
     pos = start
     carry = b""
-    while pos < end or carry:
-        block = fh.read(min(limit, end - pos)) if pos < end else b""
+    while True:
+        block = fh.read(min(limit - len(carry), end - pos)) if pos < end else b""
         pos += len(block)
         buf = carry + block if carry else block
-        if not block:
+        if pos >= end or not block:  # the last piece (or the file got shorter)
             if buf:
-                yield buf + b"\n" if not buf.endswith(b"\n") else buf
+                if not buf.endswith(b"\n"):
+                    if len(buf) - buf.rfind(b"\n") - 1 >= limit:
+                        yield None
+                        return
+                    buf += b"\n"
+                yield buf
             return
-        cut = buf.rfind(b"\n", 0, limit)
+        cut = buf.rfind(b"\n")  # buf holds `limit` bytes here: without a newline, one line is longer
         if cut < 0:
             yield None
             return
         yield buf[: cut + 1]
         carry = buf[cut + 1 :]
-        if len(carry) > limit:
-            yield None
-            return
 
 
 def scan_segment(
     path: str | Path, start: int, end: int, family: str, kind: str, limits: FeedbackLimits
 ) -> Segment | None:
-    """Prove the lines of [start, end) valid records of (family, kind); None when it cannot."""
+    """Prove the lines of [start, end) valid records of (family, kind) and find their data-quality
+    findings; None when it cannot."""
     if limits.max_depth < SCHEMA_DEPTH:
         return None
     decode = _DECODERS[(family, kind)].decode
     encode = _ENCODER.encode
+    shape = _SHAPES[SCHEMAS[(family, kind)]]
     seg = Segment(family, kind)
-    table = seg._table
     limit = min(limits.max_record_bytes + 1, MAX_CHUNK)
     with open(path, "rb") as fh:
         for chunk in _chunks(fh, start, end, limit):
             if chunk is None or b"\\u003" in chunk:  # `\u003a`: a colon the count below cannot see
                 return None
+            lines = chunk.split(b"\n")
             try:
-                records = [decode(line) for line in chunk.split(b"\n") if line]
+                records = [decode(line) for line in lines if line]
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
                 return None
-            if encode(records).count(b":") != chunk.count(b":"):
+            encoded = encode(records)
+            if encoded.count(b":") != chunk.count(b":"):
                 return None  # a duplicate key, or a field outside the format
-            if not _track(seg, table, records):
+            _count_blank_lines(seg, lines, len(records))
+            normal = _normal_form(shape, records)
+            if normal is None or not _track(seg, normal):
                 return None
+            _quality(seg, shape, normal)
             seg.n += len(records)
             if seg.n > limits.max_records:
                 return None
-    return seg.pack()
+    return seg
 
 
-def _track(seg: Segment, table: dict[int, int], records: list[Any]) -> bool:
-    """Add the records' (prompt_id -> prompt, split) to `table`; False on any conflict."""
+def _count_blank_lines(seg: Segment, lines: list[bytes], n_records: int) -> None:
+    """Blank lines are not records but count as lines (the findings' `line`)."""
+    recorded = seg.blanks[-1][1] if seg.blanks else 0
+    if n_records == len(lines) - 1:  # none in this chunk (the chunk ends with a newline: one empty piece)
+        if seg.n_blank != recorded and n_records:  # the previous chunk ended with some
+            seg.blanks.append((seg.n, seg.n_blank))
+        return
+    index, blank = seg.n, seg.n_blank
+    for line in lines[:-1]:
+        if not line:
+            blank += 1
+            continue
+        if blank != recorded:
+            seg.blanks.append((index, blank))
+            recorded = blank
+        index += 1
+    seg.n_blank = blank
+
+
+@dataclass
+class _Normal:
+    """One chunk's records in normal form, column by column."""
+
+    ids: list[Any]  # str; None for a missing id (the derived id is a function of the prompt)
+    prompts: list[Any]  # tuples of `_Turn`s with string content
+    outputs: list[list[Any]]
+    contents: list[list[str]]  # per output column, the content of every turn
+    extras: list[list[Any]]
+    is_test: list[bool]
+    string_prompts: list[int]  # indices in the chunk of the records whose prompt was a string
+
+
+def _normal_form(shape: _Shape, records: list[Any]) -> _Normal | None:
     ids = list(map(_get_id, records))
-    is_test = list(map(eq, map(_get_split, records), repeat("test")))  # missing / null / "train": train
-    seg.n_test += is_test.count(True)
-    prompts = list(map(_PROMPT_OF[type(records[0])], records)) if records else []
+    if not set(map(type, ids)) <= {str}:
+        ids = [None if v is None or v is UNSET else v if type(v) is str else str(v) for v in ids]
+    prompts = list(map(shape.prompt, records))
     if UNSET in prompts:
-        return False  # a sampled output with neither prompt nor instruction
-    kinds = set(map(type, ids))
-    if kinds <= {str}:
+        return None  # a sampled output with neither prompt nor instruction
+    outputs = [list(map(attrgetter(a), records)) for a, _ in shape.outputs]
+    string_prompts: list[int] = []
+    contents = [[t.content for turns in col for t in turns] for col in outputs] if _all_turns(prompts, outputs) else []
+    if not contents or any(set(map(type, c)) - {str} for c in contents):  # string turns or content parts
+        string_prompts = [i for i, p in enumerate(prompts) if type(p) is str]
+        prompts = [_norm(p, "user") for p in prompts]
+        outputs = [[_norm(o, "assistant") for o in col] for col in outputs]
+        contents = [[t.content for turns in col for t in turns] for col in outputs]
+    return _Normal(
+        ids=ids,
+        prompts=prompts,
+        outputs=outputs,
+        contents=contents,
+        extras=[norm(list(map(attrgetter(a), records))) for a, norm in shape.extras],
+        is_test=list(map(eq, map(_get_split, records), repeat("test"))),  # missing / null / "train": train
+        string_prompts=string_prompts,
+    )
+
+
+def _all_turns(prompts: list[Any], outputs: list[list[Any]]) -> bool:
+    """No prompt or output given as a string, and no prompt turn with content parts."""
+    if any(str in set(map(type, col)) for col in (prompts, *outputs)):
+        return False
+    return set(map(type, [t.content for turns in prompts for t in turns])) <= {str}
+
+
+def _track(seg: Segment, normal: _Normal) -> bool:
+    """Add the records' (prompt_id -> prompt, split) to the segment's table; False on any conflict."""
+    table = seg._table
+    ids, prompts, is_test = normal.ids, normal.prompts, normal.is_test
+    seg.n_test += is_test.count(True)
+    if None not in ids:
         seg.explicit_h = seg.explicit_h or "\nh-" in "\n" + "\n".join(ids)
         keys = list(map(hash, ids))
         values = list(map(hash, zip(prompts, is_test)))
     else:
         keys, values = [], []
         for pid, prompt, test in zip(ids, prompts, is_test):
-            if pid is None or pid is UNSET:  # the detailed scanner's derived id: the prompt itself is the key
+            if pid is None:  # the detailed scanner's derived id: the prompt itself is the key
                 seg.derived = True
                 keys.append(hash(derived_prompt_id(_normal_turns(prompt))))
                 values.append(hash((None, test)))
                 continue
-            pid = str(pid)
             seg.explicit_h = seg.explicit_h or pid.startswith("h-")
             keys.append(hash(pid))
             values.append(hash((prompt, test)))
@@ -334,8 +557,42 @@ def _track(seg: Segment, table: dict[int, int], records: list[Any]) -> bool:
     return True
 
 
-def merge(segments: list[Segment | None], limits: FeedbackLimits) -> FeedbackSummary | None:
-    """The summary of a file from its segments in order, or None (run the detailed scanner)."""
+def _quality(seg: Segment, shape: _Shape, normal: _Normal) -> None:
+    """The chunk's data-quality findings, in quality.find's order (by record, then by check)."""
+    base = seg.n
+    found: list[tuple[int, int, str, str, int, int]] = []  # as Segment.examples
+    outputs = normal.outputs
+    if shape.pair:
+        same = list(map(eq, outputs[0], outputs[1]))
+        if True in same:
+            found += [
+                (base + i, _RANK_IDENTICAL, "identical_outputs", "output_B", -1, 0) for i, s in enumerate(same) if s
+            ]
+    for pos, ((_, name), column, contents) in enumerate(zip(shape.outputs, outputs, normal.contents)):
+        if "" in contents or any(map(str.isspace, contents)):
+            found += [
+                (base + i, _RANK_EMPTY + pos, "empty_output", name, -1, 0)
+                for i, turns in enumerate(column)
+                if all(not t.content.strip() for t in turns)
+            ]
+    found += [(base + i, _RANK_STRING_PROMPT, "string_prompt", "prompt", -1, 0) for i in normal.string_prompts]
+    keys = list(map(hash, zip(normal.ids, normal.prompts, *outputs, *normal.extras, normal.is_test)))
+    table = seg._records
+    firsts = dict(zip(reversed(keys), range(base + len(keys) - 1, base - 1, -1)))  # key -> its first index here
+    if len(firsts) != len(keys) or any(map(table.__contains__, firsts)):
+        for i, key in enumerate(keys):
+            first = table.setdefault(key, base + i)
+            if first != base + i:
+                found.append((base + i, _RANK_DUPLICATE, "duplicate_record", "", first, key))
+    else:
+        table.update(firsts)
+    for item in sorted(found):  # the checks ran one after the other: note them in record order
+        seg.note(*item)
+
+
+def merge(segments: list[Segment | None], limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings] | None:
+    """The summary and the data-quality findings of a file from its segments in order, or None
+    (run the detailed scanner)."""
     if not segments or any(s is None for s in segments):
         return None
     first = segments[0]
@@ -351,15 +608,9 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> FeedbackSum
     derived = explicit_h = False
     for seg in segments:
         assert seg is not None
-        part = seg.table() if table else None
-        if part is None:
-            table = seg.table()
-        else:
-            small, big = (part, table) if len(part) < len(table) else (table, part)
-            for key in filter(big.__contains__, small):
-                if table[key] != part[key]:
-                    return None
-            table.update(part)
+        if table and not _agrees(table, seg.prompt_items()):  # (one pass over the packed pairs: no second dict)
+            return None
+        table.update(seg.prompt_items())
         n += seg.n
         n_test += seg.n_test
         derived = derived or seg.derived
@@ -367,26 +618,77 @@ def merge(segments: list[Segment | None], limits: FeedbackLimits) -> FeedbackSum
     if n == 0 or n > limits.max_records or (derived and explicit_h):
         return None  # empty / too many: the detailed report; an explicit "h-…" id might equal a derived one
     fmt = "halos_jsonl" if first.family == "halos" else first.family
-    return FeedbackSummary(
+    summary = FeedbackSummary(
         kind=first.kind, format=fmt, n_records=n, n_prompts=len(table), n_train=n - n_test, n_test=n_test
     )
+    del table  # (the findings' table of records comes next: one of the two at a time)
+    return summary, _merge_findings([s for s in segments if s is not None])
 
 
-def split_points(path: str | Path, parts: int) -> list[tuple[int, int]]:
-    """[start, end) byte ranges of about equal size that begin at line starts."""
-    size = os.path.getsize(path)
-    bounds = [0]
+def _agrees(table: dict[int, int], items: Iterable[tuple[int, int]]) -> bool:
+    get = table.get
+    return all(get(key, value) == value for key, value in items)
+
+
+def _merge_findings(segments: list[Segment]) -> Findings:
+    seen: set[int] = set()  # the record hashes of the segments before this one
+    counts: dict[str, int] = {}
+    examples: list[tuple[int, int, int, str, str, int]] = []  # (index, rank, line, code, field, first)
+    offset = line_offset = 0
+    for k, seg in enumerate(segments):
+        for code, count in seg.counts.items():
+            counts[code] = counts.get(code, 0) + count
+        # records first seen in this segment, but not first in the file: (index here, record hash)
+        again = [(first, key) for key, first in seg.record_items() if key in seen] if seen else []
+        if again:
+            counts["duplicate_record"] = counts.get("duplicate_record", 0) + len(again)
+        if len(examples) < MAX_EXAMPLES:
+            found = list(seg.examples)
+            found += [(first, _RANK_DUPLICATE, "duplicate_record", "", first, key) for first, key in again]
+            found = sorted(found)[: MAX_EXAMPLES - len(examples)]
+            # a duplicate's first copy: in an earlier segment when there is one, else in this one
+            earlier = _first_indices(segments[:k], {key for *_, first, key in found if first >= 0 and key in seen})
+            for i, rank, code, f, first, key in found:
+                dup_of = -1 if first < 0 else earlier[key] if key in earlier else offset + first
+                examples.append((offset + i, rank, line_offset + seg.line(i), code, f, dup_of))
+        if k + 1 < len(segments):
+            seen.update(key for key, _ in seg.record_items())
+        offset += seg.n
+        line_offset += seg.n + seg.n_blank
+    return Findings(counts=counts, examples=[finding(c, i, line, f, first) for i, _, line, c, f, first in examples])
+
+
+def _first_indices(segments: list[Segment], keys: set[int]) -> dict[int, int]:
+    """Record hash -> the file index of its first copy in `segments` (the file's first ones), for
+    the few records whose examples are shown: `seen` keeps only the hashes, not the indices."""
+    out: dict[int, int] = {}
+    offset = 0
+    for seg in segments:
+        if len(out) == len(keys):
+            break
+        for key, first in seg.record_items():
+            if key in keys and key not in out:
+                out[key] = offset + first
+        offset += seg.n
+    return out
+
+
+def split_points(path: str | Path, parts: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """[a, b) byte ranges of about equal size covering [start, end) (default: the whole file) that
+    begin at line starts (`start` must be one)."""
+    end = os.path.getsize(path) if end is None else end
+    bounds = [start]
     with open(path, "rb") as fh:
         for i in range(1, parts):
-            target = max(bounds[-1], size * i // parts)
+            target = max(bounds[-1], start + (end - start) * i // parts)
             fh.seek(target)
             fh.readline()  # to the start of the next line
             pos = fh.tell()
-            if pos >= size:
+            if pos >= end:
                 break
             if pos > bounds[-1]:
                 bounds.append(pos)
-    bounds.append(size)
+    bounds.append(end)
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
@@ -398,9 +700,25 @@ def plan(path: str | Path, parts: int) -> tuple[tuple[str, str], list[tuple[int,
     return fmt, split_points(path, parts)
 
 
-def fast_summary(path: str | Path, limits: FeedbackLimits) -> FeedbackSummary | None:
-    """The whole file in this process: the summary, or None (run the detailed scanner)."""
+def scan_range(path: str | Path, start: int, end: int, limits: FeedbackLimits) -> Segment | None:
+    """`scan_segment` of [start, end) in the format of the file's first record (for segments cut
+    while the file is still being written: its first line is complete by then)."""
+    fmt = first_record_format(path)
+    if fmt is None or fmt not in SCHEMAS:
+        return None
+    return scan_segment(path, start, end, *fmt, limits)
+
+
+def fast_check(path: str | Path, limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings] | None:
+    """The whole file in this process: the summary and the data-quality findings, or None (run the
+    detailed scanner and `quality.find`)."""
     fmt = first_record_format(path)
     if fmt is None or fmt not in SCHEMAS:
         return None
     return merge([scan_segment(path, 0, os.path.getsize(path), *fmt, limits)], limits)
+
+
+def fast_summary(path: str | Path, limits: FeedbackLimits) -> FeedbackSummary | None:
+    """The whole file in this process: the summary, or None (run the detailed scanner)."""
+    checked = fast_check(path, limits)
+    return None if checked is None else checked[0]

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .reader import READ_LIMITS, _Walk
-from .records import FeedbackLimits, PairwiseRecord, RecordError, Turn
+from .reader import READ_LIMITS, _Walk, validate_file
+from .records import FeedbackLimits, FeedbackSummary, PairwiseRecord, RecordError, Turn
 
 MAX_EXAMPLES = 20
 
@@ -40,18 +40,21 @@ MESSAGES = {
 }
 
 
+def finding(code: str, index: int, line: int | None, field_: str = "", first: int = -1) -> RecordError:
+    """One finding as the record-level report shows it (`first`: the earlier record a duplicate repeats)."""
+    message, hint = MESSAGES[code]
+    return RecordError(index=index, line=line, field=field_, code=code, message=message.format(first=first), hint=hint)
+
+
 @dataclass
 class Findings:
     counts: dict[str, int] = field(default_factory=dict)
     examples: list[RecordError] = field(default_factory=list)
 
-    def add(self, code: str, index: int, line: int | None, field_: str = "", **fmt: Any) -> None:
+    def add(self, code: str, index: int, line: int | None, field_: str = "", first: int = -1) -> None:
         self.counts[code] = self.counts.get(code, 0) + 1
         if len(self.examples) < MAX_EXAMPLES:
-            message, hint = MESSAGES[code]
-            self.examples.append(
-                RecordError(index=index, line=line, field=field_, code=code, message=message.format(**fmt), hint=hint)
-            )
+            self.examples.append(finding(code, index, line, field_, first))
 
     @property
     def total(self) -> int:
@@ -106,3 +109,20 @@ def find(path: str | Path, limits: FeedbackLimits = READ_LIMITS) -> Findings:
         else:
             seen[key] = index
     return out
+
+
+def check(path: str | Path, limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings]:
+    """Validate a file and find its data-quality findings: in one compiled pass when the fast path
+    can prove the file valid (`fast.fast_check`), else the detailed scanner (which raises
+    FeedbackValidationError with the record-level report) and then `find`. Same results either way."""
+    from .fast import fast_check
+
+    checked = fast_check(path, limits)
+    if checked is not None:
+        return checked
+    return detailed_check(path, limits)
+
+
+def detailed_check(path: str | Path, limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings]:
+    """`check` without the fast path."""
+    return validate_file(path, limits, fast=False), find(path)

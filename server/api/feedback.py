@@ -80,6 +80,9 @@ async def upload_feedback(
     Data-quality findings (pairs with identical outputs — left out of training —, duplicate
     records, plain-string prompts, empty outputs) come back in `findings`; with `strict=true`
     they are refused with the same 422 report."""
+    pool = request.app.state.validation_pool
+    # validation starts while the body is still arriving (in the pool's workers)
+    pipeline = pool.pipeline(service.feedback_limits(settings)) if pool is not None else None
     declared: int | None = None
     if (raw_length := request.headers.get("content-length")) is not None:
         try:
@@ -94,9 +97,14 @@ async def upload_feedback(
             max_bytes=settings.max_upload_bytes,
             content_length=declared,
             filename=filename,
+            on_flush=pipeline.flushed if pipeline is not None else None,
         )
-    except ClientDisconnect:
-        raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
+    except BaseException as exc:
+        if pipeline is not None:
+            pipeline.cancel()  # the temp file is gone: segments not yet running are dropped
+        if isinstance(exc, ClientDisconnect):
+            raise BadRequest("the client disconnected during the upload", code="client_disconnected") from None
+        raise
     try:
         result = await run_in_threadpool(
             service.ingest,
@@ -106,9 +114,12 @@ async def upload_feedback(
             staged,
             idempotency_key,
             strict,
-            pool=request.app.state.validation_pool,
+            pool=pool,
+            pipeline=pipeline,
         )
     finally:
+        if pipeline is not None:
+            pipeline.cancel()  # (what ingest did not wait for: e.g. a replay)
         staged.discard()  # no-op when ingest published it
     if result.replayed:
         response.headers[REPLAY_HEADER] = "true"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -23,9 +23,12 @@ from server.models import FeedbackFile
 from server.services import idempotency
 from server.services.common import get_owned, paginate
 from server.services.keys import Principal
-from server.services.validation_pool import ValidationPool
+from server.services.validation_pool import Pipeline, ValidationPool
 from server.settings import Settings
 from server.storage import StagedFile
+
+if TYPE_CHECKING:
+    from halos_core.feedback.quality import Findings
 
 log = logging.getLogger("halos.feedback")
 
@@ -70,11 +73,26 @@ def _record_error(err: Any) -> dict[str, Any]:
     }
 
 
-def validate_staged(staged: StagedFile, settings: Settings, pool: ValidationPool | None = None) -> Any:
-    """Validate the temp file (in `pool`'s worker processes when given, else in this thread); 422
-    `invalid_feedback` listing every bad record (capped at `max_validation_errors`) when it is not a
-    valid feedback file."""
-    from halos_core.feedback import FeedbackLimits, FeedbackValidationError, validate_file
+def feedback_limits(settings: Settings) -> Any:
+    from halos_core.feedback import FeedbackLimits
+
+    return FeedbackLimits(
+        max_errors=settings.max_validation_errors,
+        max_depth=settings.max_json_depth,
+        max_record_bytes=settings.max_record_bytes,
+        max_records=settings.max_records_per_file,
+    )
+
+
+def check_staged(
+    staged: StagedFile, settings: Settings, pool: ValidationPool | None = None, pipeline: Pipeline | None = None
+) -> tuple[Any, Findings]:
+    """Validate the temp file and find its data-quality findings (in `pool`'s worker processes when
+    given — with what `pipeline` started while the file arrived —, else in this thread: a pass over
+    the whole file must not hold the API's interpreter); 422 `invalid_feedback` listing every bad
+    record (capped at `max_validation_errors`) when it is not a valid feedback file."""
+    from halos_core.feedback import FeedbackValidationError
+    from halos_core.feedback.quality import check
 
     if staged.size_bytes == 0:
         raise Unprocessable(
@@ -95,16 +113,11 @@ def validate_staged(staged: StagedFile, settings: Settings, pool: ValidationPool
                 "records_checked": 0,
             },
         )
-    limits = FeedbackLimits(
-        max_errors=settings.max_validation_errors,
-        max_depth=settings.max_json_depth,
-        max_record_bytes=settings.max_record_bytes,
-        max_records=settings.max_records_per_file,
-    )
+    limits = feedback_limits(settings)
     try:
         if pool is not None:
-            return pool.validate(staged.path, limits)
-        return validate_file(staged.path, limits=limits)
+            return pool.check(staged.path, limits, pipeline)
+        return check(staged.path, limits)
     except FeedbackValidationError as exc:
         errors = [_record_error(e) for e in exc.errors]
         more = " (more not shown)" if exc.truncated else ""
@@ -115,13 +128,9 @@ def validate_staged(staged: StagedFile, settings: Settings, pool: ValidationPool
         ) from exc
 
 
-def quality_findings(staged: StagedFile, strict: bool, pool: ValidationPool | None = None) -> dict[str, Any] | None:
+def quality_findings(found: Findings, strict: bool) -> dict[str, Any] | None:
     """Data-quality warnings of a valid file (halos_core.feedback.quality); `strict`: refuse the file
-    with the record-level 422 report instead (nothing stored). In `pool`'s workers when given: a
-    record-by-record pass over the whole file must not hold the API's interpreter."""
-    from halos_core.feedback.quality import find
-
-    found = pool.run(find, staged.path) if pool is not None else find(staged.path)
+    with the record-level 422 report instead (nothing stored)."""
     if not found.total:
         return None
     if strict:
@@ -156,6 +165,7 @@ def ingest(
     source: str = "upload",
     provenance: dict[str, Any] | None = None,
     pool: ValidationPool | None = None,
+    pipeline: Pipeline | None = None,
 ) -> Ingested:
     """Validate and store a staged upload. Consumes `staged` (its temp file is gone afterwards)."""
     data_dir = settings.data_dir
@@ -173,8 +183,8 @@ def ingest(
             if fb is not None:
                 return Ingested(fb, replayed=True)
 
-        summary = validate_staged(staged, settings, pool)  # no transaction is open while this runs
-        findings = quality_findings(staged, strict, pool)
+        summary, found = check_staged(staged, settings, pool, pipeline)  # no transaction is open while this runs
+        findings = quality_findings(found, strict)
 
         for _ in range(3):
             if idempotency_key is not None:

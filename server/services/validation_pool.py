@@ -1,33 +1,38 @@
 """Feedback validation off the API's event loop and interpreter: a small pool of worker processes.
 
-An upload is staged to a temp file first (`server.storage`); then this pool proves it valid with
-the compiled fast path (`halos_core.feedback.fast`), the file cut into one line-aligned segment per
-worker for files over `PARALLEL_MIN_BYTES`, and the segments merged in a worker too. Whatever the
-fast path cannot prove goes to the detailed scanner (`validate_file(fast=False)`) in a worker,
-which returns the summary or raises `FeedbackValidationError` with the record-level report.
+An upload is staged to a temp file first (`server.storage`); then this pool proves it valid and
+finds its data-quality findings with the compiled fast path (`halos_core.feedback.fast`), the file
+cut into one line-aligned segment per worker for files over `PARALLEL_MIN_BYTES`, and the segments
+merged in a worker too. Whatever the fast path cannot prove goes to the detailed scanner and
+`quality.find` (`quality.detailed_check`) in a worker, which returns the summary and the findings
+or raises `FeedbackValidationError` with the record-level report.
 
 - Workers come from a forkserver: safe to start from a threaded server, and all of them share one
   hash secret, which the segments' prompt tables rely on (`Segment.fingerprint` checks it).
 - Workers run at a lower CPU priority (nice +10): on a busy box, other requests' handling in the
   API process goes first, and a big upload only takes what is left.
-- Memory: a worker reads at most `max_record_bytes` (≤ 8 MiB) at a time plus a table of one small
-  entry per distinct prompt_id; the API process holds only the temp file's path.
+- Overlap: while an upload is still arriving, each `SEGMENT_BYTES` of it that have been written
+  (cut at a line end) go to a worker at once (`Pipeline`, fed by the upload's writer), so most of
+  a big file is checked by the time its last byte is on disk; `check` then scans only the rest.
+- Memory: a worker reads at most `max_record_bytes` (≤ 8 MiB) at a time plus two tables of one
+  small entry per distinct prompt_id and per distinct record (the detailed pass keeps the same);
+  the API process holds the temp file's path and, between the segments and their merge, their
+  tables packed (16 bytes an entry).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
 
-from halos_core.feedback import FeedbackLimits, FeedbackSummary, validate_file
-from halos_core.feedback.fast import merge, plan, scan_segment
+from halos_core.feedback import FeedbackLimits, FeedbackSummary
+from halos_core.feedback.fast import Segment, merge, plan, scan_range, scan_segment, split_points
+from halos_core.feedback.quality import Findings, detailed_check
 
-T = TypeVar("T")
 PARALLEL_MIN_BYTES = 16 * 1024 * 1024  # below this one segment: a pool round trip costs more than it saves
+SEGMENT_BYTES = 32 * 1024 * 1024  # while an upload arrives, each this many bytes become a segment
 WORKER_NICE = 10
 
 
@@ -45,23 +50,35 @@ class ValidationPool:
         context.set_forkserver_preload(["halos_core.feedback.fast"])
         self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_lower_priority)
 
-    def validate(self, path: Path, limits: FeedbackLimits) -> FeedbackSummary:
-        """Blocks the calling thread (never the event loop) until a worker has an answer."""
-        parts = self.workers if os.path.getsize(path) >= PARALLEL_MIN_BYTES else 1
-        planned = self._executor.submit(plan, path, parts).result()
-        if planned is not None:
-            fmt, ranges = planned
-            futures = [self._executor.submit(scan_segment, path, start, end, *fmt, limits) for start, end in ranges]
+    def pipeline(self, limits: FeedbackLimits) -> Pipeline:
+        """A `Pipeline` to feed with an upload's writes (`storage.receive_upload(on_flush=...)`)."""
+        return Pipeline(self._executor, limits)
+
+    def check(
+        self, path: Path, limits: FeedbackLimits, pipeline: Pipeline | None = None
+    ) -> tuple[FeedbackSummary, Findings]:
+        """`quality.check` in the workers (with the segments `pipeline` started while the file was
+        written): blocks the calling thread (never the event loop) until they have an answer."""
+        size = os.path.getsize(path)
+        early = pipeline.started(path, limits) if pipeline is not None else None
+        futures: list[Future[Segment | None]] | None = None
+        if early is not None:
+            start, futures = early
+            parts = self.workers if size - start >= PARALLEL_MIN_BYTES else 1
+            tail = split_points(path, parts, start, size) if start < size else []
+            futures += [self._executor.submit(scan_range, path, a, b, limits) for a, b in tail]
+        else:
+            planned = self._executor.submit(plan, path, self.workers if size >= PARALLEL_MIN_BYTES else 1).result()
+            if planned is not None:
+                fmt, ranges = planned
+                futures = [self._executor.submit(scan_segment, path, a, b, *fmt, limits) for a, b in ranges]
+        if futures is not None:
             segments = [f.result() for f in futures]
             if all(s is not None for s in segments):
-                summary = self._executor.submit(merge, segments, limits).result()
-                if summary is not None:
-                    return summary
-        return self._executor.submit(validate_file, path, limits, fast=False).result()
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a worker (a picklable, module-level `fn`); blocks the calling thread."""
-        return self._executor.submit(fn, *args).result()
+                checked = self._executor.submit(merge, segments, limits).result()
+                if checked is not None:
+                    return checked
+        return self._executor.submit(detailed_check, path, limits).result()
 
     def warm_up(self) -> None:
         """Start every worker now (at API startup), not during the first upload."""
@@ -70,3 +87,49 @@ class ValidationPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class Pipeline:
+    """Validation that starts while an upload is still arriving. `flushed` (the upload writer's
+    `on_flush`, called on the event loop: submitting never blocks) sends each `SEGMENT_BYTES` of a
+    JSONL file, cut after its last complete line so far, to a worker; `ValidationPool.check`
+    collects them. A file that does not start with `{` (a JSON array, a byte-order mark, blank
+    lines first: the fast path would decline it) is left to `check` alone."""
+
+    def __init__(self, executor: ProcessPoolExecutor, limits: FeedbackLimits) -> None:
+        self._executor = executor
+        self.limits = limits
+        self.path: Path | None = None
+        self.start = 0  # where the next segment begins (a line start)
+        self.futures: list[Future[Segment | None]] = []
+        self.active = True
+
+    def flushed(self, path: Path, offset: int, data: bytes) -> None:
+        if not self.active:
+            return
+        if offset == 0:
+            self.path = path
+            if not data.startswith(b"{"):
+                self.active = False
+                return
+        end = offset + len(data)
+        if end - self.start < SEGMENT_BYTES:
+            return
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            return
+        boundary = offset + cut + 1
+        self.futures.append(self._executor.submit(scan_range, path, self.start, boundary, self.limits))
+        self.start = boundary
+
+    def started(self, path: Path, limits: FeedbackLimits) -> tuple[int, list[Future[Segment | None]]] | None:
+        """(where the segments started so far end, their futures) for this file, or None."""
+        if not self.active or not self.futures or self.path != Path(path) or self.limits != limits:
+            return None
+        return self.start, list(self.futures)
+
+    def cancel(self) -> None:
+        """The upload failed or is done: nothing more to start; segments not yet running are dropped."""
+        self.active = False
+        for future in self.futures:
+            future.cancel()

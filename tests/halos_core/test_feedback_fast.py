@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from halos_core.feedback import FeedbackLimits, FeedbackValidationError, validate_file
-from halos_core.feedback.fast import fast_summary, merge, scan_segment, split_points
+from halos_core.feedback.fast import fast_check, fast_summary, merge, scan_segment, split_points
+from halos_core.feedback.quality import find
 from halos_core.synthetic import binary_records, pairwise_records, scalar_records
 
 LIMITS = FeedbackLimits()
@@ -38,11 +39,14 @@ def dumps(records: list[dict], **kw) -> list[str]:
 
 def check(path: Path, limits: FeedbackLimits = LIMITS, *, expect_fast: bool | None = None) -> None:
     want = detailed(path, limits)
-    got = fast_summary(path, limits)
+    checked = fast_check(path, limits)
+    got = None if checked is None else checked[0]
     if isinstance(want, FeedbackValidationError):
         assert got is None, f"fast path accepted an invalid file: {want}"
     else:
         assert got is None or got == want, (got, want)
+        if checked is not None:  # and the same data-quality findings
+            assert checked[1].to_json() == find(path).to_json()
     if expect_fast is not None:
         assert (got is not None) == expect_fast, (got, want)
 
@@ -100,7 +104,9 @@ def test_a_summary_across_segments_equals_the_whole(tmp_path: Path) -> None:
         ranges = split_points(ok, parts)
         assert ranges[0][0] == 0 and ranges[-1][1] == ok.stat().st_size
         segments = [scan_segment(ok, a, b, "halos", "pairwise", LIMITS) for a, b in ranges]
-        assert merge(segments, LIMITS) == want and want.n_prompts == 300 and want.n_records == 600
+        merged = merge(segments, LIMITS)
+        assert merged is not None and merged[0] == want and want.n_prompts == 300 and want.n_records == 600
+        assert merged[1].to_json() == find(ok).to_json() and merged[1].counts["duplicate_record"] == 300
 
 
 def rec(**changes) -> dict:
