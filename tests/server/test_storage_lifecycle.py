@@ -10,16 +10,20 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session, select
+from sqlalchemy import event
+from sqlmodel import Session, col, select
 
-from halos_core.run_dir import read_manifest
+from halos_core.run_dir import read_manifest, sha256_file
 from halos_core.synthetic import pairwise_records
 from server import jobs
-from server.models import Checkpoint, DeletionIntent, FeedbackFile, Run
+from server.db import READ_OPTION
+from server.models import Checkpoint, DeletionIntent, FeedbackFile, PromptSet, Run
 from server.settings import Settings
 from server.storage_lifecycle import files, retention, usage
 from server.storage_lifecycle.fsck import fsck
@@ -532,4 +536,118 @@ def test_the_sdk_calls_the_storage_routes(client, keys, session, settings, model
     sdk.models.delete(model["id"])
     sdk.feedback.delete(fb["id"])
     assert sdk.feedback.get(fb["id"]).deleted_at is not None
+    _assert_fsck_ok(session, settings)
+
+
+# --------------------------------------------------------------------------- blob removal vs adoption
+
+
+def _blocked_by(removal: Session, engine: Any, began_writing: threading.Event) -> bool:
+    """Is another transaction waiting for a lock that the removal's open transaction holds? Without
+    an open transaction the removal holds nothing, so nothing can be waiting on it."""
+    if not removal.in_transaction():
+        return False
+    if engine.dialect.name == "sqlite":
+        # every writer transaction is BEGIN IMMEDIATE (server/db.py): one another thread begins (or a
+        # connection it opens) while the removal's is open waits for the database's write lock
+        return began_writing.is_set()
+    pid = removal.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with engine.connect() as conn:
+        waiting = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))", {"pid": pid}
+        ).scalar()
+        conn.rollback()
+    return bool(waiting)
+
+
+def _assert_live_blobs_verify(session: Session, settings: Settings) -> None:
+    session.expire_all()
+    for table in (FeedbackFile, PromptSet):
+        for row in session.exec(select(table).where(col(table.deleted_at).is_(None))).all():
+            path = files.resolve(settings.data_dir, row.storage_path)
+            assert path.is_file(), f"{table.__name__} {row.id}: its blob {path} is gone"
+            assert sha256_file(path) == row.sha256
+    session.rollback()
+
+
+@pytest.mark.parametrize("kind", ["feedback", "prompts"])
+def test_an_identical_upload_between_the_check_and_the_unlink_keeps_its_bytes(
+    kind, client, session, engine, settings, monkeypatch
+):
+    """The removal of a deleted file's blob decided that no live row uses it; an upload of the same
+    bytes (same content address) runs while the removal is between that check and the unlink, as
+    far as the upload can get: either to its commit, or until it waits on a lock the removal
+    holds. Afterwards every live row's blob exists and verifies, and fsck finds nothing."""
+    body = (
+        jsonl(pairwise_records(5, seed=5))
+        if kind == "feedback"
+        else jsonl([{"prompt": f"race prompt {i}"} for i in range(4)])
+    )
+
+    def post() -> Any:
+        return client.post(f"/v1/{kind}", content=body, headers={"Content-Type": "application/x-ndjson"})
+
+    first = post()
+    assert first.status_code == 201, first.text
+    removal: dict[str, Any] = {}
+    began_writing = threading.Event()
+    second: dict[str, Any] = {}
+    uploaded = threading.Event()
+
+    def _writer_begins(conn: Any) -> None:
+        if removal.get("thread") not in (None, threading.get_ident()) and not conn.get_execution_options().get(
+            READ_OPTION
+        ):
+            began_writing.set()
+
+    def _connects(_dbapi_conn: Any, _record: Any) -> None:
+        # opening a connection (its WAL pragma) waits for the write lock as well
+        if removal.get("thread") not in (None, threading.get_ident()):
+            began_writing.set()
+
+    event.listen(engine, "begin", _writer_begins, insert=True)
+    event.listen(engine, "connect", _connects, insert=True)
+
+    real_finish, real_execute = files.finish, files.execute
+
+    def finish(session_: Session, intent_ids: list[int], settings_: Settings) -> None:
+        removal["session"] = session_
+        real_finish(session_, intent_ids, settings_)
+
+    def upload_in_the_gap(actions: Any, data_dir: Path) -> None:
+        actions = list(actions)
+        if any(a["op"] == "unlink" for a in actions) and "thread" not in removal:
+            removal["thread"] = threading.get_ident()
+
+            def upload() -> None:
+                try:
+                    second["resp"] = post()
+                except BaseException as exc:
+                    second["error"] = exc
+                    raise
+                finally:
+                    uploaded.set()
+
+            uploader = threading.Thread(target=upload)
+            uploader.start()
+            removal["uploader"] = uploader
+            while not uploaded.wait(0.02):
+                if _blocked_by(removal["session"], engine, began_writing):
+                    break
+        real_execute(actions, data_dir)
+
+    monkeypatch.setattr(files, "finish", finish)
+    monkeypatch.setattr(files, "execute", upload_in_the_gap)
+    try:
+        assert client.delete(f"/v1/{kind}/{first.json()['id']}").status_code == 204
+        removal["uploader"].join(timeout=120)
+    finally:
+        event.remove(engine, "begin", _writer_begins)
+        event.remove(engine, "connect", _connects)
+    monkeypatch.setattr(files, "execute", real_execute)
+    assert "error" not in second, second.get("error")
+    assert second["resp"].status_code == 201, second["resp"].text
+    content = client.get(f"/v1/{kind}/{second['resp'].json()['id']}/content")
+    assert content.status_code == 200 and content.content == body, content.text
+    _assert_live_blobs_verify(session, settings)
     _assert_fsck_ok(session, settings)
