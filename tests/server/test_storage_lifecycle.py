@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlmodel import Session, col, select
 
+from halos_core.artefact_spec import ArtefactResult
 from halos_core.run_dir import read_manifest, sha256_file
 from halos_core.synthetic import pairwise_records
 from server import jobs
@@ -132,6 +133,29 @@ def test_retention_keeps_what_unfinished_jobs_need(client, session, settings, mo
     assert [a["checkpoint_id"] for a in done["actions"]] == [c1]
 
 
+def test_retention_defaults_keep_an_old_head_and_run_in_the_sweepers_pass(client, session, settings, model, fb):
+    """A run without its own policy gets the settings' defaults; the head stays whole however old
+    (after a rollback); the sweeper's periodic pass applies every run's retention."""
+    settings.retention_keep_rounds = 1
+    settings.retention_keep_weights_rounds = 2
+    run = _new_run(client, model)
+    made = [_trained_round(client, session, settings, run["id"], fb["id"], step=4 * (i + 1)) for i in range(4)]
+    (r1, c1), (r2, c2), (_r3, c3), (_r4, c4) = made
+    assert client.post(f"/v1/runs/{run['id']}/rollback", json={"checkpoint_id": c1}).status_code == 200
+    plan = client.get(f"/v1/runs/{run['id']}/retention").json()
+    assert plan["policy"] == {"keep_rounds": 1, "keep_weights_rounds": 2}
+    assert "head" in {r for k in plan["kept"] if k["checkpoint_id"] == c1 for r in k["reasons"]}
+
+    from server.storage_lifecycle import maintenance
+
+    assert maintenance.periodic(session, settings)["pruned"] == 2
+    states = {c: client.get(f"/v1/checkpoints/{c}").json()["state"] for c in (c1, c2, c3, c4)}
+    assert states == {c1: "whole", c2: "pruned", c3: "optimizer_pruned", c4: "whole"}
+    assert read_manifest(_ckpt_dir(settings, r1["job_id"]), verify=True)  # the head: whole, verifies
+    assert not _ckpt_dir(settings, r2["job_id"]).exists()
+    _assert_fsck_ok(session, settings)
+
+
 def test_retention_settings_validation(client, model):
     resp = client.post(
         "/v1/runs",
@@ -229,6 +253,71 @@ def test_delete_prompt_set(client, session, settings):
     _assert_fsck_ok(session, settings)
 
 
+def test_delete_generated_samples(client, client_b, session, settings, model):
+    """A sampling job's output (a `sampled` feedback file in the job's run directory): 409 while an
+    unfinished round trains on it, then its bytes go and the row stays a tombstone with its hash."""
+    prompts = client.post(
+        "/v1/prompts",
+        content=jsonl([{"prompt_id": f"p{i}", "prompt": f"Tell me about {i}."} for i in range(2)]),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert prompts.status_code == 201, prompts.text
+    job = client.post(
+        "/v1/sampling-jobs", json={"prompt_set_id": prompts.json()["id"], "model_id": model["id"], "params": {"n": 2}}
+    )
+    assert job.status_code == 201, job.text
+    job_id = job.json()["id"]
+    out = settings.runs_dir / job_id / "outputs" / "samples.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_bytes(
+        jsonl(
+            [
+                {
+                    "type": "sample",
+                    "prompt_id": f"p{p}",
+                    "sample_id": str(j),
+                    "prompt": f"Tell me about {p}.",
+                    "output": f"answer {j} about {p}",
+                }
+                for p in range(2)
+                for j in range(2)
+            ]
+        )
+    )
+    claim = jobs.claim(session, job_id, "test-host", 1, 60)
+    result = ArtefactResult(
+        job_id=job_id,
+        kind="sample",
+        output_path=str(out),
+        sha256=sha256_file(out),
+        size_bytes=out.stat().st_size,
+        feedback_kind="sampled",
+        format="samples",
+        n_records=4,
+        n_prompts=2,
+        n_train=4,
+        n_test=0,
+    )
+    jobs.finish(session, job_id, claim.lease_token, jobs.Outcome("succeeded", result=result), retry_backoff_s=0)
+    samples_id = session.exec(select(FeedbackFile).where(FeedbackFile.job_id == job_id)).one().id
+    session.rollback()
+
+    run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "sft"}, "hyperparams": SMALL_HP})
+    assert run.status_code == 201, run.text
+    rnd = _round(client, run.json()["id"], samples_id)
+    resp = client.delete(f"/v1/feedback/{samples_id}")
+    assert resp.status_code == 409 and resp.json()["error"]["details"]["job_ids"] == [rnd["job_id"]]
+    assert client_b.delete(f"/v1/feedback/{samples_id}").status_code == 404
+    assert out.is_file()
+    assert client.post(f"/v1/jobs/{rnd['job_id']}/cancel").status_code == 202
+    assert client.delete(f"/v1/feedback/{samples_id}").status_code == 204
+    assert client.delete(f"/v1/feedback/{samples_id}").status_code == 204  # idempotent
+    assert not out.exists()
+    tomb = client.get(f"/v1/feedback/{samples_id}").json()
+    assert tomb["deleted_at"] and tomb["sha256"] == result.sha256
+    _assert_fsck_ok(session, settings)
+
+
 def test_a_removal_killed_half_way_is_finished_by_the_sweeper(client, session, settings, model, fb, monkeypatch):
     run = _new_run(client, model, keep_rounds=1, keep_weights_rounds=1)
     (r1, c1), _second = [
@@ -261,7 +350,7 @@ def test_a_removal_killed_half_way_is_finished_by_the_sweeper(client, session, s
 # --------------------------------------------------------------------------- usage and admission
 
 
-def test_usage_readyz_and_gauges(client, anon, session, settings, model, fb):
+def test_usage_readyz_and_gauges(client, client_b, anon, session, settings, model, fb):
     run = _new_run(client, model)
     r1, _c1 = _trained_round(client, session, settings, run["id"], fb["id"], step=4)
     (settings.runs_dir / r1["job_id"] / "stdout.log").write_bytes(b"x" * 100)
@@ -277,6 +366,9 @@ def test_usage_readyz_and_gauges(client, anon, session, settings, model, fb):
     assert u["counts"]["checkpoints_whole"] == 1 and u["counts"]["feedback"] == 1
     assert u["total_bytes"] == sum(v for k, v in u["bytes"].items() if k != "reference_cache")
     assert u["data_dir_free_bytes"] > 0 and u["reserve_bytes"] == settings.storage_reserve_bytes
+    other = client_b.get("/v1/usage").json()  # per project: the other project holds nothing
+    assert other["bytes"]["feedback"] == 0 and other["bytes"]["checkpoints_whole"] == 0
+    assert other["counts"].get("checkpoints_whole", 0) == 0 and other["bytes"].get("run_logs", 0) == 0
 
     ready = anon.get("/readyz").json()
     assert ready["data_dir_free_bytes"] > 0
