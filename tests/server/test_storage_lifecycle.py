@@ -634,22 +634,70 @@ def test_the_sdk_calls_the_storage_routes(client, keys, session, settings, model
 # --------------------------------------------------------------------------- blob removal vs adoption
 
 
-def _blocked_by(removal: Session, engine: Any, began_writing: threading.Event) -> bool:
-    """Is another transaction waiting for a lock that the removal's open transaction holds? Without
-    an open transaction the removal holds nothing, so nothing can be waiting on it."""
-    if not removal.in_transaction():
-        return False
-    if engine.dialect.name == "sqlite":
-        # every writer transaction is BEGIN IMMEDIATE (server/db.py): one another thread begins (or a
-        # connection it opens) while the removal's is open waits for the database's write lock
-        return began_writing.is_set()
-    pid = removal.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
-    with engine.connect() as conn:
-        waiting = conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))", {"pid": pid}
-        ).scalar()
-        conn.rollback()
-    return bool(waiting)
+class InTheGap:
+    """Runs `request` in another thread while the calling thread (a removal) is at a point of its
+    choosing, and lets it get as far as it can: to its end, or until it waits on a lock that the
+    removal's open transaction (`holder`) holds. Deterministic either way: no sleeps decide it."""
+
+    def __init__(self, engine: Any, holder: Session, request: Any) -> None:
+        self.engine, self.holder, self.request = engine, holder, request
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.began_writing = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.owner = threading.get_ident()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.request()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.done.set()
+
+    def _writer_begins(self, conn: Any) -> None:
+        if threading.get_ident() != self.owner and not conn.get_execution_options().get(READ_OPTION):
+            self.began_writing.set()
+
+    def _connects(self, _dbapi_conn: Any, _record: Any) -> None:
+        if threading.get_ident() != self.owner:  # opening a connection (its WAL pragma) waits too
+            self.began_writing.set()
+
+    def _blocked(self) -> bool:
+        """Is another transaction waiting for a lock the holder's open transaction holds? Without an
+        open transaction the holder holds nothing, so nothing can be waiting on it."""
+        if not self.holder.in_transaction():
+            return False
+        if self.engine.dialect.name == "sqlite":
+            # every writer transaction is BEGIN IMMEDIATE (server/db.py): one another thread begins
+            # (or a connection it opens) while the holder's is open waits for the write lock
+            return self.began_writing.is_set()
+        pid = self.holder.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with self.engine.connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))", {"pid": pid}
+            ).scalar()
+            conn.rollback()
+        return bool(waiting)
+
+    def run_until_done_or_blocked(self) -> InTheGap:
+        event.listen(self.engine, "begin", self._writer_begins, insert=True)
+        event.listen(self.engine, "connect", self._connects, insert=True)
+        self.thread.start()
+        while not self.done.wait(0.02):
+            if self._blocked():
+                break
+        return self
+
+    def outcome(self) -> Any:
+        self.thread.join(timeout=120)
+        # only now: the blocked thread was inside the event dispatch (removing mutates its deque)
+        event.remove(self.engine, "begin", self._writer_begins)
+        event.remove(self.engine, "connect", self._connects)
+        assert self.done.is_set() and self.error is None, self.error
+        return self.result
 
 
 def _assert_live_blobs_verify(session: Session, settings: Settings) -> None:
@@ -662,44 +710,28 @@ def _assert_live_blobs_verify(session: Session, settings: Settings) -> None:
     session.rollback()
 
 
+def _post_body(client: TestClient, kind: str, body: bytes) -> Any:
+    return client.post(f"/v1/{kind}", content=body, headers={"Content-Type": "application/x-ndjson"})
+
+
+_RACE_BODIES = {
+    "feedback": jsonl(pairwise_records(5, seed=5)),
+    "prompts": jsonl([{"prompt": f"race prompt {i}"} for i in range(4)]),
+}
+
+
 @pytest.mark.parametrize("kind", ["feedback", "prompts"])
 def test_an_identical_upload_between_the_check_and_the_unlink_keeps_its_bytes(
     kind, client, session, engine, settings, monkeypatch
 ):
     """The removal of a deleted file's blob decided that no live row uses it; an upload of the same
     bytes (same content address) runs while the removal is between that check and the unlink, as
-    far as the upload can get: either to its commit, or until it waits on a lock the removal
-    holds. Afterwards every live row's blob exists and verifies, and fsck finds nothing."""
-    body = (
-        jsonl(pairwise_records(5, seed=5))
-        if kind == "feedback"
-        else jsonl([{"prompt": f"race prompt {i}"} for i in range(4)])
-    )
-
-    def post() -> Any:
-        return client.post(f"/v1/{kind}", content=body, headers={"Content-Type": "application/x-ndjson"})
-
-    first = post()
+    far as it can get. Afterwards every live row's blob exists and verifies, and fsck finds nothing.
+    (Before the blob lock, the upload committed in that gap and the unlink took its bytes.)"""
+    body = _RACE_BODIES[kind]
+    first = _post_body(client, kind, body)
     assert first.status_code == 201, first.text
     removal: dict[str, Any] = {}
-    began_writing = threading.Event()
-    second: dict[str, Any] = {}
-    uploaded = threading.Event()
-
-    def _writer_begins(conn: Any) -> None:
-        if removal.get("thread") not in (None, threading.get_ident()) and not conn.get_execution_options().get(
-            READ_OPTION
-        ):
-            began_writing.set()
-
-    def _connects(_dbapi_conn: Any, _record: Any) -> None:
-        # opening a connection (its WAL pragma) waits for the write lock as well
-        if removal.get("thread") not in (None, threading.get_ident()):
-            began_writing.set()
-
-    event.listen(engine, "begin", _writer_begins, insert=True)
-    event.listen(engine, "connect", _connects, insert=True)
-
     real_finish, real_execute = files.finish, files.execute
 
     def finish(session_: Session, intent_ids: list[int], settings_: Settings) -> None:
@@ -708,38 +740,47 @@ def test_an_identical_upload_between_the_check_and_the_unlink_keeps_its_bytes(
 
     def upload_in_the_gap(actions: Any, data_dir: Path) -> None:
         actions = list(actions)
-        if any(a["op"] == "unlink" for a in actions) and "thread" not in removal:
-            removal["thread"] = threading.get_ident()
-
-            def upload() -> None:
-                try:
-                    second["resp"] = post()
-                except BaseException as exc:
-                    second["error"] = exc
-                    raise
-                finally:
-                    uploaded.set()
-
-            uploader = threading.Thread(target=upload)
-            uploader.start()
-            removal["uploader"] = uploader
-            while not uploaded.wait(0.02):
-                if _blocked_by(removal["session"], engine, began_writing):
-                    break
+        if any(a["op"] == "unlink" for a in actions) and "upload" not in removal:
+            removal["upload"] = InTheGap(
+                engine, removal["session"], lambda: _post_body(client, kind, body)
+            ).run_until_done_or_blocked()
         real_execute(actions, data_dir)
 
     monkeypatch.setattr(files, "finish", finish)
     monkeypatch.setattr(files, "execute", upload_in_the_gap)
-    try:
-        assert client.delete(f"/v1/{kind}/{first.json()['id']}").status_code == 204
-        removal["uploader"].join(timeout=120)
-    finally:
-        event.remove(engine, "begin", _writer_begins)
-        event.remove(engine, "connect", _connects)
-    monkeypatch.setattr(files, "execute", real_execute)
-    assert "error" not in second, second.get("error")
-    assert second["resp"].status_code == 201, second["resp"].text
-    content = client.get(f"/v1/{kind}/{second['resp'].json()['id']}/content")
+    assert client.delete(f"/v1/{kind}/{first.json()['id']}").status_code == 204
+    second = removal["upload"].outcome()
+    monkeypatch.undo()
+    assert second.status_code == 201, second.text
+    content = client.get(f"/v1/{kind}/{second.json()['id']}/content")
     assert content.status_code == 200 and content.content == body, content.text
     _assert_live_blobs_verify(session, settings)
+    _assert_fsck_ok(session, settings)
+
+
+def test_two_identical_files_deleted_at_once_leave_no_bytes_behind(client, session, engine, settings, monkeypatch):
+    """Two live rows share one blob; both are deleted concurrently: the second delete runs while the
+    first has written its tombstone but not committed it, as far as it can get. Afterwards the blob
+    is gone (personal data a team deleted must not stay on disk) and fsck finds nothing. (Before,
+    on Postgres, each delete saw the other row still live and neither removed the blob.)"""
+    body = _RACE_BODIES["feedback"]
+    a, b = (_post_body(client, "feedback", body).json() for _ in range(2))
+    assert a["sha256"] == b["sha256"]
+    real_add_intent = files.add_intent
+    gap: dict[str, Any] = {}
+
+    def delete_b_in_the_gap(session_: Session, *args: Any, **kw: Any) -> Any:
+        intent = real_add_intent(session_, *args, **kw)
+        if "delete_b" not in gap:
+            session_.flush()
+            gap["delete_b"] = InTheGap(
+                engine, session_, lambda: client.delete(f"/v1/feedback/{b['id']}")
+            ).run_until_done_or_blocked()
+        return intent
+
+    monkeypatch.setattr(files, "add_intent", delete_b_in_the_gap)
+    assert client.delete(f"/v1/feedback/{a['id']}").status_code == 204
+    assert gap["delete_b"].outcome().status_code == 204
+    monkeypatch.undo()
+    assert not any(settings.feedback_dir.iterdir())
     _assert_fsck_ok(session, settings)
