@@ -740,10 +740,9 @@ def test_an_identical_upload_between_the_check_and_the_unlink_keeps_its_bytes(
 
     def upload_in_the_gap(actions: Any, data_dir: Path) -> None:
         actions = list(actions)
-        if any(a["op"] == "unlink" for a in actions) and "upload" not in removal:
-            removal["upload"] = InTheGap(
-                engine, removal["session"], lambda: _post_body(client, kind, body)
-            ).run_until_done_or_blocked()
+        if any(a["op"] == "unlink" for a in actions) and "upload" not in removal:  # the first removal only
+            removal["upload"] = InTheGap(engine, removal["session"], lambda: _post_body(client, kind, body))
+            removal["upload"].run_until_done_or_blocked()
         real_execute(actions, data_dir)
 
     monkeypatch.setattr(files, "finish", finish)
@@ -771,11 +770,10 @@ def test_two_identical_files_deleted_at_once_leave_no_bytes_behind(client, sessi
 
     def delete_b_in_the_gap(session_: Session, *args: Any, **kw: Any) -> Any:
         intent = real_add_intent(session_, *args, **kw)
-        if "delete_b" not in gap:
+        if "delete_b" not in gap:  # only in the first delete (the second comes here too)
             session_.flush()
-            gap["delete_b"] = InTheGap(
-                engine, session_, lambda: client.delete(f"/v1/feedback/{b['id']}")
-            ).run_until_done_or_blocked()
+            gap["delete_b"] = InTheGap(engine, session_, lambda: client.delete(f"/v1/feedback/{b['id']}"))
+            gap["delete_b"].run_until_done_or_blocked()
         return intent
 
     monkeypatch.setattr(files, "add_intent", delete_b_in_the_gap)
