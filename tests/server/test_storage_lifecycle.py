@@ -26,7 +26,7 @@ from server import jobs
 from server.db import READ_OPTION
 from server.models import Checkpoint, DeletionIntent, FeedbackFile, PromptSet, Run
 from server.settings import Settings
-from server.storage_lifecycle import files, retention, usage
+from server.storage_lifecycle import files, maintenance, retention, usage
 from server.storage_lifecycle.fsck import fsck
 from tests.server.conftest import SMALL_HP, jsonl, make_checkpoint_dir, round_checkpoint_id, upload_ok, work_job
 
@@ -344,6 +344,51 @@ def test_a_removal_killed_half_way_is_finished_by_the_sweeper(client, session, s
     assert maintenance.finish_intents(session, settings, min_age_s=0)  # the sweeper's pass
     assert not _ckpt_dir(settings, r1["job_id"]).exists()
     assert session.exec(select(DeletionIntent).where(DeletionIntent.finished_at.is_(None))).all() == []
+    _assert_fsck_ok(session, settings)
+
+
+def test_the_sweeper_thread_finishes_a_delete_killed_after_its_commit(client, session, settings, monkeypatch):
+    """The real sweeper loop (`sweeper.start_thread`) finishes a feedback delete whose process died
+    after the commit, once the removal is older than the grace a live request gets."""
+    from datetime import timedelta
+
+    from server import sweeper
+    from server.services.keys import Principal
+    from server.storage_lifecycle import deletion
+
+    fb = upload_ok(client, pairwise_records(4, seed=21))
+    row = session.get(FeedbackFile, fb["id"])
+    blob, principal = settings.data_dir / row.storage_path, Principal(project_id=row.project_id, key_id=None)
+    session.rollback()
+
+    def killed(actions, data_dir):  # the process dies after the commit, before the unlink
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "execute", killed)
+    with pytest.raises(KeyboardInterrupt):
+        deletion.delete_feedback(session, settings, principal, fb["id"])
+    session.rollback()
+    monkeypatch.undo()
+    assert blob.is_file() and client.get(f"/v1/feedback/{fb['id']}").json()["deleted_at"]
+    intent = session.exec(select(DeletionIntent).where(col(DeletionIntent.finished_at).is_(None))).one()
+    intent.created_at -= timedelta(seconds=maintenance.INTENT_GRACE_S + 1)
+    session.add(intent)
+    session.commit()
+
+    settings.sweep_interval_s = 0.05
+    thread, stop = sweeper.start_thread(settings)
+    try:
+        for _ in range(600):  # the loop's first passes; bounded so a broken sweeper fails, not hangs
+            session.expire_all()
+            done = session.get(DeletionIntent, intent.id).finished_at is not None
+            session.rollback()
+            if done:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert done and not blob.exists()
     _assert_fsck_ok(session, settings)
 
 
