@@ -420,13 +420,6 @@ def publish_blob(staged: StagedFile, data_dir: Path) -> tuple[str, bool]:
     return rel, True
 
 
-def remove_blob(data_dir: Path, rel: str) -> None:
-    try:
-        (data_dir / rel).unlink()
-    except FileNotFoundError:
-        pass
-
-
 def cleanup_stale_uploads(tmp_dir: Path, older_than_s: float = 24 * 3600) -> int:
     """Remove temp files left by a crashed process (uploads in flight are younger than this)."""
     removed = 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from halos_client.event_models import EventType
 from halos_client.models import FeedbackOut
@@ -26,6 +26,7 @@ from server.services.keys import Principal
 from server.services.validation_pool import Pipeline, ValidationPool
 from server.settings import Settings
 from server.storage import StagedFile
+from server.storage_lifecycle import files
 
 if TYPE_CHECKING:
     from halos_core.feedback.quality import Findings
@@ -234,28 +235,21 @@ def ingest(
                     "n_test": fb.n_test,
                 },
             )
+            # held to the commit: a removal of this blob (a deleted identical file's) cannot unlink
+            # it between the publish (which keeps an existing blob) and the commit of this row
+            files.lock_blob(session, fb.storage_path)
             rel, created = storage.publish_blob(staged, data_dir)
             try:
                 session.commit()
             except BaseException:
                 session.rollback()
                 if created:
-                    _remove_if_unreferenced(session, data_dir, rel, staged.sha256)
+                    files.remove_blob_if_unused(session, data_dir, rel)
                 raise
             return Ingested(fb, replayed=False)
         raise RuntimeError("could not store the feedback file after 3 attempts")
     finally:
         staged.discard()  # no-op once published
-
-
-def _remove_if_unreferenced(session: Session, data_dir: Any, rel: str, sha256: str) -> None:
-    try:
-        used = session.exec(select(FeedbackFile.id).where(FeedbackFile.sha256 == sha256).limit(1)).first()
-        session.rollback()
-        if used is None:
-            storage.remove_blob(data_dir, rel)
-    except Exception:  # best effort; an orphan blob is harmless (content-addressed)
-        log.exception("could not clean up blob %s", rel)
 
 
 def get_feedback(session: Session, principal: Principal, feedback_id: str) -> FeedbackFile:

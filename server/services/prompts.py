@@ -18,6 +18,7 @@ from server.services.feedback import _record_error
 from server.services.keys import Principal
 from server.settings import Settings
 from server.storage import StagedFile
+from server.storage_lifecycle import files
 
 ENDPOINT = "POST /v1/prompts"
 
@@ -137,8 +138,16 @@ def ingest(
             except IntegrityError:
                 session.rollback()
                 continue
-            storage.publish_blob(staged, settings.data_dir)  # content-addressed: never removed under a reader
-            session.commit()
+            # held to the commit: see feedback.ingest (a removal cannot unlink the blob this row adopts)
+            files.lock_blob(session, ps.storage_path)
+            rel, created = storage.publish_blob(staged, settings.data_dir)
+            try:
+                session.commit()
+            except BaseException:
+                session.rollback()
+                if created:
+                    files.remove_blob_if_unused(session, settings.data_dir, rel)
+                raise
             return ps, False
         raise RuntimeError("could not store the prompt set after 3 attempts")
     finally:

@@ -9,7 +9,8 @@ one transaction, the bytes go after the commit (server/storage_lifecycle/files.p
   rounds trained on it) with `deleted_at`; the client's file name and the data-quality findings
   (which quote records) are cleared with the bytes; labelling-tool annotations sealed into a
   deleted feedback file lose their record (their ids stay, so a redelivery is still a no-op).
-  Blobs are content-addressed: one still used by another live row stays.
+  Blobs are content-addressed: one still used by another live row stays (decided under
+  `files.lock_blob`, which uploads of the same bytes take too).
 - a run: every checkpoint becomes `pruned`, every round's run directory goes; the rows stay
   (`Run.deleted_at`; the run is 404 afterwards).
 - a model: only its registration (`Model.deleted_at`); the directory is the operator's.
@@ -18,7 +19,6 @@ one transaction, the bytes go after the commit (server/storage_lifecycle/files.p
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -84,12 +84,6 @@ def _in_use(kind: str, object_id: str, jobs: list[str]) -> Conflict:
     )
 
 
-def blob_actions(session: Session, storage_path: str, data_dir: Path) -> list[dict[str, Any]]:
-    if files.blob_still_used(session, storage_path):
-        return []
-    return [{"op": "unlink", "path": str(files.resolve(data_dir, storage_path)), "blob": storage_path}]
-
-
 def delete_feedback(session: Session, settings: Settings, principal: Principal, feedback_id: str) -> FeedbackFile:
     fb = get_owned(session, FeedbackFile, feedback_id, principal.project_id, "feedback")
     if fb.deleted_at is not None:
@@ -107,7 +101,7 @@ def delete_feedback(session: Session, settings: Settings, principal: Principal, 
         session.add(draft)
     session.flush()
     intent = files.add_intent(
-        session, "feedback", fb.id, blob_actions(session, fb.storage_path, settings.data_dir), principal.project_id
+        session, "feedback", fb.id, [files.blob_action(settings.data_dir, fb.storage_path)], principal.project_id
     )
     session.commit()
     files.finish(session, [intent.id] if intent.id is not None else [], settings)
@@ -128,7 +122,7 @@ def delete_prompt_set(session: Session, settings: Settings, principal: Principal
     session.add(ps)
     session.flush()
     intent = files.add_intent(
-        session, "prompt_set", ps.id, blob_actions(session, ps.storage_path, settings.data_dir), principal.project_id
+        session, "prompt_set", ps.id, [files.blob_action(settings.data_dir, ps.storage_path)], principal.project_id
     )
     session.commit()
     files.finish(session, [intent.id] if intent.id is not None else [], settings)

@@ -10,18 +10,23 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session, select
+from sqlalchemy import event
+from sqlmodel import Session, col, select
 
-from halos_core.run_dir import read_manifest
+from halos_core.artefact_spec import ArtefactResult
+from halos_core.run_dir import read_manifest, sha256_file
 from halos_core.synthetic import pairwise_records
 from server import jobs
-from server.models import Checkpoint, DeletionIntent, FeedbackFile, Run
+from server.db import READ_OPTION
+from server.models import Checkpoint, DeletionIntent, FeedbackFile, PromptSet, Run
 from server.settings import Settings
-from server.storage_lifecycle import files, retention, usage
+from server.storage_lifecycle import files, maintenance, retention, usage
 from server.storage_lifecycle.fsck import fsck
 from tests.server.conftest import SMALL_HP, jsonl, make_checkpoint_dir, round_checkpoint_id, upload_ok, work_job
 
@@ -128,6 +133,29 @@ def test_retention_keeps_what_unfinished_jobs_need(client, session, settings, mo
     assert [a["checkpoint_id"] for a in done["actions"]] == [c1]
 
 
+def test_retention_defaults_keep_an_old_head_and_run_in_the_sweepers_pass(client, session, settings, model, fb):
+    """A run without its own policy gets the settings' defaults; the head stays whole however old
+    (after a rollback); the sweeper's periodic pass applies every run's retention."""
+    settings.retention_keep_rounds = 1
+    settings.retention_keep_weights_rounds = 2
+    run = _new_run(client, model)
+    made = [_trained_round(client, session, settings, run["id"], fb["id"], step=4 * (i + 1)) for i in range(4)]
+    (r1, c1), (r2, c2), (_r3, c3), (_r4, c4) = made
+    assert client.post(f"/v1/runs/{run['id']}/rollback", json={"checkpoint_id": c1}).status_code == 200
+    plan = client.get(f"/v1/runs/{run['id']}/retention").json()
+    assert plan["policy"] == {"keep_rounds": 1, "keep_weights_rounds": 2}
+    assert "head" in {r for k in plan["kept"] if k["checkpoint_id"] == c1 for r in k["reasons"]}
+
+    from server.storage_lifecycle import maintenance
+
+    assert maintenance.periodic(session, settings)["pruned"] == 2
+    states = {c: client.get(f"/v1/checkpoints/{c}").json()["state"] for c in (c1, c2, c3, c4)}
+    assert states == {c1: "whole", c2: "pruned", c3: "optimizer_pruned", c4: "whole"}
+    assert read_manifest(_ckpt_dir(settings, r1["job_id"]), verify=True)  # the head: whole, verifies
+    assert not _ckpt_dir(settings, r2["job_id"]).exists()
+    _assert_fsck_ok(session, settings)
+
+
 def test_retention_settings_validation(client, model):
     resp = client.post(
         "/v1/runs",
@@ -225,6 +253,71 @@ def test_delete_prompt_set(client, session, settings):
     _assert_fsck_ok(session, settings)
 
 
+def test_delete_generated_samples(client, client_b, session, settings, model):
+    """A sampling job's output (a `sampled` feedback file in the job's run directory): 409 while an
+    unfinished round trains on it, then its bytes go and the row stays a tombstone with its hash."""
+    prompts = client.post(
+        "/v1/prompts",
+        content=jsonl([{"prompt_id": f"p{i}", "prompt": f"Tell me about {i}."} for i in range(2)]),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert prompts.status_code == 201, prompts.text
+    job = client.post(
+        "/v1/sampling-jobs", json={"prompt_set_id": prompts.json()["id"], "model_id": model["id"], "params": {"n": 2}}
+    )
+    assert job.status_code == 201, job.text
+    job_id = job.json()["id"]
+    out = settings.runs_dir / job_id / "outputs" / "samples.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_bytes(
+        jsonl(
+            [
+                {
+                    "type": "sample",
+                    "prompt_id": f"p{p}",
+                    "sample_id": str(j),
+                    "prompt": f"Tell me about {p}.",
+                    "output": f"answer {j} about {p}",
+                }
+                for p in range(2)
+                for j in range(2)
+            ]
+        )
+    )
+    claim = jobs.claim(session, job_id, "test-host", 1, 60)
+    result = ArtefactResult(
+        job_id=job_id,
+        kind="sample",
+        output_path=str(out),
+        sha256=sha256_file(out),
+        size_bytes=out.stat().st_size,
+        feedback_kind="sampled",
+        format="samples",
+        n_records=4,
+        n_prompts=2,
+        n_train=4,
+        n_test=0,
+    )
+    jobs.finish(session, job_id, claim.lease_token, jobs.Outcome("succeeded", result=result), retry_backoff_s=0)
+    samples_id = session.exec(select(FeedbackFile).where(FeedbackFile.job_id == job_id)).one().id
+    session.rollback()
+
+    run = client.post("/v1/runs", json={"model_id": model["id"], "loss": {"name": "sft"}, "hyperparams": SMALL_HP})
+    assert run.status_code == 201, run.text
+    rnd = _round(client, run.json()["id"], samples_id)
+    resp = client.delete(f"/v1/feedback/{samples_id}")
+    assert resp.status_code == 409 and resp.json()["error"]["details"]["job_ids"] == [rnd["job_id"]]
+    assert client_b.delete(f"/v1/feedback/{samples_id}").status_code == 404
+    assert out.is_file()
+    assert client.post(f"/v1/jobs/{rnd['job_id']}/cancel").status_code == 202
+    assert client.delete(f"/v1/feedback/{samples_id}").status_code == 204
+    assert client.delete(f"/v1/feedback/{samples_id}").status_code == 204  # idempotent
+    assert not out.exists()
+    tomb = client.get(f"/v1/feedback/{samples_id}").json()
+    assert tomb["deleted_at"] and tomb["sha256"] == result.sha256
+    _assert_fsck_ok(session, settings)
+
+
 def test_a_removal_killed_half_way_is_finished_by_the_sweeper(client, session, settings, model, fb, monkeypatch):
     run = _new_run(client, model, keep_rounds=1, keep_weights_rounds=1)
     (r1, c1), _second = [
@@ -254,10 +347,55 @@ def test_a_removal_killed_half_way_is_finished_by_the_sweeper(client, session, s
     _assert_fsck_ok(session, settings)
 
 
+def test_the_sweeper_thread_finishes_a_delete_killed_after_its_commit(client, session, settings, monkeypatch):
+    """The real sweeper loop (`sweeper.start_thread`) finishes a feedback delete whose process died
+    after the commit, once the removal is older than the grace a live request gets."""
+    from datetime import timedelta
+
+    from server import sweeper
+    from server.services.keys import Principal
+    from server.storage_lifecycle import deletion
+
+    fb = upload_ok(client, pairwise_records(4, seed=21))
+    row = session.get(FeedbackFile, fb["id"])
+    blob, principal = settings.data_dir / row.storage_path, Principal(project_id=row.project_id, key_id=None)
+    session.rollback()
+
+    def killed(actions, data_dir):  # the process dies after the commit, before the unlink
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "execute", killed)
+    with pytest.raises(KeyboardInterrupt):
+        deletion.delete_feedback(session, settings, principal, fb["id"])
+    session.rollback()
+    monkeypatch.undo()
+    assert blob.is_file() and client.get(f"/v1/feedback/{fb['id']}").json()["deleted_at"]
+    intent = session.exec(select(DeletionIntent).where(col(DeletionIntent.finished_at).is_(None))).one()
+    intent.created_at -= timedelta(seconds=maintenance.INTENT_GRACE_S + 1)
+    session.add(intent)
+    session.commit()
+
+    settings.sweep_interval_s = 0.05
+    thread, stop = sweeper.start_thread(settings)
+    try:
+        for _ in range(600):  # the loop's first passes; bounded so a broken sweeper fails, not hangs
+            session.expire_all()
+            done = session.get(DeletionIntent, intent.id).finished_at is not None
+            session.rollback()
+            if done:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert done and not blob.exists()
+    _assert_fsck_ok(session, settings)
+
+
 # --------------------------------------------------------------------------- usage and admission
 
 
-def test_usage_readyz_and_gauges(client, anon, session, settings, model, fb):
+def test_usage_readyz_and_gauges(client, client_b, anon, session, settings, model, fb):
     run = _new_run(client, model)
     r1, _c1 = _trained_round(client, session, settings, run["id"], fb["id"], step=4)
     (settings.runs_dir / r1["job_id"] / "stdout.log").write_bytes(b"x" * 100)
@@ -273,6 +411,9 @@ def test_usage_readyz_and_gauges(client, anon, session, settings, model, fb):
     assert u["counts"]["checkpoints_whole"] == 1 and u["counts"]["feedback"] == 1
     assert u["total_bytes"] == sum(v for k, v in u["bytes"].items() if k != "reference_cache")
     assert u["data_dir_free_bytes"] > 0 and u["reserve_bytes"] == settings.storage_reserve_bytes
+    other = client_b.get("/v1/usage").json()  # per project: the other project holds nothing
+    assert other["bytes"]["feedback"] == 0 and other["bytes"]["checkpoints_whole"] == 0
+    assert other["counts"].get("checkpoints_whole", 0) == 0 and other["bytes"].get("run_logs", 0) == 0
 
     ready = anon.get("/readyz").json()
     assert ready["data_dir_free_bytes"] > 0
@@ -532,4 +673,157 @@ def test_the_sdk_calls_the_storage_routes(client, keys, session, settings, model
     sdk.models.delete(model["id"])
     sdk.feedback.delete(fb["id"])
     assert sdk.feedback.get(fb["id"]).deleted_at is not None
+    _assert_fsck_ok(session, settings)
+
+
+# --------------------------------------------------------------------------- blob removal vs adoption
+
+
+class InTheGap:
+    """Runs `request` in another thread while the calling thread (a removal) is at a point of its
+    choosing, and lets it get as far as it can: to its end, or until it waits on a lock that the
+    removal's open transaction (`holder`) holds. Deterministic either way: no sleeps decide it."""
+
+    def __init__(self, engine: Any, holder: Session, request: Any) -> None:
+        self.engine, self.holder, self.request = engine, holder, request
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.began_writing = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.owner = threading.get_ident()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.request()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.done.set()
+
+    def _writer_begins(self, conn: Any) -> None:
+        if threading.get_ident() != self.owner and not conn.get_execution_options().get(READ_OPTION):
+            self.began_writing.set()
+
+    def _connects(self, _dbapi_conn: Any, _record: Any) -> None:
+        if threading.get_ident() != self.owner:  # opening a connection (its WAL pragma) waits too
+            self.began_writing.set()
+
+    def _blocked(self) -> bool:
+        """Is another transaction waiting for a lock the holder's open transaction holds? Without an
+        open transaction the holder holds nothing, so nothing can be waiting on it."""
+        if not self.holder.in_transaction():
+            return False
+        if self.engine.dialect.name == "sqlite":
+            # every writer transaction is BEGIN IMMEDIATE (server/db.py): one another thread begins
+            # (or a connection it opens) while the holder's is open waits for the write lock
+            return self.began_writing.is_set()
+        pid = self.holder.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with self.engine.connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))", {"pid": pid}
+            ).scalar()
+            conn.rollback()
+        return bool(waiting)
+
+    def run_until_done_or_blocked(self) -> InTheGap:
+        event.listen(self.engine, "begin", self._writer_begins, insert=True)
+        event.listen(self.engine, "connect", self._connects, insert=True)
+        self.thread.start()
+        while not self.done.wait(0.02):
+            if self._blocked():
+                break
+        return self
+
+    def outcome(self) -> Any:
+        self.thread.join(timeout=120)
+        # only now: the blocked thread was inside the event dispatch (removing mutates its deque)
+        event.remove(self.engine, "begin", self._writer_begins)
+        event.remove(self.engine, "connect", self._connects)
+        assert self.done.is_set() and self.error is None, self.error
+        return self.result
+
+
+def _assert_live_blobs_verify(session: Session, settings: Settings) -> None:
+    session.expire_all()
+    for table in (FeedbackFile, PromptSet):
+        for row in session.exec(select(table).where(col(table.deleted_at).is_(None))).all():
+            path = files.resolve(settings.data_dir, row.storage_path)
+            assert path.is_file(), f"{table.__name__} {row.id}: its blob {path} is gone"
+            assert sha256_file(path) == row.sha256
+    session.rollback()
+
+
+def _post_body(client: TestClient, kind: str, body: bytes) -> Any:
+    return client.post(f"/v1/{kind}", content=body, headers={"Content-Type": "application/x-ndjson"})
+
+
+_RACE_BODIES = {
+    "feedback": jsonl(pairwise_records(5, seed=5)),
+    "prompts": jsonl([{"prompt": f"race prompt {i}"} for i in range(4)]),
+}
+
+
+@pytest.mark.parametrize("kind", ["feedback", "prompts"])
+def test_an_identical_upload_between_the_check_and_the_unlink_keeps_its_bytes(
+    kind, client, session, engine, settings, monkeypatch
+):
+    """The removal of a deleted file's blob decided that no live row uses it; an upload of the same
+    bytes (same content address) runs while the removal is between that check and the unlink, as
+    far as it can get. Afterwards every live row's blob exists and verifies, and fsck finds nothing.
+    (Before the blob lock, the upload committed in that gap and the unlink took its bytes.)"""
+    body = _RACE_BODIES[kind]
+    first = _post_body(client, kind, body)
+    assert first.status_code == 201, first.text
+    removal: dict[str, Any] = {}
+    real_finish, real_execute = files.finish, files.execute
+
+    def finish(session_: Session, intent_ids: list[int], settings_: Settings) -> None:
+        removal["session"] = session_
+        real_finish(session_, intent_ids, settings_)
+
+    def upload_in_the_gap(actions: Any, data_dir: Path) -> None:
+        actions = list(actions)
+        if any(a["op"] == "unlink" for a in actions) and "upload" not in removal:  # the first removal only
+            removal["upload"] = InTheGap(engine, removal["session"], lambda: _post_body(client, kind, body))
+            removal["upload"].run_until_done_or_blocked()
+        real_execute(actions, data_dir)
+
+    monkeypatch.setattr(files, "finish", finish)
+    monkeypatch.setattr(files, "execute", upload_in_the_gap)
+    assert client.delete(f"/v1/{kind}/{first.json()['id']}").status_code == 204
+    second = removal["upload"].outcome()
+    monkeypatch.undo()
+    assert second.status_code == 201, second.text
+    content = client.get(f"/v1/{kind}/{second.json()['id']}/content")
+    assert content.status_code == 200 and content.content == body, content.text
+    _assert_live_blobs_verify(session, settings)
+    _assert_fsck_ok(session, settings)
+
+
+def test_two_identical_files_deleted_at_once_leave_no_bytes_behind(client, session, engine, settings, monkeypatch):
+    """Two live rows share one blob; both are deleted concurrently: the second delete runs while the
+    first has written its tombstone but not committed it, as far as it can get. Afterwards the blob
+    is gone (personal data a team deleted must not stay on disk) and fsck finds nothing. (Before,
+    on Postgres, each delete saw the other row still live and neither removed the blob.)"""
+    body = _RACE_BODIES["feedback"]
+    a, b = (_post_body(client, "feedback", body).json() for _ in range(2))
+    assert a["sha256"] == b["sha256"]
+    real_add_intent = files.add_intent
+    gap: dict[str, Any] = {}
+
+    def delete_b_in_the_gap(session_: Session, *args: Any, **kw: Any) -> Any:
+        intent = real_add_intent(session_, *args, **kw)
+        if "delete_b" not in gap:  # only in the first delete (the second comes here too)
+            session_.flush()
+            gap["delete_b"] = InTheGap(engine, session_, lambda: client.delete(f"/v1/feedback/{b['id']}"))
+            gap["delete_b"].run_until_done_or_blocked()
+        return intent
+
+    monkeypatch.setattr(files, "add_intent", delete_b_in_the_gap)
+    assert client.delete(f"/v1/feedback/{a['id']}").status_code == 204
+    assert gap["delete_b"].outcome().status_code == 204
+    monkeypatch.undo()
+    assert not any(settings.feedback_dir.iterdir())
     _assert_fsck_ok(session, settings)

@@ -168,6 +168,21 @@ def test_previous_attempts_complete_result_is_reported_not_retrained(env):
     assert report2.outcome.status == "succeeded" and len(trainer_starts(Path(claim.run_dir))) == 1
 
 
+def test_a_round_that_no_longer_fits_the_disk_fails_before_the_launch(env, monkeypatch):
+    """Issue 12: the worker asks the storage admission again right before the launch (the disk may
+    have filled since the submit): the round fails with the figures and no trainer starts."""
+    from server.storage_lifecycle import files
+
+    job = add_round(env.session, env.run, env.root, {"steps": 4})
+    claim = jobs.claim(
+        env.session, job.id, "test-host", 1, env.settings.lease_ttl_s, run_dir=str(env.settings.runs_dir / job.id)
+    )
+    monkeypatch.setattr(files, "free_bytes", lambda path: env.settings.storage_reserve_bytes - 1)  # under the reserve
+    report = runner.run_job(claim, env.settings, threading.Event())
+    assert report.outcome.status == "failed" and report.outcome.error.startswith("insufficient storage")
+    assert trainer_starts(env.settings.runs_dir / job.id) == []
+
+
 # --------------------------------------------------------------------------- pure functions
 
 
