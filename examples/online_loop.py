@@ -54,13 +54,14 @@ class Size:
     prompts: int  # training prompts sampled each iteration
     heldout: int  # held-out preference pairs (the eval set)
     warm: int  # warm-start SFT records
+    warm_epochs: int  # passes of the warm start over them
     rm_pairs: int  # reward-model training pairs
     n: int  # samples per prompt
     epochs: int  # passes of each round over its labelled data
 
 
-FULL = Size(prompts=48, heldout=48, warm=192, rm_pairs=128, n=4, epochs=2)
-SMALL = Size(prompts=16, heldout=16, warm=64, rm_pairs=32, n=4, epochs=1)
+FULL = Size(prompts=48, heldout=48, warm=192, warm_epochs=3, rm_pairs=128, n=4, epochs=2)
+SMALL = Size(prompts=16, heldout=16, warm=64, warm_epochs=3, rm_pairs=32, n=4, epochs=1)
 HP = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "max_length": 64, "max_prompt_length": 32}
 LOOP_HP = {"lr": 5e-4}  # the loop's rounds
 SCHEDULE = [
@@ -196,7 +197,11 @@ def setup(api: Api, size: Size, model_dir: Path) -> tuple[dict[str, Any], str, d
     warm_run = api.call(
         "POST",
         "/v1/runs",
-        json={"model_id": base["id"], "loss": {"name": "sft"}, "hyperparams": {**HP, "lr": 2e-3, "n_epochs": 3}},
+        json={
+            "model_id": base["id"],
+            "loss": {"name": "sft"},
+            "hyperparams": {**HP, "lr": 2e-3, "n_epochs": size.warm_epochs},
+        },
     )
     warm = api.round(warm_run["id"], {"feedback_ids": [warm_fb["id"]]})
     warm_ckpt = api.call("GET", f"/v1/checkpoints/{warm['checkpoint_id']}")
@@ -341,9 +346,7 @@ def verdict(rows: list[dict[str, Any]], control: list[dict[str, Any]] | None) ->
     ]
     if control is not None:
         start = control[0]["accuracy"]
-        checks.append(
-            ("control accuracy never above its start", all(r["accuracy"] <= start for r in control[1:]))
-        )
+        checks.append(("control accuracy never above its start", all(r["accuracy"] <= start for r in control[1:])))
     ok = all(passed for _, passed in checks)
     return ok, ("PASS" if ok else "FAIL") + ": " + "; ".join(f"{name}: {'yes' if p else 'NO'}" for name, p in checks)
 
