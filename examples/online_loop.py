@@ -8,21 +8,34 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
   a prompt names a topic; the preferred reply repeats the topic and ends with "thanks"
   ("The apple is a fine apple, thanks."), the dispreferred one names another word ("A river is
   here"). A randomly initialised 2-layer Llama cannot write either, so:
-  1. warm start: an `sft` run on a 50/50 mix of both replies; its checkpoint is registered as the
-     model (the loop's pinned reference), so its samples are a mix of good and bad replies — the
-     reward model has something to tell apart and the policy something to move towards;
-  2. reward model: a `bradley_terry` run on synthetic preference pairs;
+  1. warm start: an `sft` run on a 50/50 mix of both replies, long enough that its samples are
+     mostly one form or the other (with typos); its checkpoint is registered as the model, which
+     is the loop's pinned reference — the reward model has something to tell apart and the
+     policy something to move towards;
+  2. reward model: a `bradley_terry` run on synthetic preference pairs (it scores the good form
+     about +7 and the bad one about -6);
   3. the loop run starts from the warm-started model; each iteration samples 4 completions per
-     training prompt from the head, labels them with the reward model (DPO: one max-gap pair per
-     prompt; KTO: binary by the median score) and trains a round on them, with the held-out
-     preference pairs as the round's eval set and a gate (the held-out accuracy may not drop
-     more than 0.2 below the head's).
-Printed per iteration: the mean reward-model score of the fresh samples (drawn from the head at
-the start of the iteration; one more sampling after the last) and the held-out preference accuracy
-of the policy after the iteration (the DPO rounds' eval on the held-out pairs; after the KTO round
-it is the next DPO round's `eval_before`, the same eval set scored by the head before training).
+     training prompt from the head, labels them with the reward model and trains one round on
+     them. The labels are absolute, so that they keep meaning "good form vs bad form" once most
+     samples are good: DPO gets at most one pair per prompt, its best sample against its worst
+     when their scores differ by at least 2 (prompts whose samples are all good give no pair, so
+     rounds shrink as the policy improves); KTO gets every sample, desirable iff its score > 0.
+     (Relative labels — binary by the median, pairs with no minimum gap — push good replies down
+     once they are the majority; with them the held-out accuracy fell after a round.) The
+     rounds' learning rate is small (LOOP_HP) so that one round does not finish the job.
+Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
+  - the mean reward-model score of fresh samples drawn from that head (the samples iteration
+    k+1 trains on; after the last round one more sampling);
+  - the held-out preference accuracy of that head: 48 synthetic pairs of prompts never trained
+    on, scored by the trainer with the round's DPO loss against the reference — the share whose
+    preferred reply gets the higher implicit reward beta*log(pi/pi_ref), ties counted 1/2
+    (`rewards/accuracy` + `rewards/ties` / 2: the warm start IS the reference, every pair ties,
+    0.5). A DPO round scores the held-out set before training (its gate's `eval_before`) and
+    after; the head after the KTO round is measured by the next DPO round's `eval_before`.
 Negative control: the same loop, but the reward model's labels are replaced by coin flips (the
 labelled file is downloaded, its labels randomised, uploaded again) — no signal, so no rise.
+The last line is PASS or FAIL: both figures strictly above the previous iteration's at every
+iteration, and the control's accuracy never above its start.
 """
 
 from __future__ import annotations
@@ -64,6 +77,10 @@ FULL = Size(prompts=48, heldout=48, warm=192, warm_epochs=3, rm_pairs=128, n=4, 
 SMALL = Size(prompts=16, heldout=16, warm=64, warm_epochs=3, rm_pairs=32, n=4, epochs=1)
 HP = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "max_length": 64, "max_prompt_length": 32}
 LOOP_HP = {"lr": 5e-4}  # the loop's rounds
+LABELS = {
+    "dpo": {"type": "pairwise", "method": "max", "min_gap": 2.0},
+    "kto": {"type": "binary", "method": "threshold", "threshold": 0.0},
+}
 SCHEDULE = [
     ("dpo", {"name": "dpo", "beta": 0.1}),
     ("kto", {"name": "kto", "beta": 0.1}),
@@ -224,6 +241,34 @@ def setup(api: Api, size: Size, model_dir: Path) -> tuple[dict[str, Any], str, d
     return model, rm["checkpoint_id"], train_prompts, heldout
 
 
+def rm_heldout(api: Api, size: Size, model: dict[str, Any], rm_ckpt: str) -> dict[str, Any]:
+    """Held-out pairs the reward model prefers: samples of held-out prompts drawn once from the warm
+    start, one max-gap pair per prompt (gap >= 2), all split=test."""
+    held_prompts = api.upload(
+        "/v1/prompts", [{**p, "split": "test"} for p in prompts(size.heldout, seed=41, prefix="h")]
+    )
+    job = api.call(
+        "POST",
+        "/v1/sampling-jobs",
+        json={
+            "prompt_set_id": held_prompts["id"],
+            "model_id": model["id"],
+            "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 41},
+        },
+    )
+    samples = api.output(api.wait(job["id"]))
+    job = api.call(
+        "POST",
+        "/v1/labelling-jobs",
+        json={
+            "samples_id": samples["id"],
+            "reward_model_checkpoint_id": rm_ckpt,
+            "label": {"type": "pairwise", "method": "max", "min_gap": 2.0},
+        },
+    )
+    return api.output(api.wait(job["id"]))
+
+
 def coin_flips(api: Api, fb: dict[str, Any], seed: int) -> dict[str, Any]:
     """The negative control's labels: the same records with random labels (downloaded, re-uploaded)."""
     rng = random.Random(seed)
@@ -286,11 +331,7 @@ def loop(
     scores: list[float] = []  # scores[k]: fresh samples of the head after iteration k
     evals: list[tuple[str, dict[str, Any]]] = []  # per round: (loss, result)
     for k, (loss_name, loss) in enumerate(SCHEDULE, start=1):
-        rule = (
-            {"type": "pairwise", "method": "max", "min_gap": 0.0}
-            if loss_name == "dpo"
-            else {"type": "binary", "method": "median"}
-        )
+        rule = LABELS[loss_name]
         labelled = label(sample_head(k), rule)
         scores.append(float(labelled["provenance"]["stats"]["mean_score"]))
         if control:
