@@ -16,13 +16,16 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
      about +7 and the bad one about -6);
   3. the loop run starts from the warm-started model; each iteration samples 4 completions per
      training prompt from the head, labels them with the reward model and trains one round on
-     them. The labels are absolute, so that they keep meaning "good form vs bad form" once most
-     samples are good: DPO gets at most one pair per prompt, its best sample against its worst
-     when their scores differ by at least 2 (prompts whose samples are all good give no pair, so
-     rounds shrink as the policy improves); KTO gets every sample, desirable iff its score > 0.
-     (Relative labels — binary by the median, pairs with no minimum gap — push good replies down
-     once they are the majority; with them the held-out accuracy fell after a round.) The
-     rounds' learning rate is small (LOOP_HP) so that one round does not finish the job.
+     them. Labels (both losses): at most one pair per prompt, its best sample against its worst
+     when their reward-model scores differ by at least 2 — so a pair always means "good form vs
+     bad form", and prompts whose samples are all good give none (rounds shrink as the policy
+     improves). DPO trains on the pairs; KTO on the same pairs made unpaired (best desirable,
+     worst undesirable: `pairwise_to_unpaired`). What we measured with other labels (full size):
+     relative ones (binary by the median, pairs with no minimum gap) call good replies
+     undesirable once they are the majority, and KTO on every sample (binary, threshold 0)
+     lowered the held-out accuracy (0.60 -> 0.27 after the KTO round). The rounds' learning
+     rate (LOOP_HP) is small so that one round does not finish the job; at 3e-5 and 1e-5 every
+     round left the accuracy where the first put it (0.771).
 Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
   - the mean reward-model score of fresh samples drawn from that head (the samples iteration
     k+1 trains on; after the last round one more sampling);
@@ -78,8 +81,8 @@ SMALL = Size(prompts=16, heldout=16, warm=64, warm_epochs=3, rm_pairs=32, n=4, e
 HP = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "max_length": 64, "max_prompt_length": 32}
 LOOP_HP = {"lr": 5e-4}  # the loop's rounds
 LABELS = {
-    "dpo": {"type": "pairwise", "method": "max", "min_gap": 2.0},
-    "kto": {"type": "binary", "method": "threshold", "threshold": 0.0},
+    "dpo": {"type": "pairwise", "method": "max", "min_gap": 0.0},
+    "kto": {"type": "binary", "method": "median"},
 }
 SCHEDULE = [
     ("dpo", {"name": "dpo", "beta": 0.1}),
@@ -239,34 +242,6 @@ def setup(api: Api, size: Size, model_dir: Path) -> tuple[dict[str, Any], str, d
         "/v1/feedback", [{**r, "split": "test"} for r in pairwise_records(size.heldout, seed=41, id_prefix="h")]
     )
     return model, rm["checkpoint_id"], train_prompts, heldout
-
-
-def rm_heldout(api: Api, size: Size, model: dict[str, Any], rm_ckpt: str) -> dict[str, Any]:
-    """Held-out pairs the reward model prefers: samples of held-out prompts drawn once from the warm
-    start, one max-gap pair per prompt (gap >= 2), all split=test."""
-    held_prompts = api.upload(
-        "/v1/prompts", [{**p, "split": "test"} for p in prompts(size.heldout, seed=41, prefix="h")]
-    )
-    job = api.call(
-        "POST",
-        "/v1/sampling-jobs",
-        json={
-            "prompt_set_id": held_prompts["id"],
-            "model_id": model["id"],
-            "params": {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": 41},
-        },
-    )
-    samples = api.output(api.wait(job["id"]))
-    job = api.call(
-        "POST",
-        "/v1/labelling-jobs",
-        json={
-            "samples_id": samples["id"],
-            "reward_model_checkpoint_id": rm_ckpt,
-            "label": {"type": "pairwise", "method": "max", "min_gap": 2.0},
-        },
-    )
-    return api.output(api.wait(job["id"]))
 
 
 def coin_flips(api: Api, fb: dict[str, Any], seed: int) -> dict[str, Any]:
