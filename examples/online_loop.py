@@ -8,24 +8,26 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
   a prompt names a topic; the preferred reply repeats the topic and ends with "thanks"
   ("The apple is a fine apple, thanks."), the dispreferred one names another word ("A river is
   here"). A randomly initialised 2-layer Llama cannot write either, so:
-  1. warm start: an `sft` run on a 50/50 mix of both replies, long enough that its samples are
-     mostly one form or the other (with typos); its checkpoint is registered as the model, which
-     is the loop's pinned reference — the reward model has something to tell apart and the
-     policy something to move towards;
+  1. warm start: an `sft` run on a 50/50 mix of both replies; its checkpoint is registered as
+     the model, which is the loop's pinned reference, so its samples are a mix of good-ish and
+     bad-ish replies (with many typos at 3 epochs) — the reward model has something to tell
+     apart and the policy something to move towards;
   2. reward model: a `bradley_terry` run on synthetic preference pairs (it scores the good form
      about +7 and the bad one about -6);
   3. the loop run starts from the warm-started model; each iteration samples 4 completions per
-     training prompt from the head, labels them with the reward model and trains one round on
-     them. Labels (both losses): at most one pair per prompt, its best sample against its worst
-     when their reward-model scores differ by at least 2 — so a pair always means "good form vs
-     bad form", and prompts whose samples are all good give none (rounds shrink as the policy
-     improves). DPO trains on the pairs; KTO on the same pairs made unpaired (best desirable,
-     worst undesirable: `pairwise_to_unpaired`). What we measured with other labels (full size):
-     relative ones (binary by the median, pairs with no minimum gap) call good replies
-     undesirable once they are the majority, and KTO on every sample (binary, threshold 0)
-     lowered the held-out accuracy (0.60 -> 0.27 after the KTO round). The rounds' learning
-     rate (LOOP_HP) is small so that one round does not finish the job; at 3e-5 and 1e-5 every
-     round left the accuracy where the first put it (0.771).
+     training prompt from the head, labels them with the reward model (DPO: one max-gap pair per
+     prompt; KTO: binary by the median score) and trains one round on them.
+  What the rise of the held-out accuracy depends on, measured at full size (accuracy after
+  iterations 1, 2, 3; it starts at 0.5): lr 5e-4 x 2 epochs (the defaults) 0.979, 0.979, 0.958 —
+  the first round does all the learning; lr 1e-4 x 1 epoch 0.729, 0.542, 0.542; lr 3e-5 0.833,
+  0.812, 0.771; with a 10-epoch warm start (cleaner samples) lr 3e-5 and 1e-5 0.771 three times
+  (small steps keep the sign pattern the first round set), lr 1e-4 0.750, 0.542, 0.521, lr 2e-4
+  0.729, 0.208, 0.125; absolute labels (pairs only with a score gap >= 2; KTO desirable iff
+  score > 0, or on those pairs made unpaired) at lr 2e-4: 0.604, 0.271, 0.292 and 0.604, 0.542,
+  0.479. After the first round the policy drifts towards what the reward model also scores high
+  (the good form with typos and other words) and away from the exact preferred replies of the
+  held-out pairs; the KTO round lowers their log-probability most. So the criterion below is
+  not met by any setting we measured (see the README).
 Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
   - the mean reward-model score of fresh samples drawn from that head (the samples iteration
     k+1 trains on; after the last round one more sampling);

@@ -4,9 +4,9 @@ warm start (sft) → reward model (bradley_terry) → 3 iterations of sample-fro
 the reward model → train (DPO, KTO, DPO, each with the held-out pairs as its eval set).
 
 At this size the loop's plumbing is asserted (every iteration ran, scores and accuracies were
-measured, the warm start scores chance on the held-out pairs, the rounds chained through the head);
-that both figures RISE is shown by the full-size example (README, "The online loop"), whose figures
-depend on more steps than CI can afford."""
+measured, the warm start scores chance on the held-out pairs, the rounds chained through the head).
+Whether the figures rise is the full-size example's business (README, "The online loop": the
+reward-model score does, the held-out accuracy saturates after the first round).""""""
 
 from __future__ import annotations
 
