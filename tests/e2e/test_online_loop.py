@@ -6,7 +6,7 @@ the reward model → train (DPO, KTO, DPO, each with the held-out pairs as its e
 At this size the loop's plumbing is asserted (every iteration ran, scores and accuracies were
 measured, the warm start scores chance on the held-out pairs, the rounds chained through the head).
 Whether the figures rise is the full-size example's business (README, "The online loop": the
-reward-model score does, the held-out accuracy saturates after the first round).""""""
+reward-model score does, the held-out accuracy saturates after the first round)."""
 
 from __future__ import annotations
 
