@@ -8,21 +8,39 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
   a prompt names a topic; the preferred reply repeats the topic and ends with "thanks"
   ("The apple is a fine apple, thanks."), the dispreferred one names another word ("A river is
   here"). A randomly initialised 2-layer Llama cannot write either, so:
-  1. warm start: an `sft` run on a 50/50 mix of both replies; its checkpoint is registered as the
-     model (the loop's pinned reference), so its samples are a mix of good and bad replies — the
-     reward model has something to tell apart and the policy something to move towards;
-  2. reward model: a `bradley_terry` run on synthetic preference pairs;
+  1. warm start: an `sft` run on a 50/50 mix of both replies; its checkpoint is registered as
+     the model, which is the loop's pinned reference, so its samples are a mix of good-ish and
+     bad-ish replies (with many typos at 3 epochs) — the reward model has something to tell
+     apart and the policy something to move towards;
+  2. reward model: a `bradley_terry` run on synthetic preference pairs (it scores the good form
+     about +7 and the bad one about -6);
   3. the loop run starts from the warm-started model; each iteration samples 4 completions per
      training prompt from the head, labels them with the reward model (DPO: one max-gap pair per
-     prompt; KTO: binary by the median score) and trains a round on them, with the held-out
-     preference pairs as the round's eval set and a gate (the held-out accuracy may not drop
-     more than 0.2 below the head's).
-Printed per iteration: the mean reward-model score of the fresh samples (drawn from the head at
-the start of the iteration; one more sampling after the last) and the held-out preference accuracy
-of the policy after the iteration (the DPO rounds' eval on the held-out pairs; after the KTO round
-it is the next DPO round's `eval_before`, the same eval set scored by the head before training).
+     prompt; KTO: binary by the median score) and trains one round on them.
+  What the rise of the held-out accuracy depends on, measured at full size (accuracy after
+  iterations 1, 2, 3; it starts at 0.5): lr 5e-4 x 2 epochs (the defaults) 0.979, 0.979, 0.958 —
+  the first round does all the learning; lr 1e-4 x 1 epoch 0.729, 0.542, 0.542; lr 3e-5 0.833,
+  0.812, 0.771; with a 10-epoch warm start (cleaner samples) lr 3e-5 and 1e-5 0.771 three times
+  (small steps keep the sign pattern the first round set), lr 1e-4 0.750, 0.542, 0.521, lr 2e-4
+  0.729, 0.208, 0.125; absolute labels (pairs only with a score gap >= 2; KTO desirable iff
+  score > 0, or on those pairs made unpaired) at lr 2e-4: 0.604, 0.271, 0.292 and 0.604, 0.542,
+  0.479. After the first round the policy drifts towards what the reward model also scores high
+  (the good form with typos and other words) and away from the exact preferred replies of the
+  held-out pairs; the KTO round lowers their log-probability most. So the criterion below is
+  not met by any setting we measured (see the README).
+Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
+  - the mean reward-model score of fresh samples drawn from that head (the samples iteration
+    k+1 trains on; after the last round one more sampling);
+  - the held-out preference accuracy of that head: 48 synthetic pairs of prompts never trained
+    on, scored by the trainer with the round's DPO loss against the reference — the share whose
+    preferred reply gets the higher implicit reward beta*log(pi/pi_ref), ties counted 1/2
+    (`rewards/accuracy` + `rewards/ties` / 2: the warm start IS the reference, every pair ties,
+    0.5). A DPO round scores the held-out set before training (its gate's `eval_before`) and
+    after; the head after the KTO round is measured by the next DPO round's `eval_before`.
 Negative control: the same loop, but the reward model's labels are replaced by coin flips (the
 labelled file is downloaded, its labels randomised, uploaded again) — no signal, so no rise.
+The last line is PASS or FAIL: both figures strictly above the previous iteration's at every
+iteration, and the control's accuracy never above its start.
 """
 
 from __future__ import annotations
@@ -54,14 +72,20 @@ class Size:
     prompts: int  # training prompts sampled each iteration
     heldout: int  # held-out preference pairs (the eval set)
     warm: int  # warm-start SFT records
+    warm_epochs: int  # passes of the warm start over them
     rm_pairs: int  # reward-model training pairs
     n: int  # samples per prompt
     epochs: int  # passes of each round over its labelled data
 
 
-FULL = Size(prompts=48, heldout=48, warm=192, rm_pairs=128, n=4, epochs=2)
-SMALL = Size(prompts=16, heldout=16, warm=64, rm_pairs=32, n=4, epochs=1)
+FULL = Size(prompts=48, heldout=48, warm=192, warm_epochs=3, rm_pairs=128, n=4, epochs=2)
+SMALL = Size(prompts=16, heldout=16, warm=64, warm_epochs=3, rm_pairs=32, n=4, epochs=1)
 HP = {"lr": 5e-4, "batch_size": 8, "microbatch_size": 4, "max_length": 64, "max_prompt_length": 32}
+LOOP_HP = {"lr": 5e-4}  # the loop's rounds
+LABELS = {
+    "dpo": {"type": "pairwise", "method": "max", "min_gap": 0.0},
+    "kto": {"type": "binary", "method": "median"},
+}
 SCHEDULE = [
     ("dpo", {"name": "dpo", "beta": 0.1}),
     ("kto", {"name": "kto", "beta": 0.1}),
@@ -195,7 +219,11 @@ def setup(api: Api, size: Size, model_dir: Path) -> tuple[dict[str, Any], str, d
     warm_run = api.call(
         "POST",
         "/v1/runs",
-        json={"model_id": base["id"], "loss": {"name": "sft"}, "hyperparams": {**HP, "lr": 2e-3, "n_epochs": 3}},
+        json={
+            "model_id": base["id"],
+            "loss": {"name": "sft"},
+            "hyperparams": {**HP, "lr": 2e-3, "n_epochs": size.warm_epochs},
+        },
     )
     warm = api.round(warm_run["id"], {"feedback_ids": [warm_fb["id"]]})
     warm_ckpt = api.call("GET", f"/v1/checkpoints/{warm['checkpoint_id']}")
@@ -227,6 +255,13 @@ def coin_flips(api: Api, fb: dict[str, Any], seed: int) -> dict[str, Any]:
     return api.upload("/v1/feedback", records)
 
 
+def heldout_accuracy(metrics: dict[str, float]) -> float:
+    """Share of held-out pairs whose chosen reply gets the higher implicit reward, ties counted 1/2.
+    (`rewards/accuracy` is HALOs' strict `>`: a policy equal to its reference ties every pair and
+    would score 0.0 instead of chance.)"""
+    return metrics["rewards/accuracy"] + 0.5 * metrics["rewards/ties"]
+
+
 def loop(
     api: Api,
     size: Size,
@@ -235,22 +270,23 @@ def loop(
     train_prompts: dict[str, Any],
     heldout: dict[str, Any],
     control: bool,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
+    """Rows for iterations 0..3: the head after the iteration (0: the warm start), the mean RM score
+    of fresh samples drawn from it, and its held-out preference accuracy."""
     run = api.call(
         "POST",
         "/v1/runs",
         json={
             "name": "control" if control else "loop",
             "model_id": model["id"],
-            "loss": {"name": "dpo", "beta": 0.1},
-            "hyperparams": {**HP, "n_epochs": size.epochs},
+            "loss": SCHEDULE[0][1],
+            "hyperparams": {**HP, **LOOP_HP, "n_epochs": size.epochs},
         },
     )
-    rows: list[dict[str, float]] = []
 
     def sample_head(k: int) -> dict[str, Any]:
-        """Samples of the run's head (the sampling job's finished job)."""
-        return api.wait(
+        """Samples of the run's head (the sampling job's output feedback)."""
+        job = api.wait(
             api.call(
                 "POST",
                 "/v1/sampling-jobs",
@@ -261,35 +297,25 @@ def loop(
                 },
             )["id"]
         )
+        return api.output(job)
 
-    def fresh_score(k: int) -> float:
-        scored = api.wait(
-            api.call(
-                "POST",
-                "/v1/labelling-jobs",
-                json={"samples_id": sample_head(k)["output_feedback_id"], "reward_model_checkpoint_id": rm_ckpt},
-            )["id"]
-        )
-        return float(api.output(scored)["provenance"]["stats"]["mean_score"])
+    def label(samples: dict[str, Any], rule: dict[str, Any] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt}
+        if rule is not None:
+            body["label"] = rule
+        return api.output(api.wait(api.call("POST", "/v1/labelling-jobs", json=body)["id"]))
 
+    scores: list[float] = []  # scores[k]: fresh samples of the head after iteration k
+    evals: list[tuple[str, dict[str, Any]]] = []  # per round: (loss, result)
     for k, (loss_name, loss) in enumerate(SCHEDULE, start=1):
-        samples = api.output(sample_head(k))
-        rule = (
-            {"type": "pairwise", "method": "max", "min_gap": 0.0}
-            if loss_name == "dpo"
-            else {"type": "binary", "method": "median"}
-        )
-        labelled_job = api.wait(
-            api.call(
-                "POST",
-                "/v1/labelling-jobs",
-                json={"samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt, "label": rule},
-            )["id"]
-        )
-        labelled = api.output(labelled_job)
-        score = float(labelled["provenance"]["stats"]["mean_score"])
+        rule = LABELS[loss_name]
+        labelled = label(sample_head(k), rule)
+        scores.append(float(labelled["provenance"]["stats"]["mean_score"]))
         if control:
             labelled = coin_flips(api, labelled, seed=k)
+        # the gate makes the trainer score the held-out pairs with the head BEFORE training too
+        # (eval_before); KTO's eval has no pairwise accuracy, so its head is measured by the next
+        # DPO round's eval_before
         gate = [{"metric": "rewards/accuracy", "max_drop": 0.2}] if loss_name == "dpo" else None
         body = {"feedback_ids": [labelled["id"], heldout["id"]], "loss": loss, "gate": gate}
         if loss_name == "kto":  # KTO trains on unpaired data: the held-out pairs become desirable/undesirable
@@ -297,47 +323,59 @@ def loop(
         job = api.round(run["id"], body)
         view = api.call("GET", f"/v1/runs/{run['id']}")
         rnd = next(r for r in view["rounds"] if r["job_id"] == job["id"])
-        result_eval = {
-            m["split"]: m["data"]
-            for m in api.call("GET", f"/v1/jobs/{job['id']}/metrics", params={"split": "eval"})["items"]
-        }.get("eval", {})
+        evals.append((loss_name, {"job": job, "round": rnd}))
+    scores.append(float(label(sample_head(len(SCHEDULE) + 1), None)["provenance"]["stats"]["mean_score"]))
+
+    def round_eval(i: int, before: bool) -> dict[str, float]:
+        return evals[i][1]["round"]["promotion"]["eval_before" if before else "eval"]
+
+    rows: list[dict[str, Any]] = []
+    for k in range(len(SCHEDULE) + 1):
+        if k == 0:
+            acc_metrics = round_eval(0, before=True)
+        elif evals[k - 1][0] == "dpo":
+            acc_metrics = round_eval(k - 1, before=False)
+        else:  # the head after a KTO round, as the next DPO round saw it before training
+            acc_metrics = round_eval(k, before=True)
+        rnd = evals[k - 1][1]["round"] if k else None
         rows.append(
             {
                 "iteration": k,
-                "loss": loss_name,
-                "fresh_score": score,
-                "accuracy_after": result_eval.get("rewards/accuracy", float("nan")),
-                "accuracy_before": (rnd.get("promotion") or {}).get("gate", {}).get("checks", [{}])[0].get("head")
-                if gate
-                else None,
-                "promoted": rnd["promoted"],
+                "loss": evals[k - 1][0] if k else "-",
+                "fresh_score": scores[k],
+                "accuracy": heldout_accuracy(acc_metrics),
+                "accuracy_strict": acc_metrics["rewards/accuracy"],
+                "promoted": rnd["promoted"] if rnd else None,
             }
         )
-    # after the KTO round, its accuracy is the next DPO round's baseline (eval_before) on the same pairs
-    for i, row in enumerate(rows):
-        if row["loss"] == "kto" and i + 1 < len(rows) and rows[i + 1]["accuracy_before"] is not None:
-            row["accuracy_after"] = rows[i + 1]["accuracy_before"]
-    rows.append(
-        {
-            "iteration": len(SCHEDULE) + 1,
-            "loss": "-",
-            "fresh_score": fresh_score(len(SCHEDULE) + 1),
-            "accuracy_after": float("nan"),
-            "accuracy_before": None,
-            "promoted": None,
-        }
-    )
     return rows
 
 
-def show(title: str, baseline: float | None, rows: list[dict[str, Any]]) -> None:
+def rises(values: list[float]) -> bool:
+    return all(b > a for a, b in zip(values, values[1:]))
+
+
+def verdict(rows: list[dict[str, Any]], control: list[dict[str, Any]] | None) -> tuple[bool, str]:
+    """The criterion: every iteration's mean RM score and held-out accuracy strictly above the
+    previous one's, and the control's accuracy never above its start (chance, 0.5)."""
+    checks = [
+        ("RM score rises every iteration", rises([r["fresh_score"] for r in rows])),
+        ("held-out accuracy rises every iteration", rises([r["accuracy"] for r in rows])),
+    ]
+    if control is not None:
+        start = control[0]["accuracy"]
+        checks.append(("control accuracy never above its start", all(r["accuracy"] <= start for r in control[1:])))
+    ok = all(passed for _, passed in checks)
+    return ok, ("PASS" if ok else "FAIL") + ": " + "; ".join(f"{name}: {'yes' if p else 'NO'}" for name, p in checks)
+
+
+def show(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{title}")
-    if baseline is not None:
-        print(f"  held-out preference accuracy of the warm start: {baseline:.3f}")
-    print("  iter  loss  mean RM score of fresh samples  held-out accuracy after  promoted")
+    print("  iter  head after        mean RM score of fresh samples  held-out accuracy (ties 1/2)  promoted")
     for r in rows:
-        acc = "" if r["accuracy_after"] != r["accuracy_after"] else f"{r['accuracy_after']:.3f}"
-        print(f"  {r['iteration']:>4}  {r['loss']:>4}  {r['fresh_score']:>30.3f}  {acc:>23}  {r['promoted']}")
+        head = "warm start" if r["iteration"] == 0 else f"{r['loss'].upper()} round"
+        promoted = "" if r["promoted"] is None else str(r["promoted"])
+        print(f"  {r['iteration']:>4}  {head:<16} {r['fresh_score']:>31.3f}  {r['accuracy']:>28.3f}  {promoted}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -366,13 +404,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             api = Api(server.url, server.key)
         model, rm_ckpt, train_prompts, heldout = setup(api, size, model_dir)
         rows = loop(api, size, model, rm_ckpt, train_prompts, heldout, control=False)
-        baseline = next((r["accuracy_before"] for r in rows if r["accuracy_before"] is not None), None)
-        show("online loop (reward-model labels)", baseline, rows)
+        show("online loop (reward-model labels)", rows)
         control = None if args.no_control else loop(api, size, model, rm_ckpt, train_prompts, heldout, control=True)
         if control is not None:
-            show("negative control (coin-flip labels)", None, control)
-        print(f"\n(total {time.monotonic() - started:.0f} s)")
-        return {"loop": rows, "control": control, "baseline_accuracy": baseline}
+            show("negative control (coin-flip labels)", control)
+        ok, line = verdict(rows, control)
+        print(f"\n{line}")
+        print(f"(total {time.monotonic() - started:.0f} s)")
+        return {"loop": rows, "control": control, "passed": ok}
     finally:
         if server is not None:
             server.stop()

@@ -7,7 +7,8 @@ microbatches). `reduce` sums the pairs over processes with one collective and re
 
 Names in the metrics lines follow the run-directory contract:
     chosen_rewards -> rewards/chosen, rejected_rewards -> rewards/rejected,
-    margins -> rewards/margin, accuracies/accuracy -> rewards/accuracy; other names unchanged.
+    margins -> rewards/margin, accuracies/accuracy -> rewards/accuracy, ties -> rewards/ties; other names
+    unchanged.
 Token-level values ([B, T] tensors) are skipped. `rewards/margin` is derived as mean(chosen) - mean(rejected)
 when the loss reports no margins
 (KTO: desirable and undesirable rows are different examples).
@@ -25,6 +26,7 @@ RENAME = {
     "margins": "rewards/margin",
     "accuracies": "rewards/accuracy",
     "accuracy": "rewards/accuracy",
+    "ties": "rewards/ties",
 }
 SKIP = {"losses", "loss", "tokens"}  # the scalar loss is recorded separately; token counts are not a metric
 

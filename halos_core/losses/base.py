@@ -165,7 +165,7 @@ class PairedLoss(Loss[C]):
     All [B, T] token-level log-probs, 0.0 where the mask is 0 (chosen and rejected may have
     different T). Masks default to `logps != 0`. Reference tensors may be None for losses
     that do not use them. out.loss = losses.mean(); values: losses, chosen_rewards,
-    rejected_rewards, margins, accuracies (per example, detached).
+    rejected_rewards, margins, accuracies, ties (per example, detached).
     """
 
     def inputs(self, forward: Forward, mb: Microbatch, train: bool) -> dict[str, Any]:
@@ -207,6 +207,9 @@ class PairedLoss(Loss[C]):
             "rejected_rewards": rejected_rewards,
             "margins": chosen_rewards - rejected_rewards,
             "accuracies": (chosen_rewards > rejected_rewards).to(losses.dtype),
+            # HALOs' accuracy is strict, so a policy equal to its reference (every reward exactly 0)
+            # scores 0.0; the share of exact ties lets a reader count them as 1/2 (chance = 0.5)
+            "ties": (chosen_rewards == rejected_rewards).to(losses.dtype),
         }
         return LossOutput(loss=safe_mean(losses), values=detached(values))
 

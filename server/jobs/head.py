@@ -65,7 +65,15 @@ def promote(session: Session, job: Job, ckpt: Checkpoint, result: RoundResult, n
             verdict(rules, result.eval_before, result.eval) if rules else {"passed": True, "checks": [], "reason": None}
         )
     started_from = rnd.parent_checkpoint_id
-    promotion = {"gate": check, "started_from": started_from, "head_at_finish": run.head_checkpoint_id}
+    # both scorings of the round's eval set, so a client can follow every eval metric of the head
+    # (the gate checks only the ones it names)
+    promotion = {
+        "gate": check,
+        "eval_before": result.eval_before,
+        "eval": result.eval,
+        "started_from": started_from,
+        "head_at_finish": run.head_checkpoint_id,
+    }
     if not check["passed"]:
         reason = f"gate failed: {check['reason']}"
     elif run.head_checkpoint_id != started_from:

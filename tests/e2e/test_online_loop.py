@@ -4,8 +4,9 @@ warm start (sft) → reward model (bradley_terry) → 3 iterations of sample-fro
 the reward model → train (DPO, KTO, DPO, each with the held-out pairs as its eval set).
 
 At this size the loop's plumbing is asserted (every iteration ran, scores and accuracies were
-measured, the rounds chained through the head); that the scores RISE is shown by the full-size
-example (README, "The online loop"), whose figures depend on more steps than CI can afford."""
+measured, the warm start scores chance on the held-out pairs, the rounds chained through the head).
+Whether the figures rise is the full-size example's business (README, "The online loop": the
+reward-model score does, the held-out accuracy saturates after the first round)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def test_online_loop_small() -> None:
     finally:
         sys.modules.pop(spec.name, None)
     rows = out["loop"]
-    assert [r["loss"] for r in rows] == ["dpo", "kto", "dpo", "-"]
+    assert [r["loss"] for r in rows] == ["-", "dpo", "kto", "dpo"]
     assert all(math.isfinite(r["fresh_score"]) for r in rows)
-    assert all(0.0 <= r["accuracy_after"] <= 1.0 for r in rows[:3])
-    assert out["baseline_accuracy"] is not None and 0.0 <= out["baseline_accuracy"] <= 1.0
-    assert all(r["promoted"] is not None for r in rows[:3])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # iteration 0 is the warm start = the run's reference: every held-out pair ties, counted 1/2
+    assert rows[0]["accuracy"] == 0.5 and rows[0]["accuracy_strict"] == 0.0
+    assert all(r["promoted"] is not None for r in rows[1:])
+    assert isinstance(out["passed"], bool) and out["control"] is None

@@ -144,3 +144,15 @@ def test_cpu_round_smoke(tmp_path, cpu_only, capsys):
     assert list((work / "data" / "reference-cache").glob("*/*.safetensors"))
     with pytest.raises(SystemExit):  # a used workdir would start with a warm reference cache
         cr.main([*args, "--workdir", str(work)])
+
+
+def test_sampling_throughput_smoke(tmp_path, tiny_model_dir, capsys):
+    bench = load("sampling_throughput")
+    out = tmp_path / "sampling.json"
+    rows = bench.main(
+        ["--model", str(tiny_model_dir), "--engine", "hf", "--prompts", "3", "--n", "2", "--max-new-tokens", "4",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert [(r["engine"], r["samples"]) for r in rows] == [("hf", 6)] and rows[0]["samples_per_s"] > 0
+    assert json.loads(out.read_text()) == rows
+    assert '"samples_per_s"' in capsys.readouterr().out

@@ -61,6 +61,16 @@ def test_all_pairs_per_prompt_and_prompt_ids_scoped_per_file():
     assert by_key[("fileB", "p1")] == [("other good", "other bad")]
 
 
+def test_pair_with_identical_outputs_is_left_out_of_training():
+    """The upload reports such a pair as `identical_outputs` ("left out of training"): no loss
+    sees it, paired or unpaired (it would be a chosen and a rejected copy of the same reply)."""
+    recs = [pair("p1", "same", "same", 1), pair("p1", "good", "bad", 1), pair("p2", "x", "x", 0)]
+    paired = build_examples([("f", recs)], "paired")
+    assert [(e.chosen[0][1], e.rejected[0][1]) for e in paired.train] == [("good", "bad")]
+    unpaired = build_examples([("f", recs)], "unpaired")
+    assert sorted((e.output[0][1], e.desirable) for e in unpaired.train) == [("bad", False), ("good", True)]
+
+
 def test_max_pairs_per_prompt_is_a_seeded_sample():
     recs = [pair("p", f"a{i}", f"b{i}") for i in range(6)]
     a = build_examples([("f", recs)], "paired", max_pairs_per_prompt=2, seed=3)

@@ -65,3 +65,26 @@ def test_humanline_clamps_each_token_ratio():
 
 def test_learns_the_synthetic_rule_across_chained_rounds(tmp_path, tiny_model_dir, tiny_sha):
     assert_learns(chained_eval(tmp_path, tiny_model_dir, tiny_sha, {"name": "apo_zero", "beta": 0.1}, rounds=2))
+
+
+def test_paired_losses_report_ties_for_a_policy_equal_to_its_reference():
+    """HALOs' accuracy is strict: a policy equal to its reference (every reward exactly 0) scores
+    0.0, so the share of exact ties is reported too (`rewards/ties`: chance = accuracy + ties/2)."""
+    from halos_core.metrics import MetricAccumulator
+
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    same = {
+        "policy_chosen_logps": logps,
+        "policy_rejected_logps": logps.flip(0),
+        "reference_chosen_logps": logps,
+        "reference_rejected_logps": logps.flip(0),
+    }
+    out = build_loss({"name": "dpo", "beta": 0.1}).compute(**same)
+    assert out.values["accuracies"].tolist() == [0.0, 0.0] and out.values["ties"].tolist() == [1.0, 1.0]
+    moved = build_loss({"name": "dpo", "beta": 0.1}).compute(**_inputs())
+    assert moved.values["ties"].tolist() == [0.0, 0.0]
+    acc = MetricAccumulator()
+    acc.add_values(out.values, per_example=2)
+    acc.add_values(moved.values, per_example=2)
+    reduced = acc.reduce()
+    assert reduced["rewards/ties"] == 0.5 and reduced["rewards/accuracy"] == 0.25

@@ -150,6 +150,17 @@ def test_sample_label_train(api, work, tiny_dir: Path, settings) -> None:
     ):
         err = client.post("/v1/labelling-jobs", json=body)
         assert err.status_code == 404 and err.json()["error"]["details"]["field"] == field
+    # another project's samples or reward model: 404, as if they did not exist
+    err = other.post("/v1/labelling-jobs", json={"samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt})
+    assert err.status_code == 404 and err.json()["error"]["details"]["field"] == "samples_id"
+    samples_lines = client.get(f"/v1/feedback/{samples['id']}/content").content
+    own_samples = other.post("/v1/feedback", content=samples_lines, headers={"Content-Type": "application/x-ndjson"})
+    assert own_samples.status_code == 201 and own_samples.json()["kind"] == "sampled"
+    err = other.post(
+        "/v1/labelling-jobs", json={"samples_id": own_samples.json()["id"], "reward_model_checkpoint_id": rm_ckpt}
+    )
+    assert err.status_code == 404 and err.json()["error"]["details"]["field"] == "reward_model_checkpoint_id"
+    assert other.get("/v1/jobs").json()["items"] == []  # nothing was queued for it
     for gen in ({"checkpoint_id": rm_ckpt}, {"model_id": model["id"]}, {"run_id": rm_run["id"]}):
         err = other.post("/v1/sampling-jobs", json={"prompt_set_id": ps["id"], **gen})
         assert err.status_code == 404  # foreign prompt set (and generator)

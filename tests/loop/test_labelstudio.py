@@ -178,7 +178,7 @@ def test_argilla_webhooks(api) -> None:
 
     first = _response("r1", "submitted", "response_a", "2026-01-01T00:00:00")
     forged = Webhook("whsec_" + base64.b64encode(b"someone-else-secret-0123456789ab").decode())
-    assert send("msg_0", first, forged).status_code == 401
+    assert send("msg_1", first, forged).status_code == 401  # its id is not recorded: msg_1 below is new
     assert client.post(hook, content=json.dumps(first), headers={"webhook-id": "x"}).status_code == 401
     assert client.get(f"/v1/integrations/{intg['id']}").json()["draft"]["open"] == 0
     assert send("msg_1", first).json() == {"status": "ok", "changes": {"added": 1}}

@@ -65,6 +65,9 @@ def test_gate_promotion_rollback(client: TestClient, session: Session, run: dict
     assert client.get(f"/v1/jobs/{r2['job_id']}").json()["status"] == "succeeded"
     assert view["head_checkpoint_id"] == ck1 and rnd2["promoted"] is False
     assert "gate failed: rewards/accuracy 0.6 vs the head's 0.7" in rnd2["promotion"]["reason"]
+    # both scorings of the eval set are kept, so a client can follow every eval metric of the head
+    assert rnd2["promotion"]["eval_before"] == {"rewards/accuracy": 0.7}
+    assert rnd2["promotion"]["eval"] == {"rewards/accuracy": 0.6}
     # the next round continues from the head (round 1's checkpoint), not from round 2
     r3 = client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}).json()
     assert r3["parent_checkpoint_id"] == ck1
