@@ -6,6 +6,7 @@ crash between logging and the watermark's commit) resumes the same run without d
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,14 @@ def test_wandb_offline_one_run_across_rounds_and_retries(client, session, settin
     run_id = view["tracking"][0]["tracking_run_id"]
     dirs = [p.name for p in (tmp_path / "wandb" / "wandb").iterdir() if p.name.startswith("offline-run")]
     assert dirs and all(d.endswith(run_id) for d in dirs)  # resumed segments of one W&B run
-    rows = _wandb_history(tmp_path / "wandb")
+    # `finish()` returns before W&B's core process has written the last segment's records (seen under
+    # load: steps 5-8 reached the file a moment after the test read it), so wait for them
+    deadline = time.monotonic() + 60
+    while True:
+        rows = _wandb_history(tmp_path / "wandb")
+        if {r.get("_step") for r in rows} >= set(range(1, 9)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     train = sorted((r["_step"], r["train/loss"]) for r in rows if "train/loss" in r)
     _same(train, [(1, 1.0), (2, 0.5), (3, 1 / 3 + 100), (4, 0.25 + 100)] + [(s, 1 / s) for s in range(5, 9)])
     assert sorted(r["_step"] for r in rows if "eval/loss" in r) == [4, 8]
