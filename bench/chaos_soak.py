@@ -829,7 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain", type=float, default=300, help="seconds the jobs get to finish after the last trial")
     # ~2 MiB of run dir per tiny round: 256 MiB filled up through normal operation after ~150 rounds
     # (the API then answers 507 to every round, correctly, and the load stops)
-    ap.add_argument("--tmpfs-mb", type=int, default=1024)
+    ap.add_argument(
+        "--tmpfs-mb", type=int, default=4096, help="data dir size (20 trials per kind keep ~1 GiB of rounds)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the table as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
