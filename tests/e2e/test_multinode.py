@@ -234,7 +234,10 @@ def test_two_node_round_equals_one_node_round(cluster, one_node):
     assert "node 1/2" in two.node_log(1).read_text()
     _assert_written_once(two.final)
     saved = [(e.attempt, e.data["step"]) for e in c.checkpoint_events(rnd["job_id"])]
-    assert sorted(saved) == [(1, s) for s in range(EVERY, STEPS, EVERY)]  # each checkpoint reported once
+    written = [(1, s) for s in range(EVERY, STEPS, EVERY)]
+    # each checkpoint reported once, by node 0 only; the worker polls the checkpoint directory, so
+    # under load an early checkpoint may be pruned before it is seen, never the newest two
+    assert len(saved) == len(set(saved)) and set(written[-2:]) <= set(saved) <= set(written), saved
 
 
 @pytest.mark.skipif(
