@@ -35,7 +35,7 @@ from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType
 from server.events import job_event
-from server.jobs.rows import close_attempt, load, seconds, transition, trim
+from server.jobs.rows import close_attempt, load, requeued, seconds, transition, trim
 from server.jobs.types import Claim
 from server.models import LIVE_STATUSES, GangMember, Job, JobStatus
 
@@ -254,16 +254,7 @@ def requeue_unformed(session: Session, job: Job, rank0: GangMember, now: datetim
         session,
         job.id,
         LIVE_STATUSES,
-        {
-            "status": JobStatus.queued,
-            "lease_token": None,
-            "lease_expires_at": None,
-            "not_before": None,
-            "queued_at": now,
-            "published_at": None,
-            "error": trim(reason),
-            "updated_at": now,
-        },
+        {**requeued(now), "error": trim(reason)},
         lease_token=job.lease_token,
     )
     job_event(session, job.id, EventType.job_released, attempt=job.attempt, data={"reason": reason})

@@ -95,3 +95,17 @@ def transition(
     values = {**values, "updated_at": values.get("updated_at") or utcnow()}
     result = session.exec(stmt.values(**values))
     return result.rowcount == 1
+
+
+def requeued(now: datetime) -> dict[str, Any]:
+    """The columns of a running job handed back to the queue without using a retry (a release):
+    no lease, queued now, to be published again."""
+    return {
+        "status": JobStatus.queued,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "not_before": None,
+        "queued_at": now,
+        "published_at": None,
+        "updated_at": now,
+    }

@@ -41,7 +41,7 @@ from server.jobs import gang
 from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
 from server.jobs.gang import GangState, NodeOffer
 from server.jobs.outputs import progress_values, record_success
-from server.jobs.rows import close_attempt, load, reload_and_end, seconds, transition, trim
+from server.jobs.rows import close_attempt, load, reload_and_end, requeued, seconds, transition, trim
 from server.jobs.types import Claim, Heartbeat, JobNotFound, Outcome, ParentFailed
 from server.models import (
     FAILED_STATUSES,
@@ -486,15 +486,7 @@ def release(
                 session,
                 job_id,
                 LIVE_STATUSES,
-                {
-                    "status": JobStatus.queued,
-                    "lease_token": None,
-                    "lease_expires_at": None,
-                    "not_before": None,
-                    "queued_at": now,
-                    "published_at": None,
-                    "updated_at": now,
-                },
+                requeued(now),
                 lease_token=lease_token,
             )
             job_event(session, job_id, EventType.job_released, attempt=job.attempt, data={"reason": reason})

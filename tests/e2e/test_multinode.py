@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from halos_core.synthetic import pairwise_records, to_jsonl_bytes
 from server.db import make_engine
 from server.models import Attempt, Event, GangMember
 from tests.e2e.conftest import Deployment, wait_for_job
+from tests.worker.support import wait_for
 from worker.monitor import ENV_ATTEMPT, ENV_JOB, ENV_NODE
 from worker.watchdog import proc_stat, read_environ
 
@@ -198,16 +198,6 @@ def _processes(job_id: str, attempt: int, node: str | None = None) -> set[int]:
     return found
 
 
-def _wait(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _ranks(pids: set[int]) -> set[int]:
     """The trainer processes among them (torchrun sets RANK in its workers' environment only)."""
     return {p for p in pids if "TORCHELASTIC_RUN_ID" in read_environ(p, prefix=b"")}
@@ -249,7 +239,9 @@ def test_killing_one_node_fails_the_attempt_for_both_and_the_retry_resumes(clust
     rnd = c.round(model_id, fb_id, nodes=2)
     job_id = rnd["job_id"]
     rd = RunDir(c.dep.data_dir / "runs" / job_id)
-    _wait(lambda: rd.checkpoints.is_dir() and rd.complete_checkpoints(verify=False), 600, "the first checkpoint")
+    wait_for(
+        lambda: rd.checkpoints.is_dir() and rd.complete_checkpoints(verify=False), 600, 0.05, "the first checkpoint"
+    )
     first = rd.complete_checkpoints(verify=False)[-1]
     seen = first.step
     _assert_written_once(first.path)
