@@ -104,7 +104,9 @@ def test_fence_fires_while_database_calls_hang(make_env, monkeypatch):
     unreachable database host used to block the in-loop fence check; the sweeper re-queued the job
     and a 2nd attempt could start while the 1st trainer still ran. The keeper's fence is its own
     timer: the trainer dies 3/4 of the lease TTL after the last successful heartbeat."""
-    env = make_env("fence", lease_ttl_s=2.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
+    # The TTL leaves room for a loaded 2-core CI box: with 2 s, heartbeats stalled 1.5 s by load
+    # alone fenced the attempt before its trainer started, and the test waited for a start in vain.
+    env = make_env("fence", lease_ttl_s=6.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
     job = add_round(env.session, env.run, env.root, {"steps": 200, "sleep": 0.1, "checkpoint_every": 1000})
     release, hang = threading.Event(), threading.Event()
     real_hb, real_rp = jobs.heartbeat, jobs.record_progress
@@ -133,7 +135,7 @@ def test_fence_fires_while_database_calls_hang(make_env, monkeypatch):
         start = wait_for(lambda: trainer_starts(run_dir), 60, what="trainer start")[0]
         hang.set()
         wait_for(lambda: "since" in hung, 10, interval=0.05, what="the hanging heartbeat")
-        wait_for(lambda: not pid_alive(start["pid"]), 5, interval=0.05, what="trainer fenced")
+        wait_for(lambda: not pid_alive(start["pid"]), env.settings.lease_ttl_s, interval=0.05, what="trainer fenced")
         fenced_after = time.monotonic() - hung["since"]
         assert fenced_after < env.settings.lease_ttl_s  # before the lease can expire
         time.sleep(env.settings.lease_ttl_s)  # the lease expires; the sweeper re-queues the job
