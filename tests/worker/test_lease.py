@@ -66,9 +66,9 @@ def _slow_hashing(monkeypatch, seconds: float) -> Counter:
 def test_lease_is_renewed_while_final_is_hashed_after_the_exit(make_env, monkeypatch):
     """Reviewer's repro_verify: final/ verification (exit_codes.classify) used to run with no
     heartbeat: the lease expired, a succeeded training became crash → retry → … → failed."""
-    env = make_env("verify", lease_ttl_s=2.0, heartbeat_interval_s=0.25, retry_backoff_s=0.1)
+    env = make_env("verify", lease_ttl_s=4.0, heartbeat_interval_s=0.25, retry_backoff_s=0.1)
     job = add_round(env.session, env.run, env.root, {"steps": 2, "sleep": 0.05, "checkpoint_every": 100})
-    _slow_hashing(monkeypatch, 1.2)  # final/ has 2 files: 2.4 s of hashing > the 2 s lease
+    _slow_hashing(monkeypatch, 2.4)  # final/ has 2 files: 4.8 s of hashing > the 4 s lease
     with Sweeper(env.settings):
         assert tasks.execute(job.id, env.settings) == "succeeded"
     j = reload(env.session, job.id)
@@ -79,7 +79,7 @@ def test_lease_is_renewed_while_final_is_hashed_after_the_exit(make_env, monkeyp
 def test_retry_verifies_intermediate_checkpoints_once_under_a_live_lease(make_env, monkeypatch):
     """Before a retry the runner cleans partial checkpoints (hashing every complete one) and picks
     the latest: under the keeper's lease, and every file is hashed once, not twice."""
-    env = make_env("retry", lease_ttl_s=2.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
+    env = make_env("retry", lease_ttl_s=4.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
     job = add_round(env.session, env.run, env.root, {"steps": 6, "sleep": 0.01})
     run = RunDir(env.settings.runs_dir / job.id).create()
     for step in (2, 4):
@@ -90,7 +90,7 @@ def test_retry_verifies_intermediate_checkpoints_once_under_a_live_lease(make_en
         write_manifest(d, step, step, round_step=step)
     c1 = jobs.claim(env.session, job.id, "h", 1, env.settings.lease_ttl_s, run_dir=str(run.path))
     jobs.finish(env.session, job.id, c1.lease_token, jobs.Outcome("crashed", error="test"), retry_backoff_s=0)
-    calls = _slow_hashing(monkeypatch, 0.6)  # 4 checkpoint files: 2.4 s > the lease
+    calls = _slow_hashing(monkeypatch, 1.2)  # 4 checkpoint files: 4.8 s > the 4 s lease
     with Sweeper(env.settings):
         assert tasks.execute(job.id, env.settings) == "succeeded"
     ckpt_calls = {p: n for p, n in calls.items() if "/checkpoints/" in p}
@@ -231,7 +231,7 @@ def test_compose_shares_the_submit_time_settings_between_api_and_workers():
 def test_survivors_of_a_self_exited_trainer_block_finish(make_env, monkeypatch):
     """The launcher exited by itself but processes of its attempt survive SIGKILL: the task does
     not finish (the next attempt or round would start beside them); the lease expires instead."""
-    env = make_env("survivors", lease_ttl_s=2.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
+    env = make_env("survivors", lease_ttl_s=4.0, heartbeat_interval_s=0.25, retry_backoff_s=0.0)
     job = add_round(env.session, env.run, env.root, {"steps": 2, "sleep": 0.05})
     import worker.monitor as monitor
 
