@@ -16,8 +16,9 @@ A scheduler injects one fault per trial at a random moment, acting like a superv
 recovery and records it. Fault kinds: worker-sigkill, trainer-sigkill (a rank of `accelerate
 launch`), api-sigkill, worker-sigterm (warm shutdown), redis-restart, pg-restart
 (`pg_ctl restart -m fast`), pg-terminate (`pg_terminate_backend` of every halos connection),
-disk-full (the tmpfs data dir filled to the last byte for a few seconds). The clock jump of a
-worker's lease view is not simulated (it would need a fake clock in the worker process).
+disk-full (the tmpfs data dir filled to the last byte for a few seconds). A clock jump is not a
+fault here (libfaketime breaks `time.sleep` in a process whose monotonic clock stays real); leases
+use the database's clock, and tests/server/test_jobs.py shifts a real worker's clock instead.
 
 Columns (per fault kind; a job is charged to the last fault injected while it was unfinished):
   lost     accepted job (2xx) that is missing, or ended failed/cancelled although neither it nor

@@ -26,10 +26,11 @@ from __future__ import annotations
 import select
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import event, exc
+from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
@@ -165,3 +166,19 @@ def get_read_engine(settings: Settings | None = None) -> Engine:
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     with Session(get_engine(settings), expire_on_commit=False) as session:
         yield session
+
+
+def db_now(session: Session) -> datetime:
+    """The time every lease is stamped and judged by (jobs, gang members, webhook deliveries).
+
+    On Postgres it is the database server's clock, so workers, sweepers and dispatchers on other
+    machines agree: a worker whose clock is behind would otherwise write a lease that has already
+    expired in the sweeper's eyes (its live job re-queued and run twice), and one whose clock is
+    ahead would keep a dead worker's job held for that much longer (docs/RELIABILITY.md, clock skew).
+    `clock_timestamp()`, not `now()`: the latter is frozen at the start of the transaction. SQLite
+    lives on one host, whose clock every process sharing the file already reads."""
+    if session.get_bind().dialect.name == "postgresql":
+        with session.no_autoflush:  # a caller's pending rows are flushed in its own order, not here
+            value = session.execute(text("SELECT clock_timestamp()")).scalar_one()
+        return value.astimezone(UTC)
+    return datetime.now(UTC)

@@ -32,8 +32,7 @@ from datetime import datetime
 from sqlmodel import Session
 
 from server import jobs, queue
-from server.db import get_engine
-from server.models import utcnow
+from server.db import db_now, get_engine
 from server.services import idempotency
 from server.settings import Settings, get_settings
 from server.storage_lifecycle import maintenance
@@ -54,7 +53,7 @@ def sweep_once(
     session: Session, settings: Settings | None = None, now: datetime | None = None, *, publish: bool = True
 ) -> SweepReport:
     settings = settings or get_settings()
-    now = now or utcnow()
+    now = now or db_now(session)
     report = SweepReport()
     report.expired = jobs.expire_leases(
         session, now, retry_backoff_s=settings.retry_backoff_s, gang_form_timeout_s=settings.gang_form_timeout_s

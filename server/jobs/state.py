@@ -36,6 +36,7 @@ from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventType
+from server.db import db_now
 from server.events import job_event
 from server.jobs import gang
 from server.jobs.chaining import fail_waiting_children, inherit, parent_message, promote_children
@@ -54,7 +55,6 @@ from server.models import (
     GangMember,
     Job,
     JobStatus,
-    utcnow,
 )
 
 log = logging.getLogger("server.jobs")
@@ -160,7 +160,7 @@ def submit(session: Session, job: Job, *, max_attempts: int | None = None, refus
     SQLite serialises writers anyway), so a parent finishing concurrently either sees this child
     and promotes it, or is seen here as finished.
     """
-    now = utcnow()
+    now = db_now(session)
     if max_attempts is None:
         from server.settings import get_settings
 
@@ -242,7 +242,7 @@ def claim(
     A multi-node round (server/jobs/gang.py) needs `node` (a caller without one gets None): the
     worker joins the oldest gang still forming — possibly ANOTHER job's: the Claim names the job
     it joined — or, when none is forming, opens this job's gang as rank 0."""
-    now = now or utcnow()
+    now = now or db_now(session)
     try:
         spec = session.exec(select(Job.spec).where(Job.id == job_id)).one_or_none()
         nodes = gang.nodes_of(spec)
@@ -323,7 +323,7 @@ def heartbeat(
 ) -> Heartbeat:
     """Renew the lease (and a gang member's own). OK; CANCEL (kill the training, then
     finish(cancelled)); LOST (self-fence: the attempt ended, or this member was ended)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     ok = transition(
         session,
         job_id,
@@ -364,7 +364,7 @@ def finish(
     A gang member (`member_token`) ends the attempt for every member (the others' heartbeats
     answer LOST) and its own member row with it.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     backoff = default_backoff() if retry_backoff_s is None else retry_backoff_s
     try:
         job = session.exec(
@@ -468,7 +468,7 @@ def release(
     The caller has already stopped the training process group. Returns False for a stale token.
     A gang member releases the attempt for all (the others fence on their next heartbeat).
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     try:
         job = session.exec(
             select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
@@ -499,7 +499,7 @@ def release(
 
 def request_cancel(session: Session, job_id: str, *, now: datetime | None = None) -> Job:
     """waiting/queued → cancelled; running → cancelling (the runner kills and reports); else unchanged."""
-    now = now or utcnow()
+    now = now or db_now(session)
     try:
         job = session.exec(
             select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
@@ -538,7 +538,7 @@ def expire_leases(
     Also resolves any `waiting` job whose parent is already
     terminal (a child inserted while its parent was finishing). Returns the ids it changed.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     backoff = default_backoff() if retry_backoff_s is None else retry_backoff_s
     changed: list[str] = []
     try:
@@ -625,7 +625,7 @@ def _expire_gangs(session: Session, now: datetime, backoff: float, form_timeout_
 def release_unformed(session: Session, claim: Claim, *, form_timeout_s: float, now: datetime | None = None) -> bool:
     """A member waiting for its gang: release the attempt when the gang is still incomplete past
     its formation deadline (queued again, no retry consumed). True when it did."""
-    now = now or utcnow()
+    now = now or db_now(session)
     try:
         gang.lock_formation(session)
         job = load(session, claim.job_id)
@@ -664,7 +664,7 @@ def gang_state(session: Session, claim: Claim) -> GangState | None:
 
 def mark_gang_ready(session: Session, claim: Claim, resume_from: str | None, *, now: datetime | None = None) -> bool:
     """Rank 0 prepared the run directory (and picked the checkpoint every node resumes from)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     result = session.exec(
         update(GangMember)
         .where(
@@ -686,7 +686,7 @@ def leave_gang(session: Session, claim: Claim, outcome: str, *, now: datetime | 
     was reported. Returns the job's status when it changed it."""
     if claim.member_token is None:
         return None
-    now = now or utcnow()
+    now = now or db_now(session)
     try:
         job = session.exec(
             select(Job).where(Job.id == claim.job_id).with_for_update().execution_options(populate_existing=True)
@@ -722,7 +722,7 @@ def claimable_unheld(session: Session, now: datetime | None = None, older_than: 
     every max(older_than, min(age/4, 10 x older_than)), so the duplicates a busy queue collects
     stay bounded while a lost message is still replaced within minutes.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     older = seconds(older_than)
     cutoff = now - timedelta(seconds=older)
     rows = session.exec(
@@ -747,7 +747,7 @@ def claimable_unheld(session: Session, now: datetime | None = None, older_than: 
 
 
 def mark_published(session: Session, job_ids: str | Iterable[str], now: datetime | None = None) -> None:
-    now = now or utcnow()
+    now = now or db_now(session)
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
     if not ids:
         return

@@ -30,7 +30,7 @@ import httpx
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from server.db import get_engine
+from server.db import db_now, get_engine
 from server.models import OutboundDelivery, WebhookAttempt, WebhookEndpoint, utcnow
 from server.settings import Settings, get_settings
 from server.webhooks import addresses, signing
@@ -61,7 +61,7 @@ class Sent:
 
 
 def claim(session: Session, owner: str, settings: Settings, now: datetime | None = None) -> list[Claimed]:
-    now = now or utcnow()
+    now = now or db_now(session)
     due = (
         select(OutboundDelivery.id)
         .where(
@@ -140,7 +140,7 @@ def record(
 ) -> str | None:
     """Log the attempt and move the delivery on (only while `owner` holds its lease). Returns the
     delivery's new status, or None when the lease was lost (another dispatcher has it now)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     try:
         d = session.exec(
             select(OutboundDelivery)

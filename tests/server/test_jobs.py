@@ -552,3 +552,60 @@ def test_long_queued_jobs_are_republished_less_often(env):
     session.exec(update(Job).where(Job.id == job.id).values(published_at=now - timedelta(seconds=301)))
     session.commit()
     assert jobs.claimable_unheld(session, now, 30) == [job.id]
+
+
+# --------------------------------------------------------------------------- clock skew (libfaketime)
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")  # Debian's `libfaketime`
+_SKEWED_WORKER = """
+import sys
+from server import jobs
+from server.db import make_engine
+from sqlmodel import Session
+with Session(make_engine(sys.argv[1]), expire_on_commit=False) as session:
+    claim = jobs.claim(session, sys.argv[2], "skewed-host", 1, float(sys.argv[3]))
+    assert claim is not None
+    assert jobs.heartbeat(session, claim.job_id, claim.lease_token, float(sys.argv[3])) == jobs.Heartbeat.OK
+"""
+
+
+@pytest.mark.skipif(not pg_available(), reason="no Postgres")
+@pytest.mark.skipif(not LIBFAKETIME.exists(), reason=f"needs libfaketime ({LIBFAKETIME}; apt-get install libfaketime)")
+@pytest.mark.parametrize("skew", ["-120s", "+120s"])
+def test_a_worker_with_a_skewed_clock_holds_a_lease_of_the_right_length(tmp_path: Path, skew: str):
+    """A worker whose clock is 2 min behind used to stamp a lease that had already expired for the
+    sweeper on a correct host (the live job re-queued: run twice); 2 min ahead, a dead worker's job
+    stayed held 2 min too long. Leases are stamped by the database's clock (server.db.db_now): a
+    real worker process whose clock libfaketime shifts claims and renews, and the lease ends one TTL
+    after the database's now."""
+    import os
+    import subprocess
+    import sys
+
+    ttl = 30.0
+    with fresh_pg_database() as url:
+        engine = make_engine(url)
+        SQLModel.metadata.create_all(engine)
+        try:
+            with Session(engine, expire_on_commit=False) as session:
+                job = add_round(session, seed_run(session, tmp_path), tmp_path)
+            env = {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": skew, "DONT_FAKE_MONOTONIC": "1"}
+            env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+            seen = subprocess.run(
+                [sys.executable, "-c", "import datetime; print(datetime.datetime.now(datetime.UTC).timestamp())"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert abs(float(seen.stdout) - time.time() - float(skew[:-1])) < 10  # the clock really is shifted
+            subprocess.run(
+                [sys.executable, "-c", _SKEWED_WORKER, url, job.id, str(ttl)], env=env, check=True, timeout=120
+            )
+            with Session(engine, expire_on_commit=False) as session:
+                assert jobs.expire_leases(session) == []  # the sweeper, on this (correct) clock
+                j = reload(session, job.id)
+                left = (j.lease_expires_at - utcnow()).total_seconds()
+                assert j.status == JobStatus.running and ttl - 20 < left <= ttl + 1, left
+        finally:
+            engine.dispose()
