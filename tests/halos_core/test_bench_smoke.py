@@ -152,9 +152,8 @@ def test_gpu_round_smoke(tmp_path, cpu_only, capsys):
     gr = load("gpu_round")
     out = tmp_path / "rounds.json"
     work = tmp_path / "work"
-    report = gr.main(
-        ["--workloads", "tiny", "--threads", "1", "--workdir", str(work), "--keep-runs", "--out", str(out)]
-    )
+    args = ["--workloads", "tiny", "--device", "cpu", "--threads", "1"]  # CPU figures even where CUDA exists
+    report = gr.main([*args, "--workdir", str(work), "--keep-runs", "--out", str(out)])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     (tiny,) = report["workloads"]
@@ -188,7 +187,7 @@ def test_gpu_round_smoke(tmp_path, cpu_only, capsys):
     with pytest.raises(SystemExit):
         gr.main(["--workloads", "tiny", "--settings", "packing+nope"])
     with pytest.raises(SystemExit, match="not empty"):  # old run dirs would skew the rounds
-        gr.main(["--workloads", "tiny", "--workdir", str(work)])
+        gr.main([*args, "--workdir", str(work)])
     import torch
 
     if not torch.cuda.is_available():  # CI: the GPU workloads are refused, not run for an hour on the CPU
