@@ -24,7 +24,9 @@ measured), each next to the issue's goal for the workload:
   step / the steps / after the last step (the final checkpoint: weights + optimizer state). It
   leaves out what a worker's fresh process adds before that: the interpreter, importing torch +
   transformers and creating the CUDA context (all done once here, before the first round);
-- peak: CUDA `max_memory_allocated` over the round (peak RSS on the CPU).
+- peak: CUDA `max_memory_allocated` over the round (peak RSS on the CPU), and in brackets the
+  training steps' own peak, sampled every 20 ms (a lower bound: the round's peak may come from
+  the reference pass or the final checkpoint's export instead).
 
 Workloads (every round is DPO, beta 0.1, lr 1e-5, no warmup, one epoch, no eval split):
 - `1b`: Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192,
@@ -69,7 +71,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.cli import device_name, set_up_torch, work_dir, write_report  # noqa: E402 - after sys.path names the checkout
-from bench.measure import H100_BF16_DENSE_TFLOPS, PeakMemory, mfu, read_metrics, steady  # noqa: E402 - same
+from bench.measure import H100_BF16_DENSE_TFLOPS, MemorySampler, PeakMemory, mfu, read_metrics, steady  # noqa: E402 - same
 from bench.workload import LlamaShape, TextPool, build_model, make_records  # noqa: E402 - same
 
 SWITCHES = ("packing", "prefix_sharing", "gradient_checkpointing")
@@ -209,13 +211,15 @@ def run_setting(
     peak_memory = PeakMemory(cuda)
     peak_memory.start()
     t0 = time.time()
-    try:
-        result = run(cfg)
-        t1 = time.time()
-        final = result.final_dir
-    except Exception as exc:  # a failed setting (e.g. out of memory) is a row; the others still run
-        t1, final = time.time(), None
-        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    with MemorySampler(cuda) as sampler:
+        try:
+            result = run(cfg)
+            t1 = time.time()
+            final = result.final_dir
+        except Exception as exc:  # a failed setting (e.g. out of memory) is a row; the others still run
+            t1, final = time.time(), None
+            text = str(exc).strip()
+            row["error"] = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
     gc.collect()
     row["peak_mem_bytes"], row["peak_mem_kind"] = peak_memory.stop()
     if cuda:
@@ -246,6 +250,8 @@ def run_setting(
             "before_first_step_s": first_start - t0,  # hash, loads, data, the up-front reference pass
             "steps_s": steps[-1]["time"] - first_start,
             "after_last_step_s": t1 - steps[-1]["time"],  # the final checkpoint (and result.json)
+            # the training steps' own peak, apart from the reference pass's and the export's
+            "steps_peak_sampled_bytes": sampler.peak_between(first_start, steps[-1]["time"]),
         }
     if cuda:
         row["mfu"] = mfu(counts["matmul_params"], measured.tokens_per_s, args.peak_tflops, frozen_base=w.lora)
@@ -355,7 +361,8 @@ def format_row(r: dict[str, Any], goals: Goals) -> str:
             if "steps_s" in r
             else ""
         ),
-        _judged(f"peak {peak:.2f} GiB" if peak is not None else "peak -", peak, goals.peak_gib, False),
+        _judged(f"peak {peak:.2f} GiB" if peak is not None else "peak -", peak, goals.peak_gib, False)
+        + (f" (steps ~{r['steps_peak_sampled_bytes'] / GIB:.2f})" if r.get("steps_peak_sampled_bytes") else ""),
         f"final/ {size(r['final_bytes'])}" if r["final_written"] else "final/ NOT written",
     ]
     line = f"{name} | " + " | ".join(cells)

@@ -15,13 +15,20 @@ MFU, and peak memory. Used by `bench/train_throughput.py` and `bench/gpu_round.p
 - peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset at `start`); on the CPU the peak
   RSS (`VmHWM` of /proc/self/status, reset at `start` through /proc/self/clear_refs where the
   kernel allows it, else the process-wide peak), which includes the Python/torch baseline.
+- memory over time (`MemorySampler`): the same quantity (allocated CUDA bytes, or RSS) read every
+  20 ms on a thread, so that the peak of one phase of a round (its training steps) can be told
+  apart from the round's peak (e.g. a final checkpoint's export); a peak shorter than the interval
+  can be missed, so the sampled figure is a lower bound.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +123,40 @@ class PeakMemory:
             return int(torch.cuda.max_memory_allocated()), "cuda max_memory_allocated"
         kind = "peak RSS (VmHWM, reset per run)" if self.reset else "peak RSS (process-wide)"
         return _vm_hwm_bytes(), kind
+
+
+class MemorySampler:
+    """Reads the memory in use every `interval` seconds on a thread while in its `with` block."""
+
+    def __init__(self, cuda: bool, interval: float = 0.02):
+        self.cuda = cuda
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []  # (time.time(), bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def _read(self) -> int:
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.memory_allocated())
+        with open("/proc/self/statm") as fh:  # resident pages are the second field
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._read()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_between(self, start: float, end: float) -> int | None:
+        """The largest sample taken in [start, end] (time.time() values); None if none was."""
+        inside = [b for t, b in self.samples if start <= t <= end]
+        return max(inside) if inside else None
