@@ -33,10 +33,8 @@ Two held-out measurements, both reported:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.cli import work_dir, write_report  # noqa: E402 - after sys.path names the checkout
 
 TARGET = 0.9
 
@@ -403,14 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
 
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="halos-signal-")
-        work = Path(tmp.name)
-    try:
+    with work_dir(args.workdir, "halos-signal-") as work:
         t_start = time.perf_counter()
         model_dir = build_tiny_model(
             work / "sft", seed=args.seed, hidden_size=args.hidden, layers=args.layers, heads=args.heads
@@ -444,15 +437,10 @@ def main(argv: list[str] | None = None) -> dict:
             "verdicts": {k: {"ok": ok, "text": t} for k, (ok, t) in verdicts.items()},
             "seconds": total,
         }
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        if args.check and not all(ok for ok, _ in verdicts.values()):
-            raise SystemExit(1)
-        return report
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    write_report(args.out, report)
+    if args.check and not all(ok for ok, _ in verdicts.values()):
+        raise SystemExit(1)
+    return report
 
 
 if __name__ == "__main__":

@@ -35,14 +35,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import math
-import os
-import random
-import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from halos_core.tiny import SYLLABLES  # noqa: E402 - after sys.path names the checkout
+from bench import workload  # noqa: E402 - after sys.path names the checkout
+from bench.cli import device_name, set_up_torch, work_dir, write_report  # noqa: E402 - same
+from bench.measure import H100_BF16_DENSE_TFLOPS, PeakMemory, mfu, read_metrics, steady  # noqa: E402 - same
+from bench.workload import CHAT_OVERHEAD, LlamaShape, TextPool, make_records  # noqa: E402 - same
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -85,9 +82,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie=True,
     ),
 }
-H100_BF16_DENSE_TFLOPS = 989.0
-TOKENIZER_VOCAB_CAP = 1024  # the local BPE tokenizer; the model's vocabulary may be larger
-CHAT_OVERHEAD = 4  # <|user|> <|end|> <|assistant|> ... <|end|>: tokens the template adds
 
 
 # --------------------------------------------------------------------------- helpers
@@ -105,172 +99,18 @@ def feedback_kind_for(loss: str) -> str:
     return {"paired": "pairwise", "unpaired": "binary", "grouped": "scalar", "sft": "pairwise"}[loss_spec(loss).data]
 
 
-def _vm_hwm_bytes() -> int | None:
-    try:
-        m = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-    except OSError:
-        m = None
-    if m:
-        return int(m.group(1)) * 1024
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kB
-    except Exception:
-        return None
-
-
-def _reset_cpu_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-class TextPool:
-    """Random word text whose token count is known: `text(n)` ~ n tokens of the tokenizer."""
-
-    WORDS = SYLLABLES
-
-    def __init__(self, tokenizer: Any, seed: int, n_tokens: int = 20000):
-        rng = random.Random(seed)
-        n_words = n_tokens
-        while True:
-            self.raw = " ".join(
-                "".join(rng.choice(self.WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_words)
-            )
-            # the fast tokenizer's backend directly: no "longer than model_max_length" warning
-            self.offsets = tokenizer.backend_tokenizer.encode(self.raw, add_special_tokens=False).offsets
-            if len(self.offsets) >= n_tokens:
-                break
-            n_words *= 2
-        self.rng = rng
-
-    def text(self, n: int) -> str:
-        n = max(1, min(n, len(self.offsets) - 1))
-        start = self.rng.randrange(0, len(self.offsets) - n)
-        return self.raw[self.offsets[start][0] : self.offsets[start + n - 1][1]].strip() or "ka"
-
-
-def make_records(
-    kind: str, n_examples: int, pool: TextPool, seq_min: int, seq_max: int, max_prompt: int, seed: int
-) -> list[dict]:
-    """HALOs feedback records (normal form) whose rendered lengths fall in [seq_min, seq_max]."""
-    rng = random.Random(seed)
-
-    def turns(text: str, role: str) -> list[dict[str, str]]:
-        return [{"role": role, "content": text}]
-
-    def prompt_and_lengths(k: int) -> tuple[str, list[int]]:
-        totals = [rng.randint(seq_min, seq_max) for _ in range(k)]
-        p = max(1, min(int(min(totals) * rng.uniform(0.2, 0.5)), max_prompt - CHAT_OVERHEAD))
-        return pool.text(p), [max(1, t - p - CHAT_OVERHEAD) for t in totals]
-
-    records: list[dict] = []
-    if kind == "pairwise":
-        for i in range(n_examples):
-            prompt, (la, lb) = prompt_and_lengths(2)
-            label = rng.randint(0, 1)
-            records.append(
-                {
-                    "type": "pairwise_feedback",
-                    "prompt_id": f"p{i}",
-                    "prompt": turns(prompt, "user"),
-                    "output_A": turns(pool.text(la), "assistant"),
-                    "output_B": turns(pool.text(lb), "assistant"),
-                    "label": label,
-                }
-            )
-    elif kind == "binary":
-        for i in range(n_examples):
-            prompt, (length,) = prompt_and_lengths(1)
-            records.append(
-                {
-                    "type": "binary_feedback",
-                    "prompt_id": f"b{i}",
-                    "prompt": turns(prompt, "user"),
-                    "output": turns(pool.text(length), "assistant"),
-                    "label": i % 2,
-                    "reward": float(i % 2),
-                }
-            )
-    elif kind == "scalar":
-        group = 4
-        for i in range(math.ceil(n_examples / group)):
-            prompt, lengths = prompt_and_lengths(group)
-            for length in lengths:
-                records.append(
-                    {
-                        "type": "scalar_feedback",
-                        "prompt_id": f"s{i}",
-                        "prompt": turns(prompt, "user"),
-                        "output": turns(pool.text(length), "assistant"),
-                        "reward": round(rng.random(), 4),
-                    }
-                )
-    else:
-        raise ValueError(kind)
-    return records
-
-
 def build_model(path: Path, args: argparse.Namespace, device: str) -> tuple[Path, dict[str, int]]:
     """Random-weight Llama of the requested shape + the local BPE tokenizer, saved to `path`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from halos_core.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer(seed=args.seed, vocab_size=min(args.vocab, TOKENIZER_VOCAB_CAP))
-    config = LlamaConfig(
-        vocab_size=max(args.vocab, len(tokenizer)),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq_max + 64),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=args.tie,
-        attention_dropout=0.0,
+    shape = LlamaShape(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab, args.tie)
+    counts = workload.build_model(
+        path,
+        shape,
+        bf16=args.dtype == "bf16",
+        device=device,
+        seed=args.seed,
+        max_positions=max(2048, args.seq_max + 64),
     )
-    save_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    init_device = "cuda" if device == "cuda" else "cpu"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        with torch.device(init_device):
-            model = LlamaForCausalLM(config)
-    model.to(save_dtype)
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
-    tied = emb.data_ptr() == head.data_ptr()
-    counts = {
-        "params": total,
-        "matmul_params": total if tied else total - emb.numel(),
-        "vocab": config.vocab_size,
-        "tokenizer_vocab": len(tokenizer),
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    del model
-    gc.collect()
-    if init_device == "cuda":
-        torch.cuda.empty_cache()
     return path, counts
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    from halos_core.run_dir import RunDir
-
-    path = RunDir(run_dir).metrics_jsonl
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- one loss
@@ -321,12 +161,8 @@ def bench_loss(
         return {"loss": loss, "skipped": problem}
 
     cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        gc.collect()
-        peak_reset = _reset_cpu_peak()
+    peak_memory = PeakMemory(cuda)
+    peak_memory.start()
     t_build = time.perf_counter()
     trainer = Trainer.from_config(cfg)
     t_train = time.perf_counter()
@@ -345,28 +181,21 @@ def bench_loss(
         _release(trainer)
         del trainer
         gc.collect()
+    peak, peak_kind = peak_memory.stop()
     if cuda:
-        peak = int(torch.cuda.max_memory_allocated())
-        peak_kind = "cuda max_memory_allocated"
         torch.cuda.empty_cache()
-    else:
-        peak = _vm_hwm_bytes()
-        peak_kind = "peak RSS (VmHWM, reset per loss)" if peak_reset else "peak RSS (process-wide)"
 
-    steps = [m for m in read_metrics(Path(cfg.run_dir)) if m.get("split") != "eval"]
-    measured = steps[args.warmup :] if len(steps) > args.warmup else steps
-    times = [m["tokens"] / m["tokens_per_s"] for m in measured if m.get("tokens_per_s")]
-    tokens = sum(m["tokens"] for m in measured)
-    elapsed = sum(times)
-    tok_s = tokens / elapsed if elapsed > 0 else float("nan")
+    steps = read_metrics(Path(cfg.run_dir))
+    measured = steady(steps, args.warmup)
+    tok_s = measured.tokens_per_s
     out = {
         "loss": loss,
         "feedback": kind,
-        "steps_measured": len(measured),
-        "tokens_per_step": tokens / max(len(measured), 1),
+        "steps_measured": measured.steps,
+        "tokens_per_step": measured.tokens / max(measured.steps, 1),
         "tokens_per_s": tok_s,
-        "step_s": elapsed / max(len(measured), 1),
-        "step_s_median": statistics.median(times) if times else float("nan"),
+        "step_s": measured.seconds / max(measured.steps, 1),
+        "step_s_median": statistics.median(measured.step_times) if measured.step_times else float("nan"),
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "setup_s": t_train - t_build,  # trainer build: hashing, model loads, data
@@ -374,7 +203,7 @@ def bench_loss(
         "final_loss": steps[-1]["loss"] if steps else None,
     }
     if cuda:
-        out["mfu"] = 6 * counts["matmul_params"] * tok_s / (args.peak_tflops * 1e12)
+        out["mfu"] = mfu(counts["matmul_params"], tok_s, args.peak_tflops)
     return out
 
 
@@ -449,24 +278,9 @@ def format_table(rows: list[dict], cuda: bool) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import logging
-
     import torch
 
-    logging.getLogger("halos_core").setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    if device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "1"  # the trainer's switch (it picks CUDA when present)
+    device = set_up_torch(args.device, args.threads)
     losses = supported_losses() if args.losses == "all" else [x.strip() for x in args.losses.split(",") if x.strip()]
     unknown = [x for x in losses if x not in supported_losses()]
     if unknown:
@@ -474,19 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from halos_core.run_dir import tree_sha256
 
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="halos-bench-")
-        work = Path(tmp.name)
-    try:
+    with work_dir(args.workdir, "halos-bench-") as work:
         t0 = time.perf_counter()
         model_dir, counts = build_model(work / "model", args, device)
         sha = tree_sha256(model_dir)
         build_s = time.perf_counter() - t0
-        dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        dev_name = device_name(device)
         print(
             f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, intermediate "
             f"{args.intermediate}, vocab {counts['vocab']} (tokenizer {counts['tokenizer_vocab']}), "
@@ -514,13 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model": counts,
             "results": rows,
         }
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        return report
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    write_report(args.out, report)
+    return report
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -144,6 +145,57 @@ def test_cpu_round_smoke(tmp_path, cpu_only, capsys):
     assert list((work / "data" / "reference-cache").glob("*/*.safetensors"))
     with pytest.raises(SystemExit):  # a used workdir would start with a warm reference cache
         cr.main([*args, "--workdir", str(work)])
+
+
+def test_gpu_round_smoke(tmp_path, cpu_only, capsys):
+    """bench/gpu_round.py's tiny workload: one whole round per switch setting, each to its final/."""
+    gr = load("gpu_round")
+    out = tmp_path / "rounds.json"
+    work = tmp_path / "work"
+    args = ["--workloads", "tiny", "--device", "cpu", "--threads", "1"]  # CPU figures even where CUDA exists
+    report = gr.main([*args, "--workdir", str(work), "--keep-runs", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    (tiny,) = report["workloads"]
+    rows = tiny["rows"]
+    settings = list(gr.WORKLOADS["tiny"].settings)
+    assert [r["setting"] for r in rows] == settings and "off" in settings
+    assert {s for setting in settings for s in setting.split("+")} - {"off"} == set(gr.SWITCHES)  # every switch
+    table = [line for line in printed.splitlines() if line.strip().startswith("tiny |")]
+    assert len(table) == len(rows)  # one printed row per setting
+    for r, line in zip(rows, table):
+        assert "error" not in r and "skipped" not in r, r
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["setting"] in line and f"tok/s {r['tokens_per_s']:.0f}" in line
+        assert (r["steps"], r["steps_measured"]) == (4, 3)  # 32 pairs / batch 8, the first step is warmup
+        # the same data under every setting: the figures are comparable
+        assert r["tokens_per_step"] == rows[0]["tokens_per_step"]
+        # the whole round ran: final/ is the complete checkpoint of its last step, result.json is written
+        run_dir = work / "tiny" / "runs" / r["setting"]
+        assert r["final_written"] and r["final_step"] == 4 and r["final_bytes"] > 0
+        assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "result.json").is_file()
+        parts = r["before_first_step_s"] + r["steps_s"] + r["after_last_step_s"]
+        assert 0 < r["steps_s"] and abs(parts - r["round_s"]) < 0.05
+        assert r["peak_mem_bytes"] > 0 and "mfu" not in r  # CPU: peak RSS, no MFU
+        # a phase's peak is within the round's (up to the kernel's lazily synced RSS counters: VmHWM can
+        # trail a /proc/self/statm read by a few pages)
+        assert 0 < r["steps_peak_sampled_bytes"] <= r["peak_mem_bytes"] + 2**20
+        # the switches reached the trainer: the flags, and prefix sharing's own reference cache
+        for switch in gr.SWITCHES:
+            assert r["hyperparams"][switch] == (switch in r["setting"].split("+"))
+        caches = [p.name for p in (work / "tiny" / "reference-cache" / r["setting"]).iterdir()]
+        assert len(caches) == 1 and caches[0].endswith("-prefix-shared") == r["hyperparams"]["prefix_sharing"]
+    for name in gr.NOT_IN_TRAINER:  # the optimisations the trainer lacks are named, not measured
+        assert name in printed
+    with pytest.raises(SystemExit):
+        gr.main(["--workloads", "tiny", "--settings", "packing+nope"])
+    with pytest.raises(SystemExit, match="not empty"):  # old run dirs would skew the rounds
+        gr.main([*args, "--workdir", str(work)])
+    import torch
+
+    if not torch.cuda.is_available():  # CI: the GPU workloads are refused, not run for an hour on the CPU
+        with pytest.raises(SystemExit, match="meant for a GPU"):
+            gr.main(["--workloads", "1b"])
 
 
 def test_sampling_throughput_smoke(tmp_path, tiny_model_dir, capsys):
