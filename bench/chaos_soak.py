@@ -104,7 +104,9 @@ ENV = {  # short recovery timings, as the fault tests use (defaults: 60/5/10/30 
     # max_attempts) is not what this soak measures
     "HALOS_MAX_ATTEMPTS": "20",
     "HALOS_STORAGE_RESERVE_BYTES": str(1 << 20),
-    "HALOS_RETENTION_INTERVAL_S": "0",
+    # the sweeper's storage pass as a deployment runs it (default 300 s), more often: it also trims
+    # the reference cache and removes the intermediates of rounds whose worker was killed
+    "HALOS_RETENTION_INTERVAL_S": "60",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -457,6 +459,61 @@ class Sampler(threading.Thread):
             time.sleep(0.3)
 
 
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def deleted_open_bytes(data_dir: Path) -> tuple[int, list[int]]:
+    """Space held by files under `data_dir` that were deleted while a process still has them open
+    (it comes back only when the process closes them or dies), and those processes."""
+    held, pids, seen = 0, set(), set()
+    for pid in all_pids():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(str(data_dir)) and target.endswith(" (deleted)"):
+                        st = os.stat(f"/proc/{pid}/fd/{fd}")
+                        pids.add(pid)
+                        if (st.st_dev, st.st_ino) not in seen:
+                            seen.add((st.st_dev, st.st_ino))
+                            held += st.st_blocks * 512
+    return held, sorted(pids)
+
+
+def disk_usage_line(data_dir: Path) -> str:
+    """Where the data dir's space is: free, each top-level folder, and deleted-but-open files."""
+    st = os.statvfs(data_dir)
+    parts = {d.name: tree_bytes(d) for d in sorted(data_dir.iterdir()) if d.is_dir()}
+    held, pids = deleted_open_bytes(data_dir)
+    mib = 1 << 20
+    used = ", ".join(f"{name} {size / mib:.0f}" for name, size in parts.items())
+    return (
+        f"data dir: {st.f_bavail * st.f_frsize / mib:.0f} MiB free; MiB used by {used}; "
+        f"deleted but still open {held / mib:.0f} MiB (pids {pids[:8]})"
+    )
+
+
+class DiskWatch(threading.Thread):
+    """Logs where the data dir's space goes, every `interval` s: a round refused for space with no
+    disk-full trial running is then explained by a figure, not inferred."""
+
+    def __init__(self, data_dir: Path, interval: float = 120.0):
+        super().__init__(daemon=True)
+        self.data_dir, self.interval = data_dir, interval
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                log(disk_usage_line(self.data_dir))
+
+
 def db_rows(url: str, sql: str, args: tuple = ()) -> list[tuple]:
     with psycopg.connect(url, connect_timeout=5) as c:
         return c.execute(sql, args).fetchall()
@@ -489,6 +546,7 @@ class Soak:
         self.redis = PrivateRedis(self.root)
         self.trials: list[Trial] = []
         self.orphan_log: list[str] = []
+        self.disk_watch = DiskWatch(self.data_dir)
 
     # --- setup / teardown
     def setup(self) -> None:
@@ -520,10 +578,14 @@ class Soak:
         self.load.start(self.load.setup())
         self.sampler = Sampler(self.load)
         self.sampler.start()
+        self.disk_watch.start()
 
     def teardown(self) -> None:
         self.load.stop.set()
         self.sampler.stop.set()
+        self.disk_watch.stop.set()
+        with contextlib.suppress(OSError):
+            log(f"at the end: {disk_usage_line(self.data_dir)}")
         self.dep.stop()
         # any training process of ours still alive at the very end is an orphan too
         for pid, job, attempt in marked_processes(set(self.load.jobs)):
