@@ -20,7 +20,8 @@ disk-full (the tmpfs data dir filled to the last byte for a few seconds). A cloc
 fault here (libfaketime breaks `time.sleep` in a process whose monotonic clock stays real); leases
 use the database's clock, and tests/server/test_jobs.py shifts a real worker's clock instead.
 
-Columns (per fault kind; a job is charged to the last fault injected while it was unfinished):
+Columns (per fault kind; a job is charged to the last fault injected while it was unfinished or
+accepted while that fault was being injected):
   lost     accepted job (2xx) that is missing, or ended failed/cancelled although neither it nor
            its parent round was cancelled by the client (a disk-full trial's job that failed with
            a storage reason is counted under `failed_reason`, not lost)
@@ -304,6 +305,7 @@ class JobRecord:
     client_cancelled: bool = False
     parent: str | None = None  # the job of the round submitted just before it (chained)
     faults: list[int] = field(default_factory=list)  # trials injected while it was unfinished
+    accepted_at: float = field(default_factory=time.monotonic)
 
 
 class Load:
@@ -741,10 +743,13 @@ class Soak:
             t0 = time.monotonic()
             trial = Trial(n, fault, t0)
             trial.detail = self.inject(fault)
+            injected = time.monotonic()
             with self.load.lock:
-                for j in unfinished:
-                    if j in self.load.jobs:
-                        self.load.jobs[j].faults.append(n)
+                for j, rec in self.load.jobs.items():
+                    # unfinished when the fault began, or accepted while it lasted (a round accepted
+                    # while the disk was full fails its launch check at once: it was never "running")
+                    if j in unfinished or t0 <= rec.accepted_at <= injected:
+                        rec.faults.append(n)
             trial.recovery_s = self.recovery(before, t0, timeout=180)
             trial.orphans = self.check_orphans()
             self.orphan_log += [f"trial {n} ({fault}): {o}" for o in trial.orphans]
