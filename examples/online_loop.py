@@ -26,8 +26,11 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
   score > 0, or on those pairs made unpaired) at lr 2e-4: 0.604, 0.271, 0.292 and 0.604, 0.542,
   0.479. After the first round the policy drifts towards what the reward model also scores high
   (the good form with typos and other words) and away from the exact preferred replies of the
-  held-out pairs; the KTO round lowers their log-probability most. So the criterion below is
-  not met by any setting we measured (see the README).
+  held-out pairs; the KTO round lowers their log-probability most. A graded task (replies of
+  parts each right or wrong, a reward model trained on near misses, held-out pairs one part
+  apart) failed too: the first round flips every distinction the data pushes the same way, the
+  KTO round does not raise it, and the policy then over-optimises the reward model (figures
+  in the README). So the criterion below is not met by any setting we measured.
 Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
   - the mean reward-model score of fresh samples drawn from that head (the samples iteration
     k+1 trains on; after the last round one more sampling);
