@@ -30,7 +30,7 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
   parts each right or wrong, a reward model trained on near misses, held-out pairs one part
   apart) failed too: the first round flips every distinction the data pushes the same way, the
   KTO round does not raise it, and the policy then over-optimises the reward model (figures
-  in the README). So the criterion below is not met by any setting we measured.
+  in docs/ONLINE_LOOP.md). So the criterion below is not met by any setting we measured.
 Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
   - the mean reward-model score of fresh samples drawn from that head (the samples iteration
     k+1 trains on; after the last round one more sampling);
