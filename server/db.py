@@ -34,6 +34,7 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
+from server.models import utcnow
 from server.settings import Settings, get_settings
 
 
@@ -181,4 +182,4 @@ def db_now(session: Session) -> datetime:
         with session.no_autoflush:  # a caller's pending rows are flushed in its own order, not here
             value = session.execute(text("SELECT clock_timestamp()")).scalar_one()
         return value.astimezone(UTC)
-    return datetime.now(UTC)
+    return utcnow()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -578,10 +581,6 @@ def test_a_worker_with_a_skewed_clock_holds_a_lease_of_the_right_length(tmp_path
     stayed held 2 min too long. Leases are stamped by the database's clock (server.db.db_now): a
     real worker process whose clock libfaketime shifts claims and renews, and the lease ends one TTL
     after the database's now."""
-    import os
-    import subprocess
-    import sys
-
     ttl = 30.0
     with fresh_pg_database() as url:
         engine = make_engine(url)
