@@ -5,6 +5,8 @@
       accelerate.yaml   accelerate launch config written by the worker
       stdout.log        the training subprocess's output
       metrics.jsonl     rank 0: one JSON object per optimizer step
+      checkpoints.jsonl rank 0: one line per intermediate checkpoint, appended once it is complete
+                        (the worker reports each from here, even one pruned again before it looked)
       checkpoints/step-000512/   intermediate checkpoints; meta.json written LAST marks one complete
       final/            the round's exported checkpoint (same layout, meta.json last)
       result.json       rank 0 on clean exit
@@ -159,6 +161,31 @@ def tree_sha256(directory: str | Path) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+
+
+def _read_jsonl(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records, offset + end
+
+
 # --------------------------------------------------------------------------- the run directory
 
 
@@ -170,6 +197,7 @@ class RunDir:
     accelerate_yaml = property(lambda self: self.path / "accelerate.yaml")
     stdout_log = property(lambda self: self.path / "stdout.log")
     metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints_jsonl = property(lambda self: self.path / "checkpoints.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     final = property(lambda self: self.path / "final")
     result_json = property(lambda self: self.path / "result.json")
@@ -255,31 +283,22 @@ class RunDir:
 
     # ---- metrics and result
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_jsonl, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
+        _append_jsonl(self.metrics_jsonl, record)
 
     def read_metrics(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
         """Complete metric lines from byte `offset`; returns (records, new offset).
 
         A line still being written is left for the next read. A malformed line (a killed
         attempt's half-written tail followed by the retry's first line) is skipped, not fatal."""
-        try:
-            with open(self.metrics_jsonl, "rb") as fh:
-                fh.seek(offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return [], offset
-        end = data.rfind(b"\n") + 1
-        records = []
-        for line in data[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records, offset + end
+        return _read_jsonl(self.metrics_jsonl, offset)
+
+    def log_checkpoint(self, step: int, name: str) -> None:
+        """Rank 0, after an intermediate checkpoint is complete (before pruning can remove it)."""
+        _append_jsonl(self.checkpoints_jsonl, {"step": int(step), "name": name})
+
+    def read_checkpoint_log(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Complete lines of checkpoints.jsonl from byte `offset` (as `read_metrics`)."""
+        return _read_jsonl(self.checkpoints_jsonl, offset)
 
     def write_result(self, result: RoundResult) -> None:
         write_json_atomic(self.result_json, result.to_json())

@@ -12,8 +12,9 @@ the claim, stopped after finish/release); the monitor reads its state every poll
   resumes from the last complete checkpoint.
 
 Every `heartbeat_interval_s` it streams new `metrics.jsonl` lines into the database
-(`jobs.record_progress`) and reports intermediate checkpoints that became complete
-(`jobs.record_checkpoint_saved`: a `job.checkpoint_saved` event). When the launcher exits by itself, any
+(`jobs.record_progress`) and reports the intermediate checkpoints the trainer logged as complete in
+checkpoints.jsonl (`jobs.record_checkpoint_saved`: a `job.checkpoint_saved` event; the log, not the
+checkpoint directory, so one pruned again before the next poll is reported too). When the launcher exits by itself, any
 process left in its group is stopped too, then the exit is mapped to an outcome by `worker.exit_codes.classify`.
 """
 
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from halos_core.run_dir import CheckpointError, RunDir, read_manifest
+from halos_core.run_dir import RunDir
 from server import jobs
 from server.db import session_scope
 from server.jobs import Claim, Outcome
@@ -217,7 +218,8 @@ class Supervisor:
         self.metrics = MetricsTail(run_dir, metrics_offset)
         self.log_offset = log_offset
         self.keeper = keeper
-        self.reported_checkpoints: set[str] = set()
+        # from the start of the log: an earlier attempt's checkpoints are deduplicated by step
+        self.checkpoint_log_offset = 0
         # a multi-node attempt: node 0's worker reports the shared run directory's progress (the
         # process group's rank 0 writes it from whichever node it runs on); the others only watch
         self.node_rank = claim.rank if claim.gang else 0
@@ -235,30 +237,25 @@ class Supervisor:
         self._report_checkpoints()
 
     def _report_checkpoints(self) -> None:
-        """Complete intermediate checkpoints not reported yet (meta.json is written last, so its
-        presence means complete; the trainer verifies hashes when it resumes from one)."""
+        """Every checkpoint line the trainer appended since the last poll (it appends one after the
+        checkpoint is complete, before pruning); a line is consumed only once it is recorded."""
         try:
-            names = sorted(
-                d.name
-                for d in self.run_dir.checkpoints.iterdir()
-                if d.is_dir() and d.name not in self.reported_checkpoints
-            )
-        except OSError:
+            lines, end = self.run_dir.read_checkpoint_log(self.checkpoint_log_offset)
+        except OSError as exc:
+            log.warning("reading %s failed: %s", self.run_dir.checkpoints_jsonl, exc)
             return
-        for name in names:
-            try:
-                manifest = read_manifest(self.run_dir.checkpoints / name, verify=False)
-            except (CheckpointError, OSError):
-                continue  # still being written (or partial): looked at again next time
+        for line in lines:
             try:
                 with session_scope(self.settings) as session:
                     jobs.record_checkpoint_saved(
-                        session, self.claim.job_id, self.claim.lease_token, manifest.step, name
+                        session, self.claim.job_id, self.claim.lease_token, int(line["step"]), str(line["name"])
                     )
-            except Exception as exc:
-                log.warning("reporting checkpoint %s of %s failed: %s", name, self.claim.job_id, exc)
+            except (KeyError, TypeError, ValueError):
+                log.warning("skipping a malformed line of %s: %r", self.run_dir.checkpoints_jsonl, line)
+            except Exception as exc:  # the database: this line and the rest are read again next poll
+                log.warning("reporting checkpoint %s of %s failed: %s", line.get("name"), self.claim.job_id, exc)
                 return
-            self.reported_checkpoints.add(name)
+        self.checkpoint_log_offset = end
 
     def _reap_child(self) -> None:
         self.proc.poll()

@@ -224,8 +224,10 @@ class Trainer:
                     log.warning("non-finite loss at step %s", record["step"])
                 self.run_dir.append_metrics(record)
             if every and self.round_step % every == 0 and self.round_step < total:
-                self.save(self.run_dir.checkpoint_path(self.global_step()), "intermediate")
+                path = self.run_dir.checkpoint_path(self.global_step())
+                self.save(path, "intermediate")
                 if acc.is_main_process:
+                    self.run_dir.log_checkpoint(self.global_step(), path.name)
                     prune_checkpoints(self.run_dir, self.keep_last)
                 acc.wait_for_everyone()
             if stop_after is not None and self.round_step >= stop_after and self.round_step < total:

@@ -98,6 +98,20 @@ class Cluster:
         with Session(self.engine) as s:
             return list(s.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(col(Attempt.attempt))).all())
 
+    def wait(self, job_id: str, timeout: float = 300) -> dict:
+        """The finished job; past `timeout` (a CPU round takes ~15 s) an assertion carrying what
+        every process wrote (API, both workers, both nodes' trainers) and the job's events."""
+        try:
+            return wait_for_job(self.client, job_id, timeout=timeout)
+        except AssertionError as exc:
+            run = RunDir(self.dep.data_dir / "runs" / job_id)
+            nodes = "\n".join(
+                f"--- node {r}\n{run.node_log(r).read_text()[-6000:]}" for r in (0, 1) if run.node_log(r).is_file()
+            )
+            with Session(self.engine) as s:
+                events = [(e.type, e.attempt, e.data) for e in s.exec(select(Event).where(Event.job_id == job_id))]
+            raise AssertionError(f"{exc}\nevents: {events}\n{self.dep.logs()}\n{nodes}") from None
+
     def checkpoint_events(self, job_id: str) -> list[Event]:
         with Session(self.engine, expire_on_commit=False) as s:
             return list(s.exec(select(Event).where(Event.job_id == job_id, Event.type == "job.checkpoint_saved")).all())
@@ -129,7 +143,7 @@ def cluster(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[Cluster, str, st
 def one_node(cluster) -> RunDir:
     c, model_id, fb_id = cluster
     rnd = c.round(model_id, fb_id, nodes=1)
-    job = wait_for_job(c.client, rnd["job_id"], timeout=900)
+    job = c.wait(rnd["job_id"])
     assert job["status"] == "succeeded", (job, c.dep.logs())
     assert c.members(rnd["job_id"]) == []
     return RunDir(c.dep.data_dir / "runs" / rnd["job_id"])
@@ -206,7 +220,7 @@ def _ranks(pids: set[int]) -> set[int]:
 def test_two_node_round_equals_one_node_round(cluster, one_node):
     c, model_id, fb_id = cluster
     rnd = c.round(model_id, fb_id, nodes=2)
-    job = wait_for_job(c.client, rnd["job_id"], timeout=900)
+    job = c.wait(rnd["job_id"])
     assert job["status"] == "succeeded", (job, c.dep.logs())
     two = RunDir(c.dep.data_dir / "runs" / rnd["job_id"])
     _assert_same_training(one_node, two)
@@ -225,9 +239,9 @@ def test_two_node_round_equals_one_node_round(cluster, one_node):
     _assert_written_once(two.final)
     saved = [(e.attempt, e.data["step"]) for e in c.checkpoint_events(rnd["job_id"])]
     written = [(1, s) for s in range(EVERY, STEPS, EVERY)]
-    # each checkpoint reported once, by node 0 only; the worker polls the checkpoint directory, so
-    # under load an early checkpoint may be pruned before it is seen, never the newest two
-    assert len(saved) == len(set(saved)) and set(written[-2:]) <= set(saved) <= set(written), saved
+    # every checkpoint reported once, by node 0 only (from the trainer's checkpoint log: the first
+    # is pruned during the round and still has its event)
+    assert sorted(saved) == written, saved
 
 
 @pytest.mark.skipif(
@@ -251,7 +265,7 @@ def test_killing_one_node_fails_the_attempt_for_both_and_the_retry_resumes(clust
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
 
-    job = wait_for_job(c.client, job_id, timeout=900)
+    job = c.wait(job_id)
     assert job["status"] == "succeeded", (job, c.dep.logs())
     attempts = c.attempts(job_id)
     assert [a.outcome for a in attempts] == ["crashed", "succeeded"], [(a.outcome, a.error) for a in attempts]

@@ -7,9 +7,11 @@ checkpoints (files, then meta.json via write_manifest, under a temp name renamed
 resume from `resume_from`, final/ and result.json last.
 
 What it does is read from the first feedback file, a JSON object:
-    {"fake": {"steps": 6, "sleep": 0.2, "checkpoint_every": 2,
+    {"fake": {"steps": 6, "sleep": 0.2, "checkpoint_every": 2, "keep_last": null,
               "mode": "ok" | "fail" | "sigkill" | "exit0" | "grandchildren",
               "at": 3}}
+- keep_last: after each checkpoint, delete all but the newest `keep_last` (as the real trainer
+  prunes; default: keep every one)
 - fail: raise ValueError at step `at` (exit code > 0 ⇒ failed)
 - sigkill: SIGKILL itself at step `at` (OOM-like ⇒ crashed)
 - exit0: exit 0 at step `at` without result.json (⇒ crashed)
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if rs % every == 0 and rs < steps:
             _write_checkpoint(rd.checkpoint_path(step), step, examples, rs)
+            rd.log_checkpoint(step, rd.checkpoint_path(step).name)
+            if directives.get("keep_last"):  # what halos_core.checkpoint.prune_checkpoints does (no torch here)
+                for old in rd.complete_checkpoints(verify=False)[: -int(directives["keep_last"])]:
+                    shutil.rmtree(old.path)
 
     step, examples = base_step + steps, base_examples + steps * per_step
     final = rd.final

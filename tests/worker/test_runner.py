@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import update
+from sqlmodel import col, select
 
 from halos_core.round_result import RoundResult
 from halos_core.run_dir import RunDir, write_manifest
 from server import jobs
-from server.models import Job
+from server.models import Event, Job
 from tests.worker.conftest import Env
 from tests.worker.support import REPO, add_round, pid_alive, settings_env, trainer_starts, wait_for
 from worker import exit_codes, launch, runner
@@ -143,6 +144,23 @@ def test_resume_picks_the_latest_complete_checkpoint_and_cleans_partials(env):
     starts = trainer_starts(rd.path)
     assert starts[0]["resume_round_step"] == 4 and starts[0]["resume_from"].endswith("step-000004")
     assert json.loads(rd.run_json.read_text())["resume_from"].endswith("step-000004")
+
+
+def test_every_checkpoint_gets_its_event_even_when_pruned_before_the_next_poll(env):
+    """The trainer logs each complete checkpoint (checkpoints.jsonl) before pruning; the monitor
+    reports from that log, so a checkpoint written and pruned again between two polls (here every
+    step, well inside one heartbeat interval) is reported like the others, once each."""
+    job = add_round(env.session, env.run, env.root, {"steps": 12, "sleep": 0.01, "checkpoint_every": 1, "keep_last": 1})
+    claim = jobs.claim(env.session, job.id, "h", 1, 30, run_dir=str(env.settings.runs_dir / job.id))
+    report = runner.run_job(claim, env.settings, threading.Event())
+    assert report.outcome.status == "succeeded", report.outcome.error
+    rd = RunDir(env.settings.runs_dir / job.id)
+    assert [m.step for m in rd.complete_checkpoints(verify=False)] == [11]  # the others were pruned
+    env.session.expire_all()
+    events = env.session.exec(
+        select(Event).where(Event.job_id == job.id, Event.type == "job.checkpoint_saved").order_by(col(Event.id))
+    ).all()
+    assert [(e.data["step"], e.data["name"]) for e in events] == [(s, f"step-{s:06d}") for s in range(1, 12)]
 
 
 def test_invalid_spec_fails_without_launching(env):
