@@ -57,7 +57,7 @@ import os
 import sys
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, eq
@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
+import numpy as np
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from .formats import HALOS_TYPES, ROLES, derived_prompt_id, detect
@@ -353,6 +354,11 @@ class Segment:
     n_blank: int = 0
     _table: dict[int, int] = field(default_factory=dict, repr=False)
     _records: dict[int, int] = field(default_factory=dict, repr=False)
+    # after `spill`: the four packed tables live in this file, one after the other (n_prompts and
+    # n_distinct entries), and the process that merges reads them from there
+    tables_path: str | None = None
+    n_prompts: int = 0
+    n_distinct: int = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (to the pool's caller) with the tables packed: 16 bytes an entry, not ~100."""
@@ -366,15 +372,42 @@ class Segment:
         state["_table"], state["_records"] = {}, {}
         return state
 
-    def prompt_items(self) -> Iterable[tuple[int, int]]:
-        """(prompt_id hash, prompt and split hash) pairs, without building a dict of the packed table."""
-        return self._table.items() if self._table else zip(array("q", self.keys), array("q", self.values))
+    def spill(self, path: str | Path) -> None:
+        """Move the tables to a file at `path` (the caller removes it): what is sent back to the
+        process that collects the segments is then a few counters and examples, not ~32 bytes a
+        record; the merge reads the tables from the file."""
+        p_keys, p_values = self.prompt_arrays()
+        r_keys, r_firsts = self.record_arrays()
+        with open(path, "wb") as fh:
+            for table in (p_keys, p_values, r_keys, r_firsts):
+                fh.write(table.tobytes())
+        self.tables_path, self.n_prompts, self.n_distinct = str(path), len(p_keys), len(r_keys)
+        self._table, self._records = {}, {}
+        self.keys = self.values = self.record_keys = self.record_firsts = b""
 
-    def record_items(self) -> Iterable[tuple[int, int]]:
-        """(record hash, its first index here) pairs."""
+    def _spilled(self, first: int, count: int) -> np.ndarray:
+        assert self.tables_path is not None
+        return np.fromfile(self.tables_path, dtype=np.int64, count=count, offset=first * 8)
+
+    def prompt_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_id hashes, prompt-and-split hashes) as int64 arrays (views of the packed table)."""
+        if self.tables_path is not None:
+            n = self.n_prompts
+            return self._spilled(0, n), self._spilled(n, n)
+        if self._table:
+            n = len(self._table)
+            return np.fromiter(self._table.keys(), np.int64, n), np.fromiter(self._table.values(), np.int64, n)
+        return np.frombuffer(self.keys, np.int64), np.frombuffer(self.values, np.int64)
+
+    def record_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(record hashes, the index of each one's first copy in this segment) as int64 arrays."""
+        if self.tables_path is not None:
+            n, m = self.n_prompts, self.n_distinct
+            return self._spilled(2 * n, m), self._spilled(2 * n + m, m)
         if self._records:
-            return self._records.items()
-        return zip(array("q", self.record_keys), array("q", self.record_firsts))
+            n = len(self._records)
+            return np.fromiter(self._records.keys(), np.int64, n), np.fromiter(self._records.values(), np.int64, n)
+        return np.frombuffer(self.record_keys, np.int64), np.frombuffer(self.record_firsts, np.int64)
 
     def line(self, index: int) -> int:
         """The 1-based line (within the segment) of record `index`."""
@@ -592,85 +625,93 @@ def _quality(seg: Segment, shape: _Shape, normal: _Normal) -> None:
 
 def merge(segments: list[Segment | None], limits: FeedbackLimits) -> tuple[FeedbackSummary, Findings] | None:
     """The summary and the data-quality findings of a file from its segments in order, or None
-    (run the detailed scanner)."""
+    (run the detailed scanner).
+
+    The segments' tables stay packed: prompts are checked and counted, and duplicates found across
+    segments, by sorting int64 arrays (16-24 bytes an entry) rather than building a Python dict or
+    set of every distinct prompt and record (~100 bytes an entry, ~40 MiB for 200k records)."""
     if not segments or any(s is None for s in segments):
         return None
-    first = segments[0]
-    assert first is not None
-    if any(
-        (s.family, s.kind, s.fingerprint) != (first.family, first.kind, first.fingerprint)
-        for s in segments
-        if s is not None
-    ):
+    segs = [s for s in segments if s is not None]
+    first = segs[0]
+    if any((s.family, s.kind, s.fingerprint) != (first.family, first.kind, first.fingerprint) for s in segs):
         return None
-    table: dict[int, int] = {}
-    n = n_test = 0
-    derived = explicit_h = False
-    for seg in segments:
-        assert seg is not None
-        if table and not _agrees(table, seg.prompt_items()):  # (one pass over the packed pairs: no second dict)
-            return None
-        table.update(seg.prompt_items())
-        n += seg.n
-        n_test += seg.n_test
-        derived = derived or seg.derived
-        explicit_h = explicit_h or seg.explicit_h
+    n = sum(s.n for s in segs)
+    n_test = sum(s.n_test for s in segs)
+    derived = any(s.derived for s in segs)
+    explicit_h = any(s.explicit_h for s in segs)
     if n == 0 or n > limits.max_records or (derived and explicit_h):
         return None  # empty / too many: the detailed report; an explicit "h-…" id might equal a derived one
+    n_prompts = _distinct_prompts([s.prompt_arrays() for s in segs])
+    if n_prompts is None:
+        return None
     fmt = "halos_jsonl" if first.family == "halos" else first.family
     summary = FeedbackSummary(
-        kind=first.kind, format=fmt, n_records=n, n_prompts=len(table), n_train=n - n_test, n_test=n_test
+        kind=first.kind, format=fmt, n_records=n, n_prompts=n_prompts, n_train=n - n_test, n_test=n_test
     )
-    del table  # (the findings' table of records comes next: one of the two at a time)
-    return summary, _merge_findings([s for s in segments if s is not None])
+    return summary, _merge_findings(segs)
 
 
-def _agrees(table: dict[int, int], items: Iterable[tuple[int, int]]) -> bool:
-    get = table.get
-    return all(get(key, value) == value for key, value in items)
+def _distinct_prompts(tables: list[tuple[np.ndarray, np.ndarray]]) -> int | None:
+    """How many distinct prompt_ids the segments hold, or None when one id has two (prompt, split)
+    values in different segments (within a segment `_track` already refused that)."""
+    keys = np.concatenate([k for k, _ in tables])
+    values = np.concatenate([v for _, v in tables])
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    del order
+    same = keys[1:] == keys[:-1]
+    if bool(np.any(values[1:][same] != values[:-1][same])):
+        return None
+    return len(keys) - int(np.count_nonzero(same))
 
 
 def _merge_findings(segments: list[Segment]) -> Findings:
-    seen: set[int] = set()  # the record hashes of the segments before this one
+    tables = [s.record_arrays() for s in segments]
+    keys = np.concatenate([k for k, _ in tables])  # every segment's distinct records, in segment order
+    firsts = np.concatenate([f for _, f in tables])
+    seg_of = np.repeat(np.arange(len(segments)), [len(k) for k, _ in tables])
+    del tables
+    order = np.argsort(keys, kind="stable")  # equal hashes stay in segment order: the file's first copy leads
+    sorted_keys = keys[order]
+    later = np.zeros(len(order), dtype=bool)
+    later[1:] = sorted_keys[1:] == sorted_keys[:-1]
+    again = order[later]  # records first seen in their segment, but not first in the file
+    again_per_seg = np.bincount(seg_of[again], minlength=len(segments))
+    offsets = np.cumsum([0] + [s.n for s in segments])
+
+    def file_first(key: int) -> tuple[int, int]:
+        """(segment, file index) of the first copy of record hash `key` in the file."""
+        i = int(order[np.searchsorted(sorted_keys, key)])
+        return int(seg_of[i]), int(offsets[seg_of[i]] + firsts[i])
+
     counts: dict[str, int] = {}
     examples: list[tuple[int, int, int, str, str, int]] = []  # (index, rank, line, code, field, first)
-    offset = line_offset = 0
+    line_offset = 0
     for k, seg in enumerate(segments):
         for code, count in seg.counts.items():
             counts[code] = counts.get(code, 0) + count
-        # records first seen in this segment, but not first in the file: (index here, record hash)
-        again = [(first, key) for key, first in seg.record_items() if key in seen] if seen else []
-        if again:
-            counts["duplicate_record"] = counts.get("duplicate_record", 0) + len(again)
+        if again_per_seg[k]:
+            counts["duplicate_record"] = counts.get("duplicate_record", 0) + int(again_per_seg[k])
         if len(examples) < MAX_EXAMPLES:
             found = list(seg.examples)
-            found += [(first, _RANK_DUPLICATE, "duplicate_record", "", first, key) for first, key in again]
-            found = sorted(found)[: MAX_EXAMPLES - len(examples)]
-            # a duplicate's first copy: in an earlier segment when there is one, else in this one
-            earlier = _first_indices(segments[:k], {key for *_, first, key in found if first >= 0 and key in seen})
-            for i, rank, code, f, first, key in found:
-                dup_of = -1 if first < 0 else earlier[key] if key in earlier else offset + first
-                examples.append((offset + i, rank, line_offset + seg.line(i), code, f, dup_of))
-        if k + 1 < len(segments):
-            seen.update(key for key, _ in seg.record_items())
-        offset += seg.n
+            if again_per_seg[k]:
+                mine = again[seg_of[again] == k]
+                mine = mine[np.argsort(firsts[mine], kind="stable")[:MAX_EXAMPLES]]  # only the first can be shown
+                found += [
+                    (int(firsts[i]), _RANK_DUPLICATE, "duplicate_record", "", int(firsts[i]), int(keys[i]))
+                    for i in mine
+                ]
+            for i, rank, code, f, first, key in sorted(found)[: MAX_EXAMPLES - len(examples)]:
+                # a duplicate's first copy: in an earlier segment when there is one, else in this one
+                if first < 0:
+                    dup_of = -1
+                else:
+                    seg0, index0 = file_first(key)
+                    dup_of = index0 if seg0 < k else int(offsets[k]) + first
+                examples.append((int(offsets[k]) + i, rank, line_offset + seg.line(i), code, f, dup_of))
         line_offset += seg.n + seg.n_blank
     return Findings(counts=counts, examples=[finding(c, i, line, f, first) for i, _, line, c, f, first in examples])
-
-
-def _first_indices(segments: list[Segment], keys: set[int]) -> dict[int, int]:
-    """Record hash -> the file index of its first copy in `segments` (the file's first ones), for
-    the few records whose examples are shown: `seen` keeps only the hashes, not the indices."""
-    out: dict[int, int] = {}
-    offset = 0
-    for seg in segments:
-        if len(out) == len(keys):
-            break
-        for key, first in seg.record_items():
-            if key in keys and key not in out:
-                out[key] = offset + first
-        offset += seg.n
-    return out
 
 
 def split_points(path: str | Path, parts: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:

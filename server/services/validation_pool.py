@@ -16,8 +16,10 @@ or raises `FeedbackValidationError` with the record-level report.
   a big file is checked by the time its last byte is on disk; `check` then scans only the rest.
 - Memory: a worker reads at most `max_record_bytes` (≤ 8 MiB) at a time plus two tables of one
   small entry per distinct prompt_id and per distinct record (the detailed pass keeps the same);
-  the API process holds the temp file's path and, between the segments and their merge, their
-  tables packed (16 bytes an entry).
+  it writes them packed (32 bytes a record) to a file beside the staged upload (`tables_path`),
+  which the merging worker reads and sorts as int64 arrays, so the API process holds the temp
+  file's path and each segment's counters and first examples only. The table files go when the
+  check ends (`discard_tables`); a crash's leftovers are swept with stale uploads.
 """
 
 from __future__ import annotations
@@ -61,24 +63,27 @@ class ValidationPool:
         written): blocks the calling thread (never the event loop) until they have an answer."""
         size = os.path.getsize(path)
         early = pipeline.started(path, limits) if pipeline is not None else None
-        futures: list[Future[Segment | None]] | None = None
-        if early is not None:
-            start, futures = early
-            parts = self.workers if size - start >= PARALLEL_MIN_BYTES else 1
-            tail = split_points(path, parts, start, size) if start < size else []
-            futures += [self._executor.submit(scan_range, path, a, b, limits) for a, b in tail]
-        else:
-            planned = self._executor.submit(plan, path, self.workers if size >= PARALLEL_MIN_BYTES else 1).result()
-            if planned is not None:
-                fmt, ranges = planned
-                futures = [self._executor.submit(scan_segment, path, a, b, *fmt, limits) for a, b in ranges]
-        if futures is not None:
-            segments = [f.result() for f in futures]
-            if all(s is not None for s in segments):
-                checked = self._executor.submit(merge, segments, limits).result()
-                if checked is not None:
-                    return checked
-        return self._executor.submit(detailed_check, path, limits).result()
+        futures: list[Future[Segment | None]] = []
+        try:
+            if early is not None:
+                start, futures = early
+                parts = self.workers if size - start >= PARALLEL_MIN_BYTES else 1
+                tail = split_points(path, parts, start, size) if start < size else []
+                futures += [self._executor.submit(scan_range_spilled, path, a, b, limits) for a, b in tail]
+            else:
+                planned = self._executor.submit(plan, path, self.workers if size >= PARALLEL_MIN_BYTES else 1).result()
+                if planned is not None:
+                    fmt, ranges = planned
+                    futures = [self._executor.submit(scan_segment_spilled, path, a, b, *fmt, limits) for a, b in ranges]
+            if futures:
+                segments = [f.result() for f in futures]
+                if all(s is not None for s in segments):
+                    checked = self._executor.submit(merge, segments, limits).result()
+                    if checked is not None:
+                        return checked
+            return self._executor.submit(detailed_check, path, limits).result()
+        finally:
+            discard_tables(futures)
 
     def warm_up(self) -> None:
         """Start every worker now (at API startup), not during the first upload."""
@@ -119,7 +124,7 @@ class Pipeline:
         if cut < 0:
             return
         boundary = offset + cut + 1
-        self.futures.append(self._executor.submit(scan_range, path, self.start, boundary, self.limits))
+        self.futures.append(self._executor.submit(scan_range_spilled, path, self.start, boundary, self.limits))
         self.start = boundary
 
     def started(self, path: Path, limits: FeedbackLimits) -> tuple[int, list[Future[Segment | None]]] | None:
@@ -129,7 +134,48 @@ class Pipeline:
         return self.start, list(self.futures)
 
     def cancel(self) -> None:
-        """The upload failed or is done: nothing more to start; segments not yet running are dropped."""
+        """The upload failed or is done: nothing more to start; segments not yet running are dropped
+        (and the tables of those still running removed once they are written)."""
         self.active = False
         for future in self.futures:
             future.cancel()
+        discard_tables(self.futures)
+
+
+def tables_path(upload: str | Path, start: int) -> Path:
+    """Where the segment of `upload` starting at byte `start` keeps its tables: beside the staged
+    upload, named like it (upload-….part), so `storage.cleanup_stale_uploads` sweeps a leftover."""
+    p = Path(upload)
+    return p.with_name(f"{p.stem}.tables-{start}{p.suffix}")
+
+
+def scan_range_spilled(path: Path, start: int, end: int, limits: FeedbackLimits) -> Segment | None:
+    """`scan_range` in a worker, its tables left in a file (`Segment.spill`): the API process
+    collects only counters and examples, the merging worker reads the tables."""
+    seg = scan_range(path, start, end, limits)
+    if seg is not None:
+        seg.spill(tables_path(path, start))
+    return seg
+
+
+def scan_segment_spilled(
+    path: Path, start: int, end: int, family: str, kind: str, limits: FeedbackLimits
+) -> Segment | None:
+    seg = scan_segment(path, start, end, family, kind, limits)
+    if seg is not None:
+        seg.spill(tables_path(path, start))
+    return seg
+
+
+def discard_tables(futures: list[Future[Segment | None]]) -> None:
+    """Remove the segments' table files: now for finished segments, on completion for the others."""
+    for future in futures:
+        future.add_done_callback(_discard_one)
+
+
+def _discard_one(future: Future[Segment | None]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    seg = future.result()
+    if seg is not None and seg.tables_path is not None:
+        Path(seg.tables_path).unlink(missing_ok=True)

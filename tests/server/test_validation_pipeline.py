@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -76,6 +77,31 @@ def test_a_valid_upload_checked_while_it_arrives(tmp_path: Path, pool: Validatio
     assert summary == validate_file(staged.path, LIMITS, fast=False)
     assert found.to_json() == find(staged.path).to_json()
     assert found.counts == {"identical_outputs": 2, "string_prompt": 1, "duplicate_record": 30}  # (record 7 twice)
+    # the API process got each segment's counters and examples; its tables went to a file beside
+    # the upload (read by the merging worker), removed when the check ended
+    segments = [f.result() for f in pipeline.futures]
+    assert all(s.tables_path and not (s.keys or s.record_keys or s._table or s._records) for s in segments)
+    assert _leftovers(tmp_path, staged.path) == []
+
+
+def _leftovers(tmp_path: Path, staged: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p != staged)
+
+
+def test_a_cancelled_upload_leaves_no_table_files(tmp_path: Path, pool: ValidationPool) -> None:
+    """The upload failed (or was a replay) after segments started: those still running remove
+    their tables once written; none is left beside the upload."""
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in records())
+    staged, pipeline, started = upload(tmp_path, pool, data)
+    assert started >= 5
+    pipeline.cancel()
+    for future in pipeline.futures:
+        if not future.cancelled():
+            future.exception(timeout=60)
+    deadline = time.monotonic() + 10  # a future's done-callbacks run just after its waiters wake
+    while _leftovers(tmp_path, staged.path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _leftovers(tmp_path, staged.path) == []
 
 
 def test_an_invalid_upload_gets_the_detailed_report(tmp_path: Path, pool: ValidationPool) -> None:
@@ -91,6 +117,7 @@ def test_an_invalid_upload_gets_the_detailed_report(tmp_path: Path, pool: Valida
         pool.check(staged.path, LIMITS, pipeline)
     assert got.value.errors == want.value.errors
     assert {e.code for e in got.value.errors} == {"invalid_label", "conflicting_prompt"}
+    assert _leftovers(tmp_path, staged.path) == []
 
 
 def test_a_json_array_is_not_pipelined(tmp_path: Path, pool: ValidationPool) -> None:
