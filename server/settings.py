@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     retry_backoff_s: float = 5.0  # doubled per attempt
     kill_grace_s: float = 30.0  # SIGTERM → SIGKILL of a training process group
+    # an attempt whose trainer writes nothing for this long (no output line, metric or checkpoint:
+    # hung, e.g. in a collective whose peer is gone) is stopped and retried as crashed; 0: never.
+    # Longer than the slowest silent phase (loading a large model, a first step), so generous.
+    stall_timeout_s: float = Field(1800.0, ge=0)
 
     # job events (GET /v1/jobs/{id}/events and its SSE stream)
     events_poll_interval_s: float = Field(1.0, gt=0, description="how often an open event stream reads the database")

@@ -10,6 +10,9 @@ the claim, stopped after finish/release); the monitor reads its state every poll
 - warm shutdown of the worker (`shutdown` event): stop the group (SIGTERM, grace, SIGKILL) and
   `jobs.release` the job: it goes back to `queued` without consuming a retry and the next worker
   resumes from the last complete checkpoint.
+- stall (`stall_timeout_s` without a byte added to this node's output, the metrics or the
+  checkpoint log): stop the group; the outcome is `crashed` (retried, resuming from the last
+  checkpoint): a hung trainer does not hold its job `running` for ever.
 
 Every `heartbeat_interval_s` it streams new `metrics.jsonl` lines into the database
 (`jobs.record_progress`) and reports the intermediate checkpoints the trainer logged as complete in
@@ -119,6 +122,13 @@ def reap_orphans(settings: Settings, job_id: str | None = None, grace_s: float |
     return killed
 
 
+def _size(path: os.PathLike[str] | str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 class MetricsTail:
     """Tolerant tail of metrics.jsonl: complete lines only; a malformed line is skipped, not fatal.
 
@@ -224,6 +234,8 @@ class Supervisor:
         # process group's rank 0 writes it from whichever node it runs on); the others only watch
         self.node_rank = claim.rank if claim.gang else 0
         self.log_path = run_dir.node_log(self.node_rank)
+        self._progress_mark: tuple[int, ...] = ()
+        self._progress_at = time.monotonic()
 
     # ---- database calls (each in its own short transaction)
     def _record(self, batch: list[dict[str, Any]], retry: bool) -> None:
@@ -290,6 +302,8 @@ class Supervisor:
             if time.monotonic() >= next_ingest:
                 next_ingest = time.monotonic() + interval
                 self._ingest()
+                if self._stalled():
+                    return self._on_stall()
         if self.keeper.fired.is_set():  # the exit was the fence's SIGKILL
             return self._fenced()
         # the launcher exited by itself: nothing of its group may outlive it
@@ -309,6 +323,27 @@ class Supervisor:
             rc, self.run_dir, log_offset=self.log_offset, kind=self.claim.kind, log=self.log_path
         )
         return RunReport("finish", outcome, group_gone=gone)
+
+    def _stalled(self) -> bool:
+        """No byte added for `stall_timeout_s` to this node's output, the run's metrics (every node
+        sees them: rank 0 writes them in the shared run directory) or its checkpoint log."""
+        mark = tuple(_size(p) for p in (self.log_path, self.run_dir.metrics_jsonl, self.run_dir.checkpoints_jsonl))
+        now = time.monotonic()
+        if mark != self._progress_mark:
+            self._progress_mark, self._progress_at = mark, now
+            return False
+        limit = self.settings.stall_timeout_s
+        return limit > 0 and now - self._progress_at > limit
+
+    def _on_stall(self) -> RunReport:
+        why = (
+            f"no progress for {self.settings.stall_timeout_s:g}s: no output, metric or checkpoint from the"
+            " trainer (hung, e.g. in a collective waiting for a rank that is gone); stopped"
+        )
+        log.error("job %s attempt %d: %s; stopping group %d", self.claim.job_id, self.claim.attempt, why, self.pgid)
+        gone = self._stop_group(self.settings.kill_grace_s)
+        self._ingest()
+        return RunReport("finish", Outcome("crashed", error=why), group_gone=gone)
 
     def _fenced(self) -> RunReport:
         """The keeper fenced (lease lost, or no successful heartbeat for 3/4 of the TTL): it has

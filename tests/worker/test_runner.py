@@ -163,6 +163,27 @@ def test_every_checkpoint_gets_its_event_even_when_pruned_before_the_next_poll(e
     assert [(e.data["step"], e.data["name"]) for e in events] == [(s, f"step-{s:06d}") for s in range(1, 12)]
 
 
+def test_a_trainer_that_stops_making_progress_is_stopped_and_retried(make_env, monkeypatch):
+    """A hung trainer (alive, writing nothing: e.g. a rank waiting in a collective for a peer that
+    is gone) would hold its job `running` for ever while the worker keeps the lease alive. After
+    `stall_timeout_s` without a byte of output, metrics or checkpoints its group is stopped and the
+    attempt crashes (retried, from its last checkpoint); a trainer that keeps writing is left alone."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    env = make_env("stall", stall_timeout_s=3.0, kill_grace_s=1.0)
+    job, claim, thread, box, _, start = _start(env, {"steps": 40, "sleep": 0.3, "mode": "hang", "at": 6})
+    t0 = time.monotonic()
+    thread.join(60)
+    assert not thread.is_alive()
+    report = box["report"]
+    assert report.action == "finish" and report.outcome.status == "crashed", report
+    assert "no progress for 3s" in report.outcome.error
+    assert report.group_gone and not group_alive(start["pgid"])
+    # 5 steps of 0.3 s (each well within the limit), then 3 s of silence, a poll, a 1 s grace
+    assert 3.0 <= time.monotonic() - t0 <= 20
+    j = jobs.finish(env.session, job.id, claim.lease_token, report.outcome, retry_backoff_s=0)
+    assert j.status.value == "queued" and "no progress" in (j.error or "")  # queued again for the retry
+
+
 def test_invalid_spec_fails_without_launching(env):
     job = add_round(env.session, env.run, env.root, {})
     spec = dict(job.spec)
