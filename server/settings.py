@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     kill_grace_s: float = 30.0  # SIGTERM → SIGKILL of a training process group
     # an attempt whose trainer writes nothing for this long (no output line, metric or checkpoint:
     # hung, e.g. in a collective whose peer is gone) is stopped and retried as crashed; 0: never.
-    # Longer than the slowest silent phase (loading a large model, a first step), so generous.
+    # The trainer's phases without steps (reference pass, evaluation) log progress every minute
+    # (halos_core/training/alive.py); loading a large model or one step must fit in it too.
     stall_timeout_s: float = Field(1800.0, ge=0)
 
     # job events (GET /v1/jobs/{id}/events and its SSE stream)

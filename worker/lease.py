@@ -54,6 +54,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._target: tuple[int, dict[str, str]] | None = None
         self._threads: list[threading.Thread] = []
+        self._ending = False
 
     # ---- lifecycle
     def start(self) -> LeaseKeeper:
@@ -70,6 +71,12 @@ class LeaseKeeper:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+
+    def ending(self) -> None:
+        """The attempt's processes are gone and the task is recording its end: a LOST answer from
+        here on is that record (or another member's), not a reason to fence."""
+        with self._lock:
+            self._ending = True
 
     @property
     def stopped(self) -> bool:
@@ -128,7 +135,7 @@ class LeaseKeeper:
                 self.last_ok = max(self.last_ok, started)
             if self.state not in (Heartbeat.LOST, Heartbeat.CANCEL) or state == Heartbeat.LOST:
                 self.state = state
-        if state == Heartbeat.LOST:
+        if state == Heartbeat.LOST and not self._ending:
             self.fence(
                 "lease lost: the gang's attempt ended (another node failed or stopped, or the gang was released)"
                 if self.claim.gang

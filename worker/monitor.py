@@ -258,12 +258,13 @@ class Supervisor:
             return
         for line in lines:
             try:
-                with session_scope(self.settings) as session:
-                    jobs.record_checkpoint_saved(
-                        session, self.claim.job_id, self.claim.lease_token, int(line["step"]), str(line["name"])
-                    )
+                step, name = int(line["step"]), str(line["name"])
             except (KeyError, TypeError, ValueError):
                 log.warning("skipping a malformed line of %s: %r", self.run_dir.checkpoints_jsonl, line)
+                continue
+            try:
+                with session_scope(self.settings) as session:
+                    jobs.record_checkpoint_saved(session, self.claim.job_id, self.claim.lease_token, step, name)
             except Exception as exc:  # the database: this line and the rest are read again next poll
                 log.warning("reporting checkpoint %s of %s failed: %s", line.get("name"), self.claim.job_id, exc)
                 return

@@ -202,6 +202,10 @@ def run_job(
         run_dir.result_json.unlink(missing_ok=True)
 
     resume = _latest_complete(run_dir) if claim.attempt > 1 and claim.kind == "round" else None
+    if resume is not None:
+        # its writer may have died between publishing it and logging it: report it now (the server
+        # keeps one checkpoint event per step, so one logged already changes nothing)
+        run_dir.log_checkpoint(resume.step, resume.path.name)
     try:
         cmd = _prepare(claim, settings, run_dir, resume, slot)
     except (ValidationError, ValueError, TypeError) as exc:

@@ -123,6 +123,7 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
                 )
                 report = runner.RunReport("lost", None, detail=why, group_gone=report.group_gone)
         if report.action == "finish" and report.outcome is not None:
+            keeper.ending()  # the trainer is gone: the heartbeat that sees this finish is not a fence
             with session_scope(settings) as session:
                 job = jobs.finish(
                     session,

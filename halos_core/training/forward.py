@@ -20,6 +20,7 @@ from halos_core.data.collate import Microbatch, concat_streams
 from halos_core.logprobs import ReferenceLogpCache, token_logps
 from halos_core.lora import adapters_disabled
 from halos_core.prefix_sharing import shared_prefix_token_logps
+from halos_core.training.alive import PhaseProgress
 
 log = logging.getLogger("halos_core.training")
 
@@ -113,9 +114,11 @@ class ForwardPass:
         if cache is None:
             return
         t0 = time.perf_counter()
+        progress = PhaseProgress("reference log-probs")
         for mb in microbatches:
             for stream in self.reference_streams(mb.to(self.accelerator.device)):
                 self.reference_logps(stream, paired=mb.kind == "paired")
+            progress.tick()
         if self.reference is not None and self.accelerator.device.type != "cpu":
             self.reference.to("cpu")
             torch.cuda.empty_cache()

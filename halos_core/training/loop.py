@@ -34,6 +34,7 @@ from halos_core.round_result import RestoreRecord, RoundResult
 from halos_core.run_dir import Manifest, RunDir, write_json_atomic
 from halos_core.sharded import is_fsdp, to_plain
 from halos_core.training import saving
+from halos_core.training.alive import PhaseProgress
 from halos_core.training.forward import ForwardPass
 
 log = logging.getLogger("halos_core.training")
@@ -302,11 +303,13 @@ class Trainer:
         try:
             # the same number of forwards on every process (FSDP forwards are collectives); a
             # process with fewer eval examples runs padding microbatches of weight 0
+            progress = PhaseProgress("evaluation")
             for mb, weight in self.eval_loader.padded():
                 mb = mb.to(self.accelerator.device)
                 out = self.compute_loss(mb, train=False)
                 metrics.add("loss", weight * out.loss.float().item() * mb.size, weight * mb.size)
                 metrics.add_values(out.values, mb.size, weight=weight)
+                progress.tick()
         finally:
             inner.train(was_training)
         reduced = metrics.reduce(self._reduce_sum, names=self._metric_names(metrics.sums))

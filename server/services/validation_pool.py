@@ -19,7 +19,8 @@ or raises `FeedbackValidationError` with the record-level report.
   it writes them packed (32 bytes a record) to a file beside the staged upload (`tables_path`),
   which the merging worker reads and sorts as int64 arrays, so the API process holds the temp
   file's path and each segment's counters and first examples only. The table files go when the
-  check ends (`discard_tables`); a crash's leftovers are swept with stale uploads.
+  check ends (`discard_tables`); those of a worker that died after writing them stay until the
+  API's startup sweep of stale uploads (older than a day).
 """
 
 from __future__ import annotations
@@ -142,28 +143,31 @@ class Pipeline:
         discard_tables(self.futures)
 
 
-def tables_path(upload: str | Path, start: int) -> Path:
-    """Where the segment of `upload` starting at byte `start` keeps its tables: beside the staged
-    upload, named like it (upload-….part), so `storage.cleanup_stale_uploads` sweeps a leftover."""
+def tables_path(upload: str | Path, start: int, end: int) -> Path:
+    """Where the segment [start, end) of `upload` keeps its tables: beside the staged upload,
+    named like it (upload-….part), so `storage.cleanup_stale_uploads` sweeps a leftover."""
     p = Path(upload)
-    return p.with_name(f"{p.stem}.tables-{start}{p.suffix}")
+    return p.with_name(f"{p.stem}.tables-{start}-{end}{p.suffix}")
 
 
 def scan_range_spilled(path: Path, start: int, end: int, limits: FeedbackLimits) -> Segment | None:
     """`scan_range` in a worker, its tables left in a file (`Segment.spill`): the API process
     collects only counters and examples, the merging worker reads the tables."""
-    seg = scan_range(path, start, end, limits)
-    if seg is not None:
-        seg.spill(tables_path(path, start))
-    return seg
+    return _spilled(scan_range(path, start, end, limits), tables_path(path, start, end))
 
 
 def scan_segment_spilled(
     path: Path, start: int, end: int, family: str, kind: str, limits: FeedbackLimits
 ) -> Segment | None:
-    seg = scan_segment(path, start, end, family, kind, limits)
+    return _spilled(scan_segment(path, start, end, family, kind, limits), tables_path(path, start, end))
+
+
+def _spilled(seg: Segment | None, target: Path) -> Segment | None:
     if seg is not None:
-        seg.spill(tables_path(path, start))
+        try:
+            seg.spill(target)
+        except OSError:  # a full disk: the tables travel packed through the API process, as before
+            target.unlink(missing_ok=True)
     return seg
 
 

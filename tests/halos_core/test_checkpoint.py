@@ -233,3 +233,19 @@ def test_optimizer_state_is_memory_mapped(tmp_path, trained, monkeypatch):
     loaded = load_checkpoint(target)
     assert calls["optimizer.pt"].get("mmap") is True and calls["optimizer.pt"]["weights_only"] is True
     assert optimizer_state_digest(loaded.optimizer_state) == optimizer_state_digest(opt.state_dict())
+
+
+def test_a_line_torn_by_a_killed_writer_costs_only_itself(tmp_path):
+    """An attempt killed mid-write leaves half a line in metrics.jsonl / checkpoints.jsonl; the
+    retry's first line must not be glued to it (both would be unreadable and its checkpoint would
+    get no event)."""
+    rd = RunDir(tmp_path).create()
+    rd.log_checkpoint(3, "step-000003")
+    with open(rd.checkpoints_jsonl, "ab") as fh:
+        fh.write(b'{"name": "step-0000')  # SIGKILL here
+    rd.log_checkpoint(6, "step-000006")
+    lines, end = rd.read_checkpoint_log()
+    assert [(x["step"], x["name"]) for x in lines] == [(3, "step-000003"), (6, "step-000006")]
+    assert end == rd.checkpoints_jsonl.stat().st_size
+    rd.append_metrics({"step": 1, "loss": 0.5})
+    assert rd.read_metrics()[0] == [{"step": 1, "loss": 0.5}]

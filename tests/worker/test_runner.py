@@ -19,6 +19,7 @@ from halos_core.round_result import RoundResult
 from halos_core.run_dir import RunDir, write_manifest
 from server import jobs
 from server.models import Event, Job
+from server.settings import Settings
 from tests.worker.conftest import Env
 from tests.worker.support import REPO, add_round, pid_alive, settings_env, trainer_starts, wait_for
 from worker import exit_codes, launch, runner
@@ -144,6 +145,10 @@ def test_resume_picks_the_latest_complete_checkpoint_and_cleans_partials(env):
     starts = trainer_starts(rd.path)
     assert starts[0]["resume_round_step"] == 4 and starts[0]["resume_from"].endswith("step-000004")
     assert json.loads(rd.run_json.read_text())["resume_from"].endswith("step-000004")
+    # the checkpoint it resumed from has its event (its writer may have died before logging it)
+    env.session.expire_all()
+    saved = env.session.exec(select(Event).where(Event.job_id == job.id, Event.type == "job.checkpoint_saved")).all()
+    assert sorted(e.data["step"] for e in saved) == [4, 6]
 
 
 def test_every_checkpoint_gets_its_event_even_when_pruned_before_the_next_poll(env):
@@ -455,3 +460,20 @@ def test_multi_node_accelerate_config_and_command(tmp_path: Path):
     assert "accelerate.commands.launch" in launch.command(one, rd, launch.Node(1, 2, "127.0.0.1", 1))
     fsdp = launch.accelerate_config(Settings(data_dir=tmp_path, fsdp=True), node=launch.Node(0, 2, "h", 1))
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+
+
+def test_long_silent_phases_of_the_trainer_say_they_are_alive(caplog):
+    """The reference pass before the first step (on an accelerator) and evaluations write no
+    metric line for as long as the round is big: they log their progress at most every
+    `EVERY_S`, so the stall check never reads a healthy trainer as hung."""
+    from halos_core.training import alive
+
+    caplog.set_level("INFO", logger="halos_core.training")
+    quiet = alive.PhaseProgress("reference log-probs", every_s=3600)
+    chatty = alive.PhaseProgress("evaluation", total=3, every_s=0)
+    for _ in range(3):
+        quiet.tick()
+        chatty.tick()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"evaluation: {k}/3 microbatches done" for k in (1, 2, 3)]
+    assert alive.EVERY_S * 10 <= Settings.model_fields["stall_timeout_s"].default  # room for several lines
