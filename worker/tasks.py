@@ -95,6 +95,10 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
         except Exception as exc:  # setup before the launch (nothing is running): end the attempt now
             log.exception("job %s attempt %d: worker error before the training started", job_id, claim.attempt)
             report = runner.RunReport("finish", runner.worker_error(exc))
+        if report.group_gone:
+            # nothing of the attempt runs any more: a heartbeat that now finds the attempt ended
+            # (this task's own finish or release, another node's end) is no reason to fence
+            keeper.ending()
         if report.action == "finish" and report.outcome is not None and not report.group_gone:
             # Processes of this attempt survived SIGKILL (uninterruptible sleep, another PID
             # namespace, …). Finishing would let the next attempt or round start beside them (I2):
@@ -123,7 +127,6 @@ def _claim_and_run(job_id: str, settings: Settings, shutdown: threading.Event | 
                 )
                 report = runner.RunReport("lost", None, detail=why, group_gone=report.group_gone)
         if report.action == "finish" and report.outcome is not None:
-            keeper.ending()  # the trainer is gone: the heartbeat that sees this finish is not a fence
             with session_scope(settings) as session:
                 job = jobs.finish(
                     session,
