@@ -326,8 +326,10 @@ class ReferenceLogpCache:
     The reference (the SFT model) is fixed for a whole run, so its log-probs of a sequence never
     change: they are computed once (on the CPU as each batch comes; on an accelerator up front for
     the round, after which the reference leaves the device) and, when `directory` is given, persisted under
-    `directory/<reference sha256>-<precision>/` as safetensors shards so later rounds reuse them.
-    Rows are stored unpadded ([n_tokens - 1] float32).
+    `directory/<reference sha256>-<precision>/` as safetensors shards so later rounds reuse them
+    (on the CPU also with each intermediate checkpoint: a retry resuming from it then serves a
+    sequence that repeats across the resume point the value the first attempt computed, and
+    trains exactly as an uninterrupted attempt). Rows are stored unpadded ([n_tokens - 1] float32).
     """
 
     def __init__(self, directory: str | None = None, reference_sha256: str = "", precision: str = "no"):

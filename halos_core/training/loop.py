@@ -226,6 +226,11 @@ class Trainer:
                 self.run_dir.append_metrics(record)
             if every and self.round_step % every == 0 and self.round_step < total:
                 path = self.run_dir.checkpoint_path(self.global_step())
+                if self.loss.needs_reference and not self.forward.reference_up_front:
+                    # the reference rows computed so far go with the checkpoint: a sequence seen
+                    # before it and again after is then served to a retry as to this attempt (a
+                    # row's log-probs depend, in their last bits, on the batch that computed it)
+                    self.forward.flush_reference(f"{self._cache_tag()}-step{self.global_step():06d}")
                 self.save(path, "intermediate")
                 if acc.is_main_process:
                     self.run_dir.log_checkpoint(self.global_step(), path.name)
