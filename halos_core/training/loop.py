@@ -139,6 +139,12 @@ class Trainer:
     def _cache_tag(self) -> str:
         return f"{self.config.job_id}-rank{self.accelerator.process_index}"
 
+    @property
+    def _reference_per_batch(self) -> bool:
+        """The reference rows are computed as batches come (CPU) and kept in this process until
+        flushed, rather than all up front (`Forward.reference_up_front`)."""
+        return self.loss.needs_reference and not self.forward.reference_up_front
+
     # ------------------------------------------------------------------ state
     def global_step(self) -> int:
         return self.position.step_offset + self.round_step
@@ -226,7 +232,7 @@ class Trainer:
                 self.run_dir.append_metrics(record)
             if every and self.round_step % every == 0 and self.round_step < total:
                 path = self.run_dir.checkpoint_path(self.global_step())
-                if self.loss.needs_reference and not self.forward.reference_up_front:
+                if self._reference_per_batch:
                     # the reference rows computed so far go with the checkpoint: a sequence seen
                     # before it and again after is then served to a retry as to this attempt (a
                     # row's log-probs depend, in their last bits, on the batch that computed it)
@@ -252,7 +258,7 @@ class Trainer:
                     **eval_metrics,
                 }
             )
-        if self.loss.needs_reference and not self.forward.reference_up_front:
+        if self._reference_per_batch:
             # the rows computed batch by batch (train and eval) for later rounds
             self.forward.flush_reference(self._cache_tag())
         manifest = self.save(self.run_dir.final, "final")
