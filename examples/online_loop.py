@@ -17,17 +17,15 @@ The task (halos_core.synthetic), and how it is made learnable for a tiny random 
   3. the loop run starts from the warm-started model; each iteration samples 4 completions per
      training prompt from the head, labels them with the reward model (DPO: one max-gap pair per
      prompt; KTO: binary by the median score) and trains one round on them.
-  4. the held-out pairs: 96 prompts never trained on, 4 samples each from the warm start, labelled
-     by the reward model (its best and worst sample per prompt, kept when their scores differ by
-     at least 2): pairs of the kind of text the policy writes, ordered by the judge it learns from.
-  Why those pairs, and these settings (lr 1e-4, 3 epochs a round): with fixed synthetic pairs
-  ("The apple is a fine apple, thanks." vs "A river is here") as the held-out set, the first round
-  flipped nearly all of them and later rounds only kept or lowered the figure (0.979, 0.979, 0.958
-  at lr 5e-4), because the policy drifts towards what the reward model also likes (the good form
-  with typos) and away from those exact replies; docs/ONLINE_LOOP.md has every setting tried.
-  On pairs of the policy's own kind of text the accuracy climbs round by round: lr 1e-4, 3 epochs
-  passed the criterion below with seeds 0-4 (`--seed`); with 2 epochs 3 of 5 seeds passed, the
-  other two tied one round with the previous one.
+  4. the held-out pairs: the task's prompt texts are split in two halves, training prompts drawn
+     from one and 96 held-out prompts from the other; 4 samples each from the warm start,
+     labelled by the reward model (its best and worst sample per prompt, kept when their scores
+     differ by at least 2): pairs of the kind of text the policy writes, ordered by the judge it
+     learns from, on prompts the loop never trains on.
+  What we measured (docs/ONLINE_LOOP.md, seeds 0-4): the first round makes the held-out
+  accuracy (0.5 -> 0.71-0.82) and later rounds move it by -6 to +13 pairs of ~90, less than the
+  control moves by chance; the criterion below is not met. With fixed synthetic template pairs
+  as the held-out set the first round flipped nearly all of them (0.979, 0.979, 0.958 at lr 5e-4).
 Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
   - the mean reward-model score of fresh samples drawn from that head (the samples iteration
     k+1 trains on; after the last round one more sampling);
@@ -38,9 +36,8 @@ Printed per iteration k = 0..3 (0: the warm start, k: the head after round k):
     0.5). A DPO round scores the held-out set before training (its gate's `eval_before`) and
     after; the head after the KTO round is measured by the next DPO round's `eval_before`.
 Negative control: the same loop, but the reward model's labels are replaced by coin flips (the
-labelled file is downloaded, its labels randomised, uploaded again) — no signal, so no rise (its
-accuracy falls below chance: after rounds on coin flips most preferred replies get a lower
-implicit reward than their rejected ones; why, we have not looked into).
+labelled file is downloaded, its labels randomised, uploaded again) — no signal: its accuracy
+wanders around or below chance (0.23-0.60 over seeds 0-4).
 The last line is PASS or FAIL: both figures strictly above the previous iteration's at every
 iteration, and the control's accuracy never above its start.
 """
@@ -199,15 +196,18 @@ class Api:
         return self.output(self.wait(self.call("POST", path, json=body)["id"]))
 
 
-def prompts(n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+def prompt_texts(seed: int) -> tuple[list[str], list[str]]:
+    """The task's prompt texts (template x topic), split into two disjoint halves: the loop's
+    training prompts and its held-out prompts (the topics are shared; the texts are not)."""
+    texts = [template.format(t=topic) for template in PROMPT_TEMPLATES for topic in TOPICS]
+    random.Random(seed).shuffle(texts)
+    half = len(texts) // 2
+    return texts[:half], texts[half:]
+
+
+def prompts(n: int, texts: list[str], seed: int, prefix: str) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    return [
-        {
-            "prompt_id": f"{prefix}{i}",
-            "prompt": [{"role": "user", "content": rng.choice(PROMPT_TEMPLATES).format(t=rng.choice(TOPICS))}],
-        }
-        for i in range(n)
-    ]
+    return [{"prompt_id": f"{prefix}{i}", "prompt": [{"role": "user", "content": rng.choice(texts)}]} for i in range(n)]
 
 
 def sampling(size: Size, seed: int) -> dict[str, Any]:
@@ -255,9 +255,10 @@ def setup(
         },
     )
     rm = api.round(rm_run["id"], {"feedback_ids": [rm_pairs["id"]]})
-    train_prompts = api.upload("/v1/prompts", prompts(size.prompts, seed=seed + 31, prefix="t"))
+    train_texts, heldout_texts = prompt_texts(seed + 51)
+    train_prompts = api.upload("/v1/prompts", prompts(size.prompts, train_texts, seed=seed + 31, prefix="t"))
     heldout_prompts = api.upload(
-        "/v1/prompts", [{**p, "split": "test"} for p in prompts(size.heldout, seed=seed + 41, prefix="h")]
+        "/v1/prompts", [{**p, "split": "test"} for p in prompts(size.heldout, heldout_texts, seed + 41, prefix="h")]
     )
     samples = api.artefact(
         "/v1/sampling-jobs",
@@ -269,7 +270,7 @@ def setup(
     )
     if heldout["n_test"] == 0:
         raise SystemExit(f"no held-out pair has a reward gap of {HELDOUT_LABELS['min_gap']}: nothing to measure")
-    print(f"held-out pairs: {heldout['n_test']} (of {size.heldout} prompts never trained on)", flush=True)
+    print(f"held-out pairs: {heldout['n_test']} (of {size.heldout} prompts the loop never trains on)", flush=True)
     return model, rm["checkpoint_id"], train_prompts, heldout
 
 
@@ -408,7 +409,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         " the temp dir and its own runs/ folder; default: start one here",
     )
     parser.add_argument("--key")
-    parser.add_argument("--seed", type=int, default=0, help="added to every seed of the data, sampling and labels")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="added to the seeds of the example's data, prompts, sampling and coin flips (not to the"
+        " tiny model's initialisation or the rounds' training seed)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
     args = parser.parse_args(argv)
     size = SMALL if args.small else FULL
