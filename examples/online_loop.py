@@ -215,6 +215,15 @@ def sampling(size: Size, seed: int) -> dict[str, Any]:
     return {"n": size.n, "max_new_tokens": 24, "temperature": 1.0, "seed": seed}
 
 
+def label(api: Api, samples: dict[str, Any], rm_ckpt: str, rule: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A labelling job over `samples` with the reward model (`rule` None: the server's default,
+    scalar rewards): its output feedback file."""
+    body: dict[str, Any] = {"samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt}
+    if rule is not None:
+        body["label"] = rule
+    return api.artefact("/v1/labelling-jobs", body)
+
+
 def warm_start_records(n: int, seed: int) -> list[dict[str, Any]]:
     """SFT data: each prompt with the good or the bad reply, 50/50 (samples format: one output each)."""
     out = []
@@ -264,10 +273,7 @@ def setup(
         "/v1/sampling-jobs",
         {"prompt_set_id": heldout_prompts["id"], "model_id": model["id"], "params": sampling(size, seed + 41)},
     )
-    heldout = api.artefact(
-        "/v1/labelling-jobs",
-        {"samples_id": samples["id"], "reward_model_checkpoint_id": rm["checkpoint_id"], "label": HELDOUT_LABELS},
-    )
+    heldout = label(api, samples, rm["checkpoint_id"], HELDOUT_LABELS)
     if heldout["n_test"] == 0:
         raise SystemExit(f"no held-out pair has a reward gap of {HELDOUT_LABELS['min_gap']}: nothing to measure")
     print(f"held-out pairs: {heldout['n_test']} (of {size.heldout} prompts the loop never trains on)", flush=True)
@@ -320,17 +326,11 @@ def loop(
             {"prompt_set_id": train_prompts["id"], "run_id": run["id"], "params": sampling(size, seed + 100 + k)},
         )
 
-    def label(samples: dict[str, Any], rule: dict[str, Any] | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"samples_id": samples["id"], "reward_model_checkpoint_id": rm_ckpt}
-        if rule is not None:
-            body["label"] = rule
-        return api.artefact("/v1/labelling-jobs", body)
-
     scores: list[float] = []  # scores[k]: fresh samples of the head after iteration k
     evals: list[tuple[str, dict[str, Any]]] = []  # per round: (loss, result)
     for k, (loss_name, loss) in enumerate(SCHEDULE, start=1):
         rule = LABELS[loss_name]
-        labelled = label(sample_head(k), rule)
+        labelled = label(api, sample_head(k), rm_ckpt, rule)
         scores.append(float(labelled["provenance"]["stats"]["mean_score"]))
         if control:
             labelled = coin_flips(api, labelled, seed=seed + k)
@@ -345,7 +345,7 @@ def loop(
         view = api.call("GET", f"/v1/runs/{run['id']}")
         rnd = next(r for r in view["rounds"] if r["job_id"] == job["id"])
         evals.append((loss_name, {"job": job, "round": rnd}))
-    scores.append(float(label(sample_head(len(SCHEDULE) + 1), None)["provenance"]["stats"]["mean_score"]))
+    scores.append(float(label(api, sample_head(len(SCHEDULE) + 1), rm_ckpt)["provenance"]["stats"]["mean_score"]))
 
     def round_eval(i: int, before: bool) -> dict[str, float]:
         return evals[i][1]["round"]["promotion"]["eval_before" if before else "eval"]
