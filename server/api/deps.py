@@ -23,6 +23,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BaseModel
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from halos_client.models import ErrorResponse
 from server.db import get_engine, get_read_engine, session_scope
 from server.errors import PayloadTooLarge, RateLimited, Unauthorized
-from server.models import Project
 from server.services.keys import Principal, get_or_create_project
 from server.services.ratelimit import retry_after_header
 from server.settings import Settings
@@ -115,18 +116,43 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def _default_project_id(request: Request, settings: Settings, session: Session) -> str:
+def _default_project_id(settings: Settings) -> str:
     """Auth disabled: everything belongs to DEFAULT_PROJECT (created once, by a writer)."""
-    cached = getattr(request.app.state, "default_project_id", None)
-    if cached is None:
-        from sqlmodel import select
+    with session_scope(settings) as session:
+        return get_or_create_project(session, DEFAULT_PROJECT).id
 
-        cached = session.exec(select(Project.id).where(Project.name == DEFAULT_PROJECT)).first()
-        if cached is None:
-            with session_scope(settings) as writer:
-                cached = get_or_create_project(writer, DEFAULT_PROJECT).id
-        request.app.state.default_project_id = cached
-    return cached
+
+async def ensure_default_project(request: Request) -> None:
+    """Auth disabled: learn DEFAULT_PROJECT's id once per process. It may write (the first request
+    of a new database), so never on the event loop."""
+    state = request.app.state
+    if not state.settings.auth_enabled and not getattr(state, "default_project_id", None):
+        state.default_project_id = await run_in_threadpool(_default_project_id, state.settings)
+
+
+def authenticate(request: Request, session: Session, secret: str | None) -> Principal:
+    """The caller's `Principal`, checked in `session`'s transaction (the one the request keeps):
+    401 for a missing, unknown or revoked key, then the per-key rate limit (429 + Retry-After).
+    With auth disabled (`ensure_default_project` first) everyone is DEFAULT_PROJECT, limited per
+    client address. A plain function: the `ProjectDep` dependency and `read_view` both call it."""
+    state = request.app.state
+    if not state.settings.auth_enabled:
+        principal = Principal(project_id=state.default_project_id, key_id=None)
+        limiter_key = f"anon:{request.client.host if request.client else 'local'}"
+    else:
+        found = state.key_cache.authenticate(session, secret) if secret else None
+        if found is None:
+            raise Unauthorized(
+                "missing, unknown or revoked API key"
+                if secret
+                else "a valid API key is required (Authorization: Bearer <key>)"
+            )
+        principal = found
+        limiter_key = f"key:{principal.key_id}"
+    wait = state.rate_limiter.hit(limiter_key)
+    if wait is not None:
+        raise RateLimited(retry_after_header(wait), state.rate_limiter.limit)
+    return principal
 
 
 async def get_principal(
@@ -135,39 +161,45 @@ async def get_principal(
     session: ReadSessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    # Async, with its database reads in run_blocking_db: on SQLite a request then costs one
-    # thread-pool hop (the handler), not three.
-    if not settings.auth_enabled:
-        project_id = getattr(request.app.state, "default_project_id", None)
-        if not project_id:  # may write (once): never on the event loop
-            # a name of its own: assigned to `project_id`, mypy would infer the call's result as Optional
-            created: str = await run_in_threadpool(_default_project_id, request, settings, session)
-            project_id = created
-        principal = Principal(project_id=project_id, key_id=None)
-        client = request.client.host if request.client else "local"
-        limiter_key = f"anon:{client}"
-    else:
-        cache = request.app.state.key_cache
-        principal_or_none = (
-            await run_blocking_db(settings, cache.authenticate, session, credentials.credentials)
-            if credentials
-            else None
-        )
-        if principal_or_none is None:
-            raise Unauthorized(
-                "missing, unknown or revoked API key"
-                if credentials
-                else "a valid API key is required (Authorization: Bearer <key>)"
-            )
-        principal = principal_or_none
-        limiter_key = f"key:{principal.key_id}"
-    wait = request.app.state.rate_limiter.hit(limiter_key)
-    if wait is not None:
-        raise RateLimited(retry_after_header(wait), request.app.state.rate_limiter.limit)
-    return principal
+    await ensure_default_project(request)
+    if not settings.auth_enabled:  # no database read
+        return authenticate(request, session, None)
+    # on SQLite the key check runs here: a request then costs one thread-pool hop (the handler), not three
+    return await run_blocking_db(settings, authenticate, request, session, credentials and credentials.credentials)
 
 
 ProjectDep = Annotated[Principal, Depends(get_principal)]
+
+# What `ProjectDep` puts in a route's OpenAPI operation, for a route that authenticates without it (read_view).
+API_KEY_SECURITY: dict[str, Any] = {"security": [{bearer_scheme.scheme_name: []}]}
+
+
+def bearer_secret(request: Request) -> str | None:
+    """The key of `Authorization: Bearer <key>`, as `bearer_scheme` reads it (None if absent)."""
+    scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
+    return secret if scheme.lower() == "bearer" and secret else None
+
+
+def _authenticated_view(request: Request, view: Callable[..., BaseModel], args: tuple[Any, ...]) -> bytes:
+    settings = request.app.state.settings
+    with Session(get_read_engine(settings), expire_on_commit=False, autoflush=False) as session:
+        principal = authenticate(request, session, bearer_secret(request))
+        return view(session, principal, *args).model_dump_json().encode()
+
+
+async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any) -> Response:
+    """`view(session, principal, *args)` as the JSON response of a GET, authentication included,
+    in one read transaction: what `ReadSessionDep` + `ProjectDep` give a route, without FastAPI's
+    dependency resolution, which cost about as much CPU as the rest of the request (bench/README,
+    "Job reads: no dependencies on the polled route"). For the routes that clients poll; the route
+    declares `response_model` (the contract `view` returns) and `openapi_extra=API_KEY_SECURITY`."""
+    await ensure_default_project(request)
+    if in_process_database(request.app.state.settings):
+        body = _authenticated_view(request, view, args)
+    else:  # a networked database: in a thread, holding one of the pool's slots (get_read_session)
+        async with request.app.state.database_slots:
+            body = await run_in_threadpool(_authenticated_view, request, view, args)
+    return Response(body, media_type="application/json")
 
 
 def get_write_session(settings: SettingsDep, _principal: ProjectDep, read: ReadSessionDep) -> Iterator[Session]:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from halos_client.models import JobList, JobOut, MetricSeries
 from server.api.deps import (
+    API_KEY_SECURITY,
     JsonBodyLimitRoute,
     ProjectDep,
     ReadSessionDep,
     SettingsDep,
     WriteSessionDep,
     error_responses,
-    run_blocking_db,
+    read_view,
 )
 from server.models import JobStatus
 from server.services import jobs_view as service
@@ -39,11 +40,11 @@ def list_jobs(
     return JobList(items=items, next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-async def get_job(job_id: JobId, principal: ProjectDep, session: ReadSessionDep, settings: SettingsDep) -> JobOut:
-    # What clients poll: async, so that on SQLite the read runs here instead of costing a hop to
-    # the thread pool (run_blocking_db sends it there for a networked database).
-    return await run_blocking_db(settings, service.job_view_by_id, session, principal, job_id)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404), openapi_extra=API_KEY_SECURITY)
+async def get_job(job_id: JobId, request: Request) -> Response:
+    # What clients poll: no dependencies (read_view authenticates and reads in one transaction),
+    # and async, so that on SQLite the read runs here instead of costing a hop to the thread pool.
+    return await read_view(request, service.job_view_by_id, job_id)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries, responses=error_responses(404, 422))

@@ -67,11 +67,17 @@ def test_keys_stored_hashed_only(session: Session, settings: Settings, engine) -
         assert secret.encode() not in db_bytes and secret[11:].encode() not in db_bytes
 
 
-def test_revoked_key_401_at_once(client: TestClient, session: Session, keys: dict) -> None:
-    assert client.get("/v1/runs").status_code == 200
+# Both ways a GET authenticates: the ProjectDep dependency (/v1/runs) and read_view, the polled job
+# route's dependency-free path (/v1/jobs/{id}: 404 for an unknown job once the key is accepted).
+READ_PATHS = [("/v1/runs", 200), ("/v1/jobs/job_unknown", 404)]
+
+
+@pytest.mark.parametrize(("path", "accepted"), READ_PATHS)
+def test_revoked_key_401_at_once(client: TestClient, session: Session, keys: dict, path: str, accepted: int) -> None:
+    assert client.get(path).status_code == accepted
     revoked = revoke_api_key(session, keys["alpha"][:11])  # by the displayed prefix
     assert revoked.revoked_at is not None
-    resp = client.get("/v1/runs")
+    resp = client.get(path)
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized"
     assert revoke_api_key(session, revoked.id).revoked_at == revoked.revoked_at  # idempotent
 
@@ -83,25 +89,30 @@ def test_revoke_unknown_key(session: Session, engine) -> None:
         revoke_api_key(session, "key_doesnotexist")
 
 
-def test_auth_disabled_uses_default_project(settings: Settings, engine) -> None:
+@pytest.mark.parametrize("first", ["/v1/runs", "/v1/jobs/job_unknown"])
+def test_auth_disabled_uses_default_project(settings: Settings, engine, first: str) -> None:
     app = create_app(settings.model_copy(update={"auth_enabled": False}))
     with TestClient(app) as c:
+        # the first request of a new database, without a key, creates the default project
+        resp = c.get(first)
+        assert resp.status_code in (200, 404) and resp.json().get("error", {}).get("code") != "unauthorized"
         resp = upload(c, jsonl(pairwise_records(2)))
         assert resp.status_code == 201
         assert c.get(f"/v1/feedback/{resp.json()['id']}").status_code == 200
 
 
-def test_rate_limit_429_retry_after(settings: Settings, engine, keys: dict) -> None:
+@pytest.mark.parametrize(("path", "accepted"), READ_PATHS)
+def test_rate_limit_429_retry_after(settings: Settings, engine, keys: dict, path: str, accepted: int) -> None:
     app = create_app(settings.model_copy(update={"rate_limit_per_minute": 3}))
     with (
         TestClient(app, headers={"Authorization": f"Bearer {keys['alpha']}"}) as a,
         TestClient(app, headers={"Authorization": f"Bearer {keys['beta']}"}) as b,
     ):
-        assert [a.get("/v1/runs").status_code for _ in range(3)] == [200, 200, 200]
-        resp = a.get("/v1/runs")
+        assert [a.get(path).status_code for _ in range(3)] == [accepted] * 3
+        resp = a.get(path)
         assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited"
         assert 1 <= int(resp.headers["Retry-After"]) <= 60
-        assert b.get("/v1/runs").status_code == 200  # per key
+        assert b.get(path).status_code == accepted  # per key
         assert a.get("/healthz").status_code == 200  # health is not rate limited
 
 
