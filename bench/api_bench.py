@@ -158,8 +158,13 @@ def baseline_app(db_url: str) -> Any:
 def serve_baseline(db_url: str, host: str, port: int) -> None:
     import uvicorn
 
-    # the same uvicorn settings as `halos serve` (server/cli.py): one process, log level info
-    uvicorn.Server(uvicorn.Config(baseline_app(db_url), host=host, port=port, log_level="info", lifespan="on")).run()
+    from server.cli import EVENT_LOOP
+
+    # the same uvicorn settings as `halos serve` (server/cli.py): one process, log level info, its event loop
+    config = uvicorn.Config(
+        baseline_app(db_url), host=host, port=port, log_level="info", lifespan="on", loop=EVENT_LOOP
+    )
+    uvicorn.Server(config).run()
 
 
 # --------------------------------------------------------------------------- seeding
