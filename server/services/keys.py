@@ -105,9 +105,15 @@ def _bump_generation(session: Session) -> None:
 
 
 def key_generation(session: Session) -> int:
-    # a constant statement straight to the driver: this runs on every authenticated request
-    value = session.connection().exec_driver_sql(_GENERATION_SQL).scalar()
-    return int(value or 0)
+    # a constant statement on the driver's own cursor (an integer needs no result processing):
+    # this runs on every authenticated request
+    cursor = session.connection().connection.cursor()
+    try:
+        cursor.execute(_GENERATION_SQL)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return int(row[0] if row and row[0] else 0)
 
 
 def list_api_keys(session: Session, project_name: str | None = None) -> list[tuple[ApiKey, Project]]:
