@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel
+from sqlalchemy import Connection
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -130,8 +131,9 @@ async def ensure_default_project(request: Request) -> None:
         state.default_project_id = await run_in_threadpool(_default_project_id, state.settings)
 
 
-def authenticate(request: Request, session: Session, secret: str | None) -> Principal:
-    """The caller's `Principal`, checked in `session`'s transaction (the one the request keeps):
+def authenticate(request: Request, conn: Connection | None, secret: str | None) -> Principal:
+    """The caller's `Principal`, checked in `conn`'s transaction (the one the request keeps; unused,
+    may be None, with auth disabled):
     401 for a missing, unknown or revoked key, then the per-key rate limit (429 + Retry-After).
     With auth disabled (`ensure_default_project` first) everyone is DEFAULT_PROJECT, limited per
     client address. A plain function: the `ProjectDep` dependency and `read_view` both call it."""
@@ -140,7 +142,7 @@ def authenticate(request: Request, session: Session, secret: str | None) -> Prin
         principal = Principal(project_id=state.default_project_id, key_id=None)
         limiter_key = f"anon:{request.client.host if request.client else 'local'}"
     else:
-        found = state.key_cache.authenticate(session, secret) if secret else None
+        found = state.key_cache.authenticate(conn, secret) if conn is not None and secret else None
         if found is None:
             raise Unauthorized(
                 "missing, unknown or revoked API key"
@@ -163,9 +165,10 @@ async def get_principal(
 ) -> Principal:
     await ensure_default_project(request)
     if not settings.auth_enabled:  # no database read
-        return authenticate(request, session, None)
+        return authenticate(request, None, None)
+    secret = credentials.credentials if credentials else None
     # on SQLite the key check runs here: a request then costs one thread-pool hop (the handler), not three
-    return await run_blocking_db(settings, authenticate, request, session, credentials and credentials.credentials)
+    return await run_blocking_db(settings, lambda: authenticate(request, session.connection(), secret))
 
 
 ProjectDep = Annotated[Principal, Depends(get_principal)]
@@ -181,14 +184,16 @@ def bearer_secret(request: Request) -> str | None:
 
 
 def _authenticated_view(request: Request, view: Callable[..., BaseModel], args: tuple[Any, ...]) -> bytes:
-    settings = request.app.state.settings
-    with Session(get_read_engine(settings), expire_on_commit=False, autoflush=False) as session:
-        principal = authenticate(request, session, bearer_secret(request))
-        return view(session, principal, *args).model_dump_json().encode()
+    # a Core connection, not a Session: the view reads plain rows, and a Session's own transaction
+    # bookkeeping cost ~13% of this request's CPU (bench/README)
+    with get_read_engine(request.app.state.settings).connect() as conn:
+        conn.begin()  # before the first read (authentication's goes to the driver); closing rolls it back
+        principal = authenticate(request, conn, bearer_secret(request))
+        return view(conn, principal, *args).model_dump_json().encode()
 
 
 async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any) -> Response:
-    """`view(session, principal, *args)` as the JSON response of a GET, authentication included,
+    """`view(conn, principal, *args)` as the JSON response of a GET, authentication included,
     in one read transaction: what `ReadSessionDep` + `ProjectDep` give a route, without FastAPI's
     dependency resolution, which cost about as much CPU as the rest of the request (bench/README,
     "Job reads: no dependencies on the polled route"). For the routes that clients poll; the route

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Row, bindparam
+from sqlalchemy import Connection, Row, bindparam
 from sqlalchemy import select as core_select  # sqlmodel's `select` is typed for at most four columns
 from sqlmodel import Session, col, select
 
@@ -82,7 +82,15 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _point_time(point: MetricPoint) -> float:
+class PointFields(Protocol):
+    """What a job's timing reads of a metric point: a `MetricPoint` or a row of `_RECENT_POINTS`."""
+
+    step: int
+    data: dict | None
+    created_at: datetime
+
+
+def _point_time(point: PointFields) -> float:
     """When the trainer logged the step (its `time` field, on the worker's clock); the row's
     insertion time only for lines without one."""
     logged = (point.data or {}).get("time")
@@ -92,7 +100,7 @@ def _point_time(point: MetricPoint) -> float:
 
 
 def timing(
-    job: JobFields, now: datetime, attempt_started_at: datetime | None = None, recent_points: Sequence[MetricPoint] = ()
+    job: JobFields, now: datetime, attempt_started_at: datetime | None = None, recent_points: Sequence[PointFields] = ()
 ) -> Timing:
     """percent done, elapsed and ETA of one job.
 
@@ -130,24 +138,36 @@ def timing(
     return Timing(percent_done=percent, elapsed_s=elapsed, eta_s=eta)
 
 
-def _timings(session: Session, jobs: Sequence[JobFields], now: datetime) -> dict[str, Timing]:
+# A running job's attempt starts and its latest train points, as plain rows (see _JOBS_WITH_LINKS).
+_ATTEMPT_STARTS = core_select(col(Attempt.job_id), col(Attempt.attempt), col(Attempt.started_at)).where(
+    col(Attempt.job_id).in_(bindparam("ids", expanding=True))
+)
+_RECENT_POINTS = (
+    core_select(col(MetricPoint.step), col(MetricPoint.data), col(MetricPoint.created_at))
+    .where(
+        col(MetricPoint.job_id) == bindparam("job_id"),
+        col(MetricPoint.split) == "train",
+        col(MetricPoint.attempt) == bindparam("attempt"),
+    )
+    .order_by(col(MetricPoint.step).desc())
+    .limit(PACE_WINDOW_STEPS)
+)
+
+
+def _timings(conn: Connection, jobs: Sequence[JobFields], now: datetime) -> dict[str, Timing]:
     """Timing per job; a running job costs two indexed reads (its attempt, its last steps)."""
     running = [j for j in jobs if j.status == JobStatus.running and j.total_steps]
     started: dict[tuple[str, int], datetime] = {}
     if running:
-        for a in session.exec(select(Attempt).where(col(Attempt.job_id).in_([j.id for j in running]))).all():
-            started[(a.job_id, a.attempt)] = a.started_at
+        for job_id, attempt, started_at in conn.execute(_ATTEMPT_STARTS, {"ids": [j.id for j in running]}):
+            started[(job_id, attempt)] = started_at
     out = {}
     for j in jobs:
         attempt_started = started.get((j.id, j.attempt))
-        points: Sequence[MetricPoint] = ()
+        points: Sequence[PointFields] = ()
         if attempt_started is not None:
-            points = session.exec(
-                select(MetricPoint)
-                .where(MetricPoint.job_id == j.id, MetricPoint.split == "train", MetricPoint.attempt == j.attempt)
-                .order_by(col(MetricPoint.step).desc())
-                .limit(PACE_WINDOW_STEPS)
-            ).all()
+            rows = conn.execute(_RECENT_POINTS, {"job_id": j.id, "attempt": j.attempt}).all()
+            points = cast(Sequence[PointFields], rows)
         out[j.id] = timing(j, now, attempt_started, points)
     return out
 
@@ -195,8 +215,8 @@ _LINKS = (
 )
 
 
-def _links(session: Session, ids: list[str]) -> dict[str, _Links]:
-    rows = session.connection().execute(_LINKS, {"ids": ids}).all()
+def _links(conn: Connection, ids: list[str]) -> dict[str, _Links]:
+    rows = conn.execute(_LINKS, {"ids": ids}).all()
     return {row[0]: _Links(*row[1:]) for row in rows}
 
 
@@ -234,8 +254,9 @@ def _job_out(j: JobFields, t: Timing, rnd: _Links) -> JobOut:
 def job_views(session: Session, jobs: list[Job]) -> list[JobOut]:
     if not jobs:
         return []
-    timings = _timings(session, jobs, utcnow())
-    links = _links(session, [j.id for j in jobs])
+    conn = session.connection()
+    timings = _timings(conn, jobs, utcnow())
+    links = _links(conn, [j.id for j in jobs])
     return [_job_out(j, timings[j.id], links.get(j.id, _NO_LINKS)) for j in jobs]
 
 
@@ -254,8 +275,8 @@ def _jobs_from_rows(rows: Sequence[Row]) -> list[tuple[JobFields, _Links]]:
     return [(cast(JobFields, row), _Links(*row[n:])) for row in rows]
 
 
-def _views(session: Session, jobs: list[tuple[JobFields, _Links]]) -> list[JobOut]:
-    timings = _timings(session, [j for j, _ in jobs], utcnow())
+def _views(conn: Connection, jobs: list[tuple[JobFields, _Links]]) -> list[JobOut]:
+    timings = _timings(conn, [j for j, _ in jobs], utcnow())
     return [_job_out(j, timings[j.id], links) for j, links in jobs]
 
 
@@ -268,18 +289,19 @@ def list_job_views(
     query = _JOBS_WITH_LINKS.where(col(Job.project_id) == principal.project_id)
     if status is not None:
         query = query.where(col(Job.status) == status)
-    rows = session.connection().execute(newest_first(query, Job, cursor, limit)).all()
+    conn = session.connection()
+    rows = conn.execute(newest_first(query, Job, cursor, limit)).all()
     jobs, next_cursor = split_page(_jobs_from_rows(rows), limit, key=lambda pair: pair[0])
-    return _views(session, jobs), next_cursor
+    return _views(conn, jobs), next_cursor
 
 
-def job_view_by_id(session: Session, principal: Principal, job_id: str) -> JobOut:
-    """`job_view(get_job(…))` in one prebuilt statement on the Core connection: the read that
-    clients poll, so it skips the ORM's identity map and a second query."""
-    row = session.connection().execute(_ONE_JOB, {"id": job_id}).first() if plausible_id(job_id) else None
+def job_view_by_id(conn: Connection, principal: Principal, job_id: str) -> JobOut:
+    """`job_view(get_job(…))` in one prebuilt statement on a Core connection: the read that
+    clients poll (`read_view`), so it skips the ORM's identity map and a second query."""
+    row = conn.execute(_ONE_JOB, {"id": job_id}).first() if plausible_id(job_id) else None
     if row is None or row.project_id != principal.project_id:
         raise not_found("job", job_id)
-    return _views(session, _jobs_from_rows([row]))[0]
+    return _views(conn, _jobs_from_rows([row]))[0]
 
 
 def metrics(

@@ -19,7 +19,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -104,10 +104,10 @@ def _bump_generation(session: Session) -> None:
         session.add(AuthState(scope=KEY_SCOPE, generation=1))
 
 
-def key_generation(session: Session) -> int:
+def key_generation(conn: Connection) -> int:
     # a constant statement on the driver's own cursor (an integer needs no result processing):
     # this runs on every authenticated request
-    cursor = session.connection().connection.cursor()
+    cursor = conn.connection.cursor()
     try:
         cursor.execute(_GENERATION_SQL)
         row = cursor.fetchone()
@@ -123,8 +123,8 @@ def list_api_keys(session: Session, project_name: str | None = None) -> list[tup
     return [(k, p) for k, p in session.exec(query.order_by(col(ApiKey.created_at))).all()]
 
 
-def _lookup(session: Session, key_hash: str) -> Principal | None:
-    row = session.execute(
+def _lookup(conn: Connection, key_hash: str) -> Principal | None:
+    row = conn.execute(
         select(ApiKey.project_id, ApiKey.id, ApiKey.revoked_at).where(ApiKey.key_hash == key_hash)
     ).first()
     if row is None or row.revoked_at is not None:
@@ -145,12 +145,12 @@ class KeyCache:
         self._entries: dict[str, Principal] = {}
         self._lock = threading.Lock()
 
-    def authenticate(self, session: Session, secret: str) -> Principal | None:
-        """The principal for `secret`, checked against `session`'s transaction (which the caller
+    def authenticate(self, conn: Connection, secret: str) -> Principal | None:
+        """The principal for `secret`, checked against `conn`'s transaction (which the caller
         keeps for the rest of the request): one small read, plus a key lookup on a miss."""
         if not secret or len(secret) > 512:
             return None
-        generation = key_generation(session)
+        generation = key_generation(conn)
         digest = hash_key(secret)
         with self._lock:
             if generation > self._generation:
@@ -158,7 +158,7 @@ class KeyCache:
                 self._generation = generation
             if generation == self._generation and (hit := self._entries.get(digest)) is not None:
                 return hit
-        principal = _lookup(session, digest)
+        principal = _lookup(conn, digest)
         if principal is not None:
             with self._lock:
                 if generation == self._generation:
