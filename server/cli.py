@@ -51,7 +51,8 @@ log = logging.getLogger("halos")
 # The API's event loop: asyncio's own, not uvloop (which uvicorn picks when it is installed). The
 # polled reads run on the loop (no thread hop on SQLite); under uvloop, with 128 clients, some of
 # them then waited 1-5 s for an answer (p99 ~4 s, median 75 ms), with asyncio's loop none over
-# 170 ms at the same throughput (bench/README, "Job reads: asyncio's event loop").
+# 170 ms at the same throughput (bench/README, "Job reads: no dependencies, a Core connection,
+# asyncio's loop").
 EVENT_LOOP = "asyncio"
 
 
