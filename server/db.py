@@ -103,9 +103,14 @@ def make_engine(url: str, *, statement_timeout_s: float | None = DEFAULT_STATEME
             if info.get("query_only", False) != reader:  # flip the guard only when the role changes
                 conn.exec_driver_sql(f"PRAGMA query_only={int(reader)}")
                 info["query_only"] = reader
-            # straight to the driver: every transaction runs this, and a statement through the
-            # Connection costs several times the driver's own call (no result, no parameters here)
-            conn.connection.driver_connection.execute("BEGIN" if reader else "BEGIN IMMEDIATE")
+            if reader:
+                # straight to the driver: every GET runs this, and a statement through the Connection
+                # costs several times the driver's own call. A deferred BEGIN waits for no lock.
+                conn.connection.driver_connection.execute("BEGIN")
+            else:
+                # through SQLAlchemy: "database is locked" after the busy timeout must arrive as its
+                # OperationalError, which callers treat as transient (worker/monitor.py)
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql"):

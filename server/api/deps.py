@@ -3,8 +3,10 @@ WriteSessionDep, ProjectDep.
 
 A route says what it does to the database by the session it asks for:
 
-- `ReadSessionDep` (every GET): one read-only transaction for the whole request, authentication
-  included; on SQLite a WAL snapshot that never takes the write lock (`server.db.read_engine`).
+- `ReadSessionDep` (every GET but the polled job status, which uses `read_view`: the same read-only
+  transaction without dependencies): one read-only transaction for the whole request,
+  authentication included; on SQLite a WAL snapshot that never takes the write lock
+  (`server.db.read_engine`).
 - `WriteSessionDep` (routes that change something): the writers' engine (`BEGIN IMMEDIATE` on
   SQLite). It depends on `ProjectDep`, so a caller is authenticated (in a short read transaction,
   ended before the write session exists) before the route can take the write lock.
@@ -195,14 +197,17 @@ def _authenticated_view(request: Request, view: Callable[..., BaseModel], args: 
 async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any) -> Response:
     """`view(conn, principal, *args)` as the JSON response of a GET, authentication included,
     in one read transaction: what `ReadSessionDep` + `ProjectDep` give a route, without FastAPI's
-    dependency resolution, which cost about as much CPU as the rest of the request (bench/README,
+    dependency resolution, about a quarter of that request's CPU (0.16 of ~0.6 ms; bench/README,
     "Job reads: no dependencies, a Core connection, asyncio's loop"). For the routes that clients poll; the route
     declares `response_model` (the contract `view` returns) and `openapi_extra=API_KEY_SECURITY`."""
     await ensure_default_project(request)
-    if in_process_database(request.app.state.settings):
-        body = _authenticated_view(request, view, args)
-    else:  # a networked database: in a thread, holding one of the pool's slots (get_read_session)
-        async with request.app.state.database_slots:
+    # one of the pool's slots first, on SQLite too (see get_read_session): with every connection
+    # held by requests waiting for the loop, a checkout here would block the loop until the pool's
+    # timeout (tests/server/test_api_read_path.py)
+    async with request.app.state.database_slots:
+        if in_process_database(request.app.state.settings):
+            body = _authenticated_view(request, view, args)
+        else:  # a networked database: in a thread
             body = await run_in_threadpool(_authenticated_view, request, view, args)
     return Response(body, media_type="application/json")
 

@@ -105,8 +105,12 @@ def _bump_generation(session: Session) -> None:
 
 
 def key_generation(conn: Connection) -> int:
-    # a constant statement on the driver's own cursor (an integer needs no result processing):
-    # this runs on every authenticated request
+    """Runs on every authenticated request. On SQLite, on the driver's own cursor: an in-process
+    call with an integer result needs none of SQLAlchemy's statement pipeline, which cost several
+    times the call. Elsewhere through SQLAlchemy, whose error handling notices a dropped connection
+    and invalidates the pool (server/db.py)."""
+    if conn.dialect.name != "sqlite":
+        return int(conn.exec_driver_sql(_GENERATION_SQL).scalar() or 0)
     cursor = conn.connection.cursor()
     try:
         cursor.execute(_GENERATION_SQL)

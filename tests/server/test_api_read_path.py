@@ -4,7 +4,9 @@ server dropped are replaced without a ping per checkout."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -20,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
 
 from halos_core.synthetic import pairwise_records
-from server.api.deps import get_keyless_write_session, get_write_session
+from server.api.deps import get_keyless_write_session, get_principal, get_write_session
 from server.app import create_app
 from server.db import get_engine
 from server.services.keys import create_api_key, revoke_api_key
@@ -49,6 +51,84 @@ def test_reads_and_writes_declare_their_session(app) -> None:
     for route in routes:
         writes = bool({get_write_session, get_keyless_write_session} & _dependencies(route.dependant))
         assert writes == bool(route.methods - {"GET", "HEAD"}), (route.path, route.methods)
+
+
+# GETs that need no key, and why
+PUBLIC_GETS = {"/v1/labelstudio/configs/{name}": "the labelling configs shipped with the server: no project's data"}
+
+
+def test_gets_without_the_principal_dependency_still_authenticate(app, anon: TestClient) -> None:
+    """A GET may skip FastAPI's dependencies (`read_view`, for the polled job status) but never
+    authentication: each such route answers 401 without a key and documents its security."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI: app.routes is already flat
+        contexts = list(app.routes)
+    else:
+        contexts = list(iter_route_contexts(app.routes))
+    routes = [getattr(c, "route", c) for c in contexts]
+    bare = [
+        r
+        for r in routes
+        if isinstance(r, APIRoute)
+        and r.path.startswith("/v1")
+        and "GET" in r.methods
+        and not {get_principal, get_keyless_write_session} & _dependencies(r.dependant)
+    ]
+    assert "/v1/jobs/{job_id}" in {r.path for r in bare}, "the check is vacuous"
+    spec = app.openapi()
+    for route in bare:
+        if route.path in PUBLIC_GETS:
+            continue
+        path = re.sub(r"\{[^}]+\}", "x_unknown", route.path)
+        resp = anon.get(path)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized", (route.path, resp.text)
+        assert spec["paths"][route.path]["get"].get("security") == [{"ApiKey": []}], route.path
+
+
+def test_a_polled_read_waits_for_a_database_slot(
+    client: TestClient, app, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """45 slow list reads hold every pooled connection (40) while a client polls its job: the poll
+    waits on the event loop for a slot, as every GET does. Taking a connection without one would
+    block the loop inside the pool's checkout, so the list reads (which give their connections back
+    on the loop) never could: a 30 s stall, then a 500."""
+    from server.services import jobs_view
+
+    job_id = _a_job(client, tmp_path)
+    listing = jobs_view.list_job_views
+
+    def slow_list(*args, **kwargs):
+        page = listing(*args, **kwargs)
+        time.sleep(0.5)  # holding the request's connection
+        return page
+
+    monkeypatch.setattr(jobs_view, "list_job_views", slow_list)
+    headers = dict(client.headers)
+
+    async def scenario() -> tuple[list[int], int, float]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as c:
+            lists = [asyncio.create_task(c.get("/v1/jobs")) for _ in range(45)]
+            await asyncio.sleep(0.1)  # the lists hold their connections
+            start = time.monotonic()
+            poll = await c.get(f"/v1/jobs/{job_id}")
+            waited = time.monotonic() - start
+            return [r.status_code for r in await asyncio.gather(*lists)], poll.status_code, waited
+
+    lists, poll, waited = asyncio.run(scenario())
+    assert poll == 200 and set(lists) == {200}, (poll, lists)
+    assert waited < 10, f"the poll waited {waited:.1f} s"
+
+
+def _a_job(client: TestClient, tmp_path: Path) -> str:
+    """A queued round's job id."""
+    fb = upload_ok(client, pairwise_records(4))
+    model = client.post("/v1/models", json={"name": "m", "path": str(make_model_dir(tmp_path / "m"))}).json()
+    run = client.post(
+        "/v1/runs", json={"model_id": model["id"], "loss": {"name": "dpo"}, "hyperparams": SMALL_HP}
+    ).json()
+    return client.post(f"/v1/runs/{run['id']}/rounds", json={"feedback_ids": [fb["id"]]}).json()["job_id"]
 
 
 def test_reads_answer_while_a_writer_holds_the_sqlite_lock(
