@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -204,11 +205,18 @@ async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any
     # one of the pool's slots first, on SQLite too (see get_read_session): with every connection
     # held by requests waiting for the loop, a checkout here would block the loop until the pool's
     # timeout (tests/server/test_api_read_path.py)
-    async with request.app.state.database_slots:
+    slots = request.app.state.database_slots
+    try:
+        slots.acquire_nowait()  # a free slot without yielding to the loop (`acquire` always yields)
+    except anyio.WouldBlock:
+        await slots.acquire()
+    try:
         if in_process_database(request.app.state.settings):
             body = _authenticated_view(request, view, args)
         else:  # a networked database: in a thread
             body = await run_in_threadpool(_authenticated_view, request, view, args)
+    finally:
+        slots.release()
     return Response(body, media_type="application/json")
 
 
