@@ -38,7 +38,8 @@ def _dependencies(dependant) -> set:
     return found
 
 
-def test_reads_and_writes_declare_their_session(app) -> None:
+def _api_routes(app) -> list[APIRoute]:
+    """The app's `/v1` routes (FastAPI 0.165 nests included routers; older versions are flat)."""
     try:
         from fastapi.routing import iter_route_contexts
     except ImportError:  # older FastAPI: app.routes is already flat
@@ -46,7 +47,11 @@ def test_reads_and_writes_declare_their_session(app) -> None:
     else:
         contexts = list(iter_route_contexts(app.routes))
     routes = [getattr(c, "route", c) for c in contexts]
-    routes = [r for r in routes if isinstance(r, APIRoute) and r.path.startswith("/v1")]
+    return [r for r in routes if isinstance(r, APIRoute) and r.path.startswith("/v1")]
+
+
+def test_reads_and_writes_declare_their_session(app) -> None:
+    routes = _api_routes(app)
     assert len(routes) >= 15
     for route in routes:
         writes = bool({get_write_session, get_keyless_write_session} & _dependencies(route.dependant))
@@ -60,20 +65,10 @@ PUBLIC_GETS = {"/v1/labelstudio/configs/{name}": "the labelling configs shipped 
 def test_gets_without_the_principal_dependency_still_authenticate(app, anon: TestClient) -> None:
     """A GET may skip FastAPI's dependencies (`read_view`, for the polled job status) but never
     authentication: each such route answers 401 without a key and documents its security."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # older FastAPI: app.routes is already flat
-        contexts = list(app.routes)
-    else:
-        contexts = list(iter_route_contexts(app.routes))
-    routes = [getattr(c, "route", c) for c in contexts]
     bare = [
         r
-        for r in routes
-        if isinstance(r, APIRoute)
-        and r.path.startswith("/v1")
-        and "GET" in r.methods
-        and not {get_principal, get_keyless_write_session} & _dependencies(r.dependant)
+        for r in _api_routes(app)
+        if "GET" in r.methods and not {get_principal, get_keyless_write_session} & _dependencies(r.dependant)
     ]
     assert "/v1/jobs/{job_id}" in {r.path for r in bare}, "the check is vacuous"
     spec = app.openapi()
