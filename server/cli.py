@@ -209,7 +209,7 @@ def cmd_serve(
     settings.ensure_dirs()
     if not no_migrate:
         migrate.upgrade(settings)
-    from server.app import create_app
+    from server.app import serve_app
 
     worker_proc: subprocess.Popen | None = None
     if not no_worker:  # before any thread is started (preexec_fn)
@@ -218,7 +218,7 @@ def cmd_serve(
     stop = threading.Event()
     try:
         # N API processes: uvicorn's supervisor spawns them, each builds its own app from HALOS_*
-        api = "server.app:create_app" if workers > 1 else create_app(settings)
+        api = "server.app:serve_app" if workers > 1 else serve_app(settings)
         if not no_sweeper:  # the sweeper, the webhook dispatcher, the tracking exporter
             loops.start(settings, stop)
     except BaseException:

@@ -64,6 +64,15 @@ async def run_blocking_db(settings: Settings, fn: Callable[..., Any], *args: Any
     return await run_in_threadpool(fn, *args)
 
 
+async def take_database_slot(slots: anyio.Semaphore) -> None:
+    """One of the pool's slots: a free one at once, without yielding to the loop (anyio's `acquire`
+    always yields, a trip to the back of the loop's queue for every request), else wait for one."""
+    try:
+        slots.acquire_nowait()
+    except anyio.WouldBlock:
+        await slots.acquire()
+
+
 async def get_read_session(request: Request) -> AsyncIterator[Session]:
     """The request's read-only session. Async: making a Session does no I/O; only its close, the
     ROLLBACK that ends the read transaction, may (run_blocking_db).
@@ -75,7 +84,7 @@ async def get_read_session(request: Request) -> AsyncIterator[Session]:
     thread, until the pool timeout (seconds of nothing, then 500s)."""
     settings = request.app.state.settings
     slots = request.app.state.database_slots
-    await slots.acquire()
+    await take_database_slot(slots)
     released = False
 
     def release() -> None:
@@ -195,23 +204,21 @@ def _authenticated_view(request: Request, view: Callable[..., BaseModel], args: 
         return view(conn, principal, *args).model_dump_json().encode()
 
 
-async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any) -> Response:
+async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any, large: bool = False) -> Response:
     """`view(conn, principal, *args)` as the JSON response of a GET, authentication included,
     in one read transaction: what `ReadSessionDep` + `ProjectDep` give a route, without FastAPI's
     dependency resolution, about a quarter of that request's CPU (0.16 of ~0.6 ms; bench/README,
-    "Job reads: no dependencies, a Core connection, asyncio's loop"). For the routes that clients poll; the route
+    "Job reads: no dependencies, a Core connection, asyncio's loop"). For the routes that clients poll
+    and for `large` reads (a metric series: always in the thread pool, never on the loop); the route
     declares `response_model` (the contract `view` returns) and `openapi_extra=API_KEY_SECURITY`."""
     await ensure_default_project(request)
     # one of the pool's slots first, on SQLite too (see get_read_session): with every connection
     # held by requests waiting for the loop, a checkout here would block the loop until the pool's
     # timeout (tests/server/test_api_read_path.py)
     slots = request.app.state.database_slots
+    await take_database_slot(slots)
     try:
-        slots.acquire_nowait()  # a free slot without yielding to the loop (`acquire` always yields)
-    except anyio.WouldBlock:
-        await slots.acquire()
-    try:
-        if in_process_database(request.app.state.settings):
+        if in_process_database(request.app.state.settings) and not large:
             body = _authenticated_view(request, view, args)
         else:  # a networked database: in a thread
             body = await run_in_threadpool(_authenticated_view, request, view, args)

@@ -6,6 +6,7 @@ Job.status is written only by `server.jobs`; this module reads it and calls
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, Row, bindparam
+import msgspec
+from sqlalchemy import Connection, Row, Text, bindparam
+from sqlalchemy import cast as sql_cast
 from sqlalchemy import select as core_select  # sqlmodel's `select` is typed for at most four columns
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
-from halos_client.models import JobOut, JobProgress, MetricPointOut, MetricSeries
+from halos_client.models import JobOut, JobProgress, MetricSeries
 from server.errors import Conflict
 from server.models import TERMINAL_STATUSES, Attempt, FeedbackFile, Job, JobStatus, MetricPoint, Round, utcnow
 from server.services.common import MAX_PAGE, get_owned, newest_first, not_found, plausible_id, split_page
@@ -304,48 +307,75 @@ def job_view_by_id(conn: Connection, principal: Principal, job_id: str) -> JobOu
     return _views(conn, _jobs_from_rows([row]))[0]
 
 
+_JOB_PROJECT = core_select(col(Job.project_id)).where(col(Job.id) == bindparam("id"))
+# `data` as its stored JSON text, decoded by `_point_data`
+_POINTS = core_select(
+    col(MetricPoint.step),
+    col(MetricPoint.split),
+    col(MetricPoint.attempt),
+    sql_cast(col(MetricPoint.data), Text).label("data"),
+    col(MetricPoint.created_at),
+)
+
+
+def _point_data(text: str | None) -> dict[str, Any]:
+    """A point's metrics. msgspec decodes ~10x faster than the JSON column's json.loads (a 10k-step
+    page is 10k of them); json.loads still reads what msgspec refuses (NaN, written by json.dumps)."""
+    if not text:
+        return {}
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
+
+
 def metrics(
-    session: Session, principal: Principal, job_id: str, split: str | None, after_step: int | None, limit: int
+    conn: Connection, principal: Principal, job_id: str, split: str | None, after_step: int | None, limit: int
 ) -> MetricSeries:
     """The per-step series, ascending by step, at most `limit` steps per page.
 
     After a crash and retry the same step can have been logged by two attempts: the latest
-    attempt's point wins, so each (step, split) appears once."""
-    job = get_job(session, principal, job_id)
+    attempt's point wins, so each (step, split) appears once. Plain rows, not `MetricPoint`
+    objects: a page is up to MAX_METRIC_POINTS steps, and building ORM objects cost about 5x the
+    query (bench/README, "Metric series")."""
+    owner = conn.execute(_JOB_PROJECT, {"id": job_id}).scalar() if plausible_id(job_id) else None
+    if owner is None or owner != principal.project_id:
+        raise not_found("job", job_id)
     limit = max(1, min(limit, MAX_METRIC_POINTS))
-    filters = [MetricPoint.job_id == job.id]
+    filters = [col(MetricPoint.job_id) == job_id]
     if split:
-        filters.append(MetricPoint.split == split)
+        filters.append(col(MetricPoint.split) == split)
     if after_step is not None:
-        filters.append(MetricPoint.step > after_step)
-    steps = list(
-        session.exec(
-            select(MetricPoint.step).where(*filters).distinct().order_by(col(MetricPoint.step)).limit(limit + 1)
-        ).all()
+        filters.append(col(MetricPoint.step) > after_step)
+    steps = (
+        conn.execute(
+            core_select(col(MetricPoint.step))
+            .where(*filters)
+            .distinct()
+            .order_by(col(MetricPoint.step))
+            .limit(limit + 1)
+        )
+        .scalars()
+        .all()
     )
     if not steps:
-        return MetricSeries(job_id=job.id, items=[], next_after_step=None)
+        return MetricSeries(job_id=job_id, items=[], next_after_step=None)
     more = len(steps) > limit
     upper = steps[min(limit, len(steps)) - 1]
-    rows = session.exec(
-        select(MetricPoint)
-        .where(*filters, MetricPoint.step <= upper)
-        .order_by(col(MetricPoint.step), col(MetricPoint.split), col(MetricPoint.attempt), col(MetricPoint.id))
-    ).all()
-    latest: dict[tuple[int, str], MetricPoint] = {}
-    for row in rows:
-        latest[(row.step, row.split)] = row  # ascending attempt: the last one wins
-    points = sorted(latest.values(), key=lambda r: (r.step, r.split))
-    return MetricSeries(
-        job_id=job.id,
-        items=[
-            MetricPointOut(
-                step=p.step, split=p.split, attempt=p.attempt, data=dict(p.data or {}), created_at=p.created_at
-            )
-            for p in points
-        ],
-        next_after_step=upper if more else None,
+    rows = conn.execute(
+        _POINTS.where(*filters, col(MetricPoint.step) <= upper).order_by(
+            col(MetricPoint.step), col(MetricPoint.split), col(MetricPoint.attempt), col(MetricPoint.id)
+        )
     )
+    # ascending (step, split) and, within one, ascending attempt: the dict keeps each key where it
+    # first appeared (already in order) and the last attempt's row
+    latest = {(r.step, r.split): r for r in rows}
+    # one validation of the whole page (in pydantic-core), not one model per point
+    items = [
+        {"step": step, "split": split_, "attempt": attempt, "data": _point_data(data), "created_at": created_at}
+        for step, split_, attempt, data, created_at in latest.values()
+    ]
+    return MetricSeries.model_validate({"job_id": job_id, "items": items, "next_after_step": upper if more else None})
 
 
 def log_path(settings: Settings, job: Job) -> Path:

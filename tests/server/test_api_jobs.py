@@ -142,6 +142,11 @@ def test_metrics_series(client: TestClient, session: Session, run: dict, pairwis
     assert [m["step"] for m in page3["items"]] == [5] and page3["next_after_step"] is None
     for bad in ({"limit": 0}, {"after_step": "x"}, {"split": "a" * 11}, {"split": "tr ain"}):
         assert client.get(f"/v1/jobs/{jid}/metrics", params=bad).status_code == 422, bad
+    # a diverged step's NaN is stored as JSON's non-standard NaN (json.dumps): read back, sent as null
+    session.add(MetricPoint(job_id=jid, attempt=2, step=6, split="train", data={"loss": float("nan"), "step": 6}))
+    session.commit()
+    last = client.get(f"/v1/jobs/{jid}/metrics", params={"after_step": 5}).json()["items"]
+    assert [(m["step"], m["data"]) for m in last] == [(6, {"loss": None, "step": 6})]
 
 
 def test_logs_tail(client: TestClient, session: Session, run: dict, pairwise_fb: dict) -> None:
