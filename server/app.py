@@ -1,4 +1,5 @@
-"""The FastAPI application: `create_app(settings)`; `uvicorn --factory server.app:create_app`."""
+"""The FastAPI application: `create_app(settings)`; as `halos serve` runs it, `serve_app`
+(`uvicorn --factory server.app:serve_app`)."""
 
 from __future__ import annotations
 

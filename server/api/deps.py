@@ -3,8 +3,8 @@ WriteSessionDep, ProjectDep.
 
 A route says what it does to the database by the session it asks for:
 
-- `ReadSessionDep` (every GET but the polled job status, which uses `read_view`: the same read-only
-  transaction without dependencies): one read-only transaction for the whole request,
+- `ReadSessionDep` (every GET but the polled job status and the metric series, which use
+  `read_view`: the same read-only transaction without dependencies): one read-only transaction for the whole request,
   authentication included; on SQLite a WAL snapshot that never takes the write lock
   (`server.db.read_engine`).
 - `WriteSessionDep` (routes that change something): the writers' engine (`BEGIN IMMEDIATE` on
@@ -220,7 +220,7 @@ async def read_view(request: Request, view: Callable[..., BaseModel], *args: Any
     try:
         if in_process_database(request.app.state.settings) and not large:
             body = _authenticated_view(request, view, args)
-        else:  # a networked database: in a thread
+        else:  # a networked database, or a large read: in a thread
             body = await run_in_threadpool(_authenticated_view, request, view, args)
     finally:
         slots.release()

@@ -324,9 +324,10 @@ def _point_data(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        return msgspec.json.decode(text)
+        data = msgspec.json.decode(text)
     except msgspec.DecodeError:
-        return json.loads(text)
+        data = json.loads(text)
+    return data if isinstance(data, dict) else {}  # JSON null (a point stored with data=None): none
 
 
 def metrics(
@@ -367,9 +368,9 @@ def metrics(
             col(MetricPoint.step), col(MetricPoint.split), col(MetricPoint.attempt), col(MetricPoint.id)
         )
     )
-    # ascending (step, split) and, within one, ascending attempt: the dict keeps each key where it
-    # first appeared (already in order) and the last attempt's row
-    latest = {(r.step, r.split): r for r in rows}
+    # within one (step, split), ascending attempt: the last attempt's row wins; then sorted here, not
+    # by the database, whose collation may order split names otherwise
+    latest = dict(sorted({(r.step, r.split): r for r in rows}.items()))
     # one validation of the whole page (in pydantic-core), not one model per point
     items = [
         {"step": step, "split": split_, "attempt": attempt, "data": _point_data(data), "created_at": created_at}
