@@ -54,6 +54,10 @@ PG_TCP_USER_TIMEOUT_MS = 30_000
 DEFAULT_STATEMENT_TIMEOUT_S = 15.0
 
 
+# The largest INTEGER on Postgres (4 bytes): ids, steps. A cursor or filter above it reaches the
+# database as an out-of-range parameter (an error, a 500), so callers refuse or ignore it first.
+MAX_DB_INT = 2**31 - 1
+
 # Connections an engine's pool may hold (pool_size + max_overflow). The API admits at most this many
 # requests to the database at once (`server.api.deps.get_read_session`), so no checkout waits on it.
 POOL_CAPACITY = 40

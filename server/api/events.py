@@ -23,7 +23,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from halos_client.event_models import EventList
 from server.api.deps import JsonBodyLimitRoute, ProjectDep, ReadSessionDep, SettingsDep, end_reads, error_responses
-from server.db import get_read_engine
+from server.db import MAX_DB_INT, get_read_engine
 from server.services import events_view as service
 from server.services.jobs_view import get_job
 from server.settings import Settings
@@ -112,7 +112,7 @@ def list_events(
     session: ReadSessionDep,
     settings: SettingsDep,
     request: Request,
-    after: Annotated[int | None, Query(ge=0, le=2**62, description="events after this event id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_DB_INT, description="events after this event id")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_EVENTS_PAGE)] = 100,
     last_event_id: LastEventId = None,  # type: ignore[assignment]  # absent header: None (see LastEventId)
 ) -> Any:
@@ -139,7 +139,7 @@ def stream_events(
     session: ReadSessionDep,
     settings: SettingsDep,
     request: Request,
-    after: Annotated[int | None, Query(ge=0, le=2**62, description="start after this event id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_DB_INT, description="start after this event id")] = None,
     metrics: Annotated[bool, Query(description="also send every metric point (`event: metric`)")] = True,
     last_event_id: LastEventId = None,  # type: ignore[assignment]  # absent header: None (see LastEventId)
 ) -> EventSourceResponse:

@@ -18,6 +18,7 @@ from server.api.deps import (
     error_responses,
     read_view,
 )
+from server.db import MAX_DB_INT
 from server.models import JobStatus
 from server.services import jobs_view as service
 
@@ -57,7 +58,7 @@ async def get_metrics(
     job_id: JobId,
     request: Request,
     split: Annotated[str | None, Query(max_length=10, pattern=r"^[A-Za-z0-9_]+$", description="train | eval")] = None,
-    after_step: Annotated[int | None, Query(ge=-1, le=2**62, description="only steps after this one")] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_DB_INT, description="only steps after this one")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_METRIC_POINTS, description="steps per page")] = 1000,
 ) -> Response:
     """One point per (step, split), ascending; after a retry the latest attempt's point wins."""

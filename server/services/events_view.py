@@ -15,6 +15,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from halos_client.event_models import EventList, EventOut, EventType
+from server.db import MAX_DB_INT
 from server.models import TERMINAL_STATUSES, Event, Job, JobStatus, MetricPoint
 from server.services.jobs_view import get_job
 from server.services.keys import Principal
@@ -65,7 +66,7 @@ class StreamPosition:
         """`Last-Event-ID` as this server sends it ("<event>.<metric>") wins over `after` (events
         only); any other value is not one of our ids and is ignored."""
         match = LAST_EVENT_ID.fullmatch((value or "").strip())
-        if match is None:
+        if match is None or max(int(match[1]), int(match[2])) > MAX_DB_INT:
             return cls(after or 0, 0)
         return cls(int(match[1]), int(match[2]))
 
