@@ -93,6 +93,13 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "webhook": "the delivery must carry the integration's secret / signature",
         "labelstudio_tasks": "the feedback file must be a samples file (stateful links bring uploaded pairwise files)",
     },
+    "use_after_free": {
+        # a deleted feedback file or prompt set stays readable as a tombstone (`deleted_at`, its
+        # sha256), so the lineage of rounds trained on it still names it (server/services/common.py);
+        # its content is gone (tests/server/test_storage_lifecycle.py)
+        "get_feedback": "a deleted feedback file is a tombstone, not a 404",
+        "get_prompt_set": "a deleted prompt set is a tombstone, not a 404",
+    },
 }
 
 
