@@ -66,9 +66,10 @@ class StreamPosition:
         """`Last-Event-ID` as this server sends it ("<event>.<metric>") wins over `after` (events
         only); any other value is not one of our ids and is ignored."""
         match = LAST_EVENT_ID.fullmatch((value or "").strip())
-        if match is None or max(int(match[1]), int(match[2])) > MAX_DB_INT:
+        ids = (int(match[1]), int(match[2])) if match else None
+        if ids is None or max(ids) > MAX_DB_INT:
             return cls(after or 0, 0)
-        return cls(int(match[1]), int(match[2]))
+        return cls(*ids)
 
 
 @dataclass

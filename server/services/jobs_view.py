@@ -273,6 +273,15 @@ _JOBS_WITH_LINKS = core_select(*_JOB_COLUMNS, *_LINK_COLUMNS).outerjoin(Round, c
 _ONE_JOB = _JOBS_WITH_LINKS.where(col(Job.id) == bindparam("id"))
 
 
+def _owned_job_row(conn: Connection, statement: Any, principal: Principal, job_id: str) -> Row:
+    """The row `statement` (with `project_id` among its columns) reads for this job of the caller's
+    project, else 404 (as `common.get_owned`, on a Core connection)."""
+    row = conn.execute(statement, {"id": job_id}).first() if plausible_id(job_id) else None
+    if row is None or row.project_id != principal.project_id:
+        raise not_found("job", job_id)
+    return row
+
+
 def _jobs_from_rows(rows: Sequence[Row]) -> list[tuple[JobFields, _Links]]:
     n = len(_JOB_COLUMNS)
     return [(cast(JobFields, row), _Links(*row[n:])) for row in rows]
@@ -301,10 +310,7 @@ def list_job_views(
 def job_view_by_id(conn: Connection, principal: Principal, job_id: str) -> JobOut:
     """`job_view(get_job(…))` in one prebuilt statement on a Core connection: the read that
     clients poll (`read_view`), so it skips the ORM's identity map and a second query."""
-    row = conn.execute(_ONE_JOB, {"id": job_id}).first() if plausible_id(job_id) else None
-    if row is None or row.project_id != principal.project_id:
-        raise not_found("job", job_id)
-    return _views(conn, _jobs_from_rows([row]))[0]
+    return _views(conn, _jobs_from_rows([_owned_job_row(conn, _ONE_JOB, principal, job_id)]))[0]
 
 
 _JOB_PROJECT = core_select(col(Job.project_id)).where(col(Job.id) == bindparam("id"))
@@ -339,9 +345,7 @@ def metrics(
     attempt's point wins, so each (step, split) appears once. Plain rows, not `MetricPoint`
     objects: a page is up to MAX_METRIC_POINTS steps, and building ORM objects cost about 5x the
     query (bench/README, "Metric series")."""
-    owner = conn.execute(_JOB_PROJECT, {"id": job_id}).scalar() if plausible_id(job_id) else None
-    if owner is None or owner != principal.project_id:
-        raise not_found("job", job_id)
+    _owned_job_row(conn, _JOB_PROJECT, principal, job_id)
     limit = max(1, min(limit, MAX_METRIC_POINTS))
     filters = [col(MetricPoint.job_id) == job_id]
     if split:
